@@ -1,3 +1,29 @@
-fn main() {
-    println!("Hello, world!");
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use nodeherd::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => nodeherd::run::main(args),
+        Command::Status(args) => nodeherd::client::status(args),
+        Command::Reload(args) => nodeherd::client::reload(args),
+        Command::Restart(args) => nodeherd::client::restart(args),
+        Command::Scale(args) => nodeherd::client::scale(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "nodeherd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(Cli::command());
+            match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("nodeherd: cannot write the man page: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }

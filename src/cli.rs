@@ -1,0 +1,175 @@
+//! The command line, defined once: parsing, `--help`, the man page and the
+//! shell completions all come from these types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nodeherd",
+    version,
+    about = "Run a Node.js server on every CPU under systemd: socket activation, zero-downtime reloads, D-Bus control",
+    long_about = "nodeherd is PM2's cluster mode as a native systemd service. `nodeherd run` is the daemon \
+                  a unit's ExecStart runs: it takes the listening socket from systemd (or binds --listen), \
+                  starts N Node workers that inherit it, restarts crashed workers, and swaps them one by one \
+                  on reload. `status`, `reload`, `restart` and `scale` talk to a running manager over D-Bus."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the manager (the daemon a unit's ExecStart runs)
+    Run(RunArgs),
+    /// Show the workers of a running manager
+    Status(StatusArgs),
+    /// Replace every worker with zero downtime; waits for the result
+    Reload(AppArgs),
+    /// Stop every worker and start a fresh set
+    Restart(AppArgs),
+    /// Change the number of workers: N, +N, -N or max
+    Scale(ScaleArgs),
+    /// Print a shell completion script
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A PM2 ecosystem file (.json, .config.js) or a script to run
+    #[arg(value_name = "CONFIG|SCRIPT")]
+    pub target: PathBuf,
+
+    /// Arguments passed to the script (after --)
+    #[arg(last = true, value_name = "SCRIPT_ARGS")]
+    pub script_args: Vec<String>,
+
+    /// Run only the app of this name from a file that has several
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+
+    /// Apply the app's env_NAME on top of env
+    #[arg(long = "env", value_name = "NAME")]
+    pub env_name: Option<String>,
+
+    /// Number of workers: N, max (or 0) for all CPUs, -N for all CPUs but N
+    #[arg(short = 'i', long, value_name = "N", allow_hyphen_values = true)]
+    pub instances: Option<String>,
+
+    /// The app's name (default: from the file, else the script's name)
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Bind this address when systemd passes no socket: HOST:PORT, [::1]:PORT, PORT, unix:/path, udp:HOST:PORT (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Name of the variable carrying the worker's index (default NODE_APP_INSTANCE)
+    #[arg(long, value_name = "NAME")]
+    pub instance_var: Option<String>,
+
+    /// Interpreter for the script (default node; `none` runs it directly)
+    #[arg(long, value_name = "PATH")]
+    pub interpreter: Option<String>,
+
+    /// Arguments for the interpreter, before the script
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub node_args: Option<String>,
+
+    /// A worker is ready when it sends 'ready' (or READY=1), not when it listens
+    #[arg(long)]
+    pub wait_ready: bool,
+
+    /// Milliseconds a new worker has to become ready (default 3000)
+    #[arg(long, value_name = "MS")]
+    pub listen_timeout: Option<u64>,
+
+    /// Milliseconds a stopping worker has before SIGKILL (default 1600)
+    #[arg(long, value_name = "MS")]
+    pub kill_timeout: Option<u64>,
+
+    /// Stop workers with the 'shutdown' message instead of SIGINT
+    #[arg(long)]
+    pub shutdown_with_message: bool,
+
+    /// Workers swapped at once during a reload (default 1)
+    #[arg(long, value_name = "N")]
+    pub reload_parallel: Option<u32>,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}
+
+/// Which bus and name; shared by the daemon and the clients.
+#[derive(Debug, Args, Clone, Default)]
+pub struct BusArgs {
+    /// Use the session bus instead of the system bus
+    #[arg(long, conflicts_with_all = ["bus", "no_bus"])]
+    pub user: bool,
+
+    /// Use the bus at this D-Bus address (unix:path=...)
+    #[arg(long, value_name = "ADDRESS", conflicts_with = "no_bus")]
+    pub bus: Option<String>,
+
+    /// Run without a control plane
+    #[arg(long)]
+    pub no_bus: bool,
+
+    /// Well-known name (default org.nodeherd.<app>)
+    #[arg(long, value_name = "NAME")]
+    pub bus_name: Option<String>,
+}
+
+impl BusArgs {
+    pub fn bus(&self) -> crate::dbus::Bus {
+        use crate::dbus::Bus;
+        if self.no_bus {
+            Bus::None
+        } else if let Some(a) = &self.bus {
+            Bus::Address(a.clone())
+        } else if self.user {
+            Bus::Session
+        } else {
+            Bus::System
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AppArgs {
+    /// The app (may be left out when one manager runs)
+    pub app: Option<String>,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub app: AppArgs,
+
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The app
+    pub app: String,
+
+    /// N, +N, -N or max
+    #[arg(allow_hyphen_values = true)]
+    pub count: String,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}

@@ -1,0 +1,292 @@
+//! `nodeherd status|reload|restart|scale`: thin D-Bus clients for people.
+//!
+//! Exit status: 0 done, 1 the operation failed, 2 bad usage or an invalid
+//! argument, 3 no manager reachable, 4 busy.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use zbus::proxy;
+
+use crate::cli::{AppArgs, BusArgs, ScaleArgs, StatusArgs};
+use crate::dbus::{self, Bus, WorkerTuple};
+
+#[proxy(interface = "org.nodeherd.Manager1", default_path = "/org/nodeherd")]
+trait Manager1 {
+    fn reload(&self) -> zbus::Result<()>;
+    fn restart(&self) -> zbus::Result<()>;
+    fn scale(&self, instances: i32) -> zbus::Result<i32>;
+    fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn status(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn instances(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn ready_workers(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
+}
+
+/// A client failure, with the exit status it maps to.
+struct Failure(u8, String);
+
+impl From<zbus::Error> for Failure {
+    fn from(e: zbus::Error) -> Self {
+        match &e {
+            zbus::Error::MethodError(name, msg, _) => {
+                let text = msg.clone().unwrap_or_else(|| name.to_string());
+                let code = match name.as_str() {
+                    "org.nodeherd.Error.InvalidArgument" | "org.freedesktop.DBus.Error.InvalidArgs" => 2,
+                    "org.nodeherd.Error.Busy" => 4,
+                    "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => 3,
+                    "org.freedesktop.DBus.Error.AccessDenied" => 1,
+                    _ => 1,
+                };
+                Failure(code, text)
+            }
+            zbus::Error::FDO(fdo) => match fdo.as_ref() {
+                zbus::fdo::Error::ServiceUnknown(m) | zbus::fdo::Error::NameHasNoOwner(m) => {
+                    Failure(3, format!("no manager is running under that name ({m})"))
+                }
+                zbus::fdo::Error::AccessDenied(m) => Failure(1, format!("access denied: {m}")),
+                other => Failure(1, other.to_string()),
+            },
+            _ => Failure(1, e.to_string()),
+        }
+    }
+}
+
+impl From<zbus::fdo::Error> for Failure {
+    fn from(e: zbus::fdo::Error) -> Self {
+        Failure::from(zbus::Error::from(e))
+    }
+}
+
+fn run_client<F>(f: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), Failure>>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeherd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("nodeherd: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
+    let which = bus.bus();
+    if which == Bus::None {
+        return Err(Failure(2, "--no-bus makes no sense for a client".into()));
+    }
+    // A reload of many slow workers can take minutes; the manager bounds it.
+    dbus::builder(&which)
+        .map_err(|e| Failure(3, format!("cannot reach the bus: {e}")))?
+        .method_timeout(Duration::from_secs(24 * 3600))
+        .build()
+        .await
+        .map_err(|e| {
+            Failure(
+                3,
+                format!(
+                    "cannot connect to the {} bus: {e} (is a manager running? try --user or --bus ADDRESS)",
+                    match which {
+                        Bus::Session => "session",
+                        Bus::Address(_) => "given",
+                        _ => "system",
+                    }
+                ),
+            )
+        })
+}
+
+/// The bus name for APP; without APP, the only manager on the bus.
+async fn resolve_name(conn: &zbus::Connection, app: Option<&str>, bus: &BusArgs) -> Result<String, Failure> {
+    if let Some(n) = &bus.bus_name {
+        return Ok(n.clone());
+    }
+    if let Some(app) = app {
+        return Ok(dbus::bus_name_for(app));
+    }
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let names: Vec<String> = dbus
+        .list_names()
+        .await?
+        .into_iter()
+        .map(|n| n.to_string())
+        .filter(|n| n.starts_with("org.nodeherd."))
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Failure(3, "no nodeherd manager is running on this bus".into())),
+        many => Err(Failure(
+            2,
+            format!("several managers are running ({}): name the app", many.join(", ")),
+        )),
+    }
+}
+
+async fn proxy<'a>(conn: &'a zbus::Connection, app: Option<&str>, bus: &BusArgs) -> Result<Manager1Proxy<'a>, Failure> {
+    let name = resolve_name(conn, app, bus).await?;
+    let p = Manager1Proxy::builder(conn)
+        .destination(name.clone())?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    // Fail early and clearly when nobody owns the name.
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let bus_name = zbus::names::BusName::try_from(name.clone())
+        .map_err(|e| Failure(2, format!("{name} is not a valid bus name: {e}")))?;
+    if !dbus.name_has_owner(bus_name).await? {
+        return Err(Failure(3, format!("no manager is running as {name}")));
+    }
+    Ok(p)
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
+    run_client(async move {
+        let conn = connect(&args.app.bus).await?;
+        let p = proxy(&conn, args.app.app.as_deref(), &args.app.bus).await?;
+        let name = p.name().await?;
+        let state = p.state().await?;
+        let status = p.status().await?;
+        let instances = p.instances().await?;
+        let ready = p.ready_workers().await?;
+        let workers = p.workers().await?;
+        if args.json {
+            let ws: Vec<serde_json::Value> = workers
+                .iter()
+                .map(|(i, pid, st, restarts, up, mem, at)| {
+                    serde_json::json!({
+                        "instance": i, "pid": pid, "state": st, "restarts": restarts,
+                        "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
+                    })
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "name": name, "state": state, "status": status,
+                "instances": instances, "ready_workers": ready, "workers": ws,
+            });
+            println!("{doc}");
+        } else {
+            println!("{name}: {state} — {status}");
+            println!("{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}", "instance", "pid", "state", "restarts", "uptime", "memory");
+            for (i, pid, st, restarts, up, mem, _) in &workers {
+                let pid = if *pid == 0 { "-".to_string() } else { pid.to_string() };
+                println!(
+                    "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}",
+                    human_duration(*up),
+                    human_bytes(*mem)
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn reload(args: AppArgs) -> ExitCode {
+    run_client(async move {
+        let conn = connect(&args.bus).await?;
+        let p = proxy(&conn, args.app.as_deref(), &args.bus).await?;
+        p.reload().await?;
+        eprintln!("nodeherd: reloaded");
+        Ok(())
+    })
+}
+
+pub fn restart(args: AppArgs) -> ExitCode {
+    run_client(async move {
+        let conn = connect(&args.bus).await?;
+        let p = proxy(&conn, args.app.as_deref(), &args.bus).await?;
+        p.restart().await?;
+        eprintln!("nodeherd: restarted");
+        Ok(())
+    })
+}
+
+/// `N`, `+N`, `-N` or `max`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Count {
+    To(i32),
+    By(i32),
+}
+
+pub fn parse_count(s: &str, cpus: u32) -> Result<Count, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("max") {
+        return Ok(Count::To(cpus.max(1) as i32));
+    }
+    let bad = || format!("{s:?} is not a count: give N, +N, -N or max");
+    if let Some(rest) = s.strip_prefix('+') {
+        return rest.parse::<i32>().map(Count::By).map_err(|_| bad());
+    }
+    if s.starts_with('-') {
+        return s.parse::<i32>().map(Count::By).map_err(|_| bad());
+    }
+    s.parse::<i32>().map(Count::To).map_err(|_| bad())
+}
+
+pub fn scale(args: ScaleArgs) -> ExitCode {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let count = match parse_count(&args.count, cpus) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nodeherd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run_client(async move {
+        let conn = connect(&args.bus).await?;
+        let p = proxy(&conn, Some(&args.app), &args.bus).await?;
+        let n = match count {
+            Count::To(n) => p.scale(n).await?,
+            Count::By(d) => p.scale_by(d).await?,
+        };
+        eprintln!("nodeherd: {} now runs {n} worker(s)", args.app);
+        Ok(())
+    })
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    if b == 0 {
+        return "-".into();
+    }
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_count("4", 2), Ok(Count::To(4)));
+        assert_eq!(parse_count("+2", 2), Ok(Count::By(2)));
+        assert_eq!(parse_count("-1", 2), Ok(Count::By(-1)));
+        assert_eq!(parse_count("max", 8), Ok(Count::To(8)));
+        assert!(parse_count("many", 2).is_err());
+        assert!(parse_count("", 2).is_err());
+    }
+}

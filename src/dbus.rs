@@ -1,0 +1,301 @@
+//! The D-Bus control plane: `org.nodeherd.Manager1` at `/org/nodeherd`.
+//!
+//! The interface object holds no state of its own. Methods turn into
+//! requests for the supervisor and await its answer through a oneshot
+//! channel, so a long `Reload()` never holds zbus's object lock: property
+//! reads and other calls go on meanwhile. Properties read the snapshot the
+//! supervisor publishes after every event; a small task turns snapshot
+//! changes into `PropertiesChanged` and supervisor reports into signals.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use zbus::object_server::SignalEmitter;
+use zbus::{connection, interface};
+
+use crate::logs;
+use crate::supervisor::{BusSignal, CtlError, Event, Handle, Request, ScaleTarget, Snapshot};
+
+/// Object path of the manager.
+pub const PATH: &str = "/org/nodeherd";
+/// Interface name.
+pub const INTERFACE: &str = "org.nodeherd.Manager1";
+
+/// Which bus to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    System,
+    Session,
+    Address(String),
+    None,
+}
+
+/// `org.nodeherd.<app>`, with characters outside `[A-Za-z0-9_]` turned into `_`.
+pub fn bus_name_for(app: &str) -> String {
+    let mut s: String = app
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    // A bus name element must not start with a digit.
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, '_');
+    }
+    format!("org.nodeherd.{s}")
+}
+
+/// Errors on the bus, one D-Bus name per variant.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.nodeherd.Error")]
+pub enum BusError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    InvalidArgument(String),
+    ReloadFailed(String),
+    Busy(String),
+    Stopping(String),
+    Failed(String),
+}
+
+impl From<CtlError> for BusError {
+    fn from(e: CtlError) -> Self {
+        match e {
+            CtlError::InvalidArgument(m) => BusError::InvalidArgument(m),
+            CtlError::ReloadFailed(m) => BusError::ReloadFailed(m),
+            CtlError::Busy(m) => BusError::Busy(m),
+            CtlError::Stopping(m) => BusError::Stopping(m),
+            CtlError::Failed(m) => BusError::Failed(m),
+        }
+    }
+}
+
+/// One entry of the `Workers` property:
+/// (instance, pid, state, restarts, uptime_ms, memory_bytes, started_at_unix_ms).
+pub type WorkerTuple = (u32, u32, String, u32, u64, u64, u64);
+
+struct Manager {
+    handle: Handle,
+}
+
+impl Manager {
+    async fn ask(&self, make: impl FnOnce(oneshot::Sender<Result<i32, CtlError>>) -> Request) -> Result<i32, BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .events
+            .send(Event::Request(make(tx)))
+            .map_err(|_| BusError::Stopping("the manager is stopping".into()))?;
+        match rx.await {
+            Ok(r) => r.map_err(BusError::from),
+            Err(_) => Err(BusError::Stopping("the manager is stopping".into())),
+        }
+    }
+
+    fn snap(&self) -> Snapshot {
+        self.handle.snapshot.borrow().clone()
+    }
+}
+
+#[interface(name = "org.nodeherd.Manager1")]
+impl Manager {
+    /// Replace every worker, one at a time (or `reload_parallel` at a time),
+    /// each old worker stopping only once its replacement is ready. Returns
+    /// when the swap is complete; fails with ReloadFailed, old workers still
+    /// serving, when a replacement does not become ready.
+    async fn reload(&self) -> Result<(), BusError> {
+        self.ask(|r| Request::Reload(Some(r))).await.map(|_| ())
+    }
+
+    /// Stop every worker and start a fresh set; clears errored slots.
+    async fn restart(&self) -> Result<(), BusError> {
+        self.ask(|r| Request::Restart(Some(r))).await.map(|_| ())
+    }
+
+    /// Set the number of workers (1 to 1024); returns the new count once the
+    /// added workers are ready.
+    async fn scale(&self, instances: i32) -> Result<i32, BusError> {
+        self.ask(|r| Request::Scale(ScaleTarget::To(i64::from(instances)), Some(r))).await
+    }
+
+    /// Add (or with a negative delta, remove) workers; returns the new count.
+    async fn scale_by(&self, delta: i32) -> Result<i32, BusError> {
+        self.ask(|r| Request::Scale(ScaleTarget::By(i64::from(delta)), Some(r))).await
+    }
+
+    /// The app's name.
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.snap().name
+    }
+
+    /// starting, ready, reloading, degraded or stopping.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.snap().state.to_string()
+    }
+
+    /// One line, as in systemd's STATUS=.
+    #[zbus(property)]
+    async fn status(&self) -> String {
+        self.snap().status
+    }
+
+    /// The desired number of workers.
+    #[zbus(property)]
+    async fn instances(&self) -> i32 {
+        self.snap().instances as i32
+    }
+
+    /// Slots whose worker is ready.
+    #[zbus(property)]
+    async fn ready_workers(&self) -> i32 {
+        self.snap().ready_workers as i32
+    }
+
+    /// Every worker process and empty slot:
+    /// (instance, pid, state, restarts, uptime_ms, memory_bytes, started_at_unix_ms).
+    #[zbus(property)]
+    async fn workers(&self) -> Vec<WorkerTuple> {
+        self.snap()
+            .workers
+            .into_iter()
+            .map(|w| {
+                let uptime = w.started.map_or(Duration::ZERO, |s| s.elapsed());
+                let mem = if w.pid > 0 { crate::worker::rss_bytes(w.pid) } else { 0 };
+                let at = w
+                    .started_wall
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                (w.instance, w.pid.max(0) as u32, w.state.to_string(), w.restarts, uptime.as_millis() as u64, mem, at)
+            })
+            .collect()
+    }
+
+    /// A worker changed state (starting, ready, stopping, exited, errored).
+    #[zbus(signal)]
+    async fn worker_state_changed(emitter: &SignalEmitter<'_>, instance: u32, pid: u32, state: &str) -> zbus::Result<()>;
+
+    /// A reload ended, successfully or not, with a sentence saying how.
+    #[zbus(signal)]
+    async fn reload_finished(emitter: &SignalEmitter<'_>, ok: bool, message: &str) -> zbus::Result<()>;
+}
+
+/// Connect, take the name, serve the interface, and forward signals.
+/// Failure is not fatal: the manager runs on without a control plane.
+pub async fn serve(bus: Bus, name: String, handle: Handle, signals: mpsc::UnboundedReceiver<BusSignal>) {
+    if bus == Bus::None {
+        logs::info("control plane off (--no-bus)");
+        return;
+    }
+    let conn = match connect(&bus, &name, handle.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            logs::warn(&format!(
+                "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; reload with SIGHUP",
+                describe(&bus)
+            ));
+            return;
+        }
+    };
+    logs::info(&format!("control plane on: {name} on the {} bus", describe(&bus)));
+    forward(conn, handle, signals).await;
+}
+
+fn describe(bus: &Bus) -> String {
+    match bus {
+        Bus::System => "system".into(),
+        Bus::Session => "session".into(),
+        Bus::Address(a) => a.clone(),
+        Bus::None => "no".into(),
+    }
+}
+
+pub(crate) fn builder(bus: &Bus) -> zbus::Result<connection::Builder<'static>> {
+    match bus {
+        Bus::System => connection::Builder::system(),
+        Bus::Session => connection::Builder::session(),
+        Bus::Address(a) => connection::Builder::address(a.as_str()),
+        Bus::None => Err(zbus::Error::Failure("no bus".into())),
+    }
+}
+
+async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Connection> {
+    builder(bus)?
+        .name(name.to_string())?
+        .serve_at(PATH, Manager { handle })?
+        .build()
+        .await
+}
+
+async fn forward(conn: zbus::Connection, handle: Handle, mut signals: mpsc::UnboundedReceiver<BusSignal>) {
+    let iface = match conn.object_server().interface::<_, Manager>(PATH).await {
+        Ok(i) => i,
+        Err(e) => {
+            logs::warn(&format!("control plane: {e}"));
+            return;
+        }
+    };
+    let mut snaps = handle.snapshot.clone();
+    let mut last = snaps.borrow().clone();
+    loop {
+        tokio::select! {
+            s = signals.recv() => {
+                let Some(s) = s else { return };
+                let emitter = iface.signal_emitter();
+                let r = match s {
+                    BusSignal::WorkerStateChanged { instance, pid, state } => {
+                        Manager::worker_state_changed(emitter, instance, pid, state).await
+                    }
+                    BusSignal::ReloadFinished { ok, message } => {
+                        Manager::reload_finished(emitter, ok, &message).await
+                    }
+                };
+                if let Err(e) = r {
+                    logs::warn(&format!("control plane: emitting a signal failed: {e}"));
+                }
+            }
+            changed = snaps.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = snaps.borrow_and_update().clone();
+                let m = iface.get().await;
+                let emitter = iface.signal_emitter();
+                if now.state != last.state {
+                    let _ = m.state_changed(emitter).await;
+                }
+                if now.status != last.status {
+                    let _ = m.status_changed(emitter).await;
+                }
+                if now.instances != last.instances {
+                    let _ = m.instances_changed(emitter).await;
+                }
+                if now.ready_workers != last.ready_workers {
+                    let _ = m.ready_workers_changed(emitter).await;
+                }
+                if now.workers != last.workers {
+                    let _ = m.workers_changed(emitter).await;
+                }
+                last = now;
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch, for clients showing when a worker started.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_names_are_valid() {
+        assert_eq!(bus_name_for("api"), "org.nodeherd.api");
+        assert_eq!(bus_name_for("my-app.v2"), "org.nodeherd.my_app_v2");
+        assert_eq!(bus_name_for("2fast"), "org.nodeherd._2fast");
+        assert_eq!(bus_name_for("ünï"), "org.nodeherd.___");
+    }
+}

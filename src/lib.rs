@@ -1,0 +1,52 @@
+//! nodeherd: PM2's cluster mode as a native systemd service.
+//!
+//! # The lifecycle, in one page
+//!
+//! **Socket in.** systemd's `.socket` unit owns the listening socket and
+//! hands it over at fd 3 (`LISTEN_FDS`, `LISTEN_FDNAMES`); outside systemd,
+//! `--listen ADDR` binds one ([`sockets`]). The manager never accepts on it.
+//!
+//! **Workers out.** The manager forks N workers ([`worker`]). Each inherits
+//! the sockets at fd 3.., gets `NODE_APP_INSTANCE` = its slot index, an IPC
+//! channel (`NODE_CHANNEL_FD`) and a private `NOTIFY_SOCKET`. Node workers
+//! load a preload (`src/shim.js`, embedded) that maps an unmodified app's
+//! `server.listen(8000)` onto the inherited socket, so every worker accepts
+//! from the same kernel queue and the manager stays off the data path.
+//!
+//! **Ready.** A worker is ready when the shim reports it listening, or, with
+//! `wait_ready`, when it sends `'ready'` on the IPC channel or `READY=1` on
+//! the notify socket, within `listen_timeout`. When all N are ready, the
+//! manager sends `READY=1` to systemd ([`notify`]) and keeps `STATUS=` current.
+//!
+//! **Crash.** A worker that exits unexpectedly is restarted in the same slot
+//! (same index), with PM2's `restart_delay`/`exp_backoff_restart_delay`, and
+//! its slot becomes `errored` after more than `max_restarts` deaths younger
+//! than `min_uptime`. Workers die with the manager (parent-death signal).
+//!
+//! **Reload.** `Reload()` over D-Bus ([`dbus`]), `systemctl reload` or SIGHUP
+//! swaps one slot at a time: start the replacement beside the old worker,
+//! wait until it is ready, only then ask the old one to stop (SIGINT or the
+//! `'shutdown'` message, SIGKILL after `kill_timeout`). Both accept from the
+//! same queue meanwhile, so no connection is refused. If a replacement dies
+//! or is not ready in time, the reload stops there, fails loudly, and every
+//! old worker keeps serving. `Scale(n)` adds slots (lowest free indexes) or
+//! drains the highest ones.
+//!
+//! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
+//! after `kill_timeout`, exit 0 with no child left.
+//!
+//! One [`supervisor::Supervisor`] owns all of this state; child exits,
+//! signals, timers and D-Bus calls reach it as events on one channel.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dbus;
+pub mod ipc;
+pub mod logs;
+pub mod notify;
+pub mod notify_socket;
+pub mod run;
+pub mod sockets;
+pub mod supervisor;
+pub mod worker;

@@ -1,0 +1,162 @@
+//! `nodeherd run`: assemble the daemon from its parts and run it.
+//!
+//! Order matters here. The sockets systemd passed are taken first, while
+//! the process has one thread, because reading them changes the
+//! environment. Then the config is loaded (a `.config.js` runs node, which
+//! must not inherit the sockets: they are close-on-exec by then), sockets
+//! are bound if none were passed, the private runtime directory is made, and
+//! only then does the async runtime start.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::cli::RunArgs;
+use crate::config::{self, Overrides};
+use crate::supervisor::{self, Supervisor};
+use crate::{dbus, logs, notify_socket, sockets, worker};
+
+/// The preload, embedded so the binary is all there is to install.
+const SHIM: &str = include_str!("shim.js");
+
+pub fn main(args: RunArgs) -> ExitCode {
+    // SAFETY: no thread has been started yet (clap does not start any).
+    let inherited = match unsafe { sockets::take_inherited() } {
+        Ok(l) => l,
+        Err(e) => {
+            logs::error(&format!("the sockets systemd passed are unusable: {e:#}"));
+            return ExitCode::from(2);
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let over = Overrides {
+        only: args.only.clone(),
+        env_name: args.env_name.clone(),
+        name: args.name.clone(),
+        instances: args.instances.clone(),
+        listen: args.listen.clone(),
+        instance_var: args.instance_var.clone(),
+        interpreter: args.interpreter.clone(),
+        node_args: args.node_args.clone(),
+        wait_ready: args.wait_ready,
+        listen_timeout: args.listen_timeout,
+        kill_timeout: args.kill_timeout,
+        shutdown_with_message: args.shutdown_with_message,
+        reload_parallel: args.reload_parallel,
+        args: args.script_args.clone(),
+    };
+    let loaded = match config::load(&args.target, &over, cpus) {
+        Ok(l) => l,
+        Err(e) => {
+            logs::error(&format!("error: {e}"));
+            return ExitCode::from(2);
+        }
+    };
+    let app = loaded.app;
+    logs::init(&app.name, &app.instance_var);
+    for w in &loaded.warnings {
+        logs::warn(w);
+    }
+
+    let listeners = if !inherited.is_empty() {
+        if !app.listen.is_empty() {
+            logs::info("systemd passed sockets: --listen / `listen` ignored");
+        }
+        inherited
+    } else {
+        match sockets::bind_all(&app.listen) {
+            Ok(l) => l,
+            Err(e) => {
+                logs::error(&format!("{e:#}"));
+                return ExitCode::from(if e.to_string().contains("expected HOST:PORT") { 2 } else { 1 });
+            }
+        }
+    };
+    if listeners.is_empty() {
+        logs::warn(
+            "no listening socket (no LISTEN_FDS from systemd, no --listen): workers' own listen() calls bind as they like",
+        );
+    }
+    for l in &listeners {
+        logs::info(&format!("socket: {} {} (name {:?})", l.kind, l.address, l.name));
+    }
+
+    let dir = match runtime_dir(&app.name) {
+        Ok(d) => d,
+        Err(e) => {
+            logs::error(&format!("cannot create the runtime directory: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    let code = run_daemon(app, listeners, cpus, &dir, &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    ExitCode::from(code as u8)
+}
+
+fn run_daemon(app: config::App, listeners: Vec<sockets::Listener>, cpus: u32, dir: &Path, args: &RunArgs) -> i32 {
+    let shim = dir.join("shim.js");
+    if let Err(e) = std::fs::write(&shim, SHIM) {
+        logs::error(&format!("cannot write the preload {}: {e}", shim.display()));
+        return 1;
+    }
+    // Orphans of workers come to us, so they can be reaped and never outlive us.
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            logs::error(&format!("cannot start the async runtime: {e}"));
+            return 1;
+        }
+    };
+    let bus = args.bus.bus();
+    let bus_name = args.bus.bus_name.clone().unwrap_or_else(|| dbus::bus_name_for(&app.name));
+    rt.block_on(async move {
+        let notify_path = dir.join("notify.sock");
+        let notify = match notify_socket::bind(&notify_path) {
+            Ok(s) => s,
+            Err(e) => {
+                logs::error(&format!("{e:#}"));
+                return 1;
+            }
+        };
+        let mut app = app;
+        app.env
+            .entry("NODEHERD_KILL_TIMEOUT_MS".into())
+            .or_insert_with(|| app.kill_timeout.as_millis().to_string());
+        let launcher = worker::Launcher::new(&app, &listeners, &shim, &notify_path);
+        let mut sup = Supervisor::new(app, launcher, listeners, cpus);
+        let handle = sup.handle();
+        if let Err(e) = supervisor::spawn_reaper(handle.events.clone())
+            .and_then(|_| supervisor::spawn_signals(handle.events.clone()))
+        {
+            logs::error(&format!("cannot install signal handlers: {e}"));
+            return 1;
+        }
+        supervisor::spawn_notify_listener(notify, handle.events.clone());
+        let (bus_tx, bus_rx) = tokio::sync::mpsc::unbounded_channel();
+        sup.set_bus(bus_tx);
+        tokio::spawn(dbus::serve(bus, bus_name, handle, bus_rx));
+        sup.run().await
+    })
+}
+
+/// A directory private to this manager for the shim and the notify socket.
+fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|s| s.split(':').next().map(PathBuf::from)))
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let safe: String = app
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(40)
+        .collect();
+    let dir = base.join(format!("nodeherd-{safe}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
