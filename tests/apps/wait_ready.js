@@ -1,0 +1,12 @@
+// wait_ready: listens at once but says 'ready' only after a warm-up.
+const http = require('http');
+
+let warm = false;
+http
+  .createServer((req, res) => res.end(JSON.stringify({ instance: process.env.NODE_APP_INSTANCE, pid: process.pid, warm })))
+  .listen(8000, () => {
+    setTimeout(() => {
+      warm = true;
+      process.send('ready');
+    }, Number(process.env.WARMUP_MS || 300));
+  });
