@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the manager (the daemon a unit's ExecStart runs)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the workers of a running manager
     Status(StatusArgs),
     /// Replace every worker with zero downtime; waits for the result

@@ -40,9 +40,11 @@ impl From<zbus::Error> for Failure {
             zbus::Error::MethodError(name, msg, _) => {
                 let text = msg.clone().unwrap_or_else(|| name.to_string());
                 let code = match name.as_str() {
-                    "org.nodeherd.Error.InvalidArgument" | "org.freedesktop.DBus.Error.InvalidArgs" => 2,
+                    "org.nodeherd.Error.InvalidArgument"
+                    | "org.freedesktop.DBus.Error.InvalidArgs" => 2,
                     "org.nodeherd.Error.Busy" => 4,
-                    "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => 3,
+                    "org.freedesktop.DBus.Error.ServiceUnknown"
+                    | "org.freedesktop.DBus.Error.NameHasNoOwner" => 3,
                     "org.freedesktop.DBus.Error.AccessDenied" => 1,
                     _ => 1,
                 };
@@ -70,7 +72,10 @@ fn run_client<F>(f: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), Failure>>,
 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nodeherd: cannot start the async runtime: {e}");
@@ -113,7 +118,11 @@ async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
 }
 
 /// The bus name for APP; without APP, the only manager on the bus.
-async fn resolve_name(conn: &zbus::Connection, app: Option<&str>, bus: &BusArgs) -> Result<String, Failure> {
+async fn resolve_name(
+    conn: &zbus::Connection,
+    app: Option<&str>,
+    bus: &BusArgs,
+) -> Result<String, Failure> {
     if let Some(n) = &bus.bus_name {
         return Ok(n.clone());
     }
@@ -130,15 +139,25 @@ async fn resolve_name(conn: &zbus::Connection, app: Option<&str>, bus: &BusArgs)
         .collect();
     match names.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(Failure(3, "no nodeherd manager is running on this bus".into())),
+        [] => Err(Failure(
+            3,
+            "no nodeherd manager is running on this bus".into(),
+        )),
         many => Err(Failure(
             2,
-            format!("several managers are running ({}): name the app", many.join(", ")),
+            format!(
+                "several managers are running ({}): name the app",
+                many.join(", ")
+            ),
         )),
     }
 }
 
-async fn proxy<'a>(conn: &'a zbus::Connection, app: Option<&str>, bus: &BusArgs) -> Result<Manager1Proxy<'a>, Failure> {
+async fn proxy<'a>(
+    conn: &'a zbus::Connection,
+    app: Option<&str>,
+    bus: &BusArgs,
+) -> Result<Manager1Proxy<'a>, Failure> {
     let name = resolve_name(conn, app, bus).await?;
     let p = Manager1Proxy::builder(conn)
         .destination(name.clone())?
@@ -182,9 +201,16 @@ pub fn status(args: StatusArgs) -> ExitCode {
             println!("{doc}");
         } else {
             println!("{name}: {state} — {status}");
-            println!("{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}", "instance", "pid", "state", "restarts", "uptime", "memory");
+            println!(
+                "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}",
+                "instance", "pid", "state", "restarts", "uptime", "memory"
+            );
             for (i, pid, st, restarts, up, mem, _) in &workers {
-                let pid = if *pid == 0 { "-".to_string() } else { pid.to_string() };
+                let pid = if *pid == 0 {
+                    "-".to_string()
+                } else {
+                    pid.to_string()
+                };
                 println!(
                     "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}",
                     human_duration(*up),

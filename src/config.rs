@@ -211,10 +211,7 @@ pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, Config
     } else {
         // A bare script: everything comes from the command line.
         let mut entry = Map::new();
-        entry.insert(
-            "script".into(),
-            Value::String(target.display().to_string()),
-        );
+        entry.insert("script".into(), Value::String(target.display().to_string()));
         let cwd = std::env::current_dir().map_err(|e| ConfigError {
             source: "command line".into(),
             app: None,
@@ -243,10 +240,16 @@ fn resolve_target(target: &Path) -> Option<PathBuf> {
         return None;
     }
     let stem = target.as_os_str().to_string_lossy();
-    [".config.js", ".config.cjs", ".config.mjs", ".json", ".config.json"]
-        .iter()
-        .map(|ext| PathBuf::from(format!("{stem}{ext}")))
-        .find(|p| p.exists())
+    [
+        ".config.js",
+        ".config.cjs",
+        ".config.mjs",
+        ".json",
+        ".config.json",
+    ]
+    .iter()
+    .map(|ext| PathBuf::from(format!("{stem}{ext}")))
+    .find(|p| p.exists())
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -317,9 +320,7 @@ else done(require(p));
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -346,7 +347,11 @@ else done(require(p));
 }
 
 /// Find the app entry: `--only NAME`, or the single app of the file.
-fn pick_app(doc: &Value, source: &str, only: Option<&str>) -> Result<Map<String, Value>, ConfigError> {
+fn pick_app(
+    doc: &Value,
+    source: &str,
+    only: Option<&str>,
+) -> Result<Map<String, Value>, ConfigError> {
     let err = |msg: String| ConfigError {
         source: source.to_string(),
         app: None,
@@ -369,16 +374,14 @@ fn pick_app(doc: &Value, source: &str, only: Option<&str>) -> Result<Map<String,
             None if o.contains_key("script") => vec![o.clone()],
             None => return Err(err("no `apps` array in the file".into())),
         },
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|v| v.as_object().cloned())
-            .collect(),
+        Value::Array(a) => a.iter().filter_map(|v| v.as_object().cloned()).collect(),
         other => return Err(err(format!("expected an object with `apps`, got {other}"))),
     };
     if apps.is_empty() {
         return Err(err("the file lists no apps".into()));
     }
-    let name_of = |m: &Map<String, Value>| m.get("name").and_then(Value::as_str).map(str::to_string);
+    let name_of =
+        |m: &Map<String, Value>| m.get("name").and_then(Value::as_str).map(str::to_string);
     match only {
         Some(want) => apps
             .iter()
@@ -452,11 +455,16 @@ impl Entry<'_> {
                 .map(|v| match v {
                     Value::String(s) => Ok(s.clone()),
                     Value::Number(n) => Ok(n.to_string()),
-                    other => Err(self.err(key, format!("expected strings in the array, got {other}"))),
+                    other => {
+                        Err(self.err(key, format!("expected strings in the array, got {other}")))
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
-            Some(other) => Err(self.err(key, format!("expected a string or an array of strings, got {other}"))),
+            Some(other) => Err(self.err(
+                key,
+                format!("expected a string or an array of strings, got {other}"),
+            )),
         }
     }
 
@@ -472,7 +480,10 @@ impl Entry<'_> {
                 match n {
                     Some(n) if n <= max => Ok(Some(n)),
                     Some(n) => Err(self.err(key, format!("{n} is too large (at most {max})"))),
-                    None => Err(self.err(key, format!("expected a whole number from 0 to {max}, got {v}"))),
+                    None => Err(self.err(
+                        key,
+                        format!("expected a whole number from 0 to {max}, got {v}"),
+                    )),
                 }
             }
         }
@@ -508,7 +519,9 @@ impl Entry<'_> {
 /// `"1500"`, `"1500ms"`, `"2s"`, `"1m"`, `"1h"` → milliseconds.
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let num: f64 = num.parse().ok()?;
     let factor = match unit.trim() {
@@ -519,7 +532,7 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
         _ => return None,
     };
     let ms = num * factor;
-    (ms.is_finite() && ms >= 0.0 && ms < 1e15).then_some(ms as u64)
+    (0.0..1e15).contains(&ms).then_some(ms as u64)
 }
 
 /// `"150M"`, `"1G"`, `"512K"`, or a number of bytes.
@@ -543,7 +556,11 @@ pub fn resolve_instances(v: &Value, cpus: u32) -> Result<u32, String> {
     let n: i64 = match v {
         Value::Number(n) => match n.as_i64() {
             Some(i) => i,
-            None => return Err(format!("expected a whole number, \"max\" or a negative number, got {v}")),
+            None => {
+                return Err(format!(
+                    "expected a whole number, \"max\" or a negative number, got {v}"
+                ));
+            }
         },
         Value::String(s) if s.trim().eq_ignore_ascii_case("max") => 0,
         Value::String(s) => s.trim().parse::<i64>().map_err(|_| {
@@ -562,7 +579,9 @@ pub fn resolve_instances(v: &Value, cpus: u32) -> Result<u32, String> {
         n => n,
     };
     if resolved > i64::from(MAX_INSTANCES) {
-        return Err(format!("{v} is more than the {MAX_INSTANCES} workers one manager runs"));
+        return Err(format!(
+            "{v} is more than the {MAX_INSTANCES} workers one manager runs"
+        ));
     }
     Ok(resolved as u32)
 }
@@ -610,7 +629,9 @@ fn from_entry(
                 "{source}: app \"{name}\": key `{key}` is not supported yet; run the unit with User= instead"
             ));
         } else {
-            warnings.push(format!("{source}: app \"{name}\": unknown key `{key}`; ignored"));
+            warnings.push(format!(
+                "{source}: app \"{name}\": unknown key `{key}`; ignored"
+            ));
         }
     }
 
@@ -665,7 +686,10 @@ fn from_entry(
             if find_executable(&script_path).is_none() {
                 return Err(e.err(
                     "script",
-                    format!("{} was not found or is not executable", script_path.display()),
+                    format!(
+                        "{} was not found or is not executable",
+                        script_path.display()
+                    ),
                 ));
             }
         }
@@ -696,12 +720,14 @@ fn from_entry(
         }
     };
     let instances = match &over.instances {
-        Some(s) => resolve_instances(&Value::String(s.clone()), cpus).map_err(|msg| ConfigError {
-            source: "command line".into(),
-            app: Some(name.clone()),
-            key: Some("--instances".into()),
-            msg,
-        })?,
+        Some(s) => {
+            resolve_instances(&Value::String(s.clone()), cpus).map_err(|msg| ConfigError {
+                source: "command line".into(),
+                app: Some(name.clone()),
+                key: Some("--instances".into()),
+                msg,
+            })?
+        }
         None => match e.get("instances") {
             Some(v) => resolve_instances(v, cpus).map_err(|m| e.err("instances", m))?,
             None if fork_mode => 1,
@@ -720,7 +746,9 @@ fn from_entry(
 
     let instance_var = match &over.instance_var {
         Some(v) => v.clone(),
-        None => e.string("instance_var")?.unwrap_or_else(|| "NODE_APP_INSTANCE".into()),
+        None => e
+            .string("instance_var")?
+            .unwrap_or_else(|| "NODE_APP_INSTANCE".into()),
     };
     if !is_env_name(&instance_var) {
         return Err(e.err(
@@ -736,7 +764,10 @@ fn from_entry(
             Some(Value::Object(o)) => {
                 for (k, v) in o {
                     if !is_env_name(k) {
-                        return Err(e.err(key, format!("{k:?} is not a valid environment variable name")));
+                        return Err(e.err(
+                            key,
+                            format!("{k:?} is not a valid environment variable name"),
+                        ));
                     }
                     let v = match v {
                         Value::String(s) => s.clone(),
@@ -769,18 +800,24 @@ fn from_entry(
     let wait_ready = over.wait_ready || e.bool("wait_ready")?.unwrap_or(false);
     let listen_timeout = match over.listen_timeout {
         Some(ms) => Duration::from_millis(ms),
-        None => e.duration("listen_timeout")?.unwrap_or(Duration::from_millis(3000)),
+        None => e
+            .duration("listen_timeout")?
+            .unwrap_or(Duration::from_millis(3000)),
     };
     let kill_timeout = match over.kill_timeout {
         Some(ms) => Duration::from_millis(ms),
-        None => e.duration("kill_timeout")?.unwrap_or(Duration::from_millis(1600)),
+        None => e
+            .duration("kill_timeout")?
+            .unwrap_or(Duration::from_millis(1600)),
     };
     if listen_timeout.is_zero() {
         return Err(e.err("listen_timeout", "must be more than 0".into()));
     }
     let shutdown_with_message =
         over.shutdown_with_message || e.bool("shutdown_with_message")?.unwrap_or(false);
-    let min_uptime = e.duration("min_uptime")?.unwrap_or(Duration::from_millis(1000));
+    let min_uptime = e
+        .duration("min_uptime")?
+        .unwrap_or(Duration::from_millis(1000));
     let max_restarts = e.count("max_restarts", 1_000_000)?.unwrap_or(16) as u32;
     let restart_delay = e.duration("restart_delay")?.unwrap_or_default();
     let exp_backoff_restart_delay = e.duration("exp_backoff_restart_delay")?.unwrap_or_default();
@@ -808,7 +845,9 @@ fn from_entry(
     };
     let reload_parallel = match over.reload_parallel {
         Some(n) => u64::from(n),
-        None => e.count("reload_parallel", u64::from(MAX_INSTANCES))?.unwrap_or(1),
+        None => e
+            .count("reload_parallel", u64::from(MAX_INSTANCES))?
+            .unwrap_or(1),
     };
     if reload_parallel == 0 {
         return Err(e.err("reload_parallel", "must be at least 1".into()));
@@ -918,10 +957,16 @@ mod tests {
 
     #[test]
     fn pick_app_needs_only_with_several() {
-        let doc = json!({"apps": [{"name": "a", "script": "a.js"}, {"name": "b", "script": "b.js"}]});
+        let doc =
+            json!({"apps": [{"name": "a", "script": "a.js"}, {"name": "b", "script": "b.js"}]});
         let e = pick_app(&doc, "f.json", None).unwrap_err();
         assert!(e.msg.contains("--only"), "{e}");
         assert_eq!(pick_app(&doc, "f.json", Some("b")).unwrap()["name"], "b");
-        assert!(pick_app(&doc, "f.json", Some("c")).unwrap_err().msg.contains("a, b"));
+        assert!(
+            pick_app(&doc, "f.json", Some("c"))
+                .unwrap_err()
+                .msg
+                .contains("a, b")
+        );
     }
 }

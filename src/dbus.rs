@@ -34,7 +34,13 @@ pub enum Bus {
 pub fn bus_name_for(app: &str) -> String {
     let mut s: String = app
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     // A bus name element must not start with a digit.
     if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
@@ -77,7 +83,10 @@ struct Manager {
 }
 
 impl Manager {
-    async fn ask(&self, make: impl FnOnce(oneshot::Sender<Result<i32, CtlError>>) -> Request) -> Result<i32, BusError> {
+    async fn ask(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<i32, CtlError>>) -> Request,
+    ) -> Result<i32, BusError> {
         let (tx, rx) = oneshot::channel();
         self.handle
             .events
@@ -112,12 +121,14 @@ impl Manager {
     /// Set the number of workers (1 to 1024); returns the new count once the
     /// added workers are ready.
     async fn scale(&self, instances: i32) -> Result<i32, BusError> {
-        self.ask(|r| Request::Scale(ScaleTarget::To(i64::from(instances)), Some(r))).await
+        self.ask(|r| Request::Scale(ScaleTarget::To(i64::from(instances)), Some(r)))
+            .await
     }
 
     /// Add (or with a negative delta, remove) workers; returns the new count.
     async fn scale_by(&self, delta: i32) -> Result<i32, BusError> {
-        self.ask(|r| Request::Scale(ScaleTarget::By(i64::from(delta)), Some(r))).await
+        self.ask(|r| Request::Scale(ScaleTarget::By(i64::from(delta)), Some(r)))
+            .await
     }
 
     /// The app's name.
@@ -159,28 +170,54 @@ impl Manager {
             .into_iter()
             .map(|w| {
                 let uptime = w.started.map_or(Duration::ZERO, |s| s.elapsed());
-                let mem = if w.pid > 0 { crate::worker::rss_bytes(w.pid) } else { 0 };
+                let mem = if w.pid > 0 {
+                    crate::worker::rss_bytes(w.pid)
+                } else {
+                    0
+                };
                 let at = w
                     .started_wall
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_millis() as u64);
-                (w.instance, w.pid.max(0) as u32, w.state.to_string(), w.restarts, uptime.as_millis() as u64, mem, at)
+                (
+                    w.instance,
+                    w.pid.max(0) as u32,
+                    w.state.to_string(),
+                    w.restarts,
+                    uptime.as_millis() as u64,
+                    mem,
+                    at,
+                )
             })
             .collect()
     }
 
     /// A worker changed state (starting, ready, stopping, exited, errored).
     #[zbus(signal)]
-    async fn worker_state_changed(emitter: &SignalEmitter<'_>, instance: u32, pid: u32, state: &str) -> zbus::Result<()>;
+    async fn worker_state_changed(
+        emitter: &SignalEmitter<'_>,
+        instance: u32,
+        pid: u32,
+        state: &str,
+    ) -> zbus::Result<()>;
 
     /// A reload ended, successfully or not, with a sentence saying how.
     #[zbus(signal)]
-    async fn reload_finished(emitter: &SignalEmitter<'_>, ok: bool, message: &str) -> zbus::Result<()>;
+    async fn reload_finished(
+        emitter: &SignalEmitter<'_>,
+        ok: bool,
+        message: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// Connect, take the name, serve the interface, and forward signals.
 /// Failure is not fatal: the manager runs on without a control plane.
-pub async fn serve(bus: Bus, name: String, handle: Handle, signals: mpsc::UnboundedReceiver<BusSignal>) {
+pub async fn serve(
+    bus: Bus,
+    name: String,
+    handle: Handle,
+    signals: mpsc::UnboundedReceiver<BusSignal>,
+) {
     if bus == Bus::None {
         logs::info("control plane off (--no-bus)");
         return;
@@ -195,7 +232,10 @@ pub async fn serve(bus: Bus, name: String, handle: Handle, signals: mpsc::Unboun
             return;
         }
     };
-    logs::info(&format!("control plane on: {name} on the {} bus", describe(&bus)));
+    logs::info(&format!(
+        "control plane on: {name} on the {} bus",
+        describe(&bus)
+    ));
     forward(conn, handle, signals).await;
 }
 
@@ -225,7 +265,11 @@ async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Co
         .await
 }
 
-async fn forward(conn: zbus::Connection, handle: Handle, mut signals: mpsc::UnboundedReceiver<BusSignal>) {
+async fn forward(
+    conn: zbus::Connection,
+    handle: Handle,
+    mut signals: mpsc::UnboundedReceiver<BusSignal>,
+) {
     let iface = match conn.object_server().interface::<_, Manager>(PATH).await {
         Ok(i) => i,
         Err(e) => {

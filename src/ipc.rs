@@ -58,13 +58,25 @@ mod tests {
     #[test]
     fn understands_ready_and_shim_reports() {
         assert_eq!(parse(b"\"ready\""), Some(Message::Ready));
-        assert_eq!(parse(br#"{"nodeherd":"listening","fd":3}"#), Some(Message::Listening));
-        assert!(matches!(parse(br#"{"nodeherd":"error","message":"x"}"#), Some(Message::ListenError(m)) if m == "x"));
+        assert_eq!(
+            parse(br#"{"nodeherd":"listening","fd":3}"#),
+            Some(Message::Listening)
+        );
+        assert!(
+            matches!(parse(br#"{"nodeherd":"error","message":"x"}"#), Some(Message::ListenError(m)) if m == "x")
+        );
     }
 
     #[test]
     fn ignores_everything_else() {
-        for junk in [&b"{"[..], b"\xff\xfe", b"42", b"\"readyy\"", br#"{"type":"process:msg"}"#, b""] {
+        for junk in [
+            &b"{"[..],
+            b"\xff\xfe",
+            b"42",
+            b"\"readyy\"",
+            br#"{"type":"process:msg"}"#,
+            b"",
+        ] {
             assert_eq!(parse(junk), None);
         }
         let huge = vec![b' '; MAX_LINE + 1];

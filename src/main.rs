@@ -6,13 +6,18 @@ use nodeherd::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => nodeherd::run::main(args),
+        Command::Run(args) => nodeherd::run::main(*args),
         Command::Status(args) => nodeherd::client::status(args),
         Command::Reload(args) => nodeherd::client::reload(args),
         Command::Restart(args) => nodeherd::client::restart(args),
         Command::Scale(args) => nodeherd::client::scale(args),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "nodeherd", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "nodeherd",
+                &mut std::io::stdout(),
+            );
             ExitCode::SUCCESS
         }
         Command::Man => {

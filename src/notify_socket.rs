@@ -29,7 +29,8 @@ pub struct Notification {
 /// Bind the socket at `path` (its directory is private to this manager).
 pub fn bind(path: &Path) -> Result<UnixDatagram> {
     let _ = std::fs::remove_file(path);
-    let sock = UnixDatagram::bind(path).with_context(|| format!("binding the worker notify socket {}", path.display()))?;
+    let sock = UnixDatagram::bind(path)
+        .with_context(|| format!("binding the worker notify socket {}", path.display()))?;
     setsockopt(&sock, sockopt::PassCred, &true).context("SO_PASSCRED on the notify socket")?;
     Ok(sock)
 }
@@ -42,8 +43,13 @@ pub async fn recv(sock: &UnixDatagram) -> std::io::Result<Option<Notification>> 
             let mut buf = [0u8; MAX_DATAGRAM];
             let mut cmsg = nix::cmsg_space!(libc::ucred);
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<UnixAddr>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_TRUNC)
-                .map_err(std::io::Error::from)?;
+            let msg = recvmsg::<UnixAddr>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_TRUNC,
+            )
+            .map_err(std::io::Error::from)?;
             let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
             let mut pid = None;
             for c in msg.cmsgs().map_err(std::io::Error::from)? {
@@ -66,7 +72,11 @@ pub async fn recv(sock: &UnixDatagram) -> std::io::Result<Option<Notification>> 
 /// Parse `KEY=VALUE` lines; `None` when nothing in it concerns us.
 pub fn parse(pid: i32, bytes: &[u8]) -> Option<Notification> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut n = Notification { pid, ready: false, status: None };
+    let mut n = Notification {
+        pid,
+        ready: false,
+        status: None,
+    };
     for line in text.lines() {
         match line.split_once('=') {
             Some(("READY", "1")) => n.ready = true,

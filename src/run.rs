@@ -67,7 +67,11 @@ pub fn main(args: RunArgs) -> ExitCode {
             Ok(l) => l,
             Err(e) => {
                 logs::error(&format!("{e:#}"));
-                return ExitCode::from(if e.to_string().contains("expected HOST:PORT") { 2 } else { 1 });
+                return ExitCode::from(if e.to_string().contains("expected HOST:PORT") {
+                    2
+                } else {
+                    1
+                });
             }
         }
     };
@@ -77,7 +81,10 @@ pub fn main(args: RunArgs) -> ExitCode {
         );
     }
     for l in &listeners {
-        logs::info(&format!("socket: {} {} (name {:?})", l.kind, l.address, l.name));
+        logs::info(&format!(
+            "socket: {} {} (name {:?})",
+            l.kind, l.address, l.name
+        ));
     }
 
     let dir = match runtime_dir(&app.name) {
@@ -92,7 +99,13 @@ pub fn main(args: RunArgs) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
-fn run_daemon(app: config::App, listeners: Vec<sockets::Listener>, cpus: u32, dir: &Path, args: &RunArgs) -> i32 {
+fn run_daemon(
+    app: config::App,
+    listeners: Vec<sockets::Listener>,
+    cpus: u32,
+    dir: &Path,
+    args: &RunArgs,
+) -> i32 {
     let shim = dir.join("shim.js");
     if let Err(e) = std::fs::write(&shim, SHIM) {
         logs::error(&format!("cannot write the preload {}: {e}", shim.display()));
@@ -103,7 +116,10 @@ fn run_daemon(app: config::App, listeners: Vec<sockets::Listener>, cpus: u32, di
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             logs::error(&format!("cannot start the async runtime: {e}"));
@@ -111,7 +127,11 @@ fn run_daemon(app: config::App, listeners: Vec<sockets::Listener>, cpus: u32, di
         }
     };
     let bus = args.bus.bus();
-    let bus_name = args.bus.bus_name.clone().unwrap_or_else(|| dbus::bus_name_for(&app.name));
+    let bus_name = args
+        .bus
+        .bus_name
+        .clone()
+        .unwrap_or_else(|| dbus::bus_name_for(&app.name));
     rt.block_on(async move {
         let notify_path = dir.join("notify.sock");
         let notify = match notify_socket::bind(&notify_path) {
@@ -146,13 +166,22 @@ fn run_daemon(app: config::App, listeners: Vec<sockets::Listener>, cpus: u32, di
 fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| v.to_str().and_then(|s| s.split(':').next().map(PathBuf::from)))
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next().map(PathBuf::from))
+        })
         .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
     let safe: String = app
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
     let dir = base.join(format!("nodeherd-{safe}-{}", std::process::id()));

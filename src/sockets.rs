@@ -124,7 +124,8 @@ pub fn bind(spec: &str) -> Result<Listener> {
             }
         }
         let s = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
-        s.bind(&socket2::SockAddr::unix(path).map_err(fail)?).map_err(fail)?;
+        s.bind(&socket2::SockAddr::unix(path).map_err(fail)?)
+            .map_err(fail)?;
         s.listen(BACKLOG).map_err(fail)?;
         s
     } else {
@@ -136,7 +137,8 @@ pub fn bind(spec: &str) -> Result<Listener> {
             format!("--listen {spec}: expected HOST:PORT, [IPv6]:PORT, PORT, unix:/path or udp:HOST:PORT")
         })?;
         let domain = Domain::for_address(addr);
-        let s = Socket::new(domain, if udp { Type::DGRAM } else { Type::STREAM }, None).map_err(fail)?;
+        let s = Socket::new(domain, if udp { Type::DGRAM } else { Type::STREAM }, None)
+            .map_err(fail)?;
         if !udp {
             s.set_reuse_address(true).map_err(fail)?;
         }
@@ -196,13 +198,20 @@ fn describe(fd: OwnedFd, name: String) -> Result<Listener> {
                 .as_unix_addr()
                 .and_then(|u| u.path().map(|p| p.display().to_string()))
                 .unwrap_or_else(|| "(unnamed)".into());
-            let kind = if sock_type == libc::SOCK_STREAM { Kind::Unix } else { Kind::Other };
+            let kind = if sock_type == libc::SOCK_STREAM {
+                Kind::Unix
+            } else {
+                Kind::Other
+            };
             (kind, path, None)
         }
         _ => (Kind::Other, "(unknown)".into(), None),
     };
-    if sock_type == libc::SOCK_STREAM && getsockopt_int(raw, libc::SO_ACCEPTCONN).unwrap_or(0) == 0 {
-        bail!("{address} is a connected socket, not a listening one (a .socket unit with Accept=yes?); nodeherd needs Accept=no");
+    if sock_type == libc::SOCK_STREAM && getsockopt_int(raw, libc::SO_ACCEPTCONN).unwrap_or(0) == 0
+    {
+        bail!(
+            "{address} is a connected socket, not a listening one (a .socket unit with Accept=yes?); nodeherd needs Accept=no"
+        );
     }
     // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own or -1.
     let high = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, HIGH_FD) };
@@ -226,7 +235,13 @@ fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: v and len are valid for the duration of the call.
     let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut v as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     if r < 0 {
         Err(std::io::Error::last_os_error())

@@ -82,8 +82,14 @@ pub enum Request {
 /// Everything the supervisor reacts to.
 #[derive(Debug)]
 pub enum Event {
-    Exited { pid: i32, how: String },
-    Ipc { id: WorkerId, msg: ipc::Message },
+    Exited {
+        pid: i32,
+        how: String,
+    },
+    Ipc {
+        id: WorkerId,
+        msg: ipc::Message,
+    },
     Notify(Notification),
     Timer(Timer),
     /// SIGTERM or SIGINT.
@@ -103,8 +109,15 @@ pub enum Timer {
 /// Signals for the D-Bus side.
 #[derive(Debug, Clone)]
 pub enum BusSignal {
-    WorkerStateChanged { instance: u32, pid: u32, state: &'static str },
-    ReloadFinished { ok: bool, message: String },
+    WorkerStateChanged {
+        instance: u32,
+        pid: u32,
+        state: &'static str,
+    },
+    ReloadFinished {
+        ok: bool,
+        message: String,
+    },
 }
 
 /// What the outside world may read, published after every event.
@@ -346,7 +359,12 @@ impl Supervisor {
                 return None;
             }
         };
-        let Spawned { pid, ipc, stdout, stderr } = spawned;
+        let Spawned {
+            pid,
+            ipc,
+            stdout,
+            stderr,
+        } = spawned;
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         read_lines(stdout, index, pid, Stream::Stdout);
@@ -412,7 +430,9 @@ impl Supervisor {
     }
 
     fn mark_ready(&mut self, id: WorkerId, why: &str) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         if w.state != WState::Starting {
             return;
         }
@@ -421,14 +441,19 @@ impl Supervisor {
         let took = w.started.elapsed();
         logs::event(
             libsystemd::logging::Priority::Info,
-            &format!("worker {index} ready (pid {pid}, {why}, {} ms)", took.as_millis()),
+            &format!(
+                "worker {index} ready (pid {pid}, {why}, {} ms)",
+                took.as_millis()
+            ),
             &[
                 (self.app.instance_var.as_str(), index.to_string()),
                 ("WORKER_PID", pid.to_string()),
             ],
         );
         self.signal_worker(index, pid, "ready");
-        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
         if slot.incoming == Some(id) {
             // The swap: the replacement serves, then the old one drains.
             slot.incoming = None;
@@ -439,7 +464,10 @@ impl Supervisor {
             if let Some(old) = old {
                 self.stop_worker(old, "replaced");
             }
-            if let Some(Op::Reload { in_flight, done, .. }) = &mut self.op {
+            if let Some(Op::Reload {
+                in_flight, done, ..
+            }) = &mut self.op
+            {
                 in_flight.remove(&index);
                 *done += 1;
             }
@@ -455,7 +483,10 @@ impl Supervisor {
             self.by_pid.get(&group).copied()
         });
         let Some(id) = id else {
-            logs::warn(&format!("ignored a notify message from pid {}, which is not one of our workers", n.pid));
+            logs::warn(&format!(
+                "ignored a notify message from pid {}, which is not one of our workers",
+                n.pid
+            ));
             return;
         };
         if n.ready {
@@ -467,7 +498,9 @@ impl Supervisor {
     fn stop_worker(&mut self, id: WorkerId, why: &str) {
         let kill_timeout = self.app.kill_timeout;
         let by_message = self.app.shutdown_with_message;
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         if w.state == WState::Stopping {
             return;
         }
@@ -482,7 +515,11 @@ impl Supervisor {
         }
         logs::info(&format!(
             "worker {index} stopping (pid {pid}, {why}; {})",
-            if sent { "sent 'shutdown'" } else { "sent SIGINT" }
+            if sent {
+                "sent 'shutdown'"
+            } else {
+                "sent SIGINT"
+            }
         ));
         self.signal_worker(index, pid, "stopping");
         self.after(kill_timeout, Timer::KillDeadline(id));
@@ -502,7 +539,9 @@ impl Supervisor {
             // A grandchild reparented to us (we are a subreaper): reaped, nothing else.
             return;
         };
-        let Some(w) = self.workers.remove(&id) else { return };
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
         // Anything the worker left in its process group goes with it.
         signal(-pid, libc::SIGKILL);
         let index = w.index;
@@ -517,19 +556,31 @@ impl Supervisor {
             logs::event(
                 libsystemd::logging::Priority::Info,
                 &format!("worker {index} stopped (pid {pid}, {how})"),
-                &[(self.app.instance_var.as_str(), index.to_string()), ("WORKER_PID", pid.to_string())],
+                &[
+                    (self.app.instance_var.as_str(), index.to_string()),
+                    ("WORKER_PID", pid.to_string()),
+                ],
             );
             return;
         }
         logs::event(
             libsystemd::logging::Priority::Warning,
-            &format!("worker {index} exited unexpectedly (pid {pid}, {cause}, up {} ms)", uptime.as_millis()),
-            &[(self.app.instance_var.as_str(), index.to_string()), ("WORKER_PID", pid.to_string())],
+            &format!(
+                "worker {index} exited unexpectedly (pid {pid}, {cause}, up {} ms)",
+                uptime.as_millis()
+            ),
+            &[
+                (self.app.instance_var.as_str(), index.to_string()),
+                ("WORKER_PID", pid.to_string()),
+            ],
         );
-        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
         if slot.incoming == Some(id) {
             slot.incoming = None;
-            let reason = format!("slot {index}: the new worker (pid {pid}) {cause} before it was ready");
+            let reason =
+                format!("slot {index}: the new worker (pid {pid}) {cause} before it was ready");
             self.fail_reload(reason);
             return;
         }
@@ -550,7 +601,9 @@ impl Supervisor {
     /// Decide what happens to a slot whose worker died: restart (now or later) or errored.
     fn after_crash(&mut self, index: u32, uptime: Duration, cause: String) {
         let app = &self.app;
-        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
         if self.phase == Phase::Stopping {
             return;
         }
@@ -591,14 +644,22 @@ impl Supervisor {
             slot.waiting = true;
             slot.generation += 1;
             let generation = slot.generation;
-            logs::info(&format!("worker {index} restarts in {} ms", delay.as_millis()));
+            logs::info(&format!(
+                "worker {index} restarts in {} ms",
+                delay.as_millis()
+            ));
             self.after(delay, Timer::Restart { index, generation });
         }
     }
 
     fn report_errored(&mut self, index: u32) {
-        let reason = self.slots[index as usize].errored.clone().unwrap_or_default();
-        logs::error(&format!("slot {index} errored, not restarting it: {reason}"));
+        let reason = self.slots[index as usize]
+            .errored
+            .clone()
+            .unwrap_or_default();
+        logs::error(&format!(
+            "slot {index} errored, not restarting it: {reason}"
+        ));
         self.signal_worker(index, 0, "errored");
         if self.slots.iter().all(|s| s.errored.is_some()) && self.phase == Phase::Running {
             logs::error("every slot errored: nothing is serving; stopping");
@@ -609,7 +670,9 @@ impl Supervisor {
     fn on_timer(&mut self, t: Timer) {
         match t {
             Timer::ReadyDeadline(id) => {
-                let Some(w) = self.workers.get(&id) else { return };
+                let Some(w) = self.workers.get(&id) else {
+                    return;
+                };
                 if w.state != WState::Starting {
                     return;
                 }
@@ -617,9 +680,16 @@ impl Supervisor {
                 let why = format!(
                     "not ready within listen_timeout ({} ms{})",
                     self.app.listen_timeout.as_millis(),
-                    if self.app.wait_ready { ", waiting for 'ready' or READY=1" } else { ", waiting for it to listen" }
+                    if self.app.wait_ready {
+                        ", waiting for 'ready' or READY=1"
+                    } else {
+                        ", waiting for it to listen"
+                    }
                 );
-                let is_incoming = self.slots.get(index as usize).is_some_and(|s| s.incoming == Some(id));
+                let is_incoming = self
+                    .slots
+                    .get(index as usize)
+                    .is_some_and(|s| s.incoming == Some(id));
                 self.kill_worker(id, &why);
                 if is_incoming {
                     // Fail closed at once; the exit itself is then just reaped.
@@ -631,7 +701,11 @@ impl Supervisor {
                 }
             }
             Timer::KillDeadline(id) => {
-                if self.workers.get(&id).is_some_and(|w| w.state == WState::Stopping) {
+                if self
+                    .workers
+                    .get(&id)
+                    .is_some_and(|w| w.state == WState::Stopping)
+                {
                     let kt = self.app.kill_timeout.as_millis();
                     if let Some(w) = self.workers.get(&id) {
                         logs::warn(&format!(
@@ -662,7 +736,9 @@ impl Supervisor {
     }
 
     fn check_memory(&mut self) {
-        let Some(limit) = self.app.max_memory_restart else { return };
+        let Some(limit) = self.app.max_memory_restart else {
+            return;
+        };
         if self.phase != Phase::Running || self.op.is_some() {
             return;
         }
@@ -687,14 +763,19 @@ impl Supervisor {
 
     fn submit(&mut self, req: Request) {
         if self.phase == Phase::Stopping {
-            reply_to(req, Err(CtlError::Stopping("the manager is stopping".into())));
+            reply_to(
+                req,
+                Err(CtlError::Stopping("the manager is stopping".into())),
+            );
             return;
         }
         // Reject bad arguments at once, before queueing.
         if let Request::Scale(ScaleTarget::To(n), _) = &req
             && !(1..=i64::from(MAX_INSTANCES)).contains(n)
         {
-            let msg = format!("cannot scale to {n}: the number of workers must be between 1 and {MAX_INSTANCES}");
+            let msg = format!(
+                "cannot scale to {n}: the number of workers must be between 1 and {MAX_INSTANCES}"
+            );
             reply_to(req, Err(CtlError::InvalidArgument(msg)));
             return;
         }
@@ -721,7 +802,9 @@ impl Supervisor {
             if self.op.is_some() || self.phase != Phase::Running {
                 return;
             }
-            let Some(req) = self.queue.pop_front() else { return };
+            let Some(req) = self.queue.pop_front() else {
+                return;
+            };
             self.begin(req);
         }
     }
@@ -733,7 +816,10 @@ impl Supervisor {
                 self.begin_reload(all, reply.into_iter().collect());
             }
             Request::ReloadSlots(slots) => {
-                let slots: Vec<u32> = slots.into_iter().filter(|i| (*i as usize) < self.slots.len()).collect();
+                let slots: Vec<u32> = slots
+                    .into_iter()
+                    .filter(|i| (*i as usize) < self.slots.len())
+                    .collect();
                 if !slots.is_empty() {
                     self.begin_reload(slots, Vec::new());
                 }
@@ -768,23 +854,36 @@ impl Supervisor {
     fn pump_reload(&mut self) {
         loop {
             let parallel = self.app.reload_parallel as usize;
-            let Some(Op::Reload { pending, in_flight, .. }) = &mut self.op else { return };
+            let Some(Op::Reload {
+                pending, in_flight, ..
+            }) = &mut self.op
+            else {
+                return;
+            };
             if in_flight.len() >= parallel {
                 return;
             }
-            let Some(index) = pending.pop_front() else { return };
+            let Some(index) = pending.pop_front() else {
+                return;
+            };
             if index as usize >= self.slots.len() {
                 continue;
             }
             in_flight.insert(index);
             // Each swap may take listen_timeout plus kill_timeout: tell systemd.
-            notify::extend_timeout(self.app.listen_timeout + self.app.kill_timeout + Duration::from_secs(5));
+            notify::extend_timeout(
+                self.app.listen_timeout + self.app.kill_timeout + Duration::from_secs(5),
+            );
             match self.spawn(index) {
                 Some(id) => {
                     let slot = &mut self.slots[index as usize];
                     slot.incoming = Some(id);
                     // A worker that was ready at once (no readiness channel) is swapped already.
-                    if self.workers.get(&id).is_some_and(|w| w.state == WState::Ready) {
+                    if self
+                        .workers
+                        .get(&id)
+                        .is_some_and(|w| w.state == WState::Ready)
+                    {
                         self.mark_ready_again(id);
                     }
                 }
@@ -805,7 +904,10 @@ impl Supervisor {
     }
 
     fn fail_reload(&mut self, reason: String) {
-        let Some(Op::Reload { in_flight, replies, .. }) = self.op.take() else {
+        let Some(Op::Reload {
+            in_flight, replies, ..
+        }) = self.op.take()
+        else {
             // A replacement outside a reload cannot exist; nothing to fail.
             return;
         };
@@ -826,7 +928,10 @@ impl Supervisor {
             &msg,
             &[("NODEHERD_EVENT", "reload-failed".into())],
         );
-        self.bus_signal(BusSignal::ReloadFinished { ok: false, message: msg.clone() });
+        self.bus_signal(BusSignal::ReloadFinished {
+            ok: false,
+            message: msg.clone(),
+        });
         self.last_status.clear();
         notify::ready(&self.status_line());
         for r in replies {
@@ -912,26 +1017,44 @@ impl Supervisor {
             Some(Op::Start { waiting, .. }) => waiting.iter().all(|&i| {
                 self.slots.get(i as usize).is_none_or(|s| {
                     s.errored.is_some()
-                        || s.current.and_then(|id| self.workers.get(&id)).is_some_and(|w| w.state == WState::Ready)
+                        || s.current
+                            .and_then(|id| self.workers.get(&id))
+                            .is_some_and(|w| w.state == WState::Ready)
                 })
             }),
-            Some(Op::Reload { pending, in_flight, .. }) => pending.is_empty() && in_flight.is_empty(),
+            Some(Op::Reload {
+                pending, in_flight, ..
+            }) => pending.is_empty() && in_flight.is_empty(),
         };
         if !done {
             return;
         }
         match self.op.take() {
-            Some(Op::Start { waiting, replies, what }) => {
+            Some(Op::Start {
+                waiting,
+                replies,
+                what,
+            }) => {
                 let errored: Vec<String> = waiting
                     .iter()
-                    .filter_map(|&i| self.slots.get(i as usize)?.errored.as_ref().map(|e| format!("slot {i}: {e}")))
+                    .filter_map(|&i| {
+                        self.slots
+                            .get(i as usize)?
+                            .errored
+                            .as_ref()
+                            .map(|e| format!("slot {i}: {e}"))
+                    })
                     .collect();
                 let n = self.slots.len() as i32;
                 if what == "start" && !self.ready_sent {
                     self.ready_sent = true;
                     self.last_status.clear();
                     notify::ready(&self.status_line());
-                    logs::info(&format!("{} — {} worker(s) up", self.status_line(), self.ready_count()));
+                    logs::info(&format!(
+                        "{} — {} worker(s) up",
+                        self.status_line(),
+                        self.ready_count()
+                    ));
                 }
                 let result = if errored.is_empty() {
                     Ok(n)
@@ -942,7 +1065,13 @@ impl Supervisor {
                     let _ = r.send(result.clone());
                 }
             }
-            Some(Op::Reload { total, done, replies, started, .. }) => {
+            Some(Op::Reload {
+                total,
+                done,
+                replies,
+                started,
+                ..
+            }) => {
                 let msg = format!(
                     "reload finished: {done}/{total} worker(s) replaced in {} ms",
                     started.elapsed().as_millis()
@@ -952,7 +1081,10 @@ impl Supervisor {
                     &msg,
                     &[("NODEHERD_EVENT", "reload-finished".into())],
                 );
-                self.bus_signal(BusSignal::ReloadFinished { ok: true, message: msg });
+                self.bus_signal(BusSignal::ReloadFinished {
+                    ok: true,
+                    message: msg,
+                });
                 self.last_status.clear();
                 notify::ready(&self.status_line());
                 for r in replies {
@@ -1007,7 +1139,11 @@ impl Supervisor {
         self.slots
             .iter()
             .filter_map(|s| s.current)
-            .filter(|id| self.workers.get(id).is_some_and(|w| w.state == WState::Ready))
+            .filter(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| w.state == WState::Ready)
+            })
             .count() as u32
     }
 
@@ -1068,7 +1204,11 @@ impl Supervisor {
                 None => workers.push(WorkerInfo {
                     instance: index,
                     pid: 0,
-                    state: if slot.errored.is_some() { "errored" } else { "waiting" },
+                    state: if slot.errored.is_some() {
+                        "errored"
+                    } else {
+                        "waiting"
+                    },
                     restarts: slot.restarts,
                     started: None,
                     started_wall: None,
@@ -1077,7 +1217,10 @@ impl Supervisor {
         }
         // Replacements and draining workers are processes too.
         for (id, w) in &self.workers {
-            let is_current = self.slots.get(w.index as usize).is_some_and(|s| s.current == Some(*id));
+            let is_current = self
+                .slots
+                .get(w.index as usize)
+                .is_some_and(|s| s.current == Some(*id));
             if !is_current {
                 workers.push(WorkerInfo {
                     instance: w.index,
@@ -1140,9 +1283,9 @@ fn merge_reply(queued: &mut Option<Reply>, new: Reply) {
             // Fan the one answer out to both callers.
             let (tx, rx) = oneshot::channel::<Result<i32, CtlError>>();
             tokio::spawn(async move {
-                let result = rx
-                    .await
-                    .unwrap_or_else(|_| Err(CtlError::Failed("the manager dropped the request".into())));
+                let result = rx.await.unwrap_or_else(|_| {
+                    Err(CtlError::Failed("the manager dropped the request".into()))
+                });
                 let _ = first.send(result.clone());
                 let _ = new.send(result);
             });
@@ -1163,9 +1306,14 @@ fn signal(pid: i32, sig: libc::c_int) {
 
 /// Forward a worker's output, line by line, to the log sink.
 fn read_lines(fd: OwnedFd, index: u32, pid: i32, stream: Stream) {
-    let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
+    let Ok(rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
     tokio::spawn(async move {
-        for_each_line(rx, |line| logs::worker_line(index, pid, stream, &String::from_utf8_lossy(line))).await;
+        for_each_line(rx, |line| {
+            logs::worker_line(index, pid, stream, &String::from_utf8_lossy(line))
+        })
+        .await;
     });
 }
 
@@ -1176,7 +1324,7 @@ async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
     let mut line: Vec<u8> = Vec::new();
     loop {
         let buf = match r.fill_buf().await {
-            Ok(b) if b.is_empty() => break,
+            Ok([]) => break,
             Ok(b) => b,
             Err(_) => break,
         };
@@ -1199,8 +1347,14 @@ async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
     }
 }
 
-fn read_ipc(stream: std::os::unix::net::UnixStream, id: WorkerId, tx: mpsc::UnboundedSender<Event>) {
-    let Ok(stream) = tokio::net::UnixStream::from_std(stream) else { return };
+fn read_ipc(
+    stream: std::os::unix::net::UnixStream,
+    id: WorkerId,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let Ok(stream) = tokio::net::UnixStream::from_std(stream) else {
+        return;
+    };
     tokio::spawn(async move {
         let mut skipping = false;
         for_each_line_raw(stream, |line, complete| {
@@ -1223,7 +1377,7 @@ async fn for_each_line_raw<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8], 
     let mut line: Vec<u8> = Vec::new();
     loop {
         let buf = match r.fill_buf().await {
-            Ok(b) if b.is_empty() => break,
+            Ok([]) => break,
             Ok(b) => b,
             Err(_) => break,
         };

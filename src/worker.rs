@@ -138,15 +138,28 @@ impl Launcher {
                 envp.push(s);
             }
         }
-        envp.push(CString::new(format!("{}={index}", self.instance_var)).expect("validated name and a number"));
+        envp.push(
+            CString::new(format!("{}={index}", self.instance_var))
+                .expect("validated name and a number"),
+        );
         if self.node {
-            envp.push(CString::new(format!("NODE_CHANNEL_FD={ipc_fd}")).expect("no NUL in a number"));
+            envp.push(
+                CString::new(format!("NODE_CHANNEL_FD={ipc_fd}")).expect("no NUL in a number"),
+            );
         }
         // Placeholder the child overwrites with its own pid.
         envp.push(CString::new(format!("LISTEN_PID={}", "0".repeat(20))).expect("no NUL"));
         let pid_slot = envp.last().expect("just pushed").as_ptr() as *mut u8;
-        let argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-        let envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+        let argv_ptrs: Vec<*const libc::c_char> = argv
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp_ptrs: Vec<*const libc::c_char> = envp
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
         let cwd = c(self.cwd.as_os_str())?;
 
         let devnull = std::fs::File::open("/dev/null").context("opening /dev/null")?;
@@ -154,7 +167,8 @@ impl Launcher {
         let (err_r, err_w) = pipe().context("creating the stderr pipe")?;
         let (exec_r, exec_w) = pipe().context("creating the exec-status pipe")?;
         let (ipc_parent, ipc_child) = if self.node {
-            let (a, b) = std::os::unix::net::UnixStream::pair().context("creating the IPC channel")?;
+            let (a, b) =
+                std::os::unix::net::UnixStream::pair().context("creating the IPC channel")?;
             (Some(a), Some(OwnedFd::from(b)))
         } else {
             (None, None)
@@ -183,7 +197,17 @@ impl Launcher {
         let stdio = [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let stdio: Vec<RawFd> = stdio
             .iter()
-            .map(|&fd| if fd <= ipc_fd { dup_above(fd, ipc_fd + 1).map(|h| { let r = h.as_raw_fd(); keep_alive.push(h); r }) } else { Ok(fd) })
+            .map(|&fd| {
+                if fd <= ipc_fd {
+                    dup_above(fd, ipc_fd + 1).map(|h| {
+                        let r = h.as_raw_fd();
+                        keep_alive.push(h);
+                        r
+                    })
+                } else {
+                    Ok(fd)
+                }
+            })
             .collect::<Result<_>>()?;
         let exec_w_raw = exec_w.as_raw_fd();
         let parent_pid = std::process::id() as libc::pid_t;
@@ -273,7 +297,14 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
             libc::_exit(127);
         };
         // Die with the manager, even on kill -9 of the manager.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             fail(libc::EINVAL);
         }
         if libc::getppid() != plan.parent_pid {
@@ -352,10 +383,17 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
     let mut got = 0;
     while got < buf.len() {
         // SAFETY: the slice bounds are respected.
-        let r = unsafe { libc::read(fd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        let r = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                buf.len() - got,
+            )
+        };
         if r > 0 {
             got += r as usize;
-        } else if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+        } else if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {
             continue;
         } else {
             break;
