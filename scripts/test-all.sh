@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this script).
+#
+# Installs what the tests need (Debian packages, npm packages, oha), then:
+# format and lint checks, unit and integration tests (real node workers,
+# real dbus-daemon, real sockets via systemd-socket-activate), the reload
+# and scale load test under oha, and the suites under a booted systemd and
+# for the distro packages when their scripts are present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+need_apt=()
+command -v dbus-daemon >/dev/null || need_apt+=(dbus)
+command -v busctl >/dev/null || need_apt+=(systemd)
+command -v systemd-socket-activate >/dev/null || need_apt+=(systemd)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need_apt[*]} (install them, or run as root)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+(cd tests/apps && npm install --no-audit --no-fund --loglevel=error)
+
+passed=0
+failed=0
+step() {
+  local name=$1; shift
+  echo "==> $name"
+  if "$@"; then
+    passed=$((passed + 1))
+  else
+    echo "FAILED: $name"
+    failed=$((failed + 1))
+  fi
+}
+
+step "cargo fmt --check" cargo fmt --check
+step "cargo clippy" cargo clippy --all-targets --quiet -- -D warnings
+step "cargo test" cargo test --quiet
+step "release build" cargo build --release --quiet
+if ! command -v oha >/dev/null; then
+  echo "==> installing oha (load generator)"
+  cargo install oha --locked --quiet
+fi
+step "reload and scale under load" tests/load/reload-under-load.sh target/release/nodeherd
+if [ -x tests/systemd/e2e.sh ] && [ "$(id -u)" -eq 0 ]; then
+  step "end to end under a booted systemd" tests/systemd/e2e.sh target/release/nodeherd
+fi
+if [ -x packaging/test-packages.sh ] && [ "$(id -u)" -eq 0 ]; then
+  step "distro packages" packaging/test-packages.sh
+fi
+
+echo
+echo "suites: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

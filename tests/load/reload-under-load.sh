@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Zero failed requests while the manager reloads and scales under load.
+#
+# 4 workers of examples/hello behind nodeherd, oha sending load for 25 s
+# (once with keep-alive, once with a new connection per request), while the
+# manager reloads three times and scales 4 → 8 → 2 → 4 over D-Bus. Every
+# failed request, connection error, reset or non-2xx answer counts; requests
+# cut off by the end of the run ("aborted due to deadline") do not.
+#
+# Usage: tests/load/reload-under-load.sh [path/to/nodeherd]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${1:-target/release/nodeherd}
+DURATION=${LOAD_SECONDS:-25}
+[ -x "$BIN" ] || cargo build --release --quiet
+command -v oha >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
+command -v oha >/dev/null || cargo install oha --locked --quiet
+
+work=$(mktemp -d /tmp/nodeherd-load.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.2
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat > "$work/bus.conf" <<CONF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$work/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
+  </policy>
+</busconfig>
+CONF
+mapfile -t out < <(dbus-daemon --config-file="$work/bus.conf" --fork --print-address=1 --print-pid=1)
+BUS=${out[0]}
+pids+=("${out[1]}")
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$BIN" run examples/hello/app.js --name load -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
+  >"$work/manager.log" 2>&1 &
+pids+=("$!")
+ctl() { "$BIN" "$@" --bus "$BUS"; }
+
+ready() { ctl status load --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["ready_workers"], d["state"])'; }
+for _ in $(seq 1 200); do
+  [ "$(ready 2>/dev/null || true)" = "4 ready" ] && break
+  sleep 0.05
+done
+[ "$(ready)" = "4 ready" ] || { echo "manager did not come up"; cat "$work/manager.log"; exit 1; }
+
+failures=0
+run_case() {
+  local label=$1; shift
+  local json="$work/oha-$label.json"
+  oha -z "${DURATION}s" -c 32 --no-tui --output-format json "$@" "http://127.0.0.1:$port/" >"$json" &
+  local oha_pid=$!
+  pids+=("$oha_pid")
+  sleep 3
+  ctl reload load; sleep 2
+  ctl scale load 8; sleep 2
+  ctl reload load; sleep 2
+  ctl scale load 2; sleep 2
+  ctl scale load 4; sleep 2
+  ctl reload load
+  wait "$oha_pid"
+  python3 - "$json" "$label" <<'PY' || failures=$((failures + 1))
+import json, sys
+d = json.load(open(sys.argv[1]))
+label = sys.argv[2]
+codes = d.get("statusCodeDistribution", {})
+errors = {k: v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k}
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+bad_status = sum(v for k, v in codes.items() if not k.startswith("2"))
+failed = sum(errors.values()) + bad_status
+total = ok + failed
+print(f"{label}: {total} requests, {ok} ok, {failed} failed (errors {errors or 'none'}, non-2xx {bad_status}), "
+      f"{d['summary']['requestsPerSec']:.0f} req/s")
+sys.exit(1 if failed or ok == 0 else 0)
+PY
+}
+
+run_case keep-alive
+run_case new-connection --disable-keepalive
+grep -c "reload finished" "$work/manager.log" | xargs -I{} echo "reloads completed: {}"
+if [ "$failures" -ne 0 ]; then
+  echo "manager log:"; tail -50 "$work/manager.log"
+  echo "0 passed, $failures failed"
+  exit 1
+fi
+echo "2 passed, 0 failed"
