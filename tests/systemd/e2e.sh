@@ -1,0 +1,450 @@
+#!/usr/bin/env bash
+# End-to-end: nodeherd under a real systemd (PID 1 of a throwaway container),
+# installed the way a user would, driven from outside over loopback.
+#
+#   tests/systemd/e2e.sh [NODEHERD_BINARY]
+#
+# NODEHERD_BINARY defaults to target/release/nodeherd, else target/debug/nodeherd.
+# Needs root. Installs what it lacks from Debian (systemd-container for
+# systemd-nspawn, curl, iproute2, dbus-bin, nodejs).
+#
+# The container (see container.sh) is this machine's root file system under a
+# throwaway overlay, sharing the host network. Into it go the binary as
+# /usr/bin/nodeherd, units/nodeherd@.{socket,service}, units/sysusers.d,
+# packaging/dbus/org.nodeherd.conf and the example app as app `hello`, whose
+# socket listens on 127.0.0.1:PORT through a drop-in. Then:
+#   a. only the .socket is started; the first request starts the service
+#   b. `systemctl reload` under continuous load: zero failed requests
+#   c. Scale to 4 over D-Bus; systemctl status and nodeherd status show 4
+#   d. journalctl NODE_APP_INSTANCE=1 shows that worker's lines only
+#   e. a caller outside root and group nodeherd is refused by the bus policy
+#   g. kill -9 of the manager: systemd restarts it, no connection refused
+#   f. systemctl stop leaves no process in the unit's cgroup
+# Prints `N passed, N failed`; exits 1 on any failure. Every wait is bounded,
+# everything started here is ended by pid, and the container, its mounts and
+# cgroups are removed whatever happens.
+#
+# Environment: NODEHERD_E2E_KEEP=1 keeps the container after the run (stop
+# it with `tests/systemd/container.sh stop NAME`); NODEHERD_E2E_PORT picks
+# the port.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=container.sh
+source "$HERE/container.sh"
+
+APP=hello
+UNIT=nodeherd@$APP.service
+SOCK_UNIT=nodeherd@$APP.socket
+BUS_NAME=org.nodeherd.$APP
+NAME=nodeherd-e2e-$$
+
+log() { printf '%s %s\n' "$(date +%T.%3N)" "$*"; }
+die() { echo "e2e: $*" >&2; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "needs root"
+
+BIN=${1:-}
+if [[ -z $BIN ]]; then
+    for b in "$REPO/target/release/nodeherd" "$REPO/target/debug/nodeherd"; do
+        [[ -x $b ]] && { BIN=$b; break; }
+    done
+fi
+[[ -n $BIN && -x $BIN ]] || die "no nodeherd binary (build it, or pass its path)"
+BIN=$(readlink -f "$BIN")
+
+APP_JS=$REPO/examples/hello/app.js
+[[ -f $APP_JS ]] || APP_JS=$HERE/hello/app.js
+
+# ---------------------------------------------------------------- packages
+need=()
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v curl >/dev/null || need+=(curl)
+command -v ss >/dev/null || need+=(iproute2)
+command -v dbus-send >/dev/null || need+=(dbus-bin)
+command -v node >/dev/null || need+=(nodejs)
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# ---------------------------------------------------------------- results
+PASS=0 FAIL=0
+pass() { PASS=$((PASS + 1)); echo "ok   - $*"; }
+fail() { FAIL=$((FAIL + 1)); echo "FAIL - $*"; }
+# expect DESCRIPTION COMMAND...: pass if the command succeeds.
+expect() { local d=$1; shift; if "$@"; then pass "$d"; else fail "$d"; fi; }
+
+# ---------------------------------------------------------------- cleanup
+HOSTDIR=$(mktemp -d /tmp/nodeherd-e2e.XXXXXX)
+chmod 755 "$HOSTDIR"
+BG_PIDS=()
+STARTED=0
+cleanup() {
+    local rc=$? p
+    touch "$HOSTDIR/stop-load" 2>/dev/null || true
+    for p in "${BG_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${BG_PIDS[@]}"; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    if ((STARTED)); then
+        if [[ ${NODEHERD_E2E_KEEP:-} == 1 ]]; then
+            echo "e2e: keeping container $NAME (PID 1 $PID1); stop: $HERE/container.sh stop $NAME" >&2
+        else
+            container_stop "$NAME" || echo "e2e: container cleanup reported problems" >&2
+        fi
+    fi
+    [[ ${NODEHERD_E2E_KEEP:-} == 1 ]] || rm -rf "$HOSTDIR"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- port
+free_port() {
+    local p
+    for p in $(seq $((20000 + $$ % 20000)) $((20100 + $$ % 20000))); do
+        [[ -z $(ss -Htln "sport = :$p") ]] && { echo "$p"; return; }
+    done
+    die "no free port"
+}
+PORT=${NODEHERD_E2E_PORT:-$(free_port)}
+URL=http://127.0.0.1:$PORT/
+
+# ---------------------------------------------------------------- files for the container
+cp "$BIN" "$HOSTDIR/nodeherd"
+cp -r "$REPO/units" "$HOSTDIR/units"
+cp "$REPO/packaging/dbus/org.nodeherd.conf" "$HOSTDIR/org.nodeherd.conf"
+cp "$APP_JS" "$HOSTDIR/app.js"
+cat >"$HOSTDIR/setup.sh" <<EOF
+set -eu
+install -m 755 /shared/nodeherd /usr/bin/nodeherd
+systemd-sysusers /shared/units/sysusers.d/nodeherd.conf
+# An operator allowed to act on the bus through group nodeherd.
+useradd --system --no-create-home --shell /usr/sbin/nologin -G nodeherd nhoperator
+install -m 644 /shared/units/nodeherd@.socket /shared/units/nodeherd@.service /etc/systemd/system/
+mkdir -p /etc/systemd/system/$SOCK_UNIT.d
+printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$PORT\n' >/etc/systemd/system/$SOCK_UNIT.d/listen.conf
+install -d -m 755 /srv/$APP /etc/nodeherd
+install -m 644 /shared/app.js /srv/$APP/app.js
+cat >/etc/nodeherd/$APP.config.js <<'JS'
+module.exports = {
+  apps: [{ name: '$APP', script: '/srv/$APP/app.js', instances: 2 }],
+};
+JS
+install -m 644 /shared/org.nodeherd.conf /etc/dbus-1/system.d/org.nodeherd.conf
+busctl call org.freedesktop.DBus / org.freedesktop.DBus ReloadConfig
+systemctl daemon-reload
+systemctl start $SOCK_UNIT
+EOF
+
+# ---------------------------------------------------------------- boot
+log "booting container $NAME (port $PORT, binary $BIN, app $APP_JS)"
+STARTED=1
+PID1=$(container_start "$NAME" "$HOSTDIR") || die "container did not boot"
+BOOT_S=$(cat "$NODEHERD_CONTAINER_STATE/$NAME/boot_seconds")
+log "container PID 1 is $PID1 (host pid), booted to 'running' in ${BOOT_S}s"
+
+# ct CMD...: run CMD inside the container as root, with a clean environment.
+ct() { nsenter -t "$PID1" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+# ct_as WHO CMD...: same, as user WHO (nobody: uid 65534 without groups).
+ct_as() {
+    local who=$1; shift
+    if [[ $who == nobody ]]; then
+        ct setpriv --reuid=65534 --regid=65534 --clear-groups "$@"
+    else
+        ct setpriv --reuid="$who" --regid="$who" --init-groups "$@"
+    fi
+}
+prop() { ct systemctl show -P "$2" "$1"; }
+bus_prop() { ct busctl get-property "$BUS_NAME" /org/nodeherd org.nodeherd.Manager1 "$1" 2>/dev/null; }
+ready_is() { [[ $(bus_prop ReadyWorkers) == "i $1" ]]; }
+active_is() { [[ $(prop "$UNIT" ActiveState) == "$1" ]]; }
+# wait_for SECONDS COMMAND...: poll every 50 ms until COMMAND succeeds.
+wait_for() {
+    local deadline=$((SECONDS + $1)); shift
+    until "$@"; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.05
+    done
+}
+# Processes of the service's cgroup, as pids inside the container.
+unit_pids() {
+    local cg
+    cg=$(prop "$UNIT" ControlGroup)
+    [[ -n $cg ]] || return 0
+    ct sh -c "cat $CGROOT$cg/cgroup.procs 2>/dev/null; find $CGROOT$cg -mindepth 1 -name cgroup.procs -exec cat {} + 2>/dev/null" | sort -n | uniq
+}
+# Worker pids: everything in the cgroup but the manager.
+worker_pids() {
+    local main
+    main=$(prop "$UNIT" MainPID)
+    unit_pids | grep -vx "$main" || true
+}
+journal_dump() { ct journalctl --no-pager -o short-precise -u "$UNIT" -u "$SOCK_UNIT" -n "${1:-40}" | sed 's/^/       | /'; }
+
+# The container's cgroup2 hierarchy: hybrid like this host, or unified.
+CGROOT=/sys/fs/cgroup
+if ct test -f /sys/fs/cgroup/unified/cgroup.procs; then CGROOT=/sys/fs/cgroup/unified; fi
+
+if ! ct bash /shared/setup.sh >"$HOSTDIR/setup.log" 2>&1; then
+    sed 's/^/  | /' "$HOSTDIR/setup.log"
+    die "setup inside the container failed"
+fi
+
+# ================================================================ a
+log "a. socket activation"
+expect "a: $SOCK_UNIT is active before any request" test "$(prop "$SOCK_UNIT" ActiveState)" = active
+expect "a: $UNIT is not running before any request" test "$(prop "$UNIT" ActiveState)" = inactive
+listeners=$(ss -Htlnp "sport = :$PORT")
+if [[ $(wc -l <<<"$listeners") == 1 && $listeners == *'"systemd"'* && $listeners != *node* ]]; then
+    pass "a: the port is held by systemd alone before activation"
+else
+    fail "a: expected one listener on :$PORT owned by systemd, got: $listeners"
+fi
+t0=$EPOCHREALTIME
+first=$(curl -sS --max-time 60 -w '\n%{http_code}' "$URL" 2>&1) || true
+t1=$EPOCHREALTIME
+FIRST_MS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+if [[ ${first##*$'\n'} == 200 ]]; then
+    pass "a: first request answered in ${FIRST_MS} ms: ${first%%$'\n'*}"
+else
+    fail "a: first request not answered (after ${FIRST_MS} ms): $first"
+    journal_dump
+fi
+expect "a: $UNIT is active after the first request" wait_for 30 active_is active
+triggered=$(prop "$UNIT" TriggeredBy)
+expect "a: $UNIT was started by its socket (TriggeredBy=$triggered)" test "$triggered" = "$SOCK_UNIT"
+listeners=$(ss -Htln "sport = :$PORT")
+if [[ $(wc -l <<<"$listeners") == 1 ]]; then
+    pass "a: still exactly one listening socket on :$PORT (the workers use systemd's)"
+else
+    fail "a: more than one listener on :$PORT: $listeners"
+fi
+main=$(prop "$UNIT" MainPID)
+comm=$(ct cat "/proc/$main/comm" 2>/dev/null || true)
+expect "a: the main process is nodeherd (pid $main, comm $comm)" test "$comm" = nodeherd
+expect "a: ReadyWorkers reaches 2 (config instances: 2)" wait_for 30 ready_is 2
+
+# ---------------------------------------------------------------- load
+# start_load TAG LANES [keepalive]: load.js in the background (new connection
+# per request unless keepalive), until stop_load, at most 90 s.
+start_load() {
+    rm -f "$HOSTDIR/stop-load" "$HOSTDIR/load-$1"
+    node "$HERE/load.js" "$URL" "$2" "$HOSTDIR/stop-load" 90 "$HOSTDIR/load-$1" ${3:-} &
+    LOAD_PID=$!
+    BG_PIDS+=("$LOAD_PID")
+}
+stop_load() { # lets requests in flight finish (20 s timeout each)
+    touch "$HOSTDIR/stop-load"
+    for _ in $(seq 500); do kill -0 "$LOAD_PID" 2>/dev/null || break; sleep 0.05; done
+    kill -TERM "$LOAD_PID" 2>/dev/null || true
+    wait "$LOAD_PID" 2>/dev/null || true
+    BG_PIDS=()
+}
+# Lines: "<unix time> <HTTP status or error code> <pid or ->".
+load_total() { wc -l <"$HOSTDIR/load-$1"; }
+load_failed() { awk '$2 != 200' "$HOSTDIR/load-$1"; }
+load_between() { awk -v a="$2" -v b="$3" '$1 >= a && $1 <= b' "$HOSTDIR/load-$1" | wc -l; }
+load_summary() { awk '{ n[$2]++ } END { for (k in n) printf "%s%s: %d", (i++ ? ", " : ""), k, n[k] }' "$HOSTDIR/load-$1"; }
+
+# ================================================================ b
+log "b. reload under load"
+before=$(worker_pids | tr '\n' ' ')
+start_load reload 8
+sleep 1
+r0=$EPOCHREALTIME
+reload_rc=0
+reload_out=$(timeout 120 nsenter -t "$PID1" -a systemctl reload "$UNIT" 2>&1) || reload_rc=$?
+r1=$EPOCHREALTIME
+RELOAD_MS=$(awk -v a="$r0" -v b="$r1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+sleep 1
+stop_load
+after=$(worker_pids | tr '\n' ' ')
+if ((reload_rc == 0)); then
+    pass "b: systemctl reload returned 0 after ${RELOAD_MS} ms"
+else
+    fail "b: systemctl reload exited $reload_rc after ${RELOAD_MS} ms: $reload_out"
+    journal_dump
+fi
+expect "b: $UNIT is active after the reload" test "$(prop "$UNIT" ActiveState)" = active
+common=$(comm -12 <(tr ' ' '\n' <<<"$before" | sort) <(tr ' ' '\n' <<<"$after" | sort) | grep -c . || true)
+if [[ -n ${after// /} && $common == 0 ]]; then
+    pass "b: every worker was replaced (before: $before; after: $after)"
+else
+    fail "b: workers not all replaced (before: $before; after: $after)"
+fi
+RELOAD_TOTAL=$(load_total reload)
+RELOAD_DURING=$(load_between reload "$r0" "$r1")
+RELOAD_FAILED=$(load_failed reload | wc -l)
+if ((RELOAD_DURING >= 10)); then
+    pass "b: load kept running through the reload ($RELOAD_DURING requests during it, $RELOAD_TOTAL in all)"
+else
+    fail "b: too little load during the reload to judge ($RELOAD_DURING requests during it)"
+fi
+if ((RELOAD_FAILED == 0 && RELOAD_TOTAL > 0)); then
+    pass "b: zero failed requests out of $RELOAD_TOTAL"
+else
+    fail "b: $RELOAD_FAILED of $RELOAD_TOTAL requests failed ($(load_summary reload)); first ones:"
+    load_failed reload | sort -n | head -5 | sed 's/^/       | /'
+fi
+served_by=$(awk '$3 != "-" { print $3 }' "$HOSTDIR/load-reload" | sort -u | wc -l)
+log "   requests were served by $served_by distinct worker pids"
+
+# ================================================================ c
+log "c. scale to 4 over D-Bus"
+scale_out=$(ct busctl call "$BUS_NAME" /org/nodeherd org.nodeherd.Manager1 Scale i 4 2>&1) || true
+expect "c: busctl Scale i 4 returns 'i 4' (got '$scale_out')" test "$scale_out" = "i 4"
+if wait_for 30 ready_is 4; then
+    pass "c: ReadyWorkers reaches 4"
+else
+    fail "c: ReadyWorkers is '$(bus_prop ReadyWorkers)', not 4"
+fi
+nworkers=$(worker_pids | wc -l)
+expect "c: the unit's cgroup holds the manager and 4 workers (workers: $nworkers)" test "$nworkers" = 4
+status=$(ct systemctl status --no-pager -l "$UNIT" 2>&1 || true)
+echo "$status" | sed -n '1,30p' | sed 's/^/       | /'
+main=$(prop "$UNIT" MainPID)
+status_nodes=$(grep -oE '[├└]─[0-9]+' <<<"$status" | grep -oE '[0-9]+' | grep -vxc "$main" || true)
+expect "c: systemctl status lists the manager and 4 more processes (found $status_nodes)" test "$status_nodes" = 4
+nh_status=$(ct nodeherd status "$APP" 2>&1) && nh_rc=0 || nh_rc=$?
+echo "$nh_status" | sed 's/^/       | /'
+expect "c: nodeherd status $APP exits 0" test "$nh_rc" = 0
+nh_json=$(ct nodeherd status "$APP" --json 2>&1) || true
+nh_ready=$(jq -r '.workers | map(select(.state == "ready")) | length' <<<"$nh_json" 2>/dev/null || echo "?")
+expect "c: nodeherd status --json shows 4 ready workers (found $nh_ready)" test "$nh_ready" = 4
+# Table rows: instance, pid, state, restarts, uptime, memory.
+nh_rows=$(awk '$1 ~ /^[0-9]+$/ && $3 == "ready"' <<<"$nh_status" | wc -l)
+expect "c: nodeherd status lists 4 ready workers (rows: $nh_rows)" test "$nh_rows" = 4
+
+# ================================================================ d
+log "d. journal per worker"
+# Worker 1's pid, from the bus: Workers a(uusuttt) = instance, pid, state, ...
+workers=$(ct busctl --json=short get-property "$BUS_NAME" /org/nodeherd org.nodeherd.Manager1 Workers 2>&1 || true)
+w1_pid=$(jq -r '.data[] | select(.[0] == 1) | .[1]' <<<"$workers" 2>/dev/null | head -1 || true)
+j1=$(ct journalctl --no-pager -o json -u "$UNIT" NODE_APP_INSTANCE=1 2>&1 || true)
+j1_n=$(grep -c . <<<"$j1" || true)
+if ((j1_n > 0)); then
+    pass "d: journalctl -u $UNIT NODE_APP_INSTANCE=1 has $j1_n lines"
+else
+    fail "d: journalctl -u $UNIT NODE_APP_INSTANCE=1 has no lines"
+fi
+{ ct journalctl --no-pager -u "$UNIT" NODE_APP_INSTANCE=1 || true; } | tail -5 | sed 's/^/       | /'
+# The app prints "worker N listening" (the stand-in: "instance N pid P
+# listening"): lines tagged instance 1 must be worker 1's own words.
+msgs1=$(jq -r 'select(.MESSAGE | type == "string") | .MESSAGE' <<<"$j1" 2>/dev/null || true)
+wrong=$(grep -oE '(worker|instance) [0-9]+' <<<"$msgs1" | grep -vE '^(worker|instance) 1$' | sort -u || true)
+said=$(grep -cE '(worker|instance) 1 .*listening' <<<"$msgs1" || true)
+if [[ -z $wrong && $said -gt 0 ]]; then
+    pass "d: the lines tagged NODE_APP_INSTANCE=1 are worker 1's ($said start-up lines, no other worker's)"
+else
+    fail "d: lines tagged NODE_APP_INSTANCE=1: worker 1 start-up lines: $said, other workers named: ${wrong:-none}"
+fi
+pids1=$(jq -r '.WORKER_PID // empty' <<<"$j1" 2>/dev/null | sort -u || true)
+j0=$(ct journalctl --no-pager -o json -u "$UNIT" NODE_APP_INSTANCE=0 2>&1 || true)
+pids0=$(jq -r '.WORKER_PID // empty' <<<"$j0" 2>/dev/null | sort -u || true)
+shared=$(comm -12 <(echo "$pids0") <(echo "$pids1") | grep . || true)
+if [[ -n $pids1 && -n $pids0 && -z $shared ]]; then
+    pass "d: instance 0 and 1 lines come from disjoint worker pids (1: $(echo $pids1); 0: $(echo $pids0))"
+else
+    fail "d: WORKER_PID of instance 1 lines: $(echo $pids1); of instance 0: $(echo $pids0); in both: $(echo $shared)"
+fi
+if [[ -n $w1_pid ]] && grep -qx "$w1_pid" <<<"$pids1"; then
+    pass "d: the current worker 1 (pid $w1_pid, from the Workers property) has lines under NODE_APP_INSTANCE=1"
+else
+    fail "d: the current worker 1 (pid '${w1_pid}', Workers: $workers) has no line under NODE_APP_INSTANCE=1"
+fi
+
+# ================================================================ e
+log "e. bus policy in the real system bus"
+M=org.nodeherd.Manager1
+denied=$(ct_as nobody dbus-send --system --print-reply --dest="$BUS_NAME" /org/nodeherd $M.Scale int32:1 2>&1 || true)
+if [[ $denied == *org.freedesktop.DBus.Error.AccessDenied* ]]; then
+    pass "e: nobody's Scale call is refused with AccessDenied"
+else
+    fail "e: nobody's Scale call was not refused: $denied"
+fi
+rc=0; out=$(ct_as nobody nodeherd scale "$APP" 1 2>&1) || rc=$?
+expect "e: 'nodeherd scale $APP 1' as nobody fails (exit $rc: $out)" test "$rc" != 0
+expect "e: and the count is still 4" test "$(ct busctl get-property "$BUS_NAME" /org/nodeherd $M Instances 2>&1)" = "i 4"
+got=$(ct_as nobody busctl get-property "$BUS_NAME" /org/nodeherd $M Instances 2>&1 || true)
+expect "e: nobody may read the Instances property (got '$got')" test "$got" = "i 4"
+got=$(ct_as nhoperator busctl call "$BUS_NAME" /org/nodeherd $M Scale i 4 2>&1 || true)
+expect "e: a member of group nodeherd may call Scale (got '$got')" test "$got" = "i 4"
+owner=$(ct busctl status --no-pager "$BUS_NAME" 2>/dev/null | sed -n 's/^UID=\([0-9]*\).*/\1/p' || true)
+expect "e: $BUS_NAME is owned by user nodeherd (uid $owner)" test "$owner" = "$(ct id -u nodeherd)"
+
+# ================================================================ g
+log "g. kill -9 of the manager"
+old_main=$(prop "$UNIT" MainPID)
+old_restarts=$(prop "$UNIT" NRestarts)
+start_load kill 8
+sleep 1
+k0=$EPOCHREALTIME
+ct kill -KILL "$old_main" || fail "g: could not kill pid $old_main"
+recovered() {
+    local m
+    m=$(prop "$UNIT" MainPID)
+    [[ $m != 0 && $m != "$old_main" && $(prop "$UNIT" ActiveState) == active ]]
+}
+if wait_for 60 recovered; then
+    k1=$EPOCHREALTIME
+    pass "g: systemd restarted the manager (pid $old_main -> $(prop "$UNIT" MainPID)) in $(awk -v a="$k0" -v b="$k1" 'BEGIN { printf "%d", (b - a) * 1000 }') ms"
+else
+    fail "g: the manager was not restarted: $(prop "$UNIT" ActiveState)/$(prop "$UNIT" SubState)"
+    journal_dump
+fi
+expect "g: NRestarts went up by one" test "$(prop "$UNIT" NRestarts)" = $((old_restarts + 1))
+wait_for 30 ready_is 2 || true
+sleep 1
+stop_load
+KILL_TOTAL=$(load_total kill)
+KILL_REFUSED=$(awk '$2 == "ECONNREFUSED"' "$HOSTDIR/load-kill" | wc -l)
+KILL_FAILED=$(load_failed kill | wc -l)
+if ((KILL_REFUSED == 0 && KILL_TOTAL > 0)); then
+    pass "g: no connection refused out of $KILL_TOTAL requests"
+else
+    fail "g: $KILL_REFUSED of $KILL_TOTAL connections were refused"
+fi
+# Requests in flight on a worker when systemd SIGKILLs the dead manager's
+# workers are cut; they are reported, not counted as failures of the units.
+log "   requests cut by the kill (in flight on a killed worker): $((KILL_FAILED - KILL_REFUSED))"
+load_failed kill | sort -n | head -5 | sed 's/^/       | /'
+after_kill=$(curl -sS --max-time 20 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
+after_kill=${after_kill% }
+expect "g: requests are answered after the restart ($after_kill)" test "${after_kill##* }" = 200
+
+# ================================================================ f
+log "f. systemctl stop"
+cg=$(prop "$UNIT" ControlGroup)
+pids=$(unit_pids | tr '\n' ' ' || true)
+s0=$EPOCHREALTIME
+stop_rc=0
+timeout 60 nsenter -t "$PID1" -a systemctl stop "$UNIT" || stop_rc=$?
+s1=$EPOCHREALTIME
+STOP_MS=$(awk -v a="$s0" -v b="$s1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+expect "f: systemctl stop returned 0 in ${STOP_MS} ms" test "$stop_rc" = 0
+expect "f: $UNIT is inactive (Result=$(prop "$UNIT" Result))" test "$(prop "$UNIT" ActiveState)" = inactive
+left=$(ct sh -c "cat $CGROOT$cg/cgroup.procs 2>/dev/null" | tr '\n' ' ' || true)
+expect "f: no process left in $cg (${left:-empty})" test -z "${left// /}"
+alive=""
+for p in $pids; do
+    if ct test -d "/proc/$p"; then alive+=" $p"; fi
+done
+expect "f: none of the unit's processes ($pids) is alive" test -z "$alive"
+killed=$(ct journalctl --no-pager -u "$UNIT" --since "@${s0%.*}" | grep -E 'Killing process|SIGKILL' || true)
+if [[ -z $killed ]]; then
+    pass "f: the manager stopped its workers itself (systemd killed nothing)"
+else
+    fail "f: systemd had to kill leftovers:"; sed 's/^/       | /' <<<"$killed"
+fi
+expect "f: $SOCK_UNIT still listens after the stop" test "$(prop "$SOCK_UNIT" ActiveState)" = active
+
+echo
+echo "boot ${BOOT_S}s, first request ${FIRST_MS} ms, reload ${RELOAD_MS} ms ($RELOAD_FAILED/$RELOAD_TOTAL failed), kill -9: $KILL_REFUSED refused/$KILL_TOTAL, stop ${STOP_MS} ms"
+echo "$PASS passed, $FAIL failed"
+((FAIL == 0))
