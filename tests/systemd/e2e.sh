@@ -139,7 +139,7 @@ JS
 install -m 644 /shared/org.nodeherd.conf /etc/dbus-1/system.d/org.nodeherd.conf
 busctl call org.freedesktop.DBus / org.freedesktop.DBus ReloadConfig
 systemctl daemon-reload
-systemctl start $SOCK_UNIT
+systemctl enable --now $SOCK_UNIT
 EOF
 
 # ---------------------------------------------------------------- boot
