@@ -340,6 +340,6 @@ mod tests {
         assert_eq!(bus_name_for("api"), "org.nodeherd.api");
         assert_eq!(bus_name_for("my-app.v2"), "org.nodeherd.my_app_v2");
         assert_eq!(bus_name_for("2fast"), "org.nodeherd._2fast");
-        assert_eq!(bus_name_for("ünï"), "org.nodeherd.___");
+        assert_eq!(bus_name_for("ünï"), "org.nodeherd._n_");
     }
 }

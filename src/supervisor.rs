@@ -189,7 +189,10 @@ struct Slot {
 enum Op {
     /// Waiting for these slots' first worker to be ready (first start, scale up, restart).
     Start {
+        /// Slots whose first worker has neither become ready nor failed yet.
         waiting: BTreeSet<u32>,
+        /// Slots whose first worker failed (they restart as usual).
+        failed: Vec<String>,
         replies: Vec<Reply>,
         what: &'static str,
     },
@@ -303,6 +306,7 @@ impl Supervisor {
             self.start_current(index);
         }
         self.op = Some(Op::Start {
+            failed: Vec::new(),
             waiting: (0..n).collect(),
             replies: Vec::new(),
             what: "start",
@@ -600,6 +604,16 @@ impl Supervisor {
 
     /// Decide what happens to a slot whose worker died: restart (now or later) or errored.
     fn after_crash(&mut self, index: u32, uptime: Duration, cause: String) {
+        // A first start, scale or restart stops waiting for this slot: it
+        // settles as failed, so the operation (and READY=1) never hangs on a
+        // slot that crash-loops below max_restarts.
+        if let Some(Op::Start {
+            waiting, failed, ..
+        }) = &mut self.op
+            && waiting.remove(&index)
+        {
+            failed.push(format!("slot {index}: {cause}"));
+        }
         let app = &self.app;
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
@@ -959,6 +973,7 @@ impl Supervisor {
             self.start_current(index);
         }
         self.op = Some(Op::Start {
+            failed: Vec::new(),
             waiting: (0..n).collect(),
             replies: reply.into_iter().collect(),
             what: "restart",
@@ -1005,6 +1020,7 @@ impl Supervisor {
             self.start_current(index);
         }
         self.op = Some(Op::Start {
+            failed: Vec::new(),
             waiting: (have..want).collect(),
             replies: reply.into_iter().collect(),
             what: "scale",
@@ -1031,20 +1047,11 @@ impl Supervisor {
         }
         match self.op.take() {
             Some(Op::Start {
-                waiting,
+                failed: errored,
                 replies,
                 what,
+                ..
             }) => {
-                let errored: Vec<String> = waiting
-                    .iter()
-                    .filter_map(|&i| {
-                        self.slots
-                            .get(i as usize)?
-                            .errored
-                            .as_ref()
-                            .map(|e| format!("slot {i}: {e}"))
-                    })
-                    .collect();
                 let n = self.slots.len() as i32;
                 if what == "start" && !self.ready_sent {
                     self.ready_sent = true;
@@ -1328,11 +1335,14 @@ async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
             Ok(b) => b,
             Err(_) => break,
         };
-        let (used, complete) = match buf.iter().position(|&b| b == b'\n') {
+        // Never let a line grow past CAP: take at most what still fits.
+        let room = CAP - line.len();
+        let window = &buf[..buf.len().min(room)];
+        let (used, complete) = match window.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
-            None => (buf.len(), false),
+            None => (window.len(), false),
         };
-        line.extend_from_slice(&buf[..if complete { used - 1 } else { used }]);
+        line.extend_from_slice(&window[..if complete { used - 1 } else { used }]);
         r.consume(used);
         if complete || line.len() >= CAP {
             if line.last() == Some(&b'\r') {

@@ -41,13 +41,28 @@ fn fixture(script: &str, extra: &[&str], env: &[(&str, &str)]) -> Fixture {
 
 impl Fixture {
     fn call(&self, method: &str, sig_args: &[&str]) -> (i32, String, String) {
-        let mut a = vec!["call", "--", &self.name, "/org/nodeherd", "org.nodeherd.Manager1", method];
+        let mut a = vec![
+            "call",
+            "--",
+            &self.name,
+            "/org/nodeherd",
+            "org.nodeherd.Manager1",
+            method,
+        ];
         a.extend_from_slice(sig_args);
         self.bus.busctl(&a)
     }
 
     fn prop(&self, p: &str) -> String {
-        self.bus.busctl(&["get-property", &self.name, "/org/nodeherd", "org.nodeherd.Manager1", p]).1
+        self.bus
+            .busctl(&[
+                "get-property",
+                &self.name,
+                "/org/nodeherd",
+                "org.nodeherd.Manager1",
+                p,
+            ])
+            .1
     }
 
     /// instance → (pid, state), from the Workers property as JSON.
@@ -73,7 +88,11 @@ impl Fixture {
     fn ready_pids(&self) -> BTreeMap<u64, u64> {
         self.workers()
             .into_iter()
-            .filter_map(|(i, ws)| ws.into_iter().find(|(_, s)| s == "ready").map(|(p, _)| (i, p)))
+            .filter_map(|(i, ws)| {
+                ws.into_iter()
+                    .find(|(_, s)| s == "ready")
+                    .map(|(p, _)| (i, p))
+            })
             .collect()
     }
 
@@ -83,7 +102,12 @@ impl Fixture {
             pids = self.ready_pids();
             pids.len() == n && self.prop("State").contains("ready")
         });
-        assert!(ok, "not {n} ready workers: {:?}\nlog:\n{}", self.workers(), self.m.log());
+        assert!(
+            ok,
+            "not {n} ready workers: {:?}\nlog:\n{}",
+            self.workers(),
+            self.m.log()
+        );
         pids
     }
 }
@@ -92,7 +116,13 @@ impl Fixture {
 fn introspection_is_complete_and_typed() {
     let f = fixture("env.js", &["-i", "2"], &[]);
     f.wait_ready(2);
-    let (code, out, err) = f.bus.busctl(&["introspect", "--no-pager", &f.name, "/org/nodeherd", "org.nodeherd.Manager1"]);
+    let (code, out, err) = f.bus.busctl(&[
+        "introspect",
+        "--no-pager",
+        &f.name,
+        "/org/nodeherd",
+        "org.nodeherd.Manager1",
+    ]);
     assert_eq!(code, 0, "{err}");
     for (member, sig) in [
         (".Reload", "method"),
@@ -107,7 +137,11 @@ fn introspection_is_complete_and_typed() {
         (".WorkerStateChanged", "signal"),
         (".ReloadFinished", "signal"),
     ] {
-        assert!(out.lines().any(|l| l.starts_with(member) && l.contains(sig)), "{member} {sig} missing:\n{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(member) && l.contains(sig)),
+            "{member} {sig} missing:\n{out}"
+        );
     }
     assert!(out.contains("a(uusuttt)"), "Workers is typed:\n{out}");
     assert_eq!(f.prop("Name").trim(), "s \"hello\"");
@@ -128,14 +162,24 @@ fn reload_replaces_every_worker_keeping_indexes() {
         assert_ne!(before[i], *pid, "slot {i} kept its old worker");
     }
     for pid in before.values() {
-        assert!(wait_until(T, || !pid_alive(*pid as i32)), "old worker {pid} still runs");
+        assert!(
+            wait_until(T, || !pid_alive(*pid as i32)),
+            "old worker {pid} still runs"
+        );
     }
     // One at a time: each old worker stopped only after its replacement was ready.
     let log = f.m.log();
     for i in 0..4 {
-        let ready = log.find(&format!("worker {i} ready (pid {}", after[&i])).unwrap();
-        let stopping = log.find(&format!("worker {i} stopping (pid {}", before[&i])).unwrap();
-        assert!(ready < stopping, "slot {i}: old stopped before new was ready\n{log}");
+        let ready = log
+            .find(&format!("worker {i} ready (pid {}", after[&i]))
+            .unwrap();
+        let stopping = log
+            .find(&format!("worker {i} stopping (pid {}", before[&i]))
+            .unwrap();
+        assert!(
+            ready < stopping,
+            "slot {i}: old stopped before new was ready\n{log}"
+        );
     }
     let seen = instances_answering(f.port, 4, T);
     assert_eq!(seen.len(), 4);
@@ -156,7 +200,11 @@ fn a_replacement_that_never_becomes_ready_fails_closed() {
         let (code, _, err) = f.call("Reload", &[]);
         assert_ne!(code, 0, "{mode}: the reload must fail");
         assert!(err.contains("slot 0"), "{mode}: names the slot: {err}");
-        let cause = if mode == "hang" { "listen_timeout" } else { "exited with code 4" };
+        let cause = if mode == "hang" {
+            "listen_timeout"
+        } else {
+            "exited with code 4"
+        };
         assert!(err.contains(cause), "{mode}: names the cause: {err}");
         assert!(f.m.log().contains("reload failed"), "{}", f.m.log());
         // The old workers all keep serving, untouched.
@@ -205,7 +253,10 @@ fn scale_up_and_down_and_reject_bad_counts() {
     assert_eq!(one[&0], two[&0], "the lowest slot stays");
     for i in 1..4 {
         let pid = four[&i] as i32;
-        assert!(wait_until(T, || !pid_alive(pid)), "slot {i} worker still running");
+        assert!(
+            wait_until(T, || !pid_alive(pid)),
+            "slot {i} worker still running"
+        );
     }
     assert_eq!(f.prop("Instances").trim(), "i 1");
 }
@@ -251,7 +302,11 @@ fn sighup_reloads_and_concurrent_reloads_coalesce() {
     let f = fixture("env.js", &["-i", "2"], &[]);
     let before = f.wait_ready(2);
     f.m.signal(libc::SIGHUP);
-    assert!(f.m.wait_log("reload finished: 2/2", T), "log:\n{}", f.m.log());
+    assert!(
+        f.m.wait_log("reload finished: 2/2", T),
+        "log:\n{}",
+        f.m.log()
+    );
     let mid = f.wait_ready(2);
     assert!(mid.values().all(|p| !before.values().any(|b| b == p)));
     // Three callers at once: all succeed; at most two reloads run (one, plus one queued).
@@ -259,7 +314,13 @@ fn sighup_reloads_and_concurrent_reloads_coalesce() {
         .map(|_| {
             Command::new("busctl")
                 .arg(format!("--address={}", f.bus.address))
-                .args(["call", &f.name, "/org/nodeherd", "org.nodeherd.Manager1", "Reload"])
+                .args([
+                    "call",
+                    &f.name,
+                    "/org/nodeherd",
+                    "org.nodeherd.Manager1",
+                    "Reload",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -268,10 +329,17 @@ fn sighup_reloads_and_concurrent_reloads_coalesce() {
         .collect();
     for c in calls {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let reloads = f.m.log().matches("reload begun").count();
-    assert!((2..=3).contains(&reloads), "{reloads} reloads for 1 SIGHUP + 3 coalescing calls");
+    assert!(
+        (2..=3).contains(&reloads),
+        "{reloads} reloads for 1 SIGHUP + 3 coalescing calls"
+    );
 }
 
 #[test]
@@ -295,7 +363,9 @@ fn signals_and_property_changes_reach_the_bus() {
                 if n == 0 {
                     break;
                 }
-                out.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                out.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
     }
@@ -308,7 +378,9 @@ fn signals_and_property_changes_reach_the_bus() {
     assert_eq!(code, 0, "{err}");
     let ok = wait_until(T, || {
         let o = out.lock().unwrap();
-        o.contains("ReloadFinished") && o.contains("WorkerStateChanged") && o.contains("PropertiesChanged")
+        o.contains("ReloadFinished")
+            && o.contains("WorkerStateChanged")
+            && o.contains("PropertiesChanged")
     });
     let _ = monitor.kill();
     let _ = monitor.wait();
@@ -321,14 +393,27 @@ fn properties_answer_while_a_reload_runs() {
     f.wait_ready(2);
     let mut reload = Command::new("busctl")
         .arg(format!("--address={}", f.bus.address))
-        .args(["call", &f.name, "/org/nodeherd", "org.nodeherd.Manager1", "Reload"])
+        .args([
+            "call",
+            &f.name,
+            "/org/nodeherd",
+            "org.nodeherd.Manager1",
+            "Reload",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     assert!(wait_until(T, || f.prop("State").contains("reloading")));
     // A property read is answered within busctl's 1 s timeout mid-reload.
-    let (code, out, err) = f.bus.busctl(&["--timeout=1", "get-property", &f.name, "/org/nodeherd", "org.nodeherd.Manager1", "Workers"]);
+    let (code, out, err) = f.bus.busctl(&[
+        "--timeout=1",
+        "get-property",
+        &f.name,
+        "/org/nodeherd",
+        "org.nodeherd.Manager1",
+        "Workers",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("starting") || out.contains("ready"), "{out}");
     let st = reload.wait().unwrap();
@@ -339,7 +424,14 @@ fn properties_answer_while_a_reload_runs() {
 fn without_a_bus_the_manager_runs_and_says_so_once() {
     let port = free_port();
     let m = start(
-        &["run", &path_str(&app("env.js")), "--listen", &format!("127.0.0.1:{port}"), "--bus", "unix:path=/nonexistent/bus"],
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--bus",
+            "unix:path=/nonexistent/bus",
+        ],
         &[],
     );
     assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());

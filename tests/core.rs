@@ -22,11 +22,30 @@ fn serves_from_every_worker_and_reports_to_systemd() {
     let (k, v) = notify.env();
     let hello = repo().join("examples/hello/app.js");
     let mut m = start(
-        &["run", &path_str(&hello), "-i", "3", "--listen", &listen_arg(port), "--no-bus"],
+        &[
+            "run",
+            &path_str(&hello),
+            "-i",
+            "3",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
         &[(k, &v)],
     );
-    assert!(notify.wait_for("READY=1", T), "no READY=1; log:\n{}", m.log());
-    assert!(notify.all().iter().any(|s| s.contains("STATUS=3/3 workers ready")), "{:?}", notify.all());
+    assert!(
+        notify.wait_for("READY=1", T),
+        "no READY=1; log:\n{}",
+        m.log()
+    );
+    assert!(
+        notify
+            .all()
+            .iter()
+            .any(|s| s.contains("STATUS=3/3 workers ready")),
+        "{:?}",
+        notify.all()
+    );
     let mut seen = std::collections::BTreeSet::new();
     assert!(wait_until(T, || {
         if let Ok((200, body)) = get(port, "/") {
@@ -44,7 +63,10 @@ fn serves_from_every_worker_and_reports_to_systemd() {
     assert_eq!(status.code(), Some(0), "log:\n{}", m.log());
     assert!(notify.all().iter().any(|s| s.contains("STOPPING=1")));
     for w in workers {
-        assert!(wait_until(T, || !pid_alive(w)), "worker {w} outlived the manager");
+        assert!(
+            wait_until(T, || !pid_alive(w)),
+            "worker {w} outlived the manager"
+        );
     }
 }
 
@@ -60,13 +82,25 @@ fn socket_activation_hands_fds_over_like_systemd() {
         .env_remove("LISTEN_FDS")
         .env_remove("NOTIFY_SOCKET");
     let m = spawn_collecting(cmd);
-    assert!(wait_until(T, || m.log().contains("Listening on")), "log:\n{}", m.log());
+    assert!(
+        wait_until(T, || m.log().contains("Listening on")),
+        "log:\n{}",
+        m.log()
+    );
     // The very first connection is what starts the manager, and it is answered.
     let first = get_json(port).expect("first request answered");
     assert_eq!(first["listen_fds"], "1");
     assert_eq!(first["listen_fdnames"], "web");
-    assert_eq!(first["listen_pid"].as_str().unwrap(), first["pid"].to_string(), "LISTEN_PID is the worker's own pid");
-    assert!(m.log().contains("socket: tcp 127.0.0.1:"), "log:\n{}", m.log());
+    assert_eq!(
+        first["listen_pid"].as_str().unwrap(),
+        first["pid"].to_string(),
+        "LISTEN_PID is the worker's own pid"
+    );
+    assert!(
+        m.log().contains("socket: tcp 127.0.0.1:"),
+        "log:\n{}",
+        m.log()
+    );
     assert!(m.log().contains("(name \"web\")"));
     // The preload does not leak into the app's own children.
     assert_eq!(first["node_options"], serde_json::Value::Null);
@@ -81,7 +115,16 @@ fn workers_get_only_the_sockets_and_their_channel() {
     let (k, v) = notify.env();
     let dbus = DbusDaemon::start();
     let m = start(
-        &["run", &path_str(&app("env.js")), "-i", "1", "--listen", &listen_arg(port), "--bus", &dbus.address],
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "-i",
+            "1",
+            "--listen",
+            &listen_arg(port),
+            "--bus",
+            &dbus.address,
+        ],
         &[(k, &v)],
     );
     assert!(m.wait_log("control plane on", T), "log:\n{}", m.log());
@@ -89,7 +132,10 @@ fn workers_get_only_the_sockets_and_their_channel() {
     let body = get_json(port).unwrap();
     let socket_inodes = |pid: i32| -> std::collections::BTreeMap<String, String> {
         let mut out = std::collections::BTreeMap::new();
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
             if let Ok(t) = std::fs::read_link(e.path()) {
                 let t = t.display().to_string();
                 if t.starts_with("socket:") {
@@ -102,9 +148,16 @@ fn workers_get_only_the_sockets_and_their_channel() {
     let manager = socket_inodes(m.pid());
     let worker_pid = body["pid"].as_i64().unwrap() as i32;
     let worker = socket_inodes(worker_pid);
-    let shared: Vec<(&String, &String)> = worker.iter().filter(|(ino, _)| manager.contains_key(*ino)).collect();
+    let shared: Vec<(&String, &String)> = worker
+        .iter()
+        .filter(|(ino, _)| manager.contains_key(*ino))
+        .collect();
     // Exactly one socket is shared with the manager: the listening socket at fd 3.
-    assert_eq!(shared.len(), 1, "worker shares {shared:?} with the manager ({manager:?})");
+    assert_eq!(
+        shared.len(),
+        1,
+        "worker shares {shared:?} with the manager ({manager:?})"
+    );
     assert_eq!(shared[0].1, "3");
     // And the worker's fd 4 is its IPC channel (a socket the manager does not hold at fd level as the same inode).
     assert!(worker.values().any(|fd| fd == "4"), "{worker:?}");
@@ -121,7 +174,15 @@ fn unmodified_apps_serve_on_the_inherited_socket() {
     ] {
         let port = free_port();
         let m = start(
-            &["run", &path_str(&app(script)), "-i", "2", "--listen", &listen_arg(port), "--no-bus"],
+            &[
+                "run",
+                &path_str(&app(script)),
+                "-i",
+                "2",
+                "--listen",
+                &listen_arg(port),
+                "--no-bus",
+            ],
             &[],
         );
         let seen = instances_answering(port, 2, T);
@@ -138,12 +199,21 @@ fn unmodified_apps_serve_on_the_inherited_socket() {
 fn udp_apps_bind_the_inherited_datagram_socket() {
     let port = free_udp_port();
     let m = start(
-        &["run", &path_str(&app("udp.js")), "-i", "2", "--listen", &format!("udp:127.0.0.1:{port}"), "--no-bus"],
+        &[
+            "run",
+            &path_str(&app("udp.js")),
+            "-i",
+            "2",
+            "--listen",
+            &format!("udp:127.0.0.1:{port}"),
+            "--no-bus",
+        ],
         &[],
     );
     assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut got = None;
     wait_until(T, || {
         let _ = c.send_to(b"ping", ("127.0.0.1", port));
@@ -160,24 +230,54 @@ fn udp_apps_bind_the_inherited_datagram_socket() {
 #[test]
 fn a_killed_worker_comes_back_in_the_same_slot() {
     let port = free_port();
-    let m = start(&["run", &path_str(&app("env.js")), "-i", "2", "--listen", &listen_arg(port), "--no-bus"], &[]);
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2);
     let victim = before["1"] as i32;
     kill(victim, libc::SIGKILL);
-    assert!(m.wait_log("worker 1 exited unexpectedly", T), "log:\n{}", m.log());
+    assert!(
+        m.wait_log("worker 1 exited unexpectedly", T),
+        "log:\n{}",
+        m.log()
+    );
     let mut after = std::collections::BTreeMap::new();
-    assert!(wait_until(T, || {
-        after = instances_answering(port, 2, Duration::from_secs(2));
-        after.get("1").is_some_and(|p| *p as i32 != victim)
-    }), "slot 1 was not refilled: {after:?}\nlog:\n{}", m.log());
+    assert!(
+        wait_until(T, || {
+            after = instances_answering(port, 2, Duration::from_secs(2));
+            after.get("1").is_some_and(|p| *p as i32 != victim)
+        }),
+        "slot 1 was not refilled: {after:?}\nlog:\n{}",
+        m.log()
+    );
     assert_eq!(after["0"], before["0"], "the other worker was untouched");
 }
 
 #[test]
 fn workers_die_with_the_manager_even_on_kill_9() {
     let port = free_port();
-    let mut m = start(&["run", &path_str(&app("env.js")), "-i", "2", "--listen", &listen_arg(port), "--no-bus"], &[]);
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
     assert_eq!(instances_answering(port, 2, T).len(), 2);
     let workers = m.workers();
     assert_eq!(workers.len(), 2);
@@ -195,19 +295,36 @@ fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
     let cfg = dir.write(
         "crash.json",
         &format!(
-            r#"{{"apps":[{{"name":"crashy","script":"{}","instances":3,"max_restarts":3,"min_uptime":1000}}]}}"#,
+            r#"{{"apps":[{{"name":"crashy","script":"{}","instances":3,"max_restarts":3,"min_uptime":10000}}]}}"#,
             app("crash_one.js").display()
         ),
     );
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
-    let m = start(&["run", &path_str(&cfg), "--listen", &listen_arg(port), "--no-bus"], &[(k, &v)]);
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[(k, &v)],
+    );
     assert!(m.wait_log("slot 1 errored", T), "log:\n{}", m.log());
     assert!(notify.wait_for("errored: slot 1", T), "{:?}", notify.all());
-    assert!(notify.wait_for("READY=1", T), "systemd hears READY=1 even with a slot errored");
+    assert!(
+        notify.wait_for("READY=1", T),
+        "systemd hears READY=1 even with a slot errored"
+    );
     let seen = instances_answering(port, 2, T);
     assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), vec!["0", "2"]);
-    assert_eq!(m.log().matches("worker 1 started").count(), 4, "1 start + max_restarts (3) restarts\n{}", m.log());
+    assert_eq!(
+        m.log().matches("worker 1 started").count(),
+        4,
+        "1 start + max_restarts (3) restarts\n{}",
+        m.log()
+    );
 }
 
 #[test]
@@ -222,14 +339,28 @@ fn instance_var_and_env_name_follow_the_ecosystem_file() {
         ),
     );
     let m = start(
-        &["run", &path_str(&cfg), "--only", "api", "--env", "production", "--listen", &listen_arg(port), "--no-bus"],
+        &[
+            "run",
+            &path_str(&cfg),
+            "--only",
+            "api",
+            "--env",
+            "production",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
         &[],
     );
     let seen = instances_answering(port, 2, T);
     assert_eq!(seen.len(), 2, "log:\n{}", m.log());
     let v = get_json(port).unwrap();
     assert_eq!(v["marker"], "prod");
-    assert_eq!(v["node_app_instance"], serde_json::Value::Null, "renamed: only WORKER_ID is set");
+    assert_eq!(
+        v["node_app_instance"],
+        serde_json::Value::Null,
+        "renamed: only WORKER_ID is set"
+    );
 }
 
 #[test]
@@ -238,7 +369,16 @@ fn wait_ready_waits_for_the_ready_message() {
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
     let m = start(
-        &["run", &path_str(&app("wait_ready.js")), "-i", "2", "--wait-ready", "--listen", &listen_arg(port), "--no-bus"],
+        &[
+            "run",
+            &path_str(&app("wait_ready.js")),
+            "-i",
+            "2",
+            "--wait-ready",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
         &[(k, &v), ("WARMUP_MS", "500")],
     );
     assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
@@ -268,7 +408,11 @@ fn a_non_node_worker_reports_ready_on_the_notify_socket() {
         &[],
     );
     assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
-    assert!(m.log().contains("READY=1"), "readiness came from the notify socket:\n{}", m.log());
+    assert!(
+        m.log().contains("READY=1"),
+        "readiness came from the notify socket:\n{}",
+        m.log()
+    );
     let v = get_json(port).unwrap();
     assert_eq!(v["via"], "python");
     assert_eq!(v["listen_pid"].as_str().unwrap(), v["pid"].to_string());
@@ -277,8 +421,23 @@ fn a_non_node_worker_reports_ready_on_the_notify_socket() {
 #[test]
 fn worker_output_is_prefixed_whole_lines() {
     let port = free_port();
-    let m = start(&["run", &path_str(&repo().join("examples/hello/app.js")), "-i", "2", "--listen", &listen_arg(port), "--no-bus"], &[]);
-    assert!(m.wait_log("[app:0] worker 0 listening", T), "log:\n{}", m.log());
+    let m = start(
+        &[
+            "run",
+            &path_str(&repo().join("examples/hello/app.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(
+        m.wait_log("[app:0] worker 0 listening", T),
+        "log:\n{}",
+        m.log()
+    );
     assert!(m.wait_log("[app:1] worker 1 listening", T));
 }
 
@@ -287,16 +446,56 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
     let dir = tempdir::Dir::new("bad");
     let script = app("env.js").display().to_string();
     let cases: Vec<(String, Vec<&str>, &str)> = vec![
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","instances":"lots"}}]}}"#), vec![], "key `instances`"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","instances":1e9}}]}}"#), vec![], "key `instances`"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","kill_timeout":-5}}]}}"#), vec![], "key `kill_timeout`"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","wait_ready":"maybe"}}]}}"#), vec![], "key `wait_ready`"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","env":["A=1"]}}]}}"#), vec![], "key `env`"),
-        (r#"{"apps":[{"name":"a","script":"/nonexistent/app.js"}]}"#.to_string(), vec![], "does not exist"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}","interpreter":"/nonexistent/node"}}]}}"#), vec![], "key `interpreter`"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}"}},{{"name":"b","script":"{script}"}}]}}"#), vec![], "--only"),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}","instances":"lots"}}]}}"#),
+            vec![],
+            "key `instances`",
+        ),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}","instances":1e9}}]}}"#),
+            vec![],
+            "key `instances`",
+        ),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}","kill_timeout":-5}}]}}"#),
+            vec![],
+            "key `kill_timeout`",
+        ),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}","wait_ready":"maybe"}}]}}"#),
+            vec![],
+            "key `wait_ready`",
+        ),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}","env":["A=1"]}}]}}"#),
+            vec![],
+            "key `env`",
+        ),
+        (
+            r#"{"apps":[{"name":"a","script":"/nonexistent/app.js"}]}"#.to_string(),
+            vec![],
+            "does not exist",
+        ),
+        (
+            format!(
+                r#"{{"apps":[{{"name":"a","script":"{script}","interpreter":"/nonexistent/node"}}]}}"#
+            ),
+            vec![],
+            "key `interpreter`",
+        ),
+        (
+            format!(
+                r#"{{"apps":[{{"name":"a","script":"{script}"}},{{"name":"b","script":"{script}"}}]}}"#
+            ),
+            vec![],
+            "--only",
+        ),
         ("{ not json".to_string(), vec![], "not valid JSON"),
-        (format!(r#"{{"apps":[{{"name":"a","script":"{script}"}}]}}"#), vec!["--env", "staging"], "env_staging"),
+        (
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}"}}]}}"#),
+            vec!["--env", "staging"],
+            "env_staging",
+        ),
     ];
     for (i, (text, extra, want)) in cases.iter().enumerate() {
         let cfg = dir.write(&format!("bad{i}.json"), text);
@@ -305,7 +504,10 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
         let (code, err) = run_to_end(&args, T);
         assert_eq!(code, Some(2), "case {i} ({want}): {err}");
         assert!(err.contains(want), "case {i}: wanted {want:?} in {err}");
-        assert!(err.contains(cfg.to_str().unwrap()), "case {i}: the error names the file: {err}");
+        assert!(
+            err.contains(cfg.to_str().unwrap()),
+            "case {i}: the error names the file: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     let (code, err) = run_to_end(&["run", &script, "-i", "lots", "--no-bus"], T);
@@ -318,7 +520,10 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
     assert_eq!(code, Some(2), "{err}");
     // A config that loops forever is cut off, not waited on.
     let looping = dir.write("loop.config.js", "while (true) {}");
-    let (code, err) = run_to_end(&["run", looping.to_str().unwrap(), "--no-bus"], Duration::from_secs(30));
+    let (code, err) = run_to_end(
+        &["run", looping.to_str().unwrap(), "--no-bus"],
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("longer than"), "{err}");
     let throwing = dir.write("throw.config.js", "throw new Error('boom in config')");
@@ -333,12 +538,28 @@ fn unknown_keys_warn_by_name() {
     let dir = tempdir::Dir::new("unknown");
     let cfg = dir.write(
         "u.json",
-        &format!(r#"{{"apps":[{{"name":"u","script":"{}","colour":"blue","watch":true}}]}}"#, app("env.js").display()),
+        &format!(
+            r#"{{"apps":[{{"name":"u","script":"{}","colour":"blue","watch":true}}]}}"#,
+            app("env.js").display()
+        ),
     );
-    let m = start(&["run", &path_str(&cfg), "--listen", &listen_arg(port), "--no-bus"], &[]);
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
     assert!(m.wait_log("1/1 workers ready", T), "log:\n{}", m.log());
     assert!(m.log().contains("unknown key `colour`"), "{}", m.log());
-    assert!(m.log().contains("key `watch` is a PM2 option"), "{}", m.log());
+    assert!(
+        m.log().contains("key `watch` is a PM2 option"),
+        "{}",
+        m.log()
+    );
 }
 
 #[test]
@@ -357,6 +578,10 @@ fn an_unmappable_listen_fails_the_worker_with_the_reason() {
         ],
         &[],
     );
-    assert!(m.wait_log("cannot map listen on port 8123", T), "log:\n{}", m.log());
+    assert!(
+        m.wait_log("cannot map listen on port 8123", T),
+        "log:\n{}",
+        m.log()
+    );
     assert!(m.log().contains("several tcp sockets"), "{}", m.log());
 }

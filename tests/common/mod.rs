@@ -38,11 +38,19 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// One HTTP/1.0 GET on a new connection: (status, body).
@@ -58,7 +66,10 @@ pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("no status line in {buf:?}")))?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -72,7 +83,11 @@ pub fn get_json(port: u16) -> std::io::Result<serde_json::Value> {
 }
 
 /// Ask until every instance in `want` has answered; returns instance → pid.
-pub fn instances_answering(port: u16, want: usize, timeout: Duration) -> std::collections::BTreeMap<String, u64> {
+pub fn instances_answering(
+    port: u16,
+    want: usize,
+    timeout: Duration,
+) -> std::collections::BTreeMap<String, u64> {
     let mut seen = std::collections::BTreeMap::new();
     wait_until(timeout, || {
         if let Ok(v) = get_json(port) {
@@ -87,7 +102,9 @@ pub fn instances_answering(port: u16, want: usize, timeout: Duration) -> std::co
 pub fn pid_alive(pid: i32) -> bool {
     // A zombie still "exists" for kill(0); look at /proc state instead.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -163,8 +180,13 @@ impl Drop for Manager {
 /// Start `nodeherd` with `args`; stdout and stderr are collected.
 pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Manager {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID");
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -220,10 +242,16 @@ impl NotifySocket {
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = sock.recv(&mut buf) {
-                m.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).to_string());
+                m.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).to_string());
             }
         });
-        NotifySocket { path, messages, _dir: dir }
+        NotifySocket {
+            path,
+            messages,
+            _dir: dir,
+        }
     }
 
     pub fn all(&self) -> Vec<String> {
@@ -282,9 +310,20 @@ impl DbusDaemon {
             .expect("dbus-daemon must be installed (apt-get install dbus)");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let mut lines = text.lines();
-        let address = lines.next().expect("dbus-daemon printed its address").trim().to_string();
-        let pid: i32 = lines.next().and_then(|l| l.trim().parse().ok()).expect("dbus-daemon printed its pid");
-        DbusDaemon { address, pid, _dir: dir }
+        let address = lines
+            .next()
+            .expect("dbus-daemon printed its address")
+            .trim()
+            .to_string();
+        let pid: i32 = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("dbus-daemon printed its pid");
+        DbusDaemon {
+            address,
+            pid,
+            _dir: dir,
+        }
     }
 
     /// Run busctl against this bus: (exit code, stdout, stderr).
@@ -305,7 +344,8 @@ impl DbusDaemon {
     pub fn wait_name(&self, name: &str, timeout: Duration) -> bool {
         wait_until(timeout, || {
             let (_, out, _) = self.busctl(&["list", "--no-pager", "--no-legend"]);
-            out.lines().any(|l| l.split_whitespace().next() == Some(name))
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(name))
         })
     }
 }
@@ -318,7 +358,11 @@ impl Drop for DbusDaemon {
 
 /// Run the nodeherd CLI client to completion: (exit code, stdout, stderr).
 pub fn client(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -338,7 +382,8 @@ pub mod tempdir {
         pub fn new(tag: &str) -> Dir {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!("nodeherd-test-{tag}-{}-{n}", std::process::id()));
+            let path = std::env::temp_dir()
+                .join(format!("nodeherd-test-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).unwrap();
             Dir { path }

@@ -1,0 +1,250 @@
+//! Faults tried on purpose: stubborn workers, workers with children,
+//! garbage on the channels, signal storms (issue 7).
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn listen(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+#[test]
+fn a_worker_that_ignores_sigint_is_killed_after_kill_timeout() {
+    let port = free_port();
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&app("stubborn.js")),
+            "-i",
+            "2",
+            "--kill-timeout",
+            "700",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    let t0 = Instant::now();
+    m.signal(libc::SIGTERM);
+    let st = m.wait_exit(T).expect("the manager exits");
+    let took = t0.elapsed();
+    assert_eq!(st.code(), Some(0), "{}", m.log());
+    assert!(
+        m.log()
+            .contains("did not stop within kill_timeout (700 ms): SIGKILL"),
+        "{}",
+        m.log()
+    );
+    assert!(
+        took >= Duration::from_millis(650),
+        "stopped before kill_timeout: {took:?}"
+    );
+}
+
+#[test]
+fn a_worker_that_ignores_the_shutdown_message_is_killed_too() {
+    let port = free_port();
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&app("stubborn.js")),
+            "--shutdown-with-message",
+            "--kill-timeout",
+            "500",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("1/1 workers ready", T));
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit(T).is_some());
+    assert!(
+        m.log().contains("message ignored: \"shutdown\""),
+        "the message was sent: {}",
+        m.log()
+    );
+    assert!(m.log().contains("SIGKILL"), "{}", m.log());
+}
+
+#[test]
+fn a_workers_own_children_are_stopped_with_it() {
+    let port = free_port();
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&app("forker.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    let mut grandchildren = Vec::new();
+    assert!(wait_until(T, || {
+        if let Ok(v) = get_json(port) {
+            let c = v["child"].as_i64().unwrap() as i32;
+            if !grandchildren.contains(&c) {
+                grandchildren.push(c);
+            }
+        }
+        grandchildren.len() == 2
+    }));
+    // A crash of the worker takes its children along; the slot is refilled.
+    let v = get_json(port).unwrap();
+    let (w, c) = (
+        v["pid"].as_i64().unwrap() as i32,
+        v["child"].as_i64().unwrap() as i32,
+    );
+    kill(w, libc::SIGKILL);
+    assert!(
+        wait_until(T, || !pid_alive(c)),
+        "child {c} of the crashed worker was orphaned"
+    );
+    // And a stop of the manager takes everything.
+    m.signal(libc::SIGTERM);
+    assert!(m.wait_exit(T).is_some());
+    for c in grandchildren {
+        assert!(
+            wait_until(T, || !pid_alive(c)),
+            "grandchild {c} outlived the manager"
+        );
+    }
+}
+
+#[test]
+fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
+    let port = free_port();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("chatty.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    // Find the manager's worker notify socket and throw junk at it from a
+    // process that is not a worker: it must be ignored.
+    let dir = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .ends_with(&format!("-{}", m.pid()))
+        })
+        .expect("runtime dir");
+    let sock = UnixDatagram::unbound().unwrap();
+    let target = dir.join("notify.sock");
+    for junk in [
+        &b"READY=1"[..],
+        b"\xff\xfe\x00garbage",
+        &[b'A'; 4000],
+        b"STATUS=\nREADY=1\n",
+    ] {
+        let _ = sock.send_to(junk, &target);
+    }
+    for _ in 0..500 {
+        let _ = sock.send_to(b"READY=1", &target);
+    }
+    assert!(m.wait_log("not one of our workers", T), "{}", m.log());
+    let after = instances_answering(port, 2, T);
+    assert_eq!(before, after, "workers untouched");
+    assert!(!m.log().contains("panicked"));
+}
+
+#[test]
+fn a_sighup_storm_coalesces_into_few_reloads_and_leaves_no_extra_worker() {
+    let port = free_port();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("2/2 workers ready", T));
+    for _ in 0..50 {
+        m.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Wait until the queue is drained: the last reload finished, none pending.
+    assert!(wait_until(T, || {
+        let log = m.log();
+        let begun = log.matches("reload begun").count();
+        begun > 0 && log.matches("reload finished").count() == begun
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = m.log();
+    let reloads = log.matches("reload begun").count();
+    assert!(reloads <= 3, "50 SIGHUPs ran {reloads} reloads");
+    assert!(
+        wait_until(T, || m.workers().len() == 2),
+        "workers: {:?}",
+        m.workers()
+    );
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+}
+
+#[test]
+fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_closed() {
+    // instance 1 of crash_one.js always dies at once: during a reload, its
+    // replacement dies too, and the reload stops there.
+    let bus = DbusDaemon::start();
+    let port = free_port();
+    let dir = tempdir::Dir::new("loop");
+    let cfg = dir.write(
+        "c.json",
+        &format!(
+            r#"{{"apps":[{{"name":"loopy","script":"{}","instances":2,"max_restarts":1000,"restart_delay":200}}]}}"#,
+            app("crash_one.js").display()
+        ),
+    );
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen(port),
+            "--bus",
+            &bus.address,
+        ],
+        &[],
+    );
+    assert!(bus.wait_name("org.nodeherd.loopy", T), "{}", m.log());
+    let (code, _, err) = bus.busctl(&[
+        "call",
+        "org.nodeherd.loopy",
+        "/org/nodeherd",
+        "org.nodeherd.Manager1",
+        "Reload",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("slot 1"), "{err}");
+    let v = get_json(port).unwrap();
+    assert_eq!(v["instance"], "0", "slot 0 serves throughout");
+}
