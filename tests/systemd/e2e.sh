@@ -19,6 +19,7 @@
 #   d. journalctl NODE_APP_INSTANCE=1 shows that worker's lines only
 #   e. a caller outside root and group nodeherd is refused by the bus policy
 #   g. kill -9 of the manager: systemd restarts it, no connection refused
+#   h. the manager feeds the watchdog; a hung (SIGSTOPped) one is replaced
 #   f. systemctl stop leaves no process in the unit's cgroup
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is bounded,
 # everything started here is ended by pid, and the container, its mounts and
@@ -440,6 +441,42 @@ load_failed kill | sort -n | head -5 | sed 's/^/       | /'
 after_kill=$(curl -sS --max-time 20 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
 after_kill=${after_kill% }
 expect "g: requests are answered after the restart ($after_kill)" test "${after_kill##* }" = 200
+
+# ================================================================ h
+log "h. watchdog"
+# A short interval through a drop-in, so the test need not wait 20 s; no
+# core file from the SIGABRT below.
+ct sh -c "mkdir -p /etc/systemd/system/$UNIT.d && printf '[Service]\nWatchdogSec=3s\nLimitCORE=0\n' >/etc/systemd/system/$UNIT.d/watchdog.conf && systemctl daemon-reload"
+timeout 60 nsenter -t "$PID1" -a systemctl restart "$UNIT" || fail "h: restart with WatchdogSec=3s failed"
+wait_for 30 ready_is 2 || true
+expect "h: WatchdogUSec is 3 s after the drop-in" test "$(prop "$UNIT" WatchdogUSec)" = 3s
+wd_changed() { [[ $(prop "$UNIT" WatchdogTimestampMonotonic) != "$1" ]]; }
+w0=$(prop "$UNIT" WatchdogTimestampMonotonic)
+if wait_for 5 wd_changed "$w0"; then
+    w1=$(prop "$UNIT" WatchdogTimestampMonotonic)
+    wait_for 5 wd_changed "$w1" || true
+    w2=$(prop "$UNIT" WatchdogTimestampMonotonic)
+    pass "h: the manager sends WATCHDOG=1 (two pings $(( (w2 - w1) / 1000 )) ms apart; WatchdogSec=3s)"
+else
+    fail "h: no WATCHDOG=1 within 5 s of WatchdogSec=3s (timestamp stays $w0)"
+fi
+old_main=$(prop "$UNIT" MainPID)
+old_restarts=$(prop "$UNIT" NRestarts)
+h0=$EPOCHREALTIME
+ct kill -STOP "$old_main" || fail "h: could not SIGSTOP pid $old_main"
+if wait_for 30 recovered; then
+    pass "h: a hung (SIGSTOPped) manager is killed and restarted by systemd in $(awk -v a="$h0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }') ms"
+else
+    fail "h: the hung manager was not replaced: $(prop "$UNIT" ActiveState)/$(prop "$UNIT" SubState)"
+    journal_dump
+fi
+wd_log=$(ct journalctl --no-pager -u "$UNIT" --since "@${h0%.*}" | grep -i 'watchdog timeout' || true)
+expect "h: systemd logged the watchdog timeout" test -n "$wd_log"
+expect "h: NRestarts went up by one" test "$(prop "$UNIT" NRestarts)" = $((old_restarts + 1))
+after_wd=$(curl -sS --max-time 20 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
+after_wd=${after_wd% }
+expect "h: requests are answered after the watchdog restart ($after_wd)" test "${after_wd##* }" = 200
+ct sh -c "rm -r /etc/systemd/system/$UNIT.d && systemctl daemon-reload"
 
 # ================================================================ f
 log "f. systemctl stop"
