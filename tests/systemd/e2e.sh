@@ -66,6 +66,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v ss >/dev/null || need+=(iproute2)
 command -v dbus-send >/dev/null || need+=(dbus-bin)
 command -v node >/dev/null || need+=(nodejs)
+command -v jq >/dev/null || need+=(jq)
+command -v setpriv >/dev/null || need+=(util-linux)
 if ((${#need[@]})); then
     log "installing ${need[*]}"
     apt-get update -qq >/dev/null
@@ -129,7 +131,7 @@ systemd-sysusers /shared/units/sysusers.d/nodeherd.conf
 useradd --system --no-create-home --shell /usr/sbin/nologin -G nodeherd nhoperator
 install -m 644 /shared/units/nodeherd@.socket /shared/units/nodeherd@.service /etc/systemd/system/
 mkdir -p /etc/systemd/system/$SOCK_UNIT.d
-printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$PORT\n' >/etc/systemd/system/$SOCK_UNIT.d/listen.conf
+printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$PORT\n' >/etc/systemd/system/$SOCK_UNIT.d/zz-e2e-listen.conf
 install -d -m 755 /srv/$APP /etc/nodeherd
 install -m 644 /shared/app.js /srv/$APP/app.js
 cat >/etc/nodeherd/$APP.config.js <<'JS'
