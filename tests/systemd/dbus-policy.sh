@@ -23,12 +23,15 @@ PY=/usr/bin/python3
 
 if [[ ${1:-} != --inner ]]; then
     [[ $(id -u) == 0 ]] || { echo "dbus-policy.sh: needs root" >&2; exit 1; }
-    for tool in dbus-daemon setpriv unshare; do
-        command -v "$tool" >/dev/null || { echo "dbus-policy.sh: $tool missing" >&2; exit 1; }
-    done
-    if ! "$PY" -c 'import dbus, dbus.mainloop.glib; from gi.repository import GLib' 2>/dev/null; then
-        echo "dbus-policy.sh: installing python3-dbus python3-gi" >&2
-        apt-get install -y -qq python3-dbus python3-gi >/dev/null
+    need=()
+    command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
+    command -v setpriv >/dev/null || need+=(util-linux)
+    "$PY" -c 'import dbus, dbus.mainloop.glib; from gi.repository import GLib' 2>/dev/null ||
+        need+=(python3-dbus python3-gi)
+    if ((${#need[@]})); then
+        echo "dbus-policy.sh: installing ${need[*]}" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     fi
     exec unshare --mount --propagation private bash "${BASH_SOURCE[0]}" --inner
 fi

@@ -6,7 +6,7 @@
 #
 # NODEHERD_BINARY defaults to target/release/nodeherd, else target/debug/nodeherd.
 # Needs root. Installs what it lacks from Debian (systemd-container for
-# systemd-nspawn, curl, iproute2, dbus-bin, nodejs).
+# systemd-nspawn, curl, iproute2, dbus-bin, nodejs, jq, util-linux).
 #
 # The container (see container.sh) is this machine's root file system under a
 # throwaway overlay, sharing the host network. Into it go the binary as
