@@ -970,3 +970,56 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: no configuration, however malformed, panics the loader.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::from(n)),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::String),
+            Just(Value::String("max".into())),
+            Just(Value::String("2s".into())),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-zA-Z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_value_for_any_key_is_an_error_or_an_app(
+            key in prop::sample::select(KNOWN_KEYS.to_vec()),
+            value in json_value(),
+        ) {
+            let mut entry = Map::new();
+            entry.insert("script".into(), Value::String("/bin/sh".into()));
+            entry.insert("interpreter".into(), Value::String("none".into()));
+            entry.insert(key.to_string(), value);
+            let _ = from_entry(&entry, "fuzz.json", Path::new("/"), &Overrides::default(), 4);
+        }
+
+        #[test]
+        fn any_document_picks_an_app_or_says_why(doc in json_value(), only in proptest::option::of("[a-z]{1,3}")) {
+            let _ = pick_app(&doc, "fuzz.json", only.as_deref());
+        }
+
+        #[test]
+        fn instances_never_exceed_the_cap(v in json_value(), cpus in 0u32..512) {
+            if let Ok(n) = resolve_instances(&v, cpus) {
+                prop_assert!((1..=MAX_INSTANCES).contains(&n));
+            }
+        }
+    }
+}

@@ -83,3 +83,21 @@ mod tests {
         assert_eq!(parse(&huge), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_or_are_ignored(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_input_never_panics(s in r#"\{"nodeherd":"[a-z]{0,10}"(,"message":.{0,20})?\}"#) {
+            let _ = parse(s.as_bytes());
+        }
+    }
+}

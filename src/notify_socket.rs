@@ -108,3 +108,19 @@ mod tests {
         assert_eq!(parse(7, b"READY=0"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_datagram_parses_or_is_ignored(bytes in prop::collection::vec(any::<u8>(), 0..4096), pid in any::<i32>()) {
+            if let Some(n) = parse(pid, &bytes) {
+                prop_assert_eq!(n.pid, pid);
+                prop_assert!(n.status.as_ref().is_none_or(|s| s.chars().count() <= 200));
+            }
+        }
+    }
+}
