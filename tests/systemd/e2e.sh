@@ -117,6 +117,8 @@ free_port() {
 }
 PORT=${NODEHERD_E2E_PORT:-$(free_port)}
 URL=http://127.0.0.1:$PORT/
+MYAPP_PORT=$((PORT + 1))
+[[ -z $(ss -Htln "sport = :$MYAPP_PORT") ]] || die "port $MYAPP_PORT is taken"
 
 # ---------------------------------------------------------------- files for the container
 cp "$BIN" "$HOSTDIR/nodeherd"
@@ -141,6 +143,13 @@ module.exports = {
 JS
 install -m 644 /shared/org.nodeherd.conf /etc/dbus-1/system.d/org.nodeherd.conf
 busctl call org.freedesktop.DBus / org.freedesktop.DBus ReloadConfig
+# The example pair as its comments say: copied, port changed by a drop-in.
+install -m 644 /shared/units/myapp.socket /shared/units/myapp.service /etc/systemd/system/
+mkdir -p /etc/systemd/system/myapp.socket.d
+printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$MYAPP_PORT\n' >/etc/systemd/system/myapp.socket.d/zz-e2e-listen.conf
+cat >/etc/nodeherd/myapp.config.js <<'JS'
+module.exports = { apps: [{ name: 'myapp', script: '/srv/$APP/app.js', instances: 1 }] };
+JS
 systemctl daemon-reload
 systemctl enable --now $SOCK_UNIT
 EOF
@@ -200,6 +209,11 @@ if ! ct bash /shared/setup.sh >"$HOSTDIR/setup.log" 2>&1; then
 fi
 
 # ================================================================ a
+log "units as installed, with their drop-ins"
+err=$(ct systemd-analyze verify /etc/systemd/system/$UNIT /etc/systemd/system/$SOCK_UNIT \
+      /etc/systemd/system/myapp.service /etc/systemd/system/myapp.socket 2>&1 >/dev/null || echo "(exit $?)")
+expect "systemd-analyze verify of the installed units is silent${err:+: $err}" test -z "$err"
+
 log "a. socket activation"
 expect "a: $SOCK_UNIT is active before any request" test "$(prop "$SOCK_UNIT" ActiveState)" = active
 expect "a: $UNIT is not running before any request" test "$(prop "$UNIT" ActiveState)" = inactive
@@ -232,6 +246,16 @@ main=$(prop "$UNIT" MainPID)
 comm=$(ct cat "/proc/$main/comm" 2>/dev/null || true)
 expect "a: the main process is nodeherd (pid $main, comm $comm)" test "$comm" = nodeherd
 expect "a: ReadyWorkers reaches 2 (config instances: 2)" wait_for 30 ready_is 2
+
+log "a. the example pair myapp.socket + myapp.service"
+ct systemctl start myapp.socket || fail "a: myapp.socket does not start"
+body=$(curl -sS --max-time 60 -w ' %{http_code}' "http://127.0.0.1:$MYAPP_PORT/" 2>&1 | tr '\n' ' ' || true)
+body=${body% }
+expect "a: myapp answers its first request ($body)" test "${body##* }" = 200
+expect "a: myapp.service runs the .config.js path (org.nodeherd.myapp on the bus)" \
+    test "$(ct busctl get-property org.nodeherd.myapp /org/nodeherd org.nodeherd.Manager1 Name 2>&1)" = 's "myapp"'
+if [[ ${body##* } != 200 ]]; then ct journalctl --no-pager -u myapp.service -n 20 | sed 's/^/       | /'; fi
+timeout 60 nsenter -t "$PID1" -a systemctl stop myapp.service myapp.socket || fail "a: myapp does not stop"
 
 # ---------------------------------------------------------------- load
 # start_load TAG LANES [keepalive]: load.js in the background (new connection
