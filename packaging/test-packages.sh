@@ -21,8 +21,10 @@
 # Environment:
 #   NODEHERD_TREE=DIR      build from DIR instead of `git archive HEAD`
 #   NODEHERD_PKG_OUT=DIR   copy the built packages and lintian's report there
-#   CARGO_TARGET_DIR=DIR   reuse a cargo target directory (default: a fresh
-#                          one in the work directory, shared by both builds)
+#   CARGO_TARGET_DIR=DIR   build in this cargo target directory, for example
+#                          the tree's own target/ to reuse its compiled
+#                          crates (default: a fresh one in the work
+#                          directory, shared by both builds)
 #   NODEHERD_SKIP_SMOKE=1  build and check the packages only
 # Needs root (apt-get, the container); uses rustup's cargo from ~/.cargo/bin.
 
@@ -98,6 +100,11 @@ else
     note "source: git archive HEAD ($(git -C "$repo" rev-parse --short HEAD))"
     git -C "$repo" archive --format=tar HEAD | tar -C "$src" -xf -
 fi
+# cargo decides what to rebuild by mtime, and `git archive` stamps files
+# with the commit's time: a shared CARGO_TARGET_DIR holding a newer build of
+# other sources would be reused as is. Fresh mtimes make cargo rebuild
+# nodeherd itself (crates from the registry are still reused).
+find "$src" -exec touch -h {} +
 arch=$(dpkg --print-architecture)
 
 # Fetch the crates once, online; both builds then run offline from the cache.
@@ -257,6 +264,7 @@ note "smoke test in a systemd container"
 shared=$work/shared
 mkdir -p "$shared"
 cp "$deb" "$shared/nodeherd.deb"
+[[ -n $rpmfile ]] && cp "$rpmfile" "$shared/nodeherd.rpm"
 name=nhpkg$$
 if ! pid1=$("$container_sh" start "$name" "$shared" 2>"$work/container.err"); then
     sed 's/^/    /' "$work/container.err"
@@ -280,8 +288,21 @@ poll() {
 url=http://127.0.0.1:8000/
 answers() { curl -fsS --max-time 3 "$url" >"$work/answer.txt" 2>"$work/curl.err"; }
 refused() { ! curl -sS --max-time 3 -o /dev/null "$url" 2>/dev/null; }
+show() { sed 's/^/    | /' "$@"; }
 journal() {
-    ct journalctl --no-pager -n 40 -u 'nodeherd@hello.socket' -u 'nodeherd@hello.service' 2>&1 | sed 's/^/    | /'
+    ct journalctl --no-pager -n 40 -u 'nodeherd@hello.socket' -u 'nodeherd@hello.service' 2>&1 | show
+}
+# run_logged LABEL CMD...: PASS/FAIL on CMD's status, its output shown on failure.
+run_logged() {
+    local what=$1
+    shift
+    if "$@" >"$work/step.log" 2>&1; then
+        pass "$what"
+    else
+        show "$work/step.log"
+        fail "$what"
+        return 1
+    fi
 }
 
 if answers; then
@@ -298,33 +319,32 @@ if [[ -e /proc/$pid1/root/usr/sbin/policy-rc.d ]]; then
     ct rm -f /usr/sbin/policy-rc.d
 fi
 
-if ct dpkg -i /shared/nodeherd.deb >"$work/dpkg-i.log" 2>&1; then
-    pass "dpkg -i nodeherd.deb"
-else
-    sed 's/^/    /' "$work/dpkg-i.log"
-    fail "dpkg -i nodeherd.deb"
-    exit 1
-fi
-check "user nodeherd exists after install" ct getent passwd nodeherd
-running=$(ct systemctl list-units --no-legend --plain 'nodeherd@*' || true)
-check "nothing runs after install${running:+ (running: $running)}" test -z "$running"
-enabled=$(ct systemctl is-enabled nodeherd@hello.socket 2>&1 || true)
-check "nodeherd@hello.socket is not enabled after install (it is '$enabled')" test "$enabled" = disabled
+# installed_idle PKG: after installing, the user exists and nothing runs.
+installed_idle() {
+    local pkg=$1 running enabled
+    check "$pkg: user nodeherd exists after install" ct getent passwd nodeherd
+    running=$(ct systemctl list-units --no-legend --plain 'nodeherd@*' || true)
+    check "$pkg: nothing runs after install${running:+ (running: $running)}" test -z "$running"
+    enabled=$(ct systemctl is-enabled nodeherd@hello.socket 2>&1 || true)
+    check "$pkg: nodeherd@hello.socket is not enabled after install (it is '$enabled')" test "$enabled" = disabled
+}
 
-if ct systemctl enable --now nodeherd@hello.socket >"$work/enable.log" 2>&1; then
-    pass "systemctl enable --now nodeherd@hello.socket"
-else
-    sed 's/^/    /' "$work/enable.log"
-    fail "systemctl enable --now nodeherd@hello.socket"
-fi
-
-if poll 30 answers; then
-    pass "the hello app answers on $url: $(head -c 200 "$work/answer.txt")"
+# serves PKG: enable the example and use it as a person would.
+serves() {
+    local pkg=$1 distinct state=""
+    run_logged "$pkg: systemctl enable --now nodeherd@hello.socket" \
+        ct systemctl enable --now nodeherd@hello.socket || return 0
+    if ! poll 30 answers; then
+        fail "$pkg: nothing answers on $url 30 s after enable --now: $(cat "$work/curl.err")"
+        ct systemctl --no-pager status nodeherd@hello.socket nodeherd@hello.service 2>&1 | show
+        journal
+        return 0
+    fi
+    pass "$pkg: the hello app answers on $url: $(head -c 200 "$work/answer.txt")"
     # It answers as soon as one worker listens; the unit is active once the
     # manager has sent READY=1 for all of them.
     is_active() { state=$(ct systemctl is-active nodeherd@hello.service) || return 1; }
-    state=""
-    check "nodeherd@hello.service becomes active" poll 30 is_active
+    check "$pkg: nodeherd@hello.service becomes active" poll 30 is_active
     [[ $state == active ]] || echo "    it is '$state'"
     # Two workers: new connections should reach both.
     : >"$work/bodies.txt"
@@ -332,57 +352,69 @@ if poll 30 answers; then
         curl -fsS --max-time 3 "$url" >>"$work/bodies.txt" 2>/dev/null && echo >>"$work/bodies.txt"
     done
     distinct=$(sort -u "$work/bodies.txt" | grep -c . || true)
-    check "40 requests reached more than one worker ($distinct distinct answers)" test "$distinct" -ge 2
-    if ct nodeherd status hello >"$work/status.txt" 2>&1; then
-        pass "nodeherd status hello (over the system bus)"
-        sed 's/^/    /' "$work/status.txt"
+    check "$pkg: 40 requests reached more than one worker ($distinct distinct answers)" test "$distinct" -ge 2
+    run_logged "$pkg: nodeherd status hello (over the system bus)" ct nodeherd status hello &&
+        show "$work/step.log"
+    if run_logged "$pkg: systemctl reload nodeherd@hello.service" ct systemctl reload nodeherd@hello.service; then
+        check "$pkg: it still answers after the reload" poll 10 answers
     else
-        sed 's/^/    /' "$work/status.txt"
-        fail "nodeherd status hello (over the system bus)"
-    fi
-    if ct systemctl reload nodeherd@hello.service >"$work/reload.log" 2>&1 && poll 10 answers; then
-        pass "systemctl reload nodeherd@hello.service, and it still answers"
-    else
-        sed 's/^/    /' "$work/reload.log"
         journal
-        fail "systemctl reload nodeherd@hello.service"
     fi
-else
-    fail "nothing answers on $url 30 s after enable --now: $(cat "$work/curl.err")"
-    ct systemctl --no-pager status nodeherd@hello.socket nodeherd@hello.service 2>&1 | sed 's/^/    | /'
-    journal
-fi
+}
 
-if ct dpkg -r nodeherd >"$work/dpkg-r.log" 2>&1; then
-    pass "dpkg -r nodeherd"
-else
-    sed 's/^/    /' "$work/dpkg-r.log"
-    fail "dpkg -r nodeherd"
-fi
-check "after dpkg -r: nothing answers on $url" poll 10 refused
-left=$(ct pgrep -u nodeherd -a || true)
-check "after dpkg -r: no process of user nodeherd is left${left:+ (left: $left)}" test -z "$left"
-active=$(ct systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'nodeherd@*' || true)
-check "after dpkg -r: no nodeherd@ unit is active${active:+ ($active)}" test -z "$active"
-# The link `enable` made stays until purge (as for any Debian service), so
-# systemd may still name the unit, as not-found.
-loaded=$(ct systemctl list-units --all --no-legend --plain 'nodeherd@*' | awk '$2 != "not-found"' || true)
-check "after dpkg -r: systemd has no nodeherd@ unit loaded from a file${loaded:+ ($loaded)}" test -z "$loaded"
-check "after dpkg -r: the unit files and the binary are gone" \
-    bash -c "! ls /proc/$pid1/root/usr/lib/systemd/system/nodeherd@* /proc/$pid1/root/usr/bin/nodeherd 2>/dev/null | grep -q ."
-unitfiles=$(ct systemctl list-unit-files --no-legend 'nodeherd@*' || true)
-check "after dpkg -r: systemd lists no nodeherd@ unit file${unitfiles:+ ($unitfiles)}" test -z "$unitfiles"
-check "after dpkg -r: the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
-    test -f "/proc/$pid1/root/etc/nodeherd/hello.config.js"
+# removed PKG: after removal nothing of the app is left running or loaded.
+removed() {
+    local pkg=$1 left active loaded unitfiles
+    check "$pkg: after removal nothing answers on $url" poll 10 refused
+    left=$(ct pgrep -u nodeherd -a || true)
+    check "$pkg: after removal no process of user nodeherd is left${left:+ (left: $left)}" test -z "$left"
+    active=$(ct systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'nodeherd@*' || true)
+    check "$pkg: after removal no nodeherd@ unit is active${active:+ ($active)}" test -z "$active"
+    # A link `enable` made may stay until purge (as for any Debian service),
+    # so systemd may still name the unit, as not-found.
+    loaded=$(ct systemctl list-units --all --no-legend --plain 'nodeherd@*' | awk '$2 != "not-found"' || true)
+    check "$pkg: after removal systemd has no nodeherd@ unit loaded from a file${loaded:+ ($loaded)}" test -z "$loaded"
+    check "$pkg: after removal the unit files and the binary are gone" \
+        bash -c "! ls /proc/$pid1/root/usr/lib/systemd/system/nodeherd@* /proc/$pid1/root/usr/bin/nodeherd 2>/dev/null | grep -q ."
+    unitfiles=$(ct systemctl list-unit-files --no-legend 'nodeherd@*' || true)
+    check "$pkg: after removal systemd lists no nodeherd@ unit file${unitfiles:+ ($unitfiles)}" test -z "$unitfiles"
+}
 
-if ct dpkg --purge nodeherd >"$work/dpkg-purge.log" 2>&1; then
-    pass "dpkg --purge nodeherd"
-else
-    sed 's/^/    /' "$work/dpkg-purge.log"
-    fail "dpkg --purge nodeherd"
+# forgotten PKG: after purge (or rpm -e) no configuration is left either.
+forgotten() {
+    local pkg=$1 links known
+    check "$pkg: /etc/nodeherd is gone" test ! -e "/proc/$pid1/root/etc/nodeherd"
+    links=$(find "/proc/$pid1/root/etc/systemd/system" -name 'nodeherd@*' 2>/dev/null || true)
+    check "$pkg: no nodeherd@ link left in /etc/systemd/system${links:+ ($links)}" test -z "$links"
+    known=$(ct systemctl list-units --all --no-legend --plain 'nodeherd@*' || true)
+    check "$pkg: systemd knows no nodeherd@ unit${known:+ ($known)}" test -z "$known"
+}
+
+note "the .deb"
+if run_logged "deb: dpkg -i nodeherd.deb" ct dpkg -i /shared/nodeherd.deb; then
+    installed_idle deb
+    serves deb
+    run_logged "deb: dpkg -r nodeherd" ct dpkg -r nodeherd
+    removed deb
+    check "deb: after dpkg -r the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
+        test -f "/proc/$pid1/root/etc/nodeherd/hello.config.js"
+    run_logged "deb: dpkg --purge nodeherd" ct dpkg --purge nodeherd
+    forgotten deb
 fi
-check "after purge: /etc/nodeherd is gone" test ! -e "/proc/$pid1/root/etc/nodeherd"
-links=$(find "/proc/$pid1/root/etc/systemd/system" -name 'nodeherd@*' 2>/dev/null || true)
-check "after purge: no nodeherd@ link left in /etc/systemd/system${links:+ ($links)}" test -z "$links"
-known=$(ct systemctl list-units --all --no-legend --plain 'nodeherd@*' || true)
-check "after purge: systemd knows no nodeherd@ unit${known:+ ($known)}" test -z "$known"
+# Debian keeps system users after purge; the .rpm is to create its own.
+ct userdel nodeherd >/dev/null 2>&1 || true
+ct groupdel nodeherd >/dev/null 2>&1 || true
+
+# The same container serves for the .rpm: Debian's rpm installs it with
+# --nodeps (its database knows none of the Debian packages), and runs the
+# spec's scriptlets, here with the fallback systemd macros.
+if [[ -n $rpmfile ]]; then
+    note "the .rpm"
+    if run_logged "rpm: rpm -i nodeherd.rpm" ct rpm -i --nodeps /shared/nodeherd.rpm; then
+        installed_idle rpm
+        serves rpm
+        run_logged "rpm: rpm -e nodeherd" ct rpm -e nodeherd
+        removed rpm
+        forgotten rpm
+    fi
+fi
