@@ -144,7 +144,10 @@
       for (const res of server.__nodeherdResponses || []) {
         if (!res.headersSent) res.shouldKeepAlive = false;
       }
-      server.close(() => {
+      // net.Server's close, not http.Server's: since Node 19 the latter also
+      // closes idle keep-alive connections at once, racing clients that are
+      // sending their next request on them (they would see a reset).
+      net.Server.prototype.close.call(server, () => {
         open -= 1;
         if (open === 0) done();
       });
