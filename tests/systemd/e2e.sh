@@ -14,7 +14,8 @@
 # packaging/dbus/org.nodeherd.conf and the example app as app `hello`, whose
 # socket listens on 127.0.0.1:PORT through a drop-in. Then:
 #   a. only the .socket is started; the first request starts the service
-#   b. `systemctl reload` under continuous load: zero failed requests
+#   b. `systemctl reload` under continuous load (a new connection per request,
+#      then keep-alive): zero failed requests
 #   c. Scale to 4 over D-Bus; systemctl status and nodeherd status show 4
 #   d. journalctl NODE_APP_INSTANCE=1 shows that worker's lines only
 #   e. a caller outside root and group nodeherd is refused by the bus policy
