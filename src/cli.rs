@@ -133,7 +133,10 @@ impl BusArgs {
         if self.no_bus {
             Bus::None
         } else if let Some(a) = &self.bus {
-            Bus::Address(a.clone())
+            // A guid pins one daemon instance; without it a restarted bus
+            // at the same address is reachable again.
+            let a: Vec<&str> = a.split(',').filter(|kv| !kv.starts_with("guid=")).collect();
+            Bus::Address(a.join(","))
         } else if self.user {
             Bus::Session
         } else {

@@ -211,32 +211,59 @@ impl Manager {
 }
 
 /// Connect, take the name, serve the interface, and forward signals.
-/// Failure is not fatal: the manager runs on without a control plane.
+///
+/// Failure is not fatal: the manager runs on without a control plane, says
+/// so once, and keeps trying in the background (the bus may start after us,
+/// or restart under us), reconnecting with a backoff of up to 30 s.
 pub async fn serve(
     bus: Bus,
     name: String,
     handle: Handle,
-    signals: mpsc::UnboundedReceiver<BusSignal>,
+    mut signals: mpsc::UnboundedReceiver<BusSignal>,
 ) {
     if bus == Bus::None {
         logs::info("control plane off (--no-bus)");
         return;
     }
-    let conn = match connect(&bus, &name, handle.clone()).await {
-        Ok(c) => c,
-        Err(e) => {
-            logs::warn(&format!(
-                "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; reload with SIGHUP",
-                describe(&bus)
-            ));
-            return;
+    let mut said_off = false;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match connect(&bus, &name, handle.clone()).await {
+            Ok(conn) => {
+                logs::info(&format!(
+                    "control plane on: {name} on the {} bus",
+                    describe(&bus)
+                ));
+                said_off = false;
+                backoff = Duration::from_millis(250);
+                if !forward(conn, &handle, &mut signals).await {
+                    return;
+                }
+                logs::warn(&format!(
+                    "control plane: lost the connection to the {} bus; reconnecting (workers are not affected)",
+                    describe(&bus)
+                ));
+            }
+            Err(e) if !said_off => {
+                said_off = true;
+                logs::warn(&format!(
+                    "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; reload with SIGHUP. Retrying in the background",
+                    describe(&bus)
+                ));
+            }
+            Err(_) => {}
         }
-    };
-    logs::info(&format!(
-        "control plane on: {name} on the {} bus",
-        describe(&bus)
-    ));
-    forward(conn, handle, signals).await;
+        // Signals meant for a bus that is not there are dropped, not hoarded.
+        let wake = tokio::time::sleep(backoff);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                s = signals.recv() => if s.is_none() { return },
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 fn describe(bus: &Bus) -> String {
@@ -265,24 +292,34 @@ async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Co
         .await
 }
 
+/// Serve until the bus connection is lost (`true`) or the manager is done (`false`).
 async fn forward(
     conn: zbus::Connection,
-    handle: Handle,
-    mut signals: mpsc::UnboundedReceiver<BusSignal>,
-) {
+    handle: &Handle,
+    signals: &mut mpsc::UnboundedReceiver<BusSignal>,
+) -> bool {
+    use futures_util::StreamExt;
     let iface = match conn.object_server().interface::<_, Manager>(PATH).await {
         Ok(i) => i,
         Err(e) => {
             logs::warn(&format!("control plane: {e}"));
-            return;
+            return true;
         }
     };
+    // Every message passes through this stream too; it ends (after an
+    // error) when the connection to the bus is gone.
+    let mut incoming = zbus::MessageStream::from(&conn);
     let mut snaps = handle.snapshot.clone();
     let mut last = snaps.borrow().clone();
     loop {
         tokio::select! {
+            m = incoming.next() => {
+                if !matches!(m, Some(Ok(_))) {
+                    return true;
+                }
+            }
             s = signals.recv() => {
-                let Some(s) = s else { return };
+                let Some(s) = s else { return false };
                 let emitter = iface.signal_emitter();
                 let r = match s {
                     BusSignal::WorkerStateChanged { instance, pid, state } => {
@@ -298,7 +335,7 @@ async fn forward(
             }
             changed = snaps.changed() => {
                 if changed.is_err() {
-                    return;
+                    return false;
                 }
                 let now = snaps.borrow_and_update().clone();
                 let m = iface.get().await;

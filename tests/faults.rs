@@ -248,3 +248,43 @@ fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_clos
     let v = get_json(port).unwrap();
     assert_eq!(v["instance"], "0", "slot 0 serves throughout");
 }
+
+#[test]
+fn the_manager_reconnects_when_the_bus_restarts() {
+    let bus = DbusDaemon::start();
+    let port = free_port();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "--name",
+            "phoenix",
+            "-i",
+            "2",
+            "--listen",
+            &listen(port),
+            "--bus",
+            &bus.address,
+        ],
+        &[],
+    );
+    assert!(bus.wait_name("org.nodeherd.phoenix", T), "{}", m.log());
+    let before = instances_answering(port, 2, T);
+    let bus = bus.restart();
+    assert!(m.wait_log("lost the connection", T), "{}", m.log());
+    assert!(
+        bus.wait_name("org.nodeherd.phoenix", Duration::from_secs(40)),
+        "no reconnect:\n{}",
+        m.log()
+    );
+    // Workers were not touched by the bus going away, and control works again.
+    assert_eq!(instances_answering(port, 2, T), before);
+    let (code, _, err) = bus.busctl(&[
+        "call",
+        "org.nodeherd.phoenix",
+        "/org/nodeherd",
+        "org.nodeherd.Manager1",
+        "Reload",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}

@@ -277,7 +277,26 @@ pub struct DbusDaemon {
 
 impl DbusDaemon {
     pub fn start() -> DbusDaemon {
-        let dir = tempdir::Dir::new("dbus");
+        Self::start_in(tempdir::Dir::new("dbus"))
+    }
+
+    /// Stop this daemon and start a new one on the same socket path.
+    pub fn restart(self) -> DbusDaemon {
+        let pid = self.pid;
+        kill(pid, libc::SIGTERM);
+        assert!(
+            wait_until(Duration::from_secs(10), || !pid_alive(pid)),
+            "dbus-daemon {pid} did not stop"
+        );
+        let dir = tempdir::Dir {
+            path: self._dir.path.clone(),
+        };
+        std::mem::forget(self);
+        let _ = std::fs::remove_file(dir.path.join("bus.sock"));
+        Self::start_in(dir)
+    }
+
+    fn start_in(dir: tempdir::Dir) -> DbusDaemon {
         let sock = dir.path.join("bus.sock");
         let conf = dir.path.join("bus.conf");
         std::fs::write(
