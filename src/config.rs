@@ -104,6 +104,17 @@ pub struct App {
     pub listen: Vec<String>,
     /// Workers swapped at once during a reload (nodeherd's own key, default 1).
     pub reload_parallel: u32,
+    /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
+    pub credentials: Option<Credentials>,
+}
+
+/// Who workers run as, resolved from names when the config is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups of the user (empty for a bare numeric uid).
+    pub groups: Vec<u32>,
 }
 
 /// What the command line says about the app; each field overrides the file.
@@ -185,6 +196,8 @@ const KNOWN_KEYS: &[&str] = &[
     "max_memory_restart",
     "listen",
     "reload_parallel",
+    "uid",
+    "gid",
 ];
 
 /// The loaded app plus the warnings worth showing the operator.
@@ -624,10 +637,6 @@ fn from_entry(
             warnings.push(format!(
                 "{source}: app \"{name}\": key `{key}` is a PM2 option nodeherd does not use; ignored"
             ));
-        } else if ["uid", "gid", "user"].contains(&key.as_str()) {
-            warnings.push(format!(
-                "{source}: app \"{name}\": key `{key}` is not supported yet; run the unit with User= instead"
-            ));
         } else {
             warnings.push(format!(
                 "{source}: app \"{name}\": unknown key `{key}`; ignored"
@@ -853,6 +862,8 @@ fn from_entry(
         return Err(e.err("reload_parallel", "must be at least 1".into()));
     }
 
+    let credentials = resolve_credentials(&e)?;
+
     Ok(Loaded {
         app: App {
             name,
@@ -876,9 +887,74 @@ fn from_entry(
             max_memory_restart,
             listen,
             reload_parallel: reload_parallel as u32,
+            credentials,
         },
         warnings,
     })
+}
+
+/// `uid`/`gid`: a name or a number each; a user alone brings its primary group.
+fn resolve_credentials(e: &Entry<'_>) -> Result<Option<Credentials>, ConfigError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let text = |key: &str| -> Result<Option<String>, ConfigError> {
+        match e.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(Some(n.to_string())),
+            Some(other) => Err(e.err(
+                key,
+                format!("expected a user or group name or number, got {other}"),
+            )),
+        }
+    };
+    let (uid, gid) = (text("uid")?, text("gid")?);
+    if uid.is_none() && gid.is_none() {
+        return Ok(None);
+    }
+    let user = match &uid {
+        None => None,
+        Some(u) => {
+            let found = match u.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n))
+                    .ok()
+                    .flatten()
+                    .or(Some(User {
+                        name: n.to_string(),
+                        passwd: Default::default(),
+                        uid: Uid::from_raw(n),
+                        gid: Gid::from_raw(n),
+                        gecos: Default::default(),
+                        dir: Default::default(),
+                        shell: Default::default(),
+                    })),
+                Err(_) => User::from_name(u).ok().flatten(),
+            };
+            Some(found.ok_or_else(|| e.err("uid", format!("no user named {u:?} on this system")))?)
+        }
+    };
+    let gid = match &gid {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| e.err("gid", format!("no group named {g:?} on this system")))?
+                .gid
+                .as_raw(),
+        },
+        None => user.as_ref().map_or(0, |u| u.gid.as_raw()),
+    };
+    let uid = user
+        .as_ref()
+        .map_or_else(|| nix::unistd::getuid().as_raw(), |u| u.uid.as_raw());
+    let mut groups = vec![gid];
+    if let Some(u) = &user
+        && let Ok(name) = std::ffi::CString::new(u.name.clone())
+        && let Ok(list) = nix::unistd::getgrouplist(&name, Gid::from_raw(gid))
+    {
+        groups = list.into_iter().map(Gid::as_raw).collect();
+    }
+    Ok(Some(Credentials { uid, gid, groups }))
 }
 
 /// Drop `.` components and fold `..` lexically, so logs show clean paths.

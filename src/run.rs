@@ -111,6 +111,13 @@ fn run_daemon(
         logs::error(&format!("cannot write the preload {}: {e}", shim.display()));
         return 1;
     }
+    if app.credentials.is_some() {
+        // Workers running as another user must reach the preload and the
+        // notify socket by name; the directory stays unlistable.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
+        let _ = std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o644));
+    }
     // Orphans of workers come to us, so they can be reaped and never outlive us.
     // SAFETY: prctl with integer arguments only.
     unsafe {
@@ -141,6 +148,10 @@ fn run_daemon(
                 return 1;
             }
         };
+        if app.credentials.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
+        }
         let mut app = app;
         app.env
             .entry("NODEHERD_KILL_TIMEOUT_MS".into())

@@ -50,6 +50,7 @@ pub struct Launcher {
     cwd: PathBuf,
     instance_var: String,
     node: bool,
+    credentials: Option<crate::config::Credentials>,
 }
 
 /// A freshly started worker, as its parent sees it.
@@ -109,6 +110,7 @@ impl Launcher {
             cwd: app.cwd.clone(),
             instance_var: app.instance_var.clone(),
             node,
+            credentials: app.credentials.clone(),
         }
     }
 
@@ -233,6 +235,7 @@ impl Launcher {
                     program: program.as_ptr(),
                     argv: argv_ptrs.as_ptr(),
                     envp: envp_ptrs.as_ptr(),
+                    credentials: self.credentials.as_ref(),
                 })
             }
         }
@@ -280,6 +283,7 @@ struct ChildPlan<'a> {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    credentials: Option<&'a crate::config::Credentials>,
 }
 
 /// The child between fork and exec. Never returns.
@@ -296,6 +300,15 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
             libc::write(plan.exec_w, bytes.as_ptr().cast(), 4);
             libc::_exit(127);
         };
+        // Drop privileges first: changing credentials clears the parent-death signal.
+        if let Some(c) = plan.credentials {
+            if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
+                || libc::setgid(c.gid) != 0
+                || libc::setuid(c.uid) != 0
+            {
+                fail(libc::EPERM);
+            }
+        }
         // Die with the manager, even on kill -9 of the manager.
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,

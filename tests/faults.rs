@@ -288,3 +288,58 @@ fn the_manager_reconnects_when_the_bus_restarts() {
     ]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn workers_run_as_the_configured_user() {
+    let port = free_port();
+    let dir = tempdir::Dir::new("uid");
+    let cfg = dir.write(
+        "u.json",
+        &format!(r#"{{"apps":[{{"name":"lowly","script":"{}","instances":2,"uid":"nobody","max_restarts":1}}]}}"#, app("env.js").display()),
+    );
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    if unsafe { libc::geteuid() } == 0 {
+        let seen = instances_answering(port, 2, T);
+        assert_eq!(seen.len(), 2, "{}", m.log());
+        let v = get_json(port).unwrap();
+        assert_eq!(v["uid"], 65534, "{v}");
+        assert_eq!(v["gid"], 65534, "{v}");
+        // The manager itself stays root; only workers changed user.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid())).unwrap();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        );
+    } else {
+        // Without root the switch is refused, and said so.
+        assert!(m.wait_log("Operation not permitted", T), "{}", m.log());
+    }
+}
+
+#[test]
+fn unknown_users_are_a_config_error() {
+    let dir = tempdir::Dir::new("nouser");
+    let cfg = dir.write(
+        "u.json",
+        &format!(
+            r#"{{"apps":[{{"name":"x","script":"{}","uid":"no-such-user-here"}}]}}"#,
+            app("env.js").display()
+        ),
+    );
+    let (code, err) = run_to_end(&["run", cfg.to_str().unwrap(), "--no-bus"], T);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("key `uid`") && err.contains("no-such-user-here"),
+        "{err}"
+    );
+}

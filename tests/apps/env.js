@@ -16,6 +16,8 @@ const server = http.createServer((req, res) => {
       instance: process.env[process.env.EXPECT_INSTANCE_VAR || 'NODE_APP_INSTANCE'] ?? null,
       node_app_instance: process.env.NODE_APP_INSTANCE ?? null,
       pid: process.pid,
+      uid: process.getuid(),
+      gid: process.getgid(),
       listen_pid: process.env.LISTEN_PID ?? null,
       listen_fds: process.env.LISTEN_FDS ?? null,
       listen_fdnames: process.env.LISTEN_FDNAMES ?? null,
