@@ -49,8 +49,12 @@ if ! command -v oha >/dev/null; then
   cargo install oha --locked --quiet
 fi
 step "reload and scale under load" tests/load/reload-under-load.sh target/release/nodeherd
-if [ -x tests/systemd/e2e.sh ] && [ "$(id -u)" -eq 0 ]; then
+if [ "$(id -u)" -eq 0 ]; then
+  step "systemd-analyze verify and security of the units" tests/systemd/verify-units.sh target/release/nodeherd
+  step "D-Bus policy against a real system bus" tests/systemd/dbus-policy.sh
   step "end to end under a booted systemd" tests/systemd/e2e.sh target/release/nodeherd
+else
+  echo "==> skipping the systemd and D-Bus policy suites: they need root"
 fi
 if [ -x packaging/test-packages.sh ] && [ "$(id -u)" -eq 0 ]; then
   step "distro packages" packaging/test-packages.sh

@@ -45,7 +45,14 @@ impl From<zbus::Error> for Failure {
                     "org.nodeherd.Error.Busy" => 4,
                     "org.freedesktop.DBus.Error.ServiceUnknown"
                     | "org.freedesktop.DBus.Error.NameHasNoOwner" => 3,
-                    "org.freedesktop.DBus.Error.AccessDenied" => 1,
+                    "org.freedesktop.DBus.Error.AccessDenied" => {
+                        return Failure(
+                            1,
+                            "access denied by the D-Bus policy: only root and members of the group \
+                             `nodeherd` may reload, restart or scale (reading status is open to all)"
+                                .into(),
+                        );
+                    }
                     _ => 1,
                 };
                 Failure(code, text)
@@ -54,7 +61,12 @@ impl From<zbus::Error> for Failure {
                 zbus::fdo::Error::ServiceUnknown(m) | zbus::fdo::Error::NameHasNoOwner(m) => {
                     Failure(3, format!("no manager is running under that name ({m})"))
                 }
-                zbus::fdo::Error::AccessDenied(m) => Failure(1, format!("access denied: {m}")),
+                zbus::fdo::Error::AccessDenied(_) => Failure(
+                    1,
+                    "access denied by the D-Bus policy: only root and members of the group \
+                     `nodeherd` may reload, restart or scale (reading status is open to all)"
+                        .into(),
+                ),
                 other => Failure(1, other.to_string()),
             },
             _ => Failure(1, e.to_string()),

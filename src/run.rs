@@ -195,8 +195,33 @@ fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
         })
         .take(40)
         .collect();
+    remove_stale_dirs(&base);
     let dir = base.join(format!("nodeherd-{safe}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     Ok(dir)
+}
+
+/// Remove the private directories of managers that died without cleaning up
+/// (`kill -9`): `nodeherd-<app>-<pid>` whose pid no longer runs and that we own.
+fn remove_stale_dirs(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix("nodeherd-") else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if ours && !alive && pid > 0 {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
