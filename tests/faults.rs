@@ -343,3 +343,76 @@ fn unknown_users_are_a_config_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
+    let port = free_port();
+    let dir = tempdir::Dir::new("mem");
+    let cfg = dir.write(
+        "m.json",
+        &format!(r#"{{"apps":[{{"name":"leaky","script":"{}","instances":1,"max_memory_restart":"40M"}}]}}"#, app("leaky.js").display()),
+    );
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    let first = instances_answering(port, 1, T)["0"];
+    // Requests keep being answered while the worker is replaced.
+    let mut failures = 0;
+    let mut replaced = false;
+    wait_until(Duration::from_secs(30), || {
+        match get_json(port) {
+            Ok(v) => replaced = v["pid"].as_u64() != Some(first),
+            Err(_) => failures += 1,
+        }
+        replaced
+    });
+    assert!(replaced, "never replaced:\n{}", m.log());
+    assert_eq!(failures, 0, "requests failed during the swap");
+    assert!(m.log().contains("max_memory_restart"), "{}", m.log());
+    assert!(
+        m.log().contains("reload finished: 1/1"),
+        "through the reload path:\n{}",
+        m.log()
+    );
+}
+
+#[test]
+fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
+    let port = free_port();
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&app("slow.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[("BOOT_MS", "1500")],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    m.signal(libc::SIGHUP);
+    // The replacement of slot 0 is starting beside the old worker.
+    assert!(
+        wait_until(T, || m.workers().len() == 3),
+        "{:?}",
+        m.workers()
+    );
+    let all = m.workers();
+    m.signal(libc::SIGKILL);
+    let _ = m.wait_exit(T);
+    for w in all {
+        assert!(
+            wait_until(T, || !pid_alive(w)),
+            "worker {w} outlived the manager"
+        );
+    }
+}
