@@ -416,3 +416,17 @@ fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
         );
     }
 }
+
+#[test]
+fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
+    let port = free_port();
+    let dir = tempdir::Dir::new("allcrash");
+    let cfg = dir.write(
+        "a.json",
+        &format!(r#"{{"apps":[{{"name":"doomed","script":"{}","instances":2,"max_restarts":2}}]}}"#, app("always_crash.js").display()),
+    );
+    let mut m = start(&["run", &path_str(&cfg), "--listen", &listen(port), "--no-bus"], &[]);
+    let st = m.wait_exit(T).expect("the manager gives up");
+    assert_eq!(st.code(), Some(1), "{}", m.log());
+    assert!(m.log().contains("every slot errored"), "{}", m.log());
+}

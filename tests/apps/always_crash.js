@@ -1,0 +1,3 @@
+// Dies at once, every time.
+console.error('crashing on purpose');
+process.exit(7);
