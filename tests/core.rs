@@ -585,3 +585,82 @@ fn an_unmappable_listen_fails_the_worker_with_the_reason() {
     );
     assert!(m.log().contains("several tcp sockets"), "{}", m.log());
 }
+
+#[test]
+fn unix_stream_sockets_and_fd_aware_apps_work() {
+    use std::io::{Read, Write};
+    let dir = tempdir::Dir::new("unix");
+    let path = dir.path.join("app.sock");
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("unix.js")),
+            "-i",
+            "2",
+            "--listen",
+            &format!("unix:{}", path.display()),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.contains("\"via\":\"unix\""), "{out}");
+    assert!(!std::path::Path::new("/tmp/this-app-never-binds-here.sock").exists());
+    drop(m);
+
+    let port = free_port();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("listen_fd.js")),
+            "-i",
+            "2",
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert_eq!(
+        instances_answering(port, 2, T).len(),
+        2,
+        "log:\n{}",
+        m.log()
+    );
+    assert_eq!(get_json(port).unwrap()["via"], "fd3");
+}
+
+#[test]
+fn exponential_backoff_grows_between_restarts() {
+    let port = free_port();
+    let dir = tempdir::Dir::new("backoff");
+    let cfg = dir.write(
+        "b.json",
+        &format!(
+            r#"{{"apps":[{{"name":"b","script":"{}","max_restarts":4,"exp_backoff_restart_delay":100}}]}}"#,
+            app("always_crash.js").display()
+        ),
+    );
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen_arg(port),
+            "--no-bus",
+        ],
+        &[],
+    );
+    let _ = m.wait_exit(T);
+    let delays: Vec<u64> = m
+        .log()
+        .lines()
+        .filter_map(|l| l.split("restarts in ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(delays, vec![100, 150, 225, 337], "log:\n{}", m.log());
+}

@@ -423,9 +423,21 @@ fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
     let dir = tempdir::Dir::new("allcrash");
     let cfg = dir.write(
         "a.json",
-        &format!(r#"{{"apps":[{{"name":"doomed","script":"{}","instances":2,"max_restarts":2}}]}}"#, app("always_crash.js").display()),
+        &format!(
+            r#"{{"apps":[{{"name":"doomed","script":"{}","instances":2,"max_restarts":2}}]}}"#,
+            app("always_crash.js").display()
+        ),
     );
-    let mut m = start(&["run", &path_str(&cfg), "--listen", &listen(port), "--no-bus"], &[]);
+    let mut m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            &listen(port),
+            "--no-bus",
+        ],
+        &[],
+    );
     let st = m.wait_exit(T).expect("the manager gives up");
     assert_eq!(st.code(), Some(1), "{}", m.log());
     assert!(m.log().contains("every slot errored"), "{}", m.log());
