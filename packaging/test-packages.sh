@@ -10,8 +10,10 @@
 #   4. rpmbuild -bb from a tarball of the same copy; list the .rpm
 #   5. in a container booted by tests/systemd/container.sh: dpkg -i, nothing
 #      runs; `systemctl enable --now nodeherd@hello.socket`; the app answers
-#      on 127.0.0.1:8000; `dpkg -r` stops it and removes the units;
-#      `dpkg --purge` removes /etc/nodeherd
+#      on 127.0.0.1:8000, on both workers, over the bus, across a reload and
+#      an upgrade in place; `dpkg -r` stops it and removes the units;
+#      `dpkg --purge` removes /etc/nodeherd. Then the same with the .rpm
+#      (rpm -i, rpm -U, rpm -e).
 #
 # Every check prints PASS or FAIL with what it saw; the last line is
 # "N passed, N failed", and the exit status is non-zero when anything
@@ -362,6 +364,19 @@ serves() {
     fi
 }
 
+# upgrades PKG CMD...: installing over the running app (CMD) restarts it
+# into the new binary, and it answers again.
+upgrades() {
+    local pkg=$1 before after
+    shift
+    before=$(ct systemctl show -p MainPID --value nodeherd@hello.service || true)
+    run_logged "$pkg: upgrade in place ($*)" ct "$@" || return 0
+    after=$(ct systemctl show -p MainPID --value nodeherd@hello.service || true)
+    check "$pkg: the upgrade restarted the running app (manager pid $before -> $after)" \
+        test -n "$after" -a "$after" != 0 -a "$after" != "$before"
+    check "$pkg: it answers after the upgrade" poll 30 answers
+}
+
 # removed PKG: after removal nothing of the app is left running or loaded.
 removed() {
     local pkg=$1 left active loaded unitfiles
@@ -394,6 +409,7 @@ note "the .deb"
 if run_logged "deb: dpkg -i nodeherd.deb" ct dpkg -i /shared/nodeherd.deb; then
     installed_idle deb
     serves deb
+    upgrades deb dpkg -i /shared/nodeherd.deb
     run_logged "deb: dpkg -r nodeherd" ct dpkg -r nodeherd
     removed deb
     check "deb: after dpkg -r the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
@@ -413,6 +429,7 @@ if [[ -n $rpmfile ]]; then
     if run_logged "rpm: rpm -i nodeherd.rpm" ct rpm -i --nodeps /shared/nodeherd.rpm; then
         installed_idle rpm
         serves rpm
+        upgrades rpm rpm -U --replacepkgs --nodeps /shared/nodeherd.rpm
         run_logged "rpm: rpm -e nodeherd" ct rpm -e nodeherd
         removed rpm
         forgotten rpm
