@@ -199,6 +199,7 @@ fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
     let dir = base.join(format!("nodeherd-{safe}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
     Ok(dir)
 }
 
@@ -218,7 +219,10 @@ fn remove_stale_dirs(base: &Path) {
         let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        let ours = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        // Only directories a manager made: they hold `manager.pid` naming the same pid.
+        let marked = std::fs::read_to_string(e.path().join("manager.pid"))
+            .is_ok_and(|p| p.trim() == pid.to_string());
+        let ours = marked && e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
         let alive = Path::new(&format!("/proc/{pid}")).exists();
         if ours && !alive && pid > 0 {
             let _ = std::fs::remove_dir_all(e.path());

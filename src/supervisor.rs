@@ -142,6 +142,15 @@ pub struct WorkerInfo {
     pub started_wall: Option<SystemTime>,
 }
 
+/// What a new worker is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The slot's serving worker (first start, restart after a crash, scale up).
+    Current,
+    /// A reload's replacement, started beside the current worker.
+    Incoming,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WState {
     Starting,
@@ -354,8 +363,9 @@ impl Supervisor {
         });
     }
 
-    /// Start a worker for slot `index`; `None` if the fork/exec failed.
-    fn spawn(&mut self, index: u32) -> Option<WorkerId> {
+    /// Start a worker for slot `index`, as its current worker or (during a
+    /// reload) its incoming replacement; `None` if the fork/exec failed.
+    fn spawn(&mut self, index: u32, role: Role) -> Option<WorkerId> {
         let spawned = match self.launcher.spawn(index, &self.listeners) {
             Ok(s) => s,
             Err(e) => {
@@ -403,6 +413,11 @@ impl Supervisor {
             ],
         );
         self.signal_worker(index, pid, "starting");
+        let slot = &mut self.slots[index as usize];
+        match role {
+            Role::Current => slot.current = Some(id),
+            Role::Incoming => slot.incoming = Some(id),
+        }
         // A worker with no way to report readiness is ready once started.
         let can_report = !self.listeners.is_empty() || self.app.wait_ready;
         let node = matches!(self.app.interpreter, crate::config::Interpreter::Node(_));
@@ -419,17 +434,12 @@ impl Supervisor {
         let slot = &mut self.slots[index as usize];
         slot.waiting = false;
         slot.generation += 1;
-        match self.spawn(index) {
-            Some(id) => {
-                let slot = &mut self.slots[index as usize];
-                if slot.current.is_none() {
-                    slot.current = Some(id);
-                } else {
-                    // Cannot happen: callers only start an empty slot. Keep the invariant anyway.
-                    self.stop_worker(id, "slot already has a worker");
-                }
-            }
-            None => self.after_crash(index, Duration::ZERO, "could not be started".into()),
+        if let Some(old) = self.slots[index as usize].current.take() {
+            // Callers only start an empty slot; should one not be, its worker goes.
+            self.stop_worker(old, "slot restarted");
+        }
+        if self.spawn(index, Role::Current).is_none() {
+            self.after_crash(index, Duration::ZERO, "could not be started".into());
         }
     }
 
@@ -888,33 +898,11 @@ impl Supervisor {
             notify::extend_timeout(
                 self.app.listen_timeout + self.app.kill_timeout + Duration::from_secs(5),
             );
-            match self.spawn(index) {
-                Some(id) => {
-                    let slot = &mut self.slots[index as usize];
-                    slot.incoming = Some(id);
-                    // A worker that was ready at once (no readiness channel) is swapped already.
-                    if self
-                        .workers
-                        .get(&id)
-                        .is_some_and(|w| w.state == WState::Ready)
-                    {
-                        self.mark_ready_again(id);
-                    }
-                }
-                None => {
-                    self.fail_reload(format!("slot {index}: the new worker could not be started"));
-                    return;
-                }
+            if self.spawn(index, Role::Incoming).is_none() {
+                self.fail_reload(format!("slot {index}: the new worker could not be started"));
+                return;
             }
         }
-    }
-
-    /// `mark_ready` ran before `incoming` was set: redo the swap part.
-    fn mark_ready_again(&mut self, id: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.state = WState::Starting;
-        }
-        self.mark_ready(id, "started");
     }
 
     fn fail_reload(&mut self, reason: String) {

@@ -192,7 +192,7 @@ fn a_replacement_that_never_becomes_ready_fails_closed() {
     for mode in ["hang", "crash"] {
         let f = fixture(
             "gated.js",
-            &["-i", "3", "--listen-timeout", "1500"],
+            &["-i", "3", "--listen-timeout", "4000"],
             &[("GATE_FILE", gate.to_str().unwrap()), ("GATE_MODE", mode)],
         );
         let before = f.wait_ready(3);
