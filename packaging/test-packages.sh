@@ -49,10 +49,16 @@ check() {
     if "$@"; then pass "$what"; else fail "$what"; fi
 }
 
+# The script's own stdout and stderr: a signal can arrive while a command's
+# output goes to a log file, and the trap would then run with that
+# redirection in force.
+exec {stdout}>&1 {stderr}>&2
+
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
+    exec 1>&"$stdout" 2>&"$stderr"
     if [[ -n $container ]]; then
         "$container_sh" stop "$container" >/dev/null 2>"$work/container-stop.err" ||
             { fail "stopping container $container"; sed 's/^/    /' "$work/container-stop.err"; }
