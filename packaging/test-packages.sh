@@ -76,6 +76,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- tools
+if [[ $(id -u) != 0 ]]; then
+    fail "needs root (apt-get, dpkg in a systemd container)"
+    exit 1
+fi
 note "build tools"
 need_debs=(build-essential debhelper dpkg-dev fakeroot lintian rpm git curl systemd-container)
 missing=()
@@ -102,7 +106,14 @@ src=$work/src/nodeherd-$version
 mkdir -p "$src"
 if [[ -n ${NODEHERD_TREE:-} ]]; then
     note "source: $NODEHERD_TREE as it is"
-    tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./.git -cf - . | tar -C "$src" -xf -
+    if git -C "$NODEHERD_TREE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        # Tracked and untracked files, as they are on disk; not what
+        # .gitignore names (target/, benchmark scratch).
+        git -C "$NODEHERD_TREE" ls-files -z -co --exclude-standard |
+            tar -C "$NODEHERD_TREE" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$src" -xf -
+    else
+        tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./.git -cf - . | tar -C "$src" -xf -
+    fi
     version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$src/Cargo.toml" | head -n1)
 else
     note "source: git archive HEAD ($(git -C "$repo" rev-parse --short HEAD))"
