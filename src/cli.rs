@@ -99,6 +99,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub shutdown_with_message: bool,
 
+    /// How connections reach workers: queue (one shared accept queue, the
+    /// default) or reuseport (one SO_REUSEPORT socket per worker slot, spread
+    /// evenly by the kernel; --listen TCP/UDP addresses only)
+    #[arg(long, value_name = "MODE", value_parser = ["queue", "reuseport"])]
+    pub balance: Option<String>,
+
     /// Workers swapped at once during a reload (default 1)
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<u32>,

@@ -106,6 +106,22 @@ pub struct App {
     pub reload_parallel: u32,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,
+    /// How connections are spread over workers (nodeherd's own key).
+    pub balance: Balance,
+}
+
+/// How new connections reach workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// One socket, one accept queue shared by every worker: the manager
+    /// holds it, so no connection waits on a worker that is gone. Idle
+    /// workers win more connections than busy ones.
+    #[default]
+    Queue,
+    /// One SO_REUSEPORT socket per slot (for `--listen` TCP/UDP addresses):
+    /// the kernel spreads connections evenly by hash. The manager holds
+    /// each slot's socket across restarts and reloads.
+    ReusePort,
 }
 
 /// Who workers run as, resolved from names when the config is loaded.
@@ -133,6 +149,7 @@ pub struct Overrides {
     pub kill_timeout: Option<u64>,
     pub shutdown_with_message: bool,
     pub reload_parallel: Option<u32>,
+    pub balance: Option<String>,
     pub args: Vec<String>,
 }
 
@@ -198,6 +215,7 @@ const KNOWN_KEYS: &[&str] = &[
     "reload_parallel",
     "uid",
     "gid",
+    "balance",
 ];
 
 /// The loaded app plus the warnings worth showing the operator.
@@ -863,6 +881,20 @@ fn from_entry(
     }
 
     let credentials = resolve_credentials(&e)?;
+    let balance_text = match &over.balance {
+        Some(b) => Some(b.clone()),
+        None => e.string("balance")?,
+    };
+    let balance = match balance_text.as_deref() {
+        None | Some("queue") => Balance::Queue,
+        Some("reuseport") => Balance::ReusePort,
+        Some(other) => {
+            return Err(e.err(
+                "balance",
+                format!("expected \"queue\" or \"reuseport\", got \"{other}\""),
+            ));
+        }
+    };
 
     Ok(Loaded {
         app: App {
@@ -888,6 +920,7 @@ fn from_entry(
             listen,
             reload_parallel: reload_parallel as u32,
             credentials,
+            balance,
         },
         warnings,
     })

@@ -42,6 +42,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         kill_timeout: args.kill_timeout,
         shutdown_with_message: args.shutdown_with_message,
         reload_parallel: args.reload_parallel,
+        balance: args.balance.clone(),
         args: args.script_args.clone(),
     };
     let loaded = match config::load(&args.target, &over, cpus) {
@@ -57,13 +58,26 @@ pub fn main(args: RunArgs) -> ExitCode {
         logs::warn(w);
     }
 
+    let reuseport = app.balance == config::Balance::ReusePort;
+    if reuseport && (!inherited.is_empty() || app.listen.is_empty()) {
+        logs::error(
+            "error: balance reuseport needs --listen addresses that nodeherd binds itself \
+             (a socket passed by systemd is one shared queue); use balance queue under a .socket unit",
+        );
+        return ExitCode::from(2);
+    }
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
         }
         inherited
     } else {
-        match sockets::bind_all(&app.listen) {
+        let bound = if reuseport {
+            sockets::bind_all_reuseport(&app.listen)
+        } else {
+            sockets::bind_all(&app.listen)
+        };
+        match bound {
             Ok(l) => l,
             Err(e) => {
                 logs::error(&format!("{e:#}"));

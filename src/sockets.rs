@@ -107,8 +107,61 @@ pub fn bind_all(addrs: &[String]) -> Result<Vec<Listener>> {
     addrs.iter().map(|a| bind(a)).collect()
 }
 
-/// Parse and bind one address: `HOST:PORT`, `[::1]:PORT`, `PORT`, `unix:/path`, `udp:HOST:PORT`.
+/// Bind one address: `HOST:PORT`, `[::1]:PORT`, `PORT`, `unix:/path`, `udp:HOST:PORT`.
 pub fn bind(spec: &str) -> Result<Listener> {
+    bind_with(spec, false)
+}
+
+/// A sibling of `l` in one SO_REUSEPORT group: same address, its own queue.
+/// `balance: reuseport` gives each slot one, and the kernel spreads new
+/// connections over them by hash.
+pub fn bind_sibling(l: &Template) -> Result<Listener> {
+    let spec = match l.kind {
+        Kind::Tcp => l.address.clone(),
+        Kind::Udp => format!("udp:{}", l.address),
+        _ => bail!(
+            "{} {}: only TCP and UDP sockets can be balanced with SO_REUSEPORT",
+            l.kind,
+            l.address
+        ),
+    };
+    let mut sibling = bind_with(&spec, true)?;
+    sibling.name = l.name.clone();
+    Ok(sibling)
+}
+
+/// What it takes to bind a socket like a given one again.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub kind: Kind,
+    pub address: String,
+    pub name: String,
+}
+
+impl From<&Listener> for Template {
+    fn from(l: &Listener) -> Template {
+        Template {
+            kind: l.kind,
+            address: l.address.clone(),
+            name: l.name.clone(),
+        }
+    }
+}
+
+/// Bind every address with SO_REUSEPORT, so that siblings can join later.
+pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
+    addrs
+        .iter()
+        .map(|a| {
+            if a.starts_with("unix:") {
+                bail!("--listen {a}: balance reuseport works with TCP and UDP addresses, not unix sockets");
+            }
+            bind_with(a, true)
+        })
+        .collect()
+}
+
+fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
     let fail = |e: std::io::Error| anyhow::anyhow!("cannot listen on {spec}: {e}");
     let socket = if let Some(path) = spec.strip_prefix("unix:") {
         if path.is_empty() {
@@ -141,6 +194,9 @@ pub fn bind(spec: &str) -> Result<Listener> {
             .map_err(fail)?;
         if !udp {
             s.set_reuse_address(true).map_err(fail)?;
+        }
+        if reuse_port {
+            s.set_reuse_port(true).map_err(fail)?;
         }
         if addr.is_ipv6() {
             s.set_only_v6(false).ok();
@@ -263,6 +319,18 @@ mod tests {
         assert_ne!(l.port, Some(0));
         let u = bind("udp:127.0.0.1:0").unwrap();
         assert_eq!(u.kind, Kind::Udp);
+    }
+
+    #[test]
+    fn reuseport_siblings_share_the_address() {
+        let first = bind_all_reuseport(&["127.0.0.1:0".into()])
+            .unwrap()
+            .remove(0);
+        let sibling = bind_sibling(&Template::from(&first)).unwrap();
+        assert_eq!(first.address, sibling.address);
+        // A plain bind on the same address is refused: the group is closed to strangers.
+        assert!(bind(&first.address).is_err());
+        assert!(bind_all_reuseport(&["unix:/tmp/x.sock".into()]).is_err());
     }
 
     #[test]

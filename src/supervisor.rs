@@ -29,7 +29,7 @@ use crate::ipc;
 use crate::logs::{self, Stream};
 use crate::notify;
 use crate::notify_socket::{self, Notification};
-use crate::sockets::Listener;
+use crate::sockets::{self, Listener, Template};
 use crate::worker::{Launcher, Spawned};
 
 /// Longest backoff between restarts of a crashing worker (as PM2).
@@ -229,10 +229,18 @@ pub struct Handle {
     pub snapshot: watch::Receiver<Snapshot>,
 }
 
+/// `balance: reuseport`: each slot's own sockets, and what to bind for a new slot.
+struct PerSlot {
+    sockets: Vec<Vec<Listener>>,
+    templates: Vec<Template>,
+}
+
 pub struct Supervisor {
     app: App,
     launcher: Launcher,
+    /// The shared sockets (`balance: queue`); empty with `balance: reuseport`.
     listeners: Vec<Listener>,
+    per_slot: Option<PerSlot>,
     cpus: u32,
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -262,10 +270,24 @@ impl Supervisor {
             workers: Vec::new(),
         };
         let (published, _) = watch::channel(initial);
+        let (listeners, per_slot) = if app.balance == crate::config::Balance::ReusePort {
+            // The sockets bound at start become slot 0's.
+            let templates = listeners.iter().map(Template::from).collect();
+            (
+                Vec::new(),
+                Some(PerSlot {
+                    sockets: vec![listeners],
+                    templates,
+                }),
+            )
+        } else {
+            (listeners, None)
+        };
         Supervisor {
             app,
             launcher,
             listeners,
+            per_slot,
             cpus,
             slots: Vec::new(),
             workers: BTreeMap::new(),
@@ -366,7 +388,11 @@ impl Supervisor {
     /// Start a worker for slot `index`, as its current worker or (during a
     /// reload) its incoming replacement; `None` if the fork/exec failed.
     fn spawn(&mut self, index: u32, role: Role) -> Option<WorkerId> {
-        let spawned = match self.launcher.spawn(index, &self.listeners) {
+        if let Err(e) = self.ensure_slot_sockets(index) {
+            logs::error(&format!("worker {index}: {e:#}"));
+            return None;
+        }
+        let spawned = match self.launcher.spawn(index, self.listeners_for(index)) {
             Ok(s) => s,
             Err(e) => {
                 logs::error(&format!("worker {index}: {e:#}"));
@@ -419,7 +445,7 @@ impl Supervisor {
             Role::Incoming => slot.incoming = Some(id),
         }
         // A worker with no way to report readiness is ready once started.
-        let can_report = !self.listeners.is_empty() || self.app.wait_ready;
+        let can_report = !self.listeners_for(index).is_empty() || self.app.wait_ready;
         let node = matches!(self.app.interpreter, crate::config::Interpreter::Node(_));
         if !can_report || (!node && !self.app.wait_ready) {
             self.mark_ready(id, "started");
@@ -427,6 +453,43 @@ impl Supervisor {
             self.after(self.app.listen_timeout, Timer::ReadyDeadline(id));
         }
         Some(id)
+    }
+
+    /// The sockets a worker of slot `index` inherits.
+    fn listeners_for(&self, index: u32) -> &[Listener] {
+        match &self.per_slot {
+            None => &self.listeners,
+            Some(p) => p.sockets.get(index as usize).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// With `balance: reuseport`, bind the slot's own sockets if it has none.
+    fn ensure_slot_sockets(&mut self, index: u32) -> anyhow::Result<()> {
+        let Some(p) = &mut self.per_slot else {
+            return Ok(());
+        };
+        let i = index as usize;
+        if p.sockets.len() <= i {
+            p.sockets.resize_with(i + 1, Vec::new);
+        }
+        if p.sockets[i].is_empty() {
+            p.sockets[i] = p
+                .templates
+                .iter()
+                .map(sockets::bind_sibling)
+                .collect::<anyhow::Result<_>>()?;
+        }
+        Ok(())
+    }
+
+    /// With `balance: reuseport`, close a slot's sockets (errored or removed),
+    /// so the kernel stops sending connections where no worker accepts.
+    fn release_slot_sockets(&mut self, index: u32) {
+        if let Some(p) = &mut self.per_slot
+            && let Some(s) = p.sockets.get_mut(index as usize)
+        {
+            s.clear();
+        }
     }
 
     /// Start the serving worker of a slot (first start, crash restart, scale up).
@@ -684,6 +747,7 @@ impl Supervisor {
         logs::error(&format!(
             "slot {index} errored, not restarting it: {reason}"
         ));
+        self.release_slot_sockets(index);
         self.signal_worker(index, 0, "errored");
         if self.slots.iter().all(|s| s.errored.is_some()) && self.phase == Phase::Running {
             logs::error("every slot errored: nothing is serving; stopping");
@@ -994,6 +1058,7 @@ impl Supervisor {
             // Highest slots go first; their workers drain, requests in flight finish.
             while self.slots.len() as u32 > want {
                 let slot = self.slots.pop().expect("len > want >= 1");
+                self.release_slot_sockets(self.slots.len() as u32);
                 for id in [slot.current, slot.incoming].into_iter().flatten() {
                     self.stop_worker(id, "scaled down");
                 }

@@ -439,3 +439,41 @@ fn without_a_bus_the_manager_runs_and_says_so_once() {
     assert_eq!(m.log().matches("control plane off").count(), 1);
     assert!(get_json(port).is_ok());
 }
+
+#[test]
+fn balance_reuseport_gives_each_slot_its_own_queue() {
+    let f = fixture("env.js", &["-i", "4", "--balance", "reuseport"], &[]);
+    f.wait_ready(4);
+    let count = |n: usize| {
+        let mut per: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..n {
+            let v = get_json(f.port).expect("every request answered");
+            *per.entry(v["instance"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        per
+    };
+    // The kernel hashes each new connection to one slot's socket: every slot
+    // gets a share near a quarter (expected 200 of 800; a share under 100
+    // would take a 8-sigma draw).
+    let per = count(800);
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.values().all(|&n| n >= 100), "{per:?}");
+    // A reload swaps workers on the same slot sockets; scaling binds and closes them.
+    let (code, _, err) = f.call("Reload", &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = f.call("Scale", &["i", "6"]);
+    assert_eq!(code, 0, "{err}");
+    f.wait_ready(6);
+    assert_eq!(count(600).len(), 6);
+    let (code, _, err) = f.call("Scale", &["i", "2"]);
+    assert_eq!(code, 0, "{err}");
+    f.wait_ready(2);
+    // Closed slots take no more connections: all 200 are answered by the two left.
+    let per = count(200);
+    assert_eq!(
+        per.keys().cloned().collect::<Vec<_>>(),
+        vec!["0", "1"],
+        "{per:?}"
+    );
+}

@@ -518,6 +518,9 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
     assert!(err.contains("nonsense"), "{err}");
     let (code, err) = run_to_end(&["run", &script, "--kill-timeout", "soon"], T);
     assert_eq!(code, Some(2), "{err}");
+    let (code, err) = run_to_end(&["run", &script, "--balance", "reuseport", "--no-bus"], T);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("balance reuseport needs --listen"), "{err}");
     // A config that loops forever is cut off, not waited on.
     let looping = dir.write("loop.config.js", "while (true) {}");
     let (code, err) = run_to_end(
