@@ -89,6 +89,19 @@ pub fn event(priority: Priority, msg: &str, fields: &[(&str, String)]) {
     }
 }
 
+/// A manager event about one worker, tagged with the same fields as that
+/// worker's own lines, so `journalctl NODE_APP_INSTANCE=2` shows both.
+pub fn worker_event(priority: Priority, index: u32, pid: i32, msg: &str) {
+    let var = SINK
+        .get()
+        .map_or("NODE_APP_INSTANCE", |s| s.instance_var.as_str());
+    event(
+        priority,
+        msg,
+        &[(var, index.to_string()), ("WORKER_PID", pid.to_string())],
+    );
+}
+
 pub fn info(msg: &str) {
     event(Priority::Info, msg, &[]);
 }

@@ -31,6 +31,7 @@ use crate::notify;
 use crate::notify_socket::{self, Notification};
 use crate::sockets::{self, Listener, Template};
 use crate::worker::{Launcher, Spawned};
+use libsystemd::logging::Priority;
 
 /// Longest backoff between restarts of a crashing worker (as PM2).
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -430,13 +431,11 @@ impl Supervisor {
             },
         );
         self.by_pid.insert(pid, id);
-        logs::event(
-            libsystemd::logging::Priority::Info,
+        logs::worker_event(
+            Priority::Info,
+            index,
+            pid,
             &format!("worker {index} started (pid {pid})"),
-            &[
-                (self.app.instance_var.as_str(), index.to_string()),
-                ("WORKER_PID", pid.to_string()),
-            ],
         );
         self.signal_worker(index, pid, "starting");
         let slot = &mut self.slots[index as usize];
@@ -516,16 +515,14 @@ impl Supervisor {
         w.state = WState::Ready;
         let (index, pid) = (w.index, w.pid);
         let took = w.started.elapsed();
-        logs::event(
-            libsystemd::logging::Priority::Info,
+        logs::worker_event(
+            Priority::Info,
+            index,
+            pid,
             &format!(
                 "worker {index} ready (pid {pid}, {why}, {} ms)",
                 took.as_millis()
             ),
-            &[
-                (self.app.instance_var.as_str(), index.to_string()),
-                ("WORKER_PID", pid.to_string()),
-            ],
         );
         self.signal_worker(index, pid, "ready");
         let Some(slot) = self.slots.get_mut(index as usize) else {
@@ -630,26 +627,22 @@ impl Supervisor {
         };
         self.signal_worker(index, pid as u32 as i32, "exited");
         if w.state == WState::Stopping {
-            logs::event(
-                libsystemd::logging::Priority::Info,
+            logs::worker_event(
+                Priority::Info,
+                index,
+                pid,
                 &format!("worker {index} stopped (pid {pid}, {how})"),
-                &[
-                    (self.app.instance_var.as_str(), index.to_string()),
-                    ("WORKER_PID", pid.to_string()),
-                ],
             );
             return;
         }
-        logs::event(
-            libsystemd::logging::Priority::Warning,
+        logs::worker_event(
+            Priority::Warning,
+            index,
+            pid,
             &format!(
                 "worker {index} exited unexpectedly (pid {pid}, {cause}, up {} ms)",
                 uptime.as_millis()
             ),
-            &[
-                (self.app.instance_var.as_str(), index.to_string()),
-                ("WORKER_PID", pid.to_string()),
-            ],
         );
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
@@ -920,7 +913,7 @@ impl Supervisor {
     fn begin_reload(&mut self, slots: Vec<u32>, replies: Vec<Reply>) {
         let total = slots.len();
         logs::event(
-            libsystemd::logging::Priority::Notice,
+            Priority::Notice,
             &format!(
                 "reload begun: {total} worker(s), {} at a time",
                 self.app.reload_parallel
@@ -990,7 +983,7 @@ impl Supervisor {
         }
         let msg = format!("reload failed: {reason}; the previous workers keep serving");
         logs::event(
-            libsystemd::logging::Priority::Error,
+            Priority::Error,
             &msg,
             &[("NODEHERD_EVENT", "reload-failed".into())],
         );
@@ -1050,7 +1043,7 @@ impl Supervisor {
         let want = want as u32;
         let have = have as u32;
         logs::event(
-            libsystemd::logging::Priority::Notice,
+            Priority::Notice,
             &format!("scale: {have} → {want} workers"),
             &[("NODEHERD_EVENT", "scale".into())],
         );
@@ -1137,7 +1130,7 @@ impl Supervisor {
                     started.elapsed().as_millis()
                 );
                 logs::event(
-                    libsystemd::logging::Priority::Notice,
+                    Priority::Notice,
                     &msg,
                     &[("NODEHERD_EVENT", "reload-finished".into())],
                 );
