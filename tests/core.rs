@@ -292,12 +292,11 @@ fn workers_die_with_the_manager_even_on_kill_9() {
 fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
     let port = free_port();
     let dir = tempdir::Dir::new("crash");
-    let cfg = dir.write(
-        "crash.json",
-        &format!(
-            r#"{{"apps":[{{"name":"crashy","script":"{}","instances":3,"max_restarts":3,"min_uptime":10000}}]}}"#,
-            app("crash_one.js").display()
-        ),
+    let cfg = one_app(
+        &dir,
+        "crashy",
+        "crash_one.js",
+        r#""instances":3,"max_restarts":3,"min_uptime":10000"#,
     );
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
@@ -539,13 +538,7 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
 fn unknown_keys_warn_by_name() {
     let port = free_port();
     let dir = tempdir::Dir::new("unknown");
-    let cfg = dir.write(
-        "u.json",
-        &format!(
-            r#"{{"apps":[{{"name":"u","script":"{}","colour":"blue","watch":true}}]}}"#,
-            app("env.js").display()
-        ),
-    );
+    let cfg = one_app(&dir, "u", "env.js", r#""colour":"blue","watch":true"#);
     let m = start(
         &[
             "run",
@@ -641,12 +634,11 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
 fn exponential_backoff_grows_between_restarts() {
     let port = free_port();
     let dir = tempdir::Dir::new("backoff");
-    let cfg = dir.write(
-        "b.json",
-        &format!(
-            r#"{{"apps":[{{"name":"b","script":"{}","max_restarts":4,"exp_backoff_restart_delay":100}}]}}"#,
-            app("always_crash.js").display()
-        ),
+    let cfg = one_app(
+        &dir,
+        "b",
+        "always_crash.js",
+        r#""max_restarts":4,"exp_backoff_restart_delay":100"#,
     );
     let mut m = start(
         &[

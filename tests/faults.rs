@@ -217,12 +217,11 @@ fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_clos
     let bus = DbusDaemon::start();
     let port = free_port();
     let dir = tempdir::Dir::new("loop");
-    let cfg = dir.write(
-        "c.json",
-        &format!(
-            r#"{{"apps":[{{"name":"loopy","script":"{}","instances":2,"max_restarts":1000,"restart_delay":200}}]}}"#,
-            app("crash_one.js").display()
-        ),
+    let cfg = one_app(
+        &dir,
+        "loopy",
+        "crash_one.js",
+        r#""instances":2,"max_restarts":1000,"restart_delay":200"#,
     );
     let m = start(
         &[
@@ -293,9 +292,11 @@ fn the_manager_reconnects_when_the_bus_restarts() {
 fn workers_run_as_the_configured_user() {
     let port = free_port();
     let dir = tempdir::Dir::new("uid");
-    let cfg = dir.write(
-        "u.json",
-        &format!(r#"{{"apps":[{{"name":"lowly","script":"{}","instances":2,"uid":"nobody","max_restarts":1}}]}}"#, app("env.js").display()),
+    let cfg = one_app(
+        &dir,
+        "lowly",
+        "env.js",
+        r#""instances":2,"uid":"nobody","max_restarts":1"#,
     );
     let m = start(
         &[
@@ -329,13 +330,7 @@ fn workers_run_as_the_configured_user() {
 #[test]
 fn unknown_users_are_a_config_error() {
     let dir = tempdir::Dir::new("nouser");
-    let cfg = dir.write(
-        "u.json",
-        &format!(
-            r#"{{"apps":[{{"name":"x","script":"{}","uid":"no-such-user-here"}}]}}"#,
-            app("env.js").display()
-        ),
-    );
+    let cfg = one_app(&dir, "x", "env.js", r#""uid":"no-such-user-here""#);
     let (code, err) = run_to_end(&["run", cfg.to_str().unwrap(), "--no-bus"], T);
     assert_eq!(code, Some(2), "{err}");
     assert!(
@@ -348,9 +343,11 @@ fn unknown_users_are_a_config_error() {
 fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
     let port = free_port();
     let dir = tempdir::Dir::new("mem");
-    let cfg = dir.write(
-        "m.json",
-        &format!(r#"{{"apps":[{{"name":"leaky","script":"{}","instances":1,"max_memory_restart":"40M"}}]}}"#, app("leaky.js").display()),
+    let cfg = one_app(
+        &dir,
+        "leaky",
+        "leaky.js",
+        r#""instances":1,"max_memory_restart":"40M""#,
     );
     let m = start(
         &[
@@ -421,12 +418,11 @@ fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
 fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
     let port = free_port();
     let dir = tempdir::Dir::new("allcrash");
-    let cfg = dir.write(
-        "a.json",
-        &format!(
-            r#"{{"apps":[{{"name":"doomed","script":"{}","instances":2,"max_restarts":2}}]}}"#,
-            app("always_crash.js").display()
-        ),
+    let cfg = one_app(
+        &dir,
+        "doomed",
+        "always_crash.js",
+        r#""instances":2,"max_restarts":2"#,
     );
     let mut m = start(
         &[

@@ -422,6 +422,23 @@ pub mod tempdir {
     }
 }
 
+/// Write a one-app ecosystem file `<name>.json` in `dir` running tests/apps/`script`;
+/// `fields` are the app's other keys as JSON (`"instances":2`), or empty.
+pub fn one_app(dir: &tempdir::Dir, name: &str, script: &str, fields: &str) -> PathBuf {
+    let mut app_json = serde_json::json!({"name": name, "script": app(script)});
+    if !fields.is_empty() {
+        let extra: serde_json::Value =
+            serde_json::from_str(&format!("{{{fields}}}")).expect("valid JSON fields");
+        for (k, v) in extra.as_object().unwrap() {
+            app_json[k] = v.clone();
+        }
+    }
+    dir.write(
+        &format!("{name}.json"),
+        &serde_json::json!({ "apps": [app_json] }).to_string(),
+    )
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
