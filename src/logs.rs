@@ -27,7 +27,9 @@ pub fn init(app: &str, instance_var: &str) {
     let _ = SINK.set(Sink {
         journal,
         app: app.to_string(),
-        instance_var: instance_var.to_string(),
+        // Journal field names are upper case; a lower-case instance_var
+        // would be dropped silently.
+        instance_var: instance_var.to_ascii_uppercase(),
     });
 }
 
