@@ -438,3 +438,42 @@ fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
     assert_eq!(st.code(), Some(1), "{}", m.log());
     assert!(m.log().contains("every slot errored"), "{}", m.log());
 }
+
+#[test]
+fn a_worker_closing_the_socket_or_exiting_after_ready_costs_no_connection() {
+    let dir = tempdir::Dir::new("closer");
+    let cfg = one_app(
+        &dir,
+        "closer",
+        "closer.js",
+        r#""instances":2,"max_restarts":2,"min_uptime":5000"#,
+    );
+    for mode in ["close", "exit"] {
+        let port = free_port();
+        let m = start(
+            &[
+                "run",
+                &path_str(&cfg),
+                "--listen",
+                &listen(port),
+                "--no-bus",
+            ],
+            &[("CLOSE_MODE", mode)],
+        );
+        assert!(m.wait_log("2/2 workers ready", T), "{mode}: {}", m.log());
+        if mode == "exit" {
+            // It is restarted, exits again, and its slot ends errored. A
+            // connection it had already accepted when it exited dies with it:
+            // that is the app's doing. Once it is gone, nothing is lost.
+            assert!(m.wait_log("slot 1 errored", T), "{}", m.log());
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // Every request is answered: the manager's copy keeps the socket
+        // listening, and the other worker takes the whole queue.
+        for i in 0..200 {
+            let r = get_json(port);
+            assert!(r.is_ok(), "{mode}: request {i} failed: {r:?}\n{}", m.log());
+        }
+    }
+}
