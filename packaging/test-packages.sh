@@ -88,9 +88,15 @@ for p in "${need_debs[@]}"; do
 done
 if ((${#missing[@]})); then
     note "installing ${missing[*]}"
-    # Another apt-get may hold the lists lock for a while: wait, bounded.
-    for _ in $(seq 1 120); do
-        if apt-get -o DPkg::Lock::Timeout=300 update -qq; then break; fi
+    # Another apt-get may hold the lists lock for a while: wait for it,
+    # bounded; any other failure is final.
+    for try in $(seq 1 60); do
+        apt-get update -qq 2>"$work/apt-update.err" && break
+        if ! grep -q 'Could not get lock' "$work/apt-update.err" || ((try == 60)); then
+            cat "$work/apt-update.err"
+            fail "apt-get update"
+            exit 1
+        fi
         sleep 5
     done
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
@@ -101,24 +107,25 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v cargo >/dev/null || { fail "no cargo (rustup's, in ~/.cargo/bin)"; exit 1; }
 
 # ---------------------------------------------------------------- source
-version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
-src=$work/src/nodeherd-$version
-mkdir -p "$src"
+tree=$work/src/tree
+mkdir -p "$tree"
 if [[ -n ${NODEHERD_TREE:-} ]]; then
     note "source: $NODEHERD_TREE as it is"
     if git -C "$NODEHERD_TREE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
         # Tracked and untracked files, as they are on disk; not what
         # .gitignore names (target/, benchmark scratch).
         git -C "$NODEHERD_TREE" ls-files -z -co --exclude-standard |
-            tar -C "$NODEHERD_TREE" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$src" -xf -
+            tar -C "$NODEHERD_TREE" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$tree" -xf -
     else
-        tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./.git -cf - . | tar -C "$src" -xf -
+        tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./.git -cf - . | tar -C "$tree" -xf -
     fi
-    version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$src/Cargo.toml" | head -n1)
 else
     note "source: git archive HEAD ($(git -C "$repo" rev-parse --short HEAD))"
-    git -C "$repo" archive --format=tar HEAD | tar -C "$src" -xf -
+    git -C "$repo" archive --format=tar HEAD | tar -C "$tree" -xf -
 fi
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$tree/Cargo.toml" | head -n1)
+src=$work/src/nodeherd-$version
+mv "$tree" "$src"
 # cargo decides what to rebuild by mtime, and `git archive` stamps files
 # with the commit's time: a shared CARGO_TARGET_DIR holding a newer build of
 # other sources would be reused as is. Fresh mtimes make cargo rebuild
