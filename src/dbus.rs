@@ -361,13 +361,6 @@ async fn forward(
     }
 }
 
-/// Seconds since the epoch, for clients showing when a worker started.
-pub fn unix_ms_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,7 +108,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let code = run_daemon(app, listeners, cpus, &dir, &args);
+    let code = run_daemon(app, listeners, &dir, &args);
     let _ = std::fs::remove_dir_all(&dir);
     ExitCode::from(code as u8)
 }
@@ -116,7 +116,6 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn run_daemon(
     app: config::App,
     listeners: Vec<sockets::Listener>,
-    cpus: u32,
     dir: &Path,
     args: &RunArgs,
 ) -> i32 {
@@ -171,7 +170,7 @@ fn run_daemon(
             .entry("NODEHERD_KILL_TIMEOUT_MS".into())
             .or_insert_with(|| app.kill_timeout.as_millis().to_string());
         let launcher = worker::Launcher::new(&app, &listeners, &shim, &notify_path);
-        let mut sup = Supervisor::new(app, launcher, listeners, cpus);
+        let mut sup = Supervisor::new(app, launcher, listeners);
         let handle = sup.handle();
         if let Err(e) = supervisor::spawn_reaper(handle.events.clone())
             .and_then(|_| supervisor::spawn_signals(handle.events.clone()))

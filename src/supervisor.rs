@@ -242,7 +242,6 @@ pub struct Supervisor {
     /// The shared sockets (`balance: queue`); empty with `balance: reuseport`.
     listeners: Vec<Listener>,
     per_slot: Option<PerSlot>,
-    cpus: u32,
     slots: Vec<Slot>,
     workers: BTreeMap<WorkerId, Worker>,
     by_pid: HashMap<i32, WorkerId>,
@@ -260,7 +259,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(app: App, launcher: Launcher, listeners: Vec<Listener>, cpus: u32) -> Supervisor {
+    pub fn new(app: App, launcher: Launcher, listeners: Vec<Listener>) -> Supervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         let initial = Snapshot {
             name: app.name.clone(),
@@ -289,7 +288,6 @@ impl Supervisor {
             launcher,
             listeners,
             per_slot,
-            cpus,
             slots: Vec::new(),
             workers: BTreeMap::new(),
             by_pid: HashMap::new(),
@@ -1532,13 +1530,6 @@ pub fn spawn_notify_listener(sock: tokio::net::UnixDatagram, tx: mpsc::Unbounded
             }
         }
     });
-}
-
-impl Supervisor {
-    /// CPU count used for `max` in Scale.
-    pub fn cpus(&self) -> u32 {
-        self.cpus
-    }
 }
 
 #[cfg(test)]
