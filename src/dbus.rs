@@ -7,7 +7,7 @@
 //! supervisor publishes after every event; a small task turns snapshot
 //! changes into `PropertiesChanged` and supervisor reports into signals.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use zbus::object_server::SignalEmitter;
