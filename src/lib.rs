@@ -44,6 +44,7 @@ pub mod config;
 pub mod dbus;
 pub mod ipc;
 pub mod logs;
+pub mod manpage;
 pub mod notify;
 pub mod notify_socket;
 pub mod run;

@@ -20,15 +20,12 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            let man = clap_mangen::Man::new(Cli::command());
-            match man.render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("nodeherd: cannot write the man page: {e}");
-                    ExitCode::from(1)
-                }
+        Command::Man => match nodeherd::manpage::render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nodeherd: cannot write the man page: {e}");
+                ExitCode::from(1)
             }
-        }
+        },
     }
 }
