@@ -1,0 +1,23 @@
+// Per-worker request counter for the fairness measure. When BENCH_COUNT_DIR
+// is set, each worker writes its count to BENCH_COUNT_DIR/<pid>.json twice a
+// second; the bench reads the files before and after a load run. Costs one
+// increment per request and one small write per 500 ms.
+const dir = process.env.BENCH_COUNT_DIR;
+let count = 0;
+if (dir) {
+  const fs = require('fs');
+  const path = require('path');
+  const file = path.join(dir, `${process.pid}.json`);
+  const write = () => {
+    try {
+      fs.writeFileSync(file, JSON.stringify({ instance: process.env.NODE_APP_INSTANCE ?? null, pid: process.pid, count }));
+    } catch (_) {
+      // The directory is gone: the bench is over.
+    }
+  };
+  setInterval(write, 500).unref();
+  write();
+}
+module.exports = () => {
+  count += 1;
+};

@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# nodeherd against PM2 cluster mode and a plain Node cluster (SCHED_NONE),
+# side by side in one run, on 127.0.0.1 only. See bench/README.md.
+#
+#   bench/run.sh            full run (3 rounds, ~25 min on 2 cores), writes BENCHMARKS.md
+#   bench/run.sh --quick    1 round, short durations (a few minutes), writes bench/.work/BENCHMARKS-quick.md
+#
+# Options: --rounds N, --out FILE, --strict (exit 1 when a target is missed),
+#          --phases LIST (comma-separated subset of: tput,reload,walltime,crash,scale,memory).
+#
+# Everything it installs goes under bench/.work/ (PM2 in a private npm prefix,
+# with its own PM2_HOME), except oha (`cargo install oha --locked`, when it is
+# not on PATH already). Every process it starts is ended by pid on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+WORK=$HERE/.work
+APPS=$HERE/apps
+LIB=$HERE/lib
+COMMAND_LINE="bench/run.sh${*:+ $*}"
+
+PM2_VERSION=7.0.4
+CONTENDERS=(nodeherd pm2 cluster)
+
+# --- options -----------------------------------------------------------------
+QUICK=0
+ROUNDS=
+OUT=
+STRICT=0
+PHASES=tput,reload,walltime,crash,scale,memory
+while (($#)); do
+  case $1 in
+    --quick) QUICK=1 ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --out) OUT=$2; shift ;;
+    --strict) STRICT=1 ;;
+    --phases) PHASES=$2; shift ;;
+    -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if ((QUICK)); then
+  : "${ROUNDS:=1}"
+  : "${OUT:=$WORK/BENCHMARKS-quick.md}"
+  TPUT_SECS=3          # each throughput measurement
+  RELOAD_GAP=1         # seconds of load before, between and after the 3 reloads
+  WALL_RELOADS=2       # timed idle reloads per app and contender per round
+  CRASHES=2            # kill -9 per contender per round
+  MEM_RELOADS=20       # reloads between the two RSS readings
+else
+  : "${ROUNDS:=3}"
+  : "${OUT:=$ROOT/BENCHMARKS.md}"
+  TPUT_SECS=10
+  RELOAD_GAP=2
+  WALL_RELOADS=3
+  CRASHES=4
+  MEM_RELOADS=200
+fi
+CONNS=64              # oha -c, for every load run
+CLIENT_TIMEOUT=4      # oha -t during reloads: a request without an answer for this long counts as failed
+SCALE_TO=8
+
+has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+# --- processes we started, ended by pid on exit ------------------------------
+PIDS=()              # long-lived processes started here (managers, oha, dbus-daemon)
+DBUS_PID=
+PM2=
+PM2_HOME=$WORK/pm2-home
+export PM2_HOME
+
+descendants() { # pid -> its children, grandchildren, ... (one per line)
+  local c
+  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    echo "$c"
+    descendants "$c"
+  done
+}
+
+alive() { [[ -e /proc/$1 ]] && ! grep -q '^State:.*Z' /proc/"$1"/status 2>/dev/null; }
+# A process's start time (clock ticks since boot): tells a pid from a later reuse of it.
+started() { awk '{sub(/.*\) /, ""); print $20}' /proc/"$1"/stat 2>/dev/null || true; }
+
+forget() { # drop a pid from PIDS once it is ended
+  local p keep=()
+  for p in "${PIDS[@]}"; do [[ $p != "$1" ]] && keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+# End pid and everything under it: TERM, up to 5 s, then KILL whatever of
+# them is still the same process.
+end_tree() {
+  local pid=$1 p i all=()
+  if alive "$pid"; then
+    for p in "$pid" $(descendants "$pid"); do all+=("$p:$(started "$p")"); done
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do alive "$pid" || break; sleep 0.1; done
+    for p in "${all[@]}"; do
+      [[ -n ${p#*:} && $(started "${p%%:*}") == "${p#*:}" ]] && kill -KILL "${p%%:*}" 2>/dev/null
+    done
+  fi
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do end_tree "$pid"; done
+  wait
+  if [[ -n $PM2 && -x $PM2 ]]; then
+    timeout 30 "$PM2" kill >/dev/null 2>&1
+    [[ -f $PM2_HOME/pm2.pid ]] && kill -KILL "$(cat "$PM2_HOME/pm2.pid")" 2>/dev/null
+  fi
+  [[ -n $DBUS_PID ]] && kill -TERM "$DBUS_PID" 2>/dev/null
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- tools -------------------------------------------------------------------
+mkdir -p "$WORK"
+command -v node >/dev/null || die "node is needed (Node.js 18 or later)"
+command -v npm >/dev/null || die "npm is needed"
+if ! command -v dbus-daemon >/dev/null; then
+  if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    log "installing dbus from apt"
+    apt-get install -y -q dbus >/dev/null
+  else
+    die "dbus-daemon is needed (apt-get install dbus)"
+  fi
+fi
+
+PM2=$WORK/pm2/node_modules/.bin/pm2
+if [[ ! -x $PM2 ]] || [[ $(node -p "require('$WORK/pm2/node_modules/pm2/package.json').version") != "$PM2_VERSION" ]]; then
+  log "installing pm2@$PM2_VERSION into $WORK/pm2"
+  timeout 600 npm install --prefix "$WORK/pm2" --no-audit --no-fund --loglevel=error "pm2@$PM2_VERSION" >&2
+fi
+PM2_VERSION_SEEN=$(node -p "require('$WORK/pm2/node_modules/pm2/package.json').version")
+
+OHA=$(command -v oha || true)
+[[ -z $OHA && -x $HOME/.cargo/bin/oha ]] && OHA=$HOME/.cargo/bin/oha
+if [[ -z $OHA ]]; then
+  log "installing oha (cargo install oha --locked, several minutes)"
+  timeout 1800 cargo install oha --locked >&2
+  OHA=$HOME/.cargo/bin/oha
+fi
+
+log "building nodeherd (cargo build --release)"
+(cd "$ROOT" && timeout 1800 cargo build --release --quiet >&2)
+NH=$ROOT/target/release/nodeherd
+
+# --- where this run writes ---------------------------------------------------
+RUN=$WORK/runs/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$RUN"
+RESULTS=$RUN/results.jsonl
+: >"$RESULTS"
+log "results in $RUN"
+
+rec() { printf '%s\n' "$1" >>"$RESULTS"; } # one JSON object per line
+
+rm -rf "$PM2_HOME"
+mkdir -p "$PM2_HOME"
+
+# A private system-type bus with an allow-all policy, for nodeherd's control plane.
+cat >"$RUN/bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$RUN/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+EOF
+{ read -r BUS; read -r DBUS_PID; } < <(timeout 10 dbus-daemon --config-file="$RUN/bus.conf" --fork --print-address=1 --print-pid=1)
+[[ -n $BUS && -n $DBUS_PID ]] || die "dbus-daemon did not start"
+
+# Metadata for the report.
+COMMAND_LINE=$COMMAND_LINE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA NH=$NH ROOT=$ROOT \
+SETTINGS="{\"tput_secs\":$TPUT_SECS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO}" \
+  node "$LIB/meta.js" >"$RUN/meta.json"
+
+# --- contenders --------------------------------------------------------------
+# up CONTENDER APP N: start APP with N workers on a fresh port; sets PORT,
+# MGR (the manager's pid: nodeherd, PM2's daemon, the cluster primary), APPNAME,
+# COUNTS (the directory the workers write their request counts to).
+PORT=18200
+MGR=
+APPNAME=
+COUNTS=
+UPS=0
+next_port() {
+  local i
+  for ((i = 0; i < 200; i++)); do
+    PORT=$((PORT + 1))
+    ((PORT > 18999)) && PORT=18201
+    ss -Hltn "sport = :$PORT" | grep -q . || return 0
+  done
+  die "no free port in 18201-18999"
+}
+
+probe() { timeout 60 node "$LIB/probe.js" "$@"; }
+
+# Wait until N distinct instances answer; prints the probe's JSON.
+wait_answering() {
+  local n=$1 out
+  out=$(probe pids "$PORT" "$n") || die "$CONTENDER: probe failed"
+  [[ $out == *'"timeout":false'* ]] || die "$CONTENDER $APPNAME: $n instances did not all answer on :$PORT: $out"
+}
+
+up() {
+  CONTENDER=$1 APPNAME=$2
+  local n=$3 i
+  next_port
+  UPS=$((UPS + 1))
+  COUNTS=$RUN/counts/$UPS
+  mkdir -p "$COUNTS"
+  local logf=$RUN/logs/$UPS-$CONTENDER-$APPNAME.log
+  mkdir -p "$RUN/logs"
+  case $CONTENDER in
+    nodeherd)
+      PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \
+        --listen "127.0.0.1:$PORT" --bus "$BUS" >"$logf" 2>&1 &
+      MGR=$!
+      PIDS+=("$MGR")
+      for ((i = 0; i < 100; i++)); do
+        "$NH" status "$APPNAME" --json --bus "$BUS" >/dev/null 2>&1 && break
+        alive "$MGR" || die "nodeherd exited: $(tail -5 "$logf")"
+        sleep 0.1
+      done
+      ;;
+    pm2)
+      cat >"$RUN/$APPNAME.config.js" <<EOF
+module.exports = { apps: [{ name: '$APPNAME', script: '$APPS/$APPNAME.js', exec_mode: 'cluster', instances: $n,
+  env: { PORT: '$PORT', BENCH_COUNT_DIR: '$COUNTS' } }] };
+EOF
+      timeout 60 "$PM2" start "$RUN/$APPNAME.config.js" >>"$logf" 2>&1 || die "pm2 start failed: $(tail -5 "$logf")"
+      MGR=$(cat "$PM2_HOME/pm2.pid")
+      ;;
+    cluster)
+      PORT=$PORT BENCH_COUNT_DIR=$COUNTS node "$APPS/cluster.js" "$APPS/$APPNAME.js" "$n" >"$logf" 2>&1 &
+      MGR=$!
+      PIDS+=("$MGR")
+      ;;
+  esac
+  wait_answering "$n"
+}
+
+down() {
+  case $CONTENDER in
+    pm2) timeout 60 "$PM2" delete all >/dev/null 2>&1 || log "pm2 delete failed" ;;
+    *) end_tree "$MGR" ;;
+  esac
+  sleep 0.5
+}
+
+# Reload the running app and wait for the result; prints the wall time in ms.
+reload() {
+  local t0 t1 n i
+  t0=$(date +%s%N)
+  case $CONTENDER in
+    nodeherd) timeout 120 "$NH" reload "$APPNAME" --bus "$BUS" >/dev/null 2>&1 || { log "nodeherd reload failed"; echo -1; return; } ;;
+    pm2) timeout 120 "$PM2" reload "$APPNAME" >/dev/null 2>&1 || { log "pm2 reload failed"; echo -1; return; } ;;
+    cluster)
+      n=$(grep -c reloaded "$RUN/logs/$UPS-cluster-$APPNAME.log" || true)
+      kill -HUP "$MGR"
+      for ((i = 0; i < 12000; i++)); do
+        (($(grep -c reloaded "$RUN/logs/$UPS-cluster-$APPNAME.log" || true) > n)) && break
+        sleep 0.01
+      done
+      ;;
+  esac
+  t1=$(date +%s%N)
+  echo $(((t1 - t0) / 1000000))
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
+cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' /proc/"$1"/stat; } # utime + stime of the process itself
+counts() { node -e '
+  const fs = require("fs"); const d = process.argv[1]; const o = {};
+  for (const f of fs.readdirSync(d)) { try { const c = JSON.parse(fs.readFileSync(d + "/" + f)); o[c.pid] = c; } catch (_) {} }
+  console.log(JSON.stringify(o));' "$1"; }
+
+oha_run() { # oha_run SECS KA OUTFILE [extra oha args]
+  local secs=$1 ka=$2 outf=$3
+  shift 3
+  local args=(-z "${secs}s" -c "$CONNS" --no-tui --output-format json)
+  [[ $ka == off ]] && args+=(--disable-keepalive)
+  timeout $((secs + 60)) "$OHA" "${args[@]}" "$@" "http://127.0.0.1:$PORT/" >"$outf" 2>>"$RUN/oha.err" || true
+}
+
+# --- phases ------------------------------------------------------------------
+phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, keep-alive on and off
+  local round=$1 w c ka f before after t0 t1
+  for w in 2 4; do
+    for c in "${CONTENDERS[@]}"; do
+      up "$c" hello "$w"
+      oha_run 2 on /dev/null # warm-up
+      for ka in off on; do
+        sleep 1.1
+        before=$(counts "$COUNTS")
+        t0=$(cpu_ticks "$MGR")
+        f=$RUN/oha/tput-$round-$w-$c-$ka.json
+        mkdir -p "$RUN/oha"
+        log "round $round: throughput $c, $w workers, keep-alive $ka"
+        oha_run "$TPUT_SECS" "$ka" "$f"
+        t1=$(cpu_ticks "$MGR")
+        sleep 1.1
+        after=$(counts "$COUNTS")
+        rec "{\"kind\":\"tput\",\"round\":$round,\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after}"
+      done
+      down
+    done
+  done
+}
+
+phase_reload() { # failed requests during 3 reloads under load
+  local round=$1 app c ka f oha_pid t0 times k ms i
+  for app in hello slow; do
+    for c in "${CONTENDERS[@]}"; do
+      up "$c" "$app" 2
+      for ka in off on; do
+        f=$RUN/oha/reload-$round-$app-$c-$ka.json
+        mkdir -p "$RUN/oha"
+        log "round $round: 3 reloads under load, $c, $app, keep-alive $ka"
+        # oha runs until told to stop (SIGINT: it prints its results), which
+        # is CLIENT_TIMEOUT + 1 s after the last reload returned, so that a
+        # request left hanging by a reload shows up as a timeout instead of
+        # being cut off by the end of the run. -z is only a safety cap.
+        t0=$(date +%s%N)
+        local args=(-z 300s -c "$CONNS" -t "${CLIENT_TIMEOUT}s" --no-tui --output-format json)
+        [[ $ka == off ]] && args+=(--disable-keepalive)
+        "$OHA" "${args[@]}" "http://127.0.0.1:$PORT/" >"$f" 2>>"$RUN/oha.err" &
+        oha_pid=$!
+        PIDS+=("$oha_pid")
+        times=()
+        sleep "$RELOAD_GAP"
+        for k in 1 2 3; do
+          ms=$(reload)
+          times+=("$ms")
+          sleep "$RELOAD_GAP"
+        done
+        sleep $((CLIENT_TIMEOUT + 1))
+        kill -INT "$oha_pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do alive "$oha_pid" || break; sleep 0.1; done
+        end_tree "$oha_pid"
+        rec "{\"kind\":\"reload\",\"round\":$round,\"contender\":\"$c\",\"app\":\"$app\",\"workers\":2,\"ka\":\"$ka\",\"oha\":\"$f\",\"reload_ms\":[$(IFS=,; echo "${times[*]}")],\"run_ms\":$((($(date +%s%N) - t0) / 1000000))}"
+        sleep 1
+      done
+      down
+    done
+  done
+}
+
+phase_walltime() { # reload wall time, 4 idle workers
+  local round=$1 app c k ms
+  for app in hello slow; do
+    for c in "${CONTENDERS[@]}"; do
+      up "$c" "$app" 4
+      sleep 1
+      for ((k = 0; k < WALL_RELOADS; k++)); do
+        ms=$(reload)
+        log "round $round: reload wall time $c $app 4 workers: $ms ms"
+        rec "{\"kind\":\"walltime\",\"round\":$round,\"contender\":\"$c\",\"app\":\"$app\",\"workers\":4,\"ms\":$ms}"
+        sleep 1
+      done
+      down
+    done
+  done
+}
+
+phase_crash() { # kill -9 a worker: time until its replacement answers; and node's own boot time
+  local round=$1 c k kids victim out
+  for ((k = 0; k < CRASHES; k++)); do
+    out=$(probe boot "$APPS/hello.js" "$((18999 - k))")
+    rec "{\"kind\":\"boot\",\"round\":$round,$(echo "${out:1}")"
+  done
+  for c in "${CONTENDERS[@]}"; do
+    up "$c" hello 2
+    sleep 1.5
+    rec "{\"kind\":\"rss_idle_warm\",\"round\":$round,\"contender\":\"$c\",\"kib\":$(rss_kib "$MGR")}"
+    for ((k = 0; k < CRASHES; k++)); do
+      kids=$(cat /proc/"$MGR"/task/*/children | tr ' ' '\n' | grep . | paste -sd,)
+      victim=${kids%%,*}
+      ((k % 2)) && victim=${kids##*,}
+      out=$(probe crash "$PORT" "$victim" "$kids")
+      log "round $round: kill -9 $c worker $victim: $out"
+      rec "{\"kind\":\"crash\",\"round\":$round,\"contender\":\"$c\",$(echo "${out:1}")"
+      sleep 2
+      wait_answering 2
+    done
+    down
+  done
+}
+
+phase_scale() { # scale 2 -> 8: time from the command until all 8 answer
+  local round=$1 c out cmd
+  for c in nodeherd pm2; do
+    up "$c" hello 2
+    sleep 1
+    case $c in
+      nodeherd) cmd=("$NH" scale hello "$SCALE_TO" --bus "$BUS") ;;
+      pm2) cmd=("$PM2" scale hello "$SCALE_TO") ;;
+    esac
+    out=$(probe until "$PORT" "$SCALE_TO" -- "${cmd[@]}")
+    log "round $round: scale $c 2 -> $SCALE_TO: $out"
+    rec "{\"kind\":\"scale\",\"round\":$round,\"contender\":\"$c\",$(echo "${out:1}")"
+    down
+  done
+}
+
+phase_memory() { # manager RSS: idle with 2 workers, then after MEM_RELOADS reloads
+  local c k ms idle mid fails
+  for c in nodeherd pm2 cluster; do
+    [[ $c == pm2 ]] && { timeout 30 "$PM2" kill >/dev/null 2>&1 || true; } # a fresh daemon
+    up "$c" hello 2
+    sleep 3
+    idle=$(rss_kib "$MGR")
+    log "memory: $c idle ${idle} KiB"
+    fails=0
+    mid=0
+    if [[ $c != cluster ]]; then
+      for ((k = 1; k <= MEM_RELOADS; k++)); do
+        ms=$(reload)
+        ((ms < 0)) && fails=$((fails + 1))
+        ((k == MEM_RELOADS / 2)) && mid=$(rss_kib "$MGR")
+        ((k % 25 == 0)) && log "memory: $c $k reloads, RSS $(rss_kib "$MGR") KiB"
+      done
+      sleep 3
+    fi
+    rec "{\"kind\":\"memory\",\"contender\":\"$c\",\"idle_kib\":$idle,\"mid_kib\":$mid,\"after_kib\":$(rss_kib "$MGR"),\"reloads\":$([[ $c == cluster ]] && echo 0 || echo "$MEM_RELOADS"),\"failed_reloads\":$fails}"
+    down
+  done
+}
+
+START=$(date +%s)
+for ((round = 1; round <= ROUNDS; round++)); do
+  has_phase tput && phase_tput "$round"
+  has_phase reload && phase_reload "$round"
+  has_phase walltime && phase_walltime "$round"
+  has_phase crash && phase_crash "$round"
+  has_phase scale && phase_scale "$round"
+done
+has_phase memory && phase_memory
+log "measurements done in $(($(date +%s) - START)) s"
+
+node -e '
+  const fs = require("fs"); const f = process.argv[1]; const m = JSON.parse(fs.readFileSync(f));
+  m.loadavg_end = require("os").loadavg(); m.seconds = Number(process.argv[2]);
+  fs.writeFileSync(f, JSON.stringify(m, null, 1));' "$RUN/meta.json" "$(($(date +%s) - START))"
+
+report_args=("$RUN" "$OUT")
+((STRICT)) && report_args+=(--strict)
+node "$LIB/report.js" "${report_args[@]}"
+log "wrote $OUT"
