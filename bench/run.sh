@@ -46,6 +46,7 @@ if ((QUICK)); then
   : "${ROUNDS:=1}"
   : "${OUT:=$WORK/BENCHMARKS-quick.md}"
   TPUT_SECS=3          # each throughput measurement
+  TPUT_REPS=1          # throughput runs per contender, keep-alive setting and round
   RELOAD_GAP=1         # seconds of load before, between and after the 3 reloads
   WALL_RELOADS=2       # timed idle reloads per app and contender per round
   CRASHES=2            # kill -9 per contender per round
@@ -53,7 +54,8 @@ if ((QUICK)); then
 else
   : "${ROUNDS:=3}"
   : "${OUT:=$ROOT/BENCHMARKS.md}"
-  TPUT_SECS=10
+  TPUT_SECS=6
+  TPUT_REPS=2
   RELOAD_GAP=2
   WALL_RELOADS=3
   CRASHES=4
@@ -190,7 +192,7 @@ EOF
 
 # Metadata for the report.
 COMMAND_LINE=$COMMAND_LINE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA NH=$NH ROOT=$ROOT \
-SETTINGS="{\"tput_secs\":$TPUT_SECS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO}" \
+SETTINGS="{\"tput_secs\":$TPUT_SECS,\"tput_reps\":$TPUT_REPS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO}" \
   node "$LIB/meta.js" >"$RUN/meta.json"
 
 # --- contenders --------------------------------------------------------------
@@ -206,10 +208,10 @@ next_port() {
   local i
   for ((i = 0; i < 200; i++)); do
     PORT=$((PORT + 1))
-    ((PORT > 18999)) && PORT=18201
+    ((PORT > 18899)) && PORT=18201
     ss -Hltn "sport = :$PORT" | grep -q . || return 0
   done
-  die "no free port in 18201-18999"
+  die "no free port in 18201-18899"
 }
 
 probe() { timeout 60 node "$LIB/probe.js" "$@"; }
@@ -303,25 +305,43 @@ oha_run() { # oha_run SECS KA OUTFILE [extra oha args]
 }
 
 # --- phases ------------------------------------------------------------------
+# All three contenders are up side by side (idle ones cost nothing) so that
+# their runs can alternate closely: for each repetition, every contender once
+# per keep-alive setting, the starting contender rotating. A burst of noise on
+# the machine then hits all of them alike.
+declare -A PORT_OF MGR_OF COUNTS_OF UPS_OF
 phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, keep-alive on and off
-  local round=$1 w c ka f before after t0 t1
+  local round=$1 w c ka f before after t0 t1 rep i order
   for w in 2 4; do
     for c in "${CONTENDERS[@]}"; do
       up "$c" hello "$w"
-      oha_run 2 on /dev/null # warm-up
+      PORT_OF[$c]=$PORT MGR_OF[$c]=$MGR COUNTS_OF[$c]=$COUNTS UPS_OF[$c]=$UPS
+      oha_run 1 on /dev/null # warm-up
+    done
+    sleep 0.7
+    for ((rep = 1; rep <= TPUT_REPS; rep++)); do
       for ka in off on; do
-        sleep 1.1
-        before=$(counts "$COUNTS")
-        t0=$(cpu_ticks "$MGR")
-        f=$RUN/oha/tput-$round-$w-$c-$ka.json
-        mkdir -p "$RUN/oha"
-        log "round $round: throughput $c, $w workers, keep-alive $ka"
-        oha_run "$TPUT_SECS" "$ka" "$f"
-        t1=$(cpu_ticks "$MGR")
-        sleep 1.1
-        after=$(counts "$COUNTS")
-        rec "{\"kind\":\"tput\",\"round\":$round,\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after}"
+        order=()
+        for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
+          order+=("${CONTENDERS[(i + rep + round) % ${#CONTENDERS[@]}]}")
+        done
+        for c in "${order[@]}"; do
+          PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} COUNTS=${COUNTS_OF[$c]}
+          before=$(counts "$COUNTS")
+          t0=$(cpu_ticks "$MGR")
+          f=$RUN/oha/tput-$round-$rep-$w-$c-$ka.json
+          mkdir -p "$RUN/oha"
+          log "round $round.$rep: throughput $c, $w workers, keep-alive $ka"
+          oha_run "$TPUT_SECS" "$ka" "$f"
+          t1=$(cpu_ticks "$MGR")
+          sleep 0.7 # the workers write their counts every 250 ms
+          after=$(counts "$COUNTS")
+          rec "{\"kind\":\"tput\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after}"
+        done
       done
+    done
+    for c in "${CONTENDERS[@]}"; do
+      CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} UPS=${UPS_OF[$c]}
       down
     done
   done
@@ -383,25 +403,40 @@ phase_walltime() { # reload wall time, 4 idle workers
 }
 
 phase_crash() { # kill -9 a worker: time until its replacement answers; and node's own boot time
-  local round=$1 c k kids victim out
-  for ((k = 0; k < CRASHES; k++)); do
-    out=$(probe boot "$APPS/hello.js" "$((18999 - k))")
-    rec "{\"kind\":\"boot\",\"round\":$round,$(echo "${out:1}")"
-  done
+  # The three contenders are up side by side, and every kill is next to a
+  # fresh measure of node's boot time, so both see the same machine.
+  local round=$1 c k i kids victim out order
   for c in "${CONTENDERS[@]}"; do
     up "$c" hello 2
-    sleep 1.5
-    rec "{\"kind\":\"rss_idle_warm\",\"round\":$round,\"contender\":\"$c\",\"kib\":$(rss_kib "$MGR")}"
-    for ((k = 0; k < CRASHES; k++)); do
+    PORT_OF[$c]=$PORT MGR_OF[$c]=$MGR UPS_OF[$c]=$UPS
+  done
+  sleep 1.5
+  for c in "${CONTENDERS[@]}"; do
+    rec "{\"kind\":\"rss_idle_warm\",\"round\":$round,\"contender\":\"$c\",\"kib\":$(rss_kib "${MGR_OF[$c]}")}"
+  done
+  for ((k = 0; k < CRASHES; k++)); do
+    out=$(probe boot "$APPS/hello.js" "$((18900 + k))")
+    log "round $round: node boot: $out"
+    rec "{\"kind\":\"boot\",\"round\":$round,\"k\":$k,${out:1}"
+    order=()
+    for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do order+=("${CONTENDERS[(i + k + round) % ${#CONTENDERS[@]}]}"); done
+    for c in "${order[@]}"; do
+      CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]}
       kids=$(cat /proc/"$MGR"/task/*/children | tr ' ' '\n' | grep . | paste -sd,)
       victim=${kids%%,*}
       ((k % 2)) && victim=${kids##*,}
       out=$(probe crash "$PORT" "$victim" "$kids")
       log "round $round: kill -9 $c worker $victim: $out"
-      rec "{\"kind\":\"crash\",\"round\":$round,\"contender\":\"$c\",$(echo "${out:1}")"
-      sleep 2
+      rec "{\"kind\":\"crash\",\"round\":$round,\"k\":$k,\"contender\":\"$c\",${out:1}"
+    done
+    sleep 2 # PM2 counts a restart younger than min_uptime (1 s) as unstable
+    for c in "${CONTENDERS[@]}"; do
+      CONTENDER=$c PORT=${PORT_OF[$c]}
       wait_answering 2
     done
+  done
+  for c in "${CONTENDERS[@]}"; do
+    CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} UPS=${UPS_OF[$c]}
     down
   done
 }
@@ -417,13 +452,13 @@ phase_scale() { # scale 2 -> 8: time from the command until all 8 answer
     esac
     out=$(probe until "$PORT" "$SCALE_TO" -- "${cmd[@]}")
     log "round $round: scale $c 2 -> $SCALE_TO: $out"
-    rec "{\"kind\":\"scale\",\"round\":$round,\"contender\":\"$c\",$(echo "${out:1}")"
+    rec "{\"kind\":\"scale\",\"round\":$round,\"contender\":\"$c\",${out:1}"
     down
   done
 }
 
 phase_memory() { # manager RSS: idle with 2 workers, then after MEM_RELOADS reloads
-  local c k ms idle mid fails
+  local c k ms idle mid fails trace
   for c in nodeherd pm2 cluster; do
     [[ $c == pm2 ]] && { timeout 30 "$PM2" kill >/dev/null 2>&1 || true; } # a fresh daemon
     up "$c" hello 2
@@ -432,16 +467,20 @@ phase_memory() { # manager RSS: idle with 2 workers, then after MEM_RELOADS relo
     log "memory: $c idle ${idle} KiB"
     fails=0
     mid=0
+    trace=()
     if [[ $c != cluster ]]; then
       for ((k = 1; k <= MEM_RELOADS; k++)); do
         ms=$(reload)
         ((ms < 0)) && fails=$((fails + 1))
         ((k == MEM_RELOADS / 2)) && mid=$(rss_kib "$MGR")
-        ((k % 25 == 0)) && log "memory: $c $k reloads, RSS $(rss_kib "$MGR") KiB"
+        if ((k % 25 == 0)); then
+          trace+=("$(rss_kib "$MGR")")
+          log "memory: $c $k reloads, RSS ${trace[-1]} KiB"
+        fi
       done
       sleep 3
     fi
-    rec "{\"kind\":\"memory\",\"contender\":\"$c\",\"idle_kib\":$idle,\"mid_kib\":$mid,\"after_kib\":$(rss_kib "$MGR"),\"reloads\":$([[ $c == cluster ]] && echo 0 || echo "$MEM_RELOADS"),\"failed_reloads\":$fails}"
+    rec "{\"kind\":\"memory\",\"contender\":\"$c\",\"idle_kib\":$idle,\"mid_kib\":$mid,\"after_kib\":$(rss_kib "$MGR"),\"reloads\":$([[ $c == cluster ]] && echo 0 || echo "$MEM_RELOADS"),\"failed_reloads\":$fails,\"trace_every_25\":[$(IFS=,; echo "${trace[*]}")]}"
     down
   done
 }
