@@ -256,6 +256,7 @@ pub struct Supervisor {
     ready_sent: bool,
     last_status: String,
     exit_code: i32,
+    last_stranger_warning: Option<Instant>,
 }
 
 impl Supervisor {
@@ -302,6 +303,7 @@ impl Supervisor {
             ready_sent: false,
             last_status: String::new(),
             exit_code: 0,
+            last_stranger_warning: None,
         }
     }
 
@@ -555,10 +557,18 @@ impl Supervisor {
             self.by_pid.get(&group).copied()
         });
         let Some(id) = id else {
-            logs::warn(&format!(
-                "ignored a notify message from pid {}, which is not one of our workers",
-                n.pid
-            ));
+            // Said at most once a second, so a flood cannot flood the journal too.
+            let now = Instant::now();
+            if self
+                .last_stranger_warning
+                .is_none_or(|t| now - t >= Duration::from_secs(1))
+            {
+                self.last_stranger_warning = Some(now);
+                logs::warn(&format!(
+                    "ignored a notify message from pid {}, which is not one of our workers",
+                    n.pid
+                ));
+            }
             return;
         };
         if n.ready {
