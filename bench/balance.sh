@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Per-worker share of requests: nodeherd's shared accept queue (the default)
+# against --balance reuseport (one SO_REUSEPORT socket per slot), side by
+# side in one run: A B A B ..., medians and min-max.
+#
+# Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N]
+# Prints a markdown table; traffic goes to 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+ROUNDS=3 SECS=10 WORKERS=4
+while [ $# -gt 0 ]; do
+  case $1 in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --seconds) SECS=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--workers N]" >&2; exit 2 ;;
+  esac
+done
+command -v oha >/dev/null || cargo install oha --locked --quiet
+cargo build --release --quiet
+BIN=target/release/nodeherd
+work=$(mktemp -d /tmp/nodeherd-balance.XXXXXX)
+mgr=""
+cleanup() {
+  [ -n "$mgr" ] && kill -TERM "$mgr" 2>/dev/null || true
+  [ -n "$mgr" ] && wait "$mgr" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# One measurement: mode, keep-alive on/off -> "req_per_s max_over_min shares"
+measure() {
+  local mode=$1 ka=$2 port counts
+  port=$(free_port)
+  counts="$work/counts-$mode-$ka"
+  rm -rf "$counts"; mkdir -p "$counts"
+  BENCH_COUNT_DIR=$counts "$BIN" run bench/apps/hello.js -i "$WORKERS" --balance "$mode" \
+    --listen "127.0.0.1:$port" --no-bus >"$work/manager.log" 2>&1 &
+  mgr=$!
+  for _ in $(seq 1 300); do
+    [ "$(grep -c ' ready (pid' "$work/manager.log" || true)" -ge "$WORKERS" ] && break
+    sleep 0.05
+  done
+  oha -z 2s -c 64 --no-tui --output-format json http://127.0.0.1:$port/ >/dev/null 2>&1 || true
+  python3 - "$counts" >"$work/before.json" <<'PY'
+import json, os, sys, time
+def read(p):
+    for _ in range(50):  # a worker may be rewriting the file right now
+        try:
+            return json.load(open(p))["count"]
+        except ValueError:
+            time.sleep(0.01)
+    raise SystemExit(f"cannot read {p}")
+d = sys.argv[1]
+print(json.dumps({f: read(os.path.join(d, f)) for f in os.listdir(d)}))
+PY
+  local flag=""
+  [ "$ka" = off ] && flag=--disable-keepalive
+  oha -z "${SECS}s" -c 64 --no-tui --output-format json $flag "http://127.0.0.1:$port/" >"$work/oha.json"
+  sleep 0.4
+  python3 - "$counts" "$work/before.json" "$work/oha.json" <<'PY'
+import json, os, sys, time
+def read(p):
+    for _ in range(50):  # a worker may be rewriting the file right now
+        try:
+            return json.load(open(p))["count"]
+        except ValueError:
+            time.sleep(0.01)
+    raise SystemExit(f"cannot read {p}")
+d, before, oha = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+now = {f: read(os.path.join(d, f)) for f in os.listdir(d)}
+per = sorted(now[f] - before.get(f, 0) for f in now)
+total = sum(per)
+print(f"{oha['summary']['requestsPerSec']:.0f} {per[-1] / max(per[0], 1):.2f} {'/'.join(f'{100 * p / total:.0f}' for p in per)}")
+PY
+  kill -TERM "$mgr"; wait "$mgr" 2>/dev/null || true; mgr=""
+}
+
+declare -A rps ratio shares
+for r in $(seq 1 "$ROUNDS"); do
+  for ka in off on; do
+    for mode in queue reuseport; do
+      read -r a b c < <(measure "$mode" "$ka")
+      rps[$mode-$ka]+="$a "; ratio[$mode-$ka]+="$b "; shares[$mode-$ka]+="$c "
+      echo "round $r, keep-alive $ka, $mode: $a req/s, max/min $b, shares % $c" >&2
+    done
+  done
+done
+
+med() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):g} ({min(v):g}-{max(v):g})")' "$@"; }
+echo "| balance | keep-alive | req/s, median (min-max) | max/min share, median (min-max) | shares per worker, % (each round) |"
+echo "|---|---|---|---|---|"
+for ka in off on; do
+  for mode in queue reuseport; do
+    # shellcheck disable=SC2086
+    echo "| $mode | $ka | $(med ${rps[$mode-$ka]}) | $(med ${ratio[$mode-$ka]}) | ${shares[$mode-$ka]} |"
+  done
+done
