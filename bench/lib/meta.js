@@ -20,6 +20,7 @@ process.stdout.write(
       command: e.COMMAND_LINE,
       quick: e.QUICK === '1',
       rounds: Number(e.ROUNDS),
+      nice: Number(e.NICE || 0),
       nproc: os.cpus().length,
       cpu: os.cpus()[0].model,
       mem_gib: +(os.totalmem() / 2 ** 30).toFixed(1),

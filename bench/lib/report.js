@@ -98,7 +98,7 @@ p(`- Machine: ${meta.nproc} CPUs (\`nproc\`), ${meta.cpu}, ${meta.mem_gib} GiB, 
 p(`- Versions: node ${meta.node}, PM2 ${meta.pm2}, ${meta.oha || 'oha ?'}, ${meta.nodeherd || 'nodeherd ?'} (commit ${meta.commit}${meta.dirty ? ', with uncommitted changes in src/' : ''}).`);
 p(`- Command: \`${meta.command}\` — ${meta.rounds} round(s), contenders in alternation (nodeherd, PM2, cluster) within every measurement; figures are medians (min–max) over rounds.`);
 const st = meta.settings;
-p(`- Load: \`oha -c ${st.conns}\` on 127.0.0.1; hello app unless said otherwise.`);
+p(`- Load: \`oha -c ${st.conns}\` on 127.0.0.1; hello app unless said otherwise. The bench and everything it started ran at nice ${meta.nice ?? 0}.`);
 p();
 
 // --- throughput --------------------------------------------------------------
