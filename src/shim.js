@@ -103,62 +103,74 @@
   };
 
   // --- graceful drain -------------------------------------------------------
-  let draining = false;
+  //
+  // Draining a server: stop accepting (other workers take the shared queue),
+  // let requests in flight finish, answer the next request on each keep-alive
+  // connection with `Connection: close`, and close connections that stay idle
+  // only after a grace period. Closing an idle keep-alive connection at once
+  // races a client that is sending its next request on it, and that request
+  // fails; Node's own http `close()` does exactly that since v19. So, for the
+  // servers on inherited sockets, `close()` and `closeIdleConnections()` drain
+  // this way, whether the shim calls them or the app's own SIGINT handler does.
+  const http = require('http');
+  const https = require('https');
+  const grace = Math.max(100, Math.floor(killTimeout * 0.6));
+  const netClose = net.Server.prototype.close;
 
   function track(server) {
     servers.add(server);
-    const conns = new Set();
-    server.__nodeherdConns = conns;
-    server.on('connection', (c) => {
-      conns.add(c);
-      c.__nodeherdBusy = 0;
-      c.on('close', () => conns.delete(c));
-    });
-    // Only HTTP servers emit 'request'; for them keep-alive ends cleanly.
-    server.prependListener('request', (req, res) => {
-      const c = req.socket;
-      c.__nodeherdBusy = (c.__nodeherdBusy || 0) + 1;
-      if (draining) res.shouldKeepAlive = false;
-      res.once('close', () => {
-        c.__nodeherdBusy -= 1;
-        if (draining && c.__nodeherdBusy === 0) setImmediate(() => c.destroySoon ? c.destroySoon() : c.end());
-      });
-      res.__nodeherdPending = true;
-      res.once('finish', () => (res.__nodeherdPending = false));
-      (server.__nodeherdResponses ||= new Set()).add(res);
-      res.once('close', () => server.__nodeherdResponses.delete(res));
-    });
+    server.__nodeherd = { draining: false, idleTimer: null };
+    // Per request, one property check: during a drain the response closes its connection.
+    server.prependListener('request', onRequest);
   }
 
+  function onRequest(req, res) {
+    if (this.__nodeherd.draining) res.shouldKeepAlive = false;
+  }
+
+  function drainServer(server, cb) {
+    const state = server.__nodeherd;
+    state.draining = true;
+    closeIdleLater(server);
+    return netClose.call(server, cb);
+  }
+
+  function closeIdleLater(server) {
+    const state = server.__nodeherd;
+    if (state.idleTimer || typeof server.__nodeherdCloseIdle !== 'function') return;
+    state.idleTimer = setTimeout(() => server.__nodeherdCloseIdle(), grace);
+    state.idleTimer.unref();
+  }
+
+  for (const proto of [http.Server.prototype, https.Server.prototype]) {
+    const close = proto.close;
+    const closeIdle = proto.closeIdleConnections;
+    proto.close = function (cb) {
+      return this.__nodeherd ? drainServer(this, cb) : close.call(this, cb);
+    };
+    if (typeof closeIdle === 'function') {
+      proto.__nodeherdCloseIdle = closeIdle;
+      proto.closeIdleConnections = function () {
+        if (!this.__nodeherd) return closeIdle.call(this);
+        this.__nodeherd.draining = true;
+        closeIdleLater(this);
+      };
+    }
+  }
+
+  let stopping = false;
   function drain() {
-    if (draining) return;
-    draining = true;
-    // Keep-alive connections that stay idle are closed after a grace period,
-    // not at once: a client may be sending its next request on one right now,
-    // and that request will be answered with `Connection: close` instead.
-    const grace = Math.max(100, Math.floor(killTimeout * 0.6));
+    if (stopping) return;
+    stopping = true;
     let open = servers.size;
     const done = () => process.exit(0);
     if (open === 0) return done();
     for (const server of servers) {
-      for (const res of server.__nodeherdResponses || []) {
-        if (!res.headersSent) res.shouldKeepAlive = false;
-      }
-      // net.Server's close, not http.Server's: since Node 19 the latter also
-      // closes idle keep-alive connections at once, racing clients that are
-      // sending their next request on them (they would see a reset).
-      net.Server.prototype.close.call(server, () => {
+      drainServer(server, () => {
         open -= 1;
         if (open === 0) done();
       });
     }
-    setTimeout(() => {
-      for (const server of servers) {
-        for (const c of server.__nodeherdConns || []) {
-          if (!c.__nodeherdBusy) c.destroy();
-        }
-      }
-    }, grace).unref();
   }
 
   process.on('SIGINT', () => {
