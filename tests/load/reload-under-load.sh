@@ -8,10 +8,13 @@
 # cut off by the end of the run ("aborted due to deadline") do not.
 #
 # Usage: tests/load/reload-under-load.sh [path/to/nodeherd]
+# LOAD_APP=tests/apps/slow.js runs an app that takes 400 ms to listen and
+# stops itself on SIGINT with server.close() (its own handler).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/nodeherd}
 DURATION=${LOAD_SECONDS:-25}
+APP=${LOAD_APP:-examples/hello/app.js}
 [ -x "$BIN" ] || cargo build --release --quiet
 command -v oha >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 command -v oha >/dev/null || cargo install oha --locked --quiet
@@ -45,7 +48,7 @@ pids+=("${out[1]}")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # A generous listen_timeout: this test is about failed requests, and on a
 # loaded 2-core machine a node worker may take seconds to boot.
-"$BIN" run examples/hello/app.js --name load -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
+"$BIN" run "$APP" --name load -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
   --listen-timeout 15000 \
   >"$work/manager.log" 2>&1 &
 pids+=("$!")
