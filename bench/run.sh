@@ -58,8 +58,8 @@ if ((QUICK)); then
 else
   : "${ROUNDS:=3}"
   : "${OUT:=$ROOT/BENCHMARKS.md}"
-  TPUT_SECS=6
-  TPUT_REPS=2
+  TPUT_SECS=4
+  TPUT_REPS=4
   RELOAD_GAP=2
   WALL_RELOADS=3
   CRASHES=4
@@ -306,7 +306,7 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
 cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' /proc/"$1"/stat; } # utime + stime of the process itself
 counts() { node -e '
   const fs = require("fs"); const d = process.argv[1]; const o = {};
-  for (const f of fs.readdirSync(d)) { try { const c = JSON.parse(fs.readFileSync(d + "/" + f)); o[c.pid] = c; } catch (_) {} }
+  for (const f of fs.readdirSync(d).filter((f) => f.endsWith(".json"))) { const c = JSON.parse(fs.readFileSync(d + "/" + f)); o[c.pid] = c; }
   console.log(JSON.stringify(o));' "$1"; }
 
 oha_run() { # oha_run SECS KA OUTFILE [extra oha args]

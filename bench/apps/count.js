@@ -8,9 +8,13 @@ if (dir) {
   const fs = require('fs');
   const path = require('path');
   const file = path.join(dir, `${process.pid}.json`);
+  // Beside the directory, not in it: readers list the directory.
+  const tmp = `${dir.replace(/\/+$/, '')}-${process.pid}.tmp`;
   const write = () => {
     try {
-      fs.writeFileSync(file, JSON.stringify({ instance: process.env.NODE_APP_INSTANCE ?? null, pid: process.pid, count }));
+      // Write then rename, so that a reader never sees a half-written file.
+      fs.writeFileSync(tmp, JSON.stringify({ instance: process.env.NODE_APP_INSTANCE ?? null, pid: process.pid, count }));
+      fs.renameSync(tmp, file);
     } catch (_) {
       // The directory is gone: the bench is over.
     }
