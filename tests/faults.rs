@@ -169,7 +169,10 @@ fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
     assert!(m.wait_log("not one of our workers", T), "{}", m.log());
     std::thread::sleep(Duration::from_millis(200));
     let warnings = m.log().matches("not one of our workers").count();
-    assert!(warnings <= 3, "504 stray datagrams gave {warnings} warnings: rate-limited to one a second");
+    assert!(
+        warnings <= 3,
+        "504 stray datagrams gave {warnings} warnings: rate-limited to one a second"
+    );
     let after = instances_answering(port, 2, T);
     assert_eq!(before, after, "workers untouched");
     assert!(!m.log().contains("panicked"));
