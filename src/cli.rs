@@ -134,8 +134,8 @@ pub struct BusArgs {
 }
 
 impl BusArgs {
-    pub fn bus(&self) -> crate::dbus::Bus {
-        use crate::dbus::Bus;
+    pub fn bus(&self) -> crate::control::Bus {
+        use crate::control::Bus;
         if self.no_bus {
             Bus::None
         } else if let Some(a) = &self.bus {

@@ -7,28 +7,20 @@
 //! supervisor publishes after every event; a small task turns snapshot
 //! changes into `PropertiesChanged` and supervisor reports into signals.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use zbus::object_server::SignalEmitter;
 use zbus::{connection, interface};
 
+pub use crate::control::Bus;
+use crate::control::{BusSignal, Control, CtlError, Handle, ScaleTarget, Snapshot};
 use crate::logs;
-use crate::supervisor::{BusSignal, CtlError, Event, Handle, Request, ScaleTarget, Snapshot};
 
 /// Object path of the manager.
 pub const PATH: &str = "/org/nodeherd";
 /// Interface name.
 pub const INTERFACE: &str = "org.nodeherd.Manager1";
-
-/// Which bus to use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bus {
-    System,
-    Session,
-    Address(String),
-    None,
-}
 
 /// `org.nodeherd.<app>`, with characters outside `[A-Za-z0-9_]` turned into `_`.
 pub fn bus_name_for(app: &str) -> String {
@@ -83,19 +75,8 @@ struct Manager {
 }
 
 impl Manager {
-    async fn ask(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<i32, CtlError>>) -> Request,
-    ) -> Result<i32, BusError> {
-        let (tx, rx) = oneshot::channel();
-        self.handle
-            .events
-            .send(Event::Request(make(tx)))
-            .map_err(|_| BusError::Stopping("the manager is stopping".into()))?;
-        match rx.await {
-            Ok(r) => r.map_err(BusError::from),
-            Err(_) => Err(BusError::Stopping("the manager is stopping".into())),
-        }
+    async fn ask(&self, what: Control) -> Result<i32, BusError> {
+        self.handle.ask(what).await.map_err(BusError::from)
     }
 
     fn snap(&self) -> Snapshot {
@@ -110,24 +91,24 @@ impl Manager {
     /// when the swap is complete; fails with ReloadFailed, old workers still
     /// serving, when a replacement does not become ready.
     async fn reload(&self) -> Result<(), BusError> {
-        self.ask(|r| Request::Reload(Some(r))).await.map(|_| ())
+        self.ask(Control::Reload).await.map(|_| ())
     }
 
     /// Stop every worker and start a fresh set; clears errored slots.
     async fn restart(&self) -> Result<(), BusError> {
-        self.ask(|r| Request::Restart(Some(r))).await.map(|_| ())
+        self.ask(Control::Restart).await.map(|_| ())
     }
 
     /// Set the number of workers (1 to 1024); returns the new count once the
     /// added workers are ready.
     async fn scale(&self, instances: i32) -> Result<i32, BusError> {
-        self.ask(|r| Request::Scale(ScaleTarget::To(i64::from(instances)), Some(r)))
+        self.ask(Control::Scale(ScaleTarget::To(i64::from(instances))))
             .await
     }
 
     /// Add (or with a negative delta, remove) workers; returns the new count.
     async fn scale_by(&self, delta: i32) -> Result<i32, BusError> {
-        self.ask(|r| Request::Scale(ScaleTarget::By(i64::from(delta)), Some(r)))
+        self.ask(Control::Scale(ScaleTarget::By(i64::from(delta))))
             .await
     }
 
@@ -171,12 +152,14 @@ impl Manager {
             .map(|w| {
                 let uptime = w.started.map_or(Duration::ZERO, |s| s.elapsed());
                 let mem = if w.pid > 0 {
-                    crate::worker::rss_bytes(w.pid)
+                    crate::worker::process::rss_bytes(w.pid)
                 } else {
                     0
                 };
+                // Wall-clock start, from the monotonic uptime.
                 let at = w
-                    .started_wall
+                    .started
+                    .and_then(|_| SystemTime::now().checked_sub(uptime))
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_millis() as u64);
                 (

@@ -35,12 +35,13 @@
 //! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
 //! after `kill_timeout`, exit 0 with no child left.
 //!
-//! One [`supervisor::Supervisor`] owns all of this state; child exits,
+//! One supervisor ([`supervisor`]) owns all of this state; child exits,
 //! signals, timers and D-Bus calls reach it as events on one channel.
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod dbus;
 pub mod ipc;
 pub mod logs;

@@ -10,7 +10,6 @@ use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, setsockopt, sockopt};
 use tokio::net::UnixDatagram;
 
@@ -27,11 +26,10 @@ pub struct Notification {
 }
 
 /// Bind the socket at `path` (its directory is private to this manager).
-pub fn bind(path: &Path) -> Result<UnixDatagram> {
+pub fn bind(path: &Path) -> std::io::Result<UnixDatagram> {
     let _ = std::fs::remove_file(path);
-    let sock = UnixDatagram::bind(path)
-        .with_context(|| format!("binding the worker notify socket {}", path.display()))?;
-    setsockopt(&sock, sockopt::PassCred, &true).context("SO_PASSCRED on the notify socket")?;
+    let sock = UnixDatagram::bind(path)?;
+    setsockopt(&sock, sockopt::PassCred, &true)?;
     Ok(sock)
 }
 
@@ -85,13 +83,6 @@ pub fn parse(pid: i32, bytes: &[u8]) -> Option<Notification> {
         }
     }
     (n.ready || n.status.is_some()).then_some(n)
-}
-
-/// The process group of `pid` (workers lead their own), if it still exists.
-pub fn process_group(pid: i32) -> Option<i32> {
-    // SAFETY: getpgid has no memory preconditions.
-    let g = unsafe { libc::getpgid(pid) };
-    (g > 0).then_some(g)
 }
 
 #[cfg(test)]

@@ -9,24 +9,67 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::cli::RunArgs;
-use crate::config::{self, Overrides};
-use crate::supervisor::{self, Supervisor};
-use crate::{dbus, logs, notify_socket, sockets, worker};
+use crate::config::{self, ConfigError, Overrides};
+use crate::sockets::{self, SocketError, SocketSet};
+use crate::supervisor::{Core, Driver, Policy, sources};
+use crate::{dbus, logs, notify, notify_socket, worker};
 
 /// The preload, embedded so the binary is all there is to install.
 const SHIM: &str = include_str!("shim.js");
 
+/// Why `nodeherd run` could not run; the kind decides the exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration or a flag is wrong (exit 2).
+    #[error("error: {0}")]
+    Config(#[from] ConfigError),
+    /// Flags that cannot go together (exit 2).
+    #[error("error: {0}")]
+    Usage(String),
+    /// A socket could not be had (exit 2 for a bad address, 1 for a refused bind).
+    #[error("{0}")]
+    Socket(#[from] SocketError),
+    /// Something the system refused at runtime (exit 1).
+    #[error("{what}: {source}")]
+    System {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            RunError::Config(_) | RunError::Usage(_) => 2,
+            RunError::Socket(e) => e.exit_status(),
+            RunError::System { .. } => 1,
+        }
+    }
+
+    fn system(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+        let what = what.into();
+        move |source| RunError::System { what, source }
+    }
+}
+
 pub fn main(args: RunArgs) -> ExitCode {
-    // SAFETY: no thread has been started yet (clap does not start any).
-    let inherited = match unsafe { sockets::take_inherited() } {
-        Ok(l) => l,
+    let code = match run(args) {
+        Ok(code) => code,
         Err(e) => {
-            logs::error(&format!("the sockets systemd passed are unusable: {e:#}"));
-            return ExitCode::from(2);
+            logs::error(&e.to_string());
+            e.exit_status()
         }
     };
+    logs::flush(Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+fn run(args: RunArgs) -> Result<u8, RunError> {
+    // SAFETY: no thread has been started yet (clap does not start any).
+    let inherited = unsafe { sockets::take_inherited() }?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let over = Overrides {
         only: args.only.clone(),
@@ -45,13 +88,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         balance: args.balance.clone(),
         args: args.script_args.clone(),
     };
-    let loaded = match config::load(&args.target, &over, cpus) {
-        Ok(l) => l,
-        Err(e) => {
-            logs::error(&format!("error: {e}"));
-            return ExitCode::from(2);
-        }
-    };
+    let loaded = config::load(&args.target, &over, cpus)?;
     let app = loaded.app;
     logs::init(&app.name, &app.instance_var);
     for w in &loaded.warnings {
@@ -60,34 +97,21 @@ pub fn main(args: RunArgs) -> ExitCode {
 
     let reuseport = app.balance == config::Balance::ReusePort;
     if reuseport && (!inherited.is_empty() || app.listen.is_empty()) {
-        logs::error(
-            "error: balance reuseport needs --listen addresses that nodeherd binds itself \
-             (a socket passed by systemd is one shared queue); use balance queue under a .socket unit",
-        );
-        return ExitCode::from(2);
+        return Err(RunError::Usage(
+            "balance reuseport needs --listen addresses that nodeherd binds itself \
+             (a socket passed by systemd is one shared queue); use balance queue under a .socket unit"
+                .into(),
+        ));
     }
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
         }
         inherited
+    } else if reuseport {
+        sockets::bind_all_reuseport(&app.listen)?
     } else {
-        let bound = if reuseport {
-            sockets::bind_all_reuseport(&app.listen)
-        } else {
-            sockets::bind_all(&app.listen)
-        };
-        match bound {
-            Ok(l) => l,
-            Err(e) => {
-                logs::error(&format!("{e:#}"));
-                return ExitCode::from(if e.to_string().contains("expected HOST:PORT") {
-                    2
-                } else {
-                    1
-                });
-            }
-        }
+        sockets::bind_all(&app.listen)?
     };
     if listeners.is_empty() {
         logs::warn(
@@ -101,16 +125,11 @@ pub fn main(args: RunArgs) -> ExitCode {
         ));
     }
 
-    let dir = match runtime_dir(&app.name) {
-        Ok(d) => d,
-        Err(e) => {
-            logs::error(&format!("cannot create the runtime directory: {e}"));
-            return ExitCode::from(1);
-        }
-    };
-    let code = run_daemon(app, listeners, &dir, &args);
+    let dir =
+        runtime_dir(&app.name).map_err(RunError::system("cannot create the runtime directory"))?;
+    let result = run_daemon(app, listeners, &dir, &args);
     let _ = std::fs::remove_dir_all(&dir);
-    ExitCode::from(code as u8)
+    result
 }
 
 fn run_daemon(
@@ -118,12 +137,12 @@ fn run_daemon(
     listeners: Vec<sockets::Listener>,
     dir: &Path,
     args: &RunArgs,
-) -> i32 {
+) -> Result<u8, RunError> {
     let shim = dir.join("shim.js");
-    if let Err(e) = std::fs::write(&shim, SHIM) {
-        logs::error(&format!("cannot write the preload {}: {e}", shim.display()));
-        return 1;
-    }
+    std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
+        "cannot write the preload {}",
+        shim.display()
+    )))?;
     if app.credentials.is_some() {
         // Workers running as another user must reach the preload and the
         // notify socket by name; the directory stays unlistable.
@@ -132,20 +151,18 @@ fn run_daemon(
         let _ = std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o644));
     }
     // Orphans of workers come to us, so they can be reaped and never outlive us.
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        logs::warn(&format!(
+            "cannot become the workers' children's subreaper ({e}): their orphans go to PID 1"
+        ));
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // One thread runs the supervisor: workers are forked from it, and their
+    // parent-death signal is tied to the thread that forked them (see
+    // worker::fork). Do not make this a multi-thread runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            logs::error(&format!("cannot start the async runtime: {e}"));
-            return 1;
-        }
-    };
+        .map_err(RunError::system("cannot start the async runtime"))?;
     let bus = args.bus.bus();
     let bus_name = args
         .bus
@@ -154,13 +171,10 @@ fn run_daemon(
         .unwrap_or_else(|| dbus::bus_name_for(&app.name));
     rt.block_on(async move {
         let notify_path = dir.join("notify.sock");
-        let notify = match notify_socket::bind(&notify_path) {
-            Ok(s) => s,
-            Err(e) => {
-                logs::error(&format!("{e:#}"));
-                return 1;
-            }
-        };
+        let notify_sock = notify_socket::bind(&notify_path).map_err(RunError::system(format!(
+            "cannot bind the worker notify socket {}",
+            notify_path.display()
+        )))?;
         if app.credentials.is_some() {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
@@ -169,20 +183,25 @@ fn run_daemon(
         app.env
             .entry("NODEHERD_KILL_TIMEOUT_MS".into())
             .or_insert_with(|| app.kill_timeout.as_millis().to_string());
-        let launcher = worker::Launcher::new(&app, &listeners, &shim, &notify_path);
-        let mut sup = Supervisor::new(app, launcher, listeners);
-        let handle = sup.handle();
-        if let Err(e) = supervisor::spawn_reaper(handle.events.clone())
-            .and_then(|_| supervisor::spawn_signals(handle.events.clone()))
-        {
-            logs::error(&format!("cannot install signal handlers: {e}"));
-            return 1;
-        }
-        supervisor::spawn_notify_listener(notify, handle.events.clone());
+        let sockets = SocketSet::new(listeners, app.balance == config::Balance::ReusePort);
+        let launcher = worker::Launcher::new(&app, sockets.describe(), &shim, &notify_path);
+        let policy = Policy::new(&app, !sockets.is_empty(), notify::watchdog_interval());
+        let mut driver = Driver::new(
+            Core::new(policy, std::time::Instant::now()),
+            launcher,
+            sockets,
+        );
+        let handle = driver.handle();
+        sources::signals(driver.inputs())
+            .map_err(RunError::system("cannot install signal handlers"))?;
+        sources::notify_socket(notify_sock, driver.inputs());
         let (bus_tx, bus_rx) = tokio::sync::mpsc::unbounded_channel();
-        sup.set_bus(bus_tx);
+        driver.set_bus(bus_tx);
         tokio::spawn(dbus::serve(bus, bus_name, handle, bus_rx));
-        sup.run().await
+        let code = driver.run().await.map_err(RunError::system(
+            "cannot watch for exiting workers (SIGCHLD)",
+        ))?;
+        Ok(code.clamp(0, 255) as u8)
     })
 }
 

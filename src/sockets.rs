@@ -9,9 +9,45 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use anyhow::{Context, Result, bail};
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
 use socket2::{Domain, Socket, Type};
+
+/// Why a socket could not be had. The kind decides `run`'s exit status:
+/// a bad address is a usage error (2), a refused bind a runtime one (1).
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// The address given cannot be used as written.
+    #[error("--listen {spec}: {reason}")]
+    BadAddress { spec: String, reason: String },
+    /// The kernel refused the bind or listen.
+    #[error("cannot listen on {spec}: {source}")]
+    Bind {
+        spec: String,
+        source: std::io::Error,
+    },
+    /// An fd systemd passed is not a usable listening socket.
+    #[error("inherited fd {fd}: {reason}")]
+    Inherited { fd: RawFd, reason: String },
+}
+
+impl SocketError {
+    /// `nodeherd run`'s exit status for this error.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            SocketError::BadAddress { .. } | SocketError::Inherited { .. } => 2,
+            SocketError::Bind { .. } => 1,
+        }
+    }
+}
+
+type Result<T, E = SocketError> = std::result::Result<T, E>;
+
+fn bad(spec: &str, reason: impl Into<String>) -> SocketError {
+    SocketError::BadAddress {
+        spec: spec.to_string(),
+        reason: reason.into(),
+    }
+}
 
 /// Listening sockets are moved to fds at or above this number, so that
 /// placing them at 3.. in a child never overwrites one still to be placed.
@@ -84,12 +120,17 @@ pub unsafe fn take_inherited() -> Result<Vec<Listener>> {
             ));
         }
         // SAFETY: the caller guarantees no other thread runs yet.
-        let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
-            .context("reading LISTEN_FDS/LISTEN_FDNAMES")?;
+        let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(|e| {
+            SocketError::Inherited {
+                fd: 3,
+                reason: format!("reading LISTEN_FDS/LISTEN_FDNAMES: {e}"),
+            }
+        })?;
         for (fd, name) in fds {
             // SAFETY: systemd passed us this fd and nothing else owns it.
             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            let l = describe(owned, name).with_context(|| format!("inherited fd {fd}"))?;
+            let l =
+                describe(owned, name).map_err(|reason| SocketError::Inherited { fd, reason })?;
             out.push(l);
         }
     } else {
@@ -119,11 +160,15 @@ pub fn bind_sibling(l: &Template) -> Result<Listener> {
     let spec = match l.kind {
         Kind::Tcp => l.address.clone(),
         Kind::Udp => format!("udp:{}", l.address),
-        _ => bail!(
-            "{} {}: only TCP and UDP sockets can be balanced with SO_REUSEPORT",
-            l.kind,
-            l.address
-        ),
+        _ => {
+            return Err(bad(
+                &l.address,
+                format!(
+                    "only TCP and UDP sockets can be balanced with SO_REUSEPORT, not {}",
+                    l.kind
+                ),
+            ));
+        }
     };
     let mut sibling = bind_with(&spec, true)?;
     sibling.name = l.name.clone();
@@ -148,13 +193,101 @@ impl From<&Listener> for Template {
     }
 }
 
+/// The sockets workers inherit, as the balancing mode lays them out: one
+/// set shared by every slot (`balance: queue`, and every socket systemd
+/// passed), or each slot its own SO_REUSEPORT siblings (`balance:
+/// reuseport`), bound when the slot first needs them and held across its
+/// restarts and reloads, so connections hashed to a slot wait for its next
+/// worker instead of being refused.
+pub struct SocketSet {
+    shared: Vec<Listener>,
+    per_slot: Option<PerSlot>,
+}
+
+struct PerSlot {
+    sockets: Vec<Vec<Listener>>,
+    templates: Vec<Template>,
+}
+
+impl SocketSet {
+    /// `listeners` are shared, or with `reuseport` become slot 0's.
+    pub fn new(listeners: Vec<Listener>, reuseport: bool) -> SocketSet {
+        if reuseport {
+            let templates = listeners.iter().map(Template::from).collect();
+            SocketSet {
+                shared: Vec::new(),
+                per_slot: Some(PerSlot {
+                    sockets: vec![listeners],
+                    templates,
+                }),
+            }
+        } else {
+            SocketSet {
+                shared: listeners,
+                per_slot: None,
+            }
+        }
+    }
+
+    /// Whether workers inherit any socket at all.
+    pub fn is_empty(&self) -> bool {
+        match &self.per_slot {
+            None => self.shared.is_empty(),
+            Some(p) => p.templates.is_empty(),
+        }
+    }
+
+    /// The sockets slot `index`'s workers inherit; a reuseport slot binds its
+    /// own the first time.
+    pub fn for_slot(&mut self, index: u32) -> Result<&[Listener]> {
+        let Some(p) = &mut self.per_slot else {
+            return Ok(&self.shared);
+        };
+        let i = index as usize;
+        if p.sockets.len() <= i {
+            p.sockets.resize_with(i + 1, Vec::new);
+        }
+        if p.sockets[i].is_empty() && !p.templates.is_empty() {
+            p.sockets[i] = p
+                .templates
+                .iter()
+                .map(bind_sibling)
+                .collect::<Result<_>>()?;
+        }
+        Ok(&p.sockets[i])
+    }
+
+    /// Close a reuseport slot's sockets (the slot errored or was scaled
+    /// away), so the kernel stops hashing connections to a queue nobody
+    /// accepts from.
+    pub fn release(&mut self, index: u32) {
+        if let Some(p) = &mut self.per_slot
+            && let Some(s) = p.sockets.get_mut(index as usize)
+        {
+            s.clear();
+        }
+    }
+
+    /// One slot's worth of sockets, to describe them to workers (every slot
+    /// has the same addresses and names).
+    pub fn describe(&self) -> &[Listener] {
+        match &self.per_slot {
+            None => &self.shared,
+            Some(p) => p.sockets.first().map_or(&[], Vec::as_slice),
+        }
+    }
+}
+
 /// Bind every address with SO_REUSEPORT, so that siblings can join later.
 pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
     addrs
         .iter()
         .map(|a| {
             if a.starts_with("unix:") {
-                bail!("--listen {a}: balance reuseport works with TCP and UDP addresses, not unix sockets");
+                return Err(bad(
+                    a,
+                    "balance reuseport works with TCP and UDP addresses, not unix sockets",
+                ));
             }
             bind_with(a, true)
         })
@@ -162,10 +295,13 @@ pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
 }
 
 fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
-    let fail = |e: std::io::Error| anyhow::anyhow!("cannot listen on {spec}: {e}");
+    let fail = |source: std::io::Error| SocketError::Bind {
+        spec: spec.to_string(),
+        source,
+    };
     let socket = if let Some(path) = spec.strip_prefix("unix:") {
         if path.is_empty() {
-            bail!("--listen {spec}: give a path after unix:");
+            return Err(bad(spec, "give a path after unix:"));
         }
         // A stale socket file from a previous run would make bind fail.
         if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -173,7 +309,7 @@ fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
             if meta.file_type().is_socket() {
                 let _ = std::fs::remove_file(path);
             } else {
-                bail!("--listen {spec}: {path} exists and is not a socket");
+                return Err(bad(spec, format!("{path} exists and is not a socket")));
             }
         }
         let s = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
@@ -186,8 +322,11 @@ fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
             Some(r) => (true, r),
             None => (false, spec.strip_prefix("tcp:").unwrap_or(spec)),
         };
-        let addr = parse_inet(rest).with_context(|| {
-            format!("--listen {spec}: expected HOST:PORT, [IPv6]:PORT, PORT, unix:/path or udp:HOST:PORT")
+        let addr = parse_inet(rest).map_err(|e| {
+            bad(
+                spec,
+                format!("expected HOST:PORT, [IPv6]:PORT, PORT, unix:/path or udp:HOST:PORT ({e})"),
+            )
         })?;
         let domain = Domain::for_address(addr);
         let s = Socket::new(domain, if udp { Type::DGRAM } else { Type::STREAM }, None)
@@ -208,10 +347,10 @@ fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
         s
     };
     let fd: OwnedFd = socket.into();
-    describe(fd, spec.to_string())
+    describe(fd, spec.to_string()).map_err(|reason| bad(spec, reason))
 }
 
-fn parse_inet(s: &str) -> Result<SocketAddr> {
+fn parse_inet(s: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
     }
@@ -226,25 +365,28 @@ fn parse_inet(s: &str) -> Result<SocketAddr> {
     s.to_socket_addrs()
         .ok()
         .and_then(|mut it| it.next())
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not an address"))
+        .ok_or_else(|| format!("{s:?} is not an address"))
 }
 
 /// Learn what an fd is, and move it out of the way of fd 3.. (close-on-exec).
-fn describe(fd: OwnedFd, name: String) -> Result<Listener> {
+fn describe(fd: OwnedFd, name: String) -> Result<Listener, String> {
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
     let raw = fd.as_raw_fd();
-    let sock_type = getsockopt_int(raw, libc::SO_TYPE).context("not a socket")?;
-    let addr: SockaddrStorage = getsockname(raw).context("getsockname")?;
+    let sock_type = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("not a socket: {e}"))?;
+    let addr: SockaddrStorage = getsockname(raw).map_err(|e| format!("getsockname: {e}"))?;
     let (kind, address, port) = match addr.family() {
         Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
             let sa: SocketAddr = if let Some(v4) = addr.as_sockaddr_in() {
                 SocketAddr::from((v4.ip(), v4.port()))
             } else {
-                let v6 = addr.as_sockaddr_in6().context("IPv6 address")?;
+                let v6 = addr
+                    .as_sockaddr_in6()
+                    .ok_or("neither an IPv4 nor an IPv6 address")?;
                 SocketAddr::from((v6.ip(), v6.port()))
             };
             let kind = match sock_type {
-                libc::SOCK_STREAM => Kind::Tcp,
-                libc::SOCK_DGRAM => Kind::Udp,
+                SockType::Stream => Kind::Tcp,
+                SockType::Datagram => Kind::Udp,
                 _ => Kind::Other,
             };
             (kind, sa.to_string(), Some(sa.port()))
@@ -254,7 +396,7 @@ fn describe(fd: OwnedFd, name: String) -> Result<Listener> {
                 .as_unix_addr()
                 .and_then(|u| u.path().map(|p| p.display().to_string()))
                 .unwrap_or_else(|| "(unnamed)".into());
-            let kind = if sock_type == libc::SOCK_STREAM {
+            let kind = if sock_type == SockType::Stream {
                 Kind::Unix
             } else {
                 Kind::Other
@@ -263,20 +405,13 @@ fn describe(fd: OwnedFd, name: String) -> Result<Listener> {
         }
         _ => (Kind::Other, "(unknown)".into(), None),
     };
-    if sock_type == libc::SOCK_STREAM && getsockopt_int(raw, libc::SO_ACCEPTCONN).unwrap_or(0) == 0
-    {
-        bail!(
+    if sock_type == SockType::Stream && !getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
+        return Err(format!(
             "{address} is a connected socket, not a listening one (a .socket unit with Accept=yes?); nodeherd needs Accept=no"
-        );
+        ));
     }
-    // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own or -1.
-    let high = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, HIGH_FD) };
-    if high < 0 {
-        return Err(std::io::Error::last_os_error()).context("moving the socket to a high fd");
-    }
-    drop(fd);
-    // SAFETY: `high` was just returned by fcntl and is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(high) };
+    let fd = crate::worker::fork::dup_cloexec_above(raw, HIGH_FD)
+        .map_err(|e| format!("moving the socket to a high fd: {e:#}"))?;
     Ok(Listener {
         fd,
         name,
@@ -284,26 +419,6 @@ fn describe(fd: OwnedFd, name: String) -> Result<Listener> {
         address,
         port,
     })
-}
-
-fn getsockopt_int(fd: RawFd, opt: libc::c_int) -> std::io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: v and len are valid for the duration of the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,138 @@
+//! The control plane's vocabulary, shared by the supervisor, the D-Bus
+//! server and the command-line clients.
+//!
+//! Nothing here does anything: these are the requests the outside world may
+//! make of a manager, the errors they can end with, what a manager publishes
+//! about itself ([`Snapshot`]) and the signals it emits. Keeping them apart
+//! from both the supervisor and the bus code lets either change without the
+//! other reaching inside it.
+
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Errors a control request can end with; each has a D-Bus error name
+/// (`org.nodeherd.Error.<Variant>`) and a client exit status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CtlError {
+    /// A bad argument (a count out of range, an invalid configuration).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A reload stopped: a replacement crashed or was not ready in time.
+    #[error("{0}")]
+    ReloadFailed(String),
+    /// Too many requests are already waiting; try again later.
+    #[error("{0}")]
+    Busy(String),
+    /// The manager is stopping and takes no more requests.
+    #[error("{0}")]
+    Stopping(String),
+    /// Anything else that failed (a scale or restart whose workers failed).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CtlError {
+    /// The client's exit status for this error (see the man page).
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            CtlError::InvalidArgument(_) => 2,
+            CtlError::Busy(_) => 4,
+            CtlError::ReloadFailed(_) | CtlError::Stopping(_) | CtlError::Failed(_) => 1,
+        }
+    }
+}
+
+/// The answer to a control request: on success, the number of workers.
+pub type CtlResult = Result<i32, CtlError>;
+
+/// What `Scale` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleTarget {
+    To(i64),
+    By(i64),
+}
+
+/// A request from the outside (D-Bus, SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Reload,
+    Restart,
+    Scale(ScaleTarget),
+}
+
+/// A request and where its answer goes (`None`: nobody waits, as for SIGHUP).
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub what: Control,
+    pub reply: Option<oneshot::Sender<CtlResult>>,
+}
+
+/// Signals for the D-Bus side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusSignal {
+    WorkerStateChanged {
+        instance: u32,
+        pid: u32,
+        state: &'static str,
+    },
+    ReloadFinished {
+        ok: bool,
+        message: String,
+    },
+}
+
+/// What the outside world may read about a manager, published after every event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub name: String,
+    pub state: &'static str,
+    pub instances: u32,
+    pub ready_workers: u32,
+    pub status: String,
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// One worker process, or one empty slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerInfo {
+    pub instance: u32,
+    /// 0 when the slot has no process (waiting to restart, or errored).
+    pub pid: i32,
+    pub state: &'static str,
+    pub restarts: u32,
+    pub started: Option<Instant>,
+    /// The last `STATUS=` the worker sent on its notify socket.
+    pub status_text: Option<String>,
+}
+
+/// How the outside reaches a running supervisor: send requests, read the state.
+#[derive(Clone)]
+pub struct Handle {
+    pub requests: mpsc::UnboundedSender<ControlRequest>,
+    pub snapshot: watch::Receiver<Snapshot>,
+}
+
+impl Handle {
+    /// Ask for `what` and wait for the answer.
+    pub async fn ask(&self, what: Control) -> CtlResult {
+        let stopping = || CtlError::Stopping("the manager is stopping".into());
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(ControlRequest {
+                what,
+                reply: Some(tx),
+            })
+            .map_err(|_| stopping())?;
+        rx.await.unwrap_or_else(|_| Err(stopping()))
+    }
+}
+
+/// Which bus a manager serves on, or a client talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    System,
+    Session,
+    Address(String),
+    None,
+}

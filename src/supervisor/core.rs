@@ -1,0 +1,910 @@
+//! The supervisor's core: the whole lifecycle as a state machine that
+//! decides and never does.
+//!
+//! Events go in ([`Core::handle`], [`Core::handle_timeout`]), the state moves,
+//! and a list of [`Effect`]s comes out for the driver to carry out: start a
+//! worker, signal one, tell systemd, log, answer a caller. The core owns no
+//! process, fd, task or clock; time is the `now` it is given, and its timers
+//! are deadlines it hands back ([`Core::next_deadline`]). So every rule here
+//! — crash policy, backoff, the rolling swap, queued and coalesced requests,
+//! scaling — is unit-tested with a fake launcher and a virtual clock
+//! (`supervisor/tests.rs`), and the integration tests keep to what needs real
+//! processes.
+//!
+//! Operations (start, reload, scale, restart) are in `ops.rs`, what the
+//! outside may read in `report.rs`; both are more `impl Core`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::policy::{self, Decision, History, Policy};
+use super::timers::{TimerKey, Timers};
+use crate::control::{BusSignal, Control, CtlResult, ScaleTarget};
+use crate::ipc;
+
+/// Identifies one worker process for its whole life; never reused, so an
+/// event about a worker that is gone is recognised and dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub u64);
+
+/// Identifies a caller waiting for an answer; the driver holds the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplyId(pub u64);
+
+/// How a worker process ended, as `waitpid` said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => match nix::sys::signal::Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+        }
+    }
+}
+
+/// Everything the core reacts to, besides its own timers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The driver started the process asked for by [`Effect::Spawn`].
+    Spawned {
+        worker: WorkerId,
+        pid: i32,
+        /// It has a Node IPC channel (for the `'shutdown'` message).
+        ipc: bool,
+    },
+    /// The driver could not start it (fork/exec, or binding its sockets).
+    SpawnFailed {
+        worker: WorkerId,
+        error: String,
+    },
+    Exited {
+        worker: WorkerId,
+        status: ExitStatus,
+    },
+    Ipc {
+        worker: WorkerId,
+        msg: ipc::Message,
+    },
+    /// A datagram on the workers' notify socket from a worker (or its group).
+    Notify {
+        worker: WorkerId,
+        ready: bool,
+        status: Option<String>,
+    },
+    /// A datagram on the notify socket from a process that is no worker of ours.
+    NotifyFromStranger {
+        pid: i32,
+    },
+    /// Resident memory of the workers named by [`Effect::SampleMemory`].
+    MemorySample(Vec<(WorkerId, u64)>),
+    /// A control request (D-Bus, SIGHUP).
+    Request {
+        what: Control,
+        reply: Option<ReplyId>,
+    },
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// How serious a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Notice,
+    Warning,
+    Error,
+}
+
+/// A line for the journal (or stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: Level,
+    pub text: String,
+    /// The worker it is about (slot index, pid), to tag it with that worker's fields.
+    pub worker: Option<(u32, i32)>,
+    /// `NODEHERD_EVENT=` for lines that mark an event worth filtering on.
+    pub event: Option<&'static str>,
+}
+
+/// What to tell systemd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdNotify {
+    Ready(String),
+    Reloading(String),
+    Status(String),
+    Stopping(String),
+    Watchdog,
+    ExtendTimeout(Duration),
+}
+
+/// How to ask a worker to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopBy {
+    /// SIGINT, as PM2 does.
+    Signal,
+    /// The `'shutdown'` message on the IPC channel (`shutdown_with_message`).
+    Message,
+}
+
+/// What the driver is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start a worker for slot `index`; answer with `Spawned` or `SpawnFailed`.
+    Spawn {
+        worker: WorkerId,
+        index: u32,
+    },
+    /// Ask a worker to stop gracefully.
+    Stop {
+        worker: WorkerId,
+        by: StopBy,
+    },
+    /// SIGKILL a worker and its process group.
+    Kill {
+        worker: WorkerId,
+    },
+    /// Close a slot's own sockets (`balance: reuseport`): it is gone or errored.
+    ReleaseSlotSockets(u32),
+    /// Measure these workers' memory; answer with `MemorySample`.
+    SampleMemory(Vec<WorkerId>),
+    Notify(SdNotify),
+    Log(LogLine),
+    Bus(BusSignal),
+    Reply {
+        reply: ReplyId,
+        result: CtlResult,
+    },
+}
+
+/// What a new worker is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// The slot's serving worker (first start, restart after a crash, scale up).
+    Current,
+    /// A reload's replacement, started beside the current worker.
+    Incoming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WState {
+    Starting,
+    Ready,
+    Stopping,
+}
+
+impl WState {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            WState::Starting => "starting",
+            WState::Ready => "ready",
+            WState::Stopping => "stopping",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Worker {
+    pub(super) index: u32,
+    /// 0 until the driver reports the process started.
+    pub(super) pid: i32,
+    pub(super) state: WState,
+    pub(super) started: Instant,
+    pub(super) ipc: bool,
+    /// Why it was killed before being ready, for the exit message.
+    pub(super) killed_because: Option<String>,
+    /// What the preload said when a listen could not be mapped.
+    pub(super) listen_error: Option<String>,
+    /// The last `STATUS=` it sent.
+    pub(super) status_text: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Slot {
+    pub(super) current: Option<WorkerId>,
+    pub(super) incoming: Option<WorkerId>,
+    pub(super) restarts: u32,
+    pub(super) history: History,
+    /// A restart timer is armed for this slot.
+    pub(super) waiting: bool,
+    pub(super) errored: Option<String>,
+}
+
+/// What an [`Op::Start`] is for; it changes only the words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StartKind {
+    Start,
+    Scale,
+    Restart,
+}
+
+impl StartKind {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            StartKind::Start => "start",
+            StartKind::Scale => "scale",
+            StartKind::Restart => "restart",
+        }
+    }
+}
+
+/// The one operation running; others wait in the queue.
+#[derive(Debug)]
+pub(super) enum Op {
+    /// Waiting for these slots' first worker to be ready (first start, scale up, restart).
+    Start {
+        kind: StartKind,
+        /// Slots whose first worker has neither become ready nor failed yet.
+        waiting: BTreeSet<u32>,
+        /// Slots whose first worker failed (they restart as usual).
+        failed: Vec<String>,
+        replies: Vec<ReplyId>,
+    },
+    /// The rolling swap.
+    Reload {
+        pending: VecDeque<u32>,
+        in_flight: BTreeSet<u32>,
+        total: usize,
+        done: usize,
+        replies: Vec<ReplyId>,
+        started: Instant,
+    },
+}
+
+/// A request waiting for the running operation to end.
+#[derive(Debug)]
+pub(super) enum Queued {
+    /// Back-to-back reloads coalesce: one reload answers every caller.
+    Reload(Vec<ReplyId>),
+    /// Replace these slots through the reload path (memory limit).
+    ReloadSlots(Vec<u32>),
+    Restart(Option<ReplyId>),
+    Scale(ScaleTarget, Option<ReplyId>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Running,
+    Stopping,
+}
+
+/// The supervisor's state; see the module documentation.
+pub struct Core {
+    pub(super) policy: Policy,
+    pub(super) slots: Vec<Slot>,
+    pub(super) workers: BTreeMap<WorkerId, Worker>,
+    next_worker: u64,
+    pub(super) phase: Phase,
+    pub(super) op: Option<Op>,
+    pub(super) queue: VecDeque<Queued>,
+    pub(super) timers: Timers,
+    pub(super) ready_sent: bool,
+    pub(super) last_status: String,
+    pub(super) exit_code: i32,
+    last_stranger_warning: Option<Instant>,
+    pub(super) out: Vec<Effect>,
+    pub(super) now: Instant,
+}
+
+impl Core {
+    pub fn new(policy: Policy, now: Instant) -> Core {
+        Core {
+            policy,
+            slots: Vec::new(),
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            phase: Phase::Running,
+            op: None,
+            queue: VecDeque::new(),
+            timers: Timers::default(),
+            ready_sent: false,
+            last_status: String::new(),
+            exit_code: 0,
+            last_stranger_warning: None,
+            out: Vec::new(),
+            now,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The first start: `instances` workers, then `READY=1` once all are ready.
+    pub fn start(&mut self, now: Instant) -> Vec<Effect> {
+        self.now = now;
+        if let Some(interval) = self.policy.watchdog {
+            self.timers.arm(TimerKey::Watchdog, now + interval / 2);
+        }
+        if self.policy.max_memory_restart.is_some() {
+            self.timers
+                .arm(TimerKey::MemoryCheck, now + policy::MEMORY_CHECK_EVERY);
+        }
+        let n = self.policy.instances;
+        self.slots = (0..n).map(|_| Slot::default()).collect();
+        for index in 0..n {
+            self.start_current(index);
+        }
+        self.op = Some(Op::Start {
+            kind: StartKind::Start,
+            waiting: (0..n).collect(),
+            failed: Vec::new(),
+            replies: Vec::new(),
+        });
+        self.settle()
+    }
+
+    /// React to one event.
+    pub fn handle(&mut self, now: Instant, ev: Event) -> Vec<Effect> {
+        self.now = now;
+        match ev {
+            Event::Spawned { worker, pid, ipc } => self.on_spawned(worker, pid, ipc),
+            Event::SpawnFailed { worker, error } => self.on_spawn_failed(worker, error),
+            Event::Exited { worker, status } => self.on_exit(worker, status),
+            Event::Ipc { worker, msg } => match msg {
+                ipc::Message::Ready => self.mark_ready(worker, "sent 'ready'"),
+                ipc::Message::Listening if !self.policy.wait_ready => {
+                    self.mark_ready(worker, "listening")
+                }
+                ipc::Message::Listening => {}
+                ipc::Message::ListenError(e) => {
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.listen_error = Some(e);
+                    }
+                }
+            },
+            Event::Notify {
+                worker,
+                ready,
+                status,
+            } => self.on_notify(worker, ready, status),
+            Event::NotifyFromStranger { pid } => self.on_stranger(pid),
+            Event::MemorySample(samples) => self.on_memory_sample(samples),
+            Event::Request { what, reply } => self.submit(what, reply),
+            Event::Stop => self.begin_stop(0),
+        }
+        self.settle()
+    }
+
+    /// Fire every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Effect> {
+        self.now = now;
+        for key in self.timers.expired(now) {
+            self.on_timer(key);
+        }
+        self.settle()
+    }
+
+    /// When [`Core::handle_timeout`] is next due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// The exit status, once stopping has ended with every worker gone.
+    pub fn finished(&self) -> Option<i32> {
+        (self.phase == Phase::Stopping && self.workers.is_empty()).then_some(self.exit_code)
+    }
+
+    /// Move operations on and report the status; hand the effects over.
+    fn settle(&mut self) -> Vec<Effect> {
+        self.progress();
+        self.update_status();
+        std::mem::take(&mut self.out)
+    }
+
+    // ---- effects ------------------------------------------------------------
+
+    pub(super) fn log(&mut self, level: Level, text: String) {
+        self.out.push(Effect::Log(LogLine {
+            level,
+            text,
+            worker: None,
+            event: None,
+        }));
+    }
+
+    pub(super) fn log_event(&mut self, level: Level, text: String, event: &'static str) {
+        self.out.push(Effect::Log(LogLine {
+            level,
+            text,
+            worker: None,
+            event: Some(event),
+        }));
+    }
+
+    fn log_worker(&mut self, level: Level, index: u32, pid: i32, text: String) {
+        self.out.push(Effect::Log(LogLine {
+            level,
+            text,
+            worker: Some((index, pid)),
+            event: None,
+        }));
+    }
+
+    pub(super) fn notify(&mut self, n: SdNotify) {
+        self.out.push(Effect::Notify(n));
+    }
+
+    pub(super) fn reply(&mut self, reply: ReplyId, result: CtlResult) {
+        self.out.push(Effect::Reply { reply, result });
+    }
+
+    pub(super) fn bus(&mut self, s: BusSignal) {
+        self.out.push(Effect::Bus(s));
+    }
+
+    fn worker_signal(&mut self, instance: u32, pid: i32, state: &'static str) {
+        self.bus(BusSignal::WorkerStateChanged {
+            instance,
+            pid: pid.max(0) as u32,
+            state,
+        });
+    }
+
+    // ---- workers ------------------------------------------------------------
+
+    /// Ask the driver for a worker in slot `index`, as its current worker or
+    /// (during a reload) its incoming replacement.
+    pub(super) fn spawn(&mut self, index: u32, role: Role) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        self.workers.insert(
+            id,
+            Worker {
+                index,
+                pid: 0,
+                state: WState::Starting,
+                started: self.now,
+                ipc: false,
+                killed_because: None,
+                listen_error: None,
+                status_text: None,
+            },
+        );
+        let slot = &mut self.slots[index as usize];
+        match role {
+            Role::Current => slot.current = Some(id),
+            Role::Incoming => slot.incoming = Some(id),
+        }
+        self.out.push(Effect::Spawn { worker: id, index });
+        id
+    }
+
+    fn on_spawned(&mut self, id: WorkerId, pid: i32, ipc: bool) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.pid = pid;
+        w.ipc = ipc;
+        let index = w.index;
+        let stopping = w.state == WState::Stopping;
+        self.log_worker(
+            Level::Info,
+            index,
+            pid,
+            format!("worker {index} started (pid {pid})"),
+        );
+        self.worker_signal(index, pid, "starting");
+        if stopping {
+            // Given up on before it was even started (a reload failed meanwhile).
+            return;
+        }
+        if self.policy.reports_readiness {
+            self.timers
+                .arm(TimerKey::Ready(id), self.now + self.policy.listen_timeout);
+        } else {
+            // A worker with no way to report readiness is ready once started.
+            self.mark_ready(id, "started");
+        }
+    }
+
+    fn on_spawn_failed(&mut self, id: WorkerId, error: String) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        let index = w.index;
+        self.log(Level::Error, format!("worker {index}: {error}"));
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        if slot.incoming == Some(id) {
+            slot.incoming = None;
+            self.fail_reload(format!("slot {index}: the new worker could not be started"));
+        } else if slot.current == Some(id) {
+            slot.current = None;
+            self.after_crash(index, Duration::ZERO, "could not be started".into());
+        }
+    }
+
+    /// Start the serving worker of a slot (first start, crash restart, scale up).
+    pub(super) fn start_current(&mut self, index: u32) {
+        self.timers.cancel(TimerKey::Restart(index));
+        let slot = &mut self.slots[index as usize];
+        slot.waiting = false;
+        if let Some(old) = slot.current.take() {
+            // Callers only start an empty slot; should one not be, its worker goes.
+            self.stop_worker(old, "slot restarted");
+        }
+        self.spawn(index, Role::Current);
+    }
+
+    pub(super) fn mark_ready(&mut self, id: WorkerId, why: &str) {
+        let now = self.now;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.state != WState::Starting {
+            return;
+        }
+        w.state = WState::Ready;
+        let (index, pid) = (w.index, w.pid);
+        let took = now.saturating_duration_since(w.started);
+        self.timers.cancel(TimerKey::Ready(id));
+        self.log_worker(
+            Level::Info,
+            index,
+            pid,
+            format!(
+                "worker {index} ready (pid {pid}, {why}, {} ms)",
+                took.as_millis()
+            ),
+        );
+        self.worker_signal(index, pid, "ready");
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        if slot.incoming == Some(id) {
+            // The swap: the replacement serves, then the old one drains.
+            slot.incoming = None;
+            let old = slot.current.replace(id);
+            slot.errored = None;
+            slot.waiting = false;
+            self.timers.cancel(TimerKey::Restart(index));
+            if let Some(old) = old {
+                self.stop_worker(old, "replaced");
+            }
+            if let Some(Op::Reload {
+                in_flight, done, ..
+            }) = &mut self.op
+            {
+                in_flight.remove(&index);
+                *done += 1;
+            }
+        } else if slot.current == Some(id) {
+            slot.errored = None;
+        }
+    }
+
+    fn on_notify(&mut self, id: WorkerId, ready: bool, status: Option<String>) {
+        if let Some(text) = status
+            && let Some(w) = self.workers.get_mut(&id)
+        {
+            let (index, pid) = (w.index, w.pid);
+            w.status_text = Some(text.clone());
+            self.log_worker(
+                Level::Info,
+                index,
+                pid,
+                format!("worker {index} status: {text}"),
+            );
+        }
+        if ready {
+            self.mark_ready(id, "READY=1");
+        }
+    }
+
+    fn on_stranger(&mut self, pid: i32) {
+        // Said at most once a second, so a flood cannot flood the journal too.
+        let now = self.now;
+        if self
+            .last_stranger_warning
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.last_stranger_warning = Some(now);
+            self.log(
+                Level::Warning,
+                format!("ignored a notify message from pid {pid}, which is not one of our workers"),
+            );
+        }
+    }
+
+    /// Ask a worker to stop: SIGINT or the `'shutdown'` message, then SIGKILL after `kill_timeout`.
+    pub(super) fn stop_worker(&mut self, id: WorkerId, why: &str) {
+        let by_message = self.policy.shutdown_with_message;
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.state == WState::Stopping {
+            return;
+        }
+        w.state = WState::Stopping;
+        let (index, pid) = (w.index, w.pid);
+        let by = if by_message && w.ipc {
+            StopBy::Message
+        } else {
+            StopBy::Signal
+        };
+        self.timers.cancel(TimerKey::Ready(id));
+        self.out.push(Effect::Stop { worker: id, by });
+        self.log(
+            Level::Info,
+            format!(
+                "worker {index} stopping (pid {pid}, {why}; {})",
+                match by {
+                    StopBy::Message => "sent 'shutdown'",
+                    StopBy::Signal => "sent SIGINT",
+                }
+            ),
+        );
+        self.worker_signal(index, pid, "stopping");
+        self.timers
+            .arm(TimerKey::Kill(id), self.now + self.policy.kill_timeout);
+    }
+
+    /// Kill a worker and its process group now.
+    pub(super) fn kill_worker(&mut self, id: WorkerId, because: &str) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.killed_because.get_or_insert_with(|| because.to_string());
+            self.out.push(Effect::Kill { worker: id });
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
+        self.timers.cancel(TimerKey::Ready(id));
+        self.timers.cancel(TimerKey::Kill(id));
+        let (index, pid) = (w.index, w.pid);
+        let uptime = self.now.saturating_duration_since(w.started);
+        let cause = match (&w.killed_because, &w.listen_error) {
+            (Some(k), _) => format!("{k}; {status}"),
+            (None, Some(e)) => format!("{status}: {e}"),
+            (None, None) => status.to_string(),
+        };
+        self.worker_signal(index, pid, "exited");
+        if w.state == WState::Stopping {
+            self.log_worker(
+                Level::Info,
+                index,
+                pid,
+                format!("worker {index} stopped (pid {pid}, {status})"),
+            );
+            return;
+        }
+        self.log_worker(
+            Level::Warning,
+            index,
+            pid,
+            format!(
+                "worker {index} exited unexpectedly (pid {pid}, {cause}, up {} ms)",
+                uptime.as_millis()
+            ),
+        );
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        if slot.incoming == Some(id) {
+            slot.incoming = None;
+            self.fail_reload(format!(
+                "slot {index}: the new worker (pid {pid}) {cause} before it was ready"
+            ));
+            return;
+        }
+        if slot.current != Some(id) {
+            return;
+        }
+        slot.current = None;
+        if self.phase == Phase::Stopping || slot.incoming.is_some() {
+            // Stopping anyway, or a reload is already bringing this slot's replacement up.
+            return;
+        }
+        self.after_crash(index, uptime, cause);
+    }
+
+    /// Decide what happens to a slot whose worker died: restart (now or later) or errored.
+    pub(super) fn after_crash(&mut self, index: u32, uptime: Duration, cause: String) {
+        // A first start, scale or restart stops waiting for this slot: it
+        // settles as failed, so the operation (and READY=1) never hangs on a
+        // slot that crash-loops below max_restarts.
+        if let Some(Op::Start {
+            waiting, failed, ..
+        }) = &mut self.op
+            && waiting.remove(&index)
+        {
+            failed.push(format!("slot {index}: {cause}"));
+        }
+        if self.phase == Phase::Stopping {
+            return;
+        }
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        match policy::after_crash(&self.policy, &mut slot.history, uptime, &cause) {
+            Decision::Errored(why) => {
+                slot.errored = Some(why);
+                self.report_errored(index);
+            }
+            Decision::Restart(delay) => {
+                slot.restarts += 1;
+                if delay.is_zero() {
+                    self.start_current(index);
+                } else {
+                    slot.waiting = true;
+                    self.timers.arm(TimerKey::Restart(index), self.now + delay);
+                    self.log(
+                        Level::Info,
+                        format!("worker {index} restarts in {} ms", delay.as_millis()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A slot lost its replacement (a failed reload): make sure it still has
+    /// a worker, since its current one may have died meanwhile.
+    pub(super) fn incoming_gone(&mut self, index: u32) {
+        let Some(slot) = self.slots.get(index as usize) else {
+            return;
+        };
+        let empty = slot.current.is_none()
+            && slot.incoming.is_none()
+            && !slot.waiting
+            && slot.errored.is_none();
+        if empty && self.phase == Phase::Running {
+            self.log(
+                Level::Warning,
+                format!("slot {index} has no worker left: starting one"),
+            );
+            self.start_current(index);
+        }
+    }
+
+    fn report_errored(&mut self, index: u32) {
+        let reason = self.slots[index as usize]
+            .errored
+            .clone()
+            .unwrap_or_default();
+        self.log(
+            Level::Error,
+            format!("slot {index} errored, not restarting it: {reason}"),
+        );
+        self.out.push(Effect::ReleaseSlotSockets(index));
+        self.worker_signal(index, 0, "errored");
+        if self.slots.iter().all(|s| s.errored.is_some()) && self.phase == Phase::Running {
+            self.log(
+                Level::Error,
+                "every slot errored: nothing is serving; stopping".into(),
+            );
+            self.begin_stop(1);
+        }
+    }
+
+    fn on_timer(&mut self, key: TimerKey) {
+        match key {
+            TimerKey::Ready(id) => self.on_ready_deadline(id),
+            TimerKey::Kill(id) => {
+                let Some(w) = self.workers.get(&id) else {
+                    return;
+                };
+                if w.state != WState::Stopping {
+                    return;
+                }
+                let text = format!(
+                    "worker {} (pid {}) did not stop within kill_timeout ({} ms): SIGKILL",
+                    w.index,
+                    w.pid,
+                    self.policy.kill_timeout.as_millis()
+                );
+                self.log(Level::Warning, text);
+                self.kill_worker(id, "killed after kill_timeout");
+            }
+            TimerKey::Restart(index) => {
+                let due = self
+                    .slots
+                    .get(index as usize)
+                    .is_some_and(|s| s.waiting && s.current.is_none());
+                if due && self.phase == Phase::Running {
+                    self.start_current(index);
+                }
+            }
+            TimerKey::Watchdog => {
+                self.notify(SdNotify::Watchdog);
+                if let Some(interval) = self.policy.watchdog {
+                    self.timers.arm(TimerKey::Watchdog, self.now + interval / 2);
+                }
+            }
+            TimerKey::MemoryCheck => {
+                self.timers
+                    .arm(TimerKey::MemoryCheck, self.now + policy::MEMORY_CHECK_EVERY);
+                if self.phase != Phase::Running
+                    || self.op.is_some()
+                    || self.policy.max_memory_restart.is_none()
+                {
+                    return;
+                }
+                let ids: Vec<WorkerId> = self
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.current)
+                    .filter(|id| {
+                        self.workers
+                            .get(id)
+                            .is_some_and(|w| w.state == WState::Ready)
+                    })
+                    .collect();
+                if !ids.is_empty() {
+                    self.out.push(Effect::SampleMemory(ids));
+                }
+            }
+        }
+    }
+
+    fn on_ready_deadline(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get(&id) else {
+            return;
+        };
+        if w.state != WState::Starting {
+            return;
+        }
+        let index = w.index;
+        let why = format!(
+            "not ready within listen_timeout ({} ms{})",
+            self.policy.listen_timeout.as_millis(),
+            if self.policy.wait_ready {
+                ", waiting for 'ready' or READY=1"
+            } else {
+                ", waiting for it to listen"
+            }
+        );
+        let is_incoming = self
+            .slots
+            .get(index as usize)
+            .is_some_and(|s| s.incoming == Some(id));
+        self.kill_worker(id, &why);
+        if is_incoming {
+            // Fail closed at once; the exit itself is then just reaped.
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.state = WState::Stopping;
+            }
+            self.slots[index as usize].incoming = None;
+            self.fail_reload(format!("slot {index}: the new worker was {why}"));
+        }
+    }
+
+    fn on_memory_sample(&mut self, samples: Vec<(WorkerId, u64)>) {
+        let Some(limit) = self.policy.max_memory_restart else {
+            return;
+        };
+        if self.phase != Phase::Running {
+            return;
+        }
+        let over: Vec<u32> = samples
+            .into_iter()
+            .filter(|(_, rss)| *rss > limit)
+            .filter_map(|(id, _)| {
+                let w = self.workers.get(&id)?;
+                let current = self.slots.get(w.index as usize)?.current == Some(id);
+                (current && w.state == WState::Ready).then_some(w.index)
+            })
+            .collect();
+        if !over.is_empty() {
+            self.log(
+                Level::Warning,
+                format!(
+                    "worker(s) {over:?} use more than max_memory_restart ({} MiB): replacing them without downtime",
+                    limit >> 20
+                ),
+            );
+            self.queue.push_back(Queued::ReloadSlots(over));
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The thin driver: it carries out what the core decides and feeds it what
+//! happens.
+//!
+//! It owns everything the core must not: the worker processes (pid, IPC
+//! channel), the sockets, the callers waiting for answers, the clock and the
+//! channels from the event sources. One loop waits for the next of: a child
+//! exited (SIGCHLD), an input from a source, a control request, or the
+//! core's next deadline; hands it to the core; executes the effects; and
+//! publishes the snapshot. A spawn's result is fed back to the core before
+//! anything else happens, so the core sees a worker's start in order.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::time::Instant;
+
+use libsystemd::logging::Priority;
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::core::{Core, Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
+use super::sources::{self, Input};
+use crate::control::{BusSignal, Control, ControlRequest, CtlResult, Handle, Snapshot};
+use crate::logs::{self, Stream};
+use crate::sockets::SocketSet;
+use crate::worker::{Launcher, Spawned, process};
+use crate::{ipc, notify};
+
+/// A worker process as the driver knows it.
+struct Proc {
+    pid: i32,
+    /// Our end of the Node IPC channel, for the `'shutdown'` message.
+    ipc: Option<std::os::unix::net::UnixStream>,
+}
+
+pub struct Driver {
+    core: Core,
+    launcher: Launcher,
+    sockets: SocketSet,
+    procs: HashMap<WorkerId, Proc>,
+    by_pid: HashMap<i32, WorkerId>,
+    replies: HashMap<ReplyId, oneshot::Sender<CtlResult>>,
+    next_reply: u64,
+    inputs_tx: mpsc::UnboundedSender<Input>,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    requests_tx: mpsc::UnboundedSender<ControlRequest>,
+    requests: mpsc::UnboundedReceiver<ControlRequest>,
+    published: watch::Sender<Snapshot>,
+    bus: Option<mpsc::UnboundedSender<BusSignal>>,
+}
+
+impl Driver {
+    pub fn new(core: Core, launcher: Launcher, sockets: SocketSet) -> Driver {
+        let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        let (requests_tx, requests) = mpsc::unbounded_channel();
+        let (published, _) = watch::channel(core.snapshot());
+        Driver {
+            core,
+            launcher,
+            sockets,
+            procs: HashMap::new(),
+            by_pid: HashMap::new(),
+            replies: HashMap::new(),
+            next_reply: 1,
+            inputs_tx,
+            inputs,
+            requests_tx,
+            requests,
+            published,
+            bus: None,
+        }
+    }
+
+    /// How the control plane reaches this supervisor.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            requests: self.requests_tx.clone(),
+            snapshot: self.published.subscribe(),
+        }
+    }
+
+    /// Where the sources send their inputs.
+    pub fn inputs(&self) -> mpsc::UnboundedSender<Input> {
+        self.inputs_tx.clone()
+    }
+
+    /// Where to send D-Bus signals, once the bus side is up.
+    pub fn set_bus(&mut self, bus: mpsc::UnboundedSender<BusSignal>) {
+        self.bus = Some(bus);
+    }
+
+    /// Run until every worker is gone after a stop; returns the exit status.
+    pub async fn run(mut self) -> std::io::Result<i32> {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Before the first fork, so no exit can be missed.
+        let mut sigchld = signal(SignalKind::child())?;
+        logs::info(&format!(
+            "starting {} worker(s): {}",
+            self.core.policy().instances,
+            self.launcher.command_line()
+        ));
+        let fx = self.core.start(Instant::now());
+        self.apply(fx);
+        loop {
+            self.publish();
+            if let Some(code) = self.core.finished() {
+                return Ok(code);
+            }
+            let deadline = self.core.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sigchld.recv() => self.reap(),
+                Some(input) = self.inputs.recv() => self.input(input),
+                Some(req) = self.requests.recv() => self.request(req),
+                _ = sleep => {
+                    let fx = self.core.handle_timeout(Instant::now());
+                    self.apply(fx);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        let fx = self.core.handle(Instant::now(), ev);
+        self.apply(fx);
+    }
+
+    fn reap(&mut self) {
+        for (pid, status) in process::reap(&self.by_pid) {
+            let Some(worker) = self.by_pid.remove(&pid) else {
+                continue;
+            };
+            // Anything the worker left in its process group goes with it.
+            process::kill_group(pid);
+            self.procs.remove(&worker);
+            self.event(Event::Exited { worker, status });
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let ev = match input {
+            Input::Stop => Event::Stop,
+            Input::Reload => Event::Request {
+                what: Control::Reload,
+                reply: None,
+            },
+            Input::Ipc { worker, msg } => Event::Ipc { worker, msg },
+            Input::Notify(n) => {
+                // The sender must be a worker or live in a worker's process group.
+                let worker = self.by_pid.get(&n.pid).copied().or_else(|| {
+                    let group = process::process_group(n.pid)?;
+                    self.by_pid.get(&group).copied()
+                });
+                match worker {
+                    Some(worker) => Event::Notify {
+                        worker,
+                        ready: n.ready,
+                        status: n.status,
+                    },
+                    None => Event::NotifyFromStranger { pid: n.pid },
+                }
+            }
+        };
+        self.event(ev);
+    }
+
+    fn request(&mut self, req: ControlRequest) {
+        let reply = req.reply.map(|tx| {
+            let id = ReplyId(self.next_reply);
+            self.next_reply += 1;
+            self.replies.insert(id, tx);
+            id
+        });
+        self.event(Event::Request {
+            what: req.what,
+            reply,
+        });
+    }
+
+    /// Execute effects; events they cause (a spawn's result, a memory
+    /// sample) go back to the core before anything else.
+    fn apply(&mut self, fx: Vec<Effect>) {
+        let mut follow: VecDeque<Event> = VecDeque::new();
+        self.execute(fx, &mut follow);
+        while let Some(ev) = follow.pop_front() {
+            let fx = self.core.handle(Instant::now(), ev);
+            self.execute(fx, &mut follow);
+        }
+    }
+
+    fn execute(&mut self, fx: Vec<Effect>, follow: &mut VecDeque<Event>) {
+        for effect in fx {
+            match effect {
+                Effect::Spawn { worker, index } => follow.push_back(self.spawn(worker, index)),
+                Effect::Stop { worker, by } => self.stop(worker, by),
+                Effect::Kill { worker } => {
+                    if let Some(p) = self.procs.get(&worker) {
+                        process::kill_group(p.pid);
+                        process::signal(p.pid, Signal::SIGKILL);
+                    }
+                }
+                Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
+                Effect::SampleMemory(ids) => {
+                    let sample = ids
+                        .into_iter()
+                        .filter_map(|id| {
+                            let p = self.procs.get(&id)?;
+                            Some((id, process::rss_bytes(p.pid)))
+                        })
+                        .collect();
+                    follow.push_back(Event::MemorySample(sample));
+                }
+                Effect::Notify(n) => match n {
+                    SdNotify::Ready(s) => notify::ready(&s),
+                    SdNotify::Reloading(s) => notify::reloading(&s),
+                    SdNotify::Status(s) => notify::status(&s),
+                    SdNotify::Stopping(s) => notify::stopping(&s),
+                    SdNotify::Watchdog => notify::watchdog(),
+                    SdNotify::ExtendTimeout(d) => notify::extend_timeout(d),
+                },
+                Effect::Log(line) => log(line),
+                Effect::Bus(s) => {
+                    if let Some(bus) = &self.bus {
+                        let _ = bus.send(s);
+                    }
+                }
+                Effect::Reply { reply, result } => {
+                    if let Some(tx) = self.replies.remove(&reply) {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, worker: WorkerId, index: u32) -> Event {
+        let result = self
+            .sockets
+            .for_slot(index)
+            .map_err(anyhow::Error::from)
+            .and_then(|listeners| self.launcher.spawn(index, listeners));
+        let Spawned {
+            pid,
+            ipc,
+            stdout,
+            stderr,
+        } = match result {
+            Ok(s) => s,
+            Err(e) => {
+                return Event::SpawnFailed {
+                    worker,
+                    error: format!("{e:#}"),
+                };
+            }
+        };
+        sources::output(stdout, index, pid, Stream::Stdout);
+        sources::output(stderr, index, pid, Stream::Stderr);
+        let ipc = ipc.and_then(|ours| {
+            let reader = ours.try_clone().ok()?;
+            reader.set_nonblocking(true).ok()?;
+            ours.set_nonblocking(true).ok()?;
+            sources::ipc_channel(reader, worker, self.inputs_tx.clone());
+            Some(ours)
+        });
+        let has_ipc = ipc.is_some();
+        self.procs.insert(worker, Proc { pid, ipc });
+        self.by_pid.insert(pid, worker);
+        Event::Spawned {
+            worker,
+            pid,
+            ipc: has_ipc,
+        }
+    }
+
+    fn stop(&mut self, worker: WorkerId, by: StopBy) {
+        let Some(p) = self.procs.get_mut(&worker) else {
+            return;
+        };
+        if by == StopBy::Message
+            && let Some(ch) = &mut p.ipc
+            && ch.write_all(ipc::SHUTDOWN).is_ok()
+        {
+            return;
+        }
+        if by == StopBy::Message {
+            logs::warn(&format!(
+                "could not send 'shutdown' to pid {}: sent SIGINT instead",
+                p.pid
+            ));
+        }
+        process::signal(p.pid, Signal::SIGINT);
+    }
+
+    fn publish(&mut self) {
+        let snap = self.core.snapshot();
+        self.published.send_if_modified(|old| {
+            if *old == snap {
+                false
+            } else {
+                *old = snap;
+                true
+            }
+        });
+    }
+}
+
+fn log(line: LogLine) {
+    let priority = match line.level {
+        Level::Info => Priority::Info,
+        Level::Notice => Priority::Notice,
+        Level::Warning => Priority::Warning,
+        Level::Error => Priority::Error,
+    };
+    let extra: Vec<(&str, String)> = line
+        .event
+        .map(|e| ("NODEHERD_EVENT", e.to_string()))
+        .into_iter()
+        .collect();
+    match line.worker {
+        Some((index, pid)) => logs::worker_event(priority, index, pid, &line.text, &extra),
+        None => logs::event(priority, &line.text, &extra),
+    }
+}

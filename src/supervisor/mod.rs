@@ -1,0 +1,37 @@
+//! The supervisor: the one owner of every worker, slot and operation.
+//!
+//! It is split the way a state machine and its I/O split:
+//! - [`core`] decides: events in, state transition, effects out — no
+//!   process, fd, task or clock of its own ([`ops`] holds its operations,
+//!   [`report`] what it publishes, [`policy`] the crash rule, [`timers`] its
+//!   deadlines);
+//! - [`driver`] does: forks, signals, sleeps, talks to systemd and the log,
+//!   answers callers, and feeds results back as events;
+//! - [`sources`] turn signals, the notify socket, IPC channels and worker
+//!   output into the driver's inputs.
+//!
+//! Vocabulary, used the same way in code, D-Bus, docs and logs:
+//! - a **slot** is a position `0..instances`; its index is the worker's
+//!   `NODE_APP_INSTANCE` and survives restarts and reloads;
+//! - a slot's **current** worker serves; during a reload its **incoming**
+//!   replacement starts beside it and takes over once **ready**;
+//! - a worker that was asked to stop is **stopping** (draining) and belongs
+//!   to no slot any more;
+//! - an **operation** (start, reload, scale, restart) runs one at a time;
+//!   requests that arrive meanwhile wait in a queue, in order, and
+//!   back-to-back reloads coalesce into one.
+
+pub mod core;
+pub mod driver;
+mod ops;
+pub mod policy;
+mod report;
+pub mod sources;
+pub mod timers;
+
+#[cfg(test)]
+mod tests;
+
+pub use self::core::{Core, Effect, Event, ExitStatus, WorkerId};
+pub use driver::Driver;
+pub use policy::Policy;

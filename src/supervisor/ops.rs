@@ -1,0 +1,403 @@
+//! Operations: the first start, reload, scale, restart and stop.
+//!
+//! One operation runs at a time. Requests that arrive meanwhile wait in a
+//! queue, in order; a reload asked for while another is already waiting
+//! joins it (one reload answers both callers), and more than
+//! [`MAX_QUEUED`](super::policy::MAX_QUEUED) waiting requests are refused as
+//! busy. Bad arguments are refused at once, before queueing.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::core::{
+    Core, Level, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind, WState, WorkerId,
+};
+use super::policy::MAX_QUEUED;
+use super::timers::TimerKey;
+use crate::config::MAX_INSTANCES;
+use crate::control::{BusSignal, Control, CtlError, ScaleTarget};
+
+impl Core {
+    pub(super) fn submit(&mut self, what: Control, reply: Option<ReplyId>) {
+        if self.phase == Phase::Stopping {
+            self.reply_opt(reply, Err(stopping()));
+            return;
+        }
+        if let Control::Scale(ScaleTarget::To(n)) = what
+            && !(1..=i64::from(MAX_INSTANCES)).contains(&n)
+        {
+            let msg = format!(
+                "cannot scale to {n}: the number of workers must be between 1 and {MAX_INSTANCES}"
+            );
+            self.reply_opt(reply, Err(CtlError::InvalidArgument(msg)));
+            return;
+        }
+        if what == Control::Reload
+            && let Some(Queued::Reload(replies)) = self.queue.back_mut()
+        {
+            replies.extend(reply);
+            return;
+        }
+        if self.queue.len() >= MAX_QUEUED {
+            let msg = format!(
+                "{MAX_QUEUED} requests are already waiting for the running operation; try again once they are done"
+            );
+            self.reply_opt(reply, Err(CtlError::Busy(msg)));
+            return;
+        }
+        self.queue.push_back(match what {
+            Control::Reload => Queued::Reload(reply.into_iter().collect()),
+            Control::Restart => Queued::Restart(reply),
+            Control::Scale(target) => Queued::Scale(target, reply),
+        });
+    }
+
+    fn reply_opt(&mut self, reply: Option<ReplyId>, result: crate::control::CtlResult) {
+        if let Some(r) = reply {
+            self.reply(r, result);
+        }
+    }
+
+    /// Move operations forward: finish the current one if it is done, then
+    /// start queued requests until one needs to wait.
+    pub(super) fn progress(&mut self) {
+        loop {
+            self.pump_reload();
+            self.finish_if_done();
+            if self.op.is_some() || self.phase != Phase::Running {
+                return;
+            }
+            let Some(next) = self.queue.pop_front() else {
+                return;
+            };
+            self.begin(next);
+        }
+    }
+
+    fn begin(&mut self, q: Queued) {
+        match q {
+            Queued::Reload(replies) => {
+                let all: Vec<u32> = (0..self.slots.len() as u32).collect();
+                self.begin_reload(all, replies);
+            }
+            Queued::ReloadSlots(slots) => {
+                let slots: Vec<u32> = slots
+                    .into_iter()
+                    .filter(|i| (*i as usize) < self.slots.len())
+                    .collect();
+                if !slots.is_empty() {
+                    self.begin_reload(slots, Vec::new());
+                }
+            }
+            Queued::Restart(reply) => self.begin_restart(reply),
+            Queued::Scale(target, reply) => self.begin_scale(target, reply),
+        }
+    }
+
+    fn begin_reload(&mut self, slots: Vec<u32>, replies: Vec<ReplyId>) {
+        let total = slots.len();
+        self.log_event(
+            Level::Notice,
+            format!(
+                "reload begun: {total} worker(s), {} at a time",
+                self.policy.reload_parallel
+            ),
+            "reload-begun",
+        );
+        let status = format!("reloading 0/{total}");
+        self.last_status = status.clone();
+        self.notify(SdNotify::Reloading(status));
+        self.op = Some(Op::Reload {
+            pending: slots.into_iter().collect(),
+            in_flight: BTreeSet::new(),
+            total,
+            done: 0,
+            replies,
+            started: self.now,
+        });
+    }
+
+    /// Start replacements while fewer than `reload_parallel` are in flight.
+    fn pump_reload(&mut self) {
+        loop {
+            let parallel = self.policy.reload_parallel as usize;
+            let Some(Op::Reload {
+                pending, in_flight, ..
+            }) = &mut self.op
+            else {
+                return;
+            };
+            if in_flight.len() >= parallel {
+                return;
+            }
+            let Some(index) = pending.pop_front() else {
+                return;
+            };
+            if index as usize >= self.slots.len() {
+                continue;
+            }
+            in_flight.insert(index);
+            // Each swap may take listen_timeout plus kill_timeout: tell systemd.
+            let extend =
+                self.policy.listen_timeout + self.policy.kill_timeout + Duration::from_secs(5);
+            self.notify(SdNotify::ExtendTimeout(extend));
+            self.spawn(index, Role::Incoming);
+        }
+    }
+
+    /// A replacement failed: stop the reload there; the old workers keep serving.
+    pub(super) fn fail_reload(&mut self, reason: String) {
+        if !matches!(self.op, Some(Op::Reload { .. })) {
+            return;
+        }
+        let Some(Op::Reload {
+            in_flight, replies, ..
+        }) = self.op.take()
+        else {
+            return;
+        };
+        // Every other replacement still starting goes too.
+        for &index in &in_flight {
+            let Some(id) = self
+                .slots
+                .get_mut(index as usize)
+                .and_then(|s| s.incoming.take())
+            else {
+                continue;
+            };
+            self.kill_worker(id, "reload failed elsewhere");
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.state = WState::Stopping;
+            }
+            self.timers.cancel(TimerKey::Ready(id));
+        }
+        for index in in_flight {
+            self.incoming_gone(index);
+        }
+        let msg = format!("reload failed: {reason}; the previous workers keep serving");
+        self.log_event(Level::Error, msg.clone(), "reload-failed");
+        self.bus(BusSignal::ReloadFinished {
+            ok: false,
+            message: msg.clone(),
+        });
+        self.notify_ready();
+        for r in replies {
+            self.reply(r, Err(CtlError::ReloadFailed(msg.clone())));
+        }
+    }
+
+    fn begin_restart(&mut self, reply: Option<ReplyId>) {
+        self.log(
+            Level::Info,
+            "restart: stopping every worker and starting a fresh set".into(),
+        );
+        let ids: Vec<WorkerId> = self
+            .slots
+            .iter_mut()
+            .flat_map(|s| [s.current.take(), s.incoming.take()])
+            .flatten()
+            .collect();
+        for id in ids {
+            self.stop_worker(id, "restart");
+        }
+        let n = self.slots.len() as u32;
+        for index in 0..n {
+            let slot = &mut self.slots[index as usize];
+            slot.history = Default::default();
+            slot.errored = None;
+            self.start_current(index);
+        }
+        self.op = Some(Op::Start {
+            kind: StartKind::Restart,
+            waiting: (0..n).collect(),
+            failed: Vec::new(),
+            replies: reply.into_iter().collect(),
+        });
+    }
+
+    fn begin_scale(&mut self, target: ScaleTarget, reply: Option<ReplyId>) {
+        let have = self.slots.len() as i64;
+        let want = match target {
+            ScaleTarget::To(n) => n,
+            ScaleTarget::By(d) => have.saturating_add(d),
+        };
+        if !(1..=i64::from(MAX_INSTANCES)).contains(&want) {
+            let msg = format!(
+                "cannot scale from {have} to {want}: the number of workers must be between 1 and {MAX_INSTANCES}"
+            );
+            self.reply_opt(reply, Err(CtlError::InvalidArgument(msg)));
+            return;
+        }
+        let (have, want) = (have as u32, want as u32);
+        self.log_event(
+            Level::Notice,
+            format!("scale: {have} → {want} workers"),
+            "scale",
+        );
+        if want <= have {
+            // Highest slots go first; their workers drain, requests in flight finish.
+            while self.slots.len() as u32 > want {
+                let index = self.slots.len() as u32 - 1;
+                let Some(slot) = self.slots.pop() else { break };
+                self.timers.cancel(TimerKey::Restart(index));
+                self.out
+                    .push(super::core::Effect::ReleaseSlotSockets(index));
+                for id in [slot.current, slot.incoming].into_iter().flatten() {
+                    self.stop_worker(id, "scaled down");
+                }
+            }
+            self.reply_opt(reply, Ok(want as i32));
+            return;
+        }
+        for index in have..want {
+            self.slots.push(Slot::default());
+            self.start_current(index);
+        }
+        self.op = Some(Op::Start {
+            kind: StartKind::Scale,
+            waiting: (have..want).collect(),
+            failed: Vec::new(),
+            replies: reply.into_iter().collect(),
+        });
+    }
+
+    fn finish_if_done(&mut self) {
+        let done = match &self.op {
+            None => return,
+            Some(Op::Start { waiting, .. }) => waiting.iter().all(|&i| {
+                self.slots.get(i as usize).is_none_or(|s| {
+                    s.errored.is_some()
+                        || s.current
+                            .and_then(|id| self.workers.get(&id))
+                            .is_some_and(|w| w.state == WState::Ready)
+                })
+            }),
+            Some(Op::Reload {
+                pending, in_flight, ..
+            }) => pending.is_empty() && in_flight.is_empty(),
+        };
+        if !done {
+            return;
+        }
+        match self.op.take() {
+            Some(Op::Start {
+                kind,
+                failed,
+                replies,
+                ..
+            }) => {
+                if kind == StartKind::Start && !self.ready_sent {
+                    self.ready_sent = true;
+                    self.notify_ready();
+                    let text = format!(
+                        "{} — {} worker(s) up",
+                        self.status_line(),
+                        self.ready_count()
+                    );
+                    self.log(Level::Info, text);
+                }
+                let result = if failed.is_empty() {
+                    Ok(self.slots.len() as i32)
+                } else {
+                    Err(CtlError::Failed(format!(
+                        "{}: {}",
+                        kind.name(),
+                        failed.join("; ")
+                    )))
+                };
+                for r in replies {
+                    self.reply(r, result.clone());
+                }
+            }
+            Some(Op::Reload {
+                total,
+                done,
+                replies,
+                started,
+                ..
+            }) => {
+                let msg = format!(
+                    "reload finished: {done}/{total} worker(s) replaced in {} ms",
+                    self.now.saturating_duration_since(started).as_millis()
+                );
+                self.log_event(Level::Notice, msg.clone(), "reload-finished");
+                self.bus(BusSignal::ReloadFinished {
+                    ok: true,
+                    message: msg,
+                });
+                self.notify_ready();
+                let n = self.slots.len() as i32;
+                for r in replies {
+                    self.reply(r, Ok(n));
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// `READY=1` with the current status (after the first start or a reload).
+    fn notify_ready(&mut self) {
+        let status = self.status_line();
+        self.last_status = status.clone();
+        self.notify(SdNotify::Ready(status));
+    }
+
+    /// Stop every worker and, once they are gone, exit with `code`.
+    pub(super) fn begin_stop(&mut self, code: i32) {
+        if self.phase == Phase::Stopping {
+            // A second stop request: no more waiting.
+            self.log(
+                Level::Warning,
+                "stop requested again: killing every worker now".into(),
+            );
+            let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+            for id in ids {
+                self.kill_worker(id, "second stop request");
+            }
+            return;
+        }
+        self.phase = Phase::Stopping;
+        self.exit_code = code;
+        self.log(
+            Level::Info,
+            format!("stopping {} worker(s)", self.workers.len()),
+        );
+        self.notify(SdNotify::Stopping("stopping".into()));
+        self.notify(SdNotify::ExtendTimeout(
+            self.policy.kill_timeout + Duration::from_secs(5),
+        ));
+        let replies: Vec<ReplyId> = match self.op.take() {
+            Some(Op::Start { replies, .. }) | Some(Op::Reload { replies, .. }) => replies,
+            None => Vec::new(),
+        };
+        for r in replies {
+            self.reply(r, Err(stopping()));
+        }
+        for q in std::mem::take(&mut self.queue) {
+            let waiting: Vec<ReplyId> = match q {
+                Queued::Reload(r) => r,
+                Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                Queued::ReloadSlots(_) => Vec::new(),
+            };
+            for r in waiting {
+                self.reply(r, Err(stopping()));
+            }
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.stop_worker(id, "manager stopping");
+        }
+        for index in 0..self.slots.len() as u32 {
+            self.timers.cancel(TimerKey::Restart(index));
+            let slot = &mut self.slots[index as usize];
+            slot.current = None;
+            slot.incoming = None;
+            slot.waiting = false;
+        }
+        self.timers.cancel(TimerKey::MemoryCheck);
+    }
+}
+
+fn stopping() -> CtlError {
+    CtlError::Stopping("the manager is stopping".into())
+}

@@ -1,0 +1,246 @@
+//! What the supervisor needs to know of the app, and the crash policy.
+//!
+//! [`Policy`] is the part of the configuration the lifecycle depends on;
+//! [`after_crash`] is PM2's restart rule as a pure function of a slot's
+//! history, so every branch of it is a unit test away.
+
+use std::time::Duration;
+
+use crate::config::App;
+
+/// Longest backoff between restarts of a crashing worker (as PM2).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// A worker up this long resets the exponential backoff (as PM2).
+pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+/// How often worker memory is compared with `max_memory_restart`.
+pub const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Requests that may wait behind a running operation; more are refused as busy.
+pub const MAX_QUEUED: usize = 64;
+
+/// The settings that drive the lifecycle, taken from the app's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    pub instances: u32,
+    /// Ready means `'ready'`/`READY=1`, not just listening.
+    pub wait_ready: bool,
+    /// Whether workers can say they are ready at all (a Node worker with a
+    /// socket to listen on, or `wait_ready`); if not, started means ready.
+    pub reports_readiness: bool,
+    pub listen_timeout: Duration,
+    pub kill_timeout: Duration,
+    pub shutdown_with_message: bool,
+    pub min_uptime: Duration,
+    pub max_restarts: u32,
+    pub restart_delay: Duration,
+    pub exp_backoff_restart_delay: Duration,
+    pub autorestart: bool,
+    pub max_memory_restart: Option<u64>,
+    pub reload_parallel: u32,
+    /// systemd's watchdog interval (`WATCHDOG_USEC`), if any.
+    pub watchdog: Option<Duration>,
+}
+
+impl Policy {
+    /// The policy for `app`; `has_sockets` says whether workers inherit any.
+    pub fn new(app: &App, has_sockets: bool, watchdog: Option<Duration>) -> Policy {
+        let node = matches!(app.interpreter, crate::config::Interpreter::Node(_));
+        Policy {
+            name: app.name.clone(),
+            instances: app.instances,
+            wait_ready: app.wait_ready,
+            reports_readiness: app.wait_ready || (node && has_sockets),
+            listen_timeout: app.listen_timeout,
+            kill_timeout: app.kill_timeout,
+            shutdown_with_message: app.shutdown_with_message,
+            min_uptime: app.min_uptime,
+            max_restarts: app.max_restarts,
+            restart_delay: app.restart_delay,
+            exp_backoff_restart_delay: app.exp_backoff_restart_delay,
+            autorestart: app.autorestart,
+            max_memory_restart: app.max_memory_restart,
+            reload_parallel: app.reload_parallel.max(1),
+            watchdog,
+        }
+    }
+}
+
+/// A slot's crash history, as the restart rule sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History {
+    /// Deaths in a row of workers younger than `min_uptime`.
+    pub unstable: u32,
+    /// The last exponential backoff delay (zero: none yet).
+    pub backoff: Duration,
+}
+
+/// What to do with a slot whose worker died.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a new worker after this delay (zero: at once).
+    Restart(Duration),
+    /// Give up on the slot; the text says why.
+    Errored(String),
+}
+
+/// PM2's rule: restart unless `autorestart` is off or the slot died more
+/// than `max_restarts` times in a row, each time younger than `min_uptime`;
+/// wait `restart_delay`, or an exponential backoff (x1.5 per restart, capped
+/// at 15 s, reset by a worker that stayed up 30 s).
+pub fn after_crash(p: &Policy, h: &mut History, uptime: Duration, cause: &str) -> Decision {
+    if !p.autorestart {
+        return Decision::Errored(format!("{cause}; autorestart is off"));
+    }
+    if uptime >= p.min_uptime {
+        h.unstable = 0;
+    } else {
+        h.unstable += 1;
+    }
+    if h.unstable > p.max_restarts {
+        return Decision::Errored(format!(
+            "{cause}; it died {} times in a row within min_uptime ({} ms), more than max_restarts ({})",
+            h.unstable,
+            p.min_uptime.as_millis(),
+            p.max_restarts
+        ));
+    }
+    if p.exp_backoff_restart_delay.is_zero() {
+        return Decision::Restart(p.restart_delay);
+    }
+    h.backoff = if uptime >= BACKOFF_RESET_AFTER || h.backoff.is_zero() {
+        p.exp_backoff_restart_delay
+    } else {
+        h.backoff.mul_f64(1.5).min(MAX_BACKOFF)
+    };
+    Decision::Restart(h.backoff)
+}
+
+/// A policy with PM2's defaults, for tests.
+#[cfg(test)]
+pub fn test_policy() -> Policy {
+    Policy {
+        name: "app".into(),
+        instances: 2,
+        wait_ready: false,
+        reports_readiness: true,
+        listen_timeout: Duration::from_millis(3000),
+        kill_timeout: Duration::from_millis(1600),
+        shutdown_with_message: false,
+        min_uptime: Duration::from_millis(1000),
+        max_restarts: 16,
+        restart_delay: Duration::ZERO,
+        exp_backoff_restart_delay: Duration::ZERO,
+        autorestart: true,
+        max_memory_restart: None,
+        reload_parallel: 1,
+        watchdog: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        test_policy()
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn restarts_at_once_by_default_and_after_restart_delay() {
+        let mut p = policy();
+        let mut h = History::default();
+        assert_eq!(
+            after_crash(&p, &mut h, MS(10), "x"),
+            Decision::Restart(Duration::ZERO)
+        );
+        p.restart_delay = MS(250);
+        assert_eq!(
+            after_crash(&p, &mut h, MS(10), "x"),
+            Decision::Restart(MS(250))
+        );
+    }
+
+    #[test]
+    fn errored_after_more_than_max_restarts_unstable_deaths() {
+        let mut p = policy();
+        p.max_restarts = 2;
+        let mut h = History::default();
+        for _ in 0..2 {
+            assert!(matches!(
+                after_crash(&p, &mut h, MS(10), "boom"),
+                Decision::Restart(_)
+            ));
+        }
+        match after_crash(&p, &mut h, MS(10), "boom") {
+            Decision::Errored(why) => {
+                assert_eq!(
+                    why,
+                    "boom; it died 3 times in a row within min_uptime (1000 ms), more than max_restarts (2)"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stable_worker_resets_the_unstable_count() {
+        let mut p = policy();
+        p.max_restarts = 1;
+        let mut h = History::default();
+        assert!(matches!(
+            after_crash(&p, &mut h, MS(10), "x"),
+            Decision::Restart(_)
+        ));
+        // Up longer than min_uptime: the count starts again.
+        assert!(matches!(
+            after_crash(&p, &mut h, MS(1000), "x"),
+            Decision::Restart(_)
+        ));
+        assert_eq!(h.unstable, 0);
+        assert!(matches!(
+            after_crash(&p, &mut h, MS(10), "x"),
+            Decision::Restart(_)
+        ));
+        assert!(matches!(
+            after_crash(&p, &mut h, MS(10), "x"),
+            Decision::Errored(_)
+        ));
+    }
+
+    #[test]
+    fn autorestart_off_errors_at_once() {
+        let mut p = policy();
+        p.autorestart = false;
+        assert_eq!(
+            after_crash(&p, &mut History::default(), MS(5000), "exited with code 0"),
+            Decision::Errored("exited with code 0; autorestart is off".into())
+        );
+    }
+
+    #[test]
+    fn exponential_backoff_grows_caps_and_resets() {
+        let mut p = policy();
+        p.exp_backoff_restart_delay = MS(100);
+        p.max_restarts = 1000;
+        let mut h = History::default();
+        let mut delays = Vec::new();
+        for _ in 0..5 {
+            match after_crash(&p, &mut h, MS(10), "x") {
+                Decision::Restart(d) => delays.push(d.as_millis()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(delays, vec![100, 150, 225, 337, 506]);
+        for _ in 0..20 {
+            after_crash(&p, &mut h, MS(10), "x");
+        }
+        assert_eq!(h.backoff, MAX_BACKOFF, "capped at 15 s");
+        // A worker that stayed up 30 s starts the backoff over.
+        assert_eq!(
+            after_crash(&p, &mut h, BACKOFF_RESET_AFTER, "x"),
+            Decision::Restart(MS(100))
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! What the outside may read: the state in a word, the status in a line
+//! (systemd's `STATUS=`), and the [`Snapshot`] the D-Bus side publishes.
+
+use super::core::{Core, Op, Phase, SdNotify, StartKind, WState};
+use crate::control::{Snapshot, WorkerInfo};
+
+impl Core {
+    /// Slots whose current worker is ready.
+    pub(super) fn ready_count(&self) -> u32 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.current)
+            .filter(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| w.state == WState::Ready)
+            })
+            .count() as u32
+    }
+
+    fn first_start_running(&self) -> bool {
+        !self.ready_sent
+            && matches!(
+                self.op,
+                Some(Op::Start {
+                    kind: StartKind::Start,
+                    ..
+                })
+            )
+    }
+
+    /// starting, ready, reloading, degraded or stopping.
+    pub fn state_name(&self) -> &'static str {
+        if self.phase == Phase::Stopping {
+            return "stopping";
+        }
+        if self.first_start_running() {
+            return "starting";
+        }
+        match &self.op {
+            Some(Op::Reload { .. }) => "reloading",
+            _ if self.ready_count() < self.slots.len() as u32 => "degraded",
+            _ => "ready",
+        }
+    }
+
+    /// One line, as systemd shows it.
+    pub fn status_line(&self) -> String {
+        let n = self.slots.len();
+        let ready = self.ready_count();
+        let errored: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.errored.is_some())
+            .map(|(i, _)| i.to_string())
+            .collect();
+        let mut s = match (self.phase, &self.op) {
+            (Phase::Stopping, _) => format!("stopping ({} worker(s) left)", self.workers.len()),
+            (_, Some(Op::Reload { total, done, .. })) => format!("reloading {done}/{total}"),
+            _ if self.first_start_running() => format!("starting: {ready}/{n} workers ready"),
+            _ => format!("{ready}/{n} workers ready"),
+        };
+        if !errored.is_empty() {
+            s.push_str(&format!("; errored: slot {}", errored.join(", ")));
+        }
+        s
+    }
+
+    /// Send `STATUS=` when the line changed.
+    pub(super) fn update_status(&mut self) {
+        let status = self.status_line();
+        if status != self.last_status {
+            self.last_status = status.clone();
+            self.notify(SdNotify::Status(status));
+        }
+    }
+
+    /// Every slot and every worker process (replacements and draining ones too).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut workers = Vec::new();
+        for (index, slot) in self.slots.iter().enumerate() {
+            let index = index as u32;
+            match slot.current.and_then(|id| self.workers.get(&id)) {
+                Some(w) => workers.push(WorkerInfo {
+                    instance: index,
+                    pid: w.pid,
+                    state: w.state.name(),
+                    restarts: slot.restarts,
+                    started: Some(w.started),
+                    status_text: w.status_text.clone(),
+                }),
+                None => workers.push(WorkerInfo {
+                    instance: index,
+                    pid: 0,
+                    state: if slot.errored.is_some() {
+                        "errored"
+                    } else {
+                        "waiting"
+                    },
+                    restarts: slot.restarts,
+                    started: None,
+                    status_text: None,
+                }),
+            }
+        }
+        for (id, w) in &self.workers {
+            let is_current = self
+                .slots
+                .get(w.index as usize)
+                .is_some_and(|s| s.current == Some(*id));
+            if !is_current {
+                workers.push(WorkerInfo {
+                    instance: w.index,
+                    pid: w.pid,
+                    state: w.state.name(),
+                    restarts: self.slots.get(w.index as usize).map_or(0, |s| s.restarts),
+                    started: Some(w.started),
+                    status_text: w.status_text.clone(),
+                });
+            }
+        }
+        workers.sort_by_key(|w| (w.instance, w.pid));
+        Snapshot {
+            name: self.policy.name.clone(),
+            state: self.state_name(),
+            instances: self.slots.len() as u32,
+            ready_workers: self.ready_count(),
+            status: self.status_line(),
+            workers,
+        }
+    }
+}

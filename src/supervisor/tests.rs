@@ -1,0 +1,886 @@
+//! The lifecycle, unit-tested: the core driven by a fake launcher and a
+//! virtual clock. No process is started and no time passes; each test reads
+//! like the story it checks.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::core::{Core, Effect, Event, ExitStatus, ReplyId, SdNotify, StopBy, WorkerId};
+use super::policy::{MAX_QUEUED, Policy, test_policy};
+use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
+use crate::ipc::Message;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// The fake world around the core: it "starts" processes (pid = 1000 + the
+/// worker id), records every effect, and moves time only when told.
+struct World {
+    core: Core,
+    now: Instant,
+    /// Processes that run: worker → slot index.
+    alive: BTreeMap<WorkerId, u32>,
+    /// Every worker ever spawned, in order, with its slot.
+    spawned: Vec<(WorkerId, u32)>,
+    /// Slots whose next spawn fails (the count says how many times).
+    fail_spawns: BTreeMap<u32, u32>,
+    /// Memory each slot's workers report.
+    rss: BTreeMap<u32, u64>,
+    effects: Vec<Effect>,
+    replies: BTreeMap<ReplyId, CtlResult>,
+    next_reply: u64,
+}
+
+fn pid(w: WorkerId) -> i32 {
+    1000 + w.0 as i32
+}
+
+impl World {
+    fn new(policy: Policy) -> World {
+        let now = Instant::now();
+        World {
+            core: Core::new(policy, now),
+            now,
+            alive: BTreeMap::new(),
+            spawned: Vec::new(),
+            fail_spawns: BTreeMap::new(),
+            rss: BTreeMap::new(),
+            effects: Vec::new(),
+            replies: BTreeMap::new(),
+            next_reply: 1,
+        }
+    }
+
+    /// A started world whose first workers are all ready.
+    fn ready(policy: Policy) -> World {
+        let mut w = World::new(policy);
+        w.start();
+        for id in w.starting() {
+            w.listening(id);
+        }
+        assert_eq!(w.core.state_name(), "ready");
+        w.effects.clear();
+        w
+    }
+
+    fn start(&mut self) {
+        let fx = self.core.start(self.now);
+        self.run(fx);
+    }
+
+    fn send(&mut self, ev: Event) {
+        let fx = self.core.handle(self.now, ev);
+        self.run(fx);
+    }
+
+    fn run(&mut self, fx: Vec<Effect>) {
+        let mut follow: VecDeque<Event> = VecDeque::new();
+        let mut pending: VecDeque<Effect> = fx.into();
+        loop {
+            while let Some(e) = pending.pop_front() {
+                match &e {
+                    Effect::Spawn { worker, index } => {
+                        let fail = self.fail_spawns.get_mut(index).filter(|n| **n > 0);
+                        if let Some(n) = fail {
+                            *n -= 1;
+                            follow.push_back(Event::SpawnFailed {
+                                worker: *worker,
+                                error: "cannot start node: No such file or directory".into(),
+                            });
+                        } else {
+                            self.alive.insert(*worker, *index);
+                            self.spawned.push((*worker, *index));
+                            follow.push_back(Event::Spawned {
+                                worker: *worker,
+                                pid: pid(*worker),
+                                ipc: true,
+                            });
+                        }
+                    }
+                    Effect::SampleMemory(ids) => {
+                        let sample = ids
+                            .iter()
+                            .map(|id| {
+                                let slot = self.alive.get(id).copied().unwrap_or(u32::MAX);
+                                (*id, self.rss.get(&slot).copied().unwrap_or(50 << 20))
+                            })
+                            .collect();
+                        follow.push_back(Event::MemorySample(sample));
+                    }
+                    Effect::Reply { reply, result } => {
+                        assert!(
+                            self.replies.insert(*reply, result.clone()).is_none(),
+                            "{reply:?} answered twice"
+                        );
+                    }
+                    _ => {}
+                }
+                self.effects.push(e);
+            }
+            let Some(ev) = follow.pop_front() else {
+                return;
+            };
+            pending.extend(self.core.handle(self.now, ev));
+        }
+    }
+
+    /// Let virtual time pass, firing every timer due on the way.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(at) = self.core.next_deadline().filter(|at| *at <= end) {
+            self.now = self.now.max(at);
+            let fx = self.core.handle_timeout(self.now);
+            self.run(fx);
+        }
+        self.now = end;
+    }
+
+    fn listening(&mut self, w: WorkerId) {
+        self.send(Event::Ipc {
+            worker: w,
+            msg: Message::Listening,
+        });
+    }
+
+    fn exit(&mut self, w: WorkerId, status: ExitStatus) {
+        assert!(self.alive.remove(&w).is_some(), "{w:?} is not running");
+        self.send(Event::Exited { worker: w, status });
+    }
+
+    fn crash(&mut self, w: WorkerId) {
+        self.exit(w, ExitStatus::Code(1));
+    }
+
+    fn request(&mut self, what: Control) -> ReplyId {
+        let r = ReplyId(self.next_reply);
+        self.next_reply += 1;
+        self.send(Event::Request {
+            what,
+            reply: Some(r),
+        });
+        r
+    }
+
+    fn answer(&self, r: ReplyId) -> Option<&CtlResult> {
+        self.replies.get(&r)
+    }
+
+    /// Workers spawned and not yet ready or gone, oldest first.
+    fn starting(&self) -> Vec<WorkerId> {
+        let snap = self.core.snapshot();
+        let mut ids: Vec<WorkerId> = snap
+            .workers
+            .iter()
+            .filter(|w| w.state == "starting" && w.pid > 0)
+            .map(|w| WorkerId((w.pid - 1000) as u64))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The serving worker of each slot (slots with none are left out).
+    fn current(&self) -> BTreeMap<u32, WorkerId> {
+        let snap = self.core.snapshot();
+        let mut by_slot = BTreeMap::new();
+        for w in &snap.workers {
+            if w.pid > 0 && w.state != "stopping" && !by_slot.contains_key(&w.instance) {
+                by_slot.insert(w.instance, WorkerId((w.pid - 1000) as u64));
+            }
+        }
+        // The snapshot lists the current worker first for each slot (sorted by pid,
+        // and a replacement always has a higher pid), so the first non-stopping one wins.
+        by_slot
+    }
+
+    /// Workers asked to stop so far (gracefully), in order.
+    fn stopped(&self) -> Vec<(WorkerId, StopBy)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Stop { worker, by } => Some((*worker, *by)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn killed(&self) -> Vec<WorkerId> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Kill { worker } => Some(*worker),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every worker asked to stop or killed exits now, as a well-behaved one would.
+    fn obey(&mut self) {
+        let told: BTreeSet<WorkerId> = self
+            .stopped()
+            .into_iter()
+            .map(|(w, _)| w)
+            .chain(self.killed())
+            .collect();
+        for w in told {
+            if self.alive.contains_key(&w) {
+                self.exit(w, ExitStatus::Code(0));
+            }
+        }
+    }
+
+    fn notes(&self) -> Vec<SdNotify> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Notify(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Log(l) => Some(l.text.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn spawns_since(&self, mark: usize) -> Vec<u32> {
+        self.spawned[mark..].iter().map(|(_, i)| *i).collect()
+    }
+}
+
+fn policy(instances: u32) -> Policy {
+    Policy {
+        instances,
+        ..test_policy()
+    }
+}
+
+// ---- first start --------------------------------------------------------------
+
+#[test]
+fn first_start_is_ready_once_every_worker_listens() {
+    let mut w = World::new(policy(3));
+    w.start();
+    assert_eq!(w.spawns_since(0), vec![0, 1, 2]);
+    assert_eq!(w.core.state_name(), "starting");
+    assert_eq!(w.core.status_line(), "starting: 0/3 workers ready");
+    let ids = w.starting();
+    w.listening(ids[0]);
+    w.listening(ids[1]);
+    assert!(
+        !w.notes().iter().any(|n| matches!(n, SdNotify::Ready(_))),
+        "not ready with 2/3"
+    );
+    w.listening(ids[2]);
+    let readies: Vec<SdNotify> = w
+        .notes()
+        .into_iter()
+        .filter(|n| matches!(n, SdNotify::Ready(_)))
+        .collect();
+    assert_eq!(readies, vec![SdNotify::Ready("3/3 workers ready".into())]);
+    assert_eq!(w.core.state_name(), "ready");
+}
+
+#[test]
+fn with_wait_ready_listening_is_not_enough() {
+    let mut w = World::new(Policy {
+        wait_ready: true,
+        ..policy(1)
+    });
+    w.start();
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.core.state_name(), "starting");
+    w.send(Event::Ipc {
+        worker: id,
+        msg: Message::Ready,
+    });
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(w.logs().contains("sent 'ready'"), "{}", w.logs());
+}
+
+#[test]
+fn ready_on_the_notify_socket_and_its_status_text_is_kept() {
+    let mut w = World::new(Policy {
+        wait_ready: true,
+        ..policy(1)
+    });
+    w.start();
+    let id = w.starting()[0];
+    w.send(Event::Notify {
+        worker: id,
+        ready: false,
+        status: Some("warming caches".into()),
+    });
+    assert_eq!(
+        w.core.snapshot().workers[0].status_text.as_deref(),
+        Some("warming caches")
+    );
+    w.send(Event::Notify {
+        worker: id,
+        ready: true,
+        status: None,
+    });
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(w.logs().contains("worker 0 status: warming caches"));
+}
+
+#[test]
+fn a_worker_that_cannot_report_readiness_is_ready_once_started() {
+    let mut w = World::new(Policy {
+        reports_readiness: false,
+        ..policy(2)
+    });
+    w.start();
+    assert_eq!(w.core.state_name(), "ready");
+}
+
+#[test]
+fn a_first_worker_not_ready_within_listen_timeout_is_killed_and_restarted() {
+    let mut w = World::new(policy(1));
+    w.start();
+    let first = w.starting()[0];
+    w.advance(MS(2999));
+    assert!(w.killed().is_empty());
+    w.advance(MS(1));
+    assert_eq!(w.killed(), vec![first]);
+    w.exit(first, ExitStatus::Signal(9));
+    assert!(
+        w.logs().contains(
+            "not ready within listen_timeout (3000 ms, waiting for it to listen); killed by SIGKILL"
+        ),
+        "{}",
+        w.logs()
+    );
+    assert_eq!(w.spawns_since(0), vec![0, 0], "restarted in the same slot");
+}
+
+// ---- crashes ------------------------------------------------------------------
+
+#[test]
+fn a_crashed_worker_comes_back_in_its_slot_at_once() {
+    let mut w = World::ready(policy(2));
+    let before = w.current();
+    let mark = w.spawned.len();
+    w.crash(before[&1]);
+    assert_eq!(w.spawns_since(mark), vec![1]);
+    assert_eq!(w.core.snapshot().workers[1].restarts, 1);
+    assert!(w.logs().contains("worker 1 exited unexpectedly"));
+    assert_eq!(w.core.state_name(), "degraded");
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.core.state_name(), "ready");
+}
+
+#[test]
+fn restart_delay_holds_the_restart_back_on_the_clock() {
+    let mut w = World::ready(Policy {
+        restart_delay: MS(500),
+        ..policy(1)
+    });
+    let mark = w.spawned.len();
+    let id = w.current()[&0];
+    w.crash(id);
+    assert!(w.spawns_since(mark).is_empty());
+    assert_eq!(w.core.snapshot().workers[0].state, "waiting");
+    w.advance(MS(499));
+    assert!(w.spawns_since(mark).is_empty());
+    w.advance(MS(1));
+    assert_eq!(w.spawns_since(mark), vec![0]);
+}
+
+#[test]
+fn exponential_backoff_delays_grow_between_restarts() {
+    let mut w = World::ready(Policy {
+        exp_backoff_restart_delay: MS(100),
+        ..policy(1)
+    });
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let id = w.current()[&0];
+        w.crash(id);
+        let crashed = w.now;
+        let mark = w.spawned.len();
+        while w.spawns_since(mark).is_empty() {
+            w.advance(MS(1));
+        }
+        delays.push((w.now - crashed).as_millis());
+        let new = w.starting()[0];
+        w.listening(new);
+    }
+    assert_eq!(delays, vec![100, 150, 225, 338]);
+}
+
+#[test]
+fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
+    let mut w = World::ready(Policy {
+        max_restarts: 3,
+        ..policy(2)
+    });
+    for _ in 0..4 {
+        let id = w.current()[&1];
+        w.crash(id);
+    }
+    let snap = w.core.snapshot();
+    assert_eq!(snap.workers[1].state, "errored");
+    assert_eq!(snap.workers[0].state, "ready");
+    assert_eq!(w.core.status_line(), "1/2 workers ready; errored: slot 1");
+    assert!(w.effects.contains(&Effect::ReleaseSlotSockets(1)));
+    assert!(w.core.finished().is_none(), "the manager keeps running");
+}
+
+#[test]
+fn when_every_slot_errors_the_manager_stops_with_status_1() {
+    let mut w = World::ready(Policy {
+        max_restarts: 0,
+        ..policy(2)
+    });
+    let cur = w.current();
+    w.crash(cur[&0]);
+    w.crash(cur[&1]);
+    assert!(w.logs().contains("every slot errored"));
+    assert_eq!(w.core.finished(), Some(1));
+}
+
+#[test]
+fn autorestart_off_leaves_the_slot_errored() {
+    let mut w = World::ready(Policy {
+        autorestart: false,
+        ..policy(2)
+    });
+    let id = w.current()[&0];
+    let mark = w.spawned.len();
+    w.exit(id, ExitStatus::Code(0));
+    assert!(w.spawns_since(mark).is_empty());
+    assert_eq!(w.core.snapshot().workers[0].state, "errored");
+}
+
+#[test]
+fn a_spawn_that_keeps_failing_ends_errored_without_a_hang() {
+    let mut w = World::new(Policy {
+        max_restarts: 2,
+        ..policy(2)
+    });
+    w.fail_spawns.insert(1, 100);
+    w.start();
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.core.snapshot().workers[1].state, "errored");
+    // READY=1 still went out: the first start settled with one slot failed.
+    assert!(
+        w.notes().contains(&SdNotify::Ready(
+            "1/2 workers ready; errored: slot 1".into()
+        )),
+        "{:?}",
+        w.notes()
+    );
+}
+
+// ---- reload -------------------------------------------------------------------
+
+#[test]
+fn reload_swaps_one_slot_at_a_time_and_answers_when_done() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(Control::Reload);
+    assert!(
+        w.notes()
+            .iter()
+            .any(|n| matches!(n, SdNotify::Reloading(_)))
+    );
+    assert_eq!(w.core.state_name(), "reloading");
+    let new0 = w.starting();
+    assert_eq!(new0.len(), 1, "one replacement at a time");
+    assert!(
+        w.stopped().is_empty(),
+        "nothing stops before a replacement is ready"
+    );
+    w.listening(new0[0]);
+    assert_eq!(w.stopped(), vec![(old[&0], StopBy::Signal)]);
+    assert_eq!(w.core.status_line(), "reloading 1/2");
+    let new1 = w.starting();
+    w.listening(new1[0]);
+    assert_eq!(
+        w.stopped(),
+        vec![(old[&0], StopBy::Signal), (old[&1], StopBy::Signal)]
+    );
+    assert_eq!(w.answer(r), Some(&Ok(2)));
+    assert_eq!(
+        w.current(),
+        BTreeMap::from([(0, new0[0]), (1, new1[0])]),
+        "same indexes, new workers"
+    );
+    assert!(
+        w.notes()
+            .contains(&SdNotify::Ready("2/2 workers ready".into()))
+    );
+    assert!(w.effects.contains(&Effect::Bus(BusSignal::ReloadFinished {
+        ok: true,
+        message: "reload finished: 2/2 worker(s) replaced in 0 ms".into()
+    })));
+    w.obey();
+    assert!(w.core.snapshot().workers.iter().all(|x| x.state == "ready"));
+}
+
+#[test]
+fn reload_parallel_swaps_that_many_at_once() {
+    let mut w = World::ready(Policy {
+        reload_parallel: 2,
+        ..policy(3)
+    });
+    let r = w.request(Control::Reload);
+    assert_eq!(w.starting().len(), 2);
+    let first = w.starting();
+    w.listening(first[0]);
+    assert_eq!(
+        w.starting().len(),
+        2,
+        "the third starts as soon as one is done"
+    );
+    for id in w.starting() {
+        w.listening(id);
+    }
+    assert_eq!(w.answer(r), Some(&Ok(3)));
+}
+
+#[test]
+fn a_replacement_that_crashes_fails_the_reload_and_the_old_workers_serve_on() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(Control::Reload);
+    let new = w.starting()[0];
+    w.crash(new);
+    match w.answer(r) {
+        Some(Err(CtlError::ReloadFailed(m))) => {
+            assert!(m.contains("slot 0"), "{m}");
+            assert!(m.contains("the previous workers keep serving"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.stopped().is_empty(), "no old worker was asked to stop");
+    assert_eq!(w.current(), old);
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(w.starting().is_empty(), "no further replacement");
+}
+
+#[test]
+fn a_replacement_not_ready_within_listen_timeout_fails_the_reload() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(Control::Reload);
+    let new = w.starting()[0];
+    w.advance(MS(3000));
+    assert_eq!(w.killed(), vec![new]);
+    match w.answer(r) {
+        Some(Err(CtlError::ReloadFailed(m))) => assert!(m.contains("listen_timeout"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    w.exit(new, ExitStatus::Signal(9));
+    assert_eq!(w.current(), old);
+    assert!(!w.logs().contains("exited unexpectedly"), "{}", w.logs());
+}
+
+#[test]
+fn a_replacement_that_cannot_be_started_fails_the_reload() {
+    let mut w = World::ready(policy(2));
+    w.fail_spawns.insert(0, 1);
+    let r = w.request(Control::Reload);
+    match w.answer(r) {
+        Some(Err(CtlError::ReloadFailed(m))) => {
+            assert!(m.contains("could not be started"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(w.logs().contains("cannot start node"), "{}", w.logs());
+}
+
+#[test]
+fn a_failed_reload_with_two_in_flight_kills_the_other_replacement() {
+    let mut w = World::ready(Policy {
+        reload_parallel: 2,
+        ..policy(2)
+    });
+    let r = w.request(Control::Reload);
+    let news = w.starting();
+    w.crash(news[0]);
+    assert_eq!(w.killed(), vec![news[1]]);
+    assert!(matches!(w.answer(r), Some(Err(CtlError::ReloadFailed(_)))));
+    w.exit(news[1], ExitStatus::Signal(9));
+    assert_eq!(w.core.state_name(), "ready");
+}
+
+#[test]
+fn a_slot_whose_worker_died_during_a_failed_reload_still_gets_one() {
+    let mut w = World::ready(policy(1));
+    let old = w.current()[&0];
+    w.request(Control::Reload);
+    let new = w.starting()[0];
+    // The serving worker dies while its replacement starts...
+    w.crash(old);
+    // ...and then the replacement dies too.
+    let mark = w.spawned.len();
+    w.crash(new);
+    assert_eq!(w.spawns_since(mark), vec![0], "the slot is not left empty");
+}
+
+#[test]
+fn back_to_back_reloads_coalesce_into_one() {
+    let mut w = World::ready(policy(1));
+    let first = w.request(Control::Reload);
+    let queued: Vec<ReplyId> = (0..5).map(|_| w.request(Control::Reload)).collect();
+    w.send(Event::Request {
+        what: Control::Reload,
+        reply: None,
+    });
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.answer(first), Some(&Ok(1)));
+    assert!(w.answer(queued[0]).is_none(), "the queued reload runs next");
+    let id = w.starting()[0];
+    w.listening(id);
+    for r in &queued {
+        assert_eq!(w.answer(*r), Some(&Ok(1)));
+    }
+    assert!(w.starting().is_empty(), "two reloads in all, not seven");
+    assert_eq!(
+        w.spawned.len(),
+        3,
+        "one first start, two replacements: {:?}",
+        w.spawned
+    );
+}
+
+#[test]
+fn restart_and_scale_wait_behind_a_reload_in_order() {
+    let mut w = World::ready(policy(2));
+    let reload = w.request(Control::Reload);
+    let scale = w.request(Control::Scale(ScaleTarget::To(3)));
+    let restart = w.request(Control::Restart);
+    for _ in 0..2 {
+        let id = w.starting()[0];
+        w.listening(id);
+    }
+    assert_eq!(w.answer(reload), Some(&Ok(2)));
+    assert!(w.answer(scale).is_none());
+    let added = w.starting();
+    assert_eq!(added.len(), 1);
+    w.listening(added[0]);
+    assert_eq!(w.answer(scale), Some(&Ok(3)));
+    assert!(w.answer(restart).is_none(), "restart runs after the scale");
+    let fresh = w.starting();
+    assert_eq!(fresh.len(), 3);
+    for id in fresh {
+        w.listening(id);
+    }
+    assert_eq!(w.answer(restart), Some(&Ok(3)));
+}
+
+#[test]
+fn scaling_down_during_a_reload_applies_after_it() {
+    let mut w = World::ready(policy(4));
+    let reload = w.request(Control::Reload);
+    let scale = w.request(Control::Scale(ScaleTarget::By(-2)));
+    for _ in 0..4 {
+        assert!(w.answer(scale).is_none());
+        let id = w.starting()[0];
+        w.listening(id);
+    }
+    assert_eq!(w.answer(reload), Some(&Ok(4)));
+    assert_eq!(w.answer(scale), Some(&Ok(2)));
+    assert_eq!(w.core.snapshot().instances, 2);
+    assert!(w.effects.contains(&Effect::ReleaseSlotSockets(3)));
+    assert!(w.effects.contains(&Effect::ReleaseSlotSockets(2)));
+}
+
+#[test]
+fn scale_up_waits_for_the_new_workers_and_down_drains_the_highest() {
+    let mut w = World::ready(policy(2));
+    let up = w.request(Control::Scale(ScaleTarget::To(4)));
+    assert!(w.answer(up).is_none());
+    assert_eq!(w.spawns_since(2), vec![2, 3], "lowest free indexes");
+    for id in w.starting() {
+        w.listening(id);
+    }
+    assert_eq!(w.answer(up), Some(&Ok(4)));
+    let cur = w.current();
+    let down = w.request(Control::Scale(ScaleTarget::To(1)));
+    assert_eq!(w.answer(down), Some(&Ok(1)));
+    let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(stopped, vec![cur[&3], cur[&2], cur[&1]]);
+}
+
+#[test]
+fn bad_scale_counts_are_refused_at_once() {
+    let mut w = World::ready(policy(2));
+    for target in [
+        ScaleTarget::To(0),
+        ScaleTarget::To(1025),
+        ScaleTarget::By(-2),
+    ] {
+        let r = w.request(Control::Scale(target));
+        match w.answer(r) {
+            Some(Err(CtlError::InvalidArgument(m))) => assert!(m.contains("between 1 and 1024")),
+            other => panic!("{target:?}: {other:?}"),
+        }
+    }
+    assert_eq!(w.core.snapshot().instances, 2);
+}
+
+#[test]
+fn too_many_waiting_requests_are_refused_as_busy() {
+    let mut w = World::ready(policy(1));
+    w.request(Control::Reload);
+    let mut busy = 0;
+    for _ in 0..MAX_QUEUED + 3 {
+        let r = w.request(Control::Scale(ScaleTarget::To(1)));
+        if matches!(w.answer(r), Some(Err(CtlError::Busy(_)))) {
+            busy += 1;
+        }
+    }
+    assert_eq!(busy, 3);
+}
+
+#[test]
+fn restart_replaces_every_worker_and_clears_errored_slots() {
+    let mut w = World::ready(Policy {
+        max_restarts: 0,
+        ..policy(2)
+    });
+    let id = w.current()[&1];
+    w.crash(id);
+    assert_eq!(w.core.snapshot().workers[1].state, "errored");
+    let r = w.request(Control::Restart);
+    let fresh = w.starting();
+    assert_eq!(fresh.len(), 2);
+    for id in fresh {
+        w.listening(id);
+    }
+    assert_eq!(w.answer(r), Some(&Ok(2)));
+    assert_eq!(w.core.state_name(), "ready");
+}
+
+// ---- memory, watchdog, strangers ------------------------------------------------
+
+#[test]
+fn a_worker_over_max_memory_restart_is_swapped_through_the_reload_path() {
+    let mut w = World::ready(Policy {
+        max_memory_restart: Some(100 << 20),
+        ..policy(2)
+    });
+    w.rss.insert(1, 200 << 20);
+    let old = w.current();
+    let mark = w.spawned.len();
+    w.advance(MS(5000));
+    assert_eq!(w.spawns_since(mark), vec![1], "only the fat slot");
+    assert!(w.logs().contains("max_memory_restart"));
+    assert!(
+        w.stopped().is_empty(),
+        "the old worker serves until the new is ready"
+    );
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.stopped(), vec![(old[&1], StopBy::Signal)]);
+    assert!(w.logs().contains("reload finished: 1/1"));
+}
+
+#[test]
+fn the_watchdog_is_fed_every_half_interval() {
+    let mut w = World::ready(Policy {
+        watchdog: Some(MS(1000)),
+        ..policy(1)
+    });
+    w.advance(MS(2600));
+    let pings = w
+        .notes()
+        .iter()
+        .filter(|n| **n == SdNotify::Watchdog)
+        .count();
+    assert_eq!(pings, 5);
+}
+
+#[test]
+fn notify_messages_from_strangers_are_warned_about_once_a_second() {
+    let mut w = World::ready(policy(1));
+    for _ in 0..100 {
+        w.send(Event::NotifyFromStranger { pid: 4242 });
+    }
+    w.advance(MS(1000));
+    w.send(Event::NotifyFromStranger { pid: 4242 });
+    assert_eq!(w.logs().matches("not one of our workers").count(), 2);
+}
+
+// ---- stop -----------------------------------------------------------------------
+
+#[test]
+fn stop_asks_every_worker_then_kills_after_kill_timeout() {
+    let mut w = World::ready(Policy {
+        shutdown_with_message: true,
+        ..policy(2)
+    });
+    let cur = w.current();
+    w.send(Event::Stop);
+    assert!(w.notes().contains(&SdNotify::Stopping("stopping".into())));
+    assert_eq!(
+        w.stopped(),
+        vec![(cur[&0], StopBy::Message), (cur[&1], StopBy::Message)]
+    );
+    w.exit(cur[&0], ExitStatus::Code(0));
+    assert_eq!(w.core.finished(), None);
+    w.advance(MS(1600));
+    assert_eq!(w.killed(), vec![cur[&1]]);
+    assert!(
+        w.logs()
+            .contains("did not stop within kill_timeout (1600 ms): SIGKILL")
+    );
+    w.exit(cur[&1], ExitStatus::Signal(9));
+    assert_eq!(w.core.finished(), Some(0));
+}
+
+#[test]
+fn stop_during_a_reload_answers_every_caller_and_ends() {
+    let mut w = World::ready(policy(2));
+    let reload = w.request(Control::Reload);
+    let scale = w.request(Control::Scale(ScaleTarget::To(3)));
+    w.send(Event::Stop);
+    for r in [reload, scale] {
+        assert!(matches!(w.answer(r), Some(Err(CtlError::Stopping(_)))));
+    }
+    let late = w.request(Control::Reload);
+    assert!(matches!(w.answer(late), Some(Err(CtlError::Stopping(_)))));
+    let mark = w.spawned.len();
+    w.obey();
+    assert!(
+        w.spawns_since(mark).is_empty(),
+        "nothing restarts while stopping"
+    );
+    assert_eq!(w.core.finished(), Some(0));
+}
+
+#[test]
+fn a_second_stop_kills_at_once() {
+    let mut w = World::ready(policy(2));
+    w.send(Event::Stop);
+    assert!(w.killed().is_empty());
+    w.send(Event::Stop);
+    assert_eq!(w.killed().len(), 2);
+}
+
+#[test]
+fn a_pending_restart_is_cancelled_by_a_stop() {
+    let mut w = World::ready(Policy {
+        restart_delay: MS(500),
+        ..policy(1)
+    });
+    let id = w.current()[&0];
+    w.crash(id);
+    w.send(Event::Stop);
+    let mark = w.spawned.len();
+    w.advance(MS(1000));
+    assert!(w.spawns_since(mark).is_empty());
+    assert_eq!(w.core.finished(), Some(0));
+}

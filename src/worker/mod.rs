@@ -1,0 +1,184 @@
+//! Starting worker processes: command line, environment, fds, IPC channel.
+//!
+//! nodeherd forks and execs workers itself rather than through
+//! `std::process::Command`, for one reason: `LISTEN_PID` must be the child's
+//! own pid (that is how `sd_listen_fds()` in any language knows the sockets
+//! are meant for it), and the child's pid is only known after the fork. The
+//! fork itself, and every `unsafe` it needs, is in [`fork`].
+//!
+//! Layout in the child: fd 0 is /dev/null, 1 and 2 are pipes read by the
+//! manager's log readers, the listening sockets sit at 3.., and a Node
+//! worker's IPC channel right after them (`NODE_CHANNEL_FD`). Every other fd
+//! of the manager is close-on-exec and does not reach the child.
+
+pub mod fork;
+pub mod process;
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nix::fcntl::OFlag;
+
+use crate::config::{App, Interpreter};
+use crate::sockets::Listener;
+
+/// Variables of the manager's own environment that must not reach workers:
+/// they describe the manager's relation to systemd, not the worker's.
+const SCRUBBED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "NODE_UNIQUE_ID",
+    "MANAGERPID",
+];
+
+/// Everything needed to start workers of one app, computed once.
+pub struct Launcher {
+    program: PathBuf,
+    /// argv[1..]: interpreter args, the shim, the script, the script's args.
+    args: Vec<String>,
+    /// The environment common to all workers (without per-worker variables).
+    base_env: Vec<(String, String)>,
+    cwd: PathBuf,
+    instance_var: String,
+    node: bool,
+    credentials: Option<crate::config::Credentials>,
+}
+
+/// A freshly started worker, as its parent sees it.
+pub struct Spawned {
+    pub pid: i32,
+    /// Our end of the Node IPC channel (Node workers only).
+    pub ipc: Option<std::os::unix::net::UnixStream>,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl Launcher {
+    /// Prepare to start workers of `app`, with the shim at `shim` and the
+    /// manager's worker-facing notify socket at `notify_socket`.
+    pub fn new(app: &App, listeners: &[Listener], shim: &Path, notify_socket: &Path) -> Launcher {
+        let (program, mut args, node) = match &app.interpreter {
+            Interpreter::Node(p) => (p.clone(), app.interpreter_args.clone(), true),
+            Interpreter::Other(p) => (p.clone(), app.interpreter_args.clone(), false),
+            Interpreter::None => (app.script.clone(), Vec::new(), false),
+        };
+        if node {
+            args.push("--require".into());
+            args.push(shim.display().to_string());
+        }
+        if !matches!(app.interpreter, Interpreter::None) {
+            args.push(app.script.display().to_string());
+        }
+        args.extend(app.args.iter().cloned());
+        let program = crate::config::find_executable(&program).unwrap_or(program);
+
+        let mut env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| !SCRUBBED_ENV.contains(&k.as_str()))
+            .collect();
+        for (k, v) in &app.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        let shim_desc: Vec<String> = listeners.iter().map(Listener::shim_descriptor).collect();
+        let mut set = |k: &str, v: String| {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v));
+        };
+        set("LISTEN_FDS", listeners.len().to_string());
+        set("LISTEN_FDNAMES", names.join(":"));
+        set("NODEHERD_SOCKETS", shim_desc.join(","));
+        set("NODEHERD_APP", app.name.clone());
+        set("NOTIFY_SOCKET", notify_socket.display().to_string());
+        if node {
+            set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
+        }
+        Launcher {
+            program,
+            args,
+            base_env: env,
+            cwd: app.cwd.clone(),
+            instance_var: app.instance_var.clone(),
+            node,
+            credentials: app.credentials.clone(),
+        }
+    }
+
+    /// The command line, for logs.
+    pub fn command_line(&self) -> String {
+        std::iter::once(self.program.display().to_string())
+            .chain(self.args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Fork and exec one worker for slot `index`, inheriting `listeners` at fd 3...
+    pub fn spawn(&self, index: u32, listeners: &[Listener]) -> Result<Spawned> {
+        let ipc_fd: RawFd = 3 + listeners.len() as RawFd;
+        let c = |s: &OsStr| CString::new(s.as_bytes()).context("a NUL byte in the command line");
+        let program = c(self.program.as_os_str())?;
+        let mut argv: Vec<CString> = vec![program.clone()];
+        for a in &self.args {
+            argv.push(c(OsStr::new(a))?);
+        }
+        let entry = |k: &str, v: &str| -> Vec<u8> {
+            let mut e = Vec::with_capacity(k.len() + v.len() + 2);
+            e.extend_from_slice(k.as_bytes());
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e.push(0);
+            e
+        };
+        let mut env: Vec<Vec<u8>> = self
+            .base_env
+            .iter()
+            .filter(|(k, v)| !k.contains('\0') && !v.contains('\0'))
+            .map(|(k, v)| entry(k, v))
+            .collect();
+        env.push(entry(&self.instance_var, &index.to_string()));
+        if self.node {
+            env.push(entry("NODE_CHANNEL_FD", &ipc_fd.to_string()));
+        }
+        env.push(fork::listen_pid_placeholder());
+        let cwd = c(self.cwd.as_os_str())?;
+
+        let devnull = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+        let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("a stdout pipe")?;
+        let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("a stderr pipe")?;
+        let (ipc_parent, ipc_child) = if self.node {
+            let (a, b) =
+                std::os::unix::net::UnixStream::pair().context("creating the IPC channel")?;
+            (Some(a), Some(OwnedFd::from(b)))
+        } else {
+            (None, None)
+        };
+        let sockets: Vec<RawFd> = listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        let pid = fork::fork_exec(fork::Plan {
+            program: &program,
+            argv: &argv,
+            env: &mut env,
+            cwd: &cwd,
+            stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+            sockets: &sockets,
+            ipc: ipc_child.as_ref().map(|f| f.as_raw_fd()),
+            credentials: self.credentials.as_ref(),
+        })?;
+        Ok(Spawned {
+            pid,
+            ipc: ipc_parent,
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+}

@@ -1,0 +1,146 @@
+//! Processes after they started: reaping, signalling, reading `/proc`.
+
+use std::collections::HashMap;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::supervisor::ExitStatus;
+
+/// Send `sig` to `pid`; never to our own group or to everything (0, -1).
+pub fn signal(pid: i32, sig: Signal) {
+    if pid > 1 {
+        let _ = kill(Pid::from_raw(pid), sig);
+    }
+}
+
+/// SIGKILL the process group led by `pid` (a worker and whatever it forked).
+pub fn kill_group(pid: i32) {
+    if pid > 1 {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// The process group of `pid`, if it still exists.
+pub fn process_group(pid: i32) -> Option<i32> {
+    nix::unistd::getpgid(Some(Pid::from_raw(pid)))
+        .ok()
+        .map(Pid::as_raw)
+        .filter(|g| *g > 0)
+}
+
+/// Reap every child that has exited and is ours to reap: a worker in
+/// `workers`, or an orphan handed to us as the children's subreaper.
+///
+/// `waitpid(-1)` would also take the exit of a child some other part of
+/// this process waits for itself (a `.config.js` being evaluated by node on
+/// a reload, say), which would then fail with ECHILD. So children are
+/// reaped by pid: workers by theirs, and other children only when they are
+/// not in our own process group — orphans come from workers' groups (or
+/// made their own session), while a helper this process starts stays in
+/// our group and is left to whoever started it.
+pub fn reap<T>(workers: &HashMap<i32, T>) -> Vec<(i32, ExitStatus)> {
+    let mut out = Vec::new();
+    for &pid in workers.keys() {
+        if let Some(status) = try_reap(pid) {
+            out.push((pid, status));
+        }
+    }
+    let own_group = nix::unistd::getpgrp().as_raw();
+    for pid in children() {
+        if workers.contains_key(&pid) {
+            continue;
+        }
+        if stat_field(pid, 5).and_then(|g| g.parse::<i32>().ok()) == Some(own_group) {
+            continue;
+        }
+        // An orphan: reaped, nothing else to do.
+        let _ = try_reap(pid);
+    }
+    out
+}
+
+fn try_reap(pid: i32) -> Option<ExitStatus> {
+    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::Code(code)),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(ExitStatus::Signal(sig as i32)),
+        _ => None,
+    }
+}
+
+/// This process's children, from `/proc/self/task/*/children`.
+pub fn children() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/PID/stat`.
+fn stat_field(pid: i32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past its last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace()
+        .nth(n.checked_sub(3)?)
+        .map(str::to_string)
+}
+
+/// Resident memory of a process in bytes, from /proc (0 when it is gone).
+pub fn rss_bytes(pid: i32) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * page_size()
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p.max(4096) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_stat_and_memory() {
+        let me = std::process::id() as i32;
+        assert_eq!(
+            stat_field(me, 5).and_then(|g| g.parse::<i32>().ok()),
+            Some(nix::unistd::getpgrp().as_raw())
+        );
+        assert!(rss_bytes(me) > 0);
+        assert_eq!(rss_bytes(-5), 0);
+    }
+
+    #[test]
+    fn a_child_in_our_own_group_is_left_to_its_owner() {
+        // A helper started with std::process::Command stays in our group:
+        // the reaper must leave it, or its owner's wait() fails with ECHILD.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let gone = (0..500).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            stat_field(pid, 3).as_deref() == Some("Z")
+        });
+        assert!(gone, "the child became a zombie");
+        let none: HashMap<i32, ()> = HashMap::new();
+        assert!(reap(&none).is_empty());
+        assert!(child.wait().unwrap().success(), "its owner still reaps it");
+    }
+}
