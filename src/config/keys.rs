@@ -1,0 +1,296 @@
+//! The keys of an app entry: one table that drives both parsing and the
+//! unknown-key warning.
+//!
+//! Parsing is pure: it turns the JSON of one entry into a [`RawApp`] of
+//! typed, checked values, and touches nothing on the system (no paths, no
+//! users, no CPU count). A new option is one line in [`KEYS`], one field in
+//! [`RawApp`], and its resolution in `resolve.rs`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::values::{self as v, Instances};
+use super::{Balance, ConfigError, MAX_INSTANCES};
+
+/// One app entry, parsed: every key the entry set, typed and checked.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RawApp {
+    pub name: Option<String>,
+    pub script: Option<String>,
+    pub args: Option<Vec<String>>,
+    pub cwd: Option<String>,
+    pub interpreter: Option<String>,
+    pub exec_interpreter: Option<String>,
+    pub node_args: Option<Vec<String>>,
+    pub interpreter_args: Option<Vec<String>>,
+    pub instances: Option<Instances>,
+    pub fork_mode: Option<bool>,
+    pub instance_var: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    /// `env_<name>` blocks, by name.
+    pub env_named: BTreeMap<String, BTreeMap<String, String>>,
+    pub wait_ready: Option<bool>,
+    pub listen_timeout: Option<Duration>,
+    pub kill_timeout: Option<Duration>,
+    pub shutdown_with_message: Option<bool>,
+    pub min_uptime: Option<Duration>,
+    pub max_restarts: Option<u32>,
+    pub restart_delay: Option<Duration>,
+    pub exp_backoff_restart_delay: Option<Duration>,
+    pub autorestart: Option<bool>,
+    pub max_memory_restart: Option<u64>,
+    pub listen: Option<Vec<String>>,
+    pub reload_parallel: Option<u32>,
+    pub uid: Option<String>,
+    pub gid: Option<String>,
+    pub balance: Option<Balance>,
+}
+
+type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
+
+/// A key nodeherd reads, and how.
+pub struct Key {
+    pub name: &'static str,
+    set: Setter,
+}
+
+/// A key whose value is parsed by `$parse` into `RawApp::$field`.
+macro_rules! key {
+    ($name:literal, $field:ident, $parse:expr) => {
+        Key {
+            name: $name,
+            set: |r, x| {
+                r.$field = Some(($parse)(x)?);
+                Ok(())
+            },
+        }
+    };
+}
+
+/// Every key nodeherd reads from an app entry (besides `env_<name>`).
+pub const KEYS: &[Key] = &[
+    key!("name", name, v::string),
+    key!("script", script, v::string),
+    key!("args", args, v::words),
+    key!("cwd", cwd, v::string),
+    key!("interpreter", interpreter, v::string),
+    key!("exec_interpreter", exec_interpreter, v::string),
+    key!("node_args", node_args, v::words),
+    key!("interpreter_args", interpreter_args, v::words),
+    key!("instances", instances, v::instances),
+    Key {
+        name: "exec_mode",
+        set: |r, x| {
+            r.fork_mode = Some(match v::string(x)?.as_str() {
+                "cluster" | "cluster_mode" => false,
+                "fork" | "fork_mode" => true,
+                other => return Err(format!("expected \"cluster\" or \"fork\", got \"{other}\"")),
+            });
+            Ok(())
+        },
+    },
+    Key {
+        name: "instance_var",
+        set: |r, x| {
+            let name = v::string(x)?;
+            if !v::is_env_name(&name) {
+                return Err(format!("{name:?} is not a valid environment variable name"));
+            }
+            r.instance_var = Some(name);
+            Ok(())
+        },
+    },
+    key!("env", env, v::env),
+    key!("wait_ready", wait_ready, v::boolean),
+    Key {
+        name: "listen_timeout",
+        set: |r, x| {
+            let d = v::duration(x)?;
+            if d.is_zero() {
+                return Err("must be more than 0".into());
+            }
+            r.listen_timeout = Some(d);
+            Ok(())
+        },
+    },
+    key!("kill_timeout", kill_timeout, v::duration),
+    key!("shutdown_with_message", shutdown_with_message, v::boolean),
+    key!("min_uptime", min_uptime, v::duration),
+    key!("max_restarts", max_restarts, |x| v::count(x, 1_000_000)
+        .map(|n| n as u32)),
+    key!("restart_delay", restart_delay, v::duration),
+    key!(
+        "exp_backoff_restart_delay",
+        exp_backoff_restart_delay,
+        v::duration
+    ),
+    key!("autorestart", autorestart, v::boolean),
+    key!("max_memory_restart", max_memory_restart, v::size),
+    key!("listen", listen, v::words),
+    Key {
+        name: "reload_parallel",
+        set: |r, x| {
+            let n = v::count(x, u64::from(MAX_INSTANCES))?;
+            if n == 0 {
+                return Err("must be at least 1".into());
+            }
+            r.reload_parallel = Some(n as u32);
+            Ok(())
+        },
+    },
+    key!("uid", uid, v::principal),
+    key!("gid", gid, v::principal),
+    key!("balance", balance, |x| v::balance(&v::string(x)?)),
+];
+
+/// Keys PM2 knows that nodeherd accepts but does not act on.
+pub const IGNORED_PM2_KEYS: &[&str] = &[
+    "watch",
+    "ignore_watch",
+    "watch_options",
+    "watch_delay",
+    "log_date_format",
+    "error_file",
+    "out_file",
+    "log_file",
+    "combine_logs",
+    "merge_logs",
+    "pid_file",
+    "log_type",
+    "cron_restart",
+    "vizion",
+    "post_update",
+    "force",
+    "source_map_support",
+    "disable_source_map_support",
+    "time",
+    "namespace",
+    "increment_var",
+    "append_env_to_name",
+    "filter_env",
+    "treekill",
+    "automation",
+    "pmx",
+    "disable_logs",
+    "version",
+    "autostart",
+    "stop_exit_codes",
+];
+
+/// Parse one app entry. `label` names the app in errors and warnings;
+/// `source` names the file. Unknown keys become warnings, not errors:
+/// ecosystem files often carry keys meant for other tools.
+pub fn parse(
+    map: &Map<String, Value>,
+    source: &str,
+    label: &str,
+) -> Result<(RawApp, Vec<String>), ConfigError> {
+    let err = |key: &str, msg: String| ConfigError {
+        source: source.to_string(),
+        app: Some(label.to_string()),
+        key: Some(key.to_string()),
+        msg,
+    };
+    let mut raw = RawApp::default();
+    let mut warnings = Vec::new();
+    for (key, value) in map {
+        // `null` means "not set", as PM2 reads it.
+        if value.is_null() {
+            continue;
+        }
+        if let Some(k) = KEYS.iter().find(|k| k.name == key) {
+            (k.set)(&mut raw, value).map_err(|m| err(key, m))?;
+        } else if let Some(name) = key.strip_prefix("env_") {
+            raw.env_named
+                .insert(name.to_string(), v::env(value).map_err(|m| err(key, m))?);
+        } else if IGNORED_PM2_KEYS.contains(&key.as_str()) {
+            warnings.push(format!(
+                "{source}: app \"{label}\": key `{key}` is a PM2 option nodeherd does not use; ignored"
+            ));
+        } else {
+            warnings.push(format!(
+                "{source}: app \"{label}\": unknown key `{key}`; ignored"
+            ));
+        }
+    }
+    Ok((raw, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(entry: Value) -> Result<(RawApp, Vec<String>), ConfigError> {
+        parse(entry.as_object().unwrap(), "f.json", "app")
+    }
+
+    #[test]
+    fn every_key_of_the_table_parses_its_value() {
+        let (raw, warnings) = one(json!({
+            "name": "api", "script": "app.js", "args": "a b", "cwd": "srv",
+            "interpreter": "node", "node_args": ["--max-old-space-size=512"],
+            "instances": "max", "exec_mode": "fork", "instance_var": "INSTANCE_ID",
+            "env": {"A": "1", "B": 2, "C": null}, "env_production": {"A": "prod"},
+            "wait_ready": true, "listen_timeout": "2s", "kill_timeout": 500,
+            "shutdown_with_message": "true", "min_uptime": "1m", "max_restarts": 3,
+            "restart_delay": 100, "exp_backoff_restart_delay": 150, "autorestart": false,
+            "max_memory_restart": "300M", "listen": ["127.0.0.1:8000"], "reload_parallel": 2,
+            "uid": 1000, "gid": "www-data", "balance": "reuseport",
+        }))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(raw.args, Some(vec!["a".into(), "b".into()]));
+        assert_eq!(raw.instances, Some(Instances::Max));
+        assert_eq!(raw.fork_mode, Some(true));
+        assert_eq!(
+            raw.env,
+            Some(BTreeMap::from([
+                ("A".into(), "1".into()),
+                ("B".into(), "2".into())
+            ]))
+        );
+        assert_eq!(raw.env_named["production"]["A"], "prod");
+        assert_eq!(raw.listen_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(raw.min_uptime, Some(Duration::from_secs(60)));
+        assert_eq!(raw.max_memory_restart, Some(300 << 20));
+        assert_eq!(raw.uid.as_deref(), Some("1000"));
+        assert_eq!(raw.balance, Some(Balance::ReusePort));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        for (entry, key) in [
+            (json!({"instances": "lots"}), "instances"),
+            (json!({"listen_timeout": 0}), "listen_timeout"),
+            (json!({"reload_parallel": 0}), "reload_parallel"),
+            (json!({"exec_mode": "cloud"}), "exec_mode"),
+            (json!({"instance_var": "1X"}), "instance_var"),
+            (json!({"env": {"BAD NAME": "x"}}), "env"),
+            (json!({"env_prod": []}), "env_prod"),
+            (json!({"balance": "random"}), "balance"),
+            (json!({"kill_timeout": "forever"}), "kill_timeout"),
+        ] {
+            let e = one(entry).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert!(
+                e.to_string().starts_with("f.json: app \"app\": key `"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_and_pm2_only_keys_are_warned_about_by_name() {
+        let (_, warnings) = one(json!({"colour": "blue", "watch": true, "name": null})).unwrap();
+        assert_eq!(
+            warnings,
+            vec![
+                "f.json: app \"app\": unknown key `colour`; ignored",
+                "f.json: app \"app\": key `watch` is a PM2 option nodeherd does not use; ignored"
+            ]
+        );
+    }
+}
