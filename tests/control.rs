@@ -20,7 +20,6 @@ struct Fixture {
 
 fn fixture(script: &str, extra: &[&str], env: &[(&str, &str)]) -> Fixture {
     let bus = DbusDaemon::start();
-    let port = free_port();
     let name = "org.nodeherd.hello".to_string();
     let mut args = vec![
         "run".to_string(),
@@ -28,13 +27,14 @@ fn fixture(script: &str, extra: &[&str], env: &[(&str, &str)]) -> Fixture {
         "--name".into(),
         "hello".into(),
         "--listen".into(),
-        format!("127.0.0.1:{port}"),
+        "127.0.0.1:0".into(),
         "--bus".into(),
         bus.address.clone(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let m = start(&argv, env);
+    let port = m.port();
     assert!(bus.wait_name(&name, T), "name not taken; log:\n{}", m.log());
     Fixture { bus, m, port, name }
 }
@@ -299,17 +299,19 @@ fn cli_clients_speak_the_same_api() {
 
 #[test]
 fn sighup_reloads_and_concurrent_reloads_coalesce() {
-    let f = fixture("env.js", &["-i", "2"], &[]);
-    let before = f.wait_ready(2);
-    f.m.signal(libc::SIGHUP);
-    assert!(
-        f.m.wait_log("reload finished: 2/2", T),
-        "log:\n{}",
-        f.m.log()
+    let dir = tempdir::Dir::new("coalesce");
+    let gate = dir.path.join("gate");
+    let f = fixture(
+        "gated.js",
+        &["-i", "2", "--listen-timeout", "20000"],
+        &[("GATE_FILE", gate.to_str().unwrap()), ("GATE_MODE", "wait")],
     );
-    let mid = f.wait_ready(2);
-    assert!(mid.values().all(|p| !before.values().any(|b| b == p)));
-    // Three callers at once: all succeed; at most two reloads run (one, plus one queued).
+    let before = f.wait_ready(2);
+    // Hold the reload open: its first replacement waits at the gate.
+    std::fs::write(&gate, "closed").unwrap();
+    f.m.signal(libc::SIGHUP);
+    assert!(wait_until(T, || f.prop("State").contains("reloading")));
+    // Three callers while it runs: the first queues a reload, the others join it.
     let calls: Vec<_> = (0..3)
         .map(|_| {
             Command::new("busctl")
@@ -327,6 +329,21 @@ fn sighup_reloads_and_concurrent_reloads_coalesce() {
                 .unwrap()
         })
         .collect();
+    assert!(
+        wait_until(T, || {
+            let log = f.m.log();
+            log.matches("reload requested: waits for the running reload")
+                .count()
+                == 1
+                && log
+                    .matches("reload requested: joins the reload already waiting")
+                    .count()
+                    == 2
+        }),
+        "log:\n{}",
+        f.m.log()
+    );
+    std::fs::remove_file(&gate).unwrap();
     for c in calls {
         let out = c.wait_with_output().unwrap();
         assert!(
@@ -335,11 +352,13 @@ fn sighup_reloads_and_concurrent_reloads_coalesce() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let reloads = f.m.log().matches("reload begun").count();
-    assert!(
-        (2..=3).contains(&reloads),
-        "{reloads} reloads for 1 SIGHUP + 3 coalescing calls"
+    assert_eq!(
+        f.m.log().matches("reload begun").count(),
+        2,
+        "one SIGHUP reload, then one for the three callers"
     );
+    let after = f.wait_ready(2);
+    assert!(after.values().all(|p| !before.values().any(|b| b == p)));
 }
 
 #[test]
@@ -422,18 +441,18 @@ fn properties_answer_while_a_reload_runs() {
 
 #[test]
 fn without_a_bus_the_manager_runs_and_says_so_once() {
-    let port = free_port();
     let m = start(
         &[
             "run",
             &path_str(&app("env.js")),
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--bus",
             "unix:path=/nonexistent/bus",
         ],
         &[],
     );
+    let port = m.port();
     assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
     assert!(m.wait_log("control plane off", T));
     assert_eq!(m.log().matches("control plane off").count(), 1);

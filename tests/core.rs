@@ -15,9 +15,42 @@ fn listen_arg(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// The inodes of the listening TCP sockets process `pid` holds.
+fn listening_sockets(pid: i32) -> Vec<String> {
+    let mut listening = std::collections::BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // st 0A is LISTEN; field 9 is the inode.
+            if f.len() > 9 && f[3] == "0A" {
+                listening.insert(f[9].to_string());
+            }
+        }
+    }
+    let mut held: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.display().to_string();
+                    Some(
+                        t.strip_prefix("socket:[")?
+                            .trim_end_matches(']')
+                            .to_string(),
+                    )
+                })
+                .filter(|ino| listening.contains(ino))
+                .collect()
+        })
+        .unwrap_or_default();
+    held.sort();
+    held.dedup();
+    held
+}
+
 #[test]
 fn serves_from_every_worker_and_reports_to_systemd() {
-    let port = free_port();
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
     let hello = repo().join("examples/hello/app.js");
@@ -28,11 +61,12 @@ fn serves_from_every_worker_and_reports_to_systemd() {
             "-i",
             "3",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[(k, &v)],
     );
+    let port = m.port();
     assert!(
         notify.wait_for("READY=1", T),
         "no READY=1; log:\n{}",
@@ -76,7 +110,9 @@ fn socket_activation_hands_fds_over_like_systemd() {
     // then execs the command with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES.
     let port = free_port();
     let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args(["-l", &listen_arg(port), "--fdname=web", BIN, "run"])
+    cmd.args(["-l", &listen_arg(port), "--fdname=web"])
+        // It passes only PATH, HOME, TERM and the variables named with -E.
+        .args(["-E", "NODE_OPTIONS=--no-deprecation", BIN, "run"])
         .arg(app("env.js"))
         .args(["-i", "2", "--no-bus"])
         .env_remove("LISTEN_FDS")
@@ -102,15 +138,16 @@ fn socket_activation_hands_fds_over_like_systemd() {
         m.log()
     );
     assert!(m.log().contains("(name \"web\")"));
-    // The preload does not leak into the app's own children.
-    assert_eq!(first["node_options"], serde_json::Value::Null);
+    // The operator's NODE_OPTIONS reach the app as they were: the preload
+    // rides on the command line, never in NODE_OPTIONS (where the app's own
+    // children would inherit it).
+    assert_eq!(first["node_options"], "--no-deprecation");
     let seen = instances_answering(port, 2, T);
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
 #[test]
 fn workers_get_only_the_sockets_and_their_channel() {
-    let port = free_port();
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
     let dbus = DbusDaemon::start();
@@ -121,12 +158,13 @@ fn workers_get_only_the_sockets_and_their_channel() {
             "-i",
             "1",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--bus",
             &dbus.address,
         ],
         &[(k, &v)],
     );
+    let port = m.port();
     assert!(m.wait_log("control plane on", T), "log:\n{}", m.log());
     assert!(notify.wait_for("READY=1", T));
     let body = get_json(port).unwrap();
@@ -172,7 +210,6 @@ fn unmodified_apps_serve_on_the_inherited_socket() {
         ("listen_opts.js", "options"),
         ("esm.mjs", "esm"),
     ] {
-        let port = free_port();
         let m = start(
             &[
                 "run",
@@ -180,24 +217,31 @@ fn unmodified_apps_serve_on_the_inherited_socket() {
                 "-i",
                 "2",
                 "--listen",
-                &listen_arg(port),
+                "127.0.0.1:0",
                 "--no-bus",
             ],
             &[],
         );
+        let port = m.port();
         let seen = instances_answering(port, 2, T);
         assert_eq!(seen.len(), 2, "{script}: {seen:?}\nlog:\n{}", m.log());
         let v = get_json(port).unwrap();
         assert_eq!(v["via"], via);
-        // Nothing bound the port the app named.
-        assert!(std::net::TcpListener::bind("0.0.0.0:8123").is_ok() || script != "listen_opts.js");
+        // Whatever port the app named, the worker listens on nothing but
+        // the socket it inherited from the manager.
+        let worker = v["pid"].as_i64().unwrap() as i32;
+        let listening = listening_sockets(worker);
+        assert_eq!(listening.len(), 1, "{script}: {listening:?}");
+        assert!(
+            listening_sockets(m.pid()).contains(&listening[0]),
+            "{script}: the worker's listening socket is the manager's"
+        );
         drop(m);
     }
 }
 
 #[test]
 fn udp_apps_bind_the_inherited_datagram_socket() {
-    let port = free_udp_port();
     let m = start(
         &[
             "run",
@@ -205,11 +249,12 @@ fn udp_apps_bind_the_inherited_datagram_socket() {
             "-i",
             "2",
             "--listen",
-            &format!("udp:127.0.0.1:{port}"),
+            "udp:127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(500)))
@@ -229,7 +274,6 @@ fn udp_apps_bind_the_inherited_datagram_socket() {
 
 #[test]
 fn a_killed_worker_comes_back_in_the_same_slot() {
-    let port = free_port();
     let m = start(
         &[
             "run",
@@ -237,11 +281,12 @@ fn a_killed_worker_comes_back_in_the_same_slot() {
             "-i",
             "2",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2);
     let victim = before["1"] as i32;
@@ -265,7 +310,6 @@ fn a_killed_worker_comes_back_in_the_same_slot() {
 
 #[test]
 fn workers_die_with_the_manager_even_on_kill_9() {
-    let port = free_port();
     let mut m = start(
         &[
             "run",
@@ -273,11 +317,12 @@ fn workers_die_with_the_manager_even_on_kill_9() {
             "-i",
             "2",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert_eq!(instances_answering(port, 2, T).len(), 2);
     let workers = m.workers();
     assert_eq!(workers.len(), 2);
@@ -290,7 +335,6 @@ fn workers_die_with_the_manager_even_on_kill_9() {
 
 #[test]
 fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
-    let port = free_port();
     let dir = tempdir::Dir::new("crash");
     let cfg = one_app(
         &dir,
@@ -305,11 +349,12 @@ fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[(k, &v)],
     );
+    let port = m.port();
     assert!(m.wait_log("slot 1 errored", T), "log:\n{}", m.log());
     assert!(notify.wait_for("errored: slot 1", T), "{:?}", notify.all());
     assert!(
@@ -328,7 +373,6 @@ fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
 
 #[test]
 fn instance_var_and_env_name_follow_the_ecosystem_file() {
-    let port = free_port();
     let dir = tempdir::Dir::new("envs");
     let cfg = dir.write(
         "eco.config.js",
@@ -346,11 +390,12 @@ fn instance_var_and_env_name_follow_the_ecosystem_file() {
             "--env",
             "production",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     let seen = instances_answering(port, 2, T);
     assert_eq!(seen.len(), 2, "log:\n{}", m.log());
     let v = get_json(port).unwrap();
@@ -364,7 +409,6 @@ fn instance_var_and_env_name_follow_the_ecosystem_file() {
 
 #[test]
 fn wait_ready_waits_for_the_ready_message() {
-    let port = free_port();
     let notify = NotifySocket::new();
     let (k, v) = notify.env();
     let m = start(
@@ -375,11 +419,12 @@ fn wait_ready_waits_for_the_ready_message() {
             "2",
             "--wait-ready",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[(k, &v), ("WARMUP_MS", "500")],
     );
+    let port = m.port();
     assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
     assert!(m.log().contains("sent 'ready'"), "log:\n{}", m.log());
     // By the time systemd hears READY=1, every worker is warm.
@@ -390,7 +435,6 @@ fn wait_ready_waits_for_the_ready_message() {
 
 #[test]
 fn a_non_node_worker_reports_ready_on_the_notify_socket() {
-    let port = free_port();
     let m = start(
         &[
             "run",
@@ -401,11 +445,12 @@ fn a_non_node_worker_reports_ready_on_the_notify_socket() {
             "2",
             "--wait-ready",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
     assert!(
         m.log().contains("READY=1"),
@@ -419,7 +464,6 @@ fn a_non_node_worker_reports_ready_on_the_notify_socket() {
 
 #[test]
 fn worker_output_is_prefixed_whole_lines() {
-    let port = free_port();
     let m = start(
         &[
             "run",
@@ -427,7 +471,7 @@ fn worker_output_is_prefixed_whole_lines() {
             "-i",
             "2",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -520,6 +564,28 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
     let (code, err) = run_to_end(&["run", &script, "--balance", "reuseport", "--no-bus"], T);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("balance reuseport needs --listen"), "{err}");
+    // Addresses that cannot be used as written are usage errors too.
+    for bad in [
+        vec!["--listen", "unix:"],
+        vec![
+            "--balance",
+            "reuseport",
+            "--listen",
+            "unix:/tmp/nodeherd-never.sock",
+        ],
+    ] {
+        let mut args = vec!["run", script.as_str(), "--no-bus"];
+        args.extend(bad.iter().copied());
+        let (code, err) = run_to_end(&args, T);
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+        assert!(err.contains("--listen unix:"), "{bad:?}: {err}");
+    }
+    // A bind the kernel refuses is a runtime failure: status 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = run_to_end(&["run", &script, "--listen", &addr, "--no-bus"], T);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot listen on"), "{err}");
     // A config that loops forever is cut off, not waited on.
     let looping = dir.write("loop.config.js", "while (true) {}");
     let (code, err) = run_to_end(
@@ -536,7 +602,6 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
 
 #[test]
 fn unknown_keys_warn_by_name() {
-    let port = free_port();
     let dir = tempdir::Dir::new("unknown");
     let cfg = one_app(&dir, "u", "env.js", r#""colour":"blue","watch":true"#);
     let m = start(
@@ -544,7 +609,7 @@ fn unknown_keys_warn_by_name() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -561,15 +626,14 @@ fn unknown_keys_warn_by_name() {
 #[test]
 fn an_unmappable_listen_fails_the_worker_with_the_reason() {
     // Two TCP sockets, neither on the app's port nor named after it.
-    let (p1, p2) = (free_port(), free_port());
     let m = start(
         &[
             "run",
             &path_str(&app("listen_opts.js")),
             "--listen",
-            &listen_arg(p1),
+            "127.0.0.1:0",
             "--listen",
-            &listen_arg(p2),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -608,7 +672,6 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
     assert!(!std::path::Path::new("/tmp/this-app-never-binds-here.sock").exists());
     drop(m);
 
-    let port = free_port();
     let m = start(
         &[
             "run",
@@ -616,11 +679,12 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
             "-i",
             "2",
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert_eq!(
         instances_answering(port, 2, T).len(),
         2,
@@ -632,7 +696,6 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
 
 #[test]
 fn exponential_backoff_grows_between_restarts() {
-    let port = free_port();
     let dir = tempdir::Dir::new("backoff");
     let cfg = one_app(
         &dir,
@@ -645,7 +708,7 @@ fn exponential_backoff_grows_between_restarts() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen_arg(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],

@@ -3,20 +3,18 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-fn listen(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
 #[test]
 fn a_worker_that_ignores_sigint_is_killed_after_kill_timeout() {
-    let port = free_port();
     let mut m = start(
         &[
             "run",
@@ -26,11 +24,12 @@ fn a_worker_that_ignores_sigint_is_killed_after_kill_timeout() {
             "--kill-timeout",
             "700",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
     let t0 = Instant::now();
     m.signal(libc::SIGTERM);
@@ -51,7 +50,6 @@ fn a_worker_that_ignores_sigint_is_killed_after_kill_timeout() {
 
 #[test]
 fn a_worker_that_ignores_the_shutdown_message_is_killed_too() {
-    let port = free_port();
     let mut m = start(
         &[
             "run",
@@ -60,7 +58,7 @@ fn a_worker_that_ignores_the_shutdown_message_is_killed_too() {
             "--kill-timeout",
             "500",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -78,7 +76,6 @@ fn a_worker_that_ignores_the_shutdown_message_is_killed_too() {
 
 #[test]
 fn a_workers_own_children_are_stopped_with_it() {
-    let port = free_port();
     let mut m = start(
         &[
             "run",
@@ -86,11 +83,12 @@ fn a_workers_own_children_are_stopped_with_it() {
             "-i",
             "2",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     let mut grandchildren = Vec::new();
     assert!(wait_until(T, || {
         if let Ok(v) = get_json(port) {
@@ -125,7 +123,7 @@ fn a_workers_own_children_are_stopped_with_it() {
 
 #[test]
 fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
-    let port = free_port();
+    let runtime = tempdir::Dir::new("runtime");
     let m = start(
         &[
             "run",
@@ -133,28 +131,24 @@ fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
             "-i",
             "2",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
-        &[],
+        &[("XDG_RUNTIME_DIR", &path_str(&runtime.path))],
     );
+    let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
+    // Each worker threw its own junk at the notify socket before listening.
+    assert!(m.wait_log("[chatty:0] junk sent", T), "{}", m.log());
+    assert!(m.wait_log("[chatty:1] junk sent", T), "{}", m.log());
     // Find the manager's worker notify socket and throw junk at it from a
     // process that is not a worker: it must be ignored.
-    let dir = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .ends_with(&format!("-{}", m.pid()))
-        })
-        .expect("runtime dir");
-    let sock = UnixDatagram::unbound().unwrap();
+    let dir = runtime.path.join(format!("nodeherd-chatty-{}", m.pid()));
     let target = dir.join("notify.sock");
+    assert!(target.exists(), "{} has no notify socket", dir.display());
+    let sock = UnixDatagram::unbound().unwrap();
+    let first_sent = std::time::Instant::now();
     for junk in [
         &b"READY=1"[..],
         b"\xff\xfe\x00garbage",
@@ -167,11 +161,12 @@ fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
         let _ = sock.send_to(b"READY=1", &target);
     }
     assert!(m.wait_log("not one of our workers", T), "{}", m.log());
-    std::thread::sleep(Duration::from_millis(200));
+    // At most one warning per second since the first stray datagram.
     let warnings = m.log().matches("not one of our workers").count();
+    let allowed = 1 + first_sent.elapsed().as_secs() as usize;
     assert!(
-        warnings <= 3,
-        "504 stray datagrams gave {warnings} warnings: rate-limited to one a second"
+        warnings <= allowed,
+        "504 stray datagrams gave {warnings} warnings within {allowed} s"
     );
     let after = instances_answering(port, 2, T);
     assert_eq!(before, after, "workers untouched");
@@ -179,8 +174,7 @@ fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
 }
 
 #[test]
-fn a_sighup_storm_coalesces_into_few_reloads_and_leaves_no_extra_worker() {
-    let port = free_port();
+fn a_sighup_storm_leaves_no_extra_worker_and_every_reload_request_is_accounted_for() {
     let m = start(
         &[
             "run",
@@ -188,26 +182,34 @@ fn a_sighup_storm_coalesces_into_few_reloads_and_leaves_no_extra_worker() {
             "-i",
             "2",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T));
     for _ in 0..50 {
         m.signal(libc::SIGHUP);
         std::thread::sleep(Duration::from_millis(2));
     }
-    // Wait until the queue is drained: the last reload finished, none pending.
-    assert!(wait_until(T, || {
-        let log = m.log();
-        let begun = log.matches("reload begun").count();
-        begun > 0 && log.matches("reload finished").count() == begun
-    }));
-    std::thread::sleep(Duration::from_millis(300));
-    let log = m.log();
-    let reloads = log.matches("reload begun").count();
-    assert!(reloads <= 3, "50 SIGHUPs ran {reloads} reloads");
+    // Every SIGHUP the manager saw (the kernel merges some) either began a
+    // reload, queued one, or joined the queued one; wait until all that
+    // began have finished and the count adds up. (How many reloads coalesce
+    // depends on timing; the supervisor's unit tests pin it exactly.)
+    assert!(
+        wait_until(T, || {
+            let log = m.log();
+            let seen = log.matches("SIGHUP: reload requested").count();
+            let begun = log.matches("reload begun").count();
+            let joined = log
+                .matches("reload requested: joins the reload already waiting")
+                .count();
+            begun > 0 && log.matches("reload finished").count() == begun && begun + joined == seen
+        }),
+        "log:\n{}",
+        m.log()
+    );
     assert!(
         wait_until(T, || m.workers().len() == 2),
         "workers: {:?}",
@@ -217,11 +219,10 @@ fn a_sighup_storm_coalesces_into_few_reloads_and_leaves_no_extra_worker() {
 }
 
 #[test]
-fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_closed() {
+fn a_worker_that_dies_at_start_is_restarted_and_a_reload_fails_closed_at_its_slot() {
     // instance 1 of crash_one.js always dies at once: during a reload, its
     // replacement dies too, and the reload stops there.
     let bus = DbusDaemon::start();
-    let port = free_port();
     let dir = tempdir::Dir::new("loop");
     let cfg = one_app(
         &dir,
@@ -234,12 +235,13 @@ fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_clos
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--bus",
             &bus.address,
         ],
         &[],
     );
+    let port = m.port();
     assert!(bus.wait_name("org.nodeherd.loopy", T), "{}", m.log());
     let (code, _, err) = bus.busctl(&[
         "call",
@@ -257,7 +259,6 @@ fn a_worker_that_exits_right_after_ready_is_replaced_and_reload_still_fails_clos
 #[test]
 fn the_manager_reconnects_when_the_bus_restarts() {
     let bus = DbusDaemon::start();
-    let port = free_port();
     let m = start(
         &[
             "run",
@@ -267,12 +268,13 @@ fn the_manager_reconnects_when_the_bus_restarts() {
             "-i",
             "2",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--bus",
             &bus.address,
         ],
         &[],
     );
+    let port = m.port();
     assert!(bus.wait_name("org.nodeherd.phoenix", T), "{}", m.log());
     let before = instances_answering(port, 2, T);
     let bus = bus.restart();
@@ -296,7 +298,6 @@ fn the_manager_reconnects_when_the_bus_restarts() {
 
 #[test]
 fn workers_run_as_the_configured_user() {
-    let port = free_port();
     let dir = tempdir::Dir::new("uid");
     let cfg = one_app(
         &dir,
@@ -309,11 +310,12 @@ fn workers_run_as_the_configured_user() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     if unsafe { libc::geteuid() } == 0 {
         let seen = instances_answering(port, 2, T);
         assert_eq!(seen.len(), 2, "{}", m.log());
@@ -347,7 +349,6 @@ fn unknown_users_are_a_config_error() {
 
 #[test]
 fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
-    let port = free_port();
     let dir = tempdir::Dir::new("mem");
     let cfg = one_app(
         &dir,
@@ -360,11 +361,12 @@ fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
     );
+    let port = m.port();
     let first = instances_answering(port, 1, T)["0"];
     // Requests keep being answered while the worker is replaced.
     let mut failures = 0;
@@ -388,7 +390,6 @@ fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
 
 #[test]
 fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
-    let port = free_port();
     let mut m = start(
         &[
             "run",
@@ -396,7 +397,7 @@ fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
             "-i",
             "2",
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[("BOOT_MS", "1500")],
@@ -422,7 +423,6 @@ fn kill_9_of_the_manager_mid_reload_leaves_no_orphan() {
 
 #[test]
 fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
-    let port = free_port();
     let dir = tempdir::Dir::new("allcrash");
     let cfg = one_app(
         &dir,
@@ -435,7 +435,7 @@ fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
             "run",
             &path_str(&cfg),
             "--listen",
-            &listen(port),
+            "127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -455,17 +455,17 @@ fn a_worker_closing_the_socket_or_exiting_after_ready_costs_no_connection() {
         r#""instances":2,"max_restarts":2,"min_uptime":5000"#,
     );
     for mode in ["close", "exit"] {
-        let port = free_port();
         let m = start(
             &[
                 "run",
                 &path_str(&cfg),
                 "--listen",
-                &listen(port),
+                "127.0.0.1:0",
                 "--no-bus",
             ],
             &[("CLOSE_MODE", mode)],
         );
+        let port = m.port();
         assert!(m.wait_log("2/2 workers ready", T), "{mode}: {}", m.log());
         if mode == "exit" {
             // It is restarted, exits again, and its slot ends errored. A
@@ -473,7 +473,11 @@ fn a_worker_closing_the_socket_or_exiting_after_ready_costs_no_connection() {
             // that is the app's doing. Once it is gone, nothing is lost.
             assert!(m.wait_log("slot 1 errored", T), "{}", m.log());
         } else {
-            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                m.wait_log("[closer:1] closed its copy of the listening socket", T),
+                "{}",
+                m.log()
+            );
         }
         // Every request is answered: the manager's copy keeps the socket
         // listening, and the other worker takes the whole queue.
@@ -482,4 +486,105 @@ fn a_worker_closing_the_socket_or_exiting_after_ready_costs_no_connection() {
             assert!(r.is_ok(), "{mode}: request {i} failed: {r:?}\n{}", m.log());
         }
     }
+}
+
+#[test]
+fn a_stalled_log_sink_delays_neither_supervision_nor_the_watchdog() {
+    use std::os::fd::AsRawFd;
+    // The manager's stderr is a pipe this test does not read: once it is
+    // full, every write to it blocks, as writes to a stalled journald do.
+    let notify = NotifySocket::new();
+    let (nk, nv) = notify.env();
+    let mut child = Command::new(BIN)
+        .args(["run", &path_str(&app("flood.js")), "-i", "2", "--no-bus"])
+        .args(["--listen", "127.0.0.1:0"])
+        .env(nk, &nv)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Ends the manager and its workers by pid, whatever the outcome.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            for w in children(self.0.id() as i32) {
+                kill(-w, libc::SIGKILL);
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let manager = child.id() as i32;
+    let _guard = Guard(child);
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        unsafe { libc::ioctl(stderr.as_raw_fd(), libc::FIONREAD, &mut n) };
+        n as usize
+    };
+    let capacity = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_GETPIPE_SZ) } as usize;
+    // Full: more than half the capacity queued, and no longer growing
+    // while the app floods (the kernel fills it page by page, so "full"
+    // is short of the byte capacity).
+    let mut last = 0;
+    assert!(
+        wait_until(T, || {
+            let now = queued();
+            let full = now > capacity / 2 && now == last;
+            last = now;
+            if !full {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            full
+        }),
+        "the pipe never filled: {} of {capacity} bytes",
+        queued()
+    );
+    let full = queued();
+    assert!(notify.wait_for("READY=1", T), "{:?}", notify.all());
+
+    // Stalled sink: the watchdog is still fed...
+    let pings = || {
+        notify
+            .all()
+            .iter()
+            .filter(|m| m.trim() == "WATCHDOG=1")
+            .count()
+    };
+    let before = pings();
+    assert!(
+        wait_until(T, || pings() >= before + 3),
+        "no WATCHDOG=1 while the log sink was stalled ({before} before)"
+    );
+    // ...and a killed worker is restarted.
+    let workers = children(manager);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    kill(workers[0], libc::SIGKILL);
+    assert!(
+        wait_until(T, || {
+            let now = children(manager);
+            now.len() == 2 && !now.contains(&workers[0])
+        }),
+        "the killed worker was not replaced while the log sink was stalled"
+    );
+    assert_eq!(queued(), full, "the sink stayed stalled throughout");
+
+    // Once the sink reads again, the manager says what it had to drop.
+    let log = Arc::new(Mutex::new(String::new()));
+    let into = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    assert!(
+        wait_until(T, || log.lock().unwrap().contains("log line(s) dropped")),
+        "no word of dropped lines"
+    );
 }

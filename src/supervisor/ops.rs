@@ -36,6 +36,10 @@ impl Core {
             && let Some(Queued::Reload(replies)) = self.queue.back_mut()
         {
             replies.extend(reply);
+            self.log(
+                Level::Info,
+                "reload requested: joins the reload already waiting".into(),
+            );
             return;
         }
         if self.queue.len() >= MAX_QUEUED {
@@ -45,11 +49,31 @@ impl Core {
             self.reply_opt(reply, Err(CtlError::Busy(msg)));
             return;
         }
+        if let Some(running) = self.op_name() {
+            let asked = match what {
+                Control::Reload => "reload",
+                Control::Restart => "restart",
+                Control::Scale(_) => "scale",
+            };
+            self.log(
+                Level::Info,
+                format!("{asked} requested: waits for the running {running}"),
+            );
+        }
         self.queue.push_back(match what {
             Control::Reload => Queued::Reload(reply.into_iter().collect()),
             Control::Restart => Queued::Restart(reply),
             Control::Scale(target) => Queued::Scale(target, reply),
         });
+    }
+
+    /// The running operation, in a word.
+    fn op_name(&self) -> Option<&'static str> {
+        match &self.op {
+            Some(Op::Start { kind, .. }) => Some(kind.name()),
+            Some(Op::Reload { .. }) => Some("reload"),
+            None => None,
+        }
     }
 
     fn reply_opt(&mut self, reply: Option<ReplyId>, result: crate::control::CtlResult) {

@@ -8,7 +8,7 @@ server.listen(8000, () => {
   if (process.env.NODE_APP_INSTANCE !== '1') return;
   setTimeout(() => {
     if (process.env.CLOSE_MODE === 'exit') process.exit(0);
-    server.close();
+    server.close(() => console.log('closed its copy of the listening socket'));
     setInterval(() => {}, 1000);
   }, 200);
 });

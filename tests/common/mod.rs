@@ -36,7 +36,10 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1. Racy (another process
+/// may take it before it is used): only for tests where something other
+/// than nodeherd binds it (systemd-socket-activate). Otherwise pass
+/// `--listen 127.0.0.1:0` and read [`Manager::port`].
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -158,6 +161,36 @@ impl Manager {
         kill(self.pid(), sig);
     }
 
+    /// The ports of the sockets the manager bound (`--listen 127.0.0.1:0`
+    /// lets the kernel choose; the manager logs what it got). Waits for the
+    /// log line, so a test never races another process for a free port.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports = Vec::new();
+        wait_until(Duration::from_secs(20), || {
+            ports = self
+                .log()
+                .lines()
+                .filter_map(|l| l.split_once("socket: ").map(|(_, rest)| rest))
+                .filter_map(|rest| {
+                    let addr = rest.split_whitespace().nth(1)?;
+                    addr.rsplit_once(':')?.1.parse::<u16>().ok()
+                })
+                .collect();
+            !ports.is_empty()
+        });
+        assert!(
+            !ports.is_empty(),
+            "the manager logged no socket:\n{}",
+            self.log()
+        );
+        ports
+    }
+
+    /// The port of the one socket the manager bound.
+    pub fn port(&self) -> u16 {
+        self.ports()[0]
+    }
+
     /// Worker pids: the manager's children.
     pub fn workers(&self) -> Vec<i32> {
         children(self.pid())
@@ -186,7 +219,8 @@ pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Manager {
         .stderr(Stdio::piped());
     cmd.env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID");
+        .env_remove("LISTEN_PID")
+        .env_remove("RUNTIME_DIRECTORY");
     for (k, v) in envs {
         cmd.env(k, v);
     }

@@ -132,7 +132,7 @@ def call(address, name, path, iface, method, args):
     try:
         reply = conn.call_blocking(name, path, None if iface == "-" else iface, method,
                                    sig, vals, timeout=10)
-        print("OK", "" if reply is None else plain(reply))
+        print("OK" if reply is None else f"OK {plain(reply)}")
     except dbus.exceptions.DBusException as e:
         print(error_name(e))
     return 0

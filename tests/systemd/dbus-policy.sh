@@ -116,11 +116,19 @@ start_bus "$TMP/bus.conf" "$TMP/bus" "$TMP/bus.log"
 ADDR=unix:path=$TMP/bus
 
 PASS=0 FAIL=0
-check() { # check DESCRIPTION EXPECTED ACTUAL
-    if [[ $3 == "$2"* ]]; then
+check() { # check DESCRIPTION EXPECTED ACTUAL: ACTUAL must equal EXPECTED exactly
+    if [[ $3 == "$2" ]]; then
         PASS=$((PASS + 1)); echo "ok   - $1"
     else
         FAIL=$((FAIL + 1)); echo "FAIL - $1: expected '$2', got '$3'"
+    fi
+}
+check_prefix() { # check_prefix DESCRIPTION PREFIX ACTUAL: for answers too long to spell out
+    [[ -n $2 ]] || { echo "test bug: check_prefix '$1' with an empty prefix" >&2; exit 2; }
+    if [[ $3 == "$2"* ]]; then
+        PASS=$((PASS + 1)); echo "ok   - $1"
+    else
+        FAIL=$((FAIL + 1)); echo "FAIL - $1: expected '$2...', got '$3'"
     fi
 }
 
@@ -139,12 +147,10 @@ DENIED=org.freedesktop.DBus.Error.AccessDenied
 M=org.nodeherd.Manager1
 P=org.freedesktop.DBus.Properties
 
-# The bus understood every user and group our file names.
-if grep -qiE 'unknown (user|group)|error|warn' "$TMP/bus.log"; then
-    check "dbus-daemon accepts the policy without complaint" "" "$(tr '\n' ' ' <"$TMP/bus.log")"
-else
-    check "dbus-daemon accepts the policy without complaint" "" ""
-fi
+# The bus understood every user and group our file names: nothing in its
+# log mentions an unknown name, an error or a warning.
+check "dbus-daemon accepts the policy without complaint" "" \
+    "$(grep -iE 'unknown|error|warn|invalid' "$TMP/bus.log" | tr '\n' ' ' || true)"
 
 # Ownership.
 # setpriv execs python, so $! is the owner's own pid.
@@ -159,8 +165,8 @@ check "user nodeherd may not own names outside org.nodeherd" "$DENIED" "$(probe 
 
 # Reading is open to everyone.
 check "nobody: Properties.Get" "OK 2" "$(call nobody $P Get $M Instances)"
-check "nobody: Properties.GetAll" "OK {" "$(call nobody $P GetAll $M)"
-check "nobody: Introspect" "OK <!DOCTYPE" "$(call nobody org.freedesktop.DBus.Introspectable Introspect)"
+check_prefix "nobody: Properties.GetAll" "OK {" "$(call nobody $P GetAll $M)"
+check_prefix "nobody: Introspect" "OK <!DOCTYPE" "$(call nobody org.freedesktop.DBus.Introspectable Introspect)"
 check "nobody: Peer.Ping" "OK" "$(call nobody org.freedesktop.DBus.Peer Ping)"
 check "nobody: Properties.Set refused" "$DENIED" "$(call nobody $P Set $M Instances i:3)"
 
