@@ -29,6 +29,8 @@ trait Manager1 {
     fn ready_workers(&self) -> zbus::Result<i32>;
     #[zbus(property)]
     fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
+    #[zbus(property)]
+    fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
 }
 
 /// A client failure, with the exit status it maps to.
@@ -196,6 +198,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
         let instances = p.instances().await?;
         let ready = p.ready_workers().await?;
         let workers = p.workers().await?;
+        // Older managers have no such property: no texts then.
+        let texts: std::collections::BTreeMap<u32, String> = p
+            .worker_status_texts()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -203,6 +212,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     serde_json::json!({
                         "instance": i, "pid": pid, "state": st, "restarts": restarts,
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
+                        "status_text": texts.get(pid),
                     })
                 })
                 .collect();
@@ -228,6 +238,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     human_duration(*up),
                     human_bytes(*mem)
                 );
+            }
+            for (pid, text) in &texts {
+                println!("worker pid {pid} says: {text}");
             }
         }
         Ok(())

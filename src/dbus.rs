@@ -175,6 +175,16 @@ impl Manager {
             .collect()
     }
 
+    /// What workers last said with `STATUS=` on their notify socket: (pid, text).
+    #[zbus(property)]
+    async fn worker_status_texts(&self) -> Vec<(u32, String)> {
+        self.snap()
+            .workers
+            .into_iter()
+            .filter_map(|w| Some((w.pid.max(0) as u32, w.status_text?)))
+            .collect()
+    }
+
     /// A worker changed state (starting, ready, stopping, exited, errored).
     #[zbus(signal)]
     async fn worker_state_changed(
@@ -337,6 +347,12 @@ async fn forward(
                 }
                 if now.workers != last.workers {
                     let _ = m.workers_changed(emitter).await;
+                    let texts = |s: &Snapshot| -> Vec<Option<String>> {
+                        s.workers.iter().map(|w| w.status_text.clone()).collect()
+                    };
+                    if texts(&now) != texts(&last) {
+                        let _ = m.worker_status_texts_changed(emitter).await;
+                    }
                 }
                 last = now;
             }

@@ -35,8 +35,21 @@
 //! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
 //! after `kill_timeout`, exit 0 with no child left.
 //!
-//! One supervisor ([`supervisor`]) owns all of this state; child exits,
-//! signals, timers and D-Bus calls reach it as events on one channel.
+//! One supervisor ([`supervisor`]) owns all of this state. Its core decides
+//! and does nothing else: child exits, signals, timers and D-Bus calls go in
+//! as events, and what to do comes out as effects (spawn, signal, notify,
+//! log, reply) that a thin driver carries out. So the whole lifecycle above
+//! is unit-tested with a virtual clock, and the integration tests keep to
+//! what needs real processes.
+//!
+//! # Where things are
+//!
+//! [`config`] reads ecosystem files, [`sockets`] takes or binds the
+//! listening sockets, [`worker`] starts workers, [`supervisor`] runs them,
+//! [`control`] names what may be asked of it, [`dbus`] serves that on the
+//! bus and [`client`] asks it, [`notify`] talks to systemd,
+//! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
+//! [`logs`] writes the journal, [`run`] puts the daemon together.
 
 pub mod cli;
 pub mod client;

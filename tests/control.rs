@@ -134,6 +134,7 @@ fn introspection_is_complete_and_typed() {
         (".Instances", "property"),
         (".ReadyWorkers", "property"),
         (".Workers", "property"),
+        (".WorkerStatusTexts", "property"),
         (".WorkerStateChanged", "signal"),
         (".ReloadFinished", "signal"),
     ] {

@@ -457,6 +457,13 @@ fn a_non_node_worker_reports_ready_on_the_notify_socket() {
         "readiness came from the notify socket:\n{}",
         m.log()
     );
+    // What it says with STATUS= is kept, not dropped.
+    assert!(
+        m.log().contains("worker 0 status: warming up"),
+        "{}",
+        m.log()
+    );
+    assert!(m.log().contains("worker 1 status: serving"), "{}", m.log());
     let v = get_json(port).unwrap();
     assert_eq!(v["via"], "python");
     assert_eq!(v["listen_pid"].as_str().unwrap(), v["pid"].to_string());

@@ -37,5 +37,6 @@ class Server(socketserver.TCPServer):
 srv = Server(sock.getsockname(), Handler, bind_and_activate=False)
 srv.socket = sock
 n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-n.sendto(b"READY=1", os.environ["NOTIFY_SOCKET"])
+n.sendto(b"STATUS=warming up", os.environ["NOTIFY_SOCKET"])
+n.sendto(b"READY=1\nSTATUS=serving", os.environ["NOTIFY_SOCKET"])
 srv.serve_forever()
