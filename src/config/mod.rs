@@ -10,10 +10,10 @@
 //! tools.
 //!
 //! Two steps, as ripgrep splits low-level from high-level arguments:
-//! [`keys`] parses an entry into a [`RawApp`] (pure: types and values
-//! checked, one table of keys), and [`resolve`] applies the command line and
+//! `keys` parses an entry into a [`RawApp`] (pure: types and values
+//! checked, one table of keys), and `resolve` applies the command line and
 //! looks at the system (paths, `PATH`, users, CPUs) to make an [`App`].
-//! [`file`] finds and reads the ecosystem file.
+//! `file` finds and reads the ecosystem file.
 
 mod file;
 mod keys;

@@ -2,8 +2,8 @@
 //!
 //! It is split the way a state machine and its I/O split:
 //! - [`core`] decides: events in, state transition, effects out — no
-//!   process, fd, task or clock of its own ([`ops`] holds its operations,
-//!   [`report`] what it publishes, [`policy`] the crash rule, [`timers`] its
+//!   process, fd, task or clock of its own (`ops` holds its operations,
+//!   `report` what it publishes, [`policy`] the crash rule, [`timers`] its
 //!   deadlines);
 //! - [`driver`] does: forks, signals, sleeps, talks to systemd and the log,
 //!   answers callers, and feeds results back as events;
