@@ -13,7 +13,7 @@ use crate::dbus::{self, Bus, WorkerTuple};
 
 #[proxy(interface = "org.nodeherd.Manager1", default_path = "/org/nodeherd")]
 trait Manager1 {
-    fn reload(&self) -> zbus::Result<()>;
+    fn reload(&self) -> zbus::Result<String>;
     fn restart(&self) -> zbus::Result<()>;
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
     fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
@@ -251,8 +251,8 @@ pub fn reload(args: AppArgs) -> ExitCode {
     run_client(async move {
         let conn = connect(&args.bus).await?;
         let p = proxy(&conn, args.app.as_deref(), &args.bus).await?;
-        p.reload().await?;
-        eprintln!("nodeherd: reloaded");
+        let what = p.reload().await?;
+        eprintln!("nodeherd: {what}");
         Ok(())
     })
 }

@@ -43,8 +43,17 @@ impl CtlError {
     }
 }
 
-/// The answer to a control request: on success, the number of workers.
-pub type CtlResult = Result<i32, CtlError>;
+/// A control request that succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    /// How many workers the app has now.
+    pub workers: i32,
+    /// One sentence saying what was done (and, for a reload, what changed).
+    pub message: String,
+}
+
+/// The answer to a control request.
+pub type CtlResult = Result<Done, CtlError>;
 
 /// What `Scale` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,7 +75,7 @@ struct Manager {
 }
 
 impl Manager {
-    async fn ask(&self, what: Control) -> Result<i32, BusError> {
+    async fn ask(&self, what: Control) -> Result<crate::control::Done, BusError> {
         self.handle.ask(what).await.map_err(BusError::from)
     }
 
@@ -90,8 +90,8 @@ impl Manager {
     /// each old worker stopping only once its replacement is ready. Returns
     /// when the swap is complete; fails with ReloadFailed, old workers still
     /// serving, when a replacement does not become ready.
-    async fn reload(&self) -> Result<(), BusError> {
-        self.ask(Control::Reload).await.map(|_| ())
+    async fn reload(&self) -> Result<String, BusError> {
+        self.ask(Control::Reload).await.map(|d| d.message)
     }
 
     /// Stop every worker and start a fresh set; clears errored slots.
@@ -104,12 +104,14 @@ impl Manager {
     async fn scale(&self, instances: i32) -> Result<i32, BusError> {
         self.ask(Control::Scale(ScaleTarget::To(i64::from(instances))))
             .await
+            .map(|d| d.workers)
     }
 
     /// Add (or with a negative delta, remove) workers; returns the new count.
     async fn scale_by(&self, delta: i32) -> Result<i32, BusError> {
         self.ask(Control::Scale(ScaleTarget::By(i64::from(delta))))
             .await
+            .map(|d| d.workers)
     }
 
     /// The app's name.

@@ -14,8 +14,9 @@ use std::time::Duration;
 use crate::cli::RunArgs;
 use crate::config::{self, ConfigError, Overrides};
 use crate::sockets::{self, SocketError, SocketSet};
-use crate::supervisor::{Core, Driver, Policy, sources};
-use crate::{dbus, logs, notify, notify_socket, worker};
+use crate::supervisor::reconfig::{Source, WorkerPaths};
+use crate::supervisor::{Driver, sources};
+use crate::{dbus, logs, notify, notify_socket};
 
 /// The preload, embedded so the binary is all there is to install.
 const SHIM: &str = include_str!("shim.js");
@@ -88,7 +89,13 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         balance: args.balance.clone(),
         args: args.script_args.clone(),
     };
-    let loaded = config::load(&args.target, &over, cpus)?;
+    // A reload reads the same file again: the one found now.
+    let source = Source {
+        target: config::config_path(&args.target),
+        overrides: over,
+        cpus,
+    };
+    let loaded = source.load()?;
     let app = loaded.app;
     logs::init(&app.name, &app.instance_var);
     for w in &loaded.warnings {
@@ -127,7 +134,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 
     let dir =
         runtime_dir(&app.name).map_err(RunError::system("cannot create the runtime directory"))?;
-    let result = run_daemon(app, listeners, &dir, &args);
+    let result = run_daemon(app, listeners, source, &dir, &args);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -135,6 +142,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 fn run_daemon(
     app: config::App,
     listeners: Vec<sockets::Listener>,
+    source: Source,
     dir: &Path,
     args: &RunArgs,
 ) -> Result<u8, RunError> {
@@ -179,18 +187,12 @@ fn run_daemon(
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
         }
-        let mut app = app;
-        app.env
-            .entry("NODEHERD_KILL_TIMEOUT_MS".into())
-            .or_insert_with(|| app.kill_timeout.as_millis().to_string());
         let sockets = SocketSet::new(listeners, app.balance == config::Balance::ReusePort);
-        let launcher = worker::Launcher::new(&app, sockets.describe(), &shim, &notify_path);
-        let policy = Policy::new(&app, !sockets.is_empty(), notify::watchdog_interval());
-        let mut driver = Driver::new(
-            Core::new(policy, std::time::Instant::now()),
-            launcher,
-            sockets,
-        );
+        let paths = WorkerPaths {
+            shim: shim.clone(),
+            notify_socket: notify_path.clone(),
+        };
+        let mut driver = Driver::new(app, sockets, source, paths, notify::watchdog_interval());
         let handle = driver.handle();
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot install signal handlers"))?;

@@ -193,19 +193,29 @@ fn a_sighup_storm_leaves_no_extra_worker_and_every_reload_request_is_accounted_f
         m.signal(libc::SIGHUP);
         std::thread::sleep(Duration::from_millis(2));
     }
-    // Every SIGHUP the manager saw (the kernel merges some) either began a
-    // reload, queued one, or joined the queued one; wait until all that
-    // began have finished and the count adds up. (How many reloads coalesce
-    // depends on timing; the supervisor's unit tests pin it exactly.)
+    // Every SIGHUP the manager saw (the kernel merges some) had the
+    // configuration read for it, in batches; each batch either began a
+    // reload, queued one, or joined the queued one. Wait until the counts
+    // add up and every reload that began has finished. (How many reloads
+    // coalesce depends on timing; the supervisor's unit tests pin it.)
     assert!(
         wait_until(T, || {
             let log = m.log();
             let seen = log.matches("SIGHUP: reload requested").count();
+            let read: usize = log
+                .lines()
+                .filter_map(|l| l.split_once("reload: configuration read for "))
+                .filter_map(|(_, r)| r.split_whitespace().next()?.parse::<usize>().ok())
+                .sum();
+            let batches = log.matches("reload: configuration read for ").count();
             let begun = log.matches("reload begun").count();
             let joined = log
                 .matches("reload requested: joins the reload already waiting")
                 .count();
-            begun > 0 && log.matches("reload finished").count() == begun && begun + joined == seen
+            begun > 0
+                && read == seen
+                && begun + joined == batches
+                && log.matches("reload finished").count() == begun
         }),
         "log:\n{}",
         m.log()

@@ -15,6 +15,7 @@
 //! looks at the system (paths, `PATH`, users, CPUs) to make an [`App`].
 //! `file` finds and reads the ecosystem file.
 
+mod diff;
 mod file;
 mod keys;
 mod resolve;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+pub use diff::{Diff, diff};
 pub use keys::{IGNORED_PM2_KEYS, KEYS, RawApp};
 pub use resolve::{System, find_executable};
 pub use values::{Instances, parse_bytes, parse_duration_ms, resolve_instances};
@@ -171,9 +173,25 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// The ecosystem file `target` names (`/etc/nodeherd/api` finds
+/// `api.config.js`), or `target` itself.
+pub fn config_path(target: &Path) -> PathBuf {
+    file::resolve_target(target)
+        .filter(|p| file::is_config_file(p))
+        .unwrap_or_else(|| target.to_path_buf())
+}
+
 /// Load the app named by `target` (an ecosystem file or a script), applying `over`.
 pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, ConfigError> {
     let sys = System { cpus };
+    if file::is_config_file(target) && !target.exists() {
+        return Err(ConfigError {
+            source: target.display().to_string(),
+            app: None,
+            key: None,
+            msg: "cannot read: the file does not exist".into(),
+        });
+    }
     let resolved = file::resolve_target(target);
     let is_config = resolved.as_deref().is_some_and(file::is_config_file);
     if let Some(path) = resolved.filter(|_| is_config) {

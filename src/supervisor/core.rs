@@ -91,8 +91,28 @@ pub enum Event {
         what: Control,
         reply: Option<ReplyId>,
     },
+    /// A reload with a configuration read anew: workers started from the
+    /// moment that reload begins follow `policy` and the driver's launcher of
+    /// `generation`.
+    Reconfigure {
+        config: Box<NewConfig>,
+        reply: Option<ReplyId>,
+    },
     /// SIGTERM or SIGINT.
     Stop,
+}
+
+/// A configuration read anew for a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConfig {
+    pub policy: Policy,
+    /// The configured `instances` changed: scale to it. If not, the count
+    /// the app was scaled to live stays.
+    pub resize: bool,
+    /// Which of the driver's launchers starts workers under it.
+    pub generation: u64,
+    /// What changed, in words.
+    pub summary: String,
 }
 
 /// How serious a log line is.
@@ -138,10 +158,12 @@ pub enum StopBy {
 /// What the driver is to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    /// Start a worker for slot `index`; answer with `Spawned` or `SpawnFailed`.
+    /// Start a worker for slot `index` with the launcher of configuration
+    /// `generation`; answer with `Spawned` or `SpawnFailed`.
     Spawn {
         worker: WorkerId,
         index: u32,
+        generation: u64,
     },
     /// Ask a worker to stop gracefully.
     Stop {
@@ -248,7 +270,8 @@ pub(super) enum Op {
         failed: Vec<String>,
         replies: Vec<ReplyId>,
     },
-    /// The rolling swap.
+    /// The rolling swap; with a new configuration that adds workers, the
+    /// added slots start once the swap is done (`grow_to`, `growing`).
     Reload {
         pending: VecDeque<u32>,
         in_flight: BTreeSet<u32>,
@@ -256,14 +279,23 @@ pub(super) enum Op {
         done: usize,
         replies: Vec<ReplyId>,
         started: Instant,
+        grow_to: u32,
+        growing: BTreeSet<u32>,
+        failed: Vec<String>,
+        /// What the new configuration changed, if the reload brought one.
+        summary: Option<String>,
     },
 }
 
 /// A request waiting for the running operation to end.
 #[derive(Debug)]
 pub(super) enum Queued {
-    /// Back-to-back reloads coalesce: one reload answers every caller.
-    Reload(Vec<ReplyId>),
+    /// Back-to-back reloads coalesce: one reload answers every caller, with
+    /// the newest configuration any of them brought.
+    Reload {
+        replies: Vec<ReplyId>,
+        config: Option<Box<NewConfig>>,
+    },
     /// Replace these slots through the reload path (memory limit).
     ReloadSlots(Vec<u32>),
     Restart(Option<ReplyId>),
@@ -279,6 +311,8 @@ pub(super) enum Phase {
 /// The supervisor's state; see the module documentation.
 pub struct Core {
     pub(super) policy: Policy,
+    /// The configuration generation new workers are started with.
+    pub(super) generation: u64,
     pub(super) slots: Vec<Slot>,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     next_worker: u64,
@@ -298,6 +332,7 @@ impl Core {
     pub fn new(policy: Policy, now: Instant) -> Core {
         Core {
             policy,
+            generation: 0,
             slots: Vec::new(),
             workers: BTreeMap::new(),
             next_worker: 1,
@@ -316,6 +351,12 @@ impl Core {
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The configuration generation new workers are started with; the
+    /// driver may forget launchers of older ones.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The first start: `instances` workers, then `READY=1` once all are ready.
@@ -368,7 +409,10 @@ impl Core {
             } => self.on_notify(worker, ready, status),
             Event::NotifyFromStranger { pid } => self.on_stranger(pid),
             Event::MemorySample(samples) => self.on_memory_sample(samples),
-            Event::Request { what, reply } => self.submit(what, reply),
+            Event::Request { what, reply } => self.submit(what, reply, None),
+            Event::Reconfigure { config, reply } => {
+                self.submit(Control::Reload, reply, Some(config))
+            }
             Event::Stop => self.begin_stop(0),
         }
         self.settle()
@@ -474,7 +518,11 @@ impl Core {
             Role::Current => slot.current = Some(id),
             Role::Incoming => slot.incoming = Some(id),
         }
-        self.out.push(Effect::Spawn { worker: id, index });
+        self.out.push(Effect::Spawn {
+            worker: id,
+            index,
+            generation: self.generation,
+        });
         id
     }
 
@@ -715,9 +763,16 @@ impl Core {
         // A first start, scale or restart stops waiting for this slot: it
         // settles as failed, so the operation (and READY=1) never hangs on a
         // slot that crash-loops below max_restarts.
-        if let Some(Op::Start {
-            waiting, failed, ..
-        }) = &mut self.op
+        if let Some(
+            Op::Start {
+                waiting, failed, ..
+            }
+            | Op::Reload {
+                growing: waiting,
+                failed,
+                ..
+            },
+        ) = &mut self.op
             && waiting.remove(&index)
         {
             failed.push(format!("slot {index}: {cause}"));

@@ -18,12 +18,17 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::core::{Core, Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
+use super::policy::Policy;
+use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
-use crate::control::{BusSignal, Control, ControlRequest, CtlResult, Handle, Snapshot};
+use crate::config::{App, ConfigError, Loaded};
+use crate::control::{BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle, Snapshot};
 use crate::logs::{self, Stream};
 use crate::sockets::SocketSet;
-use crate::worker::{Launcher, Spawned, process};
+use crate::worker::{Spawned, process};
 use crate::{ipc, notify};
+
+type Answer = oneshot::Sender<CtlResult>;
 
 /// A worker process as the driver knows it.
 struct Proc {
@@ -34,11 +39,16 @@ struct Proc {
 
 pub struct Driver {
     core: Core,
-    launcher: Launcher,
+    configs: Configs,
     sockets: SocketSet,
     procs: HashMap<WorkerId, Proc>,
     by_pid: HashMap<i32, WorkerId>,
-    replies: HashMap<ReplyId, oneshot::Sender<CtlResult>>,
+    /// Callers waiting for the core's answer; one reply may answer several.
+    replies: HashMap<ReplyId, Vec<Answer>>,
+    /// Reload requests whose configuration is being read (`None`: SIGHUP).
+    loading: Option<Vec<Option<Answer>>>,
+    /// Reload requests that came while it was read: they get a fresh read.
+    next_load: Vec<Option<Answer>>,
     next_reply: u64,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs: mpsc::UnboundedReceiver<Input>,
@@ -49,17 +59,30 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(core: Core, launcher: Launcher, sockets: SocketSet) -> Driver {
+    /// A driver for `app`, whose configuration came from `source`; workers
+    /// inherit `sockets` and are pointed at `paths`.
+    pub fn new(
+        app: App,
+        sockets: SocketSet,
+        source: Source,
+        paths: WorkerPaths,
+        watchdog: Option<std::time::Duration>,
+    ) -> Driver {
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
         let (requests_tx, requests) = mpsc::unbounded_channel();
+        let policy = Policy::new(&app, !sockets.is_empty(), watchdog);
+        let core = Core::new(policy, Instant::now());
         let (published, _) = watch::channel(core.snapshot());
+        let configs = Configs::new(app, source, paths, &sockets);
         Driver {
             core,
-            launcher,
+            configs,
             sockets,
             procs: HashMap::new(),
             by_pid: HashMap::new(),
             replies: HashMap::new(),
+            loading: None,
+            next_load: Vec::new(),
             next_reply: 1,
             inputs_tx,
             inputs,
@@ -96,7 +119,7 @@ impl Driver {
         logs::info(&format!(
             "starting {} worker(s): {}",
             self.core.policy().instances,
-            self.launcher.command_line()
+            self.configs.launcher(0).command_line()
         ));
         let fx = self.core.start(Instant::now());
         self.apply(fx);
@@ -144,10 +167,8 @@ impl Driver {
     fn input(&mut self, input: Input) {
         let ev = match input {
             Input::Stop => Event::Stop,
-            Input::Reload => Event::Request {
-                what: Control::Reload,
-                reply: None,
-            },
+            Input::Reload => return self.reload_requested(None),
+            Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc { worker, msg } => Event::Ipc { worker, msg },
             Input::Notify(n) => {
                 // The sender must be a worker or live in a worker's process group.
@@ -169,16 +190,90 @@ impl Driver {
     }
 
     fn request(&mut self, req: ControlRequest) {
-        let reply = req.reply.map(|tx| {
-            let id = ReplyId(self.next_reply);
-            self.next_reply += 1;
-            self.replies.insert(id, tx);
-            id
-        });
+        if req.what == Control::Reload {
+            return self.reload_requested(req.reply);
+        }
+        let reply = self.reply_id(req.reply.into_iter().collect());
         self.event(Event::Request {
             what: req.what,
             reply,
         });
+    }
+
+    /// One reply for the core that answers every one of `answers`.
+    fn reply_id(&mut self, answers: Vec<Answer>) -> Option<ReplyId> {
+        if answers.is_empty() {
+            return None;
+        }
+        let id = ReplyId(self.next_reply);
+        self.next_reply += 1;
+        self.replies.insert(id, answers);
+        Some(id)
+    }
+
+    /// A reload reads the configuration first, on a blocking thread (a
+    /// `.config.js` runs node), while supervision goes on. Requests that
+    /// come while it is read wait for one more read after it, so each
+    /// reload uses a configuration read after it was asked for.
+    fn reload_requested(&mut self, answer: Option<Answer>) {
+        match &mut self.loading {
+            Some(_) => self.next_load.push(answer),
+            None => {
+                self.loading = Some(vec![answer]);
+                self.start_load();
+            }
+        }
+    }
+
+    fn start_load(&self) {
+        let source = self.configs.source.clone();
+        let tx = self.inputs_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Input::ConfigLoaded(Box::new(source.load())));
+        });
+    }
+
+    fn config_loaded(&mut self, result: Result<Loaded, ConfigError>) {
+        let batch = self.loading.take().unwrap_or_default();
+        let n = batch.len();
+        let answers: Vec<Answer> = batch.into_iter().flatten().collect();
+        match result {
+            Err(e) => {
+                let msg = format!("reload refused: {e}; nothing changed, the workers keep serving");
+                logs::event(
+                    Priority::Error,
+                    &msg,
+                    &[("NODEHERD_EVENT", "reload-refused".into())],
+                );
+                if let Some(bus) = &self.bus {
+                    let _ = bus.send(BusSignal::ReloadFinished {
+                        ok: false,
+                        message: msg.clone(),
+                    });
+                }
+                for a in answers {
+                    let _ = a.send(Err(CtlError::InvalidArgument(msg.clone())));
+                }
+            }
+            Ok(loaded) => {
+                let accepted = self
+                    .configs
+                    .accept(loaded, &self.sockets, self.core.policy());
+                for w in &accepted.warnings {
+                    logs::warn(w);
+                }
+                logs::info(&format!("reload: configuration read for {n} request(s)"));
+                let reply = self.reply_id(answers);
+                self.event(Event::Reconfigure {
+                    config: Box::new(accepted.config),
+                    reply,
+                });
+            }
+        }
+        if !self.next_load.is_empty() {
+            self.loading = Some(std::mem::take(&mut self.next_load));
+            self.start_load();
+        }
     }
 
     /// Execute effects; events they cause (a spawn's result, a memory
@@ -190,12 +285,17 @@ impl Driver {
             let fx = self.core.handle(Instant::now(), ev);
             self.execute(fx, &mut follow);
         }
+        self.configs.prune(self.core.generation());
     }
 
     fn execute(&mut self, fx: Vec<Effect>, follow: &mut VecDeque<Event>) {
         for effect in fx {
             match effect {
-                Effect::Spawn { worker, index } => follow.push_back(self.spawn(worker, index)),
+                Effect::Spawn {
+                    worker,
+                    index,
+                    generation,
+                } => follow.push_back(self.spawn(worker, index, generation)),
                 Effect::Stop { worker, by } => self.stop(worker, by),
                 Effect::Kill { worker } => {
                     if let Some(p) = self.procs.get(&worker) {
@@ -229,20 +329,21 @@ impl Driver {
                     }
                 }
                 Effect::Reply { reply, result } => {
-                    if let Some(tx) = self.replies.remove(&reply) {
-                        let _ = tx.send(result);
+                    for tx in self.replies.remove(&reply).unwrap_or_default() {
+                        let _ = tx.send(result.clone());
                     }
                 }
             }
         }
     }
 
-    fn spawn(&mut self, worker: WorkerId, index: u32) -> Event {
+    fn spawn(&mut self, worker: WorkerId, index: u32, generation: u64) -> Event {
+        let launcher = self.configs.launcher(generation);
         let result = self
             .sockets
             .for_slot(index)
             .map_err(anyhow::Error::from)
-            .and_then(|listeners| self.launcher.spawn(index, listeners));
+            .and_then(|listeners| launcher.spawn(index, listeners));
         let Spawned {
             pid,
             ipc,

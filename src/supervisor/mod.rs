@@ -25,6 +25,7 @@ pub mod core;
 pub mod driver;
 mod ops;
 pub mod policy;
+pub mod reconfig;
 mod report;
 pub mod sources;
 pub mod timers;

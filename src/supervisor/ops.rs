@@ -10,15 +10,21 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::core::{
-    Core, Level, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind, WState, WorkerId,
+    Core, Effect, Level, NewConfig, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind,
+    WState, WorkerId,
 };
 use super::policy::MAX_QUEUED;
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
-use crate::control::{BusSignal, Control, CtlError, ScaleTarget};
+use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};
 
 impl Core {
-    pub(super) fn submit(&mut self, what: Control, reply: Option<ReplyId>) {
+    pub(super) fn submit(
+        &mut self,
+        what: Control,
+        reply: Option<ReplyId>,
+        config: Option<Box<NewConfig>>,
+    ) {
         if self.phase == Phase::Stopping {
             self.reply_opt(reply, Err(stopping()));
             return;
@@ -33,9 +39,15 @@ impl Core {
             return;
         }
         if what == Control::Reload
-            && let Some(Queued::Reload(replies)) = self.queue.back_mut()
+            && let Some(Queued::Reload {
+                replies,
+                config: queued,
+            }) = self.queue.back_mut()
         {
             replies.extend(reply);
+            if config.is_some() {
+                *queued = config;
+            }
             self.log(
                 Level::Info,
                 "reload requested: joins the reload already waiting".into(),
@@ -61,7 +73,10 @@ impl Core {
             );
         }
         self.queue.push_back(match what {
-            Control::Reload => Queued::Reload(reply.into_iter().collect()),
+            Control::Reload => Queued::Reload {
+                replies: reply.into_iter().collect(),
+                config,
+            },
             Control::Restart => Queued::Restart(reply),
             Control::Scale(target) => Queued::Scale(target, reply),
         });
@@ -76,7 +91,7 @@ impl Core {
         }
     }
 
-    fn reply_opt(&mut self, reply: Option<ReplyId>, result: crate::control::CtlResult) {
+    fn reply_opt(&mut self, reply: Option<ReplyId>, result: CtlResult) {
         if let Some(r) = reply {
             self.reply(r, result);
         }
@@ -100,9 +115,10 @@ impl Core {
 
     fn begin(&mut self, q: Queued) {
         match q {
-            Queued::Reload(replies) => {
+            Queued::Reload { replies, config } => {
+                let summary = config.map(|c| self.apply_config(*c));
                 let all: Vec<u32> = (0..self.slots.len() as u32).collect();
-                self.begin_reload(all, replies);
+                self.begin_reload(all, replies, summary);
             }
             Queued::ReloadSlots(slots) => {
                 let slots: Vec<u32> = slots
@@ -110,7 +126,7 @@ impl Core {
                     .filter(|i| (*i as usize) < self.slots.len())
                     .collect();
                 if !slots.is_empty() {
-                    self.begin_reload(slots, Vec::new());
+                    self.begin_reload(slots, Vec::new(), None);
                 }
             }
             Queued::Restart(reply) => self.begin_restart(reply),
@@ -118,7 +134,59 @@ impl Core {
         }
     }
 
-    fn begin_reload(&mut self, slots: Vec<u32>, replies: Vec<ReplyId>) {
+    /// Switch to a configuration read anew, before a reload swaps the
+    /// workers into it. Fewer instances: the highest slots go first, so the
+    /// swap replaces only what stays; more: they are added after the swap.
+    fn apply_config(&mut self, config: NewConfig) -> String {
+        let NewConfig {
+            mut policy,
+            resize,
+            generation,
+            summary,
+        } = config;
+        if !resize {
+            policy.instances = self.slots.len() as u32;
+        }
+        // systemd's watchdog is the manager's, not the app's.
+        policy.watchdog = self.policy.watchdog;
+        self.log_event(
+            Level::Notice,
+            format!("configuration reloaded: {summary}"),
+            "config-reloaded",
+        );
+        if policy.max_memory_restart.is_some() && !self.timers.is_armed(TimerKey::MemoryCheck) {
+            self.timers.arm(
+                TimerKey::MemoryCheck,
+                self.now + super::policy::MEMORY_CHECK_EVERY,
+            );
+        }
+        self.policy = policy;
+        self.generation = generation;
+        self.shrink_to(
+            self.policy.instances,
+            "scaled down by the new configuration",
+        );
+        summary
+    }
+
+    /// Drop the highest slots until `n` remain; their workers drain.
+    fn shrink_to(&mut self, n: u32, why: &str) {
+        while self.slots.len() as u32 > n {
+            let index = self.slots.len() as u32 - 1;
+            let Some(slot) = self.slots.pop() else { break };
+            self.timers.cancel(TimerKey::Restart(index));
+            self.out.push(Effect::ReleaseSlotSockets(index));
+            for id in [slot.current, slot.incoming].into_iter().flatten() {
+                self.stop_worker(id, why);
+            }
+        }
+    }
+
+    fn begin_reload(&mut self, slots: Vec<u32>, replies: Vec<ReplyId>, summary: Option<String>) {
+        let slots: Vec<u32> = slots
+            .into_iter()
+            .filter(|i| (*i as usize) < self.slots.len())
+            .collect();
         let total = slots.len();
         self.log_event(
             Level::Notice,
@@ -131,6 +199,10 @@ impl Core {
         let status = format!("reloading 0/{total}");
         self.last_status = status.clone();
         self.notify(SdNotify::Reloading(status));
+        let grow_to = match summary {
+            Some(_) => self.policy.instances,
+            None => self.slots.len() as u32,
+        };
         self.op = Some(Op::Reload {
             pending: slots.into_iter().collect(),
             in_flight: BTreeSet::new(),
@@ -138,6 +210,10 @@ impl Core {
             done: 0,
             replies,
             started: self.now,
+            grow_to,
+            growing: BTreeSet::new(),
+            failed: Vec::new(),
+            summary,
         });
     }
 
@@ -155,6 +231,7 @@ impl Core {
                 return;
             }
             let Some(index) = pending.pop_front() else {
+                self.grow_after_swap();
                 return;
             };
             if index as usize >= self.slots.len() {
@@ -166,6 +243,32 @@ impl Core {
                 self.policy.listen_timeout + self.policy.kill_timeout + Duration::from_secs(5);
             self.notify(SdNotify::ExtendTimeout(extend));
             self.spawn(index, Role::Incoming);
+        }
+    }
+
+    /// Once every slot is swapped, add the slots a new configuration asks for.
+    fn grow_after_swap(&mut self) {
+        let Some(Op::Reload {
+            in_flight, grow_to, ..
+        }) = &self.op
+        else {
+            return;
+        };
+        if !in_flight.is_empty() || *grow_to as usize <= self.slots.len() {
+            return;
+        }
+        let (have, want) = (self.slots.len() as u32, *grow_to);
+        self.log_event(
+            Level::Notice,
+            format!("scale: {have} → {want} workers (new configuration)"),
+            "scale",
+        );
+        for index in have..want {
+            self.slots.push(Slot::default());
+            self.start_current(index);
+            if let Some(Op::Reload { growing, .. }) = &mut self.op {
+                growing.insert(index);
+            }
         }
     }
 
@@ -240,6 +343,12 @@ impl Core {
     }
 
     fn begin_scale(&mut self, target: ScaleTarget, reply: Option<ReplyId>) {
+        let done = |workers: u32, message: String| -> CtlResult {
+            Ok(Done {
+                workers: workers as i32,
+                message,
+            })
+        };
         let have = self.slots.len() as i64;
         let want = match target {
             ScaleTarget::To(n) => n,
@@ -260,17 +369,11 @@ impl Core {
         );
         if want <= have {
             // Highest slots go first; their workers drain, requests in flight finish.
-            while self.slots.len() as u32 > want {
-                let index = self.slots.len() as u32 - 1;
-                let Some(slot) = self.slots.pop() else { break };
-                self.timers.cancel(TimerKey::Restart(index));
-                self.out
-                    .push(super::core::Effect::ReleaseSlotSockets(index));
-                for id in [slot.current, slot.incoming].into_iter().flatten() {
-                    self.stop_worker(id, "scaled down");
-                }
-            }
-            self.reply_opt(reply, Ok(want as i32));
+            self.shrink_to(want, "scaled down");
+            self.reply_opt(
+                reply,
+                done(want, format!("scaled from {have} to {want} workers")),
+            );
             return;
         }
         for index in have..want {
@@ -288,17 +391,19 @@ impl Core {
     fn finish_if_done(&mut self) {
         let done = match &self.op {
             None => return,
-            Some(Op::Start { waiting, .. }) => waiting.iter().all(|&i| {
-                self.slots.get(i as usize).is_none_or(|s| {
-                    s.errored.is_some()
-                        || s.current
-                            .and_then(|id| self.workers.get(&id))
-                            .is_some_and(|w| w.state == WState::Ready)
-                })
-            }),
+            Some(Op::Start { waiting, .. }) => self.settled(waiting),
             Some(Op::Reload {
-                pending, in_flight, ..
-            }) => pending.is_empty() && in_flight.is_empty(),
+                pending,
+                in_flight,
+                grow_to,
+                growing,
+                ..
+            }) => {
+                pending.is_empty()
+                    && in_flight.is_empty()
+                    && self.slots.len() as u32 >= *grow_to
+                    && self.settled(growing)
+            }
         };
         if !done {
             return;
@@ -320,8 +425,12 @@ impl Core {
                     );
                     self.log(Level::Info, text);
                 }
+                let n = self.slots.len() as u32;
                 let result = if failed.is_empty() {
-                    Ok(self.slots.len() as i32)
+                    Ok(Done {
+                        workers: n as i32,
+                        message: format!("{}: {n} worker(s) ready", kind.name()),
+                    })
                 } else {
                     Err(CtlError::Failed(format!(
                         "{}: {}",
@@ -338,25 +447,50 @@ impl Core {
                 done,
                 replies,
                 started,
+                failed,
+                summary,
                 ..
             }) => {
-                let msg = format!(
+                let mut msg = format!(
                     "reload finished: {done}/{total} worker(s) replaced in {} ms",
                     self.now.saturating_duration_since(started).as_millis()
                 );
+                if let Some(s) = &summary {
+                    msg.push_str(&format!("; {s}"));
+                }
+                let result = if failed.is_empty() {
+                    Ok(Done {
+                        workers: self.slots.len() as i32,
+                        message: msg.clone(),
+                    })
+                } else {
+                    msg.push_str(&format!("; adding workers failed: {}", failed.join("; ")));
+                    Err(CtlError::Failed(msg.clone()))
+                };
                 self.log_event(Level::Notice, msg.clone(), "reload-finished");
                 self.bus(BusSignal::ReloadFinished {
-                    ok: true,
+                    ok: result.is_ok(),
                     message: msg,
                 });
                 self.notify_ready();
-                let n = self.slots.len() as i32;
                 for r in replies {
-                    self.reply(r, Ok(n));
+                    self.reply(r, result.clone());
                 }
             }
             None => {}
         }
+    }
+
+    /// Every slot in `slots` has a ready worker, has errored, or is gone.
+    fn settled(&self, slots: &BTreeSet<u32>) -> bool {
+        slots.iter().all(|&i| {
+            self.slots.get(i as usize).is_none_or(|s| {
+                s.errored.is_some()
+                    || s.current
+                        .and_then(|id| self.workers.get(&id))
+                        .is_some_and(|w| w.state == WState::Ready)
+            })
+        })
     }
 
     /// `READY=1` with the current status (after the first start or a reload).
@@ -399,7 +533,7 @@ impl Core {
         }
         for q in std::mem::take(&mut self.queue) {
             let waiting: Vec<ReplyId> = match q {
-                Queued::Reload(r) => r,
+                Queued::Reload { replies, .. } => replies,
                 Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
                 Queued::ReloadSlots(_) => Vec::new(),
             };

@@ -26,6 +26,8 @@ pub enum Input {
         msg: ipc::Message,
     },
     Notify(Notification),
+    /// The configuration, read anew for a reload.
+    ConfigLoaded(Box<Result<crate::config::Loaded, crate::config::ConfigError>>),
 }
 
 /// Turn SIGTERM/SIGINT into `Stop` and SIGHUP into `Reload`.

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::core::{Core, Effect, Event, ExitStatus, ReplyId, SdNotify, StopBy, WorkerId};
+use super::core::{
+    Core, Effect, Event, ExitStatus, NewConfig, ReplyId, SdNotify, StopBy, WorkerId,
+};
 use super::policy::{MAX_QUEUED, Policy, test_policy};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
 use crate::ipc::Message;
@@ -21,6 +23,8 @@ struct World {
     alive: BTreeMap<WorkerId, u32>,
     /// Every worker ever spawned, in order, with its slot.
     spawned: Vec<(WorkerId, u32)>,
+    /// The configuration generation of each, in the same order.
+    generations: Vec<u64>,
     /// Slots whose next spawn fails (the count says how many times).
     fail_spawns: BTreeMap<u32, u32>,
     /// Memory each slot's workers report.
@@ -42,6 +46,7 @@ impl World {
             now,
             alive: BTreeMap::new(),
             spawned: Vec::new(),
+            generations: Vec::new(),
             fail_spawns: BTreeMap::new(),
             rss: BTreeMap::new(),
             effects: Vec::new(),
@@ -78,7 +83,11 @@ impl World {
         loop {
             while let Some(e) = pending.pop_front() {
                 match &e {
-                    Effect::Spawn { worker, index } => {
+                    Effect::Spawn {
+                        worker,
+                        index,
+                        generation,
+                    } => {
                         let fail = self.fail_spawns.get_mut(index).filter(|n| **n > 0);
                         if let Some(n) = fail {
                             *n -= 1;
@@ -89,6 +98,7 @@ impl World {
                         } else {
                             self.alive.insert(*worker, *index);
                             self.spawned.push((*worker, *index));
+                            self.generations.push(*generation);
                             follow.push_back(Event::Spawned {
                                 worker: *worker,
                                 pid: pid(*worker),
@@ -160,8 +170,32 @@ impl World {
         r
     }
 
+    /// A reload with a configuration read anew.
+    fn reconfigure(&mut self, policy: Policy, generation: u64, summary: &str) -> ReplyId {
+        let r = ReplyId(self.next_reply);
+        self.next_reply += 1;
+        self.send(Event::Reconfigure {
+            config: Box::new(NewConfig {
+                resize: policy.instances != self.core.snapshot().instances,
+                policy,
+                generation,
+                summary: summary.into(),
+            }),
+            reply: Some(r),
+        });
+        r
+    }
+
     fn answer(&self, r: ReplyId) -> Option<&CtlResult> {
         self.replies.get(&r)
+    }
+
+    /// The worker count a successful answer gave.
+    fn workers_after(&self, r: ReplyId) -> Option<i32> {
+        match self.answer(r)? {
+            Ok(done) => Some(done.workers),
+            Err(e) => panic!("{r:?} failed: {e}"),
+        }
     }
 
     /// Workers spawned and not yet ready or gone, oldest first.
@@ -509,7 +543,7 @@ fn reload_swaps_one_slot_at_a_time_and_answers_when_done() {
         w.stopped(),
         vec![(old[&0], StopBy::Signal), (old[&1], StopBy::Signal)]
     );
-    assert_eq!(w.answer(r), Some(&Ok(2)));
+    assert_eq!(w.workers_after(r), Some(2));
     assert_eq!(
         w.current(),
         BTreeMap::from([(0, new0[0]), (1, new1[0])]),
@@ -545,7 +579,7 @@ fn reload_parallel_swaps_that_many_at_once() {
     for id in w.starting() {
         w.listening(id);
     }
-    assert_eq!(w.answer(r), Some(&Ok(3)));
+    assert_eq!(w.workers_after(r), Some(3));
 }
 
 #[test]
@@ -639,12 +673,12 @@ fn back_to_back_reloads_coalesce_into_one() {
     });
     let id = w.starting()[0];
     w.listening(id);
-    assert_eq!(w.answer(first), Some(&Ok(1)));
+    assert_eq!(w.workers_after(first), Some(1));
     assert!(w.answer(queued[0]).is_none(), "the queued reload runs next");
     let id = w.starting()[0];
     w.listening(id);
     for r in &queued {
-        assert_eq!(w.answer(*r), Some(&Ok(1)));
+        assert_eq!(w.workers_after(*r), Some(1));
     }
     assert!(w.starting().is_empty(), "two reloads in all, not seven");
     assert_eq!(
@@ -665,19 +699,19 @@ fn restart_and_scale_wait_behind_a_reload_in_order() {
         let id = w.starting()[0];
         w.listening(id);
     }
-    assert_eq!(w.answer(reload), Some(&Ok(2)));
+    assert_eq!(w.workers_after(reload), Some(2));
     assert!(w.answer(scale).is_none());
     let added = w.starting();
     assert_eq!(added.len(), 1);
     w.listening(added[0]);
-    assert_eq!(w.answer(scale), Some(&Ok(3)));
+    assert_eq!(w.workers_after(scale), Some(3));
     assert!(w.answer(restart).is_none(), "restart runs after the scale");
     let fresh = w.starting();
     assert_eq!(fresh.len(), 3);
     for id in fresh {
         w.listening(id);
     }
-    assert_eq!(w.answer(restart), Some(&Ok(3)));
+    assert_eq!(w.workers_after(restart), Some(3));
 }
 
 #[test]
@@ -690,8 +724,8 @@ fn scaling_down_during_a_reload_applies_after_it() {
         let id = w.starting()[0];
         w.listening(id);
     }
-    assert_eq!(w.answer(reload), Some(&Ok(4)));
-    assert_eq!(w.answer(scale), Some(&Ok(2)));
+    assert_eq!(w.workers_after(reload), Some(4));
+    assert_eq!(w.workers_after(scale), Some(2));
     assert_eq!(w.core.snapshot().instances, 2);
     assert!(w.effects.contains(&Effect::ReleaseSlotSockets(3)));
     assert!(w.effects.contains(&Effect::ReleaseSlotSockets(2)));
@@ -706,10 +740,10 @@ fn scale_up_waits_for_the_new_workers_and_down_drains_the_highest() {
     for id in w.starting() {
         w.listening(id);
     }
-    assert_eq!(w.answer(up), Some(&Ok(4)));
+    assert_eq!(w.workers_after(up), Some(4));
     let cur = w.current();
     let down = w.request(Control::Scale(ScaleTarget::To(1)));
-    assert_eq!(w.answer(down), Some(&Ok(1)));
+    assert_eq!(w.workers_after(down), Some(1));
     let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
     assert_eq!(stopped, vec![cur[&3], cur[&2], cur[&1]]);
 }
@@ -760,7 +794,7 @@ fn restart_replaces_every_worker_and_clears_errored_slots() {
     for id in fresh {
         w.listening(id);
     }
-    assert_eq!(w.answer(r), Some(&Ok(2)));
+    assert_eq!(w.workers_after(r), Some(2));
     assert_eq!(w.core.state_name(), "ready");
 }
 
@@ -883,4 +917,145 @@ fn a_pending_restart_is_cancelled_by_a_stop() {
     w.advance(MS(1000));
     assert!(w.spawns_since(mark).is_empty());
     assert_eq!(w.core.finished(), Some(0));
+}
+
+// ---- reload with a configuration read anew ------------------------------------------
+
+#[test]
+fn a_reload_with_a_new_configuration_starts_every_new_worker_under_it() {
+    let mut w = World::ready(policy(2));
+    let mark = w.spawned.len();
+    let r = w.reconfigure(
+        Policy {
+            wait_ready: true,
+            ..policy(2)
+        },
+        1,
+        "wait_ready changed",
+    );
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(
+        w.core.state_name(),
+        "reloading",
+        "listening no longer suffices"
+    );
+    w.send(Event::Ipc {
+        worker: new,
+        msg: Message::Ready,
+    });
+    let new = w.starting()[0];
+    w.send(Event::Ipc {
+        worker: new,
+        msg: Message::Ready,
+    });
+    match w.answer(r) {
+        Some(Ok(done)) => {
+            assert_eq!(done.workers, 2);
+            assert!(
+                done.message.ends_with("; wait_ready changed"),
+                "{}",
+                done.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.generations[mark..], [1, 1]);
+    assert!(
+        w.logs()
+            .contains("configuration reloaded: wait_ready changed")
+    );
+    // A crash restart afterwards uses it too.
+    let id = w.current()[&0];
+    w.crash(id);
+    assert_eq!(w.generations.last(), Some(&1));
+}
+
+#[test]
+fn more_instances_in_a_new_configuration_swap_first_then_add() {
+    let mut w = World::ready(policy(2));
+    let mark = w.spawned.len();
+    let r = w.reconfigure(policy(3), 1, "instances 2 → 3");
+    for _ in 0..2 {
+        let id = w.starting()[0];
+        w.listening(id);
+    }
+    assert_eq!(
+        w.spawns_since(mark),
+        vec![0, 1, 2],
+        "the added slot comes after the swap"
+    );
+    assert!(
+        w.answer(r).is_none(),
+        "answered once the added worker is ready"
+    );
+    let added = w.starting()[0];
+    w.listening(added);
+    assert_eq!(w.workers_after(r), Some(3));
+    assert_eq!(w.core.snapshot().instances, 3);
+}
+
+#[test]
+fn fewer_instances_in_a_new_configuration_drain_the_highest_first() {
+    let mut w = World::ready(policy(3));
+    let old = w.current();
+    let r = w.reconfigure(policy(1), 1, "instances 3 → 1");
+    let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(stopped, vec![old[&2], old[&1]], "before any swap");
+    let new = w.starting();
+    assert_eq!(new.len(), 1);
+    w.listening(new[0]);
+    assert_eq!(w.workers_after(r), Some(1));
+}
+
+#[test]
+fn coalesced_reloads_take_the_newest_configuration() {
+    let mut w = World::ready(policy(1));
+    let running = w.request(Control::Reload);
+    let a = w.reconfigure(policy(1), 1, "env: A changed");
+    let b = w.reconfigure(
+        Policy {
+            kill_timeout: MS(500),
+            ..policy(1)
+        },
+        2,
+        "kill_timeout changed",
+    );
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(running), Some(1));
+    let mark = w.spawned.len();
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(
+        w.generations[mark - 1..],
+        [2],
+        "the queued reload used generation 2"
+    );
+    for r in [a, b] {
+        match w.answer(r) {
+            Some(Ok(done)) => assert!(done.message.ends_with("kill_timeout changed")),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_new_configuration_can_turn_the_memory_check_on() {
+    let mut w = World::ready(policy(1));
+    w.rss.insert(0, 500 << 20);
+    let r = w.reconfigure(
+        Policy {
+            max_memory_restart: Some(100 << 20),
+            ..policy(1)
+        },
+        1,
+        "max_memory_restart changed",
+    );
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(r), Some(1));
+    let mark = w.spawned.len();
+    w.advance(MS(5000));
+    assert_eq!(w.spawns_since(mark), vec![0], "the fat worker is swapped");
 }

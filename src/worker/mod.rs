@@ -80,7 +80,6 @@ impl Launcher {
             args.push(app.script.display().to_string());
         }
         args.extend(app.args.iter().cloned());
-        let program = crate::config::find_executable(&program).unwrap_or(program);
 
         let mut env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -89,6 +88,14 @@ impl Launcher {
         for (k, v) in &app.env {
             env.retain(|(ek, _)| ek != k);
             env.push((k.clone(), v.clone()));
+        }
+        // The preload's drain uses the same bound the manager kills at.
+        if !app.env.contains_key("NODEHERD_KILL_TIMEOUT_MS") {
+            env.retain(|(ek, _)| ek != "NODEHERD_KILL_TIMEOUT_MS");
+            env.push((
+                "NODEHERD_KILL_TIMEOUT_MS".into(),
+                app.kill_timeout.as_millis().to_string(),
+            ));
         }
         let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         let shim_desc: Vec<String> = listeners.iter().map(Listener::shim_descriptor).collect();
@@ -127,7 +134,10 @@ impl Launcher {
     pub fn spawn(&self, index: u32, listeners: &[Listener]) -> Result<Spawned> {
         let ipc_fd: RawFd = 3 + listeners.len() as RawFd;
         let c = |s: &OsStr| CString::new(s.as_bytes()).context("a NUL byte in the command line");
-        let program = c(self.program.as_os_str())?;
+        // Looked up on PATH at every start, so a node installed since (a
+        // newer one earlier on PATH) is picked up by the next reload.
+        let resolved = crate::config::find_executable(&self.program);
+        let program = c(resolved.as_deref().unwrap_or(&self.program).as_os_str())?;
         let mut argv: Vec<CString> = vec![program.clone()];
         for a in &self.args {
             argv.push(c(OsStr::new(a))?);

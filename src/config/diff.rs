@@ -1,0 +1,158 @@
+//! What changed between two configurations of one app, in words, for the
+//! journal and the answer to a reload; and what cannot change without a
+//! restart of the service.
+
+use std::collections::BTreeSet;
+
+use super::App;
+
+/// The difference between the configuration in force and a new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// What a reload applies ("instances 2 → 4", "env: GREETING changed").
+    pub changes: Vec<String>,
+    /// What only a restart applies; the reload keeps the old value.
+    pub needs_restart: Vec<String>,
+}
+
+impl Diff {
+    /// One line: what changed, or that nothing did.
+    pub fn summary(&self) -> String {
+        if self.changes.is_empty() {
+            "configuration unchanged".into()
+        } else {
+            self.changes.join("; ")
+        }
+    }
+}
+
+/// Compare `old` and `new`. Environment values are never printed, only the
+/// names of the variables (they may hold secrets).
+pub fn diff(old: &App, new: &App) -> Diff {
+    let mut d = Diff::default();
+    let mut changed = |what: &str, differs: bool| {
+        if differs {
+            d.changes.push(format!("{what} changed"));
+        }
+    };
+    changed("script", old.script != new.script);
+    changed("args", old.args != new.args);
+    changed("cwd", old.cwd != new.cwd);
+    changed("interpreter", old.interpreter != new.interpreter);
+    changed("node_args", old.interpreter_args != new.interpreter_args);
+    changed("instance_var", old.instance_var != new.instance_var);
+    changed("wait_ready", old.wait_ready != new.wait_ready);
+    changed("listen_timeout", old.listen_timeout != new.listen_timeout);
+    changed("kill_timeout", old.kill_timeout != new.kill_timeout);
+    changed(
+        "shutdown_with_message",
+        old.shutdown_with_message != new.shutdown_with_message,
+    );
+    changed(
+        "restart policy",
+        old.min_uptime != new.min_uptime
+            || old.max_restarts != new.max_restarts
+            || old.restart_delay != new.restart_delay
+            || old.exp_backoff_restart_delay != new.exp_backoff_restart_delay
+            || old.autorestart != new.autorestart,
+    );
+    changed(
+        "max_memory_restart",
+        old.max_memory_restart != new.max_memory_restart,
+    );
+    changed(
+        "reload_parallel",
+        old.reload_parallel != new.reload_parallel,
+    );
+    if old.env != new.env {
+        let keys: BTreeSet<&String> = old.env.keys().chain(new.env.keys()).collect();
+        let mut words = Vec::new();
+        for k in keys {
+            match (old.env.get(k), new.env.get(k)) {
+                (Some(a), Some(b)) if a != b => words.push(format!("{k} changed")),
+                (None, Some(_)) => words.push(format!("{k} added")),
+                (Some(_), None) => words.push(format!("{k} removed")),
+                _ => {}
+            }
+        }
+        d.changes.push(format!("env: {}", words.join(", ")));
+    }
+    if old.instances != new.instances {
+        d.changes
+            .push(format!("instances {} → {}", old.instances, new.instances));
+    }
+    let mut restart = |what: &str, differs: bool| {
+        if differs {
+            d.needs_restart.push(what.to_string());
+        }
+    };
+    restart("name", old.name != new.name);
+    restart("listen", old.listen != new.listen);
+    restart("balance", old.balance != new.balance);
+    restart("uid/gid", old.credentials != new.credentials);
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, Interpreter};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    pub fn app() -> App {
+        App {
+            name: "api".into(),
+            script: PathBuf::from("/srv/app.js"),
+            args: vec![],
+            cwd: PathBuf::from("/srv"),
+            interpreter: Interpreter::Node(PathBuf::from("node")),
+            interpreter_args: vec![],
+            instances: 2,
+            instance_var: "NODE_APP_INSTANCE".into(),
+            env: [("GREETING".to_string(), "hi".to_string())].into(),
+            wait_ready: false,
+            listen_timeout: Duration::from_millis(3000),
+            kill_timeout: Duration::from_millis(1600),
+            shutdown_with_message: false,
+            min_uptime: Duration::from_millis(1000),
+            max_restarts: 16,
+            restart_delay: Duration::ZERO,
+            exp_backoff_restart_delay: Duration::ZERO,
+            autorestart: true,
+            max_memory_restart: None,
+            listen: vec!["127.0.0.1:8000".into()],
+            reload_parallel: 1,
+            credentials: None,
+            balance: Balance::Queue,
+        }
+    }
+
+    #[test]
+    fn says_what_changed_without_values() {
+        let old = app();
+        let mut new = app();
+        new.env.insert("GREETING".into(), "secret-hello".into());
+        new.env.insert("NEW".into(), "1".into());
+        new.instances = 4;
+        new.interpreter_args = vec!["--max-old-space-size=512".into()];
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.summary(),
+            "node_args changed; env: GREETING changed, NEW added; instances 2 → 4"
+        );
+        assert!(!d.summary().contains("secret"));
+        assert!(d.needs_restart.is_empty());
+    }
+
+    #[test]
+    fn names_what_needs_a_restart() {
+        let old = app();
+        let mut new = app();
+        new.listen = vec!["127.0.0.1:9000".into()];
+        new.balance = Balance::ReusePort;
+        let d = diff(&old, &new);
+        assert_eq!(d.summary(), "configuration unchanged");
+        assert_eq!(d.needs_restart, vec!["listen", "balance"]);
+    }
+}
