@@ -32,6 +32,10 @@ pub enum Command {
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
     Scale(ScaleArgs),
+    /// Put an ecosystem file's apps under systemd (the nodeherd@ template units)
+    Install(InstallArgs),
+    /// Undo `nodeherd install` for one app: disable and stop it, remove its files
+    Uninstall(UninstallArgs),
     /// Print a shell completion script
     Completions {
         /// bash, zsh, fish, elvish or powershell
@@ -181,4 +185,59 @@ pub struct ScaleArgs {
 
     #[command(flatten)]
     pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// A PM2 ecosystem file (.json, .config.js)
+    pub ecosystem: PathBuf,
+
+    /// Install only the app of this name
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+
+    /// Where the app listens (the socket drop-in): HOST:PORT, [::1]:PORT,
+    /// PORT, unix:/path, udp:HOST:PORT; repeatable. Default: the app's
+    /// `listen`, else the template's /run/nodeherd/NAME.sock
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Start the socket (and with --boot the service) now
+    #[arg(long)]
+    pub now: bool,
+
+    /// Enable the service too, so the app starts at boot rather than on the
+    /// first connection
+    #[arg(long)]
+    pub boot: bool,
+
+    /// Print the files and commands, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Where the template units read app configurations
+    #[arg(long, value_name = "DIR", default_value = "/etc/nodeherd")]
+    pub config_dir: PathBuf,
+
+    /// Where unit drop-ins go
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+    pub unit_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// The app
+    pub name: String,
+
+    /// Print what would be removed, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Where the template units read app configurations
+    #[arg(long, value_name = "DIR", default_value = "/etc/nodeherd")]
+    pub config_dir: PathBuf,
+
+    /// Where unit drop-ins go
+    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+    pub unit_dir: PathBuf,
 }

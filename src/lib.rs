@@ -56,6 +56,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod dbus;
+pub mod install;
 pub mod ipc;
 pub mod logs;
 pub mod manpage;

@@ -45,7 +45,10 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
         escape(
             "run: 0 after a clean stop, 1 when every slot errored or a runtime failure, 2 for bad configuration or flags. \
              status, reload, restart, scale: 0 done, 1 the operation failed, 2 bad usage or invalid argument, \
-             3 no manager reachable on the bus, 4 busy."
+             3 no manager reachable on the bus, 4 busy (64 requests already wait). \
+             A reload whose configuration file is missing or invalid is refused with status 2. \
+             install, uninstall: 0 done, 1 systemctl failed, 2 refused (invalid file, name collision, \
+             no right to write, a file install did not write)."
         )
     )?;
     writeln!(w, ".SH SEE ALSO")?;

@@ -33,6 +33,9 @@ pub enum RunError {
     /// A socket could not be had (exit 2 for a bad address, 1 for a refused bind).
     #[error("{0}")]
     Socket(#[from] SocketError),
+    /// An error already logged; only its exit status is left.
+    #[error("{0}")]
+    Reported(Box<RunError>),
     /// Something the system refused at runtime (exit 1).
     #[error("{what}: {source}")]
     System {
@@ -46,6 +49,7 @@ impl RunError {
         match self {
             RunError::Config(_) | RunError::Usage(_) => 2,
             RunError::Socket(e) => e.exit_status(),
+            RunError::Reported(e) => e.exit_status(),
             RunError::System { .. } => 1,
         }
     }
@@ -59,6 +63,7 @@ impl RunError {
 pub fn main(args: RunArgs) -> ExitCode {
     let code = match run(args) {
         Ok(code) => code,
+        Err(RunError::Reported(e)) => e.exit_status(),
         Err(e) => {
             logs::error(&e.to_string());
             e.exit_status()
@@ -95,7 +100,11 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         overrides: over,
         cpus,
     };
-    let loaded = source.load()?;
+    let loaded = match source.load() {
+        Ok(l) => l,
+        Err(e) if !inherited.is_empty() => return Err(config_error_when_activated(e)),
+        Err(e) => return Err(e.into()),
+    };
     let app = loaded.app;
     logs::init(&app.name, &app.instance_var);
     for w in &loaded.warnings {
@@ -137,6 +146,29 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     let result = run_daemon(app, listeners, source, &dir, &args);
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// How long a socket-activated manager with a bad configuration waits
+/// before it exits. Each connection that arrives starts the service again;
+/// failing at once, five starts would come within systemd's default start
+/// limit (5 in 10 s) and the *socket* would then fail and stop listening.
+/// Slower than one start per 2 s, it never does: the socket keeps listening,
+/// connections wait in its queue, and the first start after the file is
+/// fixed serves them.
+const CONFIG_ERROR_HOLD: Duration = Duration::from_secs(3);
+
+/// A bad configuration under socket activation: say so to systemd and the
+/// journal, then wait [`CONFIG_ERROR_HOLD`] before exiting with status 2.
+fn config_error_when_activated(e: ConfigError) -> RunError {
+    let err = RunError::Config(e);
+    logs::error(&format!(
+        "{err}; fix the file: the next connection starts the app again"
+    ));
+    notify::status(&format!("configuration error: {err}"));
+    logs::flush(Duration::from_secs(1));
+    std::thread::sleep(CONFIG_ERROR_HOLD);
+    // Said already; the exit status carries it.
+    RunError::Reported(Box::new(err))
 }
 
 fn run_daemon(

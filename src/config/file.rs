@@ -137,11 +137,8 @@ else done(require(p));
 }
 
 /// Find the app entry: `--only NAME`, or the single app of the file.
-pub(super) fn pick_app(
-    doc: &Value,
-    source: &str,
-    only: Option<&str>,
-) -> Result<Map<String, Value>, ConfigError> {
+/// Every app entry of an ecosystem document.
+pub(super) fn all_apps(doc: &Value, source: &str) -> Result<Vec<Map<String, Value>>, ConfigError> {
     let err = |msg: String| ConfigError {
         source: source.to_string(),
         app: None,
@@ -170,6 +167,21 @@ pub(super) fn pick_app(
     if apps.is_empty() {
         return Err(err("the file lists no apps".into()));
     }
+    Ok(apps)
+}
+
+pub(super) fn pick_app(
+    doc: &Value,
+    source: &str,
+    only: Option<&str>,
+) -> Result<Map<String, Value>, ConfigError> {
+    let err = |msg: String| ConfigError {
+        source: source.to_string(),
+        app: None,
+        key: None,
+        msg,
+    };
+    let apps = all_apps(doc, source)?;
     let name_of =
         |m: &Map<String, Value>| m.get("name").and_then(Value::as_str).map(str::to_string);
     match only {

@@ -173,6 +173,12 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// The app entries of an ecosystem file, as written.
+pub fn read_entries(file: &Path) -> Result<Vec<Map<String, Value>>, ConfigError> {
+    let doc = self::file::read_ecosystem(file)?;
+    self::file::all_apps(&doc, &file.display().to_string())
+}
+
 /// The ecosystem file `target` names (`/etc/nodeherd/api` finds
 /// `api.config.js`), or `target` itself.
 pub fn config_path(target: &Path) -> PathBuf {

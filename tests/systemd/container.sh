@@ -5,6 +5,7 @@
 #   container.sh start NAME HOSTDIR   boot; prints the container's PID 1
 #   container.sh stop NAME            stop it; removes its cgroups and state
 #   container.sh pid1 NAME            print PID 1 of a running container
+#   container.sh reboot NAME          reboot it on the same root; prints the new PID 1
 #
 # Or source it and call container_start / container_stop / container_pid1.
 #
@@ -86,8 +87,22 @@ _inner() {
     rm -f "$root/etc/machine-id"
     : >"$root/etc/machine-id"
     mkdir -p "$root/shared"
-    exec systemd-nspawn -q -D "$root" --register=no --keep-unit -M "$name" \
-        --console=read-only --bind="$hostdir:/shared" -b
+    # nspawn exits with 133 when the container asks for a reboot: boot it
+    # again on the same root, so a test can show what starts at boot. A
+    # SIGTERM (container_stop) is passed on for an orderly shutdown.
+    local child rc
+    trap 'kill -TERM "$child" 2>/dev/null' TERM
+    while :; do
+        systemd-nspawn -q -D "$root" --register=no --keep-unit -M "$name" \
+            --console=read-only --bind="$hostdir:/shared" -b &
+        child=$!
+        while :; do
+            rc=0
+            wait "$child" || rc=$?
+            kill -0 "$child" 2>/dev/null || break
+        done
+        [[ $rc == 133 ]] || exit "$rc"
+    done
 }
 
 # _starttime PID: field 22 of /proc/PID/stat, to tell a pid from a reused one.
@@ -138,10 +153,30 @@ container_start() {
     setsid unshare --mount --propagation private bash "$self" _inner "$name" "$hostdir" "$state" \
         </dev/null >"$state/boot.log" 2>&1 &
     local outer=$!
-    # `unshare` execs bash which execs nspawn: the pid stays the same.
+    # `unshare` execs the bash that runs nspawn (again after a reboot).
     echo "$outer $(_starttime "$outer")" >"$state/nspawn.pid"
 
-    local deadline=$((SECONDS + NODEHERD_CONTAINER_BOOT_TIMEOUT)) pid1="" c
+    local deadline=$((SECONDS + NODEHERD_CONTAINER_BOOT_TIMEOUT))
+    _await_boot "$name" "$outer" "$deadline" "" || return 1
+    local t1=$EPOCHREALTIME
+    printf '%s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')" >"$state/boot_seconds"
+    container_pid1 "$name"
+}
+
+# _descendants PID DEPTH: the processes below PID, DEPTH levels deep.
+_descendants() {
+    local pid=$1 depth=$2 c
+    ((depth > 0)) || return 0
+    for c in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+        echo "$c"
+        _descendants "$c" $((depth - 1))
+    done
+}
+
+# _await_boot NAME OUTER DEADLINE OLD_PID1: find the container's PID 1 (not
+# OLD_PID1), record it, and wait until it has booted to "running".
+_await_boot() {
+    local name=$1 outer=$2 deadline=$3 old=$4 state=$NODEHERD_CONTAINER_STATE/$1 pid1="" c
     while [[ -z $pid1 ]]; do
         if ! kill -0 "$outer" 2>/dev/null; then
             echo "container.sh: nspawn for '$name' exited during boot; console:" >&2
@@ -149,11 +184,10 @@ container_start() {
             return 1
         fi
         (( SECONDS < deadline )) || { echo "container.sh: no PID 1 for '$name' after ${NODEHERD_CONTAINER_BOOT_TIMEOUT}s" >&2; return 1; }
-        # nspawn forks an intermediate child, which forks the container's
-        # init; the one to keep is the child whose comm is "systemd".
-        for c in $(cat /proc/"$outer"/task/*/children 2>/dev/null) \
-                 $(for p in $(cat /proc/"$outer"/task/*/children 2>/dev/null); do cat /proc/"$p"/task/*/children 2>/dev/null; done); do
-            if [[ $(cat "/proc/$c/comm" 2>/dev/null) == systemd ]]; then pid1=$c; break; fi
+        # Below the launcher: nspawn, an intermediate child, and the
+        # container's init, the one whose comm is "systemd".
+        for c in $(_descendants "$outer" 3); do
+            if [[ $c != "$old" && $(cat "/proc/$c/comm" 2>/dev/null) == systemd ]]; then pid1=$c; break; fi
         done
         [[ -n $pid1 ]] || sleep 0.02
     done
@@ -172,9 +206,22 @@ container_start() {
         nsenter -t "$pid1" -a systemctl --no-pager --failed >&2 || true
         return 1
     fi
-    local t1=$EPOCHREALTIME
-    printf '%s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')" >"$state/boot_seconds"
-    echo "$pid1"
+}
+
+# container_reboot NAME: reboot the container (same root, same files) and
+# print its new PID 1 once it is running again.
+container_reboot() {
+    local name=$1 state=$NODEHERD_CONTAINER_STATE/$1 old outer st
+    old=$(container_pid1 "$name") || return 1
+    read -r outer st <"$state/nspawn.pid"
+    nsenter -t "$old" -a systemctl reboot || return 1
+    local deadline=$((SECONDS + NODEHERD_CONTAINER_BOOT_TIMEOUT))
+    while kill -0 "$old" 2>/dev/null; do
+        (( SECONDS < deadline )) || { echo "container.sh: '$name' did not go down for the reboot" >&2; return 1; }
+        sleep 0.05
+    done
+    _await_boot "$name" "$outer" "$deadline" "$old" || return 1
+    container_pid1 "$name"
 }
 
 container_stop() {
@@ -233,6 +280,7 @@ if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
         start) [[ $# == 3 ]] || { echo "usage: $0 start NAME HOSTDIR" >&2; exit 2; }; container_start "$2" "$3" ;;
         stop) [[ $# == 2 ]] || { echo "usage: $0 stop NAME" >&2; exit 2; }; container_stop "$2" ;;
         pid1) [[ $# == 2 ]] || { echo "usage: $0 pid1 NAME" >&2; exit 2; }; container_pid1 "$2" ;;
+        reboot) [[ $# == 2 ]] || { echo "usage: $0 reboot NAME" >&2; exit 2; }; container_reboot "$2" ;;
         _inner) _inner "$2" "$3" "$4" ;;
         *) echo "usage: $0 start NAME HOSTDIR | stop NAME | pid1 NAME" >&2; exit 2 ;;
     esac

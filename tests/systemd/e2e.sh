@@ -22,6 +22,13 @@
 #   g. kill -9 of the manager: systemd restarts it, no connection refused
 #   h. the manager feeds the watchdog; a hung (SIGSTOPped) one is replaced
 #   f. systemctl stop leaves no process in the unit's cgroup
+#   i. Documentation=, FreeBind=, RestartPreventExitStatus= as installed
+#   j. systemctl reload re-reads /etc/nodeherd/hello.config.js under load
+#      (new env, 2 -> 3 workers, 0 failed); a broken edit fails it closed
+#   k. a bad configuration at start: connections keep starting the service
+#      for 14 s and the socket never fails; fixed, the next one is served
+#   l. nodeherd install of a two-app file, idempotent, collisions refused;
+#      --boot shown by rebooting the container; uninstall
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is bounded,
 # everything started here is ended by pid, and the container, its mounts and
 # cgroups are removed whatever happens.
@@ -539,6 +546,141 @@ else
     fail "f: systemd had to kill leftovers:"; sed 's/^/       | /' <<<"$killed"
 fi
 expect "f: $SOCK_UNIT still listens after the stop" test "$(prop "$SOCK_UNIT" ActiveState)" = active
+
+
+# ================================================================ i
+log "i. unit details: Documentation=, FreeBind=, RestartPreventExitStatus="
+expect "i: $UNIT names its documentation" test "$(prop "$UNIT" Documentation)" = "man:nodeherd(1)"
+expect "i: $SOCK_UNIT binds with FreeBind (an IP address not yet up at boot)" test "$(prop "$SOCK_UNIT" FreeBind)" = yes
+expect "i: $UNIT is not restarted on exit status 2" test "$(prop "$UNIT" RestartPreventExitStatus)" = 2
+
+# write_config INSTANCES [EXTRA]: /etc/nodeherd/$APP.config.js with a GREETING env.
+write_config() {
+    ct sh -c "cat >/etc/nodeherd/$APP.config.js" <<JS
+module.exports = {
+  apps: [{ name: '$APP', script: '/srv/$APP/app.js', instances: $1, env: { GREETING: 'from-reload' } $2 }],
+};
+JS
+}
+env_of() { ct cat "/proc/$1/environ" 2>/dev/null | tr '\0' '\n' | grep -x "$2" >/dev/null; }
+
+# ================================================================ j
+log "j. systemctl reload re-reads the configuration, under load"
+timeout 60 nsenter -t "$PID1" -a systemctl start "$UNIT" || fail "j: $UNIT does not start"
+wait_for 30 ready_is 2 || fail "j: not 2 ready workers before the edit: $(bus_prop ReadyWorkers)"
+before=$(worker_pids | tr '\n' ' ')
+write_config 3
+start_load conf 8 keepalive
+sleep 1
+j0=$EPOCHREALTIME
+reload_rc=0
+reload_out=$(timeout 120 nsenter -t "$PID1" -a systemctl reload "$UNIT" 2>&1) || reload_rc=$?
+sleep 1
+stop_load
+expect "j: systemctl reload returned 0 (${reload_out:-no output})" test "$reload_rc" = 0
+expect "j: ReadyWorkers reaches 3 (instances 2 -> 3 in the file)" wait_for 30 ready_is 3
+after=$(worker_pids)
+with_env=0
+for p in $after; do env_of "$p" GREETING=from-reload && with_env=$((with_env + 1)); done
+expect "j: every worker ($(echo $after)) has the new env GREETING=from-reload ($with_env of 3)" test "$with_env" = 3
+common=$(comm -12 <(tr ' ' '\n' <<<"$before" | sort) <(sort <<<"$after") | grep -c . || true)
+expect "j: no worker from before the reload is left (before: $before)" test "$common" = 0
+CONF_TOTAL=$(load_total conf)
+CONF_FAILED=$(load_failed conf | wc -l)
+if ((CONF_FAILED == 0 && CONF_TOTAL > 0)); then
+    pass "j: zero failed requests out of $CONF_TOTAL (keep-alive) while the reload applied the new file"
+else
+    fail "j: $CONF_FAILED of $CONF_TOTAL requests failed ($(load_summary conf))"
+    load_failed conf | sort -n | head -5 | sed 's/^/       | /'
+fi
+said=$(ct journalctl --no-pager -u "$UNIT" --since "@${j0%.*}" | grep -F 'configuration reloaded: env: GREETING added; instances 2 → 3' || true)
+expect "j: the journal says what changed" test -n "$said"
+
+log "j. a broken edit fails the reload; the workers serve on"
+before=$(worker_pids | tr '\n' ' ')
+write_config "'lots'"
+j0=$EPOCHREALTIME
+reload_rc=0
+timeout 60 nsenter -t "$PID1" -a systemctl reload "$UNIT" >/dev/null 2>&1 || reload_rc=$?
+expect "j: systemctl reload of a broken file fails (exit $reload_rc)" test "$reload_rc" != 0
+refused=$(ct journalctl --no-pager -u "$UNIT" --since "@${j0%.*}" | grep -F 'reload refused' | grep -F 'key `instances`' || true)
+expect "j: the journal names the key (${refused:0:160})" test -n "$refused"
+expect "j: $UNIT is still active" test "$(prop "$UNIT" ActiveState)" = active
+after=$(worker_pids | tr '\n' ' ')
+expect "j: the same workers serve (before: $before; after: $after)" test "$before" = "$after"
+body=$(curl -sS --max-time 10 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
+expect "j: and answer (${body% })" test "${body% }" != "" -a "${body##* }" = 200
+
+# ================================================================ k
+log "k. a bad configuration at start never fails the socket"
+timeout 60 nsenter -t "$PID1" -a systemctl stop "$UNIT" || fail "k: stop failed"
+ct systemctl reset-failed "$UNIT" 2>/dev/null || true
+# Connections keep coming, each one starting the service again.
+( for _ in $(seq 60); do
+      [[ -e $HOSTDIR/stop-knock ]] && break
+      curl -s -o /dev/null --max-time 1 "$URL" || true
+      sleep 0.2
+  done ) &
+KNOCK_PID=$!
+BG_PIDS+=("$KNOCK_PID")
+k0=$EPOCHREALTIME
+sleep 14
+touch "$HOSTDIR/stop-knock"
+wait "$KNOCK_PID" 2>/dev/null || true
+expect "k: $SOCK_UNIT is still listening after 14 s of connections to a bad configuration ($(prop "$SOCK_UNIT" ActiveState)/$(prop "$SOCK_UNIT" Result))" \
+    test "$(prop "$SOCK_UNIT" ActiveState)" = active
+starts=$(ct journalctl --no-pager -u "$UNIT" --since "@${k0%.*}" | grep -c 'configuration error\|error: .*key `instances`' || true)
+expect "k: the journal has the error ($starts times)" test "$starts" -gt 0
+expect "k: $UNIT did not hit the start limit (Result=$(prop "$UNIT" Result))" test "$(prop "$UNIT" Result)" != start-limit-hit
+write_config 2
+fixed=$(curl -sS --max-time 30 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
+expect "k: once the file is fixed, the next connection is served (${fixed% })" test "${fixed##* }" = 200
+
+# ================================================================ l
+log "l. nodeherd install of a two-app ecosystem file"
+P2=$((PORT + 2)) P3=$((PORT + 3))
+ct install -d -m 755 /srv/two
+ct install -m 644 /shared/app.js /srv/two/app.js
+ct sh -c "cat >/srv/two/ecosystem.config.js" <<JS
+module.exports = {
+  apps: [
+    { name: 'alpha', script: './app.js', instances: 1, listen: '127.0.0.1:$P2' },
+    { name: 'beta', script: './app.js', instances: 1, listen: '127.0.0.1:$P3' },
+  ],
+};
+JS
+rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js --now 2>&1) || rc=$?
+echo "$out" | sed 's/^/       | /'
+expect "l: nodeherd install exits 0" test "$rc" = 0
+for a in alpha:$P2 beta:$P3; do
+    body=$(curl -sS --max-time 60 -w ' %{http_code}' "http://127.0.0.1:${a#*:}/" 2>&1 | tr '\n' ' ' || true)
+    expect "l: ${a%%:*} answers on ${a#*:} after a connection (${body% })" test "${body##* }" = 200
+done
+rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js 2>&1) || rc=$?
+expect "l: a second install changes nothing (exit $rc)" test "$rc" = 0 -a "$(grep -c '^unchanged' <<<"$out")" = 4
+ct sh -c "cat >/srv/two/clash.json" <<JS
+{"apps": [{"name": "my-app", "script": "./app.js"}, {"name": "my_app", "script": "./app.js"}]}
+JS
+rc=0; out=$(ct nodeherd install /srv/two/clash.json 2>&1) || rc=$?
+expect "l: names that collide are refused, both named (exit $rc: $out)" \
+    test "$rc" = 2 -a -n "$(grep -F '"my-app"' <<<"$out" | grep -F '"my_app"')"
+rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js --only alpha --boot 2>&1) || rc=$?
+expect "l: install --boot alpha exits 0 ($out)" test "$rc" = 0
+expect "l: nodeherd@alpha.service is enabled" test "$(ct systemctl is-enabled nodeherd@alpha.service)" = enabled
+
+log "l. reboot the container: alpha starts at boot, beta waits for a connection"
+PID1=$(container_reboot "$NAME") || die "the container did not come back from the reboot"
+expect "l: after the reboot nodeherd@alpha.service runs without a connection" wait_for 60 \
+    test "$(ct systemctl show -P ActiveState nodeherd@alpha.service)" = active
+expect "l: nodeherd@beta.service does not ($(ct systemctl show -P ActiveState nodeherd@beta.service))" \
+    test "$(ct systemctl show -P ActiveState nodeherd@beta.service)" = inactive
+expect "l: but nodeherd@beta.socket listens" test "$(ct systemctl show -P ActiveState nodeherd@beta.socket)" = active
+body=$(curl -sS --max-time 60 -w ' %{http_code}' "http://127.0.0.1:$P3/" 2>&1 | tr '\n' ' ' || true)
+expect "l: and beta answers its first connection (${body% })" test "${body##* }" = 200
+rc=0; out=$(ct nodeherd uninstall beta 2>&1) || rc=$?
+expect "l: uninstall beta exits 0 ($out)" test "$rc" = 0
+expect "l: beta's socket is gone" test "$(ct systemctl show -P ActiveState nodeherd@beta.socket)" = inactive
+expect "l: and its configuration" test ! -e "/proc/$PID1/root/etc/nodeherd/beta.json"
 
 echo
 echo "boot ${BOOT_S}s, first request ${FIRST_MS} ms, reload ${RELOAD_MS} ms ($RELOAD_FAILED/$RELOAD_TOTAL failed; keep-alive $KA_FAILED/$KA_TOTAL), kill -9: $KILL_REFUSED refused/$KILL_TOTAL, stop ${STOP_MS} ms"
