@@ -72,11 +72,6 @@ _inner() {
     mkdir -p "$scratch"/{upper,work,root}
     mount -t overlay overlay -o "lowerdir=/,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/root"
     local root=$scratch/root
-    # nspawn fills /dev itself; /run must not show the host's /run (and this
-    # very state directory).
-    mount -t tmpfs -o mode=755 tmpfs "$root/dev"
-    mount -t tmpfs -o mode=755 tmpfs "$root/run"
-    mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
     local u
     mkdir -p "$root/etc/systemd/system"
     for u in "${CONTAINER_MASKED_UNITS[@]}"; do
@@ -93,6 +88,12 @@ _inner() {
     local child rc
     trap 'kill -TERM "$child" 2>/dev/null' TERM
     while :; do
+        # nspawn fills /dev itself, and wants it empty; /run must not show
+        # the host's /run (and this very state directory). Fresh ones at
+        # every boot, as a reboot would have them.
+        mount -t tmpfs -o mode=755 tmpfs "$root/dev"
+        mount -t tmpfs -o mode=755 tmpfs "$root/run"
+        mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
         systemd-nspawn -q -D "$root" --register=no --keep-unit -M "$name" \
             --console=read-only --bind="$hostdir:/shared" -b &
         child=$!

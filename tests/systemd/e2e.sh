@@ -227,7 +227,7 @@ fi
 
 # ================================================================ a
 log "units as installed, with their drop-ins"
-err=$(ct systemd-analyze verify /etc/systemd/system/$UNIT /etc/systemd/system/$SOCK_UNIT \
+err=$(ct systemd-analyze verify --man=no /etc/systemd/system/$UNIT /etc/systemd/system/$SOCK_UNIT \
       /etc/systemd/system/myapp.service /etc/systemd/system/myapp.socket 2>&1 >/dev/null || echo "(exit $?)")
 expect "systemd-analyze verify of the installed units is silent${err:+: $err}" test -z "$err"
 
@@ -550,15 +550,15 @@ expect "f: $SOCK_UNIT still listens after the stop" test "$(prop "$SOCK_UNIT" Ac
 
 # ================================================================ i
 log "i. unit details: Documentation=, FreeBind=, RestartPreventExitStatus="
-expect "i: $UNIT names its documentation" test "$(prop "$UNIT" Documentation)" = "man:nodeherd(1)"
+expect "i: $UNIT names its documentation ($(prop "$UNIT" Documentation))" test "$(prop "$UNIT" Documentation | tr -d '"')" = "man:nodeherd(1)"
 expect "i: $SOCK_UNIT binds with FreeBind (an IP address not yet up at boot)" test "$(prop "$SOCK_UNIT" FreeBind)" = yes
 expect "i: $UNIT is not restarted on exit status 2" test "$(prop "$UNIT" RestartPreventExitStatus)" = 2
 
-# write_config INSTANCES [EXTRA]: /etc/nodeherd/$APP.config.js with a GREETING env.
+# write_config INSTANCES: /etc/nodeherd/$APP.config.js with a GREETING env.
 write_config() {
     ct sh -c "cat >/etc/nodeherd/$APP.config.js" <<JS
 module.exports = {
-  apps: [{ name: '$APP', script: '/srv/$APP/app.js', instances: $1, env: { GREETING: 'from-reload' } $2 }],
+  apps: [{ name: '$APP', script: '/srv/$APP/app.js', instances: $1, env: { GREETING: 'from-reload' } }],
 };
 JS
 }
