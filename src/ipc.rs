@@ -22,6 +22,31 @@ pub enum Message {
     Listening,
     /// The shim could not map a listen call; the text says why.
     ListenError(String),
+    /// The app listens on an address no inherited socket covers: the
+    /// manager is to bind it (once, for every worker) and pass it back.
+    Bind(BindRequest),
+}
+
+/// What the preload asks the manager to bind for the workers to share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BindRequest {
+    /// The preload's number for the request, echoed in the answer.
+    pub id: u64,
+    pub address: SharedAddress,
+}
+
+/// An address workers share through the manager.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SharedAddress {
+    /// `host` as the app wrote it (`None`: Node's default, every address);
+    /// port 0 is one ephemeral port for all workers, as Node's cluster does.
+    Tcp {
+        host: Option<String>,
+        port: u16,
+    },
+    Unix {
+        path: String,
+    },
 }
 
 /// Parse one line of the channel.
@@ -34,6 +59,7 @@ pub fn parse(line: &[u8]) -> Option<Message> {
         Value::String(s) if s == "ready" => Some(Message::Ready),
         Value::Object(o) => match o.get("nodeherd").and_then(Value::as_str) {
             Some("listening") => Some(Message::Listening),
+            Some("bind") => parse_bind(o).map(Message::Bind),
             Some("error") => Some(Message::ListenError(
                 o.get("message")
                     .and_then(Value::as_str)
@@ -45,6 +71,86 @@ pub fn parse(line: &[u8]) -> Option<Message> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+fn parse_bind(o: &serde_json::Map<String, Value>) -> Option<BindRequest> {
+    let id = o.get("id")?.as_u64()?;
+    let address = match o.get("kind")?.as_str()? {
+        "tcp" => SharedAddress::Tcp {
+            host: o
+                .get("host")
+                .and_then(Value::as_str)
+                .filter(|h| !h.is_empty() && h.len() <= 255)
+                .map(str::to_string),
+            port: u16::try_from(o.get("port").and_then(Value::as_u64).unwrap_or(0)).ok()?,
+        },
+        "unix" => {
+            let path = o.get("path")?.as_str()?;
+            if path.is_empty() || path.len() > 107 || path.contains('\0') {
+                return None;
+            }
+            SharedAddress::Unix {
+                path: path.to_string(),
+            }
+        }
+        _ => return None,
+    };
+    Some(BindRequest { id, address })
+}
+
+/// The answer to a [`Message::Bind`]: the socket goes with it (SCM_RIGHTS),
+/// wrapped as Node's own handle-passing message, so the preload receives a
+/// listening handle exactly as a cluster worker would.
+pub fn bound(id: u64) -> Vec<u8> {
+    let mut line = serde_json::json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Native",
+        "msg": { "cmd": "NODE_NODEHERD_BOUND", "id": id },
+    })
+    .to_string();
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// The answer to a [`Message::Bind`] the manager could not make: the error
+/// as Node would have raised it (`code`, `errno`, `syscall`, `address`, `port`).
+pub fn bind_failed(id: u64, address: &SharedAddress, err: &std::io::Error) -> Vec<u8> {
+    let errno = err.raw_os_error().unwrap_or(0);
+    let code = nix::errno::Errno::from_raw(errno);
+    let code = if errno == 0 {
+        "EINVAL".to_string()
+    } else {
+        format!("{code:?}")
+    };
+    let (shown, addr, port) = match address {
+        SharedAddress::Tcp { host, port } => {
+            let h = host.clone().unwrap_or_else(|| "::".into());
+            (format!("{h}:{port}"), Value::String(h), Value::from(*port))
+        }
+        SharedAddress::Unix { path } => (path.clone(), Value::String(path.clone()), Value::Null),
+    };
+    let message = format!("listen {code}: {} {shown}", describe_errno(err));
+    let mut line = serde_json::json!({
+        "cmd": "NODE_NODEHERD_BOUND",
+        "id": id,
+        "error": {
+            "code": code, "errno": -errno, "syscall": "listen",
+            "address": addr, "port": port, "message": message,
+        },
+    })
+    .to_string();
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// Node's wording for the errors a bind usually meets.
+fn describe_errno(err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::AddrInUse => "address already in use".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        std::io::ErrorKind::AddrNotAvailable => "address not available".into(),
+        _ => err.to_string(),
     }
 }
 
@@ -64,6 +170,54 @@ mod tests {
         );
         assert!(
             matches!(parse(br#"{"nodeherd":"error","message":"x"}"#), Some(Message::ListenError(m)) if m == "x")
+        );
+        assert_eq!(
+            parse(br#"{"nodeherd":"bind","id":7,"kind":"tcp","host":null,"port":9100}"#),
+            Some(Message::Bind(BindRequest {
+                id: 7,
+                address: SharedAddress::Tcp {
+                    host: None,
+                    port: 9100
+                }
+            }))
+        );
+        assert_eq!(
+            parse(br#"{"nodeherd":"bind","id":8,"kind":"unix","path":"/run/a.sock"}"#),
+            Some(Message::Bind(BindRequest {
+                id: 8,
+                address: SharedAddress::Unix {
+                    path: "/run/a.sock".into()
+                }
+            }))
+        );
+        for bad in [
+            &br#"{"nodeherd":"bind","kind":"tcp","port":1}"#[..],
+            br#"{"nodeherd":"bind","id":1,"kind":"tcp","port":70000}"#,
+            br#"{"nodeherd":"bind","id":1,"kind":"unix","path":""}"#,
+            br#"{"nodeherd":"bind","id":1,"kind":"sctp","port":1}"#,
+        ] {
+            assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_refused_bind_reads_like_nodes_own_error() {
+        let addr = SharedAddress::Tcp {
+            host: Some("127.0.0.1".into()),
+            port: 9100,
+        };
+        let line = bind_failed(
+            3,
+            &addr,
+            &std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+        );
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["cmd"], "NODE_NODEHERD_BOUND");
+        assert_eq!(v["error"]["code"], "EADDRINUSE");
+        assert_eq!(v["error"]["errno"], -libc::EADDRINUSE);
+        assert_eq!(
+            v["error"]["message"],
+            "listen EADDRINUSE: address already in use 127.0.0.1:9100"
         );
     }
 

@@ -1,38 +1,67 @@
 'use strict';
 // nodeherd's preload, loaded into every Node worker with `node --require`.
 //
-// It does three things for an unmodified app:
-// 1. Makes `server.listen(...)` and `dgram` `socket.bind(...)` serve on the
-//    sockets the manager handed over at fd 3.., instead of binding a port
-//    that every worker would fight over.
-// 2. Tells the manager when the worker listens (its readiness, unless the app
-//    uses `wait_ready` and sends 'ready' itself).
+// It does four things for an unmodified app, in the worker process only:
+// 1. Points the app's listen() calls at the sockets the manager handed over
+//    at fd 3.., by this rule: a listen whose port (or path) matches an
+//    inherited socket, or whose port or path equals a socket's name
+//    (FileDescriptorName=), takes that socket; otherwise the first listen of
+//    that kind (TCP, UDP, unix) in this process takes the only inherited
+//    socket of that kind. Every other TCP or unix listen is shared across
+//    the workers as under PM2's cluster mode: the manager binds the address
+//    on the first worker's request, keeps it across restarts and reloads,
+//    and hands the same socket to each worker that asks, over the IPC
+//    channel (Node's own handle passing). UDP: only an explicit bind() is
+//    mapped; the implicit bind of a client's send()/connect() stays a plain
+//    ephemeral socket.
+// 2. Tells the manager when the worker listens on a handed-over socket (its
+//    readiness, unless the app uses `wait_ready` and sends 'ready' itself).
 // 3. Gives apps that install no SIGINT handler (or no 'shutdown' message
-//    handler) a graceful drain on stop: stop accepting, finish requests in
-//    flight, close keep-alive connections after their next response, and exit.
-//    An app with its own handler keeps its own behaviour.
+//    handler) a graceful drain on stop, for every kind of connection:
+//    HTTP/1 keep-alive, HTTP/2 sessions (GOAWAY, streams finish), upgraded
+//    connections (WebSockets) and raw `net` connections, all within
+//    kill_timeout. An app with its own handler keeps its own behaviour.
+// 4. Stays out of the app's own child processes (fork, spawn of node,
+//    cluster.fork, worker threads): they never load it and see no nodeherd
+//    variable; LISTEN_PID names the worker, so a child that reads
+//    LISTEN_FDS ignores them, as sd_listen_fds() does.
 (() => {
+  const env = process.env;
+  const self = __filename;
+
+  // Never follow the app into the processes it starts: not through
+  // NODE_OPTIONS, not through the execArgv that fork() and cluster.fork()
+  // pass on.
+  const withoutSelf = (words) =>
+    words.filter((w, i, all) => !(w === self || (/^(--require|-r)$/.test(w) && all[i + 1] === self) || w === `--require=${self}`));
+  if (env.NODE_OPTIONS) env.NODE_OPTIONS = withoutSelf(env.NODE_OPTIONS.split(/\s+/)).join(' ');
+  if (Array.isArray(process.execArgv)) process.execArgv = withoutSelf(process.execArgv);
+
+  // Only the worker itself: not a worker thread, not a child that got here
+  // some other way (LISTEN_PID names the process the sockets are for).
+  let mainThread = true;
+  try {
+    mainThread = require('worker_threads').isMainThread;
+  } catch (_) {
+    // no worker_threads: nothing to check
+  }
+  if (!mainThread || env.LISTEN_PID !== String(process.pid)) return;
+
   const net = require('net');
   const dgram = require('dgram');
-  const env = process.env;
-
-  // This file must not follow the app into processes it starts itself.
-  if (env.NODE_OPTIONS) {
-    env.NODE_OPTIONS = env.NODE_OPTIONS.split(/\s+/)
-      .filter((w, i, all) => !(w === __filename || (w === '--require' && all[i + 1] === __filename)))
-      .join(' ');
-  }
-
   const sockets = (env.NODEHERD_SOCKETS || '')
     .split(',')
     .filter(Boolean)
     .map((desc, i) => {
       const [kind, address, port, name] = desc.split('|');
-      return { fd: 3 + i, kind, address, port: port ? Number(port) : null, name };
+      return { fd: 3 + i, kind, address, port: port ? Number(port) : null, name, claimed: false };
     });
   const killTimeout = Number(env.NODEHERD_KILL_TIMEOUT_MS) || 1600;
+  for (const k of ['NODEHERD_SOCKETS', 'NODEHERD_APP', 'NODEHERD_KILL_TIMEOUT_MS']) delete env[k];
+
+  const channel = typeof process.send === 'function';
   const tell = (msg) => {
-    if (typeof process.send === 'function' && process.connected) {
+    if (channel && process.connected) {
       try {
         process.send(msg);
       } catch (_) {
@@ -40,67 +69,164 @@
       }
     }
   };
-  const describe = (s) => `fd ${s.fd} (${s.kind} ${s.address}${s.name ? `, name "${s.name}"` : ''})`;
 
-  // Choose the inherited socket for a listen on `port` (TCP/UDP) or `path` (unix).
+  // Which inherited socket a listen takes (see the rule above), or null.
   function pick(kind, port, path) {
-    const candidates = sockets.filter((s) => s.kind === kind);
-    if (candidates.length === 1) return candidates[0];
-    if (candidates.length > 1) {
-      const byPort = port ? candidates.find((s) => s.port === Number(port)) : undefined;
-      if (byPort) return byPort;
-      const want = path !== undefined ? String(path) : String(port);
-      const byName = candidates.find((s) => s.name === want || s.address === want);
-      if (byName) return byName;
-    }
-    const what = path !== undefined ? `path ${path}` : `port ${port}`;
-    const have = sockets.length ? sockets.map(describe).join('; ') : 'none';
-    const hint =
-      candidates.length > 1
-        ? `several ${kind} sockets were inherited and none matches by port or by name (LISTEN_FDNAMES); ` +
-          'give each socket FileDescriptorName= equal to the port, or listen on {fd: N}'
-        : `no ${kind} socket was inherited; add one with --listen or the .socket unit`;
-    const err = new Error(`nodeherd: cannot map listen on ${what} to an inherited socket: ${hint}. Inherited: ${have}`);
-    tell({ nodeherd: 'error', message: err.message });
-    throw err;
+    const ofKind = sockets.filter((s) => s.kind === kind);
+    const want = path !== undefined ? String(path) : port ? String(port) : null;
+    const match = ofKind.find(
+      (s) => (port && s.port === Number(port)) || (want !== null && (s.name === want || s.address === want)),
+    );
+    const chosen = match || (ofKind.length === 1 && !ofKind[0].claimed ? ofKind[0] : null);
+    if (chosen) chosen.claimed = true;
+    return chosen;
+  }
+
+  // --- sockets shared through the manager -----------------------------------
+  let nextRequest = 1;
+  const waiting = new Map();
+  const kept = []; // handles received, kept from the garbage collector
+  if (channel) {
+    process.on('internalMessage', (msg, handle) => {
+      if (!msg || msg.cmd !== 'NODE_NODEHERD_BOUND') return;
+      const done = waiting.get(msg.id);
+      if (!done) return;
+      waiting.delete(msg.id);
+      if (handle) {
+        kept.push(handle);
+        done(null, handle);
+      } else {
+        const e = msg.error || {};
+        const err = new Error(e.message || 'listen failed');
+        Object.assign(err, { code: e.code, errno: e.errno, syscall: e.syscall || 'listen' });
+        if (e.address !== undefined) err.address = e.address;
+        if (e.port !== undefined) err.port = e.port;
+        done(err);
+      }
+    });
+  }
+
+  function askManager(request, done) {
+    const id = nextRequest++;
+    waiting.set(id, done);
+    tell(Object.assign({ nodeherd: 'bind', id }, request));
   }
 
   // listen(port[, host][, backlog][, cb]) | listen(path[, backlog][, cb]) |
   // listen(options[, cb]) | listen(handle[, backlog][, cb])
-  function target(args) {
+  function describeListen(args) {
     const first = args[0];
     if (first !== null && typeof first === 'object') {
       if ('fd' in first || '_handle' in first || 'handle' in first) return null;
-      if (first.path !== undefined) return pick('unix', undefined, first.path);
-      return pick('tcp', first.port || 0);
+      if (first.path !== undefined) return { kind: 'unix', path: String(first.path), backlog: first.backlog };
+      return { kind: 'tcp', port: Number(first.port) || 0, host: first.host, backlog: first.backlog, ipv6Only: !!first.ipv6Only };
     }
-    if (typeof first === 'string' && !/^\d+$/.test(first)) return pick('unix', undefined, first);
-    return pick('tcp', first === undefined || typeof first === 'function' ? 0 : first);
+    if (typeof first === 'string' && !/^\d+$/.test(first)) {
+      return { kind: 'unix', path: first, backlog: typeof args[1] === 'number' ? args[1] : undefined };
+    }
+    const port = first === undefined || first === null || typeof first === 'function' ? 0 : Number(first);
+    const host = typeof args[1] === 'string' ? args[1] : undefined;
+    const backlog = typeof args[1] === 'number' ? args[1] : typeof args[2] === 'number' ? args[2] : undefined;
+    return { kind: 'tcp', port, host, backlog };
   }
 
   const servers = new Set();
   const listen = net.Server.prototype.listen;
   net.Server.prototype.listen = function (...args) {
-    if (sockets.length === 0) return listen.apply(this, args);
-    const sock = target(args);
-    if (sock === null) return listen.apply(this, args);
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+    const want = describeListen(args);
+    if (want === null) return listen.apply(this, args);
+    const sock = pick(want.kind, want.port, want.path);
+    if (sock) {
+      track(this);
+      this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
+      const opts = { fd: sock.fd };
+      if (want.backlog !== undefined) opts.backlog = want.backlog;
+      const result = cb ? listen.call(this, opts, cb) : listen.call(this, opts);
+      if (isRoundRobin(this) && want.port) answerAsAsked(this, want.port);
+      return result;
+    }
+    if (!channel) return listen.apply(this, args);
+    // Shared across the workers: the manager binds it once for all.
     track(this);
-    this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
-    return cb ? listen.call(this, { fd: sock.fd }, cb) : listen.call(this, { fd: sock.fd });
+    if (cb) this.once('listening', cb);
+    askManager({ kind: want.kind, host: want.host || null, port: want.port || 0, path: want.path || null }, (err, handle) => {
+      if (err) {
+        this.emit('error', err);
+        return;
+      }
+      if (want.kind === 'tcp') listen.call(this, handle, want.backlog);
+      else listen.call(this, { fd: handle.fd, backlog: want.backlog });
+    });
+    return this;
   };
 
+  // A cluster primary's round-robin server (made by Node's RoundRobinHandle,
+  // with its internal assert.fail as connection listener). Its workers check
+  // that it is bound to the port they asked for, and take any other port for
+  // EADDRINUSE: tell them what they asked.
+  function isRoundRobin(server) {
+    return (
+      server.listeners('connection').some((f) => f.name === 'fail') &&
+      String(new Error().stack).includes('RoundRobinHandle')
+    );
+  }
+  function answerAsAsked(server, port) {
+    const handle = server._handle;
+    if (!handle || typeof handle.getsockname !== 'function') return;
+    const getsockname = handle.getsockname;
+    handle.getsockname = function (out) {
+      const err = getsockname.call(this, out);
+      if (out) out.port = port;
+      return err;
+    };
+  }
+
+  // UDP: an explicit bind() maps by the same rule; the implicit bind of a
+  // send() or connect() on an unbound socket is the client's own.
   const bind = dgram.Socket.prototype.bind;
+  const implicit = Symbol('nodeherd implicit bind');
+  for (const method of ['send', 'connect']) {
+    const original = dgram.Socket.prototype[method];
+    if (typeof original !== 'function') continue;
+    dgram.Socket.prototype[method] = function (...args) {
+      this[implicit] = true;
+      try {
+        return original.apply(this, args);
+      } finally {
+        this[implicit] = false;
+      }
+    };
+  }
   dgram.Socket.prototype.bind = function (...args) {
-    if (sockets.length === 0) return bind.apply(this, args);
     const first = args[0];
-    if (first !== null && typeof first === 'object' && 'fd' in first) return bind.apply(this, args);
+    if (this[implicit] || (first !== null && typeof first === 'object' && 'fd' in first)) return bind.apply(this, args);
     const port = first !== null && typeof first === 'object' ? first.port : typeof first === 'function' ? 0 : first;
-    const sock = pick('udp', port || 0);
+    const sock = pick('udp', Number(port) || 0);
+    if (!sock) return bind.apply(this, args);
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
     return cb ? bind.call(this, { fd: sock.fd }, cb) : bind.call(this, { fd: sock.fd });
   };
+
+  // An app that runs `cluster` itself: its primary is the worker here. With
+  // round-robin scheduling its listen goes through the patched listen above;
+  // with SCHED_NONE the handle is made directly, so that is mapped too. It
+  // is ready when its first cluster worker listens.
+  const cluster = require('cluster');
+  if (cluster.isPrimary) {
+    const createHandle = net._createServerHandle;
+    if (typeof createHandle === 'function') {
+      net._createServerHandle = function (address, port, addressType, fd, flags) {
+        if (!(typeof fd === 'number' && fd >= 0) && typeof port === 'number' && port >= 0) {
+          const sock = pick(port === -1 ? 'unix' : 'tcp', port, typeof address === 'string' && port < 0 ? address : undefined);
+          if (sock) return createHandle.call(this, null, -1, -1, sock.fd, flags);
+        }
+        return createHandle.apply(this, arguments);
+      };
+    }
+    cluster.on('listening', () => tell({ nodeherd: 'listening', via: 'cluster' }));
+  }
 
   // --- graceful drain -------------------------------------------------------
   //
@@ -110,28 +236,70 @@
   // only after a grace period. Closing an idle keep-alive connection at once
   // races a client that is sending its next request on it, and that request
   // fails; Node's own http `close()` does exactly that since v19. So, for the
-  // servers on inherited sockets, `close()` and `closeIdleConnections()` drain
-  // this way, whether the shim calls them or the app's own SIGINT handler does.
+  // servers the preload placed, `close()` and `closeIdleConnections()` drain
+  // this way, whether the preload calls them or the app's own SIGINT handler
+  // does. HTTP/2 sessions get a GOAWAY and their streams finish; upgraded
+  // connections (WebSockets) and raw connections are ended cleanly (FIN after
+  // what is queued, never a reset) before kill_timeout is up.
   const http = require('http');
   const https = require('https');
+  let http2 = null;
+  try {
+    http2 = require('http2');
+  } catch (_) {
+    // no http2 in this build
+  }
   const grace = Math.max(100, Math.floor(killTimeout * 0.6));
+  const lastCall = Math.max(grace + 50, Math.floor(killTimeout * 0.85));
   const netClose = net.Server.prototype.close;
 
   function track(server) {
+    if (server.__nodeherd) return;
     servers.add(server);
-    server.__nodeherd = { draining: false, idleTimer: null };
+    const state = { draining: false, idleTimer: null, raw: new Set(), upgraded: new Set(), sessions: new Set() };
+    server.__nodeherd = state;
     // Per request, one property check: during a drain the response closes its connection.
     server.prependListener('request', onRequest);
+    server.prependListener('upgrade', (req, socket) => {
+      state.upgraded.add(socket);
+      socket.once('close', () => state.upgraded.delete(socket));
+    });
+    server.prependListener('session', (session) => {
+      state.sessions.add(session);
+      session.once('close', () => state.sessions.delete(session));
+      if (state.draining) goaway(session);
+    });
+    // A plain net.Server: its connections are the app's protocol, not HTTP.
+    if (!(server instanceof http.Server) && !(server instanceof https.Server) && !isHttp2(server)) {
+      server.prependListener('connection', (socket) => {
+        state.raw.add(socket);
+        socket.once('close', () => state.raw.delete(socket));
+      });
+    }
+  }
+
+  function isHttp2(server) {
+    return !!server && typeof server.setTimeout === 'function' && server.constructor && /^Http2(Secure)?Server$/.test(server.constructor.name);
   }
 
   function onRequest(req, res) {
-    if (this.__nodeherd.draining) res.shouldKeepAlive = false;
+    if (this.__nodeherd.draining && res) res.shouldKeepAlive = false;
+  }
+
+  function goaway(session) {
+    try {
+      if (!session.closed && !session.destroyed) session.close();
+    } catch (_) {
+      // already closing
+    }
   }
 
   function drainServer(server, cb) {
     const state = server.__nodeherd;
     state.draining = true;
+    for (const session of state.sessions) goaway(session);
     closeIdleLater(server);
+    endLingeringLater(server);
     return netClose.call(server, cb);
   }
 
@@ -142,7 +310,22 @@
     state.idleTimer.unref();
   }
 
-  for (const proto of [http.Server.prototype, https.Server.prototype]) {
+  // Upgraded and raw connections have no request boundary to close them at:
+  // they get until shortly before kill_timeout, then a clean end.
+  function endLingeringLater(server) {
+    const state = server.__nodeherd;
+    if (state.lingerTimer) return;
+    state.lingerTimer = setTimeout(() => {
+      for (const socket of [...state.upgraded, ...state.raw]) {
+        socket.end();
+        setTimeout(() => socket.destroySoon && socket.destroySoon(), 100).unref();
+      }
+    }, lastCall - 100);
+    state.lingerTimer.unref();
+  }
+
+  const protos = [http.Server.prototype, https.Server.prototype];
+  for (const proto of protos) {
     const close = proto.close;
     const closeIdle = proto.closeIdleConnections;
     proto.close = function (cb) {
@@ -157,6 +340,10 @@
       };
     }
   }
+  // net.Server.close for raw servers and HTTP/2 servers (their close is net's).
+  net.Server.prototype.close = function (cb) {
+    return this.__nodeherd ? drainServer(this, cb) : netClose.call(this, cb);
+  };
 
   let stopping = false;
   function drain() {
@@ -165,6 +352,8 @@
     let open = servers.size;
     const done = () => process.exit(0);
     if (open === 0) return done();
+    // Whatever is still open just before kill_timeout is ended cleanly.
+    setTimeout(done, lastCall).unref();
     for (const server of servers) {
       drainServer(server, () => {
         open -= 1;
@@ -178,12 +367,12 @@
     if (process.listenerCount('SIGINT') > 1) return;
     drain();
   });
-  if (typeof process.send === 'function') {
+  if (channel) {
     const onMessage = (msg) => {
       if (msg === 'shutdown' && process.listenerCount('message') === 1) drain();
     };
     process.on('message', onMessage);
-    // Our listener must not keep an app alive that would otherwise exit.
+    // Our listeners must not keep an app alive that would otherwise exit.
     if (process.channel && typeof process.channel.unref === 'function') process.channel.unref();
   }
 })();

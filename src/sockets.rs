@@ -278,6 +278,54 @@ impl SocketSet {
     }
 }
 
+/// Sockets the manager bound on a worker's request (an address no inherited
+/// socket covers, as a second port): one per address, held for the
+/// manager's life, so every worker, and every replacement across restarts
+/// and reloads, listens on the same socket, as Node's cluster shares them.
+#[derive(Default)]
+pub struct SharedSockets {
+    bound: std::collections::BTreeMap<crate::ipc::SharedAddress, Listener>,
+}
+
+impl SharedSockets {
+    /// The socket for `address`, bound now if it is the first request, and
+    /// whether it was.
+    pub fn get_or_bind(
+        &mut self,
+        address: &crate::ipc::SharedAddress,
+    ) -> std::io::Result<(&Listener, bool)> {
+        use crate::ipc::SharedAddress;
+        use std::collections::btree_map::Entry;
+        let io = |e: SocketError| match e {
+            SocketError::Bind { source, .. } => source,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
+        };
+        match self.bound.entry(address.clone()) {
+            Entry::Occupied(o) => Ok((o.into_mut(), false)),
+            Entry::Vacant(v) => {
+                let listener = match address {
+                    SharedAddress::Unix { path } => bind_with(&format!("unix:{path}"), false),
+                    // Node's default: every address, IPv6 and IPv4 alike.
+                    SharedAddress::Tcp { host: None, port } => {
+                        bind_with(&format!("[::]:{port}"), false)
+                            .or_else(|_| bind_with(&format!("0.0.0.0:{port}"), false))
+                    }
+                    SharedAddress::Tcp {
+                        host: Some(h),
+                        port,
+                    } if h.contains(':') => bind_with(&format!("[{h}]:{port}"), false),
+                    SharedAddress::Tcp {
+                        host: Some(h),
+                        port,
+                    } => bind_with(&format!("{h}:{port}"), false),
+                }
+                .map_err(io)?;
+                Ok((v.insert(listener), true))
+            }
+        }
+    }
+}
+
 /// Bind every address with SO_REUSEPORT, so that siblings can join later.
 pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
     addrs

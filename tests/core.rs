@@ -631,29 +631,6 @@ fn unknown_keys_warn_by_name() {
 }
 
 #[test]
-fn an_unmappable_listen_fails_the_worker_with_the_reason() {
-    // Two TCP sockets, neither on the app's port nor named after it.
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("listen_opts.js")),
-            "--listen",
-            "127.0.0.1:0",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
-    assert!(
-        m.wait_log("cannot map listen on port 8123", T),
-        "log:\n{}",
-        m.log()
-    );
-    assert!(m.log().contains("several tcp sockets"), "{}", m.log());
-}
-
-#[test]
 fn unix_stream_sockets_and_fd_aware_apps_work() {
     use std::io::{Read, Write};
     let dir = tempdir::Dir::new("unix");

@@ -20,6 +20,7 @@ mod file;
 mod keys;
 mod resolve;
 mod values;
+mod wrapper;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::file::absolute;
 use super::keys::RawApp;
 use super::values::{self, Instances};
+use super::wrapper;
 use super::{App, ConfigError, Credentials, Interpreter, Loaded, Overrides};
 
 /// What the system offers that a configuration is resolved against.
@@ -48,7 +49,11 @@ pub fn resolve(
     if !cwd.is_dir() {
         return Err(err("cwd", format!("{} is not a directory", cwd.display())));
     }
-    let script_path = normalize(&cwd.join(&script));
+    let mut args = if over.args.is_empty() {
+        raw.args.clone().unwrap_or_default()
+    } else {
+        over.args.clone()
+    };
 
     // Interpreter: node unless told otherwise; `none` runs the script itself.
     let interp_name = over
@@ -56,6 +61,26 @@ pub fn resolve(
         .clone()
         .or(raw.interpreter.clone())
         .or(raw.exec_interpreter.clone());
+
+    // `script: 'npm', args: 'start'` and `script: 'next'`: the node command
+    // they stand for (see wrapper.rs).
+    let mut script = script;
+    let mut wrapper_node_args = Vec::new();
+    let mut wrapper_env = Vec::new();
+    let default_node = matches!(interp_name.as_deref(), None | Some("node") | Some(""));
+    if default_node && !cwd.join(&script).exists() {
+        if wrapper::is_package_manager(&script) {
+            let cmd =
+                wrapper::package_script(&cwd, &script, &args).map_err(|m| err("script", m))?;
+            script = cmd.script;
+            args = cmd.args;
+            wrapper_node_args = cmd.node_args;
+            wrapper_env = cmd.env;
+        } else if let Some(bin) = wrapper::bin_command(&cwd, &script) {
+            script = bin.display().to_string();
+        }
+    }
+    let script_path = normalize(&cwd.join(&script));
     let interpreter = match interp_name.as_deref() {
         None | Some("node") | Some("") => Interpreter::Node(PathBuf::from("node")),
         Some("none") => Interpreter::None,
@@ -107,12 +132,8 @@ pub fn resolve(
             .or(raw.interpreter_args.clone())
             .unwrap_or_default(),
     };
+    interpreter_args.extend(wrapper_node_args);
     interpreter_args.retain(|a| !a.is_empty());
-    let args = if over.args.is_empty() {
-        raw.args.clone().unwrap_or_default()
-    } else {
-        over.args.clone()
-    };
 
     let fork_mode = raw.fork_mode.unwrap_or(false);
     let instances = match &over.instances {
@@ -152,7 +173,9 @@ pub fn resolve(
         ));
     }
 
-    let mut env = raw.env.clone().unwrap_or_default();
+    // The package script's own assignments, then the app's env over them.
+    let mut env: std::collections::BTreeMap<String, String> = wrapper_env.into_iter().collect();
+    env.extend(raw.env.clone().unwrap_or_default());
     if let Some(env_name) = &over.env_name {
         let Some(extra) = raw.env_named.get(env_name) else {
             return Err(err(

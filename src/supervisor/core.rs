@@ -401,6 +401,8 @@ impl Core {
                         w.listen_error = Some(e);
                     }
                 }
+                // Sockets shared on a worker's request are the driver's to bind.
+                ipc::Message::Bind(_) => {}
             },
             Event::Notify {
                 worker,

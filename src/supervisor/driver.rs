@@ -23,8 +23,9 @@ use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
 use crate::config::{App, ConfigError, Loaded};
 use crate::control::{BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle, Snapshot};
+use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
-use crate::sockets::SocketSet;
+use crate::sockets::{SharedSockets, SocketSet};
 use crate::worker::{Spawned, process};
 use crate::{ipc, notify};
 
@@ -41,6 +42,8 @@ pub struct Driver {
     core: Core,
     configs: Configs,
     sockets: SocketSet,
+    /// Sockets bound on workers' requests, shared by all of them.
+    shared: SharedSockets,
     procs: HashMap<WorkerId, Proc>,
     by_pid: HashMap<i32, WorkerId>,
     /// Callers waiting for the core's answer; one reply may answer several.
@@ -78,6 +81,7 @@ impl Driver {
             core,
             configs,
             sockets,
+            shared: SharedSockets::default(),
             procs: HashMap::new(),
             by_pid: HashMap::new(),
             replies: HashMap::new(),
@@ -169,6 +173,10 @@ impl Driver {
             Input::Stop => Event::Stop,
             Input::Reload => return self.reload_requested(None),
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
+            Input::Ipc {
+                worker,
+                msg: ipc::Message::Bind(req),
+            } => return self.bind_for(worker, req),
             Input::Ipc { worker, msg } => Event::Ipc { worker, msg },
             Input::Notify(n) => {
                 // The sender must be a worker or live in a worker's process group.
@@ -396,6 +404,42 @@ impl Driver {
         process::signal(p.pid, Signal::SIGINT);
     }
 
+    /// A worker listens on an address no inherited socket covers: bind it
+    /// (once for every worker) and pass it over the worker's IPC channel,
+    /// or tell the worker why not, as Node would have.
+    fn bind_for(&mut self, worker: WorkerId, req: BindRequest) {
+        let Some(p) = self.procs.get(&worker) else {
+            return;
+        };
+        let Some(channel) = &p.ipc else {
+            return;
+        };
+        let (pid, index) = (p.pid, self.core.slot_of(worker).unwrap_or(0));
+        let sent = match self.shared.get_or_bind(&req.address) {
+            Ok((listener, first)) => {
+                if first {
+                    logs::info(&format!(
+                        "shared socket: {} {} bound on worker {index}'s request (pid {pid}); every worker listening there shares it",
+                        listener.kind, listener.address
+                    ));
+                }
+                send_with_fd(channel, &ipc::bound(req.id), &listener.fd)
+            }
+            Err(e) => {
+                logs::warn(&format!(
+                    "worker {index} (pid {pid}) asked to listen on {:?}: {e}",
+                    req.address
+                ));
+                send_with_fd_none(channel, &ipc::bind_failed(req.id, &req.address, &e))
+            }
+        };
+        if let Err(e) = sent {
+            logs::warn(&format!(
+                "could not answer worker {index} (pid {pid}) on its IPC channel: {e}"
+            ));
+        }
+    }
+
     fn publish(&mut self) {
         let snap = self.core.snapshot();
         self.published.send_if_modified(|old| {
@@ -407,6 +451,40 @@ impl Driver {
             }
         });
     }
+}
+
+/// Write `bytes` on a worker's IPC channel with `fd` attached (SCM_RIGHTS),
+/// as Node's handle passing does.
+fn send_with_fd(
+    channel: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let fds = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(bytes)];
+    let n = sendmsg::<()>(
+        channel.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if n != bytes.len() {
+        return Err(std::io::Error::other(
+            "the channel took part of the message",
+        ));
+    }
+    Ok(())
+}
+
+fn send_with_fd_none(
+    channel: &std::os::unix::net::UnixStream,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let mut c = channel;
+    c.write_all(bytes)
 }
 
 fn log(line: LogLine) {

@@ -5,6 +5,11 @@ use super::core::{Core, Op, Phase, SdNotify, StartKind, WState};
 use crate::control::{Snapshot, WorkerInfo};
 
 impl Core {
+    /// The slot a worker belongs to, while it exists.
+    pub fn slot_of(&self, worker: super::core::WorkerId) -> Option<u32> {
+        self.workers.get(&worker).map(|w| w.index)
+    }
+
     /// Slots whose current worker is ready.
     pub(super) fn ready_count(&self) -> u32 {
         self.slots

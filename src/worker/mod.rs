@@ -50,6 +50,8 @@ pub struct Launcher {
     base_env: Vec<(String, String)>,
     cwd: PathBuf,
     instance_var: String,
+    /// Give the worker a Node IPC channel (Node workers, and `interpreter:
+    /// none` scripts, which may exec node).
     node: bool,
     credentials: Option<crate::config::Credentials>,
 }
@@ -97,6 +99,11 @@ impl Launcher {
                 app.kill_timeout.as_millis().to_string(),
             ));
         }
+        let node_options = env
+            .iter()
+            .find(|(k, _)| k == "NODE_OPTIONS")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
         let shim_desc: Vec<String> = listeners.iter().map(Listener::shim_descriptor).collect();
         let mut set = |k: &str, v: String| {
@@ -108,7 +115,18 @@ impl Launcher {
         set("NODEHERD_SOCKETS", shim_desc.join(","));
         set("NODEHERD_APP", app.name.clone());
         set("NOTIFY_SOCKET", notify_socket.display().to_string());
-        if node {
+        // A script run directly (`interpreter: none`) may be a shell script
+        // that ends in `exec node app.js`: that node loads the preload through
+        // NODE_OPTIONS, and claims the sockets because its pid is LISTEN_PID.
+        let wrapper = matches!(app.interpreter, Interpreter::None);
+        if wrapper {
+            let require = format!("--require {}", shim.display());
+            set(
+                "NODE_OPTIONS",
+                format!("{node_options} {require}").trim().to_string(),
+            );
+        }
+        if node || wrapper {
             set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
         }
         Launcher {
@@ -117,7 +135,7 @@ impl Launcher {
             base_env: env,
             cwd: app.cwd.clone(),
             instance_var: app.instance_var.clone(),
-            node,
+            node: node || matches!(app.interpreter, Interpreter::None),
             credentials: app.credentials.clone(),
         }
     }
