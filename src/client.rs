@@ -3,6 +3,7 @@
 //! Exit status: 0 done, 1 the operation failed, 2 bad usage or an invalid
 //! argument, 3 no manager reachable, 4 busy.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -105,6 +106,115 @@ where
     }
 }
 
+/// The manager of `app`: over the bus, or, when no bus answers for it, over
+/// its own control socket (a container or a shell with no bus).
+async fn reach(
+    app: Option<&str>,
+    bus: &BusArgs,
+) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
+    let over_bus = async {
+        let conn = connect(bus).await?;
+        let p = proxy(&conn, app, bus).await?;
+        Ok::<_, Failure>((conn.clone(), p))
+    };
+    match over_bus.await {
+        Ok(found) => Ok(found),
+        Err(e) if e.0 == 3 => match find_control_socket(app) {
+            Ok(Some(path)) => control_socket(&path).await,
+            Ok(None) => Err(e),
+            Err(many) => Err(many),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Connect to a manager's control socket, peer to peer.
+async fn control_socket(
+    path: &std::path::Path,
+) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
+    let fail = |e: String| {
+        Failure(
+            3,
+            format!("cannot use the control socket {}: {e}", path.display()),
+        )
+    };
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let conn = zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .method_timeout(Duration::from_secs(24 * 3600))
+        .build()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let p = Manager1Proxy::builder(&conn)
+        // Peer to peer there is no bus to route by name; the manager ignores it.
+        .destination("org.nodeherd.Manager")
+        .map_err(|e| fail(e.to_string()))?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok((conn, p))
+}
+
+/// The control socket of `app`'s manager (or of the only manager running,
+/// without `app`), found in the places managers keep their private
+/// directories: `$XDG_RUNTIME_DIR`, the temporary directory, and
+/// `/run/nodeherd/*/` (the template unit's `RuntimeDirectory=`).
+fn find_control_socket(app: Option<&str>) -> Result<Option<PathBuf>, Failure> {
+    let mut bases: Vec<PathBuf> = vec![crate::run::runtime_base(), std::env::temp_dir()];
+    if let Ok(units) = std::fs::read_dir("/run/nodeherd") {
+        bases.extend(units.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    bases.dedup();
+    let prefix = app.map(crate::run::runtime_dir_prefix);
+    // The first place that has any is the answer: a user's own
+    // $XDG_RUNTIME_DIR before the shared temporary directory.
+    let mut found = Vec::new();
+    for base in bases {
+        if !found.is_empty() {
+            break;
+        }
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let matches = match &prefix {
+                Some(p) => name
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|pid| pid.parse::<u32>().is_ok()),
+                None => name.starts_with("nodeherd-"),
+            };
+            let sock = e.path().join("control.sock");
+            let pid_alive = name
+                .rsplit('-')
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+            if matches && pid_alive && sock.exists() && !found.contains(&sock) {
+                found.push(sock);
+            }
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(Failure(
+            2,
+            format!(
+                "several managers have control sockets ({}): name the app",
+                found
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
     let which = bus.bus();
     if which == Bus::None {
@@ -167,11 +277,11 @@ async fn resolve_name(
     }
 }
 
-async fn proxy<'a>(
-    conn: &'a zbus::Connection,
+async fn proxy(
+    conn: &zbus::Connection,
     app: Option<&str>,
     bus: &BusArgs,
-) -> Result<Manager1Proxy<'a>, Failure> {
+) -> Result<Manager1Proxy<'static>, Failure> {
     let name = resolve_name(conn, app, bus).await?;
     let p = Manager1Proxy::builder(conn)
         .destination(name.clone())?
@@ -190,8 +300,7 @@ async fn proxy<'a>(
 
 pub fn status(args: StatusArgs) -> ExitCode {
     run_client(async move {
-        let conn = connect(&args.app.bus).await?;
-        let p = proxy(&conn, args.app.app.as_deref(), &args.app.bus).await?;
+        let (_conn, p) = reach(args.app.app.as_deref(), &args.app.bus).await?;
         let name = p.name().await?;
         let state = p.state().await?;
         let status = p.status().await?;
@@ -249,8 +358,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 pub fn reload(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let conn = connect(&args.bus).await?;
-        let p = proxy(&conn, args.app.as_deref(), &args.bus).await?;
+        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
         let what = p.reload().await?;
         eprintln!("nodeherd: {what}");
         Ok(())
@@ -259,8 +367,7 @@ pub fn reload(args: AppArgs) -> ExitCode {
 
 pub fn restart(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let conn = connect(&args.bus).await?;
-        let p = proxy(&conn, args.app.as_deref(), &args.bus).await?;
+        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
         p.restart().await?;
         eprintln!("nodeherd: restarted");
         Ok(())
@@ -299,8 +406,7 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
         }
     };
     run_client(async move {
-        let conn = connect(&args.bus).await?;
-        let p = proxy(&conn, Some(&args.app), &args.bus).await?;
+        let (_conn, p) = reach(Some(&args.app), &args.bus).await?;
         let n = match count {
             Count::To(n) => p.scale(n).await?,
             Count::By(d) => p.scale_by(d).await?,

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// Errors a control request can end with; each has a D-Bus error name
 /// (`org.nodeherd.Error.<Variant>`) and a client exit status.
@@ -115,11 +115,13 @@ pub struct WorkerInfo {
     pub status_text: Option<String>,
 }
 
-/// How the outside reaches a running supervisor: send requests, read the state.
+/// How the outside reaches a running supervisor: send requests, read the
+/// state, hear the signals (the bus and every peer-to-peer client alike).
 #[derive(Clone)]
 pub struct Handle {
     pub requests: mpsc::UnboundedSender<ControlRequest>,
     pub snapshot: watch::Receiver<Snapshot>,
+    pub signals: broadcast::Sender<BusSignal>,
 }
 
 impl Handle {

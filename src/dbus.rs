@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 use zbus::object_server::SignalEmitter;
 use zbus::{connection, interface};
 
@@ -210,12 +210,8 @@ impl Manager {
 /// Failure is not fatal: the manager runs on without a control plane, says
 /// so once, and keeps trying in the background (the bus may start after us,
 /// or restart under us), reconnecting with a backoff of up to 30 s.
-pub async fn serve(
-    bus: Bus,
-    name: String,
-    handle: Handle,
-    mut signals: mpsc::UnboundedReceiver<BusSignal>,
-) {
+pub async fn serve(bus: Bus, name: String, handle: Handle) {
+    let mut signals = handle.signals.subscribe();
     if bus == Bus::None {
         logs::info("control plane off (--no-bus)");
         return;
@@ -242,7 +238,7 @@ pub async fn serve(
             Err(e) if !said_off => {
                 said_off = true;
                 logs::warn(&format!(
-                    "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; reload with SIGHUP. Retrying in the background",
+                    "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; nodeherd status/reload/scale/restart reach the manager through its control socket, and SIGHUP reloads. Retrying in the background",
                     describe(&bus)
                 ));
             }
@@ -254,7 +250,7 @@ pub async fn serve(
         loop {
             tokio::select! {
                 _ = &mut wake => break,
-                s = signals.recv() => if s.is_none() { return },
+                s = signals.recv() => if matches!(s, Err(broadcast::error::RecvError::Closed)) { return },
             }
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -291,7 +287,7 @@ async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Co
 async fn forward(
     conn: zbus::Connection,
     handle: &Handle,
-    signals: &mut mpsc::UnboundedReceiver<BusSignal>,
+    signals: &mut broadcast::Receiver<BusSignal>,
 ) -> bool {
     use futures_util::StreamExt;
     let iface = match conn.object_server().interface::<_, Manager>(PATH).await {
@@ -314,7 +310,12 @@ async fn forward(
                 }
             }
             s = signals.recv() => {
-                let Some(s) = s else { return false };
+                let s = match s {
+                    Ok(s) => s,
+                    // A slow connection missed some signals: go on with the next.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                };
                 let emitter = iface.signal_emitter();
                 let r = match s {
                     BusSignal::WorkerStateChanged { instance, pid, state } => {
@@ -359,6 +360,56 @@ async fn forward(
                 last = now;
             }
         }
+    }
+}
+
+/// The manager's own control socket: the same interface, peer to peer, for
+/// a container or a shell with no bus. It lives in the manager's private
+/// runtime directory (mode 0700, or 0711 when workers run as another user)
+/// and is itself 0600: only the manager's user and root reach it, which is
+/// at least as narrow as the bus policy.
+pub fn bind_control_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serve `org.nodeherd.Manager1` to each client of the control socket.
+pub async fn serve_control_socket(listener: tokio::net::UnixListener, handle: Handle) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                logs::warn(&format!("control socket: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let built = async {
+                connection::Builder::unix_stream(stream)
+                    .server(zbus::Guid::generate())?
+                    .p2p()
+                    .serve_at(
+                        PATH,
+                        Manager {
+                            handle: handle.clone(),
+                        },
+                    )?
+                    .build()
+                    .await
+            };
+            match built.await {
+                Ok(conn) => {
+                    let mut signals = handle.signals.subscribe();
+                    forward(conn, &handle, &mut signals).await;
+                }
+                Err(e) => logs::warn(&format!("control socket: a client failed to connect: {e}")),
+            }
+        });
     }
 }
 

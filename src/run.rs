@@ -224,14 +224,22 @@ fn run_daemon(
             shim: shim.clone(),
             notify_socket: notify_path.clone(),
         };
-        let mut driver = Driver::new(app, sockets, source, paths, notify::watchdog_interval());
+        let driver = Driver::new(app, sockets, source, paths, notify::watchdog_interval());
         let handle = driver.handle();
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot install signal handlers"))?;
         sources::notify_socket(notify_sock, driver.inputs());
-        let (bus_tx, bus_rx) = tokio::sync::mpsc::unbounded_channel();
-        driver.set_bus(bus_tx);
-        tokio::spawn(dbus::serve(bus, bus_name, handle, bus_rx));
+        tokio::spawn(dbus::serve(bus, bus_name, handle.clone()));
+        let control_path = dir.join("control.sock");
+        match dbus::bind_control_socket(&control_path) {
+            Ok(listener) => {
+                tokio::spawn(dbus::serve_control_socket(listener, handle));
+            }
+            Err(e) => logs::warn(&format!(
+                "no control socket at {}: {e}; control is through the bus only",
+                control_path.display()
+            )),
+        }
         let code = driver.run().await.map_err(RunError::system(
             "cannot watch for exiting workers (SIGCHLD)",
         ))?;
@@ -242,14 +250,17 @@ fn run_daemon(
 /// A directory private to this manager for the shim and the notify socket.
 fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            v.to_str()
-                .and_then(|s| s.split(':').next().map(PathBuf::from))
-        })
-        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
+    let base = runtime_base();
+    remove_stale_dirs(&base);
+    let dir = base.join(format!("{}{}", runtime_dir_prefix(app), std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
+    Ok(dir)
+}
+
+/// `nodeherd-<app>-`: the name of a manager's private directory, before its pid.
+pub fn runtime_dir_prefix(app: &str) -> String {
     let safe: String = app
         .chars()
         .map(|c| {
@@ -261,12 +272,20 @@ fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
         })
         .take(40)
         .collect();
-    remove_stale_dirs(&base);
-    let dir = base.join(format!("nodeherd-{safe}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
-    Ok(dir)
+    format!("nodeherd-{safe}-")
+}
+
+/// Where managers keep their private directories: systemd's
+/// `RuntimeDirectory=`, else `$XDG_RUNTIME_DIR`, else the temporary directory.
+pub fn runtime_base() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next().map(PathBuf::from))
+        })
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// Remove the private directories of managers that died without cleaning up

@@ -207,7 +207,7 @@ fn a_replacement_that_never_becomes_ready_fails_closed() {
             "exited with code 4"
         };
         assert!(err.contains(cause), "{mode}: names the cause: {err}");
-        assert!(f.m.log().contains("reload failed"), "{}", f.m.log());
+        assert!(f.m.wait_log("reload failed", T), "{}", f.m.log());
         // The old workers all keep serving, untouched.
         assert_eq!(f.ready_pids(), before, "{mode}");
         let seen = instances_answering(f.port, 3, T);
@@ -291,7 +291,9 @@ fn cli_clients_speak_the_same_api() {
     let (code, _, err) = client(&[&["status", "nosuchapp"][..], &bus].concat());
     assert_eq!(code, 3, "not running: {err}");
     assert!(err.contains("no manager"), "{err}");
-    let (code, _, err) = client(&["status", "hello", "--bus", "unix:path=/nonexistent/bus"]);
+    // No bus and no control socket of that name: no manager. (The fallback
+    // to the control socket is without_a_bus_the_clients_use_the_control_socket.)
+    let (code, _, err) = client(&["status", "nosuchapp", "--bus", "unix:path=/nonexistent/bus"]);
     assert_eq!(code, 3, "{err}");
     let (code, _, err) = client(&[&["restart", "hello"][..], &bus].concat());
     assert_eq!(code, 0, "{err}");
@@ -498,4 +500,64 @@ fn balance_reuseport_gives_each_slot_its_own_queue() {
         vec!["0", "1"],
         "{per:?}"
     );
+}
+
+#[test]
+fn without_a_bus_the_clients_use_the_control_socket() {
+    let runtime = tempdir::Dir::new("p2p");
+    let rt = path_str(&runtime.path);
+    let no_bus = format!("unix:path={}/no-bus-here", rt);
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "--name",
+            "solo",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[("XDG_RUNTIME_DIR", &rt)],
+    );
+    let port = m.port();
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let sock = runtime
+        .path
+        .join(format!("nodeherd-solo-{}", m.pid()))
+        .join("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the manager's user may use it");
+    let client_in = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--bus", &no_bus])
+            .env("XDG_RUNTIME_DIR", &rt)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = client_in(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("solo: ready"), "{out}");
+    let before = instances_answering(port, 2, T);
+    let (code, _, err) = client_in(&["reload", "solo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("reload finished: 2/2"), "{err}");
+    let after = instances_answering(port, 2, T);
+    assert!(after.values().all(|p| !before.values().any(|b| b == p)));
+    let (code, _, err) = client_in(&["scale", "solo", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(instances_answering(port, 3, T).len(), 3);
+    // Another app's name finds nothing: no manager.
+    let (code, _, err) = client_in(&["status", "other"]);
+    assert_eq!(code, 3, "{err}");
 }

@@ -77,8 +77,13 @@ fn more_ports_are_shared_across_workers_and_reloads() {
         m.log()
     );
     // A reload: new workers on the same shared sockets, nothing lost.
+    let old_workers = m.workers();
     m.signal(libc::SIGHUP);
     assert!(m.wait_log("reload finished: 2/2", T), "{}", m.log());
+    assert!(wait_until(T, || m
+        .workers()
+        .iter()
+        .all(|p| !old_workers.contains(p))));
     let after = instances_answering(admin, 2, T);
     assert_eq!(after.len(), 2);
     assert!(after.values().all(|p| !before.values().any(|b| b == p)));
@@ -197,7 +202,12 @@ fn a_udp_client_keeps_its_own_socket() {
 
 #[test]
 fn an_app_that_runs_cluster_itself_serves_and_reloads() {
-    let m = run_app(&path_str(&app("cluster_app.js")), &[], &[]);
+    // A generous kill_timeout: the old primaries must leave by themselves.
+    let m = run_app(
+        &path_str(&app("cluster_app.js")),
+        &["--kill-timeout", "15000"],
+        &[],
+    );
     let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
     let before = instances_answering(port, 2, T);

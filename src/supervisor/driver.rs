@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use libsystemd::logging::Priority;
 use nix::sys::signal::Signal;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::core::{Core, Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
 use super::policy::Policy;
@@ -58,7 +58,8 @@ pub struct Driver {
     requests_tx: mpsc::UnboundedSender<ControlRequest>,
     requests: mpsc::UnboundedReceiver<ControlRequest>,
     published: watch::Sender<Snapshot>,
-    bus: Option<mpsc::UnboundedSender<BusSignal>>,
+    /// Signals for the D-Bus side (the bus and peer-to-peer clients).
+    signals: broadcast::Sender<BusSignal>,
 }
 
 impl Driver {
@@ -93,7 +94,7 @@ impl Driver {
             requests_tx,
             requests,
             published,
-            bus: None,
+            signals: broadcast::channel(256).0,
         }
     }
 
@@ -102,17 +103,13 @@ impl Driver {
         Handle {
             requests: self.requests_tx.clone(),
             snapshot: self.published.subscribe(),
+            signals: self.signals.clone(),
         }
     }
 
     /// Where the sources send their inputs.
     pub fn inputs(&self) -> mpsc::UnboundedSender<Input> {
         self.inputs_tx.clone()
-    }
-
-    /// Where to send D-Bus signals, once the bus side is up.
-    pub fn set_bus(&mut self, bus: mpsc::UnboundedSender<BusSignal>) {
-        self.bus = Some(bus);
     }
 
     /// Run until every worker is gone after a stop; returns the exit status.
@@ -253,12 +250,10 @@ impl Driver {
                     &msg,
                     &[("NODEHERD_EVENT", "reload-refused".into())],
                 );
-                if let Some(bus) = &self.bus {
-                    let _ = bus.send(BusSignal::ReloadFinished {
-                        ok: false,
-                        message: msg.clone(),
-                    });
-                }
+                let _ = self.signals.send(BusSignal::ReloadFinished {
+                    ok: false,
+                    message: msg.clone(),
+                });
                 for a in answers {
                     let _ = a.send(Err(CtlError::InvalidArgument(msg.clone())));
                 }
@@ -332,9 +327,8 @@ impl Driver {
                 },
                 Effect::Log(line) => log(line),
                 Effect::Bus(s) => {
-                    if let Some(bus) = &self.bus {
-                        let _ = bus.send(s);
-                    }
+                    // No receiver (no bus, no client) is fine.
+                    let _ = self.signals.send(s);
                 }
                 Effect::Reply { reply, result } => {
                     for tx in self.replies.remove(&reply).unwrap_or_default() {

@@ -132,6 +132,8 @@ pub struct Manager {
     pub child: Child,
     pub log: Arc<Mutex<String>>,
     pub stdout: Arc<Mutex<String>>,
+    /// Set when the stderr collector has read to the end.
+    pub log_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Manager {
@@ -147,13 +149,19 @@ impl Manager {
         wait_until(timeout, || self.log().contains(needle))
     }
 
-    /// Wait for the exit status, up to `timeout`.
+    /// Wait for the exit status, up to `timeout`, and then for the log to
+    /// be read to its end (the manager writes it from a thread of its own).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut status = None;
         wait_until(timeout, || {
             status = self.child.try_wait().ok().flatten();
             status.is_some()
         });
+        if status.is_some() {
+            wait_until(Duration::from_secs(10), || {
+                self.log_done.load(std::sync::atomic::Ordering::SeqCst)
+            });
+        }
         status
     }
 
@@ -232,12 +240,28 @@ pub fn spawn_collecting(mut cmd: Command) -> Manager {
     let mut child = cmd.spawn().expect("starting nodeherd");
     let log = Arc::new(Mutex::new(String::new()));
     let stdout = Arc::new(Mutex::new(String::new()));
-    collect(child.stderr.take().unwrap(), log.clone(), true);
-    collect(child.stdout.take().unwrap(), stdout.clone(), false);
-    Manager { child, log, stdout }
+    let log_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    collect(
+        child.stderr.take().unwrap(),
+        log.clone(),
+        true,
+        Some(log_done.clone()),
+    );
+    collect(child.stdout.take().unwrap(), stdout.clone(), false, None);
+    Manager {
+        child,
+        log,
+        stdout,
+        log_done,
+    }
 }
 
-fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) {
+fn collect(
+    r: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+    echo: bool,
+    done: Option<Arc<std::sync::atomic::AtomicBool>>,
+) {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
             if echo {
@@ -247,6 +271,9 @@ fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) 
             s.push_str(&line);
             s.push('\n');
         }
+        if let Some(d) = done {
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     });
 }
 
@@ -254,8 +281,6 @@ fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>, echo: bool) 
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
     let mut m = start(args, &[]);
     let status = m.wait_exit(timeout);
-    // Give the collector a moment to drain the pipe after exit.
-    std::thread::sleep(Duration::from_millis(50));
     (status.and_then(|s| s.code()), m.log())
 }
 
