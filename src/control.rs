@@ -113,6 +113,12 @@ pub struct WorkerInfo {
     pub started: Option<Instant>,
     /// The last `STATUS=` the worker sent on its notify socket.
     pub status_text: Option<String>,
+    /// Its event loop's longest delay over the last heartbeat, in ms.
+    pub loop_delay_ms: Option<u32>,
+    /// The slot's replacements by cause: memory, hang, reload (crashes are `restarts`).
+    pub replaced_memory: u32,
+    pub replaced_hang: u32,
+    pub replaced_reload: u32,
 }
 
 /// How the outside reaches a running supervisor: send requests, read the

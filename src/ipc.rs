@@ -22,6 +22,9 @@ pub enum Message {
     Listening,
     /// The shim could not map a listen call; the text says why.
     ListenError(String),
+    /// The preload's heartbeat, with the event loop's longest delay (ms)
+    /// since the last one.
+    Beat { delay_ms: u32 },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
@@ -60,6 +63,13 @@ pub fn parse(line: &[u8]) -> Option<Message> {
         Value::Object(o) => match o.get("nodeherd").and_then(Value::as_str) {
             Some("listening") => Some(Message::Listening),
             Some("bind") => parse_bind(o).map(Message::Bind),
+            Some("beat") => Some(Message::Beat {
+                delay_ms: o
+                    .get("delay_ms")
+                    .and_then(Value::as_f64)
+                    .filter(|d| d.is_finite() && *d >= 0.0)
+                    .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
+            }),
             Some("error") => Some(Message::ListenError(
                 o.get("message")
                     .and_then(Value::as_str)

@@ -57,7 +57,8 @@
       return { fd: 3 + i, kind, address, port: port ? Number(port) : null, name, claimed: false };
     });
   const killTimeout = Number(env.NODEHERD_KILL_TIMEOUT_MS) || 1600;
-  for (const k of ['NODEHERD_SOCKETS', 'NODEHERD_APP', 'NODEHERD_KILL_TIMEOUT_MS']) delete env[k];
+  const heartbeat = Number(env.NODEHERD_HEARTBEAT_MS) || 1000;
+  for (const k of ['NODEHERD_SOCKETS', 'NODEHERD_APP', 'NODEHERD_KILL_TIMEOUT_MS', 'NODEHERD_HEARTBEAT_MS']) delete env[k];
 
   const channel = typeof process.send === 'function';
   const tell = (msg) => {
@@ -80,6 +81,27 @@
     const chosen = match || (ofKind.length === 1 && !ofKind[0].claimed ? ofKind[0] : null);
     if (chosen) chosen.claimed = true;
     return chosen;
+  }
+
+  // --- heartbeat ------------------------------------------------------------
+  // A beat each interval, with the event loop's longest delay since the last
+  // one (perf_hooks, cheap: a 20 ms resolution timer in libuv). A stuck loop
+  // sends none: the manager replaces the worker (max_event_loop_delay).
+  if (channel) {
+    let delay = null;
+    try {
+      delay = require('perf_hooks').monitorEventLoopDelay({ resolution: 20 });
+      delay.enable();
+    } catch (_) {
+      // no perf_hooks: beats without a delay figure
+    }
+    const beat = setInterval(() => {
+      tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0 });
+      if (delay) delay.reset();
+    }, heartbeat);
+    beat.unref();
+    // One at once: the manager knows this worker beats before it is ready.
+    tell({ nodeherd: 'beat', delay_ms: 0 });
   }
 
   // --- sockets shared through the manager -----------------------------------

@@ -598,3 +598,55 @@ fn a_stalled_log_sink_delays_neither_supervision_nor_the_watchdog() {
         "no word of dropped lines"
     );
 }
+
+#[test]
+fn a_worker_with_a_stuck_event_loop_is_replaced_without_downtime() {
+    let dir = tempdir::Dir::new("hang");
+    let cfg = one_app(
+        &dir,
+        "stuck",
+        "blocker.js",
+        r#""instances":2,"max_event_loop_delay":2000,"kill_timeout":1000"#,
+    );
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    // One request sends a worker into an endless loop; it never answers.
+    std::thread::spawn(move || {
+        let _ = get(port, "/block");
+    });
+    assert!(
+        m.wait_log("has not answered for 2000 ms (max_event_loop_delay)", T),
+        "{}",
+        m.log()
+    );
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    assert!(
+        m.wait_log("killed after kill_timeout", T) || m.wait_log("SIGKILL", T),
+        "{}",
+        m.log()
+    );
+    // Both slots answer again, one of them from a new worker; every request
+    // meanwhile was answered by the other.
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+    let replaced: Vec<_> = after.iter().filter(|(i, p)| before[*i] != **p).collect();
+    assert_eq!(
+        replaced.len(),
+        1,
+        "exactly the stuck one: {before:?} -> {after:?}"
+    );
+    for _ in 0..20 {
+        assert!(get_json(port).is_ok(), "{}", m.log());
+    }
+}

@@ -64,6 +64,10 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "reload_parallel",
         old.reload_parallel != new.reload_parallel,
     );
+    changed(
+        "max_event_loop_delay",
+        old.max_event_loop_delay != new.max_event_loop_delay,
+    );
     if old.env != new.env {
         let keys: BTreeSet<&String> = old.env.keys().chain(new.env.keys()).collect();
         let mut words = Vec::new();
@@ -121,6 +125,7 @@ mod tests {
             exp_backoff_restart_delay: Duration::ZERO,
             autorestart: true,
             max_memory_restart: None,
+            max_event_loop_delay: None,
             listen: vec!["127.0.0.1:8000".into()],
             reload_parallel: 1,
             credentials: None,

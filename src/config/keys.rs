@@ -41,6 +41,7 @@ pub struct RawApp {
     pub exp_backoff_restart_delay: Option<Duration>,
     pub autorestart: Option<bool>,
     pub max_memory_restart: Option<u64>,
+    pub max_event_loop_delay: Option<Duration>,
     pub listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
     pub uid: Option<String>,
@@ -128,6 +129,17 @@ pub const KEYS: &[Key] = &[
     ),
     key!("autorestart", autorestart, v::boolean),
     key!("max_memory_restart", max_memory_restart, v::size),
+    Key {
+        name: "max_event_loop_delay",
+        set: |r, x| {
+            let d = v::duration(x)?;
+            if d < Duration::from_millis(100) {
+                return Err("must be at least 100 ms".into());
+            }
+            r.max_event_loop_delay = Some(d);
+            Ok(())
+        },
+    },
     key!("listen", listen, v::words),
     Key {
         name: "reload_parallel",

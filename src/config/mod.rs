@@ -114,6 +114,9 @@ pub struct App {
     pub autorestart: bool,
     /// Replace a worker whose RSS exceeds this many bytes (through a zero-downtime swap).
     pub max_memory_restart: Option<u64>,
+    /// Replace a worker whose event loop has not answered the preload's
+    /// heartbeat for this long (nodeherd's own key; off by default).
+    pub max_event_loop_delay: Option<Duration>,
     /// Addresses to bind when systemd hands no socket over (nodeherd's own key).
     pub listen: Vec<String>,
     /// Workers swapped at once during a reload (nodeherd's own key, default 1).

@@ -232,6 +232,7 @@ pub fn resolve(
             exp_backoff_restart_delay: raw.exp_backoff_restart_delay.unwrap_or_default(),
             autorestart: raw.autorestart.unwrap_or(true),
             max_memory_restart: raw.max_memory_restart,
+            max_event_loop_delay: raw.max_event_loop_delay,
             listen: if over.listen.is_empty() {
                 raw.listen.clone().unwrap_or_default()
             } else {

@@ -227,6 +227,34 @@ pub(super) struct Worker {
     pub(super) listen_error: Option<String>,
     /// The last `STATUS=` it sent.
     pub(super) status_text: Option<String>,
+    /// Its event loop's longest delay over the last heartbeat (ms).
+    pub(super) loop_delay_ms: Option<u32>,
+    /// It has sent a heartbeat (it runs the preload): from its ready on,
+    /// silence means a stuck event loop.
+    pub(super) beating: bool,
+    /// Found hung and being replaced.
+    pub(super) hung: bool,
+}
+
+/// Why a slot's worker was replaced, counted per slot.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replacements {
+    /// It died (a crash) and was restarted: PM2's restart count.
+    pub crash: u32,
+    /// It used more than `max_memory_restart`.
+    pub memory: u32,
+    /// Its event loop stopped answering (`max_event_loop_delay`).
+    pub hang: u32,
+    /// A reload swapped it.
+    pub reload: u32,
+}
+
+/// Why a reload swaps the slots it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SwapReason {
+    Reload,
+    Memory,
+    Hang,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +262,7 @@ pub(super) struct Slot {
     pub(super) current: Option<WorkerId>,
     pub(super) incoming: Option<WorkerId>,
     pub(super) restarts: u32,
+    pub(super) replaced: Replacements,
     pub(super) history: History,
     /// A restart timer is armed for this slot.
     pub(super) waiting: bool,
@@ -284,6 +313,7 @@ pub(super) enum Op {
         failed: Vec<String>,
         /// What the new configuration changed, if the reload brought one.
         summary: Option<String>,
+        reason: SwapReason,
     },
 }
 
@@ -296,8 +326,8 @@ pub(super) enum Queued {
         replies: Vec<ReplyId>,
         config: Option<Box<NewConfig>>,
     },
-    /// Replace these slots through the reload path (memory limit).
-    ReloadSlots(Vec<u32>),
+    /// Replace these slots through the reload path (memory limit, hang).
+    ReloadSlots(Vec<u32>, SwapReason),
     Restart(Option<ReplyId>),
     Scale(ScaleTarget, Option<ReplyId>),
 }
@@ -403,6 +433,7 @@ impl Core {
                 }
                 // Sockets shared on a worker's request are the driver's to bind.
                 ipc::Message::Bind(_) => {}
+                ipc::Message::Beat { delay_ms } => self.on_beat(worker, delay_ms),
             },
             Event::Notify {
                 worker,
@@ -513,6 +544,9 @@ impl Core {
                 killed_because: None,
                 listen_error: None,
                 status_text: None,
+                loop_delay_ms: None,
+                beating: false,
+                hung: false,
             },
         );
         let slot = &mut self.slots[index as usize];
@@ -598,6 +632,11 @@ impl Core {
         let (index, pid) = (w.index, w.pid);
         let took = now.saturating_duration_since(w.started);
         self.timers.cancel(TimerKey::Ready(id));
+        if let Some(max) = self.policy.max_event_loop_delay
+            && w.beating
+        {
+            self.timers.arm(TimerKey::Hang(id), now + max);
+        }
         self.log_worker(
             Level::Info,
             index,
@@ -622,11 +661,20 @@ impl Core {
                 self.stop_worker(old, "replaced");
             }
             if let Some(Op::Reload {
-                in_flight, done, ..
+                in_flight,
+                done,
+                reason,
+                ..
             }) = &mut self.op
             {
                 in_flight.remove(&index);
                 *done += 1;
+                let r = &mut self.slots[index as usize].replaced;
+                match reason {
+                    SwapReason::Reload => r.reload += 1,
+                    SwapReason::Memory => r.memory += 1,
+                    SwapReason::Hang => r.hang += 1,
+                }
             }
         } else if slot.current == Some(id) {
             slot.errored = None;
@@ -683,6 +731,7 @@ impl Core {
             StopBy::Signal
         };
         self.timers.cancel(TimerKey::Ready(id));
+        self.timers.cancel(TimerKey::Hang(id));
         self.out.push(Effect::Stop { worker: id, by });
         self.log(
             Level::Info,
@@ -713,6 +762,7 @@ impl Core {
         };
         self.timers.cancel(TimerKey::Ready(id));
         self.timers.cancel(TimerKey::Kill(id));
+        self.timers.cancel(TimerKey::Hang(id));
         let (index, pid) = (w.index, w.pid);
         let uptime = self.now.saturating_duration_since(w.started);
         let cause = match (&w.killed_because, &w.listen_error) {
@@ -848,6 +898,7 @@ impl Core {
     fn on_timer(&mut self, key: TimerKey) {
         match key {
             TimerKey::Ready(id) => self.on_ready_deadline(id),
+            TimerKey::Hang(id) => self.on_hang(id),
             TimerKey::Kill(id) => {
                 let Some(w) = self.workers.get(&id) else {
                     return;
@@ -903,6 +954,56 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// A heartbeat: the worker's event loop runs. With
+    /// `max_event_loop_delay`, the next one must come within it.
+    fn on_beat(&mut self, id: WorkerId, delay_ms: u32) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.loop_delay_ms = Some(delay_ms);
+        w.beating = true;
+        if let Some(max) = self.policy.max_event_loop_delay
+            && w.state == WState::Ready
+            && !w.hung
+        {
+            self.timers.arm(TimerKey::Hang(id), self.now + max);
+        }
+    }
+
+    /// No heartbeat for `max_event_loop_delay`: the event loop is stuck (an
+    /// endless loop, a synchronous call that never returns). The worker
+    /// keeps its socket but answers nothing; replace it the zero-downtime
+    /// way, the new one first (the stuck one ignores SIGINT and is killed
+    /// after kill_timeout).
+    fn on_hang(&mut self, id: WorkerId) {
+        let Some(max) = self.policy.max_event_loop_delay else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let current = self
+            .slots
+            .get(w.index as usize)
+            .is_some_and(|s| s.current == Some(id));
+        if w.state != WState::Ready || w.hung || !current || self.phase != Phase::Running {
+            return;
+        }
+        w.hung = true;
+        let (index, pid) = (w.index, w.pid);
+        self.log_worker(
+            Level::Warning,
+            index,
+            pid,
+            format!(
+                "worker {index} (pid {pid}) has not answered for {} ms (max_event_loop_delay): its event loop is stuck; replacing it without downtime",
+                max.as_millis()
+            ),
+        );
+        self.queue
+            .push_back(Queued::ReloadSlots(vec![index], SwapReason::Hang));
     }
 
     fn on_ready_deadline(&mut self, id: WorkerId) {
@@ -961,7 +1062,8 @@ impl Core {
                     limit >> 20
                 ),
             );
-            self.queue.push_back(Queued::ReloadSlots(over));
+            self.queue
+                .push_back(Queued::ReloadSlots(over, SwapReason::Memory));
         }
     }
 }

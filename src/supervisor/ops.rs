@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::core::{
     Core, Effect, Level, NewConfig, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind,
-    WState, WorkerId,
+    SwapReason, WState, WorkerId,
 };
 use super::policy::MAX_QUEUED;
 use super::timers::TimerKey;
@@ -118,15 +118,15 @@ impl Core {
             Queued::Reload { replies, config } => {
                 let summary = config.map(|c| self.apply_config(*c));
                 let all: Vec<u32> = (0..self.slots.len() as u32).collect();
-                self.begin_reload(all, replies, summary);
+                self.begin_reload(all, replies, summary, SwapReason::Reload);
             }
-            Queued::ReloadSlots(slots) => {
+            Queued::ReloadSlots(slots, reason) => {
                 let slots: Vec<u32> = slots
                     .into_iter()
                     .filter(|i| (*i as usize) < self.slots.len())
                     .collect();
                 if !slots.is_empty() {
-                    self.begin_reload(slots, Vec::new(), None);
+                    self.begin_reload(slots, Vec::new(), None, reason);
                 }
             }
             Queued::Restart(reply) => self.begin_restart(reply),
@@ -182,7 +182,13 @@ impl Core {
         }
     }
 
-    fn begin_reload(&mut self, slots: Vec<u32>, replies: Vec<ReplyId>, summary: Option<String>) {
+    fn begin_reload(
+        &mut self,
+        slots: Vec<u32>,
+        replies: Vec<ReplyId>,
+        summary: Option<String>,
+        reason: SwapReason,
+    ) {
         let slots: Vec<u32> = slots
             .into_iter()
             .filter(|i| (*i as usize) < self.slots.len())
@@ -214,6 +220,7 @@ impl Core {
             growing: BTreeSet::new(),
             failed: Vec::new(),
             summary,
+            reason,
         });
     }
 
@@ -535,7 +542,7 @@ impl Core {
             let waiting: Vec<ReplyId> = match q {
                 Queued::Reload { replies, .. } => replies,
                 Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
-                Queued::ReloadSlots(_) => Vec::new(),
+                Queued::ReloadSlots(..) => Vec::new(),
             };
             for r in waiting {
                 self.reply(r, Err(stopping()));

@@ -36,6 +36,8 @@ pub struct Policy {
     pub exp_backoff_restart_delay: Duration,
     pub autorestart: bool,
     pub max_memory_restart: Option<u64>,
+    /// A ready worker whose heartbeat stops this long is replaced.
+    pub max_event_loop_delay: Option<Duration>,
     pub reload_parallel: u32,
     /// systemd's watchdog interval (`WATCHDOG_USEC`), if any.
     pub watchdog: Option<Duration>,
@@ -59,6 +61,7 @@ impl Policy {
             exp_backoff_restart_delay: app.exp_backoff_restart_delay,
             autorestart: app.autorestart,
             max_memory_restart: app.max_memory_restart,
+            max_event_loop_delay: app.max_event_loop_delay,
             reload_parallel: app.reload_parallel.max(1),
             watchdog,
         }
@@ -132,6 +135,7 @@ pub fn test_policy() -> Policy {
         exp_backoff_restart_delay: Duration::ZERO,
         autorestart: true,
         max_memory_restart: None,
+        max_event_loop_delay: None,
         reload_parallel: 1,
         watchdog: None,
     }

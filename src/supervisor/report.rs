@@ -94,6 +94,10 @@ impl Core {
                     restarts: slot.restarts,
                     started: Some(w.started),
                     status_text: w.status_text.clone(),
+                    loop_delay_ms: w.loop_delay_ms,
+                    replaced_memory: slot.replaced.memory,
+                    replaced_hang: slot.replaced.hang,
+                    replaced_reload: slot.replaced.reload,
                 }),
                 None => workers.push(WorkerInfo {
                     instance: index,
@@ -106,6 +110,10 @@ impl Core {
                     restarts: slot.restarts,
                     started: None,
                     status_text: None,
+                    loop_delay_ms: None,
+                    replaced_memory: slot.replaced.memory,
+                    replaced_hang: slot.replaced.hang,
+                    replaced_reload: slot.replaced.reload,
                 }),
             }
         }
@@ -115,13 +123,19 @@ impl Core {
                 .get(w.index as usize)
                 .is_some_and(|s| s.current == Some(*id));
             if !is_current {
+                let slot = self.slots.get(w.index as usize);
+                let replaced = slot.map(|s| s.replaced).unwrap_or_default();
                 workers.push(WorkerInfo {
                     instance: w.index,
                     pid: w.pid,
                     state: w.state.name(),
-                    restarts: self.slots.get(w.index as usize).map_or(0, |s| s.restarts),
+                    restarts: slot.map_or(0, |s| s.restarts),
                     started: Some(w.started),
                     status_text: w.status_text.clone(),
+                    loop_delay_ms: w.loop_delay_ms,
+                    replaced_memory: replaced.memory,
+                    replaced_hang: replaced.hang,
+                    replaced_reload: replaced.reload,
                 });
             }
         }

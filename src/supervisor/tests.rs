@@ -1059,3 +1059,88 @@ fn a_new_configuration_can_turn_the_memory_check_on() {
     w.advance(MS(5000));
     assert_eq!(w.spawns_since(mark), vec![0], "the fat worker is swapped");
 }
+
+// ---- hang watchdog -----------------------------------------------------------------
+
+fn beat(w: &mut World, id: WorkerId) {
+    w.send(Event::Ipc {
+        worker: id,
+        msg: Message::Beat { delay_ms: 3 },
+    });
+}
+
+#[test]
+fn a_worker_whose_heartbeat_stops_is_replaced_new_one_first() {
+    let mut w = World::ready(Policy {
+        max_event_loop_delay: Some(MS(1000)),
+        ..policy(2)
+    });
+    let cur = w.current();
+    beat(&mut w, cur[&0]);
+    beat(&mut w, cur[&1]);
+    let mark = w.spawned.len();
+    for _ in 0..5 {
+        w.advance(MS(900));
+        beat(&mut w, cur[&0]);
+        beat(&mut w, cur[&1]);
+    }
+    assert!(
+        w.spawns_since(mark).is_empty(),
+        "beating workers are left alone"
+    );
+    // Worker 1's loop gets stuck: no more beats from it.
+    for _ in 0..2 {
+        w.advance(MS(600));
+        beat(&mut w, cur[&0]);
+    }
+    assert_eq!(w.spawns_since(mark), vec![1], "its replacement starts");
+    assert!(w.logs().contains("worker 1 (pid"), "{}", w.logs());
+    assert!(
+        w.logs().contains("has not answered for 1000 ms"),
+        "{}",
+        w.logs()
+    );
+    assert!(
+        w.stopped().is_empty(),
+        "the stuck one serves until the new is ready"
+    );
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.stopped(), vec![(cur[&1], StopBy::Signal)]);
+    let snap = w.core.snapshot();
+    assert_eq!(snap.workers[1].replaced_hang, 1);
+    assert_eq!(snap.workers[0].replaced_hang, 0);
+    // The stuck one ignores SIGINT: killed after kill_timeout.
+    w.advance(MS(1600));
+    assert_eq!(w.killed(), vec![cur[&1]]);
+}
+
+#[test]
+fn a_worker_stuck_right_after_ready_is_caught_by_its_beats_before() {
+    let mut w = World::new(Policy {
+        max_event_loop_delay: Some(MS(1000)),
+        ..policy(1)
+    });
+    w.start();
+    let id = w.starting()[0];
+    beat(&mut w, id);
+    w.listening(id);
+    let mark = w.spawned.len();
+    // Ready, then stuck before its next beat.
+    w.advance(MS(1000));
+    assert_eq!(w.spawns_since(mark), vec![0]);
+}
+
+#[test]
+fn a_worker_that_never_beats_is_not_taken_for_hung() {
+    let mut w = World::ready(Policy {
+        max_event_loop_delay: Some(MS(500)),
+        ..policy(1)
+    });
+    let mark = w.spawned.len();
+    w.advance(MS(60_000));
+    assert!(
+        w.spawns_since(mark).is_empty(),
+        "no beat ever: not a Node worker with the preload"
+    );
+}

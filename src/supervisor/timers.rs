@@ -18,6 +18,8 @@ pub enum TimerKey {
     Ready(WorkerId),
     /// A stopping worker is killed then.
     Kill(WorkerId),
+    /// A ready worker whose heartbeat has not come by then is hung.
+    Hang(WorkerId),
     /// A crashed slot's worker is started again then.
     Restart(u32),
     /// `WATCHDOG=1` to systemd.

@@ -114,6 +114,12 @@ impl Launcher {
         set("LISTEN_FDNAMES", names.join(":"));
         set("NODEHERD_SOCKETS", shim_desc.join(","));
         set("NODEHERD_APP", app.name.clone());
+        // The preload's heartbeat: often enough to tell a stuck event loop
+        // within max_event_loop_delay, and once a second otherwise.
+        let beat = app
+            .max_event_loop_delay
+            .map_or(1000, |d| (d.as_millis() / 4).clamp(50, 1000));
+        set("NODEHERD_HEARTBEAT_MS", beat.to_string());
         set("NOTIFY_SOCKET", notify_socket.display().to_string());
         // A script run directly (`interpreter: none`) may be a shell script
         // that ends in `exec node app.js`: that node loads the preload through
