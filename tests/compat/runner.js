@@ -7,7 +7,7 @@
 //   every-worker        both workers answer (instance 0 and 1, two pids, the
 //                       Node version under test), plus what the app adds
 //                       (metrics port, helper port, UDP answer)
-//   reload-under-load   oha with keep-alive for ~6 s while the manager
+//   reload-under-load   oha with keep-alive (6 s or more) while the manager
 //                       reloads twice (SIGHUP): 0 failed requests, and
 //                       afterwards only new worker pids answer
 //   ws-reconnect        (socket.io) WebSocket clients across a reload all reach
@@ -16,7 +16,8 @@
 //                       seen in the manager's process tree during the case
 //                       (workers, their children, the app's helpers) is gone
 //   stops-gracefully    every worker asked to stop (at reloads and at SIGTERM)
-//                       exited by itself with code 0, none needed SIGKILL
+//                       exited by itself (code 0, or 130 after its own SIGINT
+//                       handler), none needed SIGKILL
 //
 // One PASS/FAIL line per (app, node, check), then `N passed, N failed`.
 // Everything started here is ended by pid (see `cleanup`), whatever happens.
@@ -35,7 +36,7 @@ const { setTimeout: sleep } = require('node:timers/promises');
 
 const APPS = path.join(__dirname, 'apps');
 const WORKERS = 2;
-const LOAD_SECONDS = 6; // oha's run; both reloads happen inside it
+const LOAD_SECONDS = 6; // oha's shortest run; it lasts until both reloads are over and the old workers gone
 const OHA_CONNECTIONS = 16;
 const OHA_TIMEOUT_S = 2; // a request without an answer for this long counts as failed
 const READY_MS = 20000; // bound on the first 2/2 ready (Next.js on a busy 2-core machine)
@@ -53,7 +54,7 @@ const CASES = [
   { name: 'koa', script: 'koa/app.js' },
   { name: 'hapi', script: 'hapi/app.js' },
   { name: 'nestjs', script: 'nestjs/dist/main.js' },
-  { name: 'next-start', cwd: 'next', script: '../../node_modules/next/dist/bin/next', args: ['start'], path: '/api/whoami' },
+  { name: 'next-start', cwd: 'next', script: '../node_modules/next/dist/bin/next', args: ['start'], path: '/api/whoami' },
   { name: 'next-standalone', script: 'next/.next/standalone/apps/next/server.js', path: '/api/whoami' },
   { name: 'socketio', script: 'socketio/app.js', ws: true },
   { name: 'https', script: 'https/app.js', proto: 'https' },
@@ -195,6 +196,7 @@ class Log {
     this.partial = '';
     this.manager = [];
     this.appErrors = [];
+    this.appOther = [];
   }
 
   poll() {
@@ -217,9 +219,9 @@ class Log {
 
   classify(line) {
     if (line.startsWith('nodeherd')) this.manager.push(line);
-    else if (this.appErrors.length < 3 && /error|EADDRINUSE|EEXIST|cannot/i.test(line) && !this.appErrors.includes(line)) {
-      this.appErrors.push(line.slice(0, 300));
-    }
+    // An error as Node prints it ("Error: listen EEXIST ...", "TypeError [ERR_X]: ...").
+    else if (this.appErrors.length < 3 && /^\[[^\]]+\]\s+(Uncaught )?\w*Error\b( \[\w+\])?:/.test(line)) this.appErrors.push(line.slice(0, 300));
+    else if (this.appOther.length < 3 && /error|EADDRINUSE|EEXIST|cannot/i.test(line)) this.appOther.push(line.slice(0, 300));
   }
 
   all(re) {
@@ -231,7 +233,8 @@ class Log {
   why() {
     this.poll();
     const mgr = this.manager.filter((l) => /fail|error|exited|errored|cannot|refus/i.test(l)).slice(-1);
-    return [...this.appErrors.slice(0, 1), ...mgr].join(' | ') || this.manager.slice(-1).join('') || '(empty log)';
+    const app = this.appErrors.length ? this.appErrors : this.appOther;
+    return [...app.slice(0, 1), ...mgr].join(' | ') || this.manager.slice(-1).join('') || '(empty log)';
   }
 }
 
@@ -430,12 +433,14 @@ async function checkEveryWorker(ctx) {
   if (wrongNode) problems.push(wrongNode);
   const failed = r.errors.length;
   if (failed) problems.push(`${failed} of ${r.asked} requests failed (${r.errors.filter(Boolean).join('; ')})`);
+  if (problems.length) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'every-worker', problems.length === 0, `${describeSeen(r)}; ${[...r.versions].join('/') || 'no version'}${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   trackTree(ctx.manager.pid);
 }
 
 // SIGHUP, then wait for this reload's end in the log. Returns its line.
 async function reload(ctx) {
+  if (ctx.manager.status) return `no reload: the manager is gone (${fmtStatus(ctx.manager.status)})`;
   const before = ctx.log.all(/reload (finished|failed)/).length;
   process.kill(ctx.manager.pid, 'SIGHUP');
   await waitFor(() => ctx.manager.status || ctx.log.all(/reload (finished|failed)/).length > before, RELOAD_MS);
@@ -457,7 +462,7 @@ function ohaArgs(ctx) {
   if (ctx.proto === 'https' || ctx.proto === 'h2') extra.push('--insecure');
   if (ctx.proto === 'h2' || ctx.proto === 'h2c') extra.push('--http2');
   return [
-    '-z', `${LOAD_SECONDS}s`, '-c', String(OHA_CONNECTIONS), '-t', `${OHA_TIMEOUT_S}s`,
+    '-z', '120s', '-c', String(OHA_CONNECTIONS), '-t', `${OHA_TIMEOUT_S}s`,
     '--no-tui', '--output-format', 'json', ...extra, `${scheme}://127.0.0.1:${ctx.port}${ctx.path}`,
   ];
 }
@@ -482,21 +487,27 @@ async function checkReloadUnderLoad(ctx) {
   const first = await reload(ctx);
   await sleep(500);
   const second = await reload(ctx);
-  const lastAt = (Date.now() - t0) / 1000;
-  await Promise.race([oha.exited, sleep((LOAD_SECONDS + 30) * 1000)]);
+  // The load goes on until the replaced workers are gone, and then longer
+  // than oha's per-request timeout, so that a request left hanging by a
+  // stopping worker counts as failed (oha's stop aborts requests in flight,
+  // and those do not count).
+  await waitFor(() => ctx.manager.status || currentWorkers(ctx).length <= WORKERS, 5000);
+  await sleep(Math.max(OHA_TIMEOUT_S * 1000 + 500, t0 + LOAD_SECONDS * 1000 - Date.now()));
+  const loadSeconds = (Date.now() - t0) / 1000;
+  if (!oha.status) process.kill(oha.pid, 'SIGINT');
+  await Promise.race([oha.exited, sleep(10000)]);
   if (!oha.status) process.kill(oha.pid, 'SIGKILL');
   const problems = [];
   let load = 'no oha result';
   try {
     const c = ohaCount(out);
-    load = `${c.ok + c.failed} requests, ${c.ok} ok, ${c.failed} failed`;
+    load = `${loadSeconds.toFixed(1)} s of load, ${c.ok + c.failed} requests, ${c.ok} ok, ${c.failed} failed`;
     if (c.failed) load += ` (${JSON.stringify({ ...c.errors, ...c.badStatus })})`;
     if (c.failed || c.ok === 0) problems.push('requests failed');
   } catch (err) {
     problems.push(`oha: ${err.message} ${fs.readFileSync(`${out}.err`, 'utf8').slice(0, 200)}`);
   }
   for (const r of [first, second]) if (!/reload finished: 2\/2/.test(r)) problems.push(r);
-  if (lastAt > LOAD_SECONDS - OHA_TIMEOUT_S) problems.push(`the second reload ended ${lastAt.toFixed(1)} s into a ${LOAD_SECONDS} s load`);
   // Old workers are asked to stop as the reload finishes: wait until they are gone.
   await waitFor(() => [...ctx.before].every((p) => !currentWorkers(ctx).includes(p)), 5000);
   const r = await seeWorkers(ctx, ctx.before);
@@ -504,6 +515,7 @@ async function checkReloadUnderLoad(ctx) {
   if (!r.latest.has('0') || !r.latest.has('1')) problems.push(`did not hear from both instances with new pids in ${r.asked} requests`);
   if (r.oldAnswered.size) problems.push(`old pid(s) ${[...r.oldAnswered].join(',')} still answered`);
   if (r.errors.length) problems.push(`${r.errors.length} of ${r.asked} requests after the reloads failed (${r.errors.filter(Boolean).join('; ')})`);
+  if (problems.length) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'reload-under-load', problems.length === 0,
     `2 reloads under load: ${load}; after: ${describeSeen(r)} (before: ${[...ctx.before].join(',')})${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   trackTree(ctx.manager.pid);
@@ -511,16 +523,16 @@ async function checkReloadUnderLoad(ctx) {
 
 async function checkWsReconnect(ctx) {
   const { io } = require('socket.io-client');
-  const N = 6;
   const clients = [];
-  for (let i = 0; i < N; i++) {
+  const connect = () => {
     const socket = io(`http://127.0.0.1:${ctx.port}`, {
       transports: ['websocket'], forceNew: true, reconnectionDelay: 100, reconnectionDelayMax: 500, timeout: 2000,
     });
     const c = { socket, disconnects: 0, hangs: 0, last: null, newAt: null };
     socket.on('disconnect', () => (c.disconnects += 1));
     clients.push(c);
-  }
+    return c;
+  };
   const ask = async (c) => {
     if (!c.socket.connected) return null;
     try {
@@ -535,17 +547,21 @@ async function checkWsReconnect(ctx) {
   };
   const problems = [];
   try {
-    const connected = await waitFor(() => clients.every((c) => c.socket.connected), 5000);
-    if (!connected) {
-      report(ctx, 'ws-reconnect', false, `${clients.filter((c) => !c.socket.connected).length}/${N} clients could not connect`);
-      return;
-    }
-    const old = new Set(currentWorkers(ctx));
-    const firstPids = new Set();
-    for (const c of clients) {
+    // Clients one after another, until each worker has at least 3 (at most 16 clients).
+    const perPid = new Map();
+    while (clients.length < 16 && (perPid.size < WORKERS || [...perPid.values()].some((n) => n < 3))) {
+      const c = connect();
+      if (!(await waitFor(() => c.socket.connected, 5000))) {
+        report(ctx, 'ws-reconnect', false, `a WebSocket client could not connect within 5 s (${clients.length - 1} did)`);
+        return;
+      }
       const who = await ask(c);
-      if (who) firstPids.add(who.pid);
+      if (who) perPid.set(who.pid, (perPid.get(who.pid) || 0) + 1);
     }
+    const N = clients.length;
+    const firstPids = [...perPid].map(([pid, n]) => `${pid} (${n})`).join(', ');
+    if (perPid.size < WORKERS) problems.push(`all ${N} clients landed on one worker`);
+    const old = new Set(currentWorkers(ctx));
     const t0 = Date.now();
     // Every client keeps asking, through the reload, until a new worker answers it.
     let reloading = true;
@@ -571,7 +587,7 @@ async function checkWsReconnect(ctx) {
     if (hangs) problems.push(`${hangs} question(s) unanswered for 1.5 s on a connection still open`);
     const times = clients.filter((c) => c.newAt !== null).map((c) => c.newAt);
     report(ctx, 'ws-reconnect', problems.length === 0,
-      `${N} WebSocket clients on pids ${[...firstPids].join(',')}; ${N - stuck.length}/${N} on new workers within ${times.length ? Math.max(...times) : '-'} ms of the reload; ` +
+      `${N} WebSocket clients on pids ${firstPids}; ${N - stuck.length}/${N} on new workers within ${times.length ? Math.max(...times) : '-'} ms of the reload; ` +
       `${clients.reduce((a, c) => a + c.disconnects, 0)} disconnects, ${hangs} hangs${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   } finally {
     for (const c of clients) c.socket.close();
@@ -587,7 +603,8 @@ function fmtStatus(s) {
 async function checkSigterm(ctx) {
   trackTree(ctx.manager.pid);
   const t0 = Date.now();
-  if (!ctx.manager.status) process.kill(ctx.manager.pid, 'SIGTERM');
+  const gone = ctx.manager.status;
+  if (!gone) process.kill(ctx.manager.pid, 'SIGTERM');
   await Promise.race([ctx.manager.exited, sleep(STOP_MS)]);
   const took = Date.now() - t0;
   const status = ctx.manager.status;
@@ -595,22 +612,26 @@ async function checkSigterm(ctx) {
   await waitFor(() => pids.every(([pid, t]) => !alive(pid, t.start)), GONE_MS);
   const left = pids.filter(([pid, t]) => alive(pid, t.start));
   const problems = [];
-  if (!status) problems.push(`manager still running ${STOP_MS} ms after SIGTERM`);
+  if (gone) problems.push(`the manager had exited before SIGTERM (${fmtStatus(gone)})`);
+  else if (!status) problems.push(`manager still running ${STOP_MS} ms after SIGTERM`);
   else if (status.code !== 0) problems.push(`manager ${fmtStatus(status)}`);
   if (left.length) problems.push(`left behind: ${left.map(([pid, t]) => `${pid} (${t.cmd})`).join('; ')}`);
   report(ctx, 'sigterm', problems.length === 0,
     `manager ${fmtStatus(status)} ${took} ms after SIGTERM; ${pids.length} pid(s) seen in its tree, ${left.length} left${problems.length ? ` — ${problems.join('; ')}` : ''}`);
 }
 
-// Every worker the manager asked to stop exited by itself, with code 0.
+// Every worker the manager asked to stop exited by itself within kill_timeout:
+// with code 0, or 130 (128 + SIGINT, what e.g. Next.js exits with once it has
+// drained). SIGKILL after kill_timeout, death by a signal, or another code
+// (a crash while stopping) fail.
 function checkStopsGracefully(ctx) {
   const asked = ctx.log.all(/worker \d+ stopping \(pid (\d+), ([^;)]*)/).map((m) => [Number(m[1]), m[2]]);
   const outcome = new Map(ctx.log.all(/worker \d+ stopped \(pid (\d+), (.*)\)$/).map((m) => [Number(m[1]), m[2]]));
   const killed = ctx.log.all(/\(pid (\d+)\) did not stop within kill_timeout/).map((m) => Number(m[1]));
-  const bad = asked.filter(([pid]) => outcome.get(pid) !== 'exited with code 0' || killed.includes(pid));
+  const bad = asked.filter(([pid]) => !/^exited with code (0|130)$/.test(outcome.get(pid)) || killed.includes(pid));
   const detail = bad.map(([pid, why]) => `pid ${pid} (${why}): ${killed.includes(pid) ? 'SIGKILL after kill_timeout, ' : ''}${outcome.get(pid) || 'no exit seen'}`);
   report(ctx, 'stops-gracefully', asked.length > 0 && bad.length === 0,
-    asked.length === 0 ? 'no worker was asked to stop' : `${asked.length - bad.length}/${asked.length} stopped workers exited by themselves with code 0${bad.length ? ` — ${detail.join('; ')}` : ''}`);
+    asked.length === 0 ? 'no worker was asked to stop' : `${asked.length - bad.length}/${asked.length} stopped workers exited by themselves (${[...new Set(asked.map(([pid]) => outcome.get(pid)))].join(', ')})${bad.length ? ` — ${detail.join('; ')}` : ''}`);
 }
 
 // ---------------------------------------------------------------- one case
