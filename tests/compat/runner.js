@@ -232,7 +232,7 @@ class Log {
   // Why it went wrong, in a line: the app's first error, else the manager's last word.
   why() {
     this.poll();
-    const mgr = this.manager.filter((l) => /fail|error|exited|errored|cannot|refus/i.test(l)).slice(-1);
+    const mgr = this.manager.filter((l) => /fail|error|exited unexpectedly|errored|cannot|refus|SIGKILL/i.test(l)).slice(-1);
     const app = this.appErrors.length ? this.appErrors : this.appOther;
     return [...app.slice(0, 1), ...mgr].join(' | ') || this.manager.slice(-1).join('') || '(empty log)';
   }
@@ -665,6 +665,10 @@ async function runCase(c, node, interpreter) {
   fs.closeSync(fd);
   const ctx = { case: c, node, id, manager, log: new Log(log), proto: c.proto || 'http', path: c.path || '/', port: null };
   const guard = async (name, fn) => {
+    if (name !== 'sigterm' && name !== 'stops-gracefully' && ctx.manager.status) {
+      report(ctx, name, false, `not run: the manager has exited (${fmtStatus(ctx.manager.status)}): ${ctx.log.why()}`);
+      return;
+    }
     try {
       await fn(ctx);
     } catch (err) {
