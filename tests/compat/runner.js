@@ -229,12 +229,18 @@ class Log {
     return this.manager.map((l) => l.match(re)).filter(Boolean);
   }
 
-  // Why it went wrong, in a line: the app's first error, else the manager's last word.
+  // Why it went wrong, in a line: the app's first error and the manager's
+  // last complaint ('' when there is neither).
   why() {
     this.poll();
     const mgr = this.manager.filter((l) => /fail|error|exited unexpectedly|errored|cannot|refus|SIGKILL/i.test(l)).slice(-1);
     const app = this.appErrors.length ? this.appErrors : this.appOther;
-    return [...app.slice(0, 1), ...mgr].join(' | ') || this.manager.slice(-1).join('') || '(empty log)';
+    return [...app.slice(0, 1), ...mgr].join(' | ');
+  }
+
+  // The same, else the manager's last line.
+  lastWord() {
+    return this.why() || this.manager.slice(-1).join('') || '(empty log)';
   }
 }
 
@@ -404,11 +410,11 @@ async function checkStart(ctx) {
   const ready = ctx.log.all(/worker (\d+) ready \(pid (\d+), .*?(\d+) ms\)/);
   trackTree(ctx.manager.pid);
   if (ctx.manager.status) {
-    report(ctx, 'start', false, `manager exited (${fmtStatus(ctx.manager.status)}) before its workers were ready: ${ctx.log.why()}`);
+    report(ctx, 'start', false, `manager exited (${fmtStatus(ctx.manager.status)}) before its workers were ready: ${ctx.log.lastWord()}`);
     return false;
   }
   if (!ok || !ctx.port) {
-    report(ctx, 'start', false, `not ${WORKERS}/${WORKERS} ready within ${READY_MS} ms (socket ${ctx.port || 'none'}; ${ready.length} ready event(s)): ${ctx.log.why()}`);
+    report(ctx, 'start', false, `not ${WORKERS}/${WORKERS} ready within ${READY_MS} ms (socket ${ctx.port || 'none'}; ${ready.length} ready event(s)): ${ctx.log.lastWord()}`);
     return false;
   }
   ctx.workerPids = new Set(ready.map((m) => Number(m[2])));
@@ -433,7 +439,7 @@ async function checkEveryWorker(ctx) {
   if (wrongNode) problems.push(wrongNode);
   const failed = r.errors.length;
   if (failed) problems.push(`${failed} of ${r.asked} requests failed (${r.errors.filter(Boolean).join('; ')})`);
-  if (problems.length) problems.push(`log: ${ctx.log.why()}`);
+  if (problems.length && ctx.log.why()) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'every-worker', problems.length === 0, `${describeSeen(r)}; ${[...r.versions].join('/') || 'no version'}${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   trackTree(ctx.manager.pid);
 }
@@ -514,8 +520,10 @@ async function checkReloadUnderLoad(ctx) {
   problems.push(...r.problems);
   if (!r.latest.has('0') || !r.latest.has('1')) problems.push(`did not hear from both instances with new pids in ${r.asked} requests`);
   if (r.oldAnswered.size) problems.push(`old pid(s) ${[...r.oldAnswered].join(',')} still answered`);
+  const wrongNode = versionProblem(ctx, r.versions);
+  if (wrongNode) problems.push(wrongNode);
   if (r.errors.length) problems.push(`${r.errors.length} of ${r.asked} requests after the reloads failed (${r.errors.filter(Boolean).join('; ')})`);
-  if (problems.length) problems.push(`log: ${ctx.log.why()}`);
+  if (problems.length && ctx.log.why()) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'reload-under-load', problems.length === 0,
     `2 reloads under load: ${load}; after: ${describeSeen(r)} (before: ${[...ctx.before].join(',')})${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   trackTree(ctx.manager.pid);
@@ -666,7 +674,7 @@ async function runCase(c, node, interpreter) {
   const ctx = { case: c, node, id, manager, log: new Log(log), proto: c.proto || 'http', path: c.path || '/', port: null };
   const guard = async (name, fn) => {
     if (name !== 'sigterm' && name !== 'stops-gracefully' && ctx.manager.status) {
-      report(ctx, name, false, `not run: the manager has exited (${fmtStatus(ctx.manager.status)}): ${ctx.log.why()}`);
+      report(ctx, name, false, `not run: the manager has exited (${fmtStatus(ctx.manager.status)}): ${ctx.log.lastWord()}`);
       return;
     }
     try {
