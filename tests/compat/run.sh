@@ -113,7 +113,8 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost \
   -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 
-node "$here/runner.js" --bin "$BIN" --work "$work" --tls-key "$work/key.pem" --tls-cert "$work/cert.pem" \
+# A bound on the whole run, should a check ever wait unbounded (each has its own).
+timeout --signal=TERM --kill-after=10 1800 node "$here/runner.js" --bin "$BIN" --work "$work" --tls-key "$work/key.pem" --tls-cert "$work/cert.pem" \
   --nodes "20=node,22=$node22,24=$node24" ${runner_args[@]+"${runner_args[@]}"} &
 runner_pid=$!
 status=0
