@@ -3,7 +3,8 @@
 // needs and calls it. For every (app, Node version) it starts
 // `nodeherd run APP -i 2 --listen 127.0.0.1:0 --no-bus`, then checks:
 //
-//   start               the manager binds, and both workers become ready
+//   start               the manager binds, both workers become ready, and
+//                       none has crashed half a second later
 //   every-worker        both workers answer (instance 0 and 1, two pids, the
 //                       Node version under test), plus what the app adds
 //                       (metrics port, helper port, UDP answer)
@@ -128,6 +129,17 @@ function stat(pid) {
   } catch {
     return null;
   }
+}
+
+// Is `pid` one of `roots`, or a descendant of one?
+function within(pid, roots) {
+  for (let p = pid, depth = 0; p > 1 && depth < 32; depth++) {
+    if (roots.has(p)) return true;
+    const s = stat(p);
+    if (!s) return false;
+    p = s.ppid;
+  }
+  return false;
 }
 
 function cmdline(pid) {
@@ -353,7 +365,8 @@ async function udpAnswer(ctx, who) {
 async function seeWorkers(ctx, old = new Set(), ms = 10000) {
   const seen = new Map(); // instance -> Set of pids
   const latest = new Map(); // instance -> the last answer
-  const errors = [];
+  let failed = 0;
+  const samples = []; // the first few failures, as said
   const versions = new Set();
   const oldAnswered = new Set();
   let asked = 0;
@@ -370,8 +383,8 @@ async function seeWorkers(ctx, old = new Set(), ms = 10000) {
       versions.add(who.node);
       track(who.pid);
     } catch (err) {
-      if (errors.length < 3) errors.push(err.message);
-      else errors.push('');
+      failed += 1;
+      if (samples.length < 3) samples.push(err.message);
       await sleep(50);
     }
     const fresh = [...latest.keys()];
@@ -384,7 +397,7 @@ async function seeWorkers(ctx, old = new Set(), ms = 10000) {
       if (p) problems.push(p);
     }
   }
-  return { seen, latest, errors, versions, oldAnswered, asked, problems };
+  return { seen, latest, failed, samples, versions, oldAnswered, asked, problems };
 }
 
 function describeSeen(r) {
@@ -405,6 +418,9 @@ async function checkStart(ctx) {
     if (ctx.manager.status) return true;
     return ctx.log.all(/(\d+)\/(\d+) workers ready/).some((m) => m[1] === String(WORKERS) && m[2] === String(WORKERS));
   }, READY_MS);
+  // Ready, and still up a moment later (an app may crash right after its first listen).
+  if (ok && !ctx.manager.status) await sleep(500);
+  const crashed = ctx.log.all(/worker \d+ exited unexpectedly.*/).map((m) => m[0]);
   const sock = ctx.log.all(/: socket: tcp 127\.0\.0\.1:(\d+) /)[0];
   if (sock) ctx.port = Number(sock[1]);
   const ready = ctx.log.all(/worker (\d+) ready \(pid (\d+), .*?(\d+) ms\)/);
@@ -413,7 +429,11 @@ async function checkStart(ctx) {
     report(ctx, 'start', false, `manager exited (${fmtStatus(ctx.manager.status)}) before its workers were ready: ${ctx.log.lastWord()}`);
     return false;
   }
-  if (!ok || !ctx.port) {
+  if (!ok || !ctx.port || crashed.length) {
+    if (crashed.length) {
+      report(ctx, 'start', false, `a worker crashed: ${crashed[0].replace(/^nodeherd\[[^\]]*\]: /, '')}; ${ctx.log.lastWord()}`);
+      return false;
+    }
     report(ctx, 'start', false, `not ${WORKERS}/${WORKERS} ready within ${READY_MS} ms (socket ${ctx.port || 'none'}; ${ready.length} ready event(s)): ${ctx.log.lastWord()}`);
     return false;
   }
@@ -437,8 +457,7 @@ async function checkEveryWorker(ctx) {
   else if (new Set(fresh.map((w) => w.pid)).size !== 2) problems.push('the two instances share one pid');
   const wrongNode = versionProblem(ctx, r.versions);
   if (wrongNode) problems.push(wrongNode);
-  const failed = r.errors.length;
-  if (failed) problems.push(`${failed} of ${r.asked} requests failed (${r.errors.filter(Boolean).join('; ')})`);
+  if (r.failed) problems.push(`${r.failed} of ${r.asked} requests failed (${r.samples.join('; ')})`);
   if (problems.length && ctx.log.why()) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'every-worker', problems.length === 0, `${describeSeen(r)}; ${[...r.versions].join('/') || 'no version'}${problems.length ? ` — ${problems.join('; ')}` : ''}`);
   trackTree(ctx.manager.pid);
@@ -520,9 +539,13 @@ async function checkReloadUnderLoad(ctx) {
   problems.push(...r.problems);
   if (!r.latest.has('0') || !r.latest.has('1')) problems.push(`did not hear from both instances with new pids in ${r.asked} requests`);
   if (r.oldAnswered.size) problems.push(`old pid(s) ${[...r.oldAnswered].join(',')} still answered`);
+  // Whoever answers must belong to the last generation (not one from between the reloads).
+  const current = new Set(currentWorkers(ctx));
+  const stale = [...r.latest.values()].map((w) => w.pid).filter((p) => !within(p, current));
+  if (stale.length) problems.push(`pid(s) ${stale.join(',')} answered but are not the manager's current workers (${[...current].join(',')}) nor their children`);
   const wrongNode = versionProblem(ctx, r.versions);
   if (wrongNode) problems.push(wrongNode);
-  if (r.errors.length) problems.push(`${r.errors.length} of ${r.asked} requests after the reloads failed (${r.errors.filter(Boolean).join('; ')})`);
+  if (r.failed) problems.push(`${r.failed} of ${r.asked} requests after the reloads failed (${r.samples.join('; ')})`);
   if (problems.length && ctx.log.why()) problems.push(`log: ${ctx.log.why()}`);
   report(ctx, 'reload-under-load', problems.length === 0,
     `2 reloads under load: ${load}; after: ${describeSeen(r)} (before: ${[...ctx.before].join(',')})${problems.length ? ` — ${problems.join('; ')}` : ''}`);
@@ -691,7 +714,7 @@ async function runCase(c, node, interpreter) {
     await guard('reload-under-load', checkReloadUnderLoad);
     if (c.ws) await guard('ws-reconnect', checkWsReconnect);
   } else {
-    for (const name of later) report(ctx, name, false, 'not run: the workers never got ready');
+    for (const name of later) report(ctx, name, false, 'not run: start failed');
   }
   await guard('sigterm', checkSigterm);
   await guard('stops-gracefully', checkStopsGracefully);
