@@ -672,7 +672,10 @@ async function runCase(c, node, interpreter) {
   const log = path.join(opts.work, `${id}.log`);
   fs.writeFileSync(log, '');
   const target = path.join(APPS, c.config || c.script);
-  const args = ['run', target, '-i', String(WORKERS), '--listen', '127.0.0.1:0', '--no-bus'];
+  // A generous listen_timeout, as in tests/load: these checks are about
+  // compatibility, and a NestJS worker booting beside oha on a busy 2-core
+  // machine has taken more than the default 3 s to listen.
+  const args = ['run', target, '-i', String(WORKERS), '--listen', '127.0.0.1:0', '--no-bus', '--listen-timeout', '15000'];
   if (!c.config) args.push('--name', c.name);
   if (interpreter) args.push('--interpreter', interpreter);
   if (c.nodeArgs) args.push(`--node-args=${c.nodeArgs}`);
