@@ -1,0 +1,21 @@
+// Forks a helper (child_process.fork) that listens on a port of its own and
+// tells its parent which; the app reports the helper's pid and port.
+const http = require('node:http');
+const path = require('node:path');
+const { fork } = require('node:child_process');
+
+const helper = fork(path.join(__dirname, 'helper.js'));
+let helperPort = null;
+helper.on('message', (msg) => {
+  if (msg && msg.port) helperPort = msg.port;
+});
+
+http.createServer((req, res) => {
+  res.setHeader('content-type', 'application/json');
+  res.end(JSON.stringify({
+    instance: process.env.NODE_APP_INSTANCE,
+    pid: process.pid,
+    node: process.version,
+    helper: { pid: helper.pid, port: helperPort },
+  }));
+}).listen(3000);
