@@ -26,6 +26,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 (cd tests/apps && npm install --no-audit --no-fund --loglevel=error)
+# A real Prometheus text parser checks the metrics endpoint.
+python3 -c 'import prometheus_client' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check prometheus_client
 
 passed=0
 failed=0

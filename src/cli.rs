@@ -109,6 +109,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "MODE", value_parser = ["queue", "reuseport"])]
     pub balance: Option<String>,
 
+    /// Serve Prometheus metrics here: HOST:PORT or unix:/path (default: off,
+    /// or the socket systemd passes with FileDescriptorName=metrics)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Workers swapped at once during a reload (default 1)
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<u32>,

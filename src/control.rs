@@ -100,6 +100,19 @@ pub struct Snapshot {
     pub ready_workers: u32,
     pub status: String,
     pub workers: Vec<WorkerInfo>,
+    pub counters: Counters,
+}
+
+/// What happened over the manager's life, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counters {
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// Refused before anything changed: the configuration was invalid.
+    pub reloads_refused: u64,
+    /// How long the last reload that ended took.
+    pub last_reload_ms: u64,
+    pub scale_events: u64,
 }
 
 /// One worker process, or one empty slot.
@@ -121,6 +134,24 @@ pub struct WorkerInfo {
     pub replaced_reload: u32,
 }
 
+/// A scrape's request for the app's own metrics, from every worker.
+#[derive(Debug)]
+pub struct AppMetricsRequest {
+    /// How many workers were asked.
+    pub asked: oneshot::Sender<usize>,
+    /// Their answers, as they come.
+    pub answers: mpsc::UnboundedSender<AppMetrics>,
+}
+
+/// One worker's answer to an [`AppMetricsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppMetrics {
+    pub instance: u32,
+    pub pid: i32,
+    /// Prometheus text, or `None` when the app keeps no metrics.
+    pub text: Option<String>,
+}
+
 /// How the outside reaches a running supervisor: send requests, read the
 /// state, hear the signals (the bus and every peer-to-peer client alike).
 #[derive(Clone)]
@@ -128,6 +159,7 @@ pub struct Handle {
     pub requests: mpsc::UnboundedSender<ControlRequest>,
     pub snapshot: watch::Receiver<Snapshot>,
     pub signals: broadcast::Sender<BusSignal>,
+    pub app_metrics: mpsc::UnboundedSender<AppMetricsRequest>,
 }
 
 impl Handle {

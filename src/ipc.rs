@@ -11,7 +11,8 @@
 use serde_json::Value;
 
 /// Longest line kept; longer ones are skipped whole (they are not ours).
-pub const MAX_LINE: usize = 64 * 1024;
+/// Large enough for an app's whole metrics registry.
+pub const MAX_LINE: usize = 4 << 20;
 
 /// What a worker told the manager.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub enum Message {
     /// The preload's heartbeat, with the event loop's longest delay (ms)
     /// since the last one.
     Beat { delay_ms: u32 },
+    /// The app's own metrics (prom-client's registry), answering a scrape;
+    /// `None` when the app keeps none.
+    Metrics { id: u64, text: Option<String> },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
@@ -63,6 +67,10 @@ pub fn parse(line: &[u8]) -> Option<Message> {
         Value::Object(o) => match o.get("nodeherd").and_then(Value::as_str) {
             Some("listening") => Some(Message::Listening),
             Some("bind") => parse_bind(o).map(Message::Bind),
+            Some("metrics") => Some(Message::Metrics {
+                id: o.get("id")?.as_u64()?,
+                text: o.get("text").and_then(Value::as_str).map(str::to_string),
+            }),
             Some("beat") => Some(Message::Beat {
                 delay_ms: o
                     .get("delay_ms")
@@ -162,6 +170,11 @@ fn describe_errno(err: &std::io::Error) -> String {
         std::io::ErrorKind::AddrNotAvailable => "address not available".into(),
         _ => err.to_string(),
     }
+}
+
+/// A scrape asks a worker for the app's own metrics.
+pub fn metrics_request(id: u64) -> Vec<u8> {
+    format!("{{\"cmd\":\"NODE_NODEHERD_METRICS\",\"id\":{id}}}\n").into_bytes()
 }
 
 /// The one message the manager sends: PM2's graceful-stop request.

@@ -60,6 +60,7 @@ pub mod install;
 pub mod ipc;
 pub mod logs;
 pub mod manpage;
+pub mod metrics;
 pub mod notify;
 pub mod notify_socket;
 pub mod run;

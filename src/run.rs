@@ -16,7 +16,7 @@ use crate::config::{self, ConfigError, Overrides};
 use crate::sockets::{self, SocketError, SocketSet};
 use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources};
-use crate::{dbus, logs, notify, notify_socket};
+use crate::{dbus, logs, metrics, notify, notify_socket};
 
 /// The preload, embedded so the binary is all there is to install.
 const SHIM: &str = include_str!("shim.js");
@@ -92,6 +92,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         shutdown_with_message: args.shutdown_with_message,
         reload_parallel: args.reload_parallel,
         balance: args.balance.clone(),
+        metrics: args.metrics.clone(),
         args: args.script_args.clone(),
     };
     // A reload reads the same file again: the one found now.
@@ -119,6 +120,13 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
                 .into(),
         ));
     }
+    // A socket systemd passes under the name `metrics` is the metrics
+    // endpoint's, not the workers'.
+    let mut inherited = inherited;
+    let metrics_socket = inherited
+        .iter()
+        .position(|l| l.name == "metrics")
+        .map(|i| inherited.remove(i));
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
@@ -143,7 +151,11 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 
     let dir =
         runtime_dir(&app.name).map_err(RunError::system("cannot create the runtime directory"))?;
-    let result = run_daemon(app, listeners, source, &dir, &args);
+    let metrics = match metrics_socket {
+        Some(l) => Some(MetricsAt::Inherited(l)),
+        None => app.metrics.clone().map(MetricsAt::Address),
+    };
+    let result = run_daemon(app, listeners, metrics, source, &dir, &args);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -171,9 +183,49 @@ fn config_error_when_activated(e: ConfigError) -> RunError {
     RunError::Reported(Box::new(err))
 }
 
+/// Where the metrics endpoint listens.
+enum MetricsAt {
+    Inherited(sockets::Listener),
+    Address(String),
+}
+
+impl MetricsAt {
+    fn bind(self) -> Result<metrics::Endpoint, RunError> {
+        let (l, what) = match self {
+            MetricsAt::Inherited(l) => (l, "the metrics socket systemd passed".to_string()),
+            MetricsAt::Address(a) => (sockets::bind(&a)?, format!("metrics {a}")),
+        };
+        let std_listener = |fd: std::os::fd::OwnedFd| -> Result<metrics::Endpoint, RunError> {
+            let sys = |e| RunError::System {
+                what: format!("cannot serve {what}"),
+                source: e,
+            };
+            match l.kind {
+                sockets::Kind::Unix => {
+                    let s = std::os::unix::net::UnixListener::from(fd);
+                    s.set_nonblocking(true).map_err(sys)?;
+                    Ok(metrics::Endpoint::Unix(
+                        tokio::net::UnixListener::from_std(s).map_err(sys)?,
+                    ))
+                }
+                _ => {
+                    let s = std::net::TcpListener::from(fd);
+                    s.set_nonblocking(true).map_err(sys)?;
+                    Ok(metrics::Endpoint::Tcp(
+                        tokio::net::TcpListener::from_std(s).map_err(sys)?,
+                    ))
+                }
+            }
+        };
+        logs::info(&format!("metrics: http://{}/metrics", l.address));
+        std_listener(l.fd)
+    }
+}
+
 fn run_daemon(
     app: config::App,
     listeners: Vec<sockets::Listener>,
+    metrics_at: Option<MetricsAt>,
     source: Source,
     dir: &Path,
     args: &RunArgs,
@@ -219,6 +271,8 @@ fn run_daemon(
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
         }
+        let listener_info = socket_infos(&listeners);
+        let app_name = app.name.clone();
         let sockets = SocketSet::new(listeners, app.balance == config::Balance::ReusePort);
         let paths = WorkerPaths {
             shim: shim.clone(),
@@ -229,6 +283,15 @@ fn run_daemon(
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot install signal handlers"))?;
         sources::notify_socket(notify_sock, driver.inputs());
+        if let Some(at) = metrics_at {
+            let endpoint = at.bind()?;
+            tokio::spawn(metrics::serve(
+                endpoint,
+                app_name.clone(),
+                handle.clone(),
+                listener_info,
+            ));
+        }
         tokio::spawn(dbus::serve(bus, bus_name, handle.clone()));
         let control_path = dir.join("control.sock");
         match dbus::bind_control_socket(&control_path) {
@@ -245,6 +308,21 @@ fn run_daemon(
         ))?;
         Ok(code.clamp(0, 255) as u8)
     })
+}
+
+/// The listening sockets, as the metrics endpoint reports them.
+fn socket_infos(listeners: &[sockets::Listener]) -> Vec<metrics::SocketInfo> {
+    listeners
+        .iter()
+        .filter_map(|l| {
+            let st = nix::sys::stat::fstat(&l.fd).ok()?;
+            Some(metrics::SocketInfo {
+                kind: l.kind.to_string(),
+                address: l.address.clone(),
+                inode: st.st_ino,
+            })
+        })
+        .collect()
 }
 
 /// A directory private to this manager for the shim and the notify socket.

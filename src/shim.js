@@ -104,6 +104,28 @@
     tell({ nodeherd: 'beat', delay_ms: 0 });
   }
 
+  // --- the app's own metrics ------------------------------------------------
+  // A scrape of the manager's metrics endpoint asks each worker for the
+  // registry of the prom-client the app itself loaded (never one of ours),
+  // and merges them with a worker label.
+  if (channel) {
+    process.on('internalMessage', (msg) => {
+      if (!msg || msg.cmd !== 'NODE_NODEHERD_METRICS') return;
+      const key = Object.keys(require.cache).find((k) => /[\\/]prom-client[\\/]index\.js$/.test(k));
+      const registry = key && require.cache[key].exports && require.cache[key].exports.register;
+      if (!registry || typeof registry.metrics !== 'function') {
+        tell({ nodeherd: 'metrics', id: msg.id, text: null });
+        return;
+      }
+      Promise.resolve()
+        .then(() => registry.metrics())
+        .then(
+          (text) => tell({ nodeherd: 'metrics', id: msg.id, text: String(text) }),
+          () => tell({ nodeherd: 'metrics', id: msg.id, text: null }),
+        );
+    });
+  }
+
   // --- sockets shared through the manager -----------------------------------
   let nextRequest = 1;
   const waiting = new Map();
@@ -272,7 +294,7 @@
     // no http2 in this build
   }
   const grace = Math.max(100, Math.floor(killTimeout * 0.6));
-  const lastCall = Math.max(grace + 50, Math.floor(killTimeout * 0.85));
+  const lastCall = Math.max(grace + 50, Math.floor(killTimeout * 0.75));
   const netClose = net.Server.prototype.close;
 
   function track(server) {
@@ -308,12 +330,25 @@
     if (this.__nodeherd.draining && res) res.shouldKeepAlive = false;
   }
 
+  // HTTP/2's graceful shutdown, as proxies do it: a first GOAWAY naming the
+  // highest possible stream tells the client to open no new stream here,
+  // without refusing one already on its way; a moment later the session
+  // closes with a GOAWAY naming the last stream it took, and those finish.
   function goaway(session) {
+    if (session.closed || session.destroyed || session.__nodeherdGoaway) return;
+    session.__nodeherdGoaway = true;
     try {
-      if (!session.closed && !session.destroyed) session.close();
+      session.goaway(0, 2 ** 31 - 1);
     } catch (_) {
-      // already closing
+      // already going away
     }
+    setTimeout(() => {
+      try {
+        if (!session.closed && !session.destroyed) session.close();
+      } catch (_) {
+        // already closing
+      }
+    }, Math.min(500, grace)).unref();
   }
 
   function drainServer(server, cb) {
@@ -371,17 +406,23 @@
   function drain() {
     if (stopping) return;
     stopping = true;
-    let open = servers.size;
     const done = () => process.exit(0);
-    if (open === 0) return done();
     // Whatever is still open just before kill_timeout is ended cleanly.
     setTimeout(done, lastCall).unref();
-    for (const server of servers) {
-      drainServer(server, () => {
-        open -= 1;
-        if (open === 0) done();
-      });
-    }
+    // Servers that listen here; a cluster primary's round-robin servers
+    // gave their handle to the cluster and listen no more.
+    const listening = [...servers].filter((s) => s.listening);
+    // An app that runs cluster itself: its workers stop accepting, finish
+    // their connections and leave (cluster.disconnect), then the primary.
+    const clustered = cluster.isPrimary && Object.keys(cluster.workers || {}).length > 0;
+    let open = listening.length + (clustered ? 1 : 0);
+    const closed = () => {
+      open -= 1;
+      if (open === 0) done();
+    };
+    if (open === 0) return done();
+    if (clustered) cluster.disconnect(closed);
+    for (const server of listening) drainServer(server, closed);
   }
 
   process.on('SIGINT', () => {

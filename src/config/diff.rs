@@ -93,6 +93,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
     restart("name", old.name != new.name);
     restart("listen", old.listen != new.listen);
     restart("balance", old.balance != new.balance);
+    restart("metrics", old.metrics != new.metrics);
     restart("uid/gid", old.credentials != new.credentials);
     d
 }
@@ -126,6 +127,7 @@ mod tests {
             autorestart: true,
             max_memory_restart: None,
             max_event_loop_delay: None,
+            metrics: None,
             listen: vec!["127.0.0.1:8000".into()],
             reload_parallel: 1,
             credentials: None,

@@ -42,6 +42,7 @@ pub struct RawApp {
     pub autorestart: Option<bool>,
     pub max_memory_restart: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
+    pub metrics: Option<String>,
     pub listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
     pub uid: Option<String>,
@@ -129,6 +130,7 @@ pub const KEYS: &[Key] = &[
     ),
     key!("autorestart", autorestart, v::boolean),
     key!("max_memory_restart", max_memory_restart, v::size),
+    key!("metrics", metrics, v::string),
     Key {
         name: "max_event_loop_delay",
         set: |r, x| {

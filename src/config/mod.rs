@@ -117,6 +117,9 @@ pub struct App {
     /// Replace a worker whose event loop has not answered the preload's
     /// heartbeat for this long (nodeherd's own key; off by default).
     pub max_event_loop_delay: Option<Duration>,
+    /// Where to serve Prometheus metrics: `HOST:PORT` or `unix:/path`
+    /// (nodeherd's own key; off by default).
+    pub metrics: Option<String>,
     /// Addresses to bind when systemd hands no socket over (nodeherd's own key).
     pub listen: Vec<String>,
     /// Workers swapped at once during a reload (nodeherd's own key, default 1).
@@ -167,6 +170,7 @@ pub struct Overrides {
     pub shutdown_with_message: bool,
     pub reload_parallel: Option<u32>,
     pub balance: Option<String>,
+    pub metrics: Option<String>,
     pub args: Vec<String>,
 }
 

@@ -67,8 +67,15 @@ pub fn resolve(
     let mut script = script;
     let mut wrapper_node_args = Vec::new();
     let mut wrapper_env = Vec::new();
-    let default_node = matches!(interp_name.as_deref(), None | Some("node") | Some(""));
-    if default_node && !cwd.join(&script).exists() {
+    let node_interpreter = match interp_name.as_deref() {
+        None | Some("") => true,
+        Some("none") => false,
+        Some(i) => Path::new(i)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("node")),
+    };
+    if node_interpreter && !cwd.join(&script).exists() {
         if wrapper::is_package_manager(&script) {
             let cmd =
                 wrapper::package_script(&cwd, &script, &args).map_err(|m| err("script", m))?;
@@ -233,6 +240,7 @@ pub fn resolve(
             autorestart: raw.autorestart.unwrap_or(true),
             max_memory_restart: raw.max_memory_restart,
             max_event_loop_delay: raw.max_event_loop_delay,
+            metrics: over.metrics.clone().or(raw.metrics.clone()),
             listen: if over.listen.is_empty() {
                 raw.listen.clone().unwrap_or_default()
             } else {

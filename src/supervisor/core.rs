@@ -98,6 +98,9 @@ pub enum Event {
         config: Box<NewConfig>,
         reply: Option<ReplyId>,
     },
+    /// A reload was refused before anything changed (its configuration
+    /// was invalid); only counted.
+    ReloadRefused,
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -351,6 +354,7 @@ pub struct Core {
     pub(super) queue: VecDeque<Queued>,
     pub(super) timers: Timers,
     pub(super) ready_sent: bool,
+    pub(super) counters: crate::control::Counters,
     pub(super) last_status: String,
     pub(super) exit_code: i32,
     last_stranger_warning: Option<Instant>,
@@ -371,6 +375,7 @@ impl Core {
             queue: VecDeque::new(),
             timers: Timers::default(),
             ready_sent: false,
+            counters: Default::default(),
             last_status: String::new(),
             exit_code: 0,
             last_stranger_warning: None,
@@ -432,7 +437,7 @@ impl Core {
                     }
                 }
                 // Sockets shared on a worker's request are the driver's to bind.
-                ipc::Message::Bind(_) => {}
+                ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => {}
                 ipc::Message::Beat { delay_ms } => self.on_beat(worker, delay_ms),
             },
             Event::Notify {
@@ -446,6 +451,7 @@ impl Core {
             Event::Reconfigure { config, reply } => {
                 self.submit(Control::Reload, reply, Some(config))
             }
+            Event::ReloadRefused => self.counters.reloads_refused += 1,
             Event::Stop => self.begin_stop(0),
         }
         self.settle()

@@ -22,7 +22,10 @@ use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
 use crate::config::{App, ConfigError, Loaded};
-use crate::control::{BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle, Snapshot};
+use crate::control::{
+    AppMetrics, AppMetricsRequest, BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle,
+    Snapshot,
+};
 use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
 use crate::sockets::{SharedSockets, SocketSet};
@@ -60,6 +63,11 @@ pub struct Driver {
     published: watch::Sender<Snapshot>,
     /// Signals for the D-Bus side (the bus and peer-to-peer clients).
     signals: broadcast::Sender<BusSignal>,
+    app_metrics_tx: mpsc::UnboundedSender<AppMetricsRequest>,
+    app_metrics: mpsc::UnboundedReceiver<AppMetricsRequest>,
+    /// Scrapes waiting for a worker's metrics, by request number.
+    metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, u32, i32)>,
+    next_metrics: u64,
 }
 
 impl Driver {
@@ -74,6 +82,7 @@ impl Driver {
     ) -> Driver {
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
         let (requests_tx, requests) = mpsc::unbounded_channel();
+        let (app_metrics_tx, app_metrics) = mpsc::unbounded_channel();
         let policy = Policy::new(&app, !sockets.is_empty(), watchdog);
         let core = Core::new(policy, Instant::now());
         let (published, _) = watch::channel(core.snapshot());
@@ -95,6 +104,10 @@ impl Driver {
             requests,
             published,
             signals: broadcast::channel(256).0,
+            app_metrics_tx,
+            app_metrics,
+            metrics_waiting: HashMap::new(),
+            next_metrics: 1,
         }
     }
 
@@ -104,6 +117,7 @@ impl Driver {
             requests: self.requests_tx.clone(),
             snapshot: self.published.subscribe(),
             signals: self.signals.clone(),
+            app_metrics: self.app_metrics_tx.clone(),
         }
     }
 
@@ -140,6 +154,7 @@ impl Driver {
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
                 Some(req) = self.requests.recv() => self.request(req),
+                Some(req) = self.app_metrics.recv() => self.ask_for_metrics(req),
                 _ = sleep => {
                     let fx = self.core.handle_timeout(Instant::now());
                     self.apply(fx);
@@ -174,6 +189,19 @@ impl Driver {
                 worker,
                 msg: ipc::Message::Bind(req),
             } => return self.bind_for(worker, req),
+            Input::Ipc {
+                msg: ipc::Message::Metrics { id, text },
+                ..
+            } => {
+                if let Some((tx, instance, pid)) = self.metrics_waiting.remove(&id) {
+                    let _ = tx.send(AppMetrics {
+                        instance,
+                        pid,
+                        text,
+                    });
+                }
+                return;
+            }
             Input::Ipc { worker, msg } => Event::Ipc { worker, msg },
             Input::Notify(n) => {
                 // The sender must be a worker or live in a worker's process group.
@@ -257,6 +285,7 @@ impl Driver {
                 for a in answers {
                     let _ = a.send(Err(CtlError::InvalidArgument(msg.clone())));
                 }
+                self.event(Event::ReloadRefused);
             }
             Ok(loaded) => {
                 let accepted = self
@@ -432,6 +461,34 @@ impl Driver {
                 "could not answer worker {index} (pid {pid}) on its IPC channel: {e}"
             ));
         }
+    }
+
+    /// Ask every ready worker for the app's own metrics; the answers go
+    /// straight to the scrape that asked.
+    fn ask_for_metrics(&mut self, req: AppMetricsRequest) {
+        self.metrics_waiting.retain(|_, (tx, _, _)| !tx.is_closed());
+        let snap = self.core.snapshot();
+        let mut asked = 0;
+        for w in snap
+            .workers
+            .iter()
+            .filter(|w| w.state == "ready" && w.pid > 0)
+        {
+            let Some(worker) = self.by_pid.get(&w.pid).copied() else {
+                continue;
+            };
+            let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) else {
+                continue;
+            };
+            let id = self.next_metrics;
+            self.next_metrics += 1;
+            if send_with_fd_none(channel, &ipc::metrics_request(id)).is_ok() {
+                self.metrics_waiting
+                    .insert(id, (req.answers.clone(), w.instance, w.pid));
+                asked += 1;
+            }
+        }
+        let _ = req.asked.send(asked);
     }
 
     fn publish(&mut self) {

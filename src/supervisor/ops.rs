@@ -285,11 +285,17 @@ impl Core {
             return;
         }
         let Some(Op::Reload {
-            in_flight, replies, ..
+            in_flight,
+            replies,
+            started,
+            ..
         }) = self.op.take()
         else {
             return;
         };
+        self.counters.reloads_failed += 1;
+        self.counters.last_reload_ms =
+            self.now.saturating_duration_since(started).as_millis() as u64;
         // Every other replacement still starting goes too.
         for &index in &in_flight {
             let Some(id) = self
@@ -369,6 +375,7 @@ impl Core {
             return;
         }
         let (have, want) = (have as u32, want as u32);
+        self.counters.scale_events += 1;
         self.log_event(
             Level::Notice,
             format!("scale: {have} → {want} workers"),
@@ -458,19 +465,21 @@ impl Core {
                 summary,
                 ..
             }) => {
-                let mut msg = format!(
-                    "reload finished: {done}/{total} worker(s) replaced in {} ms",
-                    self.now.saturating_duration_since(started).as_millis()
-                );
+                let took = self.now.saturating_duration_since(started).as_millis();
+                self.counters.last_reload_ms = took as u64;
+                let mut msg =
+                    format!("reload finished: {done}/{total} worker(s) replaced in {took} ms");
                 if let Some(s) = &summary {
                     msg.push_str(&format!("; {s}"));
                 }
                 let result = if failed.is_empty() {
+                    self.counters.reloads_ok += 1;
                     Ok(Done {
                         workers: self.slots.len() as i32,
                         message: msg.clone(),
                     })
                 } else {
+                    self.counters.reloads_failed += 1;
                     msg.push_str(&format!("; adding workers failed: {}", failed.join("; ")));
                     Err(CtlError::Failed(msg.clone()))
                 };

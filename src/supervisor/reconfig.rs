@@ -96,6 +96,7 @@ impl Configs {
         new.name = self.app.name.clone();
         new.listen = self.app.listen.clone();
         new.balance = self.app.balance;
+        new.metrics = self.app.metrics.clone();
         new.credentials = self.app.credentials.clone();
         self.generation += 1;
         let launcher = Launcher::new(

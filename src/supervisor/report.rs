@@ -147,6 +147,7 @@ impl Core {
             ready_workers: self.ready_count(),
             status: self.status_line(),
             workers,
+            counters: self.counters,
         }
     }
 }

@@ -147,7 +147,8 @@ async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
 
 /// Like `for_each_line`, but says whether each piece ended with a newline.
 async fn for_each_line_raw<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8], bool)) {
-    let mut r = BufReader::with_capacity(ipc::MAX_LINE, r);
+    // The buffer stays small; a line may grow to MAX_LINE in `line`.
+    let mut r = BufReader::with_capacity(64 * 1024, r);
     let mut line: Vec<u8> = Vec::new();
     loop {
         let buf = match r.fill_buf().await {

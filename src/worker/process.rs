@@ -106,6 +106,20 @@ pub fn rss_bytes(pid: i32) -> u64 {
     pages * page_size()
 }
 
+/// CPU time (user and system) a process has used, in seconds (0 when gone).
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let ticks: u64 = [14, 15]
+        .iter()
+        .filter_map(|&n| stat_field(pid, n)?.parse::<u64>().ok())
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    ticks as f64 / per_second as f64
+}
+
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()

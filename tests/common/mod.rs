@@ -505,12 +505,17 @@ pub fn path_str(p: &Path) -> String {
 /// Make sure the npm packages the tests use are installed (express).
 pub fn ensure_npm_deps() {
     let dir = repo().join("tests/apps");
-    if dir.join("node_modules/express/package.json").exists() {
+    let installed = || {
+        ["express", "prom-client"]
+            .iter()
+            .all(|p| dir.join(format!("node_modules/{p}/package.json")).exists())
+    };
+    if installed() {
         return;
     }
     static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _g = ONCE.lock().unwrap();
-    if dir.join("node_modules/express/package.json").exists() {
+    if installed() {
         return;
     }
     let st = Command::new("npm")

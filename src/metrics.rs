@@ -1,0 +1,604 @@
+//! The metrics endpoint: Prometheus text, the manager's own figures and the
+//! app's, merged across workers.
+//!
+//! Off by default; `metrics: "127.0.0.1:9209"` (or `--metrics`), or a socket
+//! from the socket unit named `FileDescriptorName=metrics`, turns it on. A
+//! scrape reads the snapshot the supervisor publishes, `/proc` for each
+//! worker's memory and CPU time, the kernel's accept queue of each listening
+//! socket, and asks every worker over its IPC channel (in parallel, bounded
+//! by [`APP_METRICS_TIMEOUT`]) for the registry of the `prom-client` the app
+//! itself uses, returned with a `worker` label: the app's metrics from all
+//! workers at one address, which PM2 sells as a service.
+//!
+//! The HTTP side is a few lines by hand rather than an HTTP stack: it answers
+//! `GET /metrics` (and `/`) from one scraper, on loopback or a unix socket,
+//! and nothing else.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{AppMetricsRequest, Handle, Snapshot};
+use crate::logs;
+use crate::worker::process;
+
+/// How long a scrape waits for the workers' own metrics.
+pub const APP_METRICS_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A request head longer than this is not a scrape.
+const MAX_REQUEST: usize = 16 * 1024;
+
+/// A listening socket the manager holds, to report its accept queue.
+#[derive(Debug, Clone)]
+pub struct SocketInfo {
+    pub kind: String,
+    pub address: String,
+    /// The socket's inode, to find it in /proc/net.
+    pub inode: u64,
+}
+
+/// Where the endpoint listens.
+pub enum Endpoint {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Serve scrapes until the manager ends.
+pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec<SocketInfo>) {
+    loop {
+        let accepted = match &endpoint {
+            Endpoint::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+            Endpoint::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                logs::warn(&format!("metrics endpoint: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (app, handle, sockets) = (app.clone(), handle.clone(), sockets.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                answer(conn, &app, &handle, &sockets),
+            )
+            .await;
+        });
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn answer(
+    mut conn: Conn,
+    app: &str,
+    handle: &Handle,
+    sockets: &[SocketInfo],
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = match &mut conn {
+            Conn::Tcp(s) => s.read(&mut buf).await?,
+            Conn::Unix(s) => s.read(&mut buf).await?,
+        };
+        if n == 0 || head.len() > MAX_REQUEST {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, body) = if method != "GET" {
+        ("405 Method Not Allowed", "only GET\n".to_string())
+    } else if path == "/metrics" || path == "/" {
+        ("200 OK", render(app, handle, sockets).await)
+    } else {
+        ("404 Not Found", "try /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    match &mut conn {
+        Conn::Tcp(s) => s.write_all(response.as_bytes()).await,
+        Conn::Unix(s) => s.write_all(response.as_bytes()).await,
+    }
+}
+
+/// One scrape: the manager's figures, then the app's own.
+pub async fn render(app: &str, handle: &Handle, sockets: &[SocketInfo]) -> String {
+    let app_metrics = collect_app_metrics(handle).await;
+    let snap = handle.snapshot.borrow().clone();
+    let mut out = manager_metrics(app, &snap, sockets);
+    out.push_str(&merge_app_metrics(&app_metrics));
+    out
+}
+
+/// Ask every ready worker, wait for the answers up to the timeout.
+async fn collect_app_metrics(handle: &Handle) -> Vec<(u32, String)> {
+    let (asked_tx, asked_rx) = oneshot::channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if handle
+        .app_metrics
+        .send(AppMetricsRequest {
+            asked: asked_tx,
+            answers: tx,
+        })
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let Ok(asked) = asked_rx.await else {
+        return Vec::new();
+    };
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + APP_METRICS_TIMEOUT;
+    while got.len() < asked {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(a)) => {
+                if let Some(t) = a.text {
+                    got.push((a.instance, t));
+                }
+            }
+            _ => break,
+        }
+    }
+    got.sort_by_key(|(i, _)| *i);
+    got
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The manager's own families, `nodeherd_*`.
+pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> String {
+    let app = esc(app);
+    let mut o = String::new();
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut o,
+        "nodeherd_workers",
+        "gauge",
+        "Workers the app is to have.",
+    );
+    let _ = writeln!(o, "nodeherd_workers{{app=\"{app}\"}} {}", snap.instances);
+    family(
+        &mut o,
+        "nodeherd_workers_ready",
+        "gauge",
+        "Slots whose worker is ready.",
+    );
+    let _ = writeln!(
+        o,
+        "nodeherd_workers_ready{{app=\"{app}\"}} {}",
+        snap.ready_workers
+    );
+    family(
+        &mut o,
+        "nodeherd_state",
+        "gauge",
+        "The manager's state (1 for the current one).",
+    );
+    for s in ["starting", "ready", "reloading", "degraded", "stopping"] {
+        let _ = writeln!(
+            o,
+            "nodeherd_state{{app=\"{app}\",state=\"{s}\"}} {}",
+            u8::from(snap.state == s)
+        );
+    }
+    // Per worker: the slot's current process (or the empty slot).
+    let current: BTreeMap<u32, &crate::control::WorkerInfo> = snap
+        .workers
+        .iter()
+        .filter(|w| w.state != "stopping")
+        .fold(BTreeMap::new(), |mut m, w| {
+            m.entry(w.instance).or_insert(w);
+            m
+        });
+    family(
+        &mut o,
+        "nodeherd_worker_ready",
+        "gauge",
+        "1 when the slot's worker is ready.",
+    );
+    for (i, w) in &current {
+        let _ = writeln!(
+            o,
+            "nodeherd_worker_ready{{app=\"{app}\",worker=\"{i}\",state=\"{}\"}} {}",
+            w.state,
+            u8::from(w.state == "ready")
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_worker_restarts_total",
+        "counter",
+        "Workers replaced in the slot, by cause.",
+    );
+    for (i, w) in &current {
+        for (reason, n) in [
+            ("crash", w.restarts),
+            ("memory", w.replaced_memory),
+            ("hang", w.replaced_hang),
+            ("reload", w.replaced_reload),
+        ] {
+            let _ = writeln!(
+                o,
+                "nodeherd_worker_restarts_total{{app=\"{app}\",worker=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut o,
+        "nodeherd_worker_uptime_seconds",
+        "gauge",
+        "Seconds since the slot's worker started.",
+    );
+    for (i, w) in &current {
+        let up = w.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let _ = writeln!(
+            o,
+            "nodeherd_worker_uptime_seconds{{app=\"{app}\",worker=\"{i}\"}} {up:.3}"
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_worker_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the slot's worker.",
+    );
+    for (i, w) in &current {
+        let rss = if w.pid > 0 {
+            process::rss_bytes(w.pid)
+        } else {
+            0
+        };
+        let _ = writeln!(
+            o,
+            "nodeherd_worker_resident_memory_bytes{{app=\"{app}\",worker=\"{i}\"}} {rss}"
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_worker_cpu_seconds_total",
+        "counter",
+        "CPU time of the slot's current worker process.",
+    );
+    for (i, w) in &current {
+        let cpu = if w.pid > 0 {
+            process::cpu_seconds(w.pid)
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            o,
+            "nodeherd_worker_cpu_seconds_total{{app=\"{app}\",worker=\"{i}\"}} {cpu:.3}"
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_worker_event_loop_delay_seconds",
+        "gauge",
+        "Longest event-loop delay of the worker over its last heartbeat.",
+    );
+    for (i, w) in &current {
+        if let Some(ms) = w.loop_delay_ms {
+            let _ = writeln!(
+                o,
+                "nodeherd_worker_event_loop_delay_seconds{{app=\"{app}\",worker=\"{i}\"}} {:.3}",
+                f64::from(ms) / 1000.0
+            );
+        }
+    }
+    let c = &snap.counters;
+    family(
+        &mut o,
+        "nodeherd_reloads_total",
+        "counter",
+        "Reloads, by outcome.",
+    );
+    for (outcome, n) in [
+        ("ok", c.reloads_ok),
+        ("failed", c.reloads_failed),
+        ("refused", c.reloads_refused),
+    ] {
+        let _ = writeln!(
+            o,
+            "nodeherd_reloads_total{{app=\"{app}\",outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_last_reload_duration_seconds",
+        "gauge",
+        "How long the last reload took.",
+    );
+    let _ = writeln!(
+        o,
+        "nodeherd_last_reload_duration_seconds{{app=\"{app}\"}} {:.3}",
+        c.last_reload_ms as f64 / 1000.0
+    );
+    family(
+        &mut o,
+        "nodeherd_scale_events_total",
+        "counter",
+        "Scale operations begun.",
+    );
+    let _ = writeln!(
+        o,
+        "nodeherd_scale_events_total{{app=\"{app}\"}} {}",
+        c.scale_events
+    );
+    let queues = socket_queues(sockets);
+    family(
+        &mut o,
+        "nodeherd_socket_queue",
+        "gauge",
+        "Connections waiting in a listening socket's accept queue (TCP), or bytes waiting (UDP).",
+    );
+    for (s, q) in &queues {
+        let _ = writeln!(
+            o,
+            "nodeherd_socket_queue{{app=\"{app}\",kind=\"{}\",address=\"{}\"}} {}",
+            s.kind,
+            esc(&s.address),
+            q.queued
+        );
+    }
+    family(
+        &mut o,
+        "nodeherd_socket_drops_total",
+        "counter",
+        "Datagrams dropped by a UDP socket.",
+    );
+    for (s, q) in &queues {
+        if let Some(d) = q.drops {
+            let _ = writeln!(
+                o,
+                "nodeherd_socket_drops_total{{app=\"{app}\",kind=\"{}\",address=\"{}\"}} {d}",
+                s.kind,
+                esc(&s.address)
+            );
+        }
+    }
+    family(
+        &mut o,
+        "nodeherd_host_listen_overflows_total",
+        "counter",
+        "Connections dropped because an accept queue was full, on the whole host (the kernel counts no more finely).",
+    );
+    let _ = writeln!(
+        o,
+        "nodeherd_host_listen_overflows_total {}",
+        listen_overflows()
+    );
+    o
+}
+
+/// What the kernel says of one listening socket.
+#[derive(Debug, Default, Clone, Copy)]
+struct Queue {
+    queued: u64,
+    drops: Option<u64>,
+}
+
+/// Each socket's queue, from /proc/net/{tcp,tcp6,udp,udp6} by inode.
+fn socket_queues(sockets: &[SocketInfo]) -> Vec<(SocketInfo, Queue)> {
+    let mut by_inode: BTreeMap<u64, Queue> = BTreeMap::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let Ok(inode) = f[9].parse::<u64>() else {
+                continue;
+            };
+            // tx_queue:rx_queue; for a listening socket rx_queue is the accept queue.
+            let rx = f[4]
+                .split_once(':')
+                .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                .unwrap_or(0);
+            let drops = table
+                .starts_with("udp")
+                .then(|| f.last().and_then(|d| d.parse().ok()))
+                .flatten();
+            by_inode.insert(inode, Queue { queued: rx, drops });
+        }
+    }
+    sockets
+        .iter()
+        .filter_map(|s| Some((s.clone(), *by_inode.get(&s.inode)?)))
+        .collect()
+}
+
+/// TcpExtListenOverflows from /proc/net/netstat.
+fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        if let [names, values] = pair
+            && names.starts_with("TcpExt:")
+        {
+            let i = names
+                .split_whitespace()
+                .position(|n| n == "ListenOverflows");
+            if let Some(v) = i.and_then(|i| values.split_whitespace().nth(i)) {
+                return v.parse().unwrap_or(0);
+            }
+        }
+    }
+    0
+}
+
+/// The app's metrics from every worker as one exposition: each family once
+/// (its HELP and TYPE, then its samples from all workers), every sample with
+/// a `worker` label naming the slot.
+pub fn merge_app_metrics(answers: &[(u32, String)]) -> String {
+    struct Family {
+        help: Option<String>,
+        kind: Option<String>,
+        samples: Vec<String>,
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    for (worker, text) in answers {
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim_end();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut parts = rest.splitn(3, ' ');
+                let (what, name, text) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
+                let (Some(what), Some(name)) = (what, name) else {
+                    continue;
+                };
+                if what != "HELP" && what != "TYPE" {
+                    continue;
+                }
+                if !families.contains_key(name) {
+                    order.push(name.to_string());
+                    families.insert(
+                        name.to_string(),
+                        Family {
+                            help: None,
+                            kind: None,
+                            samples: Vec::new(),
+                        },
+                    );
+                }
+                let f = families.get_mut(name).expect("inserted above");
+                match what {
+                    "HELP" => f.help.get_or_insert_with(|| text.to_string()),
+                    _ => f.kind.get_or_insert_with(|| text.to_string()),
+                };
+                current = Some(name.to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let labelled = add_label(line, "worker", &worker.to_string());
+            let sample_name = line
+                .split(|c: char| c == '{' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            let family = match &current {
+                Some(f) if sample_name.starts_with(f.as_str()) => f.clone(),
+                _ => sample_name.to_string(),
+            };
+            if !families.contains_key(&family) {
+                order.push(family.clone());
+                families.insert(
+                    family.clone(),
+                    Family {
+                        help: None,
+                        kind: None,
+                        samples: Vec::new(),
+                    },
+                );
+            }
+            if let Some(f) = families.get_mut(&family) {
+                f.samples.push(labelled);
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        let Some(f) = families.get(&name) else {
+            continue;
+        };
+        if let Some(h) = &f.help {
+            let _ = writeln!(out, "# HELP {name} {h}");
+        }
+        if let Some(k) = &f.kind {
+            let _ = writeln!(out, "# TYPE {name} {k}");
+        }
+        for s in &f.samples {
+            let _ = writeln!(out, "{s}");
+        }
+    }
+    out
+}
+
+/// `name{a="1"} 2` with `k="v"` added: `name{k="v",a="1"} 2`.
+fn add_label(sample: &str, k: &str, v: &str) -> String {
+    let label = format!("{k}=\"{}\"", esc(v));
+    match sample.find(['{', ' ']) {
+        Some(i) if sample.as_bytes()[i] == b'{' => {
+            let (name, rest) = sample.split_at(i + 1);
+            if rest.starts_with('}') {
+                format!("{name}{label}{rest}")
+            } else {
+                format!("{name}{label},{rest}")
+            }
+        }
+        Some(i) => {
+            let (name, rest) = sample.split_at(i);
+            format!("{name}{{{label}}}{rest}")
+        }
+        None => sample.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_go_in_front() {
+        assert_eq!(add_label("up 1", "worker", "0"), "up{worker=\"0\"} 1");
+        assert_eq!(
+            add_label("a{b=\"c\"} 2", "worker", "1"),
+            "a{worker=\"1\",b=\"c\"} 2"
+        );
+        assert_eq!(add_label("a{} 2", "worker", "1"), "a{worker=\"1\"} 2");
+    }
+
+    #[test]
+    fn families_are_merged_once_with_every_workers_samples() {
+        let w = |n: u32| {
+            (
+                n,
+                format!(
+                    "# HELP req_total Requests.\n# TYPE req_total counter\nreq_total{{route=\"/\"}} {n}\n\
+                     # HELP lat Latency.\n# TYPE lat histogram\nlat_bucket{{le=\"0.1\"}} 1\nlat_bucket{{le=\"+Inf\"}} 2\nlat_sum 0.3\nlat_count 2\n"
+                ),
+            )
+        };
+        let merged = merge_app_metrics(&[w(0), w(1)]);
+        assert_eq!(merged.matches("# TYPE req_total counter").count(), 1);
+        assert_eq!(merged.matches("# TYPE lat histogram").count(), 1);
+        let lat_start = merged.find("# HELP lat").unwrap();
+        let req_block = &merged[..lat_start];
+        assert!(
+            req_block.contains("req_total{worker=\"0\",route=\"/\"} 0"),
+            "{merged}"
+        );
+        assert!(
+            req_block.contains("req_total{worker=\"1\",route=\"/\"} 1"),
+            "{merged}"
+        );
+        assert_eq!(merged[lat_start..].matches("lat_count{worker=").count(), 2);
+    }
+}

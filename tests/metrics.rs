@@ -1,0 +1,184 @@
+//! The metrics endpoint (issue 16): the manager's figures and the app's own
+//! (prom-client), merged across workers, read by a real Prometheus text
+//! parser (the Python `prometheus_client` package).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// The metrics endpoint's port, from the manager's log.
+fn metrics_port(m: &Manager) -> u16 {
+    let mut port = None;
+    wait_until(T, || {
+        port = m
+            .log()
+            .lines()
+            .filter_map(|l| l.split_once("metrics: http://127.0.0.1:"))
+            .filter_map(|(_, r)| r.split('/').next()?.parse::<u16>().ok())
+            .next();
+        port.is_some()
+    });
+    port.unwrap_or_else(|| panic!("no metrics line in:\n{}", m.log()))
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
+    buf.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// Parse with prometheus_client: every sample as "name{labels sorted} value".
+fn parse(text: &str) -> Vec<String> {
+    const PY: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        labels = ",".join(f'{k}={v}' for k, v in sorted(s.labels.items()))
+        print(f"{fam.type} {s.name}{{{labels}}} {float(s.value)}")
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", PY])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the exposition (pip install prometheus_client?): {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_endpoint_serves_the_managers_figures_and_the_apps_merged() {
+    ensure_npm_deps();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("prom_app.js")),
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let (port, metrics) = (m.port(), metrics_port(&m));
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    for _ in 0..20 {
+        get(port, "/hello").unwrap();
+    }
+    let samples = parse(&scrape(metrics));
+    let has = |want: &str| samples.iter().any(|s| s == want);
+    assert!(
+        has("gauge nodeherd_workers{app=prom_app} 2.0"),
+        "{samples:#?}"
+    );
+    assert!(
+        has("gauge nodeherd_workers_ready{app=prom_app} 2.0"),
+        "{samples:#?}"
+    );
+    for w in ["0", "1"] {
+        assert!(
+            has(&format!(
+                "gauge nodeherd_worker_ready{{app=prom_app,state=ready,worker={w}}} 1.0"
+            )),
+            "{samples:#?}"
+        );
+        assert!(
+            has(&format!(
+                "counter nodeherd_worker_restarts_total{{app=prom_app,reason=crash,worker={w}}} 0.0"
+            )),
+            "{samples:#?}"
+        );
+        // The app's own metrics, from each worker, labelled with it.
+        assert!(
+            samples.iter().any(
+                |s| s.starts_with("counter process_cpu_seconds_total{worker=")
+                    && s.contains(&format!("worker={w}}}"))
+            ),
+            "worker {w}'s default metrics: {samples:#?}"
+        );
+    }
+    let served: f64 = samples
+        .iter()
+        .filter(|s| s.starts_with("counter app_requests_total{route=/hello,worker="))
+        .map(|s| s.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        served, 20.0,
+        "the app's counter summed over workers: {samples:#?}"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.starts_with("gauge nodeherd_socket_queue{address=127.0.0.1:")),
+        "{samples:#?}"
+    );
+    // A reload shows up in the counters.
+    m.signal(libc::SIGHUP);
+    assert!(m.wait_log("reload finished: 2/2", T), "{}", m.log());
+    let samples = parse(&scrape(metrics));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s == "counter nodeherd_reloads_total{app=prom_app,outcome=ok} 1.0"),
+        "{samples:#?}"
+    );
+}
+
+#[test]
+fn an_app_without_prom_client_still_gets_the_managers_figures() {
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("env.js")),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let metrics = metrics_port(&m);
+    assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
+    let samples = parse(&scrape(metrics));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s == "gauge nodeherd_workers{app=env} 1.0"),
+        "{samples:#?}"
+    );
+    assert!(
+        !samples.iter().any(|s| s.contains("process_cpu")),
+        "{samples:#?}"
+    );
+}
