@@ -407,10 +407,25 @@ function describeSeen(r) {
 
 // ---------------------------------------------------------------- checks
 
+// Failures understood and documented (tests/compat/README.md, "Known
+// limits"): reported as KNOWN, not counted, so the suite stays a gate for
+// everything else; a known check that passes says so.
+const KNOWN = {
+  'http2/reload-under-load':
+    "oha's HTTP/2 client neither opens a new connection on GOAWAY nor retries the streams the final GOAWAY refuses (RFC 9113 6.8)",
+  'h2c/reload-under-load':
+    "oha's HTTP/2 client neither opens a new connection on GOAWAY nor retries the streams the final GOAWAY refuses (RFC 9113 6.8)",
+  'cluster/reload-under-load':
+    "connections the app's own cluster primary accepted but had not handed to a cluster worker close with it (Node's round-robin handle)",
+};
+
 function report(ctx, check, ok, detail) {
-  const line = `${ok ? 'PASS' : 'FAIL'}  ${ctx.case.name}  node${ctx.node}  ${check}  ${detail}`;
+  const known = KNOWN[`${ctx.case.name}/${check}`];
+  const word = ok ? 'PASS' : known ? 'KNOWN' : 'FAIL';
+  const why = !ok && known ? ` [known limit: ${known}]` : ok && known ? ' [a known limit did not show]' : '';
+  const line = `${word}  ${ctx.case.name}  node${ctx.node}  ${check}  ${detail}${why}`;
   console.log(line);
-  results.push({ ok, line });
+  results.push({ ok: ok || !!known, known: !ok && !!known, line });
 }
 
 async function checkStart(ctx) {
@@ -749,14 +764,19 @@ async function main() {
     console.log(`-- node ${node}: ${cases.length} apps in ${((Date.now() - t1) / 1000).toFixed(0)} s`);
   }
   echo.close();
-  const passed = results.filter((r) => r.ok).length;
-  const failed = results.length - passed;
+  const known = results.filter((r) => r.known).length;
+  const passed = results.filter((r) => r.ok).length - known;
+  const failed = results.length - passed - known;
   console.log(`\nruntime ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+  if (known) {
+    console.log('known limits seen:');
+    for (const r of results.filter((x) => x.known)) console.log(`  ${r.line}`);
+  }
   if (failed) {
     console.log('failed:');
     for (const r of results.filter((x) => !x.ok)) console.log(`  ${r.line}`);
   }
-  console.log(`${passed} passed, ${failed} failed`);
+  console.log(`${passed} passed, ${failed} failed, ${known} known`);
   process.exitCode = failed ? 1 : 0;
 }
 
