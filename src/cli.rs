@@ -32,6 +32,8 @@ pub enum Command {
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
     Scale(ScaleArgs),
+    /// A live view of an app's workers (q to quit)
+    Monit(AppArgs),
     /// Put an ecosystem file's apps under systemd (the nodeherd@ template units)
     Install(InstallArgs),
     /// Undo `nodeherd install` for one app: disable and stop it, remove its files

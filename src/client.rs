@@ -13,7 +13,7 @@ use crate::cli::{AppArgs, BusArgs, ScaleArgs, StatusArgs};
 use crate::dbus::{self, Bus, WorkerTuple};
 
 #[proxy(interface = "org.nodeherd.Manager1", default_path = "/org/nodeherd")]
-trait Manager1 {
+pub(crate) trait Manager1 {
     fn reload(&self) -> zbus::Result<String>;
     fn restart(&self) -> zbus::Result<()>;
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
@@ -32,10 +32,16 @@ trait Manager1 {
     fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
     #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
+    #[zbus(property)]
+    fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
+    #[zbus(signal)]
+    fn worker_state_changed(&self, instance: u32, pid: u32, state: String) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn reload_finished(&self, ok: bool, message: String) -> zbus::Result<()>;
 }
 
 /// A client failure, with the exit status it maps to.
-struct Failure(u8, String);
+pub(crate) struct Failure(pub(crate) u8, pub(crate) String);
 
 impl From<zbus::Error> for Failure {
     fn from(e: zbus::Error) -> Self {
@@ -83,7 +89,7 @@ impl From<zbus::fdo::Error> for Failure {
     }
 }
 
-fn run_client<F>(f: F) -> ExitCode
+pub(crate) fn run_client<F>(f: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), Failure>>,
 {
@@ -108,7 +114,7 @@ where
 
 /// The manager of `app`: over the bus, or, when no bus answers for it, over
 /// its own control socket (a container or a shell with no bus).
-async fn reach(
+pub(crate) async fn reach(
     app: Option<&str>,
     bus: &BusArgs,
 ) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
@@ -333,17 +339,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
         } else {
             println!("{name}: {state} — {status}");
             println!(
-                "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}",
-                "instance", "pid", "state", "restarts", "uptime", "memory"
+                "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}  {:>5}",
+                "instance", "pid", "state", "restarts", "uptime", "memory", "cpu%"
             );
+            let cpu = cpu_percent(workers.iter().map(|w| w.1)).await;
             for (i, pid, st, restarts, up, mem, _) in &workers {
+                let cpu = cpu.get(pid).map_or("-".to_string(), |c| format!("{c:.1}"));
                 let pid = if *pid == 0 {
                     "-".to_string()
                 } else {
                     pid.to_string()
                 };
                 println!(
-                    "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}",
+                    "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}",
                     human_duration(*up),
                     human_bytes(*mem)
                 );
@@ -414,6 +422,25 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
         eprintln!("nodeherd: {} now runs {n} worker(s)", args.app);
         Ok(())
     })
+}
+
+/// CPU % of each process over a quarter of a second (this host's /proc).
+async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTreeMap<u32, f64> {
+    let pids: Vec<u32> = pids.filter(|p| *p > 0).collect();
+    let first: Vec<f64> = pids
+        .iter()
+        .map(|p| crate::worker::process::cpu_seconds(*p as i32))
+        .collect();
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(first)
+        .map(|(p, before)| {
+            let now = crate::worker::process::cpu_seconds(*p as i32);
+            (*p, 100.0 * (now - before).max(0.0) / wall)
+        })
+        .collect()
 }
 
 fn human_duration(ms: u64) -> String {

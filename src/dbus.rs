@@ -187,6 +187,17 @@ impl Manager {
             .collect()
     }
 
+    /// Each worker's longest event-loop delay over its last heartbeat: (pid, ms).
+    /// It changes every second: read it, no PropertiesChanged is sent.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn loop_delays(&self) -> Vec<(u32, u32)> {
+        self.snap()
+            .workers
+            .into_iter()
+            .filter_map(|w| Some((w.pid.max(0) as u32, w.loop_delay_ms?)))
+            .collect()
+    }
+
     /// A worker changed state (starting, ready, stopping, exited, errored).
     #[zbus(signal)]
     async fn worker_state_changed(
@@ -348,7 +359,14 @@ async fn forward(
                 if now.ready_workers != last.ready_workers {
                     let _ = m.ready_workers_changed(emitter).await;
                 }
-                if now.workers != last.workers {
+                // Heartbeats change only the loop delays: no signal for them.
+                let key = |s: &Snapshot| -> Vec<(u32, i32, &'static str, u32, Option<String>)> {
+                    s.workers
+                        .iter()
+                        .map(|w| (w.instance, w.pid, w.state, w.restarts, w.status_text.clone()))
+                        .collect()
+                };
+                if key(&now) != key(&last) {
                     let _ = m.workers_changed(emitter).await;
                     let texts = |s: &Snapshot| -> Vec<Option<String>> {
                         s.workers.iter().map(|w| w.status_text.clone()).collect()

@@ -61,6 +61,7 @@ pub mod ipc;
 pub mod logs;
 pub mod manpage;
 pub mod metrics;
+pub mod monit;
 pub mod notify;
 pub mod notify_socket;
 pub mod run;
