@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A Debian root file system for tests, made once with mmdebstrap and cached.
 #
-#   tests/systemd/debian-root.sh [--buildd] [--refresh] SUITE [PACKAGE...]
+#   tests/systemd/debian-root.sh [--buildd] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]
 #
 # prints (alone on stdout) the path of an unpacked root of Debian SUITE
 # (bookworm, trixie, ...) from deb.debian.org, with SUITE-updates and
@@ -14,10 +14,13 @@
 #              Debian build daemon's chroot holds, for offline builds
 #              (packaging/build-offline.sh)
 #
-# and every PACKAGE given (with its dependencies, no recommends).
+# and every PACKAGE given (with its dependencies, no recommends), and
+# whatever satisfies DEPENDS, a Depends-style list with versions and
+# alternatives (`apt-get satisfy`), for instance a source package's
+# Build-Depends.
 #
 # The same SUITE, variant and packages give the same root: the cache key is
-# SUITE-VARIANT-HASH, HASH of the sorted package list. Under
+# SUITE-VARIANT-HASH, HASH of the sorted package list and DEPENDS. Under
 # ${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}/debian-roots/ it keeps
 #   KEY.tar.zst   mmdebstrap's output (about 50 MB bare, 150 MB with a Rust
 #                 toolchain)
@@ -35,16 +38,22 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--buildd] [--refresh] SUITE [PACKAGE...]" >&2
+    echo "usage: $0 [--buildd] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]" >&2
     exit 2
 }
 
 variant=minbase
 refresh=""
+satisfy=""
 while [[ ${1:-} == --* ]]; do
     case $1 in
     --buildd) variant=buildd ;;
     --refresh) refresh=1 ;;
+    --satisfy)
+        satisfy=${2:-}
+        [[ -n $satisfy && $satisfy != *"'"* ]] || usage
+        shift
+        ;;
     *) usage ;;
     esac
     shift
@@ -60,7 +69,9 @@ fi
 for p in "${packages[@]}"; do
     [[ $p =~ ^[a-z0-9][a-z0-9.+-]*$ ]] || { echo "debian-root.sh: bad package name '$p'" >&2; exit 2; }
 done
-mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
+if ((${#packages[@]})); then
+    mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
+fi
 
 [[ $(id -u) == 0 ]] || { echo "debian-root.sh: needs root" >&2; exit 1; }
 
@@ -68,7 +79,7 @@ cache=${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}/debian-roots
 mirror=${NODEHERD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 security=${NODEHERD_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 max_age=${NODEHERD_DEBIAN_ROOT_MAX_AGE:-30}
-hash=$(printf '%s\n' "$suite" "$variant" "$mirror" "$security" "${packages[@]}" | sha256sum | cut -c1-12)
+hash=$(printf '%s\n' "$suite" "$variant" "$mirror" "$security" "${packages[@]}" "satisfy=$satisfy" | sha256sum | cut -c1-12)
 key=$suite-$variant-$hash
 root=$cache/$key
 mkdir -p "$cache"
@@ -91,14 +102,18 @@ if ! fresh; then
         DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
             --no-install-recommends "$tool" >&2
     done
-    echo "debian-root.sh: making $key ($variant ${packages[*]})" >&2
+    echo "debian-root.sh: making $key ($variant ${packages[*]}${satisfy:+ satisfying: $satisfy})" >&2
     t0=$SECONDS
     tmp=$(mktemp -d "$cache/.$key.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
     sources=("deb $mirror $suite main" "deb $mirror $suite-updates main" "deb $security $suite-security main")
     include=$(IFS=,; echo "${packages[*]}")
+    hooks=()
+    if [[ -n $satisfy ]]; then
+        hooks+=(--customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get satisfy -y -q '$satisfy'")
+    fi
     mmdebstrap --quiet --mode=root --variant="$variant" ${include:+--include="$include"} \
-        --aptopt='APT::Install-Recommends "false"' \
+        --aptopt='APT::Install-Recommends "false"' "${hooks[@]}" \
         "$suite" "$tmp/root.tar.zst" "${sources[@]}" >&2
     mkdir "$tmp/root"
     tar -C "$tmp/root" --numeric-owner -xf "$tmp/root.tar.zst" --zstd
@@ -106,6 +121,7 @@ if ! fresh; then
         echo "suite=$suite"
         echo "variant=$variant"
         echo "packages=${packages[*]}"
+        echo "satisfy=$satisfy"
         echo "made=$(date -u +%FT%TZ)"
     } >"$tmp/root/.debian-root"
     # Replace the old root, if any, then drop it.

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Build nodeherd's Debian source and binary packages and its RPMs the way a
+# distribution's build daemon does: from the two source tarballs only, in a
+# clean Debian root holding nothing but the declared build dependencies,
+# with the network cut, as an unprivileged user.
+#
+#   packaging/build-offline.sh [--tree DIR] [--only deb|rpm] OUTDIR
+#
+# 1. packaging/make-tarballs.sh [--tree DIR] OUTDIR: the upstream tarball
+#    and the vendored-crates tarball (this needs crates.io once; later runs
+#    take the crates from the cache).
+# 2. .deb: a root of Debian $NODEHERD_BUILD_SUITE (default trixie) made by
+#    tests/systemd/debian-root.sh --buildd --satisfy "<Build-Depends of
+#    debian/control>" (build-essential and what Build-Depends names, no more);
+#    in it, the tarballs are unpacked under their Debian names
+#    (nodeherd_V.orig.tar.gz, nodeherd_V.orig-vendor.tar.xz -> vendor/),
+#    debian/ is added, dpkg-checkbuilddeps must pass, and
+#    `dpkg-buildpackage -us -uc` builds the 3.0 (quilt) source package and
+#    the binary packages (nodeherd, nodeherd-dbgsym). Output: OUTDIR/deb/.
+# 3. RPM: a root with rpm, debugedit, elfutils and cpio (what rpm-build
+#    brings on Fedora) and the Debian packages standing for the spec's
+#    BuildRequires (RPM_BUILDREQUIRES below; an unknown one stops the
+#    build); `rpmbuild -ba --nodeps` (Debian's rpm database knows no
+#    package) from the two tarballs, as Source0 and Source1. Output:
+#    OUTDIR/rpm/ (the .src.rpm, nodeherd and nodeherd-debuginfo).
+#
+# Each build runs in a throwaway overlay on the cached root, in new mount
+# and network namespaces (`unshare --mount --net`: only a loopback
+# interface, down), chrooted, as user "builder" with HOME pointing nowhere.
+# Before building, the script checks that a TCP connection to the Debian
+# archive fails in there. Logs: OUTDIR/deb/build.log, OUTDIR/rpm/build.log.
+#
+# Environment: NODEHERD_BUILD_SUITE (trixie), NODEHERD_BUILD_JOBS (the
+# number of CPUs), SOURCE_DATE_EPOCH (see make-tarballs.sh).
+# Needs root (namespaces, chroot, mmdebstrap the first time).
+
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+suite=${NODEHERD_BUILD_SUITE:-trixie}
+jobs=${NODEHERD_BUILD_JOBS:-$(nproc)}
+
+# The spec's BuildRequires, by the Debian package that provides the same.
+declare -A RPM_BUILDREQUIRES=(
+    [cargo]=cargo
+    [rust]=rustc
+    [gcc]=gcc
+    # The spec defines the systemd macros itself where they are missing.
+    [systemd-rpm-macros]=""
+)
+RPM_TOOLS=(rpm debugedit elfutils cpio)
+
+usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] OUTDIR" >&2; exit 2; }
+tree_args=()
+only=""
+while [[ ${1:-} == --* ]]; do
+    case $1 in
+    --tree) tree_args=(--tree "${2:?}"); shift ;;
+    --only) only=${2:?}; [[ $only == deb || $only == rpm ]] || usage; shift ;;
+    *) usage ;;
+    esac
+    shift
+done
+(($# == 1)) || usage
+out=$1
+[[ $(id -u) == 0 ]] || { echo "build-offline.sh: needs root" >&2; exit 1; }
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+say() { echo "build-offline.sh: $*" >&2; }
+
+mapfile -t tarballs < <("$here/make-tarballs.sh" "${tree_args[@]}" "$out")
+upstream=${tarballs[0]}
+vendor=${tarballs[1]}
+base=$(basename "$upstream" .tar.gz)
+version=${base#nodeherd-}
+
+# The packaging files as they are in that same tree.
+srcdir=$(mktemp -d "${TMPDIR:-/tmp}/nodeherd-build.XXXXXX")
+trap 'rm -rf "$srcdir"' EXIT
+tar -C "$srcdir" -xzf "$upstream"
+if ((${#tree_args[@]})); then
+    cp -a "${tree_args[1]}/debian" "$srcdir/debian"
+else
+    git -C "$repo" archive --format=tar HEAD debian | tar -C "$srcdir" -xf -
+fi
+
+# run_offline ROOT WORKDIR SCRIPT: run SCRIPT (a file in WORKDIR) with bash
+# inside an overlay of ROOT, no network, WORKDIR at /build, as "builder".
+run_offline() {
+    local root=$1 work=$2 script=$3
+    chown -R 2000:2000 "$work"
+    unshare --mount --net --propagation private -- bash -euo pipefail -c '
+        root=$1 work=$2 script=$3 jobs=$4
+        scratch=$(mktemp -d /tmp/nodeherd-chroot.XXXXXX)
+        mount -t tmpfs -o mode=755 nodeherd-build "$scratch"
+        mkdir "$scratch"/{upper,work,merged}
+        mount -t overlay overlay -o "lowerdir=$root,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/merged"
+        m=$scratch/merged
+        mount -t proc proc "$m/proc"
+        mount -t tmpfs -o mode=755 tmpfs "$m/dev"
+        for d in null zero full random urandom tty; do
+            : >"$m/dev/$d"
+            mount --bind "/dev/$d" "$m/dev/$d"
+        done
+        ln -s /proc/self/fd "$m/dev/fd"
+        mkdir "$m/dev/shm" "$m/dev/pts"
+        mount -t tmpfs -o mode=1777 tmpfs "$m/dev/shm"
+        mount -t tmpfs -o mode=1777 tmpfs "$m/tmp"
+        mkdir -p "$m/build"
+        mount --bind "$work" "$m/build"
+        chroot "$m" useradd --uid 2000 --user-group --no-create-home --home-dir /nonexistent builder
+        exec chroot "$m" runuser -u builder -- env -i \
+            PATH=/usr/local/bin:/usr/bin:/bin HOME=/nonexistent LC_ALL=C.UTF-8 \
+            DEB_BUILD_OPTIONS="parallel=$jobs" SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-}" \
+            bash -euo pipefail "/build/$script"
+    ' run_offline "$root" "$work" "$script" "$jobs"
+}
+
+# A check every build script starts with: the network must be cut.
+no_network='
+if timeout 5 bash -c "exec 3<>/dev/tcp/151.101.2.132/80" 2>/dev/null; then
+    echo "NETWORK REACHABLE: the build is not offline" >&2
+    exit 1
+fi
+echo "offline: a TCP connection to 151.101.2.132:80 (deb.debian.org) fails, as it should"
+'
+
+# ------------------------------------------------------------------ .deb
+build_deb() {
+    local build_deps root work=$out/deb t0=$SECONDS
+    build_deps=$(perl -MDpkg::Control::Info -e '
+        my $b = Dpkg::Control::Info->new($ARGV[0])->get_source->{"Build-Depends"};
+        $b =~ s/\s+/ /g; $b =~ s/^ | ?,? *$//g; print $b' "$srcdir/debian/control")
+    say "deb: root of $suite for: $build_deps"
+    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$build_deps" "$suite")
+    rm -rf "$work"
+    mkdir -p "$work"
+    cp "$upstream" "$work/nodeherd_$version.orig.tar.gz"
+    cp "$vendor" "$work/nodeherd_$version.orig-vendor.tar.xz"
+    cp -a "$srcdir/debian" "$work/debian"
+    cat >"$work/build.sh" <<EOF
+$no_network
+cd /build
+tar -xzf nodeherd_$version.orig.tar.gz
+tar -C nodeherd-$version -xJf nodeherd_$version.orig-vendor.tar.xz
+mv debian nodeherd-$version/debian
+cd nodeherd-$version
+echo "toolchain: \$(cargo --version), \$(rustc --version)"
+dpkg-checkbuilddeps
+dpkg-buildpackage -us -uc
+EOF
+    say "deb: dpkg-buildpackage in $root (offline; log: $work/build.log)"
+    if ! run_offline "$root" "$work" build.sh >"$work/build.log" 2>&1; then
+        tail -30 "$work/build.log" >&2
+        say "deb: the build failed (log: $work/build.log)"
+        return 1
+    fi
+    rm -rf "$work/nodeherd-$version" "$work/build.sh"
+    say "deb: built in $((SECONDS - t0)) s: $(cd "$work" && echo *.deb *.dsc)"
+}
+
+# ------------------------------------------------------------------ RPM
+build_rpm() {
+    local root work=$out/rpm spec=$srcdir/rpm/nodeherd.spec t0=$SECONDS req debs=() name
+    while read -r req; do
+        name=${req%% *}
+        [[ -v RPM_BUILDREQUIRES[$name] ]] || {
+            say "rpm: BuildRequires '$req' has no Debian counterpart in RPM_BUILDREQUIRES"
+            return 1
+        }
+        [[ -n ${RPM_BUILDREQUIRES[$name]} ]] && debs+=("${RPM_BUILDREQUIRES[$name]}")
+    done < <(rpmspec -q --buildrequires "$spec" 2>/dev/null)
+    say "rpm: root of $suite with ${RPM_TOOLS[*]} ${debs[*]}"
+    root=$("$repo/tests/systemd/debian-root.sh" --buildd "$suite" "${RPM_TOOLS[@]}" "${debs[@]}")
+    rm -rf "$work"
+    mkdir -p "$work/rpmbuild/SOURCES"
+    cp "$upstream" "$vendor" "$work/rpmbuild/SOURCES/"
+    cp "$spec" "$work/nodeherd.spec"
+    cat >"$work/build.sh" <<EOF
+$no_network
+cd /build
+echo "toolchain: \$(cargo --version), \$(rustc --version)"
+rpmbuild -ba --nodeps --define "_topdir /build/rpmbuild" --define "_smp_build_ncpus $jobs" nodeherd.spec
+EOF
+    say "rpm: rpmbuild -ba in $root (offline; log: $work/build.log)"
+    if ! run_offline "$root" "$work" build.sh >"$work/build.log" 2>&1; then
+        tail -30 "$work/build.log" >&2
+        say "rpm: the build failed (log: $work/build.log)"
+        return 1
+    fi
+    find "$work/rpmbuild/RPMS" "$work/rpmbuild/SRPMS" -name '*.rpm' -exec mv {} "$work/" \;
+    rm -rf "$work/rpmbuild" "$work/build.sh"
+    say "rpm: built in $((SECONDS - t0)) s: $(cd "$work" && echo *.rpm)"
+}
+
+rc=0
+if [[ $only != rpm ]]; then build_deb || rc=1; fi
+if [[ $only != deb ]]; then build_rpm || rc=1; fi
+exit $rc
