@@ -71,6 +71,7 @@ out=$(cd "$out" && pwd)
 say() { echo "build-offline.sh: $*" >&2; }
 
 mapfile -t tarballs < <("$here/make-tarballs.sh" "${tree_args[@]}" "$out")
+((${#tarballs[@]} == 2)) || { say "make-tarballs.sh failed"; exit 1; }
 upstream=${tarballs[0]}
 vendor=${tarballs[1]}
 base=$(basename "$upstream" .tar.gz)
