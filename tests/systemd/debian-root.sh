@@ -110,7 +110,7 @@ if ! fresh; then
     include=$(IFS=,; echo "${packages[*]}")
     hooks=()
     if [[ -n $satisfy ]]; then
-        hooks+=(--customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get satisfy -y -q '$satisfy'")
+        hooks+=(--customize-hook="chroot \"\$1\" env DEBIAN_FRONTEND=noninteractive apt-get satisfy -y -qq '$satisfy' >/dev/null")
     fi
     mmdebstrap --quiet --mode=root --variant="$variant" ${include:+--include="$include"} \
         --aptopt='APT::Install-Recommends "false"' "${hooks[@]}" \
