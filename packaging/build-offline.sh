@@ -41,11 +41,12 @@ repo=$(cd "$here/.." && pwd)
 suite=${NODEHERD_BUILD_SUITE:-trixie}
 jobs=${NODEHERD_BUILD_JOBS:-$(nproc)}
 
-# The spec's BuildRequires, by the Debian package that provides the same.
+# The spec's BuildRequires, by the Debian dependency that provides the same
+# (VERSION: the version the spec asks for), as debian/control has them.
 declare -A RPM_BUILDREQUIRES=(
-    [cargo]=cargo
-    [rust]=rustc
-    [gcc]=gcc
+    [cargo]="cargo (>= VERSION) | cargo-web (>= VERSION)"
+    [rust]="rustc (>= VERSION)"
+    [gcc]="gcc"
     # The spec defines the systemd macros itself where they are missing.
     [systemd-rpm-macros]=""
 )
@@ -164,17 +165,21 @@ EOF
 
 # ------------------------------------------------------------------ RPM
 build_rpm() {
-    local root work=$out/rpm spec=$srcdir/rpm/nodeherd.spec t0=$SECONDS req debs=() name
-    while read -r req; do
-        name=${req%% *}
+    local root work=$out/rpm spec=$srcdir/rpm/nodeherd.spec t0=$SECONDS req name op ver dep deps=""
+    while read -r name op ver; do
         [[ -v RPM_BUILDREQUIRES[$name] ]] || {
-            say "rpm: BuildRequires '$req' has no Debian counterpart in RPM_BUILDREQUIRES"
+            say "rpm: BuildRequires '$name' has no Debian counterpart in RPM_BUILDREQUIRES"
             return 1
         }
-        [[ -n ${RPM_BUILDREQUIRES[$name]} ]] && debs+=("${RPM_BUILDREQUIRES[$name]}")
+        dep=${RPM_BUILDREQUIRES[$name]}
+        if [[ $dep == *VERSION* ]]; then
+            [[ $op == ">=" && -n $ver ]] || { say "rpm: BuildRequires '$name $op $ver': expected '>= VERSION'"; return 1; }
+            dep=${dep//VERSION/$ver}
+        fi
+        [[ -n $dep ]] && deps+=${deps:+, }$dep
     done < <(rpmspec -q --buildrequires "$spec" 2>/dev/null)
-    say "rpm: root of $suite with ${RPM_TOOLS[*]} ${debs[*]}"
-    root=$("$repo/tests/systemd/debian-root.sh" --buildd "$suite" "${RPM_TOOLS[@]}" "${debs[@]}")
+    say "rpm: root of $suite with ${RPM_TOOLS[*]} and $deps"
+    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$deps" "$suite" "${RPM_TOOLS[@]}")
     rm -rf "$work"
     mkdir -p "$work/rpmbuild/SOURCES"
     cp "$upstream" "$vendor" "$work/rpmbuild/SOURCES/"
