@@ -88,36 +88,11 @@ else
     git -C "$repo" archive --format=tar HEAD debian | tar -C "$srcdir" -xf -
 fi
 
-# run_offline ROOT WORKDIR SCRIPT: run SCRIPT (a file in WORKDIR) with bash
-# inside an overlay of ROOT, no network, WORKDIR at /build, as "builder".
+# run_offline ROOT WORKDIR SCRIPT: SCRIPT (a file in WORKDIR) run by bash
+# in a throwaway overlay of ROOT with no network, WORKDIR at /build, as an
+# unprivileged user.
 run_offline() {
-    local root=$1 work=$2 script=$3
-    chown -R 2000:2000 "$work"
-    unshare --mount --net --propagation private -- bash -euo pipefail -c '
-        root=$1 work=$2 script=$3 jobs=$4
-        scratch=$(mktemp -d /tmp/nodeherd-chroot.XXXXXX)
-        mount -t tmpfs -o mode=755 nodeherd-build "$scratch"
-        mkdir "$scratch"/{upper,work,merged}
-        mount -t overlay overlay -o "lowerdir=$root,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/merged"
-        m=$scratch/merged
-        mount -t proc proc "$m/proc"
-        mount -t tmpfs -o mode=755 tmpfs "$m/dev"
-        for d in null zero full random urandom tty; do
-            : >"$m/dev/$d"
-            mount --bind "/dev/$d" "$m/dev/$d"
-        done
-        ln -s /proc/self/fd "$m/dev/fd"
-        mkdir "$m/dev/shm" "$m/dev/pts"
-        mount -t tmpfs -o mode=1777 tmpfs "$m/dev/shm"
-        mount -t tmpfs -o mode=1777 tmpfs "$m/tmp"
-        mkdir -p "$m/build"
-        mount --bind "$work" "$m/build"
-        chroot "$m" useradd --uid 2000 --user-group --no-create-home --home-dir /nonexistent builder
-        exec chroot "$m" runuser -u builder -- env -i \
-            PATH=/usr/local/bin:/usr/bin:/bin HOME=/nonexistent LC_ALL=C.UTF-8 \
-            DEB_BUILD_OPTIONS="parallel=$jobs" SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-}" \
-            bash -euo pipefail "/build/$script"
-    ' run_offline "$root" "$work" "$script" "$jobs"
+    DEB_BUILD_OPTIONS="parallel=$jobs" "$here/run-in-root.sh" --as-builder "$1" "$2" bash -euo pipefail "/build/$3"
 }
 
 # A check every build script starts with: the network must be cut.
