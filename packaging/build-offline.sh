@@ -111,7 +111,7 @@ build_deb() {
         my $b = Dpkg::Control::Info->new($ARGV[0])->get_source->{"Build-Depends"};
         $b =~ s/\s+/ /g; $b =~ s/^ | ?,? *$//g; print $b' "$srcdir/debian/control")
     say "deb: root of $suite for: $build_deps"
-    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$build_deps" "$suite")
+    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$build_deps" "$suite") || return 1
     rm -rf "$work"
     mkdir -p "$work"
     cp "$upstream" "$work/nodeherd_$version.orig.tar.gz"
@@ -140,7 +140,7 @@ EOF
 
 # ------------------------------------------------------------------ RPM
 build_rpm() {
-    local root work=$out/rpm spec=$srcdir/rpm/nodeherd.spec t0=$SECONDS req name op ver dep deps=""
+    local root work=$out/rpm spec=$srcdir/nodeherd-$version/rpm/nodeherd.spec t0=$SECONDS req name op ver dep deps=""
     while read -r name op ver; do
         [[ -v RPM_BUILDREQUIRES[$name] ]] || {
             say "rpm: BuildRequires '$name' has no Debian counterpart in RPM_BUILDREQUIRES"
@@ -152,9 +152,9 @@ build_rpm() {
             dep=${dep//VERSION/$ver}
         fi
         [[ -n $dep ]] && deps+=${deps:+, }$dep
-    done < <(rpmspec -q --buildrequires "$spec" 2>/dev/null)
+    done < <(rpmspec -q --buildrequires "$spec" || echo "rpmspec-failed")
     say "rpm: root of $suite with ${RPM_TOOLS[*]} and $deps"
-    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$deps" "$suite" "${RPM_TOOLS[@]}")
+    root=$("$repo/tests/systemd/debian-root.sh" --buildd --satisfy "$deps" "$suite" "${RPM_TOOLS[@]}") || return 1
     rm -rf "$work"
     mkdir -p "$work/rpmbuild/SOURCES"
     cp "$upstream" "$vendor" "$work/rpmbuild/SOURCES/"

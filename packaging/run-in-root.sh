@@ -27,7 +27,7 @@ fi
 (($# >= 3)) || { echo "usage: $0 [--as-builder] ROOT WORKDIR COMMAND [ARG...]" >&2; exit 2; }
 root=$1 work=$2
 shift 2
-[[ -f $root/etc/debian_version ]] || { echo "run-in-root.sh: $root is not a Debian root" >&2; exit 1; }
+[[ -n $root && $root != / && -f $root/etc/debian_version ]] || { echo "run-in-root.sh: $root is not a Debian root" >&2; exit 1; }
 [[ -d $work ]] || { echo "run-in-root.sh: $work is not a directory" >&2; exit 1; }
 work=$(cd "$work" && pwd)
 [[ -n $as_builder ]] && chown -R 2000:2000 "$work"
