@@ -4,7 +4,8 @@
 # clean Debian root holding nothing but the declared build dependencies,
 # with the network cut, as an unprivileged user.
 #
-#   packaging/build-offline.sh [--tree DIR] [--only deb|rpm] OUTDIR
+#   packaging/build-offline.sh [--tree DIR] [--only deb|rpm] [--keep-target]
+#                              [--deb-target-from DIR] OUTDIR
 #
 # 1. packaging/make-tarballs.sh [--tree DIR] OUTDIR: the upstream tarball
 #    and the vendored-crates tarball (this needs crates.io once; later runs
@@ -30,6 +31,13 @@
 # Before building, the script checks that a TCP connection to the Debian
 # archive fails in there. Logs: OUTDIR/deb/build.log, OUTDIR/rpm/build.log.
 #
+# The .deb is built in /build/src whatever the version, with cargo's target
+# directory beside it (/build/target = OUTDIR/deb/target), removed after the
+# build unless --keep-target. --deb-target-from DIR moves such a kept
+# directory (of an earlier build of the same crates, toolchain and suite)
+# in first, so cargo compiles only what changed, nodeherd itself: the
+# packaging test builds its second, higher version this way.
+#
 # Environment: NODEHERD_BUILD_SUITE (trixie), NODEHERD_BUILD_JOBS (the
 # number of CPUs), SOURCE_DATE_EPOCH (see make-tarballs.sh).
 # Needs root (namespaces, chroot, mmdebstrap the first time).
@@ -52,11 +60,15 @@ declare -A RPM_BUILDREQUIRES=(
 )
 RPM_TOOLS=(rpm debugedit elfutils cpio)
 
-usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] OUTDIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] [--keep-target] [--deb-target-from DIR] OUTDIR" >&2; exit 2; }
 tree_args=()
 only=""
+keep_target=""
+target_from=""
 while [[ ${1:-} == --* ]]; do
     case $1 in
+    --keep-target) keep_target=1 ;;
+    --deb-target-from) target_from=${2:?}; [[ -d $target_from ]] || usage; shift ;;
     --tree) tree_args=(--tree "${2:?}"); shift ;;
     --only) only=${2:?}; [[ $only == deb || $only == rpm ]] || usage; shift ;;
     *) usage ;;
@@ -117,13 +129,19 @@ build_deb() {
     cp "$upstream" "$work/nodeherd_$version.orig.tar.gz"
     cp "$vendor" "$work/nodeherd_$version.orig-vendor.tar.xz"
     cp -a "$srcdir/debian" "$work/debian"
+    if [[ -n $target_from ]]; then
+        mv "$target_from" "$work/target"
+        say "deb: reusing cargo's target directory $target_from"
+    fi
     cat >"$work/build.sh" <<EOF
 $no_network
 cd /build
 tar -xzf nodeherd_$version.orig.tar.gz
-tar -C nodeherd-$version -xJf nodeherd_$version.orig-vendor.tar.xz
-mv debian nodeherd-$version/debian
-cd nodeherd-$version
+mv nodeherd-$version src
+tar -C src -xJf nodeherd_$version.orig-vendor.tar.xz
+mv debian src/debian
+cd src
+export CARGO_TARGET_DIR=/build/target
 echo "toolchain: \$(cargo --version), \$(rustc --version)"
 dpkg-checkbuilddeps
 dpkg-buildpackage -us -uc
@@ -134,7 +152,8 @@ EOF
         say "deb: the build failed (log: $work/build.log)"
         return 1
     fi
-    rm -rf "$work/nodeherd-$version" "$work/build.sh"
+    rm -rf "$work/src" "$work/build.sh"
+    [[ -n $keep_target ]] || rm -rf "$work/target"
     say "deb: built in $((SECONDS - t0)) s: $(cd "$work" && echo *.deb *.dsc)"
 }
 
