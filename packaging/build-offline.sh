@@ -18,7 +18,7 @@
 #    debian/ is added, dpkg-checkbuilddeps must pass, and
 #    `dpkg-buildpackage -us -uc` builds the 3.0 (quilt) source package and
 #    the binary packages (nodeherd, nodeherd-dbgsym). Output: OUTDIR/deb/.
-# 3. RPM: a root with rpm, debugedit, elfutils and cpio (what rpm-build
+# 3. RPM: a root with rpm, debugedit, elfutils, cpio and file (what rpm-build
 #    brings on Fedora) and the Debian packages standing for the spec's
 #    BuildRequires (RPM_BUILDREQUIRES below; an unknown one stops the
 #    build); `rpmbuild -ba --nodeps` (Debian's rpm database knows no
@@ -58,7 +58,7 @@ declare -A RPM_BUILDREQUIRES=(
     # The spec defines the systemd macros itself where they are missing.
     [systemd-rpm-macros]=""
 )
-RPM_TOOLS=(rpm debugedit elfutils cpio)
+RPM_TOOLS=(rpm debugedit elfutils cpio file)
 
 usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] [--keep-target] [--deb-target-from DIR] OUTDIR" >&2; exit 2; }
 tree_args=()
