@@ -378,7 +378,7 @@ if [[ -f $rpm1 ]]; then
         bash -c "grep -q '^cargo >= ' '$work/buildrequires.txt' && grep -q '^rust >= ' '$work/buildrequires.txt'"
     srpm=$v1/rpm/nodeherd-$version-$rpm_release.src.rpm
     check ".src.rpm holds the spec and both tarballs" bash -c "
-        rpm -qpl '$srpm' 2>/dev/null | sort | tr '\n' ' ' |
+        rpm -qpl '$srpm' 2>/dev/null | LC_ALL=C sort | tr '\n' ' ' |
         grep -qx 'nodeherd-$version-vendor.tar.xz nodeherd-$version.tar.gz nodeherd.spec '"
     rpm -qlp "$rpm1" 2>/dev/null >"$work/rpm-paths.txt"
     check ".rpm holds every expected file, the licences among them" has_paths "$work/rpm-paths.txt" "${rpm_paths[@]}"
@@ -412,7 +412,7 @@ if [[ -f $rpm1 ]]; then
         m=\$(grep -n '^[[:space:]]*nodeherd_move_instances_to_new_binary\$' '$work/posttrans.txt' | head -1 | cut -d: -f1) &&
         [[ -n \$r && -n \$m && \$r -lt \$m ]]"
     check ".rpm applies no systemd macro to a template name" \
-        bash -c "! grep -Eq '(preset|disable|try-restart|enable)[^\\n]*nodeherd@\\.(socket|service)' '$work/rpm-scripts.txt'"
+        bash -c "! grep -Eq '(preset|disable|try-restart|enable).*nodeherd@\\.(socket|service)' '$work/rpm-scripts.txt'"
     check ".rpm has a %changelog for $version" \
         bash -c "rpm -qp --changelog '$rpm1' 2>/dev/null | grep -q -- '- $version-$rpm_release\$'"
 fi
