@@ -289,7 +289,7 @@ rpm_paths=(
     /usr/share/licenses/nodeherd/LICENSE-MIT
     /usr/share/licenses/nodeherd/LICENSE-APACHE
     /usr/share/licenses/nodeherd/bundled-crates.txt
-    '/usr/share/licenses/nodeherd/crate-licenses/tokio-'
+    /usr/share/licenses/nodeherd/LICENSE.dependencies
 )
 
 # has_paths LISTING PATH...: every PATH is a line of LISTING (a PATH
@@ -392,6 +392,10 @@ if [[ -f $rpm1 ]]; then
         test "$bundled" -eq "$(wc -l <"$src/packaging/bundled-crates.txt")"
     mkdir -p "$work/rpm-root" "$work/debuginfo-root"
     (cd "$work/rpm-root" && rpm2cpio "$rpm1" | cpio -idm --quiet)
+    check ".rpm LICENSE.dependencies holds the licence texts of the linked crates (subtle's BSD-3-Clause among them)" bash -c "
+        f='$work/rpm-root/usr/share/licenses/nodeherd/LICENSE.dependencies'
+        [[ \$(grep -c '^=== ' \"\$f\") == \$(wc -l <'$src/packaging/bundled-crates.txt') ]] &&
+        grep -q '^--- subtle-[0-9.]*/LICENSE\$' \"\$f\" && grep -q 'Redistribution and use in source and binary forms' \"\$f\""
     check ".rpm binary reports version $version" bash -c "'$work/rpm-root/usr/bin/nodeherd' --version | grep -qF '$version'"
     check ".rpm binary is stripped (no DWARF in it)" bash -c "! readelf -S --wide '$work/rpm-root/usr/bin/nodeherd' | grep -Eq '\.z?debug_info '"
     debuginfo=$v1/rpm/nodeherd-debuginfo-$version-$rpm_release.$rpm_arch.rpm
