@@ -35,6 +35,11 @@
 #   NODEHERD_TREE=DIR      build from DIR as it is instead of `git archive HEAD`
 #   NODEHERD_PKG_OUT=DIR   copy the packages, the logs and the lint reports there
 #   NODEHERD_SKIP_SMOKE=1  build and check the packages only (no container)
+#   NODEHERD_ONLY_SOURCES=1  stop after the tarball and licence checks
+#   NODEHERD_PKG_IN=DIR    build nothing: take the packages from DIR, as an
+#                          earlier run's NODEHERD_PKG_OUT left them (DIR/VERSION/
+#                          deb, rpm and DIR/NEXT_VERSION/...), then check, lint
+#                          and try them as usual
 #   NODEHERD_CI_CACHE      where the Debian roots and the crates are cached
 #                          (default /var/cache/nodeherd-ci)
 # Needs root (namespaces, chroot, the container), and the network the first
@@ -193,6 +198,10 @@ else
     exit 1
 fi
 timed "tarballs, reproducibility and licence check"
+if [[ -n ${NODEHERD_ONLY_SOURCES:-} ]]; then
+    note "stopping after the sources (NODEHERD_ONLY_SOURCES)"
+    exit 0
+fi
 
 # ---------------------------------------------------------------- builds
 # The second version, for the upgrade test: the next patch release.
@@ -233,23 +242,31 @@ v1=$work/v1
 v2=$work/v2
 deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
 deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
-build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
-timed ".deb $version (from scratch, offline)"
-build_offline "$version RPM" "$v1" --tree "$src" --only rpm || true
-timed "RPM $version (from scratch, offline)"
-if [[ -d $v1/deb/target ]]; then
-    build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb --deb-target-from "$v1/deb/target" || true
+if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
+    note "packages from $NODEHERD_PKG_IN (NODEHERD_PKG_IN): nothing is built"
+    v1=$NODEHERD_PKG_IN/$version
+    v2=$NODEHERD_PKG_IN/$version2
+    deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
+    deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
 else
-    build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb || true
+    build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
+    timed ".deb $version (from scratch, offline)"
+    build_offline "$version RPM" "$v1" --tree "$src" --only rpm || true
+    timed "RPM $version (from scratch, offline)"
+    if [[ -d $v1/deb/target ]]; then
+        build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb --deb-target-from "$v1/deb/target" || true
+    else
+        build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb || true
+    fi
+    timed ".deb $version2 (offline, crates compiled by the first build)"
+    build_offline "$version2 RPM" "$v2" --tree "$src2" --only rpm || true
+    timed "RPM $version2 (from scratch, offline)"
 fi
-timed ".deb $version2 (offline, crates compiled by the first build)"
-build_offline "$version2 RPM" "$v2" --tree "$src2" --only rpm || true
-timed "RPM $version2 (from scratch, offline)"
 rpm_arch=$(rpm --eval '%{_arch}')
 rpm_release=$(sed -n 's/^Release: *\([0-9]*\).*/\1/p' "$src/rpm/nodeherd.spec")
 rpm1=$v1/rpm/nodeherd-$version-$rpm_release.$rpm_arch.rpm
 rpm2=$v2/rpm/nodeherd-$version2-1.$rpm_arch.rpm
-if [[ -n ${NODEHERD_PKG_OUT:-} ]]; then
+if [[ -n ${NODEHERD_PKG_OUT:-} && -z ${NODEHERD_PKG_IN:-} ]]; then
     mkdir -p "$NODEHERD_PKG_OUT"
     cp -r "$v1" "$NODEHERD_PKG_OUT/$version"
     cp -r "$v2" "$NODEHERD_PKG_OUT/$version2"
