@@ -169,12 +169,15 @@ export SOURCE_DATE_EPOCH
 
 # ---------------------------------------------------------------- sources
 note "source tarballs and licences"
-tarballs() { "$src/packaging/make-tarballs.sh" --tree "$src" "$1" >"$work/tarballs-$2.log" 2>&1; }
-if tarballs "$work/sources-1" 1 && tarballs "$work/sources-2" 2; then
+tarballs() { "$src/packaging/make-tarballs.sh" --tree "$1" "$2" >"$work/tarballs-$3.log" 2>&1; }
+# The second time from a copy elsewhere whose files all have other times.
+cp -a "$src" "$work/tree-copy"
+find "$work/tree-copy" -exec touch -h -d '2001-02-03 04:05:06' {} +
+if tarballs "$src" "$work/sources-1" 1 && tarballs "$work/tree-copy" "$work/sources-2" 2; then
     pass "packaging/make-tarballs.sh made nodeherd-$version.tar.gz and nodeherd-$version-vendor.tar.xz"
     # The crates tarball comes from the cache on the second run: only the
     # first one made it (see make-tarballs.sh for how it stays reproducible).
-    check "the upstream tarball is reproducible (made twice, same bytes)" \
+    check "the upstream tarball is reproducible (made twice, from copies with other file times: same bytes)" \
         cmp -s "$work/sources-1/nodeherd-$version.tar.gz" "$work/sources-2/nodeherd-$version.tar.gz"
     tar -tzf "$work/sources-1/nodeherd-$version.tar.gz" >"$work/upstream-list.txt"
     check "the upstream tarball holds LICENSE-MIT and LICENSE-APACHE" \
@@ -191,7 +194,7 @@ if tarballs "$work/sources-1" 1 && tarballs "$work/sources-2" 2; then
         head -60 "$work/licenses.txt" | show
         fail "debian/copyright or the spec's licences are out of date (run packaging/update-licenses.py)"
     fi
-    rm -rf "$work/crates" "$work/sources-2"
+    rm -rf "$work/crates" "$work/sources-2" "$work/tree-copy"
 else
     cat "$work"/tarballs-*.log | show
     fail "packaging/make-tarballs.sh"
