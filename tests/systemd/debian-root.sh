@@ -26,7 +26,8 @@
 #                 toolchain)
 #   KEY/          that tarball unpacked; KEY/.debian-root names what made it
 # A root older than NODEHERD_DEBIAN_ROOT_MAX_AGE days (default 30), or any
-# with --refresh, is made anew from the archive and replaces the old one.
+# with --refresh, is made anew from the archive and replaces the old one;
+# roots nobody asked for in that many days (other package sets) are removed.
 #
 # The directory is shared by every caller: use it read-only, as the lower
 # layer of an overlay (container.sh, build-offline.sh do) or copy it. Two
@@ -132,4 +133,16 @@ if ! fresh; then
     trap - EXIT
     echo "debian-root.sh: made $key in $((SECONDS - t0)) s" >&2
 fi
+touch "$cache/.$key.used"
+# Roots of other keys that nobody used for max_age days, unless being made.
+for used in "$cache"/.*.used; do
+    [[ -n $(find "$used" -mtime "+$max_age" 2>/dev/null) ]] || continue
+    old=${used%.used}
+    old=$cache/${old##*/.}
+    exec {oldlock}>"$cache/.${old##*/}.lock"
+    if flock -n "$oldlock"; then
+        rm -rf "$old" "$old.tar.zst" "$used"
+    fi
+    exec {oldlock}>&-
+done
 echo "$root"
