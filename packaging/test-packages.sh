@@ -275,6 +275,27 @@ if [[ -n ${NODEHERD_PKG_OUT:-} && -z ${NODEHERD_PKG_IN:-} ]]; then
     cp -r "$v2" "$NODEHERD_PKG_OUT/$version2"
 fi
 
+testroot=""
+if [[ -f $deb1 || -f $rpm1 || -z ${NODEHERD_SKIP_SMOKE:-} ]]; then
+    note "Debian 13 root to run the binaries, lintian and the container (tests/systemd/debian-root.sh)"
+    if ! testroot=$("$src/tests/systemd/debian-root.sh" trixie lintian nodejs procps rpm 2>"$work/testroot.log"); then
+        show "$work/testroot.log"
+        fail "making the Debian 13 test root"
+        testroot=""
+    fi
+fi
+timed "Debian 13 test root (cached after the first run)"
+# in_testroot DIR CMD...: CMD in a throwaway Debian 13 root, DIR at /build
+# (the binaries need Debian 13's C library, newer than this host's).
+in_testroot() {
+    [[ -n $testroot ]] || { echo "    no Debian 13 root"; return 1; }
+    local dir=$1
+    shift
+    "$src/packaging/run-in-root.sh" "$testroot" "$dir" "$@"
+}
+# version_is DIR VERSION: DIR/nodeherd --version names VERSION.
+version_is() { in_testroot "$1" ./nodeherd --version | grep -qF "$2"; }
+
 # ---------------------------------------------------------------- contents
 # What both packages must hold (zsh's directory differs by distribution).
 common_paths=(
@@ -330,7 +351,12 @@ has_paths() {
 }
 
 # has_debug_info FILE: an ELF file with DWARF debug info in it.
-has_debug_info() { readelf -S --wide "$1" 2>/dev/null | grep -Eq '\.z?debug_info '; }
+# (readelf also complains about a .debug file's missing interpreter.)
+has_debug_info() {
+    local sections
+    sections=$(readelf -S --wide "$1" 2>/dev/null || true)
+    grep -Eq '\.z?debug_info ' <<<"$sections"
+}
 
 # overrides_have_reasons FILE: each paragraph (lines between blank lines)
 # holding an override or filter starts with a comment: its reason.
@@ -367,8 +393,7 @@ if [[ -f $deb1 ]]; then
     copyright_text=$(sed 's/^ \.$//; s/^ //' "$work/deb-root/usr/share/doc/nodeherd/copyright" | tr -s ' \n' ' ')
     check ".deb copyright holds LICENSE-MIT's text and names Apache-2.0 in common-licenses" bash -c '
         [[ $2 == *"$1"* && $2 == *"/usr/share/common-licenses/Apache-2.0"* ]]' _ "$mit_text" "$copyright_text"
-    check ".deb binary reports version $version" \
-        bash -c "'$work/deb-root/usr/bin/nodeherd' --version | grep -qF '$version'"
+    check ".deb binary reports version $version (run in Debian 13)" version_is "$work/deb-root/usr/bin" "$version"
     check ".deb binary is stripped (no DWARF in it)" bash -c "! readelf -S --wide '$work/deb-root/usr/bin/nodeherd' | grep -Eq '\.z?debug_info '"
     dbgsym=$v1/deb/nodeherd-dbgsym_${version}-1_$arch.deb
     if [[ -f $dbgsym ]]; then
@@ -416,7 +441,7 @@ if [[ -f $rpm1 ]]; then
         f='$work/rpm-root/usr/share/licenses/nodeherd/LICENSE.dependencies'
         [[ \$(grep -c '^=== ' \"\$f\") == \$(wc -l <'$src/packaging/bundled-crates.txt') ]] &&
         grep -q '^--- subtle-[0-9.]*/LICENSE\$' \"\$f\" && grep -q 'Redistribution and use in source and binary forms' \"\$f\""
-    check ".rpm binary reports version $version" bash -c "'$work/rpm-root/usr/bin/nodeherd' --version | grep -qF '$version'"
+    check ".rpm binary reports version $version (run in Debian 13)" version_is "$work/rpm-root/usr/bin" "$version"
     check ".rpm binary is stripped (no DWARF in it)" bash -c "! readelf -S --wide '$work/rpm-root/usr/bin/nodeherd' | grep -Eq '\.z?debug_info '"
     debuginfo=$v1/rpm/nodeherd-debuginfo-$version-$rpm_release.$rpm_arch.rpm
     if [[ -f $debuginfo ]]; then
@@ -443,16 +468,6 @@ fi
 timed "package checks"
 
 # ---------------------------------------------------------------- lint
-testroot=""
-if [[ -f $deb1 || -z ${NODEHERD_SKIP_SMOKE:-} ]]; then
-    note "Debian 13 root for lintian and the container (tests/systemd/debian-root.sh)"
-    if ! testroot=$("$src/tests/systemd/debian-root.sh" trixie lintian nodejs procps rpm 2>"$work/testroot.log"); then
-        show "$work/testroot.log"
-        fail "making the Debian 13 test root"
-        testroot=""
-    fi
-fi
-timed "Debian 13 test root (cached after the first run)"
 
 for f in "$src"/debian/*lintian-overrides "$src"/debian/source/lintian-overrides "$src"/rpm/*.rpmlintrc; do
     [[ -f $f ]] || continue
