@@ -478,8 +478,8 @@ if [[ -f $deb1 && -n $testroot ]]; then
     note "lintian (Debian 13's) on the source package and the binaries"
     mkdir -p "$work/lint"
     cp "$v1"/deb/*.changes "$v1"/deb/*.dsc "$v1"/deb/*.deb "$v1"/deb/*.tar.* "$v1"/deb/*.buildinfo "$work/lint/"
-    # Exit status 0: nothing at warning level or above; 1: something; 2:
-    # lintian itself failed.
+    # Exit status 0: nothing at warning level or above; 2: a tag at the
+    # --fail-on level; 1: lintian itself failed.
     lintian_rc=0
     "$src/packaging/run-in-root.sh" --as-builder "$testroot" "$work/lint" \
         lintian --pedantic --display-info --tag-display-limit 0 --fail-on error,warning \
