@@ -5,7 +5,7 @@
 # with the network cut, as an unprivileged user.
 #
 #   packaging/build-offline.sh [--tree DIR] [--only deb|rpm] [--keep-target]
-#                              [--deb-target-from DIR] OUTDIR
+#                              [--target-from DIR] OUTDIR
 #
 # 1. packaging/make-tarballs.sh [--tree DIR] OUTDIR: the upstream tarball
 #    and the vendored-crates tarball (this needs crates.io once; later runs
@@ -31,12 +31,15 @@
 # Before building, the script checks that a TCP connection to the Debian
 # archive fails in there. Logs: OUTDIR/deb/build.log, OUTDIR/rpm/build.log.
 #
-# The .deb is built in /build/src whatever the version, with cargo's target
-# directory beside it (/build/target = OUTDIR/deb/target), removed after the
-# build unless --keep-target. --deb-target-from DIR moves such a kept
-# directory (of an earlier build of the same crates, toolchain and suite)
-# in first, so cargo compiles only what changed, nodeherd itself: the
-# packaging test builds its second, higher version this way.
+# cargo's target directory is /build/target (OUTDIR/deb/target,
+# OUTDIR/rpm/target), removed after the build unless --keep-target. With
+# --only deb|rpm, --target-from DIR moves such a kept directory (of an
+# earlier build of the same crates, toolchain and suite, for the same kind
+# of package) in first, so cargo compiles only what changed: the packaging
+# test builds its second packages this way. It works when the vendored
+# crates are at the same path as before: the .deb is always built in
+# /build/src, the RPM in rpmbuild's nodeherd-VERSION (so: the same version,
+# another Release).
 #
 # Environment: NODEHERD_BUILD_SUITE (trixie), NODEHERD_BUILD_JOBS (the
 # number of CPUs), SOURCE_DATE_EPOCH (see make-tarballs.sh).
@@ -60,7 +63,7 @@ declare -A RPM_BUILDREQUIRES=(
 )
 RPM_TOOLS=(rpm debugedit elfutils cpio file)
 
-usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] [--keep-target] [--deb-target-from DIR] OUTDIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] [--keep-target] [--target-from DIR] OUTDIR" >&2; exit 2; }
 tree_args=()
 only=""
 keep_target=""
@@ -68,7 +71,7 @@ target_from=""
 while [[ ${1:-} == --* ]]; do
     case $1 in
     --keep-target) keep_target=1 ;;
-    --deb-target-from) target_from=${2:?}; [[ -d $target_from ]] || usage; shift ;;
+    --target-from) target_from=${2:?}; [[ -d $target_from ]] || usage; shift ;;
     --tree) tree_args=(--tree "${2:?}"); shift ;;
     --only) only=${2:?}; [[ $only == deb || $only == rpm ]] || usage; shift ;;
     *) usage ;;
@@ -76,6 +79,7 @@ while [[ ${1:-} == --* ]]; do
     shift
 done
 (($# == 1)) || usage
+[[ -z $target_from || -n $only ]] || usage
 out=$1
 [[ $(id -u) == 0 ]] || { echo "build-offline.sh: needs root" >&2; exit 1; }
 mkdir -p "$out"
@@ -178,9 +182,14 @@ build_rpm() {
     mkdir -p "$work/rpmbuild/SOURCES"
     cp "$upstream" "$vendor" "$work/rpmbuild/SOURCES/"
     cp "$spec" "$work/nodeherd.spec"
+    if [[ -n $target_from ]]; then
+        mv "$target_from" "$work/target"
+        say "rpm: reusing cargo's target directory $target_from"
+    fi
     cat >"$work/build.sh" <<EOF
 $no_network
 cd /build
+export CARGO_TARGET_DIR=/build/target
 echo "toolchain: \$(cargo --version), \$(rustc --version)"
 rpmbuild -ba --nodeps --define "_topdir /build/rpmbuild" --define "_smp_build_ncpus $jobs" nodeherd.spec
 EOF
@@ -192,6 +201,7 @@ EOF
     fi
     find "$work/rpmbuild/RPMS" "$work/rpmbuild/SRPMS" -name '*.rpm' -exec mv {} "$work/" \;
     rm -rf "$work/rpmbuild" "$work/build.sh"
+    [[ -n $keep_target ]] || rm -rf "$work/target"
     say "rpm: built in $((SECONDS - t0)) s: $(cd "$work" && echo *.rpm)"
 }
 

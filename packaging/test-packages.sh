@@ -10,11 +10,11 @@
 #      and hold both licence files; debian/copyright and the spec's License:
 #      and bundled(crate()) lines are what packaging/update-licenses.py
 #      makes from the vendored crates
-#   4. packaging/build-offline.sh, twice: the tree's version (the .deb as
-#      3.0 (quilt) source and binaries, the .src.rpm and RPMs), then the
-#      same tree bumped to the next patch version, for the upgrade test
-#      (its .deb reuses the first build's compiled crates; its RPM is built
-#      from scratch)
+#   4. packaging/build-offline.sh: the tree's version from scratch (the .deb
+#      as 3.0 (quilt) source and binaries, the .src.rpm and RPMs); then, for
+#      the upgrade test, the .deb of the tree bumped to the next patch
+#      version and the RPM of the tree with the next Release, both reusing
+#      the first builds' compiled crates (cargo compiles what changed)
 #   5. what the packages hold: files, conffiles, licences, Static-Built-Using,
 #      bundled provides, debug symbols in nodeherd-dbgsym and
 #      nodeherd-debuginfo (and not in the binary), the scriptlets
@@ -25,7 +25,8 @@
 #      the first .deb (nothing runs), enable the example, use it; with
 #      requests running, install the second version: the instance restarts
 #      into the new binary (the failed requests are counted and reported);
-#      remove, purge, nothing left. The same with the RPMs (rpm -i, -U, -e).
+#      remove, purge, nothing left. The same with the RPMs (rpm -i, -U, -e),
+#      whose second package has the same binary under a higher Release.
 #
 # Every check prints PASS or FAIL with what it saw; the last lines are the
 # time each step took and "N passed, N failed"; the exit status is non-zero
@@ -37,8 +38,8 @@
 #   NODEHERD_SKIP_SMOKE=1  build and check the packages only (no container)
 #   NODEHERD_ONLY_SOURCES=1  stop after the tarball and licence checks
 #   NODEHERD_PKG_IN=DIR    build nothing: take the packages from DIR, as an
-#                          earlier run's NODEHERD_PKG_OUT left them (DIR/VERSION/
-#                          deb, rpm and DIR/NEXT_VERSION/...), then check, lint
+#                          earlier run's NODEHERD_PKG_OUT left them (DIR/first,
+#                          DIR/deb-upgrade, DIR/rpm-upgrade), then check, lint
 #                          and try them as usual
 #   NODEHERD_CI_CACHE      where the Debian roots and the crates are cached
 #                          (default /var/cache/nodeherd-ci)
@@ -228,51 +229,60 @@ bump() { # DIR NEW
         "$dir/rpm/nodeherd.spec"
 }
 bump "$src2" "$version2"
+# The RPM's second package: the same version, the next Release (so that
+# rpmbuild's build directory, and the crates' path in it, stay the same).
+rpm_release=$(sed -n 's/^Release: *\([0-9]*\).*/\1/p' "$src/rpm/nodeherd.spec")
+rpm_release2=$((rpm_release + 1))
+src3=$work/tree-$version-$rpm_release2
+cp -a "$src" "$src3"
+sed -i -e "s/^Release:\( *\)[0-9]*/Release:\1$rpm_release2/" \
+    -e "/^%changelog/a * $(date '+%a %b %d %Y') nodeherd tests <tests@invalid> - $version-$rpm_release2\n- Upgrade test build.\n" \
+    "$src3/rpm/nodeherd.spec"
 
 build_offline() { # LABEL OUTDIR ARGS...
     local label=$1 out=$2
     shift 2
     note "$label: packaging/build-offline.sh $*"
     if "$src/packaging/build-offline.sh" "$@" "$out" >"$work/build-offline-$label.log" 2>&1; then
-        pass "$label: built offline in a clean Debian 13 root: $(cd "$out" && echo deb/*.deb deb/*.dsc rpm/*.rpm)"
+        pass "$label: built offline in a clean Debian 13 root: $(cd "$out" && ls deb/*.deb deb/*.dsc rpm/*.rpm 2>/dev/null | tr '\n' ' ')"
     else
         tail -40 "$work/build-offline-$label.log" | show
         fail "$label: packaging/build-offline.sh (log above)"
         return 1
     fi
 }
-v1=$work/v1
-v2=$work/v2
-deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
-deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
+v1=$work/first
+v2=$work/deb-upgrade
+r2=$work/rpm-upgrade
 if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
     note "packages from $NODEHERD_PKG_IN (NODEHERD_PKG_IN): nothing is built"
-    v1=$NODEHERD_PKG_IN/$version
-    v2=$NODEHERD_PKG_IN/$version2
-    deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
-    deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
+    v1=$NODEHERD_PKG_IN/first
+    v2=$NODEHERD_PKG_IN/deb-upgrade
+    r2=$NODEHERD_PKG_IN/rpm-upgrade
 else
     build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
     timed ".deb $version (from scratch, offline)"
-    build_offline "$version RPM" "$v1" --tree "$src" --only rpm || true
-    timed "RPM $version (from scratch, offline)"
-    if [[ -d $v1/deb/target ]]; then
-        build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb --deb-target-from "$v1/deb/target" || true
-    else
-        build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb || true
-    fi
-    timed ".deb $version2 (offline, crates compiled by the first build)"
-    build_offline "$version2 RPM" "$v2" --tree "$src2" --only rpm || true
-    timed "RPM $version2 (from scratch, offline)"
+    build_offline "$version RPM" "$v1" --tree "$src" --only rpm --keep-target || true
+    timed "RPM $version-$rpm_release (from scratch, offline)"
+    reuse=()
+    [[ -d $v1/deb/target ]] && reuse=(--target-from "$v1/deb/target")
+    build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb "${reuse[@]}" || true
+    timed ".deb $version2 (offline, reusing the first build's crates)"
+    reuse=()
+    [[ -d $v1/rpm/target ]] && reuse=(--target-from "$v1/rpm/target")
+    build_offline "$version-$rpm_release2 RPM" "$r2" --tree "$src3" --only rpm "${reuse[@]}" || true
+    timed "RPM $version-$rpm_release2 (offline, reusing the first build's crates)"
 fi
+deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
+deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
 rpm_arch=$(rpm --eval '%{_arch}')
-rpm_release=$(sed -n 's/^Release: *\([0-9]*\).*/\1/p' "$src/rpm/nodeherd.spec")
 rpm1=$v1/rpm/nodeherd-$version-$rpm_release.$rpm_arch.rpm
-rpm2=$v2/rpm/nodeherd-$version2-1.$rpm_arch.rpm
+rpm2=$r2/rpm/nodeherd-$version-$rpm_release2.$rpm_arch.rpm
 if [[ -n ${NODEHERD_PKG_OUT:-} && -z ${NODEHERD_PKG_IN:-} ]]; then
     mkdir -p "$NODEHERD_PKG_OUT"
-    cp -r "$v1" "$NODEHERD_PKG_OUT/$version"
-    cp -r "$v2" "$NODEHERD_PKG_OUT/$version2"
+    for d in "$v1" "$v2" "$r2"; do
+        [[ -d $d ]] && cp -r "$d" "$NODEHERD_PKG_OUT/"
+    done
 fi
 
 testroot=""
@@ -663,8 +673,12 @@ upgrades_under_load() {
     wait "$load_pid" 2>/dev/null || true
     load_pid=""
     new_version=$(running_version || echo "?")
-    check "$pkg: after the upgrade the app runs the new binary (manager pid $before -> $after, its binary says $old_version -> $new_version)" \
-        test "$new_version" = "$new" -a "$after" != "$before"
+    # The package manager replaced /usr/bin/nodeherd by a new file: a
+    # process still running the old one has "(deleted)" after its exe link.
+    local exe
+    exe=$(ct readlink "/proc/$after/exe" 2>/dev/null || echo "?")
+    check "$pkg: after the upgrade the app runs the new binary (manager pid $before -> $after, its exe '$exe', which says $old_version -> $new_version)" \
+        test "$new_version" = "$new" -a "$after" != "$before" -a "$exe" = /usr/bin/nodeherd
     check "$pkg: it answers after the upgrade" poll 30 answers
     total=$(wc -l <"$work/load-$pkg.txt")
     bad=$(awk '$2 != 200' "$work/load-$pkg.txt" | wc -l)
@@ -725,11 +739,11 @@ ct groupdel nodeherd >/dev/null 2>&1 || true
 # --nodeps (its database knows none of the Debian packages), and runs the
 # spec's scriptlets.
 if [[ -f $rpm1 && -f $rpm2 ]]; then
-    note "the RPM: $version, then $version2"
+    note "the RPM: $version-$rpm_release, then $version-$rpm_release2"
     if run_logged "rpm: rpm -i $(basename "$rpm1")" ct rpm -i --nodeps "/shared/$(basename "$rpm1")"; then
         installed_idle rpm
         serves rpm
-        upgrades_under_load rpm "$version2" rpm -U --nodeps "/shared/$(basename "$rpm2")"
+        upgrades_under_load rpm "$version" rpm -U --nodeps "/shared/$(basename "$rpm2")"
         run_logged "rpm: rpm -e nodeherd" ct rpm -e nodeherd
         removed rpm
         forgotten rpm
