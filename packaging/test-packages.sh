@@ -684,7 +684,7 @@ upgrades_under_load() {
     bad=$(awk '$2 != 200' "$work/load-$pkg.txt" | wc -l)
     detail=$(awk '$2 != 200 { n[$2]++ } END { for (k in n) printf "%s%s x%d", sep, k, n[k]; sep = ", " }' "$work/load-$pkg.txt")
     note "$pkg: upgrade under load: $total requests, $bad failed${detail:+ ($detail)}; the install command took $took s"
-    upgrade_figures+=("$pkg $old_version -> $new: $total requests, $bad failed${detail:+ ($detail)}, install took $took s")
+    upgrade_figures+=("$pkg, $(basename "${*: -1}") over $old_version: $total requests, $bad failed${detail:+ ($detail)}, install took $took s")
 }
 
 # removed PKG: after removal nothing of the app is left running or loaded.
