@@ -47,9 +47,13 @@ step "cargo fmt --check" cargo fmt --check
 step "cargo clippy" cargo clippy --all-targets --quiet -- -D warnings
 step "cargo test" cargo test --quiet
 step "release build" cargo build --release --quiet
+# oha (the load generator) is built once per machine and kept in the cache.
+CACHE=${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}
+export PATH="$CACHE/oha/bin:$PATH"
 if ! command -v oha >/dev/null; then
-  echo "==> installing oha (load generator)"
-  cargo install oha --locked --quiet
+  echo "==> installing oha (load generator) into $CACHE/oha"
+  mkdir -p "$CACHE/oha"
+  cargo install oha --locked --quiet --root "$CACHE/oha"
 fi
 step "reload and scale under load" tests/load/reload-under-load.sh target/release/nodeherd
 step "reload and scale under load, an app with its own SIGINT handler" \
