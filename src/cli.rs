@@ -218,17 +218,8 @@ pub struct InstallArgs {
     #[arg(long)]
     pub boot: bool,
 
-    /// Print the files and commands, change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-
-    /// Where the template units read app configurations
-    #[arg(long, value_name = "DIR", default_value = "/etc/nodeherd")]
-    pub config_dir: PathBuf,
-
-    /// Where unit drop-ins go
-    #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
-    pub unit_dir: PathBuf,
+    #[command(flatten)]
+    pub dirs: InstallDirs,
 }
 
 #[derive(Debug, Args)]
@@ -236,7 +227,14 @@ pub struct UninstallArgs {
     /// The app
     pub name: String,
 
-    /// Print what would be removed, change nothing
+    #[command(flatten)]
+    pub dirs: InstallDirs,
+}
+
+/// Where `install` writes, and whether it only says what it would.
+#[derive(Debug, Args)]
+pub struct InstallDirs {
+    /// Print the files and commands, change nothing
     #[arg(long)]
     pub dry_run: bool,
 

@@ -101,7 +101,7 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         }));
     }
     for p in &plans {
-        if let Some(owner) = foreign_config(&args.config_dir, &p.name, &file) {
+        if let Some(owner) = foreign_config(&args.dirs.config_dir, &p.name, &file) {
             return Err(Failure::Refused(format!(
                 "{} exists and was not written by `nodeherd install` from {}; remove it or name the app otherwise",
                 owner.display(),
@@ -113,7 +113,7 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         let mut files = vec![(p.config.clone(), p.config_text.clone())];
         files.extend(p.dropin.clone());
         for (path, text) in files {
-            write_file(&path, &text, args.dry_run)?;
+            write_file(&path, &text, args.dirs.dry_run)?;
         }
     }
     let mut commands = vec![vec!["daemon-reload".to_string()]];
@@ -132,13 +132,13 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         }
     }
     for c in &commands {
-        systemctl(c, args.dry_run)?;
+        systemctl(c, args.dirs.dry_run)?;
     }
     for p in &plans {
         println!(
             "{}: {}; edit {} and `systemctl reload nodeherd@{}` to change it",
             p.name,
-            if args.dry_run {
+            if args.dirs.dry_run {
                 "would be installed"
             } else {
                 "installed"
@@ -193,7 +193,8 @@ fn plan(
             text.push('\n');
         }
         Some((
-            args.unit_dir
+            args.dirs
+                .unit_dir
                 .join(format!("nodeherd@{name}.socket.d"))
                 .join("listen.conf"),
             text,
@@ -201,7 +202,7 @@ fn plan(
     };
     Ok(Plan {
         name: name.to_string(),
-        config: args.config_dir.join(format!("{name}.json")),
+        config: args.dirs.config_dir.join(format!("{name}.json")),
         config_text,
         dropin,
     })
@@ -345,7 +346,7 @@ fn systemctl(args: &[String], dry_run: bool) -> Result<(), Failure> {
 
 fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
     check_unit_name(&args.name)?;
-    let config = args.config_dir.join(format!("{}.json", args.name));
+    let config = args.dirs.config_dir.join(format!("{}.json", args.name));
     let ours = std::fs::read_to_string(&config)
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -363,16 +364,17 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
             format!("nodeherd@{}.service", args.name),
             format!("nodeherd@{}.socket", args.name),
         ],
-        args.dry_run,
+        args.dirs.dry_run,
     )?;
     let dropin_dir = args
+        .dirs
         .unit_dir
         .join(format!("nodeherd@{}.socket.d", args.name));
     for path in [config, dropin_dir.join("listen.conf")] {
         if !path.exists() {
             continue;
         }
-        if args.dry_run {
+        if args.dirs.dry_run {
             println!("--- would remove {}", path.display());
         } else {
             std::fs::remove_file(&path)
@@ -380,10 +382,10 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
             println!("removed {}", path.display());
         }
     }
-    if !args.dry_run {
+    if !args.dirs.dry_run {
         let _ = std::fs::remove_dir(&dropin_dir);
     }
-    systemctl(&["daemon-reload".into()], args.dry_run)?;
+    systemctl(&["daemon-reload".into()], args.dirs.dry_run)?;
     println!("{}: uninstalled", args.name);
     Ok(())
 }

@@ -28,29 +28,11 @@ fn get_unix(path: &Path) -> std::io::Result<serde_json::Value> {
     serde_json::from_str(body).map_err(std::io::Error::other)
 }
 
-fn run_app(script: &str, extra: &[&str], env: &[(&str, &str)]) -> Manager {
-    let mut args = vec![
-        "run",
-        script,
-        "-i",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--no-bus",
-    ];
-    args.extend_from_slice(extra);
-    start(&args, env)
-}
-
 #[test]
 fn more_ports_are_shared_across_workers_and_reloads() {
     let dir = tempdir::Dir::new("ports");
     let metrics = path_str(&dir.path);
-    let m = run_app(
-        &path_str(&app("ports.js")),
-        &[],
-        &[("METRICS_DIR", &metrics)],
-    );
+    let m = run_app(&app("ports.js"), &["-i", "2"], &[("METRICS_DIR", &metrics)]);
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
@@ -102,8 +84,8 @@ fn a_bind_the_manager_cannot_make_reaches_the_app_as_nodes_own_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port().to_string();
     let m = run_app(
-        &path_str(&app("ports.js")),
-        &[],
+        &app("ports.js"),
+        &["-i", "2"],
         &[("TAKEN_PORT", &taken_port)],
     );
     let port = m.port();
@@ -117,7 +99,7 @@ fn a_bind_the_manager_cannot_make_reaches_the_app_as_nodes_own_error() {
 
 #[test]
 fn a_forked_helper_is_left_alone() {
-    let mut m = run_app(&path_str(&app("fork_helper.js")), &[], &[]);
+    let mut m = run_app(&app("fork_helper.js"), &["-i", "2"], &[]);
     let port = m.port();
     let mut helpers: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     wait_until(T, || {
@@ -187,8 +169,8 @@ fn a_udp_client_keeps_its_own_socket() {
         }
     });
     let m = run_app(
-        &path_str(&app("udp_client.js")),
-        &[],
+        &app("udp_client.js"),
+        &["-i", "2"],
         &[("ECHO_PORT", &echo_port)],
     );
     let port = m.port();
@@ -204,8 +186,8 @@ fn a_udp_client_keeps_its_own_socket() {
 fn an_app_that_runs_cluster_itself_serves_and_reloads() {
     // A generous kill_timeout: the old primaries must leave by themselves.
     let m = run_app(
-        &path_str(&app("cluster_app.js")),
-        &["--kill-timeout", "15000"],
+        &app("cluster_app.js"),
+        &["-i", "2", "--kill-timeout", "15000"],
         &[],
     );
     let port = m.port();
@@ -293,7 +275,7 @@ fn a_shell_script_that_execs_node_gets_the_sockets() {
     );
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let m = run_app(&path_str(&script), &["--interpreter", "none"], &[]);
+    let m = run_app(&script, &["-i", "2", "--interpreter", "none"], &[]);
     let port = m.port();
     let seen = instances_answering(port, 2, T);
     assert_eq!(seen.len(), 2, "{}", m.log());

@@ -945,16 +945,7 @@ impl Core {
                 {
                     return;
                 }
-                let ids: Vec<WorkerId> = self
-                    .slots
-                    .iter()
-                    .filter_map(|s| s.current)
-                    .filter(|id| {
-                        self.workers
-                            .get(id)
-                            .is_some_and(|w| w.state == WState::Ready)
-                    })
-                    .collect();
+                let ids: Vec<WorkerId> = self.ready_current().collect();
                 if !ids.is_empty() {
                     self.out.push(Effect::SampleMemory(ids));
                 }

@@ -10,17 +10,18 @@ impl Core {
         self.workers.get(&worker).map(|w| w.index)
     }
 
+    /// The current workers of the slots that are ready.
+    pub(super) fn ready_current(&self) -> impl Iterator<Item = super::core::WorkerId> + '_ {
+        self.slots.iter().filter_map(|s| s.current).filter(|id| {
+            self.workers
+                .get(id)
+                .is_some_and(|w| w.state == WState::Ready)
+        })
+    }
+
     /// Slots whose current worker is ready.
     pub(super) fn ready_count(&self) -> u32 {
-        self.slots
-            .iter()
-            .filter_map(|s| s.current)
-            .filter(|id| {
-                self.workers
-                    .get(id)
-                    .is_some_and(|w| w.state == WState::Ready)
-            })
-            .count() as u32
+        self.ready_current().count() as u32
     }
 
     fn first_start_running(&self) -> bool {

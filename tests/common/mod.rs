@@ -277,6 +277,21 @@ fn collect(
     });
 }
 
+/// `nodeherd run TARGET --listen 127.0.0.1:0 --no-bus EXTRA...`: an app on
+/// a port the kernel picks (read it with [`Manager::port`]), with no bus.
+pub fn run_app(target: &Path, extra: &[&str], env: &[(&str, &str)]) -> Manager {
+    let target = path_str(target);
+    let mut args = vec![
+        "run",
+        target.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-bus",
+    ];
+    args.extend_from_slice(extra);
+    start(&args, env)
+}
+
 /// Run `nodeherd` to completion (for bad-input tests): (exit code, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
     let mut m = start(args, &[]);
