@@ -115,8 +115,10 @@ def main():
         print(f"after:  {after}")
         checks = {
             "open fds flat": after["fds"] == before["fds"],
-            # tokio may keep one idle blocking-pool thread around or let it go.
-            "threads flat (within 1)": abs(after["threads"] - before["threads"]) <= 1 and after["threads"] <= 4,
+            # No growth: the main thread, the log writer, and tokio's blocking
+            # pool (reloads read the configuration there; idle threads leave
+            # after 10 s), so fewer after than before is fine.
+            "threads not growing (at most 1 more)": after["threads"] <= before["threads"] + 1 and after["threads"] <= 6,
             f"RSS within {args.rss_bound_kib} KiB": after["rss_kib"] - before["rss_kib"] <= args.rss_bound_kib,
         }
         for name, ok in checks.items():
