@@ -1,34 +1,50 @@
 #!/usr/bin/env bash
-# Build nodeherd's .deb and .rpm from a clean copy of the tree, check that
-# each holds every file it should, lint the .deb, then install the .deb into
-# a throwaway systemd container and run the example app from it:
+# Build nodeherd's Debian and RPM packages as a distribution would (from
+# the source and vendored-crates tarballs, offline, in a clean Debian 13
+# root), check them, lint them, and run them under a booted systemd:
 #
-#   1. install the build tools (apt-get update once, only if one is missing)
-#   2. copy the tree: `git archive HEAD` (committed files only), or
-#      NODEHERD_TREE=DIR to take a working tree as it is
-#   3. dpkg-buildpackage -us -uc -b; list the .deb; lintian (any E: fails)
-#   4. rpmbuild -bb from a tarball of the same copy; list the .rpm
-#   5. in a container booted by tests/systemd/container.sh: dpkg -i, nothing
-#      runs; `systemctl enable --now nodeherd@hello.socket`; the app answers
-#      on 127.0.0.1:8000, on both workers, over the bus, across a reload and
-#      an upgrade in place; `dpkg -r` stops it and removes the units;
-#      `dpkg --purge` removes /etc/nodeherd. Then the same with the .rpm
-#      (rpm -i, rpm -U, rpm -e).
+#   1. tools (apt-get update once, only if one is missing)
+#   2. a copy of the tree: `git archive HEAD` (committed files only), or
+#      NODEHERD_TREE=DIR for a working tree as it is
+#   3. sources: the tarballs (packaging/make-tarballs.sh) are reproducible
+#      and hold both licence files; debian/copyright and the spec's License:
+#      and bundled(crate()) lines are what packaging/update-licenses.py
+#      makes from the vendored crates
+#   4. packaging/build-offline.sh: the tree's version from scratch (the .deb
+#      as 3.0 (quilt) source and binaries, the .src.rpm and RPMs); then, for
+#      the upgrade test, the .deb of the tree bumped to the next patch
+#      version and the RPM of the tree with the next Release, both reusing
+#      the first builds' compiled crates (cargo compiles what changed)
+#   5. what the packages hold: files, conffiles, licences, Static-Built-Using,
+#      bundled provides, debug symbols in nodeherd-dbgsym and
+#      nodeherd-debuginfo (and not in the binary), the scriptlets
+#   6. lintian (Debian 13's, --pedantic) and rpmlint: no error, no warning;
+#      every override and filter has its reason in a comment above it
+#   7. in a throwaway Debian 13 container booted by systemd
+#      (tests/systemd/container.sh on a root from debian-root.sh): install
+#      the first .deb (nothing runs), enable the example, use it; with
+#      requests running, install the second version: the instance restarts
+#      into the new binary (the failed requests are counted and reported);
+#      remove, purge, nothing left. The same with the RPMs (rpm -i, -U, -e),
+#      whose second package has the same binary under a higher Release.
 #
-# Every check prints PASS or FAIL with what it saw; the last line is
-# "N passed, N failed", and the exit status is non-zero when anything
-# failed. Whatever the script started (the container, the work directory) is
-# cleaned up on exit, however it ends.
+# Every check prints PASS or FAIL with what it saw; the last lines are the
+# time each step took and "N passed, N failed"; the exit status is non-zero
+# when anything failed. Whatever the script started is ended on exit.
 #
 # Environment:
-#   NODEHERD_TREE=DIR      build from DIR instead of `git archive HEAD`
-#   NODEHERD_PKG_OUT=DIR   copy the built packages and lintian's report there
-#   CARGO_TARGET_DIR=DIR   build in this cargo target directory, for example
-#                          the tree's own target/ to reuse its compiled
-#                          crates (default: a fresh one in the work
-#                          directory, shared by both builds)
-#   NODEHERD_SKIP_SMOKE=1  build and check the packages only
-# Needs root (apt-get, the container); uses rustup's cargo from ~/.cargo/bin.
+#   NODEHERD_TREE=DIR      build from DIR as it is instead of `git archive HEAD`
+#   NODEHERD_PKG_OUT=DIR   copy the packages, the logs and the lint reports there
+#   NODEHERD_SKIP_SMOKE=1  build and check the packages only (no container)
+#   NODEHERD_ONLY_SOURCES=1  stop after the tarball and licence checks
+#   NODEHERD_PKG_IN=DIR    build nothing: take the packages from DIR, as an
+#                          earlier run's NODEHERD_PKG_OUT left them (DIR/first,
+#                          DIR/deb-upgrade, DIR/rpm-upgrade), then check, lint
+#                          and try them as usual
+#   NODEHERD_CI_CACHE      where the Debian roots and the crates are cached
+#                          (default /var/cache/nodeherd-ci)
+# Needs root (namespaces, chroot, the container), and the network the first
+# time (Debian's archive for the roots, crates.io for the crates).
 
 set -euo pipefail
 
@@ -36,8 +52,11 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mktemp -d /tmp/nodeherd-packages.XXXXXX)
 container=""
 container_sh=""
+load_pid=""
 passed=0
 failed=0
+timings=()
+upgrade_figures=()
 
 pass() { echo "PASS: $*"; passed=$((passed + 1)); }
 fail() { echo "FAIL: $*"; failed=$((failed + 1)); }
@@ -47,6 +66,13 @@ check() {
     local what=$1
     shift
     if "$@"; then pass "$what"; else fail "$what"; fi
+}
+show() { sed 's/^/    | /' "$@"; }
+# timed LABEL: record how long the step since the last mark took.
+mark=$SECONDS
+timed() {
+    timings+=("$1: $((SECONDS - mark)) s")
+    mark=$SECONDS
 }
 
 # The script's own stdout and stderr: a signal can arrive while a command's
@@ -59,13 +85,25 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     exec 1>&"$stdout" 2>&"$stderr"
+    if [[ -n $load_pid ]]; then
+        kill "$load_pid" 2>/dev/null
+        wait "$load_pid" 2>/dev/null
+    fi
     if [[ -n $container ]]; then
         "$container_sh" stop "$container" >/dev/null 2>"$work/container-stop.err" ||
-            { fail "stopping container $container"; sed 's/^/    /' "$work/container-stop.err"; }
+            { fail "stopping container $container"; show "$work/container-stop.err"; }
     fi
     rm -rf "$work"
     if ((rc != 0 && failed == 0)); then
         fail "the script stopped early (exit status $rc); see the output above"
+    fi
+    if ((${#timings[@]})); then
+        echo "time taken:"
+        printf '    %s\n' "${timings[@]}"
+    fi
+    if ((${#upgrade_figures[@]})); then
+        echo "upgrades under load:"
+        printf '    %s\n' "${upgrade_figures[@]}"
     fi
     echo "$passed passed, $failed failed"
     ((failed == 0)) && exit 0
@@ -77,11 +115,11 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- tools
 if [[ $(id -u) != 0 ]]; then
-    fail "needs root (apt-get, dpkg in a systemd container)"
+    fail "needs root (namespaces, chroot, dpkg in a systemd container)"
     exit 1
 fi
-note "build tools"
-need_debs=(build-essential debhelper dpkg-dev fakeroot lintian rpm git curl systemd-container)
+note "tools"
+need_debs=(dpkg-dev git curl rpm rpmlint systemd-container mmdebstrap zstd xz-utils python3 nodejs binutils cpio)
 missing=()
 for p in "${need_debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -104,46 +142,171 @@ if ((${#missing[@]})); then
         { tail -20 "$work/apt.log"; fail "apt-get install ${missing[*]}"; exit 1; }
 fi
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-command -v cargo >/dev/null || { fail "no cargo (rustup's, in ~/.cargo/bin)"; exit 1; }
+command -v cargo >/dev/null || { fail "no cargo on the host (to vendor the crates)"; exit 1; }
+timed "tools"
 
 # ---------------------------------------------------------------- source
-tree=$work/src/tree
-mkdir -p "$tree"
+src=$work/tree
+mkdir -p "$src"
 if [[ -n ${NODEHERD_TREE:-} ]]; then
     note "source: $NODEHERD_TREE as it is"
     if git -C "$NODEHERD_TREE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
         # Tracked and untracked files, as they are on disk; not what
         # .gitignore names (target/, benchmark scratch).
         git -C "$NODEHERD_TREE" ls-files -z -co --exclude-standard |
-            tar -C "$NODEHERD_TREE" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$tree" -xf -
+            tar -C "$NODEHERD_TREE" --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$src" -xf -
     else
-        tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./.git -cf - . | tar -C "$tree" -xf -
+        tar -C "$NODEHERD_TREE" --exclude=./target --exclude=./vendor --exclude=./.git -cf - . | tar -C "$src" -xf -
     fi
 else
     note "source: git archive HEAD ($(git -C "$repo" rev-parse --short HEAD))"
-    git -C "$repo" archive --format=tar HEAD | tar -C "$tree" -xf -
+    git -C "$repo" archive --format=tar HEAD | tar -C "$src" -xf -
 fi
-version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$tree/Cargo.toml" | head -n1)
-src=$work/src/nodeherd-$version
-mv "$tree" "$src"
-# cargo decides what to rebuild by mtime, and `git archive` stamps files
-# with the commit's time: a shared CARGO_TARGET_DIR holding a newer build of
-# other sources would be reused as is. Fresh mtimes make cargo rebuild
-# nodeherd itself (crates from the registry are still reused).
-find "$src" -exec touch -h {} +
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$src/Cargo.toml" | head -n1)
 arch=$(dpkg --print-architecture)
+# One time stamp for every tarball made here (the copy is not a git tree).
+SOURCE_DATE_EPOCH=$(git -C "$repo" log -1 --format=%ct HEAD)
+export SOURCE_DATE_EPOCH
 
-# Fetch the crates once, online; both builds then run offline from the cache.
-note "cargo fetch"
-if ! (cd "$src" && cargo fetch --locked >"$work/fetch.log" 2>&1) &&
-    ! (cd "$src" && cargo fetch --locked --offline >>"$work/fetch.log" 2>&1); then
-    tail -20 "$work/fetch.log"
-    fail "cargo fetch --locked"
+# ---------------------------------------------------------------- sources
+note "source tarballs and licences"
+tarballs() { "$src/packaging/make-tarballs.sh" --tree "$1" "$2" >"$work/tarballs-$3.log" 2>&1; }
+# The second time from a copy elsewhere whose files all have other times.
+cp -a "$src" "$work/tree-copy"
+find "$work/tree-copy" -exec touch -h -d '2001-02-03 04:05:06' {} +
+if tarballs "$src" "$work/sources-1" 1 && tarballs "$work/tree-copy" "$work/sources-2" 2; then
+    pass "packaging/make-tarballs.sh made nodeherd-$version.tar.gz and nodeherd-$version-vendor.tar.xz"
+    # The crates tarball comes from the cache on the second run: only the
+    # first one made it (see make-tarballs.sh for how it stays reproducible).
+    check "the upstream tarball is reproducible (made twice, from copies with other file times: same bytes)" \
+        cmp -s "$work/sources-1/nodeherd-$version.tar.gz" "$work/sources-2/nodeherd-$version.tar.gz"
+    tar -tzf "$work/sources-1/nodeherd-$version.tar.gz" >"$work/upstream-list.txt"
+    check "the upstream tarball holds LICENSE-MIT and LICENSE-APACHE" \
+        bash -c "grep -qx 'nodeherd-$version/LICENSE-MIT' '$work/upstream-list.txt' && grep -qx 'nodeherd-$version/LICENSE-APACHE' '$work/upstream-list.txt'"
+    check "the upstream tarball holds no debian/ (the Debian packaging is its own tarball)" \
+        bash -c "! grep -q '^nodeherd-$version/debian/' '$work/upstream-list.txt'"
+    mkdir -p "$work/crates"
+    tar -C "$work/crates" -xJf "$work/sources-1/nodeherd-$version-vendor.tar.xz"
+    check "every vendored crate keeps its .cargo-checksum.json" \
+        bash -c "for d in '$work'/crates/vendor/*/; do [[ -s \$d.cargo-checksum.json ]] || { echo \"    no checksums: \$d\"; exit 1; }; done"
+    if "$src/packaging/update-licenses.py" --check --vendor "$work/crates/vendor" >"$work/licenses.txt" 2>&1; then
+        pass "debian/copyright, the spec's License: and bundled provides are up to date: $(tail -1 "$work/licenses.txt")"
+    else
+        head -60 "$work/licenses.txt" | show
+        fail "debian/copyright or the spec's licences are out of date (run packaging/update-licenses.py)"
+    fi
+    rm -rf "$work/crates" "$work/sources-2" "$work/tree-copy"
+else
+    cat "$work"/tarballs-*.log | show
+    fail "packaging/make-tarballs.sh"
     exit 1
 fi
-export CARGO_NET_OFFLINE=true
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$work/target}
+timed "tarballs, reproducibility and licence check"
+if [[ -n ${NODEHERD_ONLY_SOURCES:-} ]]; then
+    note "stopping after the sources (NODEHERD_ONLY_SOURCES)"
+    exit 0
+fi
 
+# ---------------------------------------------------------------- builds
+# The second version, for the upgrade test: the next patch release.
+IFS=. read -r major minor patch <<<"${version%%[-+]*}"
+version2=$major.$minor.$((patch + 1))
+src2=$work/tree-$version2
+cp -a "$src" "$src2"
+bump() { # DIR NEW
+    local dir=$1 new=$2 date
+    date=$(date -R)
+    sed -i "0,/^version *= *\".*\"/s//version = \"$new\"/" "$dir/Cargo.toml"
+    awk -v new="$new" '
+        $0 == "name = \"nodeherd\"" { print; getline; print "version = \"" new "\""; next } { print }
+    ' "$dir/Cargo.lock" >"$dir/Cargo.lock.new" && mv "$dir/Cargo.lock.new" "$dir/Cargo.lock"
+    { printf 'nodeherd (%s-1) unstable; urgency=medium\n\n  * Upgrade test build.\n\n -- %s  %s\n\n' \
+        "$new" "$(sed -n 's/^ -- \(.*>\)  .*/\1/p' "$dir/debian/changelog" | head -n1)" "$date"
+        cat "$dir/debian/changelog"; } >"$dir/debian/changelog.new"
+    mv "$dir/debian/changelog.new" "$dir/debian/changelog"
+    sed -i -e "s/^Version:\( *\).*/Version:\1$new/" -e "s/^Release:\( *\).*/Release:\11%{?dist}/" \
+        -e "/^%changelog/a * $(date '+%a %b %d %Y') nodeherd tests <tests@invalid> - $new-1\n- Upgrade test build.\n" \
+        "$dir/rpm/nodeherd.spec"
+}
+bump "$src2" "$version2"
+# The RPM's second package: the same version, the next Release (so that
+# rpmbuild's build directory, and the crates' path in it, stay the same).
+rpm_release=$(sed -n 's/^Release: *\([0-9]*\).*/\1/p' "$src/rpm/nodeherd.spec")
+rpm_release2=$((rpm_release + 1))
+src3=$work/tree-$version-$rpm_release2
+cp -a "$src" "$src3"
+sed -i -e "s/^Release:\( *\)[0-9]*/Release:\1$rpm_release2/" \
+    -e "/^%changelog/a * $(date '+%a %b %d %Y') nodeherd tests <tests@invalid> - $version-$rpm_release2\n- Upgrade test build.\n" \
+    "$src3/rpm/nodeherd.spec"
+
+build_offline() { # LABEL OUTDIR ARGS...
+    local label=$1 out=$2
+    shift 2
+    note "$label: packaging/build-offline.sh $*"
+    if "$src/packaging/build-offline.sh" "$@" "$out" >"$work/build-offline-$label.log" 2>&1; then
+        pass "$label: built offline in a clean Debian 13 root: $(cd "$out" && ls deb/*.deb deb/*.dsc rpm/*.rpm 2>/dev/null | tr '\n' ' ')"
+    else
+        tail -40 "$work/build-offline-$label.log" | show
+        fail "$label: packaging/build-offline.sh (log above)"
+        return 1
+    fi
+}
+v1=$work/first
+v2=$work/deb-upgrade
+r2=$work/rpm-upgrade
+if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
+    note "packages from $NODEHERD_PKG_IN (NODEHERD_PKG_IN): nothing is built"
+    v1=$NODEHERD_PKG_IN/first
+    v2=$NODEHERD_PKG_IN/deb-upgrade
+    r2=$NODEHERD_PKG_IN/rpm-upgrade
+else
+    build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
+    timed ".deb $version (from scratch, offline)"
+    build_offline "$version RPM" "$v1" --tree "$src" --only rpm --keep-target || true
+    timed "RPM $version-$rpm_release (from scratch, offline)"
+    reuse=()
+    [[ -d $v1/deb/target ]] && reuse=(--target-from "$v1/deb/target")
+    build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb "${reuse[@]}" || true
+    timed ".deb $version2 (offline, reusing the first build's crates)"
+    reuse=()
+    [[ -d $v1/rpm/target ]] && reuse=(--target-from "$v1/rpm/target")
+    build_offline "$version-$rpm_release2 RPM" "$r2" --tree "$src3" --only rpm "${reuse[@]}" || true
+    timed "RPM $version-$rpm_release2 (offline, reusing the first build's crates)"
+fi
+deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
+deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
+rpm_arch=$(rpm --eval '%{_arch}')
+rpm1=$v1/rpm/nodeherd-$version-$rpm_release.$rpm_arch.rpm
+rpm2=$r2/rpm/nodeherd-$version-$rpm_release2.$rpm_arch.rpm
+if [[ -n ${NODEHERD_PKG_OUT:-} && -z ${NODEHERD_PKG_IN:-} ]]; then
+    mkdir -p "$NODEHERD_PKG_OUT"
+    for d in "$v1" "$v2" "$r2"; do
+        [[ -d $d ]] && cp -r "$d" "$NODEHERD_PKG_OUT/"
+    done
+fi
+
+testroot=""
+if [[ -f $deb1 || -f $rpm1 || -z ${NODEHERD_SKIP_SMOKE:-} ]]; then
+    note "Debian 13 root to run the binaries, lintian and the container (tests/systemd/debian-root.sh)"
+    if ! testroot=$("$src/tests/systemd/debian-root.sh" trixie lintian nodejs procps rpm 2>"$work/testroot.log"); then
+        show "$work/testroot.log"
+        fail "making the Debian 13 test root"
+        testroot=""
+    fi
+fi
+timed "Debian 13 test root (cached after the first run)"
+# in_testroot DIR CMD...: CMD in a throwaway Debian 13 root, DIR at /build
+# (the binaries need Debian 13's C library, newer than this host's).
+in_testroot() {
+    [[ -n $testroot ]] || { echo "    no Debian 13 root"; return 1; }
+    local dir=$1
+    shift
+    "$src/packaging/run-in-root.sh" "$testroot" "$dir" "$@"
+}
+# version_is DIR VERSION: DIR/nodeherd --version names VERSION.
+version_is() { in_testroot "$1" ./nodeherd --version | grep -qF "$2"; }
+
+# ---------------------------------------------------------------- contents
 # What both packages must hold (zsh's directory differs by distribution).
 common_paths=(
     /usr/bin/nodeherd
@@ -166,7 +329,7 @@ deb_paths=(
     "${common_paths[@]}"
     /usr/share/zsh/vendor-completions/_nodeherd
     /usr/share/man/man1/nodeherd.1.gz
-    /usr/share/doc/nodeherd/changelog.gz
+    /usr/share/doc/nodeherd/changelog.Debian.gz
     /usr/share/doc/nodeherd/copyright
 )
 rpm_paths=(
@@ -174,15 +337,19 @@ rpm_paths=(
     /usr/share/zsh/site-functions/_nodeherd
     # Compressed or not, as the distribution's rpm macros decide.
     '/usr/share/man/man1/nodeherd.1*'
+    /usr/share/licenses/nodeherd/LICENSE-MIT
+    /usr/share/licenses/nodeherd/LICENSE-APACHE
+    /usr/share/licenses/nodeherd/bundled-crates.txt
+    /usr/share/licenses/nodeherd/LICENSE.dependencies
 )
 
 # has_paths LISTING PATH...: every PATH is a line of LISTING (a PATH
-# ending in * names a prefix).
+# ending in * or - names a prefix).
 has_paths() {
     local listing=$1 p missing=()
     shift
     for p in "$@"; do
-        if [[ $p == *'*' ]]; then
+        if [[ $p == *'*' || $p == *- ]]; then
             awk -v p="${p%'*'}" 'index($0, p) == 1 { f = 1 } END { exit !f }' "$listing" || missing+=("$p")
         else
             grep -qxF "$p" "$listing" || missing+=("$p")
@@ -193,115 +360,192 @@ has_paths() {
     return 1
 }
 
-# ---------------------------------------------------------------- .deb
-note "dpkg-buildpackage -us -uc -b"
-debdir=$work/deb
-mkdir -p "$debdir"
-cp -a "$src" "$debdir/"
-deb=$debdir/nodeherd_${version}_${arch}.deb
-if (cd "$debdir/nodeherd-$version" && dpkg-buildpackage -us -uc -b) >"$work/deb-build.log" 2>&1 && [[ -f $deb ]]; then
-    pass "dpkg-buildpackage built $(basename "$deb")"
-else
-    tail -40 "$work/deb-build.log" | sed 's/^/    /'
-    fail "dpkg-buildpackage (log above)"
-    deb=""
-fi
+# has_debug_info FILE: an ELF file with DWARF debug info in it.
+# (readelf also complains about a .debug file's missing interpreter.)
+has_debug_info() {
+    local sections
+    sections=$(readelf -S --wide "$1" 2>/dev/null || true)
+    grep -Eq '\.z?debug_info ' <<<"$sections"
+}
 
-if [[ -n $deb ]]; then
-    note "contents of $(basename "$deb")"
-    dpkg-deb -c "$deb" | tee "$work/deb-contents.txt" | awk '{print "    " $1, $6, $7, $8}'
-    awk '{print $6}' "$work/deb-contents.txt" | sed 's|^\./|/|; s|/$||' >"$work/deb-paths.txt"
+# overrides_have_reasons FILE: each paragraph (lines between blank lines)
+# holding an override or filter starts with a comment: its reason.
+overrides_have_reasons() {
+    awk '
+        /^[[:space:]]*$/ { para = 0; next }
+        /^[[:space:]]*#/ { if (para == 0) para = 1; next }
+        { if (para != 1) { print "    no reason above: " $0; bad = 1 } ; if (para == 0) para = 2 }
+        END { exit bad }
+    ' "$1"
+}
+
+if [[ -f $deb1 ]]; then
+    note "the .deb and its source package"
+    dsc=$v1/deb/nodeherd_${version}-1.dsc
+    check ".dsc is 3.0 (quilt) with the upstream and the crates tarballs" bash -c "
+        grep -qx 'Format: 3.0 (quilt)' '$dsc' &&
+        grep -q ' nodeherd_$version.orig.tar.gz\$' '$dsc' &&
+        grep -q ' nodeherd_$version.orig-vendor.tar.xz\$' '$dsc'"
+    check ".deb build ran with the network cut" grep -q '^offline: ' "$v1/deb/build.log"
+    toolchain=$(sed -n 's/^toolchain: //p' "$v1/deb/build.log")
+    check ".deb built with Debian's toolchain ($toolchain)" grep -q '(built from a source tarball)' <<<"$toolchain"
+    dpkg-deb -c "$deb1" | awk '{print $6}' | sed 's|^\./|/|; s|/$||' >"$work/deb-paths.txt"
     check ".deb holds every expected file" has_paths "$work/deb-paths.txt" "${deb_paths[@]}"
-    dpkg-deb --ctrl-tarfile "$deb" | tar -xOf - ./conffiles >"$work/deb-conffiles" 2>/dev/null || true
+    dpkg-deb --ctrl-tarfile "$deb1" | tar -xOf - ./conffiles >"$work/deb-conffiles" 2>/dev/null || true
     check ".deb has /etc/nodeherd/hello.config.js as a conffile" \
         grep -qxF /etc/nodeherd/hello.config.js "$work/deb-conffiles"
-    dpkg-deb --ctrl-tarfile "$deb" | tar -xOf - ./postinst >"$work/deb-postinst"
+    sbu=$(dpkg-deb -f "$deb1" Static-Built-Using)
+    check ".deb Static-Built-Using names the Rust standard library's source ($sbu)" \
+        grep -Eq '^rustc(-web)? \(= [^)]+\)$' <<<"$sbu"
+    mkdir -p "$work/deb-root"
+    dpkg-deb -x "$deb1" "$work/deb-root"
+    mit_text=$(sed -n '/^Permission is hereby granted/,$p' "$src/LICENSE-MIT" | tr -s ' \n' ' ')
+    copyright_text=$(sed 's/^ \.$//; s/^ //' "$work/deb-root/usr/share/doc/nodeherd/copyright" | tr -s ' \n' ' ')
+    check ".deb copyright holds LICENSE-MIT's text and names Apache-2.0 in common-licenses" bash -c '
+        [[ $2 == *"$1"* && $2 == *"/usr/share/common-licenses/Apache-2.0"* ]]' _ "$mit_text" "$copyright_text"
+    check ".deb binary reports version $version (run in Debian 13)" version_is "$work/deb-root/usr/bin" "$version"
+    check ".deb binary is stripped (no DWARF in it)" bash -c "! readelf -S --wide '$work/deb-root/usr/bin/nodeherd' | grep -Eq '\.z?debug_info '"
+    dbgsym=$v1/deb/nodeherd-dbgsym_${version}-1_$arch.deb
+    if [[ -f $dbgsym ]]; then
+        mkdir -p "$work/dbgsym-root"
+        dpkg-deb -x "$dbgsym" "$work/dbgsym-root"
+        build_id=$(readelf -n "$work/deb-root/usr/bin/nodeherd" | sed -n 's/.*Build ID: //p')
+        debug_file=$work/dbgsym-root/usr/lib/debug/.build-id/${build_id:0:2}/${build_id:2}.debug
+        check "nodeherd-dbgsym holds the binary's DWARF debug info (build id $build_id)" has_debug_info "$debug_file"
+    else
+        fail "no nodeherd-dbgsym package"
+    fi
+    dpkg-deb --ctrl-tarfile "$deb1" | tar -xOf - ./postinst >"$work/deb-postinst"
     check ".deb postinst creates the user with systemd-sysusers" grep -q 'systemd-sysusers.*nodeherd.conf' "$work/deb-postinst"
     check ".deb installs and starts no unit (no enable/start in postinst)" \
         bash -c "! grep -Eq 'deb-systemd-helper (enable|unmask)|deb-systemd-invoke (start|restart) ' '$work/deb-postinst'"
-    check ".deb binary reports version $version" \
-        bash -c "dpkg-deb --fsys-tarfile '$deb' | tar -xOf - ./usr/bin/nodeherd >'$work/nodeherd.bin' && chmod +x '$work/nodeherd.bin' && '$work/nodeherd.bin' --version | grep -qF '$version'"
+    check ".deb postinst reloads systemd before it moves instances to the new binary" bash -c "
+        r=\$(grep -n 'daemon-reload' '$work/deb-postinst' | tail -1 | cut -d: -f1)
+        m=\$(grep -n '^[[:space:]]*nodeherd_move_instances_to_new_binary\$' '$work/deb-postinst' | tail -1 | cut -d: -f1)
+        [[ -n \$r && -n \$m && \$r -lt \$m ]]"
+fi
 
-    note "lintian"
-    changes=$debdir/nodeherd_${version}_${arch}.changes
-    lintian --info --display-info --pedantic --tag-display-limit 0 "$changes" >"$work/lintian.txt" 2>&1 || true
-    sed 's/^/    /' "$work/lintian.txt"
+if [[ -f $rpm1 ]]; then
+    note "the RPMs"
+    check "RPM build ran with the network cut" grep -q '^offline: ' "$v1/rpm/build.log"
+    rpmspec -q --buildrequires "$src/rpm/nodeherd.spec" >"$work/buildrequires.txt" 2>/dev/null || true
+    check "the spec's BuildRequires name the toolchain ($(paste -sd, "$work/buildrequires.txt"))" \
+        bash -c "grep -q '^cargo >= ' '$work/buildrequires.txt' && grep -q '^rust >= ' '$work/buildrequires.txt'"
+    srpm=$v1/rpm/nodeherd-$version-$rpm_release.src.rpm
+    check ".src.rpm holds the spec and both tarballs" bash -c "
+        rpm -qpl '$srpm' 2>/dev/null | LC_ALL=C sort | tr '\n' ' ' |
+        grep -qx 'nodeherd-$version-vendor.tar.xz nodeherd-$version.tar.gz nodeherd.spec '"
+    rpm -qlp "$rpm1" 2>/dev/null >"$work/rpm-paths.txt"
+    check ".rpm holds every expected file, the licences among them" has_paths "$work/rpm-paths.txt" "${rpm_paths[@]}"
+    check ".rpm has /etc/nodeherd/hello.config.js as %config(noreplace)" \
+        bash -c "rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' '$rpm1' 2>/dev/null | grep -qx 'cn /etc/nodeherd/hello.config.js'"
+    spec_license=$(rpmspec -q --qf '%{LICENSE}\n' --srpm "$src/rpm/nodeherd.spec" 2>/dev/null)
+    check ".rpm License: is the generated SPDX expression ($(rpm -qp --qf '%{LICENSE}' "$rpm1" 2>/dev/null))" \
+        bash -c "[[ -n '$spec_license' && \"\$(rpm -qp --qf '%{LICENSE}' '$rpm1' 2>/dev/null)\" == '$spec_license' ]] && [[ '$spec_license' == *BSD-3-Clause* ]]"
+    bundled=$(rpm -qp --provides "$rpm1" 2>/dev/null | grep -c '^bundled(crate(' || true)
+    check ".rpm provides bundled(crate(NAME)) for each crate linked in ($bundled; packaging/bundled-crates.txt has $(wc -l <"$src/packaging/bundled-crates.txt"))" \
+        test "$bundled" -eq "$(wc -l <"$src/packaging/bundled-crates.txt")"
+    mkdir -p "$work/rpm-root" "$work/debuginfo-root"
+    (cd "$work/rpm-root" && rpm2cpio "$rpm1" | cpio -idm --quiet)
+    check ".rpm LICENSE.dependencies holds the licence texts of the linked crates (subtle's BSD-3-Clause among them)" bash -c "
+        f='$work/rpm-root/usr/share/licenses/nodeherd/LICENSE.dependencies'
+        [[ \$(grep -c '^=== ' \"\$f\") == \$(wc -l <'$src/packaging/bundled-crates.txt') ]] &&
+        grep -q '^--- subtle-[0-9.]*/LICENSE\$' \"\$f\" && grep -q 'Redistribution and use in source and binary forms' \"\$f\""
+    check ".rpm binary reports version $version (run in Debian 13)" version_is "$work/rpm-root/usr/bin" "$version"
+    check ".rpm binary is stripped (no DWARF in it)" bash -c "! readelf -S --wide '$work/rpm-root/usr/bin/nodeherd' | grep -Eq '\.z?debug_info '"
+    debuginfo=$v1/rpm/nodeherd-debuginfo-$version-$rpm_release.$rpm_arch.rpm
+    if [[ -f $debuginfo ]]; then
+        (cd "$work/debuginfo-root" && rpm2cpio "$debuginfo" | cpio -idm --quiet)
+        debug_file=$(find "$work/debuginfo-root/usr/lib/debug/usr/bin" -name 'nodeherd*.debug' 2>/dev/null | head -n1)
+        check "nodeherd-debuginfo holds the binary's DWARF debug info (${debug_file#"$work/debuginfo-root"})" \
+            has_debug_info "${debug_file:-/nonexistent}"
+    else
+        fail "no nodeherd-debuginfo RPM"
+    fi
+    rpm -qp --scripts "$rpm1" >"$work/rpm-scripts.txt" 2>/dev/null
+    check ".rpm %post creates the user with systemd-sysusers" grep -q 'systemd-sysusers nodeherd.conf' "$work/rpm-scripts.txt"
+    check ".rpm stops instances on erase; %posttrans reloads systemd, then moves instances to the new binary" bash -c "
+        grep -qF \"stop 'nodeherd@*.socket' 'nodeherd@*.service'\" '$work/rpm-scripts.txt' &&
+        sed -n '/^posttrans scriptlet/,\$p' '$work/rpm-scripts.txt' >'$work/posttrans.txt' &&
+        r=\$(grep -n 'daemon-reload' '$work/posttrans.txt' | head -1 | cut -d: -f1) &&
+        m=\$(grep -n '^[[:space:]]*nodeherd_move_instances_to_new_binary\$' '$work/posttrans.txt' | head -1 | cut -d: -f1) &&
+        [[ -n \$r && -n \$m && \$r -lt \$m ]]"
+    check ".rpm applies no systemd macro to a template name" \
+        bash -c "! grep -Eq '(preset|disable|try-restart|enable).*nodeherd@\\.(socket|service)' '$work/rpm-scripts.txt'"
+    check ".rpm has a %changelog for $version" \
+        bash -c "rpm -qp --changelog '$rpm1' 2>/dev/null | grep -q -- '- $version-$rpm_release\$'"
+fi
+timed "package checks"
+
+# ---------------------------------------------------------------- lint
+
+for f in "$src"/debian/*lintian-overrides "$src"/debian/source/lintian-overrides "$src"/rpm/*.rpmlintrc; do
+    [[ -f $f ]] || continue
+    check "every entry of ${f#"$src/"} has its reason in a comment above it" overrides_have_reasons "$f"
+done
+
+if [[ -f $deb1 && -n $testroot ]]; then
+    note "lintian (Debian 13's) on the source package and the binaries"
+    mkdir -p "$work/lint"
+    cp "$v1"/deb/*.changes "$v1"/deb/*.dsc "$v1"/deb/*.deb "$v1"/deb/*.tar.* "$v1"/deb/*.buildinfo "$work/lint/"
+    # Exit status 0: nothing at warning level or above; 2: a tag at the
+    # --fail-on level; 1: lintian itself failed.
+    lintian_rc=0
+    "$src/packaging/run-in-root.sh" --as-builder "$testroot" "$work/lint" \
+        lintian --pedantic --display-info --tag-display-limit 0 --fail-on error,warning \
+        "nodeherd_${version}-1_$arch.changes" >"$work/lintian.txt" 2>&1 || lintian_rc=$?
+    show "$work/lintian.txt"
     errors=$(grep -c '^E:' "$work/lintian.txt" || true)
     warnings=$(grep -c '^W:' "$work/lintian.txt" || true)
-    if ((errors == 0)); then
-        pass "lintian: no errors ($warnings warnings)"
-    else
-        fail "lintian: $errors errors"
-    fi
-    if [[ -n ${NODEHERD_PKG_OUT:-} ]]; then
-        mkdir -p "$NODEHERD_PKG_OUT"
-        cp "$debdir"/*.deb "$work/lintian.txt" "$NODEHERD_PKG_OUT/"
-    fi
+    check "lintian on the .changes (source and binaries): no error ($errors), no warning ($warnings), exit status $lintian_rc" \
+        test "$errors" = 0 -a "$warnings" = 0 -a "$lintian_rc" = 0
+    [[ -n ${NODEHERD_PKG_OUT:-} ]] && cp "$work/lintian.txt" "$NODEHERD_PKG_OUT/"
 fi
-
-# ---------------------------------------------------------------- .rpm
-note "rpmbuild -bb"
-top=$work/rpmbuild
-mkdir -p "$top/SOURCES"
-tar -C "$work/src" -czf "$top/SOURCES/nodeherd-$version.tar.gz" "nodeherd-$version"
-rpm_arch=$(rpm --eval '%{_arch}')
-rpmfile=$top/RPMS/$rpm_arch/nodeherd-$version-1.$rpm_arch.rpm
-# --nodeps: Debian's rpm database is empty, so no BuildRequires would be met.
-if rpmbuild -bb --nodeps --define "_topdir $top" "$src/rpm/nodeherd.spec" >"$work/rpm-build.log" 2>&1 &&
-    [[ -f $rpmfile ]]; then
-    pass "rpmbuild built $(basename "$rpmfile")"
-else
-    tail -40 "$work/rpm-build.log" | sed 's/^/    /'
-    fail "rpmbuild (log above)"
-    rpmfile=""
+if [[ -f $rpm1 ]]; then
+    note "rpmlint on the spec, the .src.rpm and the RPMs"
+    rpmlint_args=()
+    [[ -f $src/rpm/nodeherd.rpmlintrc ]] && rpmlint_args=(-r "$src/rpm/nodeherd.rpmlintrc")
+    rpmlint "${rpmlint_args[@]}" "$src/rpm/nodeherd.spec" "$v1"/rpm/*.rpm >"$work/rpmlint.txt" 2>&1 || true
+    show "$work/rpmlint.txt"
+    errors=$(grep -c ': E: ' "$work/rpmlint.txt" || true)
+    warnings=$(grep -c ': W: ' "$work/rpmlint.txt" || true)
+    check "rpmlint: no error ($errors) and no warning ($warnings)" \
+        bash -c "test '$errors' = 0 -a '$warnings' = 0 && grep -q 'packages and 1 specfiles checked\|packages and 1 specfile checked' '$work/rpmlint.txt'"
+    [[ -n ${NODEHERD_PKG_OUT:-} ]] && cp "$work/rpmlint.txt" "$NODEHERD_PKG_OUT/"
 fi
-if [[ -n $rpmfile ]]; then
-    note "contents of $(basename "$rpmfile")"
-    rpm -qlvp "$rpmfile" 2>/dev/null | awk '{print "    " $1, $3, $9, $10, $11}'
-    rpm -qlp "$rpmfile" 2>/dev/null >"$work/rpm-paths.txt"
-    check ".rpm holds every expected file" has_paths "$work/rpm-paths.txt" "${rpm_paths[@]}"
-    check ".rpm has /etc/nodeherd/hello.config.js as %config(noreplace)" \
-        bash -c "rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILENAMES}\n]' '$rpmfile' 2>/dev/null | grep -qx 'cn /etc/nodeherd/hello.config.js'"
-    rpm -qp --scripts "$rpmfile" >"$work/rpm-scripts.txt" 2>/dev/null
-    check ".rpm %post creates the user with systemd-sysusers" grep -q 'systemd-sysusers nodeherd.conf' "$work/rpm-scripts.txt"
-    check ".rpm scriptlets stop instances on erase and restart them on upgrade" \
-        bash -c "grep -qF \"stop 'nodeherd@*.socket' 'nodeherd@*.service'\" '$work/rpm-scripts.txt' && grep -qF \"try-restart 'nodeherd@*.service'\" '$work/rpm-scripts.txt'"
-    check ".rpm has a %changelog for $version" bash -c "rpm -qp --changelog '$rpmfile' 2>/dev/null | grep -q -- '- $version-1\$'"
-    [[ -n ${NODEHERD_PKG_OUT:-} ]] && cp "$rpmfile" "$NODEHERD_PKG_OUT/"
-fi
+timed "lintian and rpmlint"
 
 # ---------------------------------------------------------------- smoke test
 if [[ -n ${NODEHERD_SKIP_SMOKE:-} ]]; then
-    note "smoke test skipped (NODEHERD_SKIP_SMOKE)"
+    note "container tests skipped (NODEHERD_SKIP_SMOKE)"
     exit 0
 fi
 container_sh=$src/tests/systemd/container.sh
-[[ -x $container_sh ]] || container_sh=$repo/tests/systemd/container.sh
-if [[ ! -x $container_sh ]]; then
-    fail "smoke test: tests/systemd/container.sh is missing, cannot boot a systemd container"
+if [[ -z $testroot ]]; then
+    fail "container tests: no Debian 13 root to boot"
     exit 1
 fi
-if [[ -z $deb ]]; then
-    fail "smoke test: no .deb to install"
-    exit 1
+if [[ ! -f $deb1 || ! -f $deb2 ]]; then
+    fail "container tests: the two .debs were not both built"
 fi
 
-note "smoke test in a systemd container"
+note "a Debian 13 container under systemd"
 shared=$work/shared
 mkdir -p "$shared"
-cp "$deb" "$shared/nodeherd.deb"
-[[ -n $rpmfile ]] && cp "$rpmfile" "$shared/nodeherd.rpm"
+for f in "$deb1" "$deb2" "$rpm1" "$rpm2"; do
+    [[ -f $f ]] && cp "$f" "$shared/"
+done
 name=nhpkg$$
-if ! pid1=$("$container_sh" start "$name" "$shared" 2>"$work/container.err"); then
-    sed 's/^/    /' "$work/container.err"
+if ! pid1=$(NODEHERD_CONTAINER_ROOT=$testroot "$container_sh" start "$name" "$shared" 2>"$work/container.err"); then
+    show "$work/container.err"
     fail "booting the systemd container"
     exit 1
 fi
 container=$name
-pass "container booted (PID 1 is $pid1)"
+pass "container booted: $(timeout 10 nsenter -t "$pid1" -a systemctl --version | head -n1), PID 1 is $pid1"
 
 # ct CMD...: run CMD inside the container, bounded.
-ct() { timeout 60 nsenter -t "$pid1" -a "$@"; }
+ct() { timeout 120 nsenter -t "$pid1" -a "$@"; }
 # poll SECONDS CMD...: retry CMD every 0.2 s until it succeeds or time is up.
 poll() {
     local deadline=$((SECONDS + $1))
@@ -314,7 +558,6 @@ poll() {
 url=http://127.0.0.1:8000/
 answers() { curl -fsS --max-time 3 "$url" >"$work/answer.txt" 2>"$work/curl.err"; }
 refused() { ! curl -sS --max-time 3 -o /dev/null "$url" 2>/dev/null; }
-show() { sed 's/^/    | /' "$@"; }
 journal() {
     ct journalctl --no-pager -n 40 -u 'nodeherd@hello.socket' -u 'nodeherd@hello.service' 2>&1 | show
 }
@@ -332,18 +575,11 @@ run_logged() {
 }
 
 if answers; then
-    fail "something already answers on $url before the install; the smoke test cannot tell it apart"
+    fail "something already answers on $url before the install; the test cannot tell it apart"
     exit 1
 fi
-
-# A policy-rc.d that forbids service actions (Docker images ship one that
-# exits 101) would make the maintainer scripts skip stopping the app, as
-# they should there. The container is to behave like a real host: its copy
-# goes (the container's root is an overlay; the host's file stays).
-if [[ -e /proc/$pid1/root/usr/sbin/policy-rc.d ]]; then
-    note "removing /usr/sbin/policy-rc.d inside the container"
-    ct rm -f /usr/sbin/policy-rc.d
-fi
+# A root from mmdebstrap has no policy-rc.d; a real host has none either.
+check "the container has no policy-rc.d forbidding service actions" test ! -e "/proc/$pid1/root/usr/sbin/policy-rc.d"
 
 # installed_idle PKG: after installing, the user exists and nothing runs.
 installed_idle() {
@@ -388,17 +624,67 @@ serves() {
     fi
 }
 
-# upgrades PKG CMD...: installing over the running app (CMD) restarts it
-# into the new binary, and it answers again.
-upgrades() {
-    local pkg=$1 before after
-    shift
-    before=$(ct systemctl show -p MainPID --value nodeherd@hello.service || true)
-    run_logged "$pkg: upgrade in place ($*)" ct "$@" || return 0
-    after=$(ct systemctl show -p MainPID --value nodeherd@hello.service || true)
-    check "$pkg: the upgrade restarted the running app (manager pid $before -> $after)" \
-        test -n "$after" -a "$after" != 0 -a "$after" != "$before"
+# running_version: the version the running manager's own binary reports
+# (/proc/PID/exe is the file it was started from, even once replaced).
+main_pid() { ct systemctl show -p MainPID --value nodeherd@hello.service 2>/dev/null || true; }
+running_version() {
+    local pid
+    pid=$(main_pid)
+    [[ -n $pid && $pid != 0 ]] || return 1
+    ct "/proc/$pid/exe" --version 2>/dev/null | awk '{print $NF}'
+}
+
+# upgrades_under_load PKG NEW_VERSION CMD...: with requests running (4
+# lanes, a new connection each), install the new version (CMD); the app is
+# to run the new binary afterwards. Failed requests are counted.
+upgrades_under_load() {
+    local pkg=$1 new=$2 before after old_version new_version lines total bad detail t0
+    shift 2
+    before=$(main_pid)
+    old_version=$(running_version || echo "?")
+    rm -f "$work/stop-load"
+    node "$repo/tests/systemd/load.js" "$url" 4 "$work/stop-load" 120 "$work/load-$pkg.txt" &
+    load_pid=$!
+    # Requests are flowing before the upgrade starts.
+    flowing() { lines=$(grep -c ' 200 ' "$work/load-$pkg.txt" 2>/dev/null) && ((lines >= 50)); }
+    if ! poll 20 flowing; then
+        fail "$pkg: the load generator got no answers before the upgrade"
+    fi
+    t0=$EPOCHREALTIME
+    run_logged "$pkg: upgrade $old_version -> $new under load ($*)" ct "$@" || true
+    local took
+    took=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+    is_new() {
+        after=$(main_pid)
+        [[ -n $after && $after != 0 && $after != "$before" ]] &&
+            [[ $(ct systemctl is-active nodeherd@hello.service) == active ]]
+    }
+    poll 60 is_new || true
+    # Let requests run on the new instance for a moment, then stop them.
+    local seen
+    seen=$(wc -l <"$work/load-$pkg.txt")
+    more() { (($(wc -l <"$work/load-$pkg.txt") >= seen + 200)); }
+    poll 20 more || true
+    touch "$work/stop-load"
+    stopped() { ! kill -0 "$load_pid" 2>/dev/null; }
+    if ! poll 30 stopped; then
+        kill "$load_pid" 2>/dev/null || true
+    fi
+    wait "$load_pid" 2>/dev/null || true
+    load_pid=""
+    new_version=$(running_version || echo "?")
+    # The package manager replaced /usr/bin/nodeherd by a new file: a
+    # process still running the old one has "(deleted)" after its exe link.
+    local exe
+    exe=$(ct readlink "/proc/$after/exe" 2>/dev/null || echo "?")
+    check "$pkg: after the upgrade the app runs the new binary (manager pid $before -> $after, its exe '$exe', which says $old_version -> $new_version)" \
+        test "$new_version" = "$new" -a "$after" != "$before" -a "$exe" = /usr/bin/nodeherd
     check "$pkg: it answers after the upgrade" poll 30 answers
+    total=$(wc -l <"$work/load-$pkg.txt")
+    bad=$(awk '$2 != 200' "$work/load-$pkg.txt" | wc -l)
+    detail=$(awk '$2 != 200 { n[$2]++ } END { for (k in n) printf "%s%s x%d", sep, k, n[k]; sep = ", " }' "$work/load-$pkg.txt")
+    note "$pkg: upgrade under load: $total requests, $bad failed${detail:+ ($detail)}; the install command took $took s"
+    upgrade_figures+=("$pkg, $(basename "${*: -1}") over $old_version: $total requests, $bad failed${detail:+ ($detail)}, install took $took s")
 }
 
 # removed PKG: after removal nothing of the app is left running or loaded.
@@ -429,33 +715,40 @@ forgotten() {
     check "$pkg: systemd knows no nodeherd@ unit${known:+ ($known)}" test -z "$known"
 }
 
-note "the .deb"
-if run_logged "deb: dpkg -i nodeherd.deb" ct dpkg -i /shared/nodeherd.deb; then
-    installed_idle deb
-    serves deb
-    upgrades deb dpkg -i /shared/nodeherd.deb
-    run_logged "deb: dpkg -r nodeherd" ct dpkg -r nodeherd
-    removed deb
-    check "deb: after dpkg -r the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
-        test -f "/proc/$pid1/root/etc/nodeherd/hello.config.js"
-    run_logged "deb: dpkg --purge nodeherd" ct dpkg --purge nodeherd
-    forgotten deb
+t_deb=$SECONDS
+if [[ -f $deb1 && -f $deb2 ]]; then
+    note "the .deb: $version, then $version2"
+    if run_logged "deb: dpkg -i $(basename "$deb1")" ct dpkg -i "/shared/$(basename "$deb1")"; then
+        installed_idle deb
+        serves deb
+        upgrades_under_load deb "$version2" dpkg -i "/shared/$(basename "$deb2")"
+        run_logged "deb: dpkg -r nodeherd" ct dpkg -r nodeherd
+        removed deb
+        check "deb: after dpkg -r the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
+            test -f "/proc/$pid1/root/etc/nodeherd/hello.config.js"
+        run_logged "deb: dpkg --purge nodeherd" ct dpkg --purge nodeherd
+        forgotten deb
+    fi
 fi
-# Debian keeps system users after purge; the .rpm is to create its own.
+timed "container: .deb install, use, upgrade under load, removal"
+# Debian keeps system users after purge; the RPM is to create its own.
 ct userdel nodeherd >/dev/null 2>&1 || true
 ct groupdel nodeherd >/dev/null 2>&1 || true
 
-# The same container serves for the .rpm: Debian's rpm installs it with
+# The same container serves for the RPMs: Debian's rpm installs them with
 # --nodeps (its database knows none of the Debian packages), and runs the
-# spec's scriptlets, here with the fallback systemd macros.
-if [[ -n $rpmfile ]]; then
-    note "the .rpm"
-    if run_logged "rpm: rpm -i nodeherd.rpm" ct rpm -i --nodeps /shared/nodeherd.rpm; then
+# spec's scriptlets.
+if [[ -f $rpm1 && -f $rpm2 ]]; then
+    note "the RPM: $version-$rpm_release, then $version-$rpm_release2"
+    if run_logged "rpm: rpm -i $(basename "$rpm1")" ct rpm -i --nodeps "/shared/$(basename "$rpm1")"; then
         installed_idle rpm
         serves rpm
-        upgrades rpm rpm -U --replacepkgs --nodeps /shared/nodeherd.rpm
+        upgrades_under_load rpm "$version" rpm -U --nodeps "/shared/$(basename "$rpm2")"
         run_logged "rpm: rpm -e nodeherd" ct rpm -e nodeherd
         removed rpm
         forgotten rpm
     fi
+else
+    fail "container tests: the two RPMs were not both built"
 fi
+timed "container: RPM install, use, upgrade under load, removal"

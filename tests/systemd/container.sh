@@ -22,6 +22,10 @@
 # the name=systemd hierarchies), so `stop` can tell exactly which processes
 # are ours, and cleanup is rmdir of those directories. Every wait is bounded.
 #
+# NODEHERD_CONTAINER_ROOT=DIR boots DIR instead of this machine's root (for
+# instance a Debian 13 root from debian-root.sh), under the same throwaway
+# overlay: DIR itself is never written.
+#
 # State lives in $NODEHERD_CONTAINER_STATE (default /run/nodeherd-containers)
 # under NAME: nspawn.pid, pid1, boot.log (the container's console).
 #
@@ -70,7 +74,7 @@ _inner() {
     local scratch=$state/scratch
     mount -t tmpfs -o mode=755 "nodeherd-ct-$name" "$scratch"
     mkdir -p "$scratch"/{upper,work,root}
-    mount -t overlay overlay -o "lowerdir=/,upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/root"
+    mount -t overlay overlay -o "lowerdir=${NODEHERD_CONTAINER_ROOT:-/},upperdir=$scratch/upper,workdir=$scratch/work" "$scratch/root"
     local root=$scratch/root
     local u
     mkdir -p "$root/etc/systemd/system"
