@@ -36,6 +36,10 @@ pub enum RunError {
     /// An error already logged; only its exit status is left.
     #[error("{0}")]
     Reported(Box<RunError>),
+    /// The bus name is not ours to take (exit 4): another process owns it,
+    /// or the bus policy does not let this user own it.
+    #[error("error: {0}")]
+    BusName(String),
     /// Something the system refused at runtime (exit 1).
     #[error("{what}: {source}")]
     System {
@@ -50,6 +54,7 @@ impl RunError {
             RunError::Config(_) | RunError::Usage(_) => 2,
             RunError::Socket(e) => e.exit_status(),
             RunError::Reported(e) => e.exit_status(),
+            RunError::BusName(_) => 4,
             RunError::System { .. } => 1,
         }
     }
@@ -119,6 +124,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
                 .into(),
         ));
     }
+    let listeners_from_systemd = !inherited.is_empty();
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
@@ -143,7 +149,8 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 
     let dir =
         runtime_dir(&app.name).map_err(RunError::system("cannot create the runtime directory"))?;
-    let result = run_daemon(app, listeners, source, &dir, &args);
+    let activated = listeners_from_systemd;
+    let result = run_daemon(app, listeners, source, &dir, &args, activated);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -171,12 +178,19 @@ fn config_error_when_activated(e: ConfigError) -> RunError {
     RunError::Reported(Box::new(err))
 }
 
+/// Started by systemd as a service (it sets `INVOCATION_ID` for every
+/// service process since v232).
+fn under_systemd() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty())
+}
+
 fn run_daemon(
     app: config::App,
     listeners: Vec<sockets::Listener>,
     source: Source,
     dir: &Path,
     args: &RunArgs,
+    activated: bool,
 ) -> Result<u8, RunError> {
     let shim = dir.join("shim.js");
     std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
@@ -229,7 +243,27 @@ fn run_daemon(
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot install signal handlers"))?;
         sources::notify_socket(notify_sock, driver.inputs());
-        tokio::spawn(dbus::serve(bus, bus_name, handle.clone()));
+        // The bus name first, before any worker starts. Under systemd a name
+        // that is not ours is fatal: someone else answering for this app
+        // would get `systemctl reload` and every client's calls.
+        let first = match dbus::claim(&bus, &bus_name, handle.clone()).await {
+            dbus::Claim::Owned(conn) => Some(conn),
+            dbus::Claim::Later => None,
+            dbus::Claim::Refused(why) if under_systemd() => {
+                let err = RunError::BusName(why);
+                logs::error(&err.to_string());
+                notify::status(&format!("stopped: {err}"));
+                if activated {
+                    // As for a bad configuration: connections that keep
+                    // starting the service must not fail its socket.
+                    logs::flush(Duration::from_secs(1));
+                    tokio::time::sleep(CONFIG_ERROR_HOLD).await;
+                }
+                return Err(RunError::Reported(Box::new(err)));
+            }
+            dbus::Claim::Refused(_) => None,
+        };
+        tokio::spawn(dbus::serve(bus, bus_name, handle.clone(), first));
         let control_path = dir.join("control.sock");
         match dbus::bind_control_socket(&control_path) {
             Ok(listener) => {
