@@ -330,24 +330,32 @@ async fn verify_owner(
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
         .filter(|p| *p > 0);
-    let (expected, unit) = if let Some(main) = from_env {
-        (main, "this unit ($MAINPID)".to_string())
-    } else if let Some(app) = app {
-        let unit = format!("nodeherd@{app}.service");
-        match unit_main_pid(conn, &unit).await {
-            Some(main) => (main, unit),
-            None => return Ok(()),
+    if let Some(main) = from_env {
+        if pid == main {
+            return Ok(());
         }
-    } else {
+        return Err(Failure(
+            3,
+            format!(
+                "{name} is owned by pid {pid} ({owner}), not by this unit's main process \
+                 ($MAINPID {main}): not talking to it"
+            ),
+        ));
+    }
+    let Some(app) = app else {
         return Ok(());
     };
-    if pid == expected {
+    let unit = format!("nodeherd@{app}.service");
+    let Some(main) = unit_main_pid(conn, &unit).await else {
+        return Ok(());
+    };
+    if pid == main {
         return Ok(());
     }
-    let main = if expected == 0 {
+    let main = if main == 0 {
         "which is not running".to_string()
     } else {
-        format!("pid {expected}")
+        format!("pid {main}")
     };
     Err(Failure(
         3,
