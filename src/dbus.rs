@@ -269,12 +269,14 @@ impl Action {
 ///   user and root in.
 /// - root and the manager's own user (its `ExecReload=`, and its own
 ///   workers, which can signal it anyway) may.
-/// - On the system bus, when polkitd is there, polkit decides (action
-///   `org.nodeherd.reload`, `.restart`, `.scale`; the caller is named by
-///   its unique bus name, so polkit checks that connection's own
-///   credentials).
-/// - Otherwise (no polkitd, or another bus): members of group `nodeherd`,
-///   from the group database, as polkit's own `isInGroup` does.
+/// - On the system bus, when polkitd is there and lets this manager's user
+///   ask about others (root, or a user the actions name as owner), polkit
+///   decides (action `org.nodeherd.reload`, `.restart`, `.scale`; the
+///   caller is named by its unique bus name, so polkit checks that
+///   connection's own credentials).
+/// - Otherwise (no polkitd, another bus, or polkit will not answer this
+///   user): members of group `nodeherd`, from the group database, as
+///   polkit's own `isInGroup` does.
 ///
 /// Anyone else gets `org.freedesktop.DBus.Error.AccessDenied` naming the action.
 async fn authorize(
@@ -313,6 +315,16 @@ async fn authorize(
                 )));
             }
             Polkit::Error(e) => return Err(denied(format!("polkit could not decide: {e}"))),
+            Polkit::NotPermitted => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    logs::warn(&format!(
+                        "polkit does not let uid {me} ask about other callers (polkit answers only \
+                         root and the users named by the org.freedesktop.policykit.owner annotation \
+                         of the org.nodeherd.* actions): deciding by group {OPERATORS_GROUP} instead"
+                    ))
+                });
+            }
             Polkit::Absent => {}
         }
     }
@@ -330,6 +342,9 @@ enum Polkit {
     No,
     /// No polkitd on this bus: fall back to the group check.
     Absent,
+    /// polkitd is there but answers only root and the actions' owners
+    /// (`org.freedesktop.policykit.owner`) about other callers: the group check.
+    NotPermitted,
     Error(String),
 }
 
@@ -385,6 +400,7 @@ async fn polkit_check(
             "org.freedesktop.DBus.Error.ServiceUnknown"
             | "org.freedesktop.DBus.Error.NameHasNoOwner" => Polkit::Absent,
             n if n.starts_with("org.freedesktop.DBus.Error.Spawn") => Polkit::Absent,
+            "org.freedesktop.PolicyKit1.Error.NotAuthorized" => Polkit::NotPermitted,
             _ => Polkit::Error(format!("{name}: {}", msg.unwrap_or_default())),
         },
         Err(zbus::Error::FDO(e))
@@ -720,8 +736,7 @@ pub(crate) fn builder(bus: &Bus) -> zbus::Result<connection::Builder<'static>> {
 }
 
 async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Connection> {
-    builder(bus)?
-        .name(name.to_string())?
+    let conn = builder(bus)?
         .serve_at(
             PATH,
             Manager {
@@ -730,7 +745,12 @@ async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Co
             },
         )?
         .build()
-        .await
+        .await?;
+    // Never queue behind another owner (zbus's builder would, silently): a
+    // name held by someone else is an error here, `NameTaken`.
+    conn.request_name_with_flags(name, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+        .await?;
+    Ok(conn)
 }
 
 /// Serve until the bus connection is lost (`true`) or the manager is done (`false`).
