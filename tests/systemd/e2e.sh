@@ -594,7 +594,7 @@ old_restarts=$(prop "$UNIT" NRestarts)
 start_load kill 8
 sleep 1
 k0=$EPOCHREALTIME
-ct kill -KILL "$old_main" || fail "g: could not kill pid $old_main"
+ct sh -c "kill -KILL $old_main" || fail "g: could not kill pid $old_main"
 recovered() {
     local m
     m=$(prop "$UNIT" MainPID)
@@ -648,7 +648,7 @@ fi
 old_main=$(prop "$UNIT" MainPID)
 old_restarts=$(prop "$UNIT" NRestarts)
 h0=$EPOCHREALTIME
-ct kill -STOP "$old_main" || fail "h: could not SIGSTOP pid $old_main"
+ct sh -c "kill -STOP $old_main" || fail "h: could not SIGSTOP pid $old_main"
 if wait_for 30 recovered; then
     pass "h: a hung (SIGSTOPped) manager is killed and restarted by systemd in $(awk -v a="$h0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }') ms"
 else
