@@ -314,6 +314,8 @@ common_paths=(
     /usr/lib/systemd/system/nodeherd@.service
     /usr/lib/systemd/system/nodeherd@hello.socket.d/listen-8000.conf
     /usr/share/dbus-1/system.d/org.nodeherd.conf
+    /usr/share/polkit-1/actions/org.nodeherd.policy
+    /usr/share/polkit-1/rules.d/org.nodeherd.rules
     /usr/lib/sysusers.d/nodeherd.conf
     /etc/nodeherd/hello.config.js
     /usr/share/nodeherd/examples/hello/app.js
@@ -581,10 +583,12 @@ fi
 # A root from mmdebstrap has no policy-rc.d; a real host has none either.
 check "the container has no policy-rc.d forbidding service actions" test ! -e "/proc/$pid1/root/usr/sbin/policy-rc.d"
 
-# installed_idle PKG: after installing, the user exists and nothing runs.
+# installed_idle PKG: after installing, the operators' group and the
+# example's user exist and nothing runs.
 installed_idle() {
     local pkg=$1 running enabled
-    check "$pkg: user nodeherd exists after install" ct getent passwd nodeherd
+    check "$pkg: group nodeherd (operators) exists after install" ct getent group nodeherd
+    check "$pkg: user nodeherd-hello (the example app's) exists after install" ct getent passwd nodeherd-hello
     running=$(ct systemctl list-units --no-legend --plain 'nodeherd@*' || true)
     check "$pkg: nothing runs after install${running:+ (running: $running)}" test -z "$running"
     enabled=$(ct systemctl is-enabled nodeherd@hello.socket 2>&1 || true)
@@ -691,8 +695,8 @@ upgrades_under_load() {
 removed() {
     local pkg=$1 left active loaded unitfiles
     check "$pkg: after removal nothing answers on $url" poll 10 refused
-    left=$(ct pgrep -u nodeherd -a || true)
-    check "$pkg: after removal no process of user nodeherd is left${left:+ (left: $left)}" test -z "$left"
+    left=$(ct pgrep -u nodeherd-hello -a || true)
+    check "$pkg: after removal no process of user nodeherd-hello is left${left:+ (left: $left)}" test -z "$left"
     active=$(ct systemctl list-units --no-legend --plain --state=active,activating,deactivating,reloading 'nodeherd@*' || true)
     check "$pkg: after removal no nodeherd@ unit is active${active:+ ($active)}" test -z "$active"
     # A link `enable` made may stay until purge (as for any Debian service),

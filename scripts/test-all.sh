@@ -62,8 +62,9 @@ step "soak: 500 reloads and 500 crashes, fds/threads/RSS flat" tests/soak/soak.p
 step "compatibility suite (real npm apps, Node 20/22/24)" tests/compat/run.sh target/release/nodeherd
 if [ "$(id -u)" -eq 0 ]; then
   step "systemd-analyze verify and security of the units" tests/systemd/verify-units.sh target/release/nodeherd
-  step "D-Bus policy against a real system bus" tests/systemd/dbus-policy.sh
-  step "end to end under a booted systemd" tests/systemd/e2e.sh target/release/nodeherd
+  step "D-Bus policy and authorization against a real dbus-daemon" tests/systemd/dbus-policy.sh target/release/nodeherd
+  step "end to end under a booted systemd, Debian 12 (systemd 252, dbus-daemon, polkit)" tests/systemd/e2e.sh target/release/nodeherd
+  step "end to end under a booted systemd, Debian 13 (systemd 257, dbus-broker, polkit)" tests/systemd/e2e.sh --root trixie target/release/nodeherd
 else
   echo "==> skipping the systemd and D-Bus policy suites: they need root"
 fi

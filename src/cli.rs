@@ -245,4 +245,12 @@ pub struct InstallDirs {
     /// Where unit drop-ins go
     #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
     pub unit_dir: PathBuf,
+
+    /// Where the app's system-bus policy goes (NAME's bus name .conf)
+    #[arg(long, value_name = "DIR", default_value = "/etc/dbus-1/system.d")]
+    pub bus_policy_dir: PathBuf,
+
+    /// Where the sysusers.d entry of the app's user goes
+    #[arg(long, value_name = "DIR", default_value = "/etc/sysusers.d")]
+    pub sysusers_dir: PathBuf,
 }

@@ -1,7 +1,15 @@
 //! `nodeherd status|reload|restart|scale`: thin D-Bus clients for people.
 //!
 //! Exit status: 0 done, 1 the operation failed, 2 bad usage or an invalid
-//! argument, 3 no manager reachable, 4 busy.
+//! argument, 3 no manager reachable (or the name's owner is not the app's
+//! manager), 4 busy, 5 access denied.
+//!
+//! On the system bus a client trusts an answer only from the manager that
+//! systemd runs for the app: the owner of the bus name must be the main
+//! process of `nodeherd@APP.service` when systemd has that unit (or
+//! `$MAINPID`, which systemd sets for `ExecReload=`), and every call then
+//! goes to that connection's unique name, so the name cannot change hands
+//! between the check and the call.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,14 +62,7 @@ impl From<zbus::Error> for Failure {
                     "org.nodeherd.Error.Busy" => 4,
                     "org.freedesktop.DBus.Error.ServiceUnknown"
                     | "org.freedesktop.DBus.Error.NameHasNoOwner" => 3,
-                    "org.freedesktop.DBus.Error.AccessDenied" => {
-                        return Failure(
-                            1,
-                            "access denied by the D-Bus policy: only root and members of the group \
-                             `nodeherd` may reload, restart or scale (reading status is open to all)"
-                                .into(),
-                        );
-                    }
+                    "org.freedesktop.DBus.Error.AccessDenied" => return denied(&text),
                     _ => 1,
                 };
                 Failure(code, text)
@@ -70,17 +71,19 @@ impl From<zbus::Error> for Failure {
                 zbus::fdo::Error::ServiceUnknown(m) | zbus::fdo::Error::NameHasNoOwner(m) => {
                     Failure(3, format!("no manager is running under that name ({m})"))
                 }
-                zbus::fdo::Error::AccessDenied(_) => Failure(
-                    1,
-                    "access denied by the D-Bus policy: only root and members of the group \
-                     `nodeherd` may reload, restart or scale (reading status is open to all)"
-                        .into(),
-                ),
+                zbus::fdo::Error::AccessDenied(m) => denied(m),
                 other => Failure(1, other.to_string()),
             },
             _ => Failure(1, e.to_string()),
         }
     }
+}
+
+/// Exit status 5, with the refusal's own words: the manager names the
+/// action (`org.nodeherd.scale: uid 1000 is not authorized ...`); the bus
+/// policy's refusal says what the bus refused.
+fn denied(text: &str) -> Failure {
+    Failure(5, format!("access denied: {text}"))
 }
 
 impl From<zbus::fdo::Error> for Failure {
@@ -289,19 +292,112 @@ async fn proxy(
     bus: &BusArgs,
 ) -> Result<Manager1Proxy<'static>, Failure> {
     let name = resolve_name(conn, app, bus).await?;
+    let bus_name = zbus::names::BusName::try_from(name.clone())
+        .map_err(|e| Failure(2, format!("{name} is not a valid bus name: {e}")))?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    // Fail early and clearly when nobody owns the name.
+    let owner = match dbus.get_name_owner(bus_name).await {
+        Ok(o) => o,
+        Err(zbus::fdo::Error::NameHasNoOwner(_)) => {
+            return Err(Failure(3, format!("no manager is running as {name}")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let owner = owner.into_inner();
+    if bus.bus() == Bus::System {
+        let app = app
+            .map(str::to_string)
+            .or_else(|| dbus::app_for_bus_name(&name));
+        verify_owner(conn, &dbus, &name, &owner, app.as_deref()).await?;
+    }
     let p = Manager1Proxy::builder(conn)
-        .destination(name.clone())?
+        .destination(owner)?
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    // Fail early and clearly when nobody owns the name.
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    let bus_name = zbus::names::BusName::try_from(name.clone())
-        .map_err(|e| Failure(2, format!("{name} is not a valid bus name: {e}")))?;
-    if !dbus.name_has_owner(bus_name).await? {
-        return Err(Failure(3, format!("no manager is running as {name}")));
-    }
     Ok(p)
+}
+
+/// The owner of `name` must be the main process of the app's unit: the
+/// `$MAINPID` systemd gives `ExecReload=`, else the `MainPID` of
+/// `nodeherd@APP.service` when systemd has that unit loaded. A manager run
+/// by hand (no such unit) is trusted as before.
+async fn verify_owner(
+    conn: &zbus::Connection,
+    dbus: &zbus::fdo::DBusProxy<'_>,
+    name: &str,
+    owner: &zbus::names::UniqueName<'_>,
+    app: Option<&str>,
+) -> Result<(), Failure> {
+    let pid = dbus
+        .get_connection_unix_process_id(zbus::names::BusName::Unique(owner.clone()))
+        .await?;
+    let from_env = std::env::var("MAINPID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|p| *p > 0);
+    if let Some(main) = from_env {
+        if pid == main {
+            return Ok(());
+        }
+        return Err(Failure(
+            3,
+            format!(
+                "{name} is owned by pid {pid} ({owner}), not by this unit's main process \
+                 ($MAINPID {main}): not talking to it"
+            ),
+        ));
+    }
+    let Some(app) = app else {
+        return Ok(());
+    };
+    let unit = format!("nodeherd@{app}.service");
+    let Some(main) = unit_main_pid(conn, &unit).await else {
+        return Ok(());
+    };
+    if pid == main {
+        return Ok(());
+    }
+    let main = if main == 0 {
+        "which is not running".to_string()
+    } else {
+        format!("pid {main}")
+    };
+    Err(Failure(
+        3,
+        format!(
+            "{name} is owned by pid {pid} ({owner}), not by the main process of {unit}, {main}: \
+             not talking to it (see `journalctl -u {unit}`)"
+        ),
+    ))
+}
+
+/// `MainPID` of a unit systemd has loaded (0 when it is not running); `None`
+/// when there is no such unit or no systemd on this bus.
+async fn unit_main_pid(conn: &zbus::Connection, unit: &str) -> Option<u32> {
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.systemd1"),
+            "/org/freedesktop/systemd1",
+            Some("org.freedesktop.systemd1.Manager"),
+            "GetUnit",
+            &(unit,),
+        )
+        .await
+        .ok()?;
+    let path: zbus::zvariant::OwnedObjectPath = reply.body().deserialize().ok()?;
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination("org.freedesktop.systemd1")
+        .ok()?
+        .path(path)
+        .ok()?
+        .build()
+        .await
+        .ok()?;
+    let iface =
+        zbus::names::InterfaceName::from_static_str_unchecked("org.freedesktop.systemd1.Service");
+    let v = props.get(iface, "MainPID").await.ok()?;
+    u32::try_from(v).ok()
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {

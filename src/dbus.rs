@@ -22,36 +22,194 @@ pub const PATH: &str = "/org/nodeherd";
 /// Interface name.
 pub const INTERFACE: &str = "org.nodeherd.Manager1";
 
-/// `org.nodeherd.<app>`, with characters outside `[A-Za-z0-9_]` turned into `_`.
+/// `org.nodeherd.<label>`, where the label is the app name escaped the way
+/// systemd escapes unit names in object paths, so that the mapping is one to
+/// one and can be undone ([`app_for_bus_name`]): ASCII letters, digits and
+/// `-` stay; every other byte, `_` included, becomes `_` and two lowercase
+/// hex digits; a leading digit is escaped too (a bus name element must not
+/// start with one). `my-app`, `my_app` and `my.app` become
+/// `org.nodeherd.my-app`, `org.nodeherd.my_5fapp` and `org.nodeherd.my_2eapp`.
 pub fn bus_name_for(app: &str) -> String {
-    let mut s: String = app
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    // A bus name element must not start with a digit.
-    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
-        s.insert(0, '_');
+    let mut s = String::with_capacity(app.len() + 8);
+    for (i, b) in app.bytes().enumerate() {
+        let keep = b.is_ascii_alphabetic() || b == b'-' || (b.is_ascii_digit() && i > 0);
+        if keep {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("_{b:02x}"));
+        }
     }
-    format!("org.nodeherd.{s}")
+    if s.is_empty() {
+        // The empty app name; no valid name escapes to a lone `_`.
+        s.push('_');
+    }
+    format!("{BUS_PREFIX}{s}")
 }
 
-/// Errors on the bus, one D-Bus name per variant.
-#[derive(Debug, zbus::DBusError)]
-#[zbus(prefix = "org.nodeherd.Error")]
+/// `org.nodeherd.`, the prefix of every manager's bus name.
+pub const BUS_PREFIX: &str = "org.nodeherd.";
+
+/// The app whose bus name this is: the inverse of [`bus_name_for`]. `None`
+/// for a name [`bus_name_for`] does not make.
+pub fn app_for_bus_name(name: &str) -> Option<String> {
+    let label = name.strip_prefix(BUS_PREFIX)?.as_bytes();
+    if label == b"_" {
+        return Some(String::new());
+    }
+    let mut out = Vec::with_capacity(label.len());
+    let mut i = 0;
+    while i < label.len() {
+        let b = label[i];
+        if b == b'_' {
+            let hex = std::str::from_utf8(label.get(i + 1..i + 3)?).ok()?;
+            if hex.bytes().any(|h| h.is_ascii_uppercase()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b);
+            i += 1;
+        } else {
+            return None;
+        }
+    }
+    let app = String::from_utf8(out).ok()?;
+    (bus_name_for(&app) == name).then_some(app)
+}
+
+/// The system user an app runs as under the template unit
+/// (`User=nodeherd-%i`), made by `nodeherd install`.
+pub fn user_for(app: &str) -> String {
+    format!("nodeherd-{app}")
+}
+
+/// The group whose members may reload, restart and scale every app when no
+/// polkit decides (and, through the shipped polkit rule, when it does).
+pub const OPERATORS_GROUP: &str = "nodeherd";
+
+/// The system-bus policy for one app (`org.nodeherd.<label>.conf`): only
+/// the app's own user (and root) may own its name; anyone may send it
+/// `org.nodeherd.Manager1` calls, read its properties, introspect and ping
+/// it. Every rule names the one destination and an interface, so nothing is
+/// granted on any other name. The manager decides on each method call
+/// (polkit, else root, its own user and group `nodeherd`).
+pub fn bus_policy_for(app: &str) -> String {
+    let name = bus_name_for(app);
+    let user = user_for(app);
+    let to = |iface: &str, member: Option<&str>| {
+        format!(
+            "    <allow send_destination=\"{name}\"\n           send_interface=\"{iface}\"{}/>\n",
+            member.map_or(String::new(), |m| format!(" send_member=\"{m}\""))
+        )
+    };
+    let mut s = String::new();
+    s.push_str(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?> <!-- -*- XML -*- -->\n\
+         <!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n \
+         \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n",
+    );
+    s.push_str(&format!(
+        "<!--\n  System bus policy of the nodeherd app \"{app}\" ({name}): one file\n  \
+         per app, as `nodeherd install` writes them. Only its own user\n  \
+         {user} (and root) may own the name. Anyone may send it\n  \
+         org.nodeherd.Manager1 calls; the manager itself\n  \
+         decides on Reload, Restart, Scale and ScaleBy (polkit actions\n  \
+         org.nodeherd.reload/.restart/.scale; without polkitd: root, {user}\n  \
+         and members of group {OPERATORS_GROUP}). Reading properties, introspecting and\n  \
+         pinging are open. Every rule names this destination: nothing here reaches\n  \
+         any other name on the bus.\n-->\n"
+    ));
+    s.push_str("<busconfig>\n");
+    for who in [user.as_str(), "root"] {
+        s.push_str(&format!(
+            "  <policy user=\"{who}\">\n    <allow own=\"{name}\"/>\n  </policy>\n"
+        ));
+    }
+    s.push_str("  <policy context=\"default\">\n");
+    s.push_str(&to(INTERFACE, None));
+    s.push_str(&to("org.freedesktop.DBus.Properties", Some("Get")));
+    s.push_str(&to("org.freedesktop.DBus.Properties", Some("GetAll")));
+    s.push_str(&to("org.freedesktop.DBus.Introspectable", None));
+    s.push_str(&to("org.freedesktop.DBus.Peer", None));
+    s.push_str("  </policy>\n</busconfig>\n");
+    s
+}
+
+/// Errors on the bus, one D-Bus name per variant: `org.nodeherd.Error.*`,
+/// and `org.freedesktop.DBus.Error.AccessDenied` for a caller the manager
+/// refuses, as every system service answers then.
+#[derive(Debug)]
 pub enum BusError {
-    #[zbus(error)]
     ZBus(zbus::Error),
+    AccessDenied(String),
     InvalidArgument(String),
     ReloadFailed(String),
     Busy(String),
     Stopping(String),
     Failed(String),
+}
+
+impl BusError {
+    fn text(&self) -> String {
+        match self {
+            BusError::ZBus(e) => e.to_string(),
+            BusError::AccessDenied(m)
+            | BusError::InvalidArgument(m)
+            | BusError::ReloadFailed(m)
+            | BusError::Busy(m)
+            | BusError::Stopping(m)
+            | BusError::Failed(m) => m.clone(),
+        }
+    }
+}
+
+impl zbus::DBusError for BusError {
+    fn create_reply(&self, hdr: &zbus::message::Header<'_>) -> zbus::Result<zbus::Message> {
+        if let BusError::ZBus(zbus::Error::FDO(e)) = self {
+            return e.create_reply(hdr);
+        }
+        zbus::Message::error(hdr, self.name())?.build(&(self.text(),))
+    }
+
+    fn name(&self) -> zbus::names::ErrorName<'_> {
+        zbus::names::ErrorName::from_static_str_unchecked(match self {
+            BusError::ZBus(_) => "org.freedesktop.zbus.Error",
+            BusError::AccessDenied(_) => "org.freedesktop.DBus.Error.AccessDenied",
+            BusError::InvalidArgument(_) => "org.nodeherd.Error.InvalidArgument",
+            BusError::ReloadFailed(_) => "org.nodeherd.Error.ReloadFailed",
+            BusError::Busy(_) => "org.nodeherd.Error.Busy",
+            BusError::Stopping(_) => "org.nodeherd.Error.Stopping",
+            BusError::Failed(_) => "org.nodeherd.Error.Failed",
+        })
+    }
+
+    fn description(&self) -> Option<&str> {
+        match self {
+            BusError::ZBus(_) => None,
+            BusError::AccessDenied(m)
+            | BusError::InvalidArgument(m)
+            | BusError::ReloadFailed(m)
+            | BusError::Busy(m)
+            | BusError::Stopping(m)
+            | BusError::Failed(m) => Some(m),
+        }
+    }
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use zbus::DBusError;
+        write!(f, "{}: {}", self.name(), self.text())
+    }
+}
+
+impl std::error::Error for BusError {}
+
+impl From<zbus::Error> for BusError {
+    fn from(e: zbus::Error) -> Self {
+        BusError::ZBus(e)
+    }
 }
 
 impl From<CtlError> for BusError {
@@ -72,6 +230,8 @@ pub type WorkerTuple = (u32, u32, String, u32, u64, u64, u64);
 
 struct Manager {
     handle: Handle,
+    /// The bus this object is served on (polkit is asked on the system bus only).
+    bus: Bus,
 }
 
 impl Manager {
@@ -84,31 +244,236 @@ impl Manager {
     }
 }
 
+/// What a caller asks to do; each is a polkit action `org.nodeherd.<id>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Reload,
+    Restart,
+    Scale,
+}
+
+impl Action {
+    pub fn id(self) -> &'static str {
+        match self {
+            Action::Reload => "org.nodeherd.reload",
+            Action::Restart => "org.nodeherd.restart",
+            Action::Scale => "org.nodeherd.scale",
+        }
+    }
+}
+
+/// May the sender of this call do `action`?
+///
+/// - Peer to peer (the control socket) there is no sender: the socket's
+///   mode (0600 in a 0700 directory) already let only the manager's own
+///   user and root in.
+/// - root and the manager's own user (its `ExecReload=`, and its own
+///   workers, which can signal it anyway) may.
+/// - On the system bus, when polkitd is there and lets this manager's user
+///   ask about others (root, or a user the actions name as owner), polkit
+///   decides (action `org.nodeherd.reload`, `.restart`, `.scale`; the
+///   caller is named by its unique bus name, so polkit checks that
+///   connection's own credentials).
+/// - Otherwise (no polkitd, another bus, or polkit will not answer this
+///   user): members of group `nodeherd`, from the group database, as
+///   polkit's own `isInGroup` does.
+///
+/// Anyone else gets `org.freedesktop.DBus.Error.AccessDenied` naming the action.
+async fn authorize(
+    conn: &zbus::Connection,
+    hdr: &zbus::message::Header<'_>,
+    action: Action,
+    bus: &Bus,
+) -> Result<(), BusError> {
+    if !conn.is_bus() {
+        return Ok(());
+    }
+    let denied = |why: String| BusError::AccessDenied(format!("{}: {why}", action.id()));
+    let Some(sender) = hdr.sender() else {
+        return Err(denied("the call has no sender".into()));
+    };
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let uid = dbus
+        .get_connection_unix_user(zbus::names::BusName::Unique(sender.clone()))
+        .await
+        .map_err(|e| denied(format!("cannot tell who {sender} is: {e}")))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if uid == 0 || uid == me {
+        return Ok(());
+    }
+    if *bus == Bus::System {
+        match polkit_check(conn, sender.as_str(), action, hdr).await {
+            Polkit::Yes => return Ok(()),
+            Polkit::Challenge => {
+                return Err(denied(format!(
+                    "uid {uid} needs to authenticate (polkit); run it as root, or ask for group {OPERATORS_GROUP}"
+                )));
+            }
+            Polkit::No => {
+                return Err(denied(format!(
+                    "uid {uid} is not authorized (polkit); root and members of group {OPERATORS_GROUP} are"
+                )));
+            }
+            Polkit::Error(e) => return Err(denied(format!("polkit could not decide: {e}"))),
+            Polkit::NotPermitted => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    logs::warn(&format!(
+                        "polkit does not let uid {me} ask about other callers (polkit answers only \
+                         root and the users named by the org.freedesktop.policykit.owner annotation \
+                         of the org.nodeherd.* actions): deciding by group {OPERATORS_GROUP} instead"
+                    ))
+                });
+            }
+            Polkit::Absent => {}
+        }
+    }
+    if in_group(uid, OPERATORS_GROUP) {
+        return Ok(());
+    }
+    Err(denied(format!(
+        "uid {uid} is neither root, the app's own user nor a member of group {OPERATORS_GROUP}"
+    )))
+}
+
+enum Polkit {
+    Yes,
+    Challenge,
+    No,
+    /// No polkitd on this bus: fall back to the group check.
+    Absent,
+    /// polkitd is there but answers only root and the actions' owners
+    /// (`org.freedesktop.policykit.owner`) about other callers: the group check.
+    NotPermitted,
+    Error(String),
+}
+
+/// `org.freedesktop.PolicyKit1.Authority.CheckAuthorization` for the
+/// connection `sender`, allowing interaction when the caller asked for it
+/// (`ALLOW_INTERACTIVE_AUTHORIZATION` in the call's flags).
+async fn polkit_check(
+    conn: &zbus::Connection,
+    sender: &str,
+    action: Action,
+    hdr: &zbus::message::Header<'_>,
+) -> Polkit {
+    use std::collections::HashMap;
+    use zbus::zvariant::Value;
+    let interactive = hdr
+        .primary()
+        .flags()
+        .contains(zbus::message::Flags::AllowInteractiveAuth);
+    let mut subject: HashMap<&str, Value<'_>> = HashMap::new();
+    subject.insert("name", Value::from(sender));
+    let details: HashMap<&str, &str> = HashMap::new();
+    let args = (
+        ("system-bus-name", subject),
+        action.id(),
+        details,
+        u32::from(interactive),
+        "",
+    );
+    let call = conn.call_method(
+        Some("org.freedesktop.PolicyKit1"),
+        "/org/freedesktop/PolicyKit1/Authority",
+        Some("org.freedesktop.PolicyKit1.Authority"),
+        "CheckAuthorization",
+        &args,
+    );
+    // An interactive check waits for the person; otherwise polkit answers at once.
+    let limit = Duration::from_secs(if interactive { 300 } else { 25 });
+    let reply = match tokio::time::timeout(limit, call).await {
+        Err(_) => return Polkit::Error("no answer from polkitd".into()),
+        Ok(r) => r,
+    };
+    match reply {
+        Ok(m) => match m
+            .body()
+            .deserialize::<(bool, bool, HashMap<String, String>)>()
+        {
+            Ok((true, _, _)) => Polkit::Yes,
+            Ok((false, true, _)) => Polkit::Challenge,
+            Ok((false, false, _)) => Polkit::No,
+            Err(e) => Polkit::Error(e.to_string()),
+        },
+        Err(zbus::Error::MethodError(name, msg, _)) => match name.as_str() {
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner" => Polkit::Absent,
+            n if n.starts_with("org.freedesktop.DBus.Error.Spawn") => Polkit::Absent,
+            "org.freedesktop.PolicyKit1.Error.NotAuthorized" => Polkit::NotPermitted,
+            _ => Polkit::Error(format!("{name}: {}", msg.unwrap_or_default())),
+        },
+        Err(zbus::Error::FDO(e))
+            if matches!(
+                *e,
+                zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+            ) =>
+        {
+            Polkit::Absent
+        }
+        Err(e) => Polkit::Error(e.to_string()),
+    }
+}
+
+/// Is `uid` in `group` by the group database (primary group or member list)?
+pub fn in_group(uid: u32, group: &str) -> bool {
+    use nix::unistd::{Group, Uid, User};
+    let Ok(Some(g)) = Group::from_name(group) else {
+        return false;
+    };
+    let Ok(Some(u)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    u.gid == g.gid || g.mem.contains(&u.name)
+}
+
 #[interface(name = "org.nodeherd.Manager1")]
 impl Manager {
     /// Replace every worker, one at a time (or `reload_parallel` at a time),
     /// each old worker stopping only once its replacement is ready. Returns
     /// when the swap is complete; fails with ReloadFailed, old workers still
     /// serving, when a replacement does not become ready.
-    async fn reload(&self) -> Result<String, BusError> {
+    async fn reload(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Reload, &self.bus).await?;
         self.ask(Control::Reload).await.map(|d| d.message)
     }
 
     /// Stop every worker and start a fresh set; clears errored slots.
-    async fn restart(&self) -> Result<(), BusError> {
+    async fn restart(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(), BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus).await?;
         self.ask(Control::Restart).await.map(|_| ())
     }
 
     /// Set the number of workers (1 to 1024); returns the new count once the
     /// added workers are ready.
-    async fn scale(&self, instances: i32) -> Result<i32, BusError> {
+    async fn scale(
+        &self,
+        instances: i32,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<i32, BusError> {
+        authorize(conn, &hdr, Action::Scale, &self.bus).await?;
         self.ask(Control::Scale(ScaleTarget::To(i64::from(instances))))
             .await
             .map(|d| d.workers)
     }
 
     /// Add (or with a negative delta, remove) workers; returns the new count.
-    async fn scale_by(&self, delta: i32) -> Result<i32, BusError> {
+    async fn scale_by(
+        &self,
+        delta: i32,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<i32, BusError> {
+        authorize(conn, &hdr, Action::Scale, &self.bus).await?;
         self.ask(Control::Scale(ScaleTarget::By(i64::from(delta))))
             .await
             .map(|d| d.workers)
@@ -216,12 +581,99 @@ impl Manager {
     ) -> zbus::Result<()>;
 }
 
-/// Connect, take the name, serve the interface, and forward signals.
+/// What became of the first attempt to take the bus name, made before any
+/// worker starts.
+pub enum Claim {
+    /// The name is ours and the interface served.
+    Owned(zbus::Connection),
+    /// No bus (yet), or no bus wanted: the background loop keeps trying.
+    Later,
+    /// The bus answered, and the name is not ours to take: someone else owns
+    /// it, or the policy does not let this user own it. The text says who
+    /// and what to do.
+    Refused(String),
+}
+
+/// Try once to take `name` and serve the interface.
+pub async fn claim(bus: &Bus, name: &str, handle: Handle) -> Claim {
+    if *bus == Bus::None {
+        return Claim::Later;
+    }
+    match connect(bus, name, handle).await {
+        Ok(conn) => Claim::Owned(conn),
+        Err(e) => match refusal(bus, name, &e).await {
+            Some(why) => Claim::Refused(why),
+            None => Claim::Later,
+        },
+    }
+}
+
+/// When `e` (from taking `name`) means the bus is there but the name is
+/// not ours: why, naming the owner or the policy.
+async fn refusal(bus: &Bus, name: &str, e: &zbus::Error) -> Option<String> {
+    let denied = match e {
+        zbus::Error::NameTaken => false,
+        zbus::Error::MethodError(n, _, _)
+            if n.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
+        {
+            true
+        }
+        zbus::Error::FDO(f) if matches!(**f, zbus::fdo::Error::AccessDenied(_)) => true,
+        _ => return None,
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let me_name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(me))
+        .ok()
+        .flatten()
+        .map_or_else(
+            || format!("uid {me}"),
+            |u| format!("user {} (uid {me})", u.name),
+        );
+    if denied {
+        return Some(format!(
+            "the {} bus does not let {me_name} own {name} ({e}); its policy must allow it: \
+             `nodeherd install` writes /etc/dbus-1/system.d/{name}.conf for the app's user",
+            describe(bus)
+        ));
+    }
+    Some(format!(
+        "{name} is already owned on the {} bus by {}; refusing to run beside it, as `systemctl reload` and \
+         nodeherd's clients would be talking to that process",
+        describe(bus),
+        describe_owner(bus, name).await
+    ))
+}
+
+/// "connection :1.N (pid P, uid U)", as far as the bus tells.
+pub async fn describe_owner(bus: &Bus, name: &str) -> String {
+    let found = async {
+        let conn = builder(bus)?.build().await?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+        let bn = zbus::names::BusName::try_from(name.to_string())?;
+        let owner = dbus.get_name_owner(bn).await?;
+        let on = zbus::names::BusName::Unique(owner.clone().into_inner());
+        let pid = dbus.get_connection_unix_process_id(on.clone()).await.ok();
+        let uid = dbus.get_connection_unix_user(on).await.ok();
+        Ok::<_, zbus::Error>(format!(
+            "connection {owner} (pid {}, uid {})",
+            pid.map_or("?".into(), |p| p.to_string()),
+            uid.map_or("?".into(), |u| u.to_string())
+        ))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), found).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => format!("another connection ({e})"),
+        Err(_) => "another connection".into(),
+    }
+}
+
+/// Serve the interface under `name` and forward signals, starting from the
+/// connection [`claim`] made, if it made one.
 ///
-/// Failure is not fatal: the manager runs on without a control plane, says
-/// so once, and keeps trying in the background (the bus may start after us,
-/// or restart under us), reconnecting with a backoff of up to 30 s.
-pub async fn serve(bus: Bus, name: String, handle: Handle) {
+/// Losing the bus is not fatal: the manager runs on without a control plane,
+/// says so once, and keeps trying in the background (the bus may start
+/// after us, or restart under us), reconnecting with a backoff of up to 30 s.
+pub async fn serve(bus: Bus, name: String, handle: Handle, first: Option<zbus::Connection>) {
     let mut signals = handle.signals.subscribe();
     if bus == Bus::None {
         logs::info("control plane off (--no-bus)");
@@ -229,8 +681,13 @@ pub async fn serve(bus: Bus, name: String, handle: Handle) {
     }
     let mut said_off = false;
     let mut backoff = Duration::from_millis(250);
+    let mut first = first;
     loop {
-        match connect(&bus, &name, handle.clone()).await {
+        let attempt = match first.take() {
+            Some(conn) => Ok(conn),
+            None => connect(&bus, &name, handle.clone()).await,
+        };
+        match attempt {
             Ok(conn) => {
                 logs::info(&format!(
                     "control plane on: {name} on the {} bus",
@@ -248,9 +705,12 @@ pub async fn serve(bus: Bus, name: String, handle: Handle) {
             }
             Err(e) if !said_off => {
                 said_off = true;
+                let why = match refusal(&bus, &name, &e).await {
+                    Some(why) => why,
+                    None => format!("cannot serve {name} on the {} bus: {e}", describe(&bus)),
+                };
                 logs::warn(&format!(
-                    "control plane off: cannot serve {name} on the {} bus: {e}. Workers run on; nodeherd status/reload/scale/restart reach the manager through its control socket, and SIGHUP reloads. Retrying in the background",
-                    describe(&bus)
+                    "control plane off: {why}. Workers run on; nodeherd status/reload/scale/restart reach the manager through its control socket, and SIGHUP reloads. Retrying in the background"
                 ));
             }
             Err(_) => {}
@@ -287,11 +747,21 @@ pub(crate) fn builder(bus: &Bus) -> zbus::Result<connection::Builder<'static>> {
 }
 
 async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Connection> {
-    builder(bus)?
-        .name(name.to_string())?
-        .serve_at(PATH, Manager { handle })?
+    let conn = builder(bus)?
+        .serve_at(
+            PATH,
+            Manager {
+                handle,
+                bus: bus.clone(),
+            },
+        )?
         .build()
-        .await
+        .await?;
+    // Never queue behind another owner (zbus's builder would, silently): a
+    // name held by someone else is an error here, `NameTaken`.
+    conn.request_name_with_flags(name, zbus::fdo::RequestNameFlags::DoNotQueue.into())
+        .await?;
+    Ok(conn)
 }
 
 /// Serve until the bus connection is lost (`true`) or the manager is done (`false`).
@@ -415,6 +885,7 @@ pub async fn serve_control_socket(listener: tokio::net::UnixListener, handle: Ha
                         PATH,
                         Manager {
                             handle: handle.clone(),
+                            bus: Bus::None,
                         },
                     )?
                     .build()
@@ -436,10 +907,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bus_names_are_valid() {
-        assert_eq!(bus_name_for("api"), "org.nodeherd.api");
-        assert_eq!(bus_name_for("my-app.v2"), "org.nodeherd.my_app_v2");
-        assert_eq!(bus_name_for("2fast"), "org.nodeherd._2fast");
-        assert_eq!(bus_name_for("ünï"), "org.nodeherd._n_");
+    fn bus_names_are_valid_and_one_to_one() {
+        let cases = [
+            ("api", "org.nodeherd.api"),
+            ("my-app", "org.nodeherd.my-app"),
+            ("my_app", "org.nodeherd.my_5fapp"),
+            ("my.app", "org.nodeherd.my_2eapp"),
+            ("my-app.v2", "org.nodeherd.my-app_2ev2"),
+            ("2fast", "org.nodeherd._32fast"),
+            ("ünï", "org.nodeherd._c3_bcn_c3_af"),
+            ("", "org.nodeherd._"),
+        ];
+        for (app, name) in cases {
+            assert_eq!(bus_name_for(app), name);
+            assert!(zbus::names::WellKnownName::try_from(name).is_ok(), "{name}");
+            assert_eq!(app_for_bus_name(name).as_deref(), Some(app), "{name}");
+        }
+        for foreign in [
+            "org.nodeherd.my_app",
+            "org.nodeherd.A_5F",
+            "org.nodeherd.x_2",
+            "org.nodeherd.1a",
+            "org.nodeherd.a.b",
+            "org.other.api",
+        ] {
+            assert_eq!(app_for_bus_name(foreign), None, "{foreign}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_two_app_names_get_two_valid_bus_names(a in ".{0,24}", b in ".{0,24}") {
+            let (na, nb) = (bus_name_for(&a), bus_name_for(&b));
+            proptest::prop_assert!(zbus::names::WellKnownName::try_from(na.as_str()).is_ok(), "{}", na);
+            proptest::prop_assert_eq!(app_for_bus_name(&na), Some(a.clone()));
+            proptest::prop_assert_eq!(a == b, na == nb);
+        }
+    }
+
+    #[test]
+    fn the_shipped_policy_is_the_example_apps() {
+        assert_eq!(
+            include_str!("../packaging/dbus/org.nodeherd.conf"),
+            bus_policy_for("hello")
+        );
+    }
+
+    #[test]
+    fn the_policy_names_one_destination_and_no_prefix() {
+        let p = bus_policy_for("my_app");
+        assert!(!p.contains("prefix"), "{p}");
+        for line in p.lines().filter(|l| l.contains("<allow send_")) {
+            assert!(
+                line.contains("send_destination=\"org.nodeherd.my_5fapp\""),
+                "{line}"
+            );
+        }
+        assert_eq!(p.matches("send_interface=").count(), 5, "{p}");
+        assert_eq!(
+            p.matches("<allow own=\"org.nodeherd.my_5fapp\"/>").count(),
+            2,
+            "{p}"
+        );
+        assert!(p.contains("<policy user=\"nodeherd-my_app\">"), "{p}");
     }
 }

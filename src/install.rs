@@ -9,8 +9,14 @@
 //! first connection). The copy is marked with the file it came from, so a
 //! second run updates it and `uninstall` removes only what `install` wrote.
 //! Edits then go to the copy, applied by `systemctl reload nodeherd@NAME`.
+//!
+//! Each app also gets its own identity: a system user `nodeherd-NAME`
+//! (a sysusers.d entry, applied with `systemd-sysusers`), which the
+//! template runs it as (`User=nodeherd-%i`), and a system-bus policy file
+//! that lets that user alone own the app's bus name, made live with the
+//! bus's `ReloadConfig`. So one app cannot own another's name, signal its
+//! processes or read its files.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -48,6 +54,8 @@ struct Plan {
     config: PathBuf,
     config_text: String,
     dropin: Option<(PathBuf, String)>,
+    sysusers: (PathBuf, String),
+    policy: (PathBuf, String),
 }
 
 pub fn install(args: InstallArgs) -> ExitCode {
@@ -65,7 +73,6 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
     let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let mut plans = Vec::new();
-    let mut bus_names: BTreeMap<String, String> = BTreeMap::new();
     for entry in &entries {
         let name = match entry.get("name").and_then(Value::as_str) {
             Some(n) => n.to_string(),
@@ -80,12 +87,7 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
             continue;
         }
         check_unit_name(&name)?;
-        let bus = crate::dbus::bus_name_for(&name);
-        if let Some(other) = bus_names.insert(bus.clone(), name.clone()) {
-            return Err(Failure::Refused(format!(
-                "apps \"{other}\" and \"{name}\" would both be {bus} on the bus; rename one"
-            )));
-        }
+        check_user_name(&name)?;
         // The whole configuration must be valid before anything is written.
         let over = Overrides {
             only: Some(name.clone()),
@@ -109,11 +111,25 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
             )));
         }
     }
+    // The users first: the bus resolves the user its policy names when it
+    // loads it, and the configuration copy is the app's group's to read.
     for p in &plans {
-        let mut files = vec![(p.config.clone(), p.config_text.clone())];
-        files.extend(p.dropin.clone());
-        for (path, text) in files {
-            write_file(&path, &text, args.dirs.dry_run)?;
+        write_file(&p.sysusers.0, &p.sysusers.1, args.dirs.dry_run, None)?;
+        run(
+            "systemd-sysusers",
+            &[p.sysusers.0.display().to_string()],
+            args.dirs.dry_run,
+        )?;
+    }
+    for p in &plans {
+        write_file(&p.policy.0, &p.policy.1, args.dirs.dry_run, Some(0o644))?;
+    }
+    reload_bus(args.dirs.dry_run);
+    for p in &plans {
+        let group = crate::dbus::user_for(&p.name);
+        write_config(&p.config, &p.config_text, &group, args.dirs.dry_run)?;
+        if let Some((path, text)) = &p.dropin {
+            write_file(path, text, args.dirs.dry_run, Some(0o644))?;
         }
     }
     let mut commands = vec![vec!["daemon-reload".to_string()]];
@@ -200,11 +216,28 @@ fn plan(
             text,
         ))
     };
+    let user = crate::dbus::user_for(name);
+    let sysusers = (
+        args.dirs.sysusers_dir.join(format!("{user}.conf")),
+        format!(
+            "# Written by `nodeherd install`: the user and group the nodeherd app\n\
+             # \"{name}\" runs as (nodeherd@{name}.service, User=nodeherd-%i).\n\
+             u {user} - \"nodeherd app {name}\" /nonexistent /usr/sbin/nologin\n"
+        ),
+    );
+    let policy = (
+        args.dirs
+            .bus_policy_dir
+            .join(format!("{}.conf", crate::dbus::bus_name_for(name))),
+        crate::dbus::bus_policy_for(name),
+    );
     Ok(Plan {
         name: name.to_string(),
         config: args.dirs.config_dir.join(format!("{name}.json")),
         config_text,
         dropin,
+        sysusers,
+        policy,
     })
 }
 
@@ -254,6 +287,24 @@ fn check_unit_name(name: &str) -> Result<(), Failure> {
     }
 }
 
+/// The template runs an app as `nodeherd-NAME`: a name systemd-sysusers
+/// and useradd accept, at most 31 characters.
+fn check_user_name(name: &str) -> Result<(), Failure> {
+    let user = crate::dbus::user_for(name);
+    let ok = user.len() <= 31
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure::Refused(format!(
+            "app name \"{name}\" cannot be part of a user name ({user}, which the app runs as): \
+             use letters, digits, _ and - only, at most 22 characters"
+        )))
+    }
+}
+
 /// A configuration for `name` in `dir` that `install` did not write from
 /// `source` (which the template would read instead of ours, or beside it).
 fn foreign_config(dir: &Path, name: &str, source: &Path) -> Option<PathBuf> {
@@ -281,7 +332,28 @@ fn foreign_config(dir: &Path, name: &str, source: &Path) -> Option<PathBuf> {
     None
 }
 
-fn write_file(path: &Path, text: &str, dry_run: bool) -> Result<(), Failure> {
+/// The copy may hold secrets (`env`): root's, readable by the app's own
+/// group only (not by other apps, nor by operators in group nodeherd).
+fn write_config(path: &Path, text: &str, group: &str, dry_run: bool) -> Result<(), Failure> {
+    write_file(path, text, dry_run, Some(0o640))?;
+    if dry_run {
+        return Ok(());
+    }
+    match nix::unistd::Group::from_name(group).ok().flatten() {
+        Some(g) => nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| {
+            Failure::Failed(format!(
+                "cannot give {} to group {group}: {e}",
+                path.display()
+            ))
+        }),
+        None => Err(Failure::Failed(format!(
+            "group {group} does not exist after systemd-sysusers; {} stays root's only",
+            path.display()
+        ))),
+    }
+}
+
+fn write_file(path: &Path, text: &str, dry_run: bool, mode: Option<u32>) -> Result<(), Failure> {
     if dry_run {
         println!("--- would write {}\n{text}", path.display());
         return Ok(());
@@ -305,43 +377,56 @@ fn write_file(path: &Path, text: &str, dry_run: bool) -> Result<(), Failure> {
     }
     let tmp = path.with_extension("tmp-nodeherd");
     std::fs::write(&tmp, text).map_err(denied)?;
-    set_mode(&tmp);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = mode.unwrap_or(0o644);
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(denied)?;
+    }
     std::fs::rename(&tmp, path).map_err(denied)?;
     println!("wrote {}", path.display());
     Ok(())
 }
 
-/// The copy may hold secrets (`env`): readable by root and group nodeherd.
-fn set_mode(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let group = nix::unistd::Group::from_name("nodeherd").ok().flatten();
-    let mode = if let Some(g) = group {
-        let _ = nix::unistd::chown(path, None, Some(g.gid));
-        0o640
-    } else {
-        0o644
-    };
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+fn systemctl(args: &[String], dry_run: bool) -> Result<(), Failure> {
+    run("systemctl", args, dry_run)
 }
 
-fn systemctl(args: &[String], dry_run: bool) -> Result<(), Failure> {
+fn run(cmd: &str, args: &[String], dry_run: bool) -> Result<(), Failure> {
     if dry_run {
-        println!("--- would run: systemctl {}", args.join(" "));
+        println!("--- would run: {cmd} {}", args.join(" "));
         return Ok(());
     }
-    let out = Command::new("systemctl")
+    let out = Command::new(cmd)
         .args(args)
         .output()
-        .map_err(|e| Failure::Failed(format!("cannot run systemctl: {e}")))?;
+        .map_err(|e| Failure::Failed(format!("cannot run {cmd}: {e}")))?;
     if !out.status.success() {
         return Err(Failure::Failed(format!(
-            "systemctl {} failed: {}",
+            "{cmd} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    println!("ran systemctl {}", args.join(" "));
+    println!("ran {cmd} {}", args.join(" "));
     Ok(())
+}
+
+/// Make the system bus load its policy files again. dbus-daemon also
+/// notices them by itself, dbus-broker does not. Without a running bus there
+/// is nothing to reload: it reads them when it starts.
+fn reload_bus(dry_run: bool) {
+    let args: Vec<String> = [
+        "call",
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "ReloadConfig",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Err(Failure::Failed(m) | Failure::Refused(m)) = run("busctl", &args, dry_run) {
+        eprintln!("nodeherd: warning: {m}; the bus reads the new policy when it starts");
+    }
 }
 
 fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
@@ -370,7 +455,18 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
         .dirs
         .unit_dir
         .join(format!("nodeherd@{}.socket.d", args.name));
-    for path in [config, dropin_dir.join("listen.conf")] {
+    let policy = args
+        .dirs
+        .bus_policy_dir
+        .join(format!("{}.conf", crate::dbus::bus_name_for(&args.name)));
+    // Only the policy `install` writes: a hand-made one is the admin's.
+    let had_policy = std::fs::read_to_string(&policy)
+        .is_ok_and(|t| t == crate::dbus::bus_policy_for(&args.name));
+    let mut remove = vec![config, dropin_dir.join("listen.conf")];
+    if had_policy {
+        remove.push(policy);
+    }
+    for path in remove {
         if !path.exists() {
             continue;
         }
@@ -385,8 +481,16 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
     if !args.dirs.dry_run {
         let _ = std::fs::remove_dir(&dropin_dir);
     }
+    if had_policy {
+        reload_bus(args.dirs.dry_run);
+    }
     systemctl(&["daemon-reload".into()], args.dirs.dry_run)?;
-    println!("{}: uninstalled", args.name);
+    // The user stays, as system users do: files the app wrote keep an owner.
+    println!(
+        "{}: uninstalled (user {} stays)",
+        args.name,
+        crate::dbus::user_for(&args.name)
+    );
     Ok(())
 }
 
@@ -414,6 +518,15 @@ mod tests {
             "a b:80",
         ] {
             assert!(socket_line(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn user_names_are_checked() {
+        assert!(check_user_name("shop-v2_eu1").is_ok());
+        assert!(check_user_name("a234567890123456789012").is_ok());
+        for bad in ["a2345678901234567890123", "my.app", "a:b", "ünï"] {
+            assert!(check_user_name(bad).is_err(), "{bad:?} accepted");
         }
     }
 

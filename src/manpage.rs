@@ -43,12 +43,15 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
         w,
         "{}",
         escape(
-            "run: 0 after a clean stop, 1 when every slot errored or a runtime failure, 2 for bad configuration or flags. \
+            "run: 0 after a clean stop, 1 when every slot errored or a runtime failure, 2 for bad configuration or flags, \
+             4 under systemd when the app's bus name is owned by another process or the bus policy does not let \
+             the app's user own it. \
              status, reload, restart, scale: 0 done, 1 the operation failed, 2 bad usage or invalid argument, \
-             3 no manager reachable on the bus, 4 busy (64 requests already wait). \
+             3 no manager reachable on the bus (or the bus name's owner is not the main process of the app's unit), \
+             4 busy (64 requests already wait), 5 access denied (the message names the polkit action). \
              A reload whose configuration file is missing or invalid is refused with status 2. \
-             install, uninstall: 0 done, 1 systemctl failed, 2 refused (invalid file, name collision, \
-             no right to write, a file install did not write)."
+             install, uninstall: 0 done, 1 systemctl, systemd-sysusers or writing failed, 2 refused (invalid file, \
+             an app name that cannot be a user name, no right to write, a file install did not write)."
         )
     )?;
     writeln!(w, ".SH SEE ALSO")?;

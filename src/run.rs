@@ -36,6 +36,10 @@ pub enum RunError {
     /// An error already logged; only its exit status is left.
     #[error("{0}")]
     Reported(Box<RunError>),
+    /// The bus name is not ours to take (exit 4): another process owns it,
+    /// or the bus policy does not let this user own it.
+    #[error("error: {0}")]
+    BusName(String),
     /// Something the system refused at runtime (exit 1).
     #[error("{what}: {source}")]
     System {
@@ -50,6 +54,7 @@ impl RunError {
             RunError::Config(_) | RunError::Usage(_) => 2,
             RunError::Socket(e) => e.exit_status(),
             RunError::Reported(e) => e.exit_status(),
+            RunError::BusName(_) => 4,
             RunError::System { .. } => 1,
         }
     }
@@ -120,6 +125,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
                 .into(),
         ));
     }
+    let listeners_from_systemd = !inherited.is_empty();
     // A socket systemd passes under the name `metrics` is the metrics
     // endpoint's, not the workers'.
     let mut inherited = inherited;
@@ -155,7 +161,8 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         Some(l) => Some(MetricsAt::Inherited(l)),
         None => app.metrics.clone().map(MetricsAt::Address),
     };
-    let result = run_daemon(app, listeners, metrics, source, &dir, &args);
+    let activated = listeners_from_systemd;
+    let result = run_daemon(app, listeners, metrics, source, &dir, &args, activated);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -222,6 +229,12 @@ impl MetricsAt {
     }
 }
 
+/// Started by systemd as a service (it sets `INVOCATION_ID` for every
+/// service process since v232).
+fn under_systemd() -> bool {
+    std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty())
+}
+
 fn run_daemon(
     app: config::App,
     listeners: Vec<sockets::Listener>,
@@ -229,6 +242,7 @@ fn run_daemon(
     source: Source,
     dir: &Path,
     args: &RunArgs,
+    activated: bool,
 ) -> Result<u8, RunError> {
     let shim = dir.join("shim.js");
     std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
@@ -292,7 +306,27 @@ fn run_daemon(
                 listener_info,
             ));
         }
-        tokio::spawn(dbus::serve(bus, bus_name, handle.clone()));
+        // The bus name first, before any worker starts. Under systemd a name
+        // that is not ours is fatal: someone else answering for this app
+        // would get `systemctl reload` and every client's calls.
+        let first = match dbus::claim(&bus, &bus_name, handle.clone()).await {
+            dbus::Claim::Owned(conn) => Some(conn),
+            dbus::Claim::Later => None,
+            dbus::Claim::Refused(why) if under_systemd() => {
+                let err = RunError::BusName(why);
+                logs::error(&err.to_string());
+                notify::status(&format!("stopped: {err}"));
+                if activated {
+                    // As for a bad configuration: connections that keep
+                    // starting the service must not fail its socket.
+                    logs::flush(Duration::from_secs(1));
+                    tokio::time::sleep(CONFIG_ERROR_HOLD).await;
+                }
+                return Err(RunError::Reported(Box::new(err)));
+            }
+            dbus::Claim::Refused(_) => None,
+        };
+        tokio::spawn(dbus::serve(bus, bus_name, handle.clone(), first));
         let control_path = dir.join("control.sock");
         match dbus::bind_control_socket(&control_path) {
             Ok(listener) => {

@@ -68,7 +68,7 @@ fn a_dry_run_shows_the_config_copy_the_socket_dropin_and_the_commands() {
 }
 
 #[test]
-fn it_refuses_invalid_files_colliding_names_and_files_it_did_not_write() {
+fn it_refuses_invalid_files_and_names_and_files_it_did_not_write_and_keeps_similar_names_apart() {
     let dir = tempdir::Dir::new("refuse");
     let script = path_str(&app("env.js"));
     let etc = dir.path.join("etc");
@@ -90,15 +90,53 @@ fn it_refuses_invalid_files_colliding_names_and_files_it_did_not_write() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("key `instances`"), "{err}");
 
-    let clash = dir.write(
-        "clash.json",
+    // Names that used to meet on one bus name get one each now, with a
+    // policy file and a user each.
+    let pair = dir.write(
+        "pair.json",
         &format!(
             r#"{{"apps":[{{"name":"my-app","script":"{script}"}},{{"name":"my_app","script":"{script}"}}]}}"#
         ),
     );
-    let (code, _, err) = run(&clash);
+    let (code, out, err) = run(&pair);
+    assert_eq!(code, 0, "{err}");
+    for (file, own) in [
+        (
+            "org.nodeherd.my-app.conf",
+            "<allow own=\"org.nodeherd.my-app\"/>",
+        ),
+        (
+            "org.nodeherd.my_5fapp.conf",
+            "<allow own=\"org.nodeherd.my_5fapp\"/>",
+        ),
+    ] {
+        assert!(
+            out.contains(&format!("--- would write /etc/dbus-1/system.d/{file}")),
+            "{file}: {out}"
+        );
+        assert!(out.contains(own), "{own}: {out}");
+    }
+    for user in ["nodeherd-my-app", "nodeherd-my_app"] {
+        assert!(out.contains(&format!("\nu {user} - ")), "{user}: {out}");
+        assert!(
+            out.contains(&format!(
+                "--- would run: systemd-sysusers /etc/sysusers.d/{user}.conf"
+            )),
+            "{user}: {out}"
+        );
+    }
+
+    // A dot is fine in a unit name, not in a user name.
+    let dotted = dir.write(
+        "dotted.json",
+        &format!(r#"{{"apps":[{{"name":"my.app","script":"{script}"}}]}}"#),
+    );
+    let (code, _, err) = run(&dotted);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("\"my-app\" and \"my_app\""), "{err}");
+    assert!(
+        err.contains("cannot be part of a user name (nodeherd-my.app"),
+        "{err}"
+    );
 
     let spaced = dir.write(
         "spaced.json",

@@ -2,14 +2,19 @@
 # End-to-end: nodeherd under a real systemd (PID 1 of a throwaway container),
 # installed the way a user would, driven from outside over loopback.
 #
-#   tests/systemd/e2e.sh [NODEHERD_BINARY]
+#   tests/systemd/e2e.sh [--root host|trixie] [NODEHERD_BINARY]
 #
 # NODEHERD_BINARY defaults to target/release/nodeherd, else target/debug/nodeherd.
 # Needs root. Installs what it lacks from Debian (systemd-container for
 # systemd-nspawn, curl, iproute2, dbus-bin, nodejs, jq, util-linux).
 #
-# The container (see container.sh) is this machine's root file system under a
-# throwaway overlay, sharing the host network. Into it go the binary as
+# --root host (the default): the container (see container.sh) is this
+# machine's root file system (Debian 12: systemd 252, dbus-daemon, polkitd
+# 122) under a throwaway overlay. --root trixie: a Debian 13 root (systemd
+# 257, dbus-broker, polkitd, nodejs 20, dbus-bin) made by debian-root.sh from
+# the archive the first time and cached under
+# ${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}/debian-roots, under the same
+# kind of overlay. Either way the container shares the host network. Into it go the binary as
 # /usr/bin/nodeherd, units/nodeherd@.{socket,service}, units/sysusers.d,
 # packaging/dbus/org.nodeherd.conf and the example app as app `hello`, whose
 # socket listens on 127.0.0.1:PORT through a drop-in. Then:
@@ -18,7 +23,16 @@
 #      then keep-alive): zero failed requests
 #   c. Scale to 4 over D-Bus; systemctl status and nodeherd status show 4
 #   d. journalctl NODE_APP_INSTANCE=1 shows that worker's lines only
-#   e. a caller outside root and group nodeherd is refused by the bus policy
+#   e. authz-checks.sh on the real bus with polkit (owning, reading, nothing
+#      granted on another name, every method refused with the action named
+#      to nobody and to another app's user, operators allowed); app `other`
+#      (tests/systemd/tenant.js, installed with `nodeherd install`) tries from
+#      its own unit to own hello's name, scale and restart it, kill its
+#      processes, read its files and its runtime directory: all refused;
+#      an operator reads none of the apps' files either
+#   m. a name squatter: root owns org.nodeherd.hello first; the manager
+#      stops with exit 4 and says who owns it; clients refuse to talk to
+#      the squatter; gone, the app starts again
 #   g. kill -9 of the manager: systemd restarts it, no connection refused
 #   h. the manager feeds the watchdog; a hung (SIGSTOPped) one is replaced
 #   f. systemctl stop leaves no process in the unit's cgroup
@@ -27,7 +41,8 @@
 #      (new env, 2 -> 3 workers, 0 failed); a broken edit fails it closed
 #   k. a bad configuration at start: connections keep starting the service
 #      for 14 s and the socket never fails; fixed, the next one is served
-#   l. nodeherd install of a two-app file, idempotent, collisions refused;
+#   l. nodeherd install of a two-app file, idempotent, names that used to
+#      collide kept apart, a name that cannot be a user refused;
 #      --boot shown by rebooting the container; uninstall
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is bounded,
 # everything started here is ended by pid, and the container, its mounts and
@@ -55,6 +70,16 @@ die() { echo "e2e: $*" >&2; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "needs root"
 
+ROOT_KIND=host
+if [[ ${1:-} == --root ]]; then
+    ROOT_KIND=${2:-}
+    shift 2
+fi
+case $ROOT_KIND in
+    host | trixie) ;;
+    *) die "--root host|trixie, not '$ROOT_KIND'" ;;
+esac
+
 BIN=${1:-}
 if [[ -z $BIN ]]; then
     for b in "$REPO/target/release/nodeherd" "$REPO/target/debug/nodeherd"; do
@@ -80,6 +105,18 @@ if ((${#need[@]})); then
     log "installing ${need[*]}"
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The Debian 13 root: made once, then cached (a minute or two the first time).
+if [[ $ROOT_KIND == trixie ]]; then
+    t0=$SECONDS
+    NODEHERD_CONTAINER_ROOT=$("$HERE/debian-root.sh" trixie nodejs dbus-bin util-linux) ||
+        die "no Debian 13 root"
+    export NODEHERD_CONTAINER_ROOT
+    log "Debian 13 root $NODEHERD_CONTAINER_ROOT ready in $((SECONDS - t0)) s"
+    EXPECT_BUS=dbus-broker.service
+else
+    EXPECT_BUS=dbus.service
 fi
 
 # ---------------------------------------------------------------- results
@@ -132,13 +169,20 @@ MYAPP_PORT=$((PORT + 1))
 cp "$BIN" "$HOSTDIR/nodeherd"
 cp -r "$REPO/units" "$HOSTDIR/units"
 cp "$REPO/packaging/dbus/org.nodeherd.conf" "$HOSTDIR/org.nodeherd.conf"
+cp -r "$REPO/packaging/polkit" "$HOSTDIR/polkit"
 cp "$APP_JS" "$HOSTDIR/app.js"
+cp "$HERE/tenant.js" "$HERE/authz-checks.sh" "$HOSTDIR/"
+OTHER_PORT=$((PORT + 4)) SQUAT_PORT=$((PORT + 5))
 cat >"$HOSTDIR/setup.sh" <<EOF
 set -eu
 install -m 755 /shared/nodeherd /usr/bin/nodeherd
+# As the package: group nodeherd (operators) and the example app's user.
 systemd-sysusers /shared/units/sysusers.d/nodeherd.conf
 # An operator allowed to act on the bus through group nodeherd.
 useradd --system --no-create-home --shell /usr/sbin/nologin -G nodeherd nhoperator
+# The package's polkit actions and the operators' rule.
+install -D -m 644 /shared/polkit/org.nodeherd.policy /usr/share/polkit-1/actions/org.nodeherd.policy
+install -D -m 644 /shared/polkit/org.nodeherd.rules /usr/share/polkit-1/rules.d/org.nodeherd.rules
 install -m 644 /shared/units/nodeherd@.socket /shared/units/nodeherd@.service /etc/systemd/system/
 mkdir -p /etc/systemd/system/$SOCK_UNIT.d
 printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$PORT\n' >/etc/systemd/system/$SOCK_UNIT.d/zz-e2e-listen.conf
@@ -150,6 +194,23 @@ module.exports = {
 };
 JS
 install -m 644 /shared/org.nodeherd.conf /etc/dbus-1/system.d/org.nodeherd.conf
+# Data hello wrote under UMask=0027 (its own, as the unit makes them).
+install -d -m 750 -o nodeherd-hello -g nodeherd-hello /srv/$APP-data
+echo "hello's secret" >/srv/$APP-data/secret
+chown nodeherd-hello:nodeherd-hello /srv/$APP-data/secret
+chmod 640 /srv/$APP-data/secret
+# A name only root may own and nobody may send to: nodeherd's policy must
+# reach nothing there.
+cat >/etc/dbus-1/system.d/zz-nodeherd-e2e-locked.conf <<'XML'
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><policy user="root"><allow own="org.nodeherdtest.Locked"/></policy></busconfig>
+XML
+# myapp.service's own user and policy, as its comments say.
+mkdir -p /etc/sysusers.d
+echo 'u nodeherd-myapp - "nodeherd app myapp" /nonexistent /usr/sbin/nologin' >/etc/sysusers.d/nodeherd-myapp.conf
+systemd-sysusers
+sed 's/hello/myapp/g' /etc/dbus-1/system.d/org.nodeherd.conf >/etc/dbus-1/system.d/org.nodeherd.myapp.conf
 busctl call org.freedesktop.DBus / org.freedesktop.DBus ReloadConfig
 # The example pair as its comments say: copied, port changed by a drop-in.
 install -m 644 /shared/units/myapp.socket /shared/units/myapp.service /etc/systemd/system/
@@ -158,6 +219,13 @@ printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$MYAPP_PORT\n' >/etc/sys
 cat >/etc/nodeherd/myapp.config.js <<'JS'
 module.exports = { apps: [{ name: 'myapp', script: '/srv/$APP/app.js', instances: 1 }] };
 JS
+# The hostile tenant, another app, installed the ordinary way.
+install -d -m 755 /srv/other
+install -m 644 /shared/tenant.js /srv/other/tenant.js
+cat >/srv/other/ecosystem.config.js <<'JS'
+module.exports = { apps: [{ name: 'other', script: './tenant.js', instances: 1, listen: '127.0.0.1:$OTHER_PORT' }] };
+JS
+nodeherd install /srv/other/ecosystem.config.js --now
 systemctl daemon-reload
 # Seen once in CI: the first start of the socket failed with no cause kept.
 # Say why, then try once more; a second failure fails the suite.
@@ -427,23 +495,97 @@ else
 fi
 
 # ================================================================ e
-log "e. bus policy in the real system bus"
+log "e. authorization on the real bus ($(ct systemctl show -P Id dbus.service)), with polkit"
+expect "e: the system bus is $EXPECT_BUS" test "$(ct systemctl show -P Id dbus.service)" = "$EXPECT_BUS"
 M=org.nodeherd.Manager1
-denied=$(ct_as nobody dbus-send --system --print-reply --dest="$BUS_NAME" /org/nodeherd $M.Scale int32:1 2>&1 || true)
-if [[ $denied == *org.freedesktop.DBus.Error.AccessDenied* ]]; then
-    pass "e: nobody's Scale call is refused with AccessDenied"
-else
-    fail "e: nobody's Scale call was not refused: $denied"
-fi
-rc=0; out=$(ct_as nobody nodeherd scale "$APP" 1 2>&1) || rc=$?
-expect "e: 'nodeherd scale $APP 1' as nobody fails (exit $rc: $out)" test "$rc" != 0
-expect "e: and the count is still 4" test "$(ct busctl get-property "$BUS_NAME" /org/nodeherd $M Instances 2>&1)" = "i 4"
-got=$(ct_as nobody busctl get-property "$BUS_NAME" /org/nodeherd $M Instances 2>&1 || true)
-expect "e: nobody may read the Instances property (got '$got')" test "$got" = "i 4"
-got=$(ct_as nhoperator busctl call "$BUS_NAME" /org/nodeherd $M Scale i 4 2>&1 || true)
-expect "e: a member of group nodeherd may call Scale (got '$got')" test "$got" = "i 4"
 owner=$(ct busctl status --no-pager "$BUS_NAME" 2>/dev/null | sed -n 's/^UID=\([0-9]*\).*/\1/p' || true)
-expect "e: $BUS_NAME is owned by user nodeherd (uid $owner)" test "$owner" = "$(ct id -u nodeherd)"
+expect "e: $BUS_NAME is owned by user nodeherd-hello (uid $owner)" test "$owner" = "$(ct id -u nodeherd-hello)"
+wuids=$(for p in $(worker_pids); do ct stat -c %u "/proc/$p"; done | sort -u | tr '\n' ' ')
+expect "e: hello's workers run as nodeherd-hello too (uids: $wuids)" test "$wuids" = "$(ct id -u nodeherd-hello) "
+locked_rc=0
+ct systemd-run --quiet --unit=nodeherd-e2e-locked --property=User=root \
+    nodeherd run /srv/$APP/app.js --name locked --bus-name org.nodeherdtest.Locked --listen 127.0.0.1:0 -i 1 || locked_rc=$?
+locked_up() { ct busctl status --no-pager org.nodeherdtest.Locked >/dev/null 2>&1; }
+expect "e: a root manager holds org.nodeherdtest.Locked (exit $locked_rc)" wait_for 30 locked_up
+authz=$(ct env NODEHERD=nodeherd bash /shared/authz-checks.sh unix:path=/run/dbus/system_bus_socket \
+    "$APP" polkit nhoperator nodeherd-other org.nodeherdtest.Locked 2>&1) || true
+while IFS= read -r line; do
+    case $line in
+        "ok   - "*) pass "e: ${line#ok   - }" ;;
+        "FAIL - "*) fail "e: ${line#FAIL - }" ;;
+        *" passed, "*" failed") ;;
+        *) echo "       | $line" ;;
+    esac
+done <<<"$authz"
+expect "e: authz-checks.sh ran to its end" test -n "$(grep -E '^[0-9]+ passed, [0-9]+ failed$' <<<"$authz")"
+ct systemctl stop nodeherd-e2e-locked || true
+
+log "e. app other attacks app hello from its own unit"
+uid_other=$(ct id -u nodeherd-other)
+wait_for 30 test "$(ct systemctl show -P ActiveState nodeherd@other.socket)" = active || true
+victims=$(echo $(prop "$UNIT" MainPID) $(worker_pids) | tr ' ' ',')
+report=$(curl -sS --max-time 60 "http://127.0.0.1:$OTHER_PORT/attack?victim=$APP&pids=$victims" 2>&1 || true)
+echo "$report" | sed 's/^/       | /'
+field() { jq -r "$1" <<<"$report" 2>/dev/null || echo "(no answer)"; }
+expect "e: the tenant runs as nodeherd-other (uid $(field .uid))" test "$(field .uid)" = "$uid_other"
+expect "e: other may not own $BUS_NAME" test "$(field .own)" = "ERR org.freedesktop.DBus.Error.AccessDenied"
+expect "e: other's Scale on hello is refused, naming the action" test "$(field .scale)" = \
+    "ERR org.freedesktop.DBus.Error.AccessDenied: org.nodeherd.scale: uid $uid_other is not authorized (polkit); root and members of group nodeherd are"
+expect "e: other's Restart on hello is refused, naming the action" test "$(field .restart)" = \
+    "ERR org.freedesktop.DBus.Error.AccessDenied: org.nodeherd.restart: uid $uid_other is not authorized (polkit); root and members of group nodeherd are"
+nv=$(tr ',' '\n' <<<"$victims" | grep -c .)
+expect "e: other's SIGKILL to each of hello's $nv processes ($victims) fails with EPERM" \
+    test "$(field '.kill | join(",")')" = "$(yes EPERM | head -n "$nv" | paste -sd,)"
+expect "e: other may not read hello's data (/srv/$APP-data/secret)" test "$(field .read)" = EACCES
+expect "e: other may not look into hello's runtime directory (its control socket)" test "$(field .runtime)" = EACCES
+expect "e: hello's manager and workers all still run" test "$(echo $(prop "$UNIT" MainPID) $(worker_pids) | tr ' ' ',')" = "$victims"
+expect "e: and hello still has 2 workers" test "$(bus_prop Instances)" = "i 2"
+got=$(ct_as nhoperator cat /srv/$APP-data/secret 2>&1 || true)
+expect "e: an operator (group nodeherd) may not read hello's data ($got)" test "$got" = "cat: /srv/$APP-data/secret: Permission denied"
+got=$(ct_as nhoperator cat /etc/nodeherd/other.json 2>&1 || true)
+expect "e: nor the configuration install wrote for other ($got)" test "$got" = "cat: /etc/nodeherd/other.json: Permission denied"
+expect "e: which is root's and group nodeherd-other's, 0640" test "$(ct stat -c '%U:%G %a' /etc/nodeherd/other.json)" = "root:nodeherd-other 640"
+rc=0; out=$(ct_as nobody nodeherd scale "$APP" 1 2>&1) || rc=$?
+expect "e: 'nodeherd scale $APP 1' as nobody exits 5 ($out)" test "$rc" = 5
+expect "e: and says why" test "$out" = "nodeherd: access denied: org.nodeherd.scale: uid 65534 is not authorized (polkit); root and members of group nodeherd are"
+got=$(ct_as nhoperator nodeherd scale "$APP" 2 2>&1 || true)
+expect "e: 'nodeherd scale $APP 2' as an operator ($got)" test "$got" = "nodeherd: $APP now runs 2 worker(s)"
+
+# ================================================================ m
+log "m. a squatter on hello's bus name"
+timeout 60 nsenter -t "$PID1" -a systemctl stop "$UNIT" || fail "m: stop failed"
+ct systemd-run --quiet --unit=nodeherd-e2e-squat --property=User=root \
+    nodeherd run /srv/$APP/app.js --name squat --bus-name "$BUS_NAME" --listen "127.0.0.1:$SQUAT_PORT" -i 1 ||
+    fail "m: the squatter did not start"
+squatting() { [[ $(ct busctl status --no-pager "$BUS_NAME" 2>/dev/null | sed -n 's/^PID=//p') == "$(prop nodeherd-e2e-squat.service MainPID)" ]]; }
+expect "m: root's squatter owns $BUS_NAME" wait_for 30 squatting
+sq_pid=$(prop nodeherd-e2e-squat.service MainPID)
+sq_name=$(ct busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus GetNameOwner s "$BUS_NAME" | sed 's/^s "\(.*\)"$/\1/')
+m0=$EPOCHREALTIME
+rc=0; timeout 60 nsenter -t "$PID1" -a systemctl start "$UNIT" 2>/dev/null || rc=$?
+expect "m: systemctl start $UNIT fails (exit $rc)" test "$rc" != 0
+expect "m: the manager exited with status 4 ($(prop "$UNIT" ExecMainStatus))" test "$(prop "$UNIT" ExecMainStatus)" = 4
+expect "m: $UNIT is failed" test "$(prop "$UNIT" ActiveState)" = failed
+said=$(ct journalctl --no-pager -o cat -u "$UNIT" --since "@${m0%.*}" | grep -F 'is already owned' | head -1 || true)
+expect "m: the journal says who owns the name ($said)" test "$said" = \
+    "error: $BUS_NAME is already owned on the system bus by connection $sq_name (pid $sq_pid, uid 0); refusing to run beside it, as \`systemctl reload\` and nodeherd's clients would be talking to that process"
+expect "m: no worker of hello was started" test -z "$(worker_pids)"
+expect "m: $SOCK_UNIT still listens" test "$(prop "$SOCK_UNIT" ActiveState)" = active
+rc=0; out=$(ct nodeherd status "$APP" 2>&1) || rc=$?
+expect "m: nodeherd status $APP refuses the squatter (exit $rc)" test "$rc" = 3
+expect "m: and says so" test "$out" = \
+    "nodeherd: $BUS_NAME is owned by pid $sq_pid ($sq_name), not by the main process of $UNIT, which is not running: not talking to it (see \`journalctl -u $UNIT\`)"
+rc=0; out=$(ct env MAINPID=1 nodeherd reload "$APP" 2>&1) || rc=$?
+expect "m: nodeherd reload as ExecReload (\$MAINPID=1) refuses it too (exit $rc)" test "$rc" = 3
+expect "m: and says so" test "$out" = \
+    "nodeherd: $BUS_NAME is owned by pid $sq_pid ($sq_name), not by this unit's main process (\$MAINPID 1): not talking to it"
+ct systemctl stop nodeherd-e2e-squat || fail "m: the squatter did not stop"
+ct systemctl reset-failed "$UNIT" || true
+timeout 60 nsenter -t "$PID1" -a systemctl start "$UNIT" || fail "m: $UNIT does not start once the squatter is gone"
+expect "m: with the squatter gone $UNIT runs again" wait_for 30 ready_is 2
+expect "m: and its manager owns $BUS_NAME" test "$(ct busctl status --no-pager "$BUS_NAME" 2>/dev/null | sed -n 's/^PID=//p')" = "$(prop "$UNIT" MainPID)"
+rc=0; out=$(ct nodeherd status "$APP" 2>&1) || rc=$?
+expect "m: nodeherd status $APP talks to it (exit $rc)" test "$rc" = 0
 
 # ================================================================ g
 log "g. kill -9 of the manager"
@@ -452,7 +594,7 @@ old_restarts=$(prop "$UNIT" NRestarts)
 start_load kill 8
 sleep 1
 k0=$EPOCHREALTIME
-ct kill -KILL "$old_main" || fail "g: could not kill pid $old_main"
+ct sh -c "kill -KILL $old_main" || fail "g: could not kill pid $old_main"
 recovered() {
     local m
     m=$(prop "$UNIT" MainPID)
@@ -506,7 +648,7 @@ fi
 old_main=$(prop "$UNIT" MainPID)
 old_restarts=$(prop "$UNIT" NRestarts)
 h0=$EPOCHREALTIME
-ct kill -STOP "$old_main" || fail "h: could not SIGSTOP pid $old_main"
+ct sh -c "kill -STOP $old_main" || fail "h: could not SIGSTOP pid $old_main"
 if wait_for 30 recovered; then
     pass "h: a hung (SIGSTOPped) manager is killed and restarted by systemd in $(awk -v a="$h0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%d", (b - a) * 1000 }') ms"
 else
@@ -552,7 +694,7 @@ expect "f: $SOCK_UNIT still listens after the stop" test "$(prop "$SOCK_UNIT" Ac
 log "i. unit details: Documentation=, FreeBind=, RestartPreventExitStatus="
 expect "i: $UNIT names its documentation ($(prop "$UNIT" Documentation))" test "$(prop "$UNIT" Documentation | tr -d '"')" = "man:nodeherd(1)"
 expect "i: $SOCK_UNIT binds with FreeBind (an IP address not yet up at boot)" test "$(prop "$SOCK_UNIT" FreeBind)" = yes
-expect "i: $UNIT is not restarted on exit status 2" test "$(prop "$UNIT" RestartPreventExitStatus)" = 2
+expect "i: $UNIT is not restarted on exit status 2 or 4" test "$(prop "$UNIT" RestartPreventExitStatus)" = "2 4"
 
 # write_config INSTANCES: /etc/nodeherd/$APP.config.js with a GREETING env.
 write_config() {
@@ -652,18 +794,29 @@ JS
 rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js --now 2>&1) || rc=$?
 echo "$out" | sed 's/^/       | /'
 expect "l: nodeherd install exits 0" test "$rc" = 0
+for a in alpha beta; do
+    expect "l: install made user nodeherd-$a" ct id -u "nodeherd-$a"
+    expect "l: and /etc/dbus-1/system.d/org.nodeherd.$a.conf" ct test -f "/etc/dbus-1/system.d/org.nodeherd.$a.conf"
+done
 for a in alpha:$P2 beta:$P3; do
     body=$(curl -sS --max-time 60 -w ' %{http_code}' "http://127.0.0.1:${a#*:}/" 2>&1 | tr '\n' ' ' || true)
     expect "l: ${a%%:*} answers on ${a#*:} after a connection (${body% })" test "${body##* }" = 200
 done
 rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js 2>&1) || rc=$?
-expect "l: a second install changes nothing (exit $rc)" test "$rc" = 0 -a "$(grep -c '^unchanged' <<<"$out")" = 4
-ct sh -c "cat >/srv/two/clash.json" <<JS
+expect "l: a second install changes nothing (exit $rc)" test "$rc" = 0 -a "$(grep -c '^unchanged' <<<"$out")" = 8
+ct sh -c "cat >/srv/two/pair.json" <<JS
 {"apps": [{"name": "my-app", "script": "./app.js"}, {"name": "my_app", "script": "./app.js"}]}
 JS
-rc=0; out=$(ct nodeherd install /srv/two/clash.json 2>&1) || rc=$?
-expect "l: names that collide are refused, both named (exit $rc: $out)" \
-    test "$rc" = 2 -a -n "$(grep -F '"my-app"' <<<"$out" | grep -F '"my_app"')"
+rc=0; out=$(ct nodeherd install /srv/two/pair.json --dry-run 2>&1) || rc=$?
+policies=$(grep -E '^--- would write /etc/dbus-1/system.d/' <<<"$out" | tr '\n' ' ')
+expect "l: my-app and my_app get a bus name each (exit $rc: $policies)" test "$rc" = 0 -a \
+    "$policies" = "--- would write /etc/dbus-1/system.d/org.nodeherd.my-app.conf --- would write /etc/dbus-1/system.d/org.nodeherd.my_5fapp.conf "
+ct sh -c "cat >/srv/two/dotted.json" <<JS
+{"apps": [{"name": "my.app", "script": "./app.js"}]}
+JS
+rc=0; out=$(ct nodeherd install /srv/two/dotted.json 2>&1) || rc=$?
+expect "l: a name that cannot be a user name is refused (exit $rc: $out)" test "$rc" = 2 -a \
+    "$out" = "nodeherd: app name \"my.app\" cannot be part of a user name (nodeherd-my.app, which the app runs as): use letters, digits, _ and - only, at most 22 characters"
 rc=0; out=$(ct nodeherd install /srv/two/ecosystem.config.js --only alpha --boot 2>&1) || rc=$?
 expect "l: install --boot alpha exits 0 ($out)" test "$rc" = 0
 expect "l: nodeherd@alpha.service is enabled" test "$(ct systemctl is-enabled nodeherd@alpha.service)" = enabled
