@@ -611,16 +611,7 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
 fn unknown_keys_warn_by_name() {
     let dir = tempdir::Dir::new("unknown");
     let cfg = one_app(&dir, "u", "env.js", r#""colour":"blue","watch":true"#);
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, None);
     assert!(m.wait_log("1/1 workers ready", T), "log:\n{}", m.log());
     assert!(m.log().contains("unknown key `colour`"), "{}", m.log());
     assert!(
@@ -687,16 +678,7 @@ fn exponential_backoff_grows_between_restarts() {
         "always_crash.js",
         r#""max_restarts":4,"exp_backoff_restart_delay":100"#,
     );
-    let mut m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let mut m = start_config(&cfg, None);
     let _ = m.wait_exit(T);
     let delays: Vec<u64> = m
         .log()

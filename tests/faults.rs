@@ -240,17 +240,7 @@ fn a_worker_that_dies_at_start_is_restarted_and_a_reload_fails_closed_at_its_slo
         "crash_one.js",
         r#""instances":2,"max_restarts":1000,"restart_delay":200"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &bus.address,
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.loopy", T), "{}", m.log());
     let (code, _, err) = bus.busctl(&[
@@ -315,16 +305,7 @@ fn workers_run_as_the_configured_user() {
         "env.js",
         r#""instances":2,"uid":"nobody","max_restarts":1"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, None);
     let port = m.port();
     if unsafe { libc::geteuid() } == 0 {
         let seen = instances_answering(port, 2, T);
@@ -366,16 +347,7 @@ fn a_worker_over_max_memory_restart_is_swapped_without_downtime() {
         "leaky.js",
         r#""instances":1,"max_memory_restart":"40M""#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, None);
     let port = m.port();
     let first = instances_answering(port, 1, T)["0"];
     // Requests keep being answered while the worker is replaced.
@@ -440,16 +412,7 @@ fn when_every_slot_errors_the_manager_exits_1_for_systemd_to_handle() {
         "always_crash.js",
         r#""instances":2,"max_restarts":2"#,
     );
-    let mut m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let mut m = start_config(&cfg, None);
     let st = m.wait_exit(T).expect("the manager gives up");
     assert_eq!(st.code(), Some(1), "{}", m.log());
     assert!(m.log().contains("every slot errored"), "{}", m.log());
@@ -608,16 +571,7 @@ fn a_worker_with_a_stuck_event_loop_is_replaced_without_downtime() {
         "blocker.js",
         r#""instances":2,"max_event_loop_delay":2000,"kill_timeout":1000"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, None);
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());

@@ -44,17 +44,7 @@ fn a_reload_applies_the_edited_file_and_says_what_changed() {
         "env.js",
         r#""instances":2,"env":{"MARKER":"one"}"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &bus.address,
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     let before = all_answer(port, 2, "marker", "one");
@@ -96,17 +86,7 @@ fn a_broken_or_missing_file_fails_the_reload_closed() {
     let dir = tempdir::Dir::new("broken");
     let bus = DbusDaemon::start();
     let cfg = one_app(&dir, "api", "env.js", r#""instances":2"#);
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &bus.address,
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     let before = instances_answering(port, 2, T);
@@ -212,16 +192,7 @@ fn a_release_switched_by_symlink_is_served_after_a_reload() {
         "site.json",
         r#"{"apps":[{"name":"site","script":"app.js","cwd":"current","instances":2}]}"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&cfg),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&cfg, None);
     let port = m.port();
     let one = all_answer(port, 2, "version", "1");
     assert_eq!(one.len(), 2, "{}", m.log());

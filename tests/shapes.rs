@@ -237,16 +237,7 @@ fn npm_start_runs_the_node_command_of_the_package_script() {
         "eco.json",
         r#"{"apps":[{"name":"npmapp","script":"npm","args":"start","instances":2}]}"#,
     );
-    let m = start(
-        &[
-            "run",
-            &path_str(&eco),
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_config(&eco, None);
     let port = m.port();
     assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
     let v = get_json(port).unwrap();

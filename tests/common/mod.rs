@@ -218,6 +218,18 @@ impl Drop for Manager {
     }
 }
 
+/// `nodeherd run CONFIG` on a free loopback port (see [`Manager::port`]),
+/// served on `bus` or on no bus at all.
+pub fn start_config(config: &Path, bus: Option<&DbusDaemon>) -> Manager {
+    let config = path_str(config);
+    let mut args = vec!["run", &config, "--listen", "127.0.0.1:0"];
+    match bus {
+        Some(b) => args.extend(["--bus", &b.address]),
+        None => args.push("--no-bus"),
+    }
+    start(&args, &[])
+}
+
 /// Start `nodeherd` with `args`; stdout and stderr are collected.
 pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Manager {
     let mut cmd = Command::new(BIN);
