@@ -274,18 +274,7 @@ fn udp_apps_bind_the_inherited_datagram_socket() {
 
 #[test]
 fn a_killed_worker_comes_back_in_the_same_slot() {
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_app("env.js", 2);
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2);
@@ -310,18 +299,7 @@ fn a_killed_worker_comes_back_in_the_same_slot() {
 
 #[test]
 fn workers_die_with_the_manager_even_on_kill_9() {
-    let mut m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let mut m = start_app("env.js", 2);
     let port = m.port();
     assert_eq!(instances_answering(port, 2, T).len(), 2);
     let workers = m.workers();
@@ -647,18 +625,7 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
     assert!(!std::path::Path::new("/tmp/this-app-never-binds-here.sock").exists());
     drop(m);
 
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("listen_fd.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_app("listen_fd.js", 2);
     let port = m.port();
     assert_eq!(
         instances_answering(port, 2, T).len(),

@@ -76,18 +76,7 @@ fn a_worker_that_ignores_the_shutdown_message_is_killed_too() {
 
 #[test]
 fn a_workers_own_children_are_stopped_with_it() {
-    let mut m = start(
-        &[
-            "run",
-            &path_str(&app("forker.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let mut m = start_app("forker.js", 2);
     let port = m.port();
     let mut grandchildren = Vec::new();
     assert!(wait_until(T, || {
@@ -175,18 +164,7 @@ fn garbage_on_the_ipc_channel_and_notify_socket_changes_nothing() {
 
 #[test]
 fn a_sighup_storm_leaves_no_extra_worker_and_every_reload_request_is_accounted_for() {
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_app("env.js", 2);
     let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T));
     for _ in 0..50 {

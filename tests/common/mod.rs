@@ -230,6 +230,25 @@ pub fn start_config(config: &Path, bus: Option<&DbusDaemon>) -> Manager {
     start(&args, &[])
 }
 
+/// `nodeherd run` on the test app `script` with `instances` workers, on a
+/// free loopback port and no bus.
+pub fn start_app(script: &str, instances: u32) -> Manager {
+    let instances = instances.to_string();
+    let script = path_str(&app(script));
+    start(
+        &[
+            "run",
+            &script,
+            "-i",
+            &instances,
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    )
+}
+
 /// Start `nodeherd` with `args`; stdout and stderr are collected.
 pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Manager {
     let mut cmd = Command::new(BIN);
