@@ -394,6 +394,13 @@ fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
         }
         s
     };
+    // Non-blocking, as Node's cluster primary hands its sockets over. The
+    // flag belongs to the socket, shared by every process holding it, and
+    // a handle Node receives over IPC keeps it as it came: libuv then drains
+    // the accept queue until EAGAIN, so on a blocking socket a worker would
+    // sit in accept() with its event loop stopped as soon as another worker
+    // took the connection.
+    socket.set_nonblocking(true).map_err(fail)?;
     let fd: OwnedFd = socket.into();
     describe(fd, spec.to_string()).map_err(|reason| bad(spec, reason))
 }

@@ -28,6 +28,34 @@ fn get_unix(path: &Path) -> std::io::Result<serde_json::Value> {
     serde_json::from_str(body).map_err(std::io::Error::other)
 }
 
+/// The sockets `pid` holds without O_NONBLOCK, as "fd -> socket:[inode]".
+fn blocking_sockets(pid: i32) -> Vec<String> {
+    let mut blocking = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let target = target.display().to_string();
+        if !target.starts_with("socket:") {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().to_string();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if flags & libc::O_NONBLOCK as u32 == 0 {
+            blocking.push(format!("{fd} -> {target}"));
+        }
+    }
+    blocking
+}
+
 #[test]
 fn more_ports_are_shared_across_workers_and_reloads() {
     let dir = tempdir::Dir::new("ports");
@@ -42,6 +70,11 @@ fn more_ports_are_shared_across_workers_and_reloads() {
     assert_ne!(admin, port);
     let on_admin = instances_answering(admin, 2, T);
     assert_eq!(on_admin, before, "both workers serve the shared admin port");
+    // A blocking listening socket stops a worker's event loop in accept()
+    // once another worker took the connection: every socket is non-blocking.
+    for pid in m.workers() {
+        assert_eq!(blocking_sockets(pid), Vec::<String>::new(), "worker {pid}");
+    }
     // Each instance's own metrics socket.
     for i in ["0", "1"] {
         let sock = dir.path.join(format!("metrics.{i}"));
