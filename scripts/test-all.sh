@@ -32,15 +32,20 @@ python3 -c 'import prometheus_client' 2>/dev/null ||
 
 passed=0
 failed=0
+
+times=()
 step() {
   local name=$1; shift
+  local t0=$SECONDS result=ok
   echo "==> $name"
   if "$@"; then
     passed=$((passed + 1))
   else
     echo "FAILED: $name"
     failed=$((failed + 1))
+    result=FAILED
   fi
+  times+=("$(printf '%5d s  %-6s %s' $((SECONDS - t0)) "$result" "$name")")
 }
 
 step "cargo fmt --check" cargo fmt --check
@@ -73,5 +78,6 @@ if [ -x packaging/test-packages.sh ] && [ "$(id -u)" -eq 0 ]; then
 fi
 
 echo
-echo "suites: $passed passed, $failed failed"
+printf '%s\n' "${times[@]}"
+echo "suites: $passed passed, $failed failed, in $((SECONDS / 60)) min $((SECONDS % 60)) s (installs included)"
 [ "$failed" -eq 0 ]
