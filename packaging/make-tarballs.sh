@@ -12,7 +12,9 @@
 #   OUTDIR/nodeherd-VERSION-vendor.tar.xz   every crate Cargo.lock names, as
 #       `cargo vendor --locked --versioned-dirs` lays them out, each with its
 #       .cargo-checksum.json (cargo checks every file against it when it
-#       builds). Top directory vendor/.
+#       builds), without the Windows import libraries of winapi's two
+#       *-pc-windows-gnu crates (see strip_windows_import_libs). Top
+#       directory vendor/.
 #
 # VERSION is Cargo.toml's. The Debian names of the same files are
 # nodeherd_VERSION.orig.tar.gz and nodeherd_VERSION.orig-vendor.tar.xz;
@@ -29,7 +31,7 @@
 # and cargo's version.
 #
 # Needs git, cargo (CARGO=, else cargo from PATH with ~/.cargo/bin first),
-# GNU tar, gzip, xz. Prints the two paths.
+# GNU tar, gzip, xz, python3. Prints the two paths.
 
 set -euo pipefail
 
@@ -55,6 +57,30 @@ trap 'rm -rf "$work"' EXIT
 normalized_tar() {
     tar -C "$1" --sort=name --format=gnu --mtime="@$3" \
         --owner=0 --group=0 --numeric-owner --mode='u+rw,go+r,go-w' -cf - "$2"
+}
+
+# strip_windows_import_libs VENDOR: winapi's two *-pc-windows-gnu crates are
+# nothing but 2,800 prebuilt import libraries (lib/*.a) for linking on
+# Windows with MinGW. `cargo vendor` takes every platform's crates; no Linux
+# build compiles these two, and the distributions drop such blobs (lintian
+# cannot even unpack them and reports an error for each). Their lib/ goes,
+# and so do its entries in .cargo-checksum.json, which lists the files cargo
+# checks: the crates stay, as Cargo.lock names them.
+strip_windows_import_libs() {
+    local dir
+    for dir in "$1"/winapi-i686-pc-windows-gnu-* "$1"/winapi-x86_64-pc-windows-gnu-*; do
+        [[ -d $dir/lib ]] || continue
+        rm -rf "$dir/lib"
+        python3 - "$dir/.cargo-checksum.json" <<'PY'
+import json, sys
+path = sys.argv[1]
+with open(path) as f:
+    sums = json.load(f)
+sums["files"] = {k: v for k, v in sums["files"].items() if not k.startswith("lib/")}
+with open(path, "w") as f:
+    json.dump(sums, f, separators=(",", ":"), sort_keys=True)
+PY
+    done
 }
 
 # ------------------------------------------------------------- upstream
@@ -85,7 +111,9 @@ lock=$stage/nodeherd-$version/Cargo.lock
 cargo_version=$("$cargo" --version)
 # Cargo.lock's entries but nodeherd's own (the one without a source).
 crates=$(awk -v RS= '/\nsource = / { print; print "" }' "$lock")
-key=$( { echo "$crates"; echo "$cargo_version"; } | sha256sum | cut -c1-16)
+# The recipe below changes what the tarball holds: its name is in the key.
+recipe="vendor, windows-gnu import libraries removed"
+key=$( { echo "$crates"; echo "$cargo_version"; echo "$recipe"; } | sha256sum | cut -c1-16)
 vendor=$out/nodeherd-$version-vendor.tar.xz
 mkdir -p "$cache"
 if [[ -s $cache/$key.tar.xz ]]; then
@@ -96,6 +124,7 @@ else
     # cache is shared, so crates already fetched are not fetched again.
     (cd "$stage/nodeherd-$version" &&
         "$cargo" vendor --locked --versioned-dirs --quiet "$work/crates/vendor" >/dev/null)
+    strip_windows_import_libs "$work/crates/vendor"
     normalized_tar "$work/crates" vendor 315532800 | xz -T1 -6 >"$cache/.$key.tmp"
     mv "$cache/.$key.tmp" "$cache/$key.tar.xz"
     cp "$cache/$key.tar.xz" "$vendor.tmp"
