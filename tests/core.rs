@@ -467,6 +467,30 @@ fn worker_output_is_prefixed_whole_lines() {
         m.log()
     );
     assert!(m.wait_log("[app:1] worker 1 listening", T));
+    // A pipe of 1 MiB each: a worker that logs a lot and flushes at exit
+    // (pino sleeps 100 ms whenever the pipe is full) must get it out well
+    // within kill_timeout, not 64 KiB per 100 ms.
+    for pid in m.workers() {
+        for fd in [1, 2] {
+            assert!(
+                pipe_capacity(pid, fd) >= 1 << 20,
+                "worker {pid} fd {fd}: {} bytes",
+                pipe_capacity(pid, fd)
+            );
+        }
+    }
+}
+
+/// How many bytes the pipe at `pid`'s `fd` holds (F_GETPIPE_SZ on a second
+/// writer of the same pipe, opened through /proc).
+fn pipe_capacity(pid: i32, fd: i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    let pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .unwrap();
+    // SAFETY: fcntl on a file descriptor we own, no pointer arguments.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) }
 }
 
 #[test]
