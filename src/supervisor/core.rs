@@ -313,6 +313,10 @@ pub(super) enum Op {
         started: Instant,
         grow_to: u32,
         growing: BTreeSet<u32>,
+        /// Old workers this reload replaced that have not exited yet. Their
+        /// drains overlap the next swaps; the reload answers once they are
+        /// gone, so when `systemctl reload` returns no old code serves.
+        draining: BTreeSet<WorkerId>,
         failed: Vec<String>,
         /// What the new configuration changed, if the reload brought one.
         summary: Option<String>,
@@ -660,6 +664,8 @@ impl Core {
             // The swap: the replacement serves, then the old one drains.
             slot.incoming = None;
             let old = slot.current.replace(id);
+            let old = old.filter(|o| self.workers.contains_key(o));
+            let slot = &mut self.slots[index as usize];
             slot.errored = None;
             slot.waiting = false;
             self.timers.cancel(TimerKey::Restart(index));
@@ -670,11 +676,13 @@ impl Core {
                 in_flight,
                 done,
                 reason,
+                draining,
                 ..
             }) = &mut self.op
             {
                 in_flight.remove(&index);
                 *done += 1;
+                draining.extend(old);
                 let r = &mut self.slots[index as usize].replaced;
                 match reason {
                     SwapReason::Reload => r.reload += 1,
@@ -777,6 +785,9 @@ impl Core {
             (None, None) => status.to_string(),
         };
         self.worker_signal(index, pid, "exited");
+        if let Some(Op::Reload { draining, .. }) = &mut self.op {
+            draining.remove(&id);
+        }
         if w.state == WState::Stopping {
             self.log_worker(
                 Level::Info,

@@ -218,6 +218,7 @@ impl Core {
             started: self.now,
             grow_to,
             growing: BTreeSet::new(),
+            draining: BTreeSet::new(),
             failed: Vec::new(),
             summary,
             reason,
@@ -411,10 +412,12 @@ impl Core {
                 in_flight,
                 grow_to,
                 growing,
+                draining,
                 ..
             }) => {
                 pending.is_empty()
                     && in_flight.is_empty()
+                    && draining.is_empty()
                     && self.slots.len() as u32 >= *grow_to
                     && self.settled(growing)
             }

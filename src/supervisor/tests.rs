@@ -32,6 +32,9 @@ struct World {
     effects: Vec<Effect>,
     replies: BTreeMap<ReplyId, CtlResult>,
     next_reply: u64,
+    /// Workers asked to stop exit at once, as an idle, well-behaved one
+    /// does (otherwise a test makes them exit, or not, itself).
+    obedient: bool,
 }
 
 fn pid(w: WorkerId) -> i32 {
@@ -52,7 +55,15 @@ impl World {
             effects: Vec::new(),
             replies: BTreeMap::new(),
             next_reply: 1,
+            obedient: false,
         }
+    }
+
+    /// A started world whose first workers are all ready, and stop at once when asked.
+    fn obedient(policy: Policy) -> World {
+        let mut w = World::ready(policy);
+        w.obedient = true;
+        w
     }
 
     /// A started world whose first workers are all ready.
@@ -115,6 +126,14 @@ impl World {
                             })
                             .collect();
                         follow.push_back(Event::MemorySample(sample));
+                    }
+                    Effect::Stop { worker, .. }
+                        if self.obedient && self.alive.remove(worker).is_some() =>
+                    {
+                        follow.push_back(Event::Exited {
+                            worker: *worker,
+                            status: ExitStatus::Code(0),
+                        });
                     }
                     Effect::Reply { reply, result } => {
                         assert!(
@@ -543,27 +562,56 @@ fn reload_swaps_one_slot_at_a_time_and_answers_when_done() {
         w.stopped(),
         vec![(old[&0], StopBy::Signal), (old[&1], StopBy::Signal)]
     );
-    assert_eq!(w.workers_after(r), Some(2));
     assert_eq!(
         w.current(),
         BTreeMap::from([(0, new0[0]), (1, new1[0])]),
         "same indexes, new workers"
     );
+    // The old workers drain: no answer, no READY=1 until they are gone.
+    assert_eq!(w.answer(r), None);
+    assert_eq!(w.core.state_name(), "reloading");
+    w.advance(MS(40));
+    w.exit(old[&0], ExitStatus::Code(0));
+    assert_eq!(w.answer(r), None, "one old worker still drains");
+    w.advance(MS(60));
+    w.exit(old[&1], ExitStatus::Code(0));
+    assert_eq!(w.workers_after(r), Some(2));
     assert!(
         w.notes()
             .contains(&SdNotify::Ready("2/2 workers ready".into()))
     );
     assert!(w.effects.contains(&Effect::Bus(BusSignal::ReloadFinished {
         ok: true,
-        message: "reload finished: 2/2 worker(s) replaced in 0 ms".into()
+        message: "reload finished: 2/2 worker(s) replaced in 100 ms".into()
     })));
-    w.obey();
     assert!(w.core.snapshot().workers.iter().all(|x| x.state == "ready"));
 }
 
 #[test]
+fn a_drain_overlaps_the_next_swap_and_a_stuck_one_ends_at_kill_timeout() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(Control::Reload);
+    w.listening(w.starting()[0]);
+    // Slot 0's old worker drains while slot 1's replacement boots.
+    assert_eq!(w.stopped(), vec![(old[&0], StopBy::Signal)]);
+    assert_eq!(w.starting().len(), 1, "the next swap has begun");
+    w.listening(w.starting()[0]);
+    w.exit(old[&1], ExitStatus::Code(0));
+    // Slot 0's old worker ignores SIGINT: killed at kill_timeout (1600 ms),
+    // and only then does the reload answer.
+    w.advance(MS(1599));
+    assert_eq!(w.answer(r), None);
+    w.advance(MS(1));
+    assert_eq!(w.killed(), vec![old[&0]]);
+    assert_eq!(w.answer(r), None);
+    w.exit(old[&0], ExitStatus::Signal(9));
+    assert_eq!(w.workers_after(r), Some(2));
+}
+
+#[test]
 fn reload_parallel_swaps_that_many_at_once() {
-    let mut w = World::ready(Policy {
+    let mut w = World::obedient(Policy {
         reload_parallel: 2,
         ..policy(3)
     });
@@ -664,7 +712,7 @@ fn a_slot_whose_worker_died_during_a_failed_reload_still_gets_one() {
 
 #[test]
 fn back_to_back_reloads_coalesce_into_one() {
-    let mut w = World::ready(policy(1));
+    let mut w = World::obedient(policy(1));
     let first = w.request(Control::Reload);
     let queued: Vec<ReplyId> = (0..5).map(|_| w.request(Control::Reload)).collect();
     w.send(Event::Request {
@@ -691,7 +739,7 @@ fn back_to_back_reloads_coalesce_into_one() {
 
 #[test]
 fn restart_and_scale_wait_behind_a_reload_in_order() {
-    let mut w = World::ready(policy(2));
+    let mut w = World::obedient(policy(2));
     let reload = w.request(Control::Reload);
     let scale = w.request(Control::Scale(ScaleTarget::To(3)));
     let restart = w.request(Control::Restart);
@@ -716,7 +764,7 @@ fn restart_and_scale_wait_behind_a_reload_in_order() {
 
 #[test]
 fn scaling_down_during_a_reload_applies_after_it() {
-    let mut w = World::ready(policy(4));
+    let mut w = World::obedient(policy(4));
     let reload = w.request(Control::Reload);
     let scale = w.request(Control::Scale(ScaleTarget::By(-2)));
     for _ in 0..4 {
@@ -802,7 +850,7 @@ fn restart_replaces_every_worker_and_clears_errored_slots() {
 
 #[test]
 fn a_worker_over_max_memory_restart_is_swapped_through_the_reload_path() {
-    let mut w = World::ready(Policy {
+    let mut w = World::obedient(Policy {
         max_memory_restart: Some(100 << 20),
         ..policy(2)
     });
@@ -923,7 +971,7 @@ fn a_pending_restart_is_cancelled_by_a_stop() {
 
 #[test]
 fn a_reload_with_a_new_configuration_starts_every_new_worker_under_it() {
-    let mut w = World::ready(policy(2));
+    let mut w = World::obedient(policy(2));
     let mark = w.spawned.len();
     let r = w.reconfigure(
         Policy {
@@ -973,7 +1021,7 @@ fn a_reload_with_a_new_configuration_starts_every_new_worker_under_it() {
 
 #[test]
 fn more_instances_in_a_new_configuration_swap_first_then_add() {
-    let mut w = World::ready(policy(2));
+    let mut w = World::obedient(policy(2));
     let mark = w.spawned.len();
     let r = w.reconfigure(policy(3), 1, "instances 2 → 3");
     for _ in 0..2 {
@@ -997,7 +1045,7 @@ fn more_instances_in_a_new_configuration_swap_first_then_add() {
 
 #[test]
 fn fewer_instances_in_a_new_configuration_drain_the_highest_first() {
-    let mut w = World::ready(policy(3));
+    let mut w = World::obedient(policy(3));
     let old = w.current();
     let r = w.reconfigure(policy(1), 1, "instances 3 → 1");
     let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
@@ -1010,7 +1058,7 @@ fn fewer_instances_in_a_new_configuration_drain_the_highest_first() {
 
 #[test]
 fn coalesced_reloads_take_the_newest_configuration() {
-    let mut w = World::ready(policy(1));
+    let mut w = World::obedient(policy(1));
     let running = w.request(Control::Reload);
     let a = w.reconfigure(policy(1), 1, "env: A changed");
     let b = w.reconfigure(
@@ -1042,7 +1090,7 @@ fn coalesced_reloads_take_the_newest_configuration() {
 
 #[test]
 fn a_new_configuration_can_turn_the_memory_check_on() {
-    let mut w = World::ready(policy(1));
+    let mut w = World::obedient(policy(1));
     w.rss.insert(0, 500 << 20);
     let r = w.reconfigure(
         Policy {
