@@ -246,9 +246,12 @@ up() {
   local logf=$RUN/logs/$UPS-$CONTENDER-$APPNAME.log
   mkdir -p "$RUN/logs"
   case $CONTENDER in
-    nodeherd)
+    nodeherd*)
+      # nodeherd-1, nodeherd-2: the same with --reload-parallel 1 or 2.
+      local extra=()
+      [[ $CONTENDER == nodeherd-* ]] && extra=(--reload-parallel "${CONTENDER#nodeherd-}")
       PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \
-        --listen "127.0.0.1:$PORT" --bus "$BUS" >"$logf" 2>&1 &
+        --listen "127.0.0.1:$PORT" --bus "$BUS" "${extra[@]}" >"$logf" 2>&1 &
       MGR=$!
       PIDS+=("$MGR")
       for ((i = 0; i < 100; i++)); do
@@ -287,7 +290,7 @@ reload() {
   local t0 t1 n i
   t0=$(date +%s%N)
   case $CONTENDER in
-    nodeherd) timeout 120 "$NH" reload "$APPNAME" --bus "$BUS" >/dev/null 2>&1 || { log "nodeherd reload failed"; echo -1; return; } ;;
+    nodeherd*) timeout 120 "$NH" reload "$APPNAME" --bus "$BUS" >/dev/null 2>&1 || { log "nodeherd reload failed"; echo -1; return; } ;;
     pm2) timeout 120 "$PM2" reload "$APPNAME" >/dev/null 2>&1 || { log "pm2 reload failed"; echo -1; return; } ;;
     cluster)
       n=$(grep -c reloaded "$RUN/logs/$UPS-cluster-$APPNAME.log" || true)
@@ -399,9 +402,10 @@ phase_reload() { # failed requests during 3 reloads under load
 }
 
 phase_walltime() { # reload wall time, 4 idle workers
+  # nodeherd also with one and two swaps at a time, in the same rotation.
   local round=$1 app c k ms
   for app in hello slow; do
-    for c in "${CONTENDERS[@]}"; do
+    for c in "${CONTENDERS[@]}" nodeherd-1 nodeherd-2; do
       up "$c" "$app" 4
       sleep 1
       for ((k = 0; k < WALL_RELOADS; k++)); do

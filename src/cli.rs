@@ -116,7 +116,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
-    /// Workers swapped at once during a reload (default 1)
+    /// Workers swapped at once during a reload (default 2, as PM2)
     #[arg(long, value_name = "N")]
     pub reload_parallel: Option<u32>,
 

@@ -24,9 +24,11 @@
 //! than `min_uptime`. Workers die with the manager (parent-death signal).
 //!
 //! **Reload.** `Reload()` over D-Bus ([`dbus`]), `systemctl reload` or SIGHUP
-//! swaps one slot at a time: start the replacement beside the old worker,
-//! wait until it is ready, only then ask the old one to stop (SIGINT or the
-//! `'shutdown'` message, SIGKILL after `kill_timeout`). Both accept from the
+//! swaps slot by slot, `reload_parallel` (2) at a time: start the
+//! replacement beside the old worker, wait until it is ready, only then ask
+//! the old one to stop (SIGINT or the `'shutdown'` message, SIGKILL after
+//! `kill_timeout`); its drain overlaps the next swaps, and the reload answers
+//! once every old worker is gone. Both accept from the
 //! same queue meanwhile, so no connection is refused. If a replacement dies
 //! or is not ready in time, the reload stops there, fails loudly, and every
 //! old worker keeps serving. `Scale(n)` adds slots (lowest free indexes) or
