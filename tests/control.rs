@@ -508,22 +508,7 @@ fn balance_reuseport_gives_each_slot_its_own_queue() {
 fn without_a_bus_the_clients_use_the_control_socket() {
     let runtime = tempdir::Dir::new("p2p");
     let rt = path_str(&runtime.path);
-    let no_bus = format!("unix:path={}/no-bus-here", rt);
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "--name",
-            "solo",
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &no_bus,
-        ],
-        &[("XDG_RUNTIME_DIR", &rt)],
-    );
+    let (m, no_bus) = start_without_bus("solo", &rt);
     let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
     let sock = runtime

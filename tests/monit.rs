@@ -44,22 +44,7 @@ impl Drop for Tmux {
 fn monit_shows_the_workers_and_a_reload_as_it_happens_and_quits_on_q() {
     let runtime = tempdir::Dir::new("monit");
     let rt = path_str(&runtime.path);
-    let no_bus = format!("unix:path={rt}/no-bus");
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "--name",
-            "watched",
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &no_bus,
-        ],
-        &[("XDG_RUNTIME_DIR", &rt)],
-    );
+    let (m, no_bus) = start_without_bus("watched", &rt);
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());

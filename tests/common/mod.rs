@@ -249,6 +249,31 @@ pub fn start_app(script: &str, instances: u32) -> Manager {
     )
 }
 
+/// `nodeherd run` of env.js named `name`, 2 workers, with its runtime
+/// directory in `rt` and a bus address where no bus listens: the clients
+/// reach it through its control socket. Returns the manager and that
+/// address, for the clients' `--bus`.
+pub fn start_without_bus(name: &str, rt: &str) -> (Manager, String) {
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let script = path_str(&app("env.js"));
+    let m = start(
+        &[
+            "run",
+            &script,
+            "--name",
+            name,
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[("XDG_RUNTIME_DIR", rt)],
+    );
+    (m, no_bus)
+}
+
 /// Start `nodeherd` with `args`; stdout and stderr are collected.
 pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Manager {
     let mut cmd = Command::new(BIN);
