@@ -247,11 +247,11 @@ up() {
   mkdir -p "$RUN/logs"
   case $CONTENDER in
     nodeherd*)
-      # nodeherd-1, nodeherd-2: the same with --reload-parallel 1 or 2.
+      # nodeherd-1: the same with --reload-parallel 1 (the default is 2).
       local extra=()
       [[ $CONTENDER == nodeherd-* ]] && extra=(--reload-parallel "${CONTENDER#nodeherd-}")
       PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \
-        --listen "127.0.0.1:$PORT" --bus "$BUS" "${extra[@]}" >"$logf" 2>&1 &
+        --listen "127.0.0.1:$PORT" --bus "$BUS" ${extra[@]+"${extra[@]}"} >"$logf" 2>&1 &
       MGR=$!
       PIDS+=("$MGR")
       for ((i = 0; i < 100; i++)); do
@@ -402,10 +402,10 @@ phase_reload() { # failed requests during 3 reloads under load
 }
 
 phase_walltime() { # reload wall time, 4 idle workers
-  # nodeherd also with one and two swaps at a time, in the same rotation.
+  # nodeherd also with one swap at a time, after the three contenders.
   local round=$1 app c k ms
   for app in hello slow; do
-    for c in "${CONTENDERS[@]}" nodeherd-1 nodeherd-2; do
+    for c in "${CONTENDERS[@]}" nodeherd-1; do
       up "$c" "$app" 4
       sleep 1
       for ((k = 0; k < WALL_RELOADS; k++)); do

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
     about = "Run a Node.js server on every CPU under systemd: socket activation, zero-downtime reloads, D-Bus control",
     long_about = "nodeherd is PM2's cluster mode as a native systemd service. `nodeherd run` is the daemon \
                   a unit's ExecStart runs: it takes the listening socket from systemd (or binds --listen), \
-                  starts N Node workers that inherit it, restarts crashed workers, and swaps them one by one \
-                  on reload. `status`, `reload`, `restart` and `scale` talk to a running manager over D-Bus."
+                  starts N Node workers that inherit it, restarts crashed workers, and swaps them slot by slot, \
+                  two at a time, on reload. `status`, `reload`, `restart` and `scale` talk to a running manager over D-Bus."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -202,7 +202,10 @@ fn a_replacement_that_never_becomes_ready_fails_closed() {
         std::fs::write(&gate, "closed").unwrap();
         let (code, _, err) = f.call("Reload", &[]);
         assert_ne!(code, 0, "{mode}: the reload must fail");
-        assert!(err.contains("slot 0"), "{mode}: names the slot: {err}");
+        // Slots 0 and 1 are replaced together (two at a time): a crash of
+        // either may be the first the manager sees.
+        let named = err.contains("slot 0") || (mode == "crash" && err.contains("slot 1"));
+        assert!(named, "{mode}: names the slot: {err}");
         let cause = if mode == "hang" {
             "listen_timeout"
         } else {

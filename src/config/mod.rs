@@ -122,7 +122,7 @@ pub struct App {
     pub metrics: Option<String>,
     /// Addresses to bind when systemd hands no socket over (nodeherd's own key).
     pub listen: Vec<String>,
-    /// Workers swapped at once during a reload (nodeherd's own key, default 1).
+    /// Workers swapped at once during a reload (nodeherd's own key, default 2).
     pub reload_parallel: u32,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,

@@ -18,8 +18,9 @@ use super::{App, ConfigError, Credentials, Interpreter, Loaded, Overrides};
 /// fast as PM2 for an app that takes a while to listen, since each swap
 /// waits for node's boot plus the app's own start (4 workers of an app that
 /// listens after 400 ms: 2.0 s one at a time, 1.0 s two at a time, PM2
-/// 1.6 s, in BENCHMARKS.md). The price is one more extra worker during the
-/// reload; `reload_parallel: 1` keeps it to one.
+/// 1.6 s, in BENCHMARKS.md). The price is one more replacement booting at
+/// a time (old workers that still drain come on top, each for at most
+/// kill_timeout); `reload_parallel: 1` boots one at a time.
 const DEFAULT_RELOAD_PARALLEL: u32 = 2;
 
 /// What the system offers that a configuration is resolved against.

@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use libsystemd::logging::Priority;
@@ -29,7 +30,7 @@ use crate::control::{
 use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
 use crate::sockets::{SharedSockets, SocketSet};
-use crate::worker::{Spawned, process};
+use crate::worker::{self, Spawned, process};
 use crate::{ipc, notify};
 
 type Answer = oneshot::Sender<CtlResult>;
@@ -39,6 +40,8 @@ struct Proc {
     pid: i32,
     /// Our end of the Node IPC channel, for the `'shutdown'` message.
     ipc: Option<std::os::unix::net::UnixStream>,
+    /// Second handles on its stdout and stderr pipes, widened when it stops.
+    output: Vec<OwnedFd>,
 }
 
 pub struct Driver {
@@ -389,6 +392,10 @@ impl Driver {
                 };
             }
         };
+        let output = [&stdout, &stderr]
+            .into_iter()
+            .filter_map(|fd| fd.try_clone().ok())
+            .collect();
         sources::output(stdout, index, pid, Stream::Stdout);
         sources::output(stderr, index, pid, Stream::Stderr);
         let ipc = ipc.and_then(|ours| {
@@ -399,7 +406,7 @@ impl Driver {
             Some(ours)
         });
         let has_ipc = ipc.is_some();
-        self.procs.insert(worker, Proc { pid, ipc });
+        self.procs.insert(worker, Proc { pid, ipc, output });
         self.by_pid.insert(pid, worker);
         Event::Spawned {
             worker,
@@ -412,6 +419,10 @@ impl Driver {
         let Some(p) = self.procs.get_mut(&worker) else {
             return;
         };
+        // Room for what it flushes on its way out.
+        for pipe in &p.output {
+            worker::widen_for_exit(pipe);
+        }
         if by == StopBy::Message
             && let Some(ch) = &mut p.ipc
             && ch.write_all(ipc::SHUTDOWN).is_ok()

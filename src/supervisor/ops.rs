@@ -116,9 +116,20 @@ impl Core {
     fn begin(&mut self, q: Queued) {
         match q {
             Queued::Reload { replies, config } => {
-                let summary = config.map(|c| self.apply_config(*c));
+                let (summary, dropped) = match config {
+                    Some(c) => {
+                        let (summary, dropped) = self.apply_config(*c);
+                        (Some(summary), dropped)
+                    }
+                    None => (None, Vec::new()),
+                };
                 let all: Vec<u32> = (0..self.slots.len() as u32).collect();
                 self.begin_reload(all, replies, summary, SwapReason::Reload);
+                // The workers of slots the new configuration dropped are old
+                // code too: the reload answers once they are gone.
+                if let Some(Op::Reload { draining, .. }) = &mut self.op {
+                    draining.extend(dropped);
+                }
             }
             Queued::ReloadSlots(slots, reason) => {
                 let slots: Vec<u32> = slots
@@ -137,7 +148,8 @@ impl Core {
     /// Switch to a configuration read anew, before a reload swaps the
     /// workers into it. Fewer instances: the highest slots go first, so the
     /// swap replaces only what stays; more: they are added after the swap.
-    fn apply_config(&mut self, config: NewConfig) -> String {
+    /// Returns what changed and the workers of the dropped slots.
+    fn apply_config(&mut self, config: NewConfig) -> (String, Vec<WorkerId>) {
         let NewConfig {
             mut policy,
             resize,
@@ -162,15 +174,17 @@ impl Core {
         }
         self.policy = policy;
         self.generation = generation;
-        self.shrink_to(
+        let dropped = self.shrink_to(
             self.policy.instances,
             "scaled down by the new configuration",
         );
-        summary
+        (summary, dropped)
     }
 
     /// Drop the highest slots until `n` remain; their workers drain.
-    fn shrink_to(&mut self, n: u32, why: &str) {
+    /// Returns the workers asked to stop.
+    fn shrink_to(&mut self, n: u32, why: &str) -> Vec<WorkerId> {
+        let mut stopped = Vec::new();
         while self.slots.len() as u32 > n {
             let index = self.slots.len() as u32 - 1;
             let Some(slot) = self.slots.pop() else { break };
@@ -178,8 +192,10 @@ impl Core {
             self.out.push(Effect::ReleaseSlotSockets(index));
             for id in [slot.current, slot.incoming].into_iter().flatten() {
                 self.stop_worker(id, why);
+                stopped.push(id);
             }
         }
+        stopped
     }
 
     fn begin_reload(
@@ -384,7 +400,7 @@ impl Core {
         );
         if want <= have {
             // Highest slots go first; their workers drain, requests in flight finish.
-            self.shrink_to(want, "scaled down");
+            let _ = self.shrink_to(want, "scaled down");
             self.reply_opt(
                 reply,
                 done(want, format!("scaled from {have} to {want} workers")),
@@ -404,6 +420,11 @@ impl Core {
     }
 
     fn finish_if_done(&mut self) {
+        // A worker leaves the table only by an exit or a failed spawn; either
+        // way it drains no more.
+        if let Some(Op::Reload { draining, .. }) = &mut self.op {
+            draining.retain(|id| self.workers.contains_key(id));
+        }
         let done = match &self.op {
             None => return,
             Some(Op::Start { waiting, .. }) => self.settled(waiting),

@@ -25,23 +25,30 @@ use nix::fcntl::OFlag;
 use crate::config::{App, Interpreter};
 use crate::sockets::Listener;
 
-/// How much a worker may have written to stdout or stderr before the
-/// manager has read it.
+/// How much a stopping worker may have written to stdout or stderr before
+/// the manager has read it.
 ///
 /// Linux gives a pipe 64 KiB. A busy app that logs every request (Fastify's
 /// pino, for one) writes asynchronously and keeps what the pipe refuses in
 /// its own memory; at exit it flushes that synchronously, sleeping 100 ms
 /// each time the pipe is full. With 64 KiB that is 640 KB/s, so on a busy
 /// machine a worker's last few hundred kilobytes of log outlasted
-/// kill_timeout and the worker was killed mid-flush, its last lines lost.
-/// 1 MiB is what an unprivileged process may ask for by default
-/// (`/proc/sys/fs/pipe-max-size`); pages are used only as lines wait.
-const PIPE_BYTES: i32 = 1 << 20;
+/// kill_timeout and it was killed mid-flush, its last lines lost. 1 MiB is
+/// what an unprivileged process may ask for by default
+/// (`/proc/sys/fs/pipe-max-size`).
+const STOPPING_PIPE_BYTES: i32 = 1 << 20;
 
-/// Give a worker's output pipe [`PIPE_BYTES`], best effort: past the
-/// per-user pipe limits the kernel refuses, and the default 64 KiB stays.
-fn widen(pipe: &OwnedFd) {
-    let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+/// Widen a stopping worker's output pipe to [`STOPPING_PIPE_BYTES`], best
+/// effort. Only while it stops: the kernel counts a pipe's capacity against
+/// its user's pipe budget (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB), and
+/// past it every new pipe of that user gets 8 KiB, so 1 MiB for each
+/// running worker would starve new ones from about 32 workers on. Refused
+/// (over the budget), the pipe keeps its 64 KiB.
+pub fn widen_for_exit(pipe: &OwnedFd) {
+    let _ = nix::fcntl::fcntl(
+        pipe,
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(STOPPING_PIPE_BYTES),
+    );
 }
 
 /// Variables of the manager's own environment that must not reach workers:
@@ -209,8 +216,6 @@ impl Launcher {
         let devnull = std::fs::File::open("/dev/null").context("opening /dev/null")?;
         let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("a stdout pipe")?;
         let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("a stderr pipe")?;
-        widen(&out_w);
-        widen(&err_w);
         let (ipc_parent, ipc_child) = if self.node {
             let (a, b) =
                 std::os::unix::net::UnixStream::pair().context("creating the IPC channel")?;
