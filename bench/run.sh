@@ -24,6 +24,9 @@ COMMAND_LINE="bench/run.sh${*:+ $*}"
 
 PM2_VERSION=7.0.4
 CONTENDERS=(nodeherd pm2 cluster)
+# The throughput phase also runs nodeherd with one SO_REUSEPORT socket per
+# slot, in the same rotation, so both balance modes are compared in one run.
+TPUT_CONTENDERS=(nodeherd nodeherd-reuseport pm2 cluster)
 
 # --- options -----------------------------------------------------------------
 QUICK=0
@@ -247,9 +250,13 @@ up() {
   mkdir -p "$RUN/logs"
   case $CONTENDER in
     nodeherd*)
-      # nodeherd-1: the same with --reload-parallel 1 (the default is 2).
+      # nodeherd-1: --reload-parallel 1 (the default is 2); nodeherd-reuseport:
+      # --balance reuseport (the default is one shared queue).
       local extra=()
-      [[ $CONTENDER == nodeherd-* ]] && extra=(--reload-parallel "${CONTENDER#nodeherd-}")
+      case $CONTENDER in
+        nodeherd-reuseport) extra=(--balance reuseport) ;;
+        nodeherd-*) extra=(--reload-parallel "${CONTENDER#nodeherd-}") ;;
+      esac
       PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \
         --listen "127.0.0.1:$PORT" --bus "$BUS" ${extra[@]+"${extra[@]}"} >"$logf" 2>&1 &
       MGR=$!
@@ -329,7 +336,7 @@ declare -A PORT_OF MGR_OF COUNTS_OF UPS_OF
 phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, keep-alive on and off
   local round=$1 w c ka f before after t0 t1 rep i order
   for w in 2 4; do
-    for c in "${CONTENDERS[@]}"; do
+    for c in "${TPUT_CONTENDERS[@]}"; do
       up "$c" hello "$w"
       PORT_OF[$c]=$PORT MGR_OF[$c]=$MGR COUNTS_OF[$c]=$COUNTS UPS_OF[$c]=$UPS
       oha_run 1 on /dev/null # warm-up
@@ -338,8 +345,8 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
     for ((rep = 1; rep <= TPUT_REPS; rep++)); do
       for ka in off on; do
         order=()
-        for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
-          order+=("${CONTENDERS[(i + rep + round) % ${#CONTENDERS[@]}]}")
+        for ((i = 0; i < ${#TPUT_CONTENDERS[@]}; i++)); do
+          order+=("${TPUT_CONTENDERS[(i + rep + round) % ${#TPUT_CONTENDERS[@]}]}")
         done
         for c in "${order[@]}"; do
           PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} COUNTS=${COUNTS_OF[$c]}
@@ -356,7 +363,7 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
         done
       done
     done
-    for c in "${CONTENDERS[@]}"; do
+    for c in "${TPUT_CONTENDERS[@]}"; do
       CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} UPS=${UPS_OF[$c]}
       down
     done

@@ -24,7 +24,12 @@ const rows = fs
   .filter(Boolean)
   .map((l) => JSON.parse(l));
 const CONTENDERS = ['nodeherd', 'pm2', 'cluster'];
-const NAME = { nodeherd: 'nodeherd', pm2: `PM2 ${meta.pm2}`, cluster: 'node cluster SCHED_NONE' };
+const NAME = {
+  nodeherd: 'nodeherd',
+  'nodeherd-reuseport': 'nodeherd, --balance reuseport',
+  pm2: `PM2 ${meta.pm2}`,
+  cluster: 'node cluster SCHED_NONE',
+};
 
 // --- helpers ---------------------------------------------------------------
 const median = (xs) => {
@@ -117,16 +122,18 @@ const tput = byKind('tput').map((r) => {
   };
 });
 const ratioRows = []; // for targets
+// The throughput phase may also have run nodeherd in its other balance mode.
+const TPUT = ['nodeherd', 'nodeherd-reuseport', 'pm2', 'cluster'].filter((c) => tput.some((r) => r.contender === c));
 if (tput.length) {
   p('### Throughput and latency');
   p();
-  p(`hello app, \`oha -c ${st.conns} -z ${st.tput_secs}s\`, keep-alive on or \`--disable-keepalive\`. The three contenders are up side by side and their runs alternate (${st.tput_reps || 1} run(s) per contender, keep-alive setting and round, the first contender rotating), after a 1 s warm-up each; so every figure is a median over ${(st.tput_reps || 1) * meta.rounds} runs. "manager CPU" is the CPU time of the manager process alone (nodeherd, PM2's daemon, the cluster primary) during the run, in % of one core.`);
+  p(`hello app, \`oha -c ${st.conns} -z ${st.tput_secs}s\`, keep-alive on or \`--disable-keepalive\`. The contenders (${TPUT.map((c) => NAME[c]).join(', ')}) are up side by side and their runs alternate (${st.tput_reps || 1} run(s) per contender, keep-alive setting and round, the first contender rotating), after a 1 s warm-up each; so every figure is a median over ${(st.tput_reps || 1) * meta.rounds} runs. "manager CPU" is the CPU time of the manager process alone (nodeherd, PM2's daemon, the cluster primary) during the run, in % of one core.`);
   p();
   p('| workers | keep-alive | contender | req/s | p50 ms | p99 ms | failed | manager CPU % |');
   p('|---|---|---|---|---|---|---|---|');
   for (const w of [2, 4]) {
     for (const ka of ['off', 'on']) {
-      for (const c of CONTENDERS) {
+      for (const c of TPUT) {
         const rs = tput.filter((r) => r.workers === w && r.ka === ka && r.contender === c);
         if (!rs.length) continue;
         p(`| ${w} | ${ka} | ${NAME[c]} | ${mmm(rs.map((r) => r.rps))} | ${mmm(rs.map((r) => r.p50), 2)} | ${mmm(rs.map((r) => r.p99), 2)} | ${rs.reduce((a, r) => a + (r.failed || 0), 0)} | ${mmm(rs.map((r) => r.mgrCpu), 1)} |`);
@@ -136,11 +143,12 @@ if (tput.length) {
   p();
   p('Ratios of nodeherd\'s throughput to the others\', paired per repetition (median (min–max) of the paired ratios):');
   p();
-  p('| workers | keep-alive | nodeherd / cluster | nodeherd / PM2 |');
-  p('|---|---|---|---|');
+  const reuse = TPUT.includes('nodeherd-reuseport');
+  p(`| workers | keep-alive | nodeherd / cluster | nodeherd / PM2 |${reuse ? ' nodeherd reuseport / cluster |' : ''}`);
+  p(`|---|---|---|---|${reuse ? '---|' : ''}`);
   for (const w of [2, 4]) {
     for (const ka of ['off', 'on']) {
-      const per = { cluster: [], pm2: [] };
+      const per = { cluster: [], pm2: [], reuse: [] };
       for (const pair of [...new Set(tput.map((r) => r.pair ?? r.round))]) {
         const get = (c) => tput.find((r) => (r.pair ?? r.round) === pair && r.workers === w && r.ka === ka && r.contender === c);
         const n = get('nodeherd');
@@ -148,9 +156,12 @@ if (tput.length) {
           const o = get(c);
           if (n && o && n.rps && o.rps) per[c].push(n.rps / o.rps);
         }
+        const nr = get('nodeherd-reuseport');
+        const cl = get('cluster');
+        if (nr && cl && nr.rps && cl.rps) per.reuse.push(nr.rps / cl.rps);
       }
       if (!per.cluster.length && !per.pm2.length) continue;
-      p(`| ${w} | ${ka} | ${mmm(per.cluster, 3)} | ${mmm(per.pm2, 2)} |`);
+      p(`| ${w} | ${ka} | ${mmm(per.cluster, 3)} | ${mmm(per.pm2, 2)} |${reuse ? ` ${mmm(per.reuse, 3)} |` : ''}`);
       ratioRows.push({ w, ka, ...per });
     }
   }
@@ -166,11 +177,11 @@ if (tput.length) {
   p();
   p('max/min of the requests each worker served during a throughput run (counted by the workers themselves): 1.00 is perfectly even, ∞ means a worker got no request at all. In brackets, each worker’s share in % in the run with the median ratio.');
   p();
-  p('| workers | keep-alive | ' + CONTENDERS.map((c) => NAME[c]).join(' | ') + ' |');
-  p('|---|---|' + CONTENDERS.map(() => '---').join('|') + '|');
+  p('| workers | keep-alive | ' + TPUT.map((c) => NAME[c]).join(' | ') + ' |');
+  p('|---|---|' + TPUT.map(() => '---').join('|') + '|');
   for (const w of [2, 4]) {
     for (const ka of ['off', 'on']) {
-      const cells = CONTENDERS.map((c) => {
+      const cells = TPUT.map((c) => {
         const rs = tput.filter((r) => r.workers === w && r.ka === ka && r.contender === c && r.share);
         if (!rs.length) return 'n/a';
         // The split of the run with the median ratio, in % per worker.
