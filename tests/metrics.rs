@@ -14,6 +14,25 @@ use common::*;
 const T: Duration = Duration::from_secs(20);
 
 /// The metrics endpoint's port, from the manager's log.
+/// `nodeherd run` of the test app `script` with `instances` workers, its
+/// metrics endpoint on a free loopback port, no bus.
+fn start_with_metrics(script: &str, instances: &str) -> Manager {
+    start(
+        &[
+            "run",
+            &path_str(&app(script)),
+            "-i",
+            instances,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    )
+}
+
 fn metrics_port(m: &Manager) -> u16 {
     let mut port = None;
     wait_until(T, || {
@@ -76,20 +95,7 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
 #[test]
 fn the_endpoint_serves_the_managers_figures_and_the_apps_merged() {
     ensure_npm_deps();
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("prom_app.js")),
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_with_metrics("prom_app.js", "2");
     let (port, metrics) = (m.port(), metrics_port(&m));
     assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
     for _ in 0..20 {
@@ -156,18 +162,7 @@ fn the_endpoint_serves_the_managers_figures_and_the_apps_merged() {
 
 #[test]
 fn an_app_without_prom_client_still_gets_the_managers_figures() {
-    let m = start(
-        &[
-            "run",
-            &path_str(&app("env.js")),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-            "--no-bus",
-        ],
-        &[],
-    );
+    let m = start_with_metrics("env.js", "1");
     let metrics = metrics_port(&m);
     assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
     let samples = parse(&scrape(metrics));
