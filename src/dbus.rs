@@ -431,8 +431,9 @@ pub fn in_group(uid: u32, group: &str) -> bool {
 impl Manager {
     /// Replace every worker, `reload_parallel` (2) at a time, each old
     /// worker stopping only once its replacement is ready. Returns when the
-    /// swap is complete and every old worker has exited; fails with ReloadFailed, old workers still
-    /// serving, when a replacement does not become ready.
+    /// swap is complete and every old worker has exited; fails with
+    /// ReloadFailed, old workers still serving, when a replacement does not
+    /// become ready.
     async fn reload(
         &self,
         #[zbus(header)] hdr: zbus::message::Header<'_>,
