@@ -152,7 +152,8 @@ fn introspection_is_complete_and_typed() {
 
 #[test]
 fn reload_replaces_every_worker_keeping_indexes() {
-    let f = fixture("env.js", &["-i", "4"], &[]);
+    // Old workers take 300 ms to leave: Reload must wait for them.
+    let f = fixture("env.js", &["-i", "4"], &[("LINGER_MS", "300")]);
     let before = f.wait_ready(4);
     let (code, _, err) = f.call("Reload", &[]);
     assert_eq!(code, 0, "Reload failed: {err}\nlog:\n{}", f.m.log());

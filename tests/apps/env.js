@@ -29,3 +29,11 @@ const server = http.createServer((req, res) => {
   );
 });
 server.listen(8000);
+// LINGER_MS: on SIGINT, stop accepting and exit only that long after, as an
+// app that finishes slow work before it leaves.
+if (process.env.LINGER_MS) {
+  process.on('SIGINT', () => {
+    server.close();
+    setTimeout(() => process.exit(0), Number(process.env.LINGER_MS));
+  });
+}
