@@ -32,6 +32,9 @@ pub enum Command {
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
     Scale(ScaleArgs),
+    /// Replace a running manager's program with the file on disk (after an
+    /// upgrade), keeping its pid and every worker; waits until it answers again
+    Reexec(AppArgs),
     /// A live view of an app's workers (q to quit)
     Monit(AppArgs),
     /// Put an ecosystem file's apps under systemd (the nodeherd@ template units)
@@ -45,6 +48,10 @@ pub enum Command {
     },
     /// Print the man page (roff)
     Man,
+    /// Read a re-exec's state document on stdin and say whether this
+    /// program can take it over (run by the manager before it re-execs)
+    #[command(name = "__check-state", hide = true)]
+    CheckState,
 }
 
 #[derive(Debug, Args)]

@@ -2,7 +2,8 @@
 //!
 //! Exit status: 0 done, 1 the operation failed, 2 bad usage or an invalid
 //! argument, 3 no manager reachable (or the name's owner is not the app's
-//! manager), 4 busy, 5 access denied.
+//! manager), 4 busy, 5 access denied, 6 the running manager is a version
+//! that cannot do this (`reexec` of a manager older than re-exec in place).
 //!
 //! On the system bus a client trusts an answer only from the manager that
 //! systemd runs for the app: the owner of the bus name must be the main
@@ -26,6 +27,9 @@ pub(crate) trait Manager1 {
     fn restart(&self) -> zbus::Result<()>;
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
     fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
+    fn reexec(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn reexecs(&self) -> zbus::Result<u32>;
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -476,6 +480,100 @@ pub fn restart(args: AppArgs) -> ExitCode {
         eprintln!("nodeherd: restarted");
         Ok(())
     })
+}
+
+/// How long `nodeherd reexec` waits for the new program to answer.
+const REEXEC_WAIT: Duration = Duration::from_secs(30);
+
+/// `nodeherd reexec`: ask the manager to re-exec, then wait until the new
+/// program answers (its `Reexecs` count is one higher). The old program's
+/// own answer may not get out before its exec ends its connections; the
+/// count is what tells.
+pub fn reexec(args: AppArgs) -> ExitCode {
+    run_client(async move {
+        let app = args.app.as_deref();
+        let (conn, p) = reach(app, &args.bus).await?;
+        let before = p.reexecs().await.ok();
+        let t0 = std::time::Instant::now();
+        let said = match p.reexec().await {
+            Ok(m) => Some(m),
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+            {
+                return Err(too_old());
+            }
+            Err(e @ (zbus::Error::MethodError(..) | zbus::Error::FDO(_))) if !is_no_reply(&e) => {
+                if let zbus::Error::FDO(f) = &e
+                    && matches!(**f, zbus::fdo::Error::UnknownMethod(_))
+                {
+                    return Err(too_old());
+                }
+                return Err(e.into());
+            }
+            // The connection went with the exec before the answer left.
+            Err(_) => None,
+        };
+        drop(p);
+        drop(conn);
+        let Some(before) = before else {
+            return Err(too_old());
+        };
+        let deadline = t0 + REEXEC_WAIT;
+        loop {
+            if let Ok((_c, p)) = reach(app, &args.bus).await
+                && let Ok(n) = p.reexecs().await
+            {
+                if n > before {
+                    eprintln!(
+                        "nodeherd: {}; the new manager answered {} ms after the request",
+                        said.as_deref().unwrap_or("re-executed"),
+                        t0.elapsed().as_millis()
+                    );
+                    return Ok(());
+                }
+                let state = p.state().await.unwrap_or_default();
+                if state != "reexecuting" && t0.elapsed() > Duration::from_millis(500) {
+                    return Err(Failure(
+                        1,
+                        format!(
+                            "the manager did not re-exec and runs on as it was (state {state}); \
+                             see its journal (NODEHERD_EVENT=reexec-failed)"
+                        ),
+                    ));
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Failure(
+                    1,
+                    format!(
+                        "no manager answered within {} s of the re-exec; see its journal",
+                        REEXEC_WAIT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+fn too_old() -> Failure {
+    Failure(
+        6,
+        "this manager is a version that cannot re-exec in place (no Reexec method); \
+         restart it instead (systemctl restart nodeherd@APP)"
+            .into(),
+    )
+}
+
+/// The bus's answer for a call whose callee went away without answering.
+fn is_no_reply(e: &zbus::Error) -> bool {
+    match e {
+        zbus::Error::MethodError(name, _, _) => {
+            name.as_str() == "org.freedesktop.DBus.Error.NoReply"
+        }
+        zbus::Error::FDO(f) => matches!(**f, zbus::fdo::Error::NoReply(_)),
+        _ => false,
+    }
 }
 
 /// `N`, `+N`, `-N` or `max`.

@@ -68,6 +68,8 @@ pub enum Control {
     Reload,
     Restart,
     Scale(ScaleTarget),
+    /// Replace the manager's own program in place (`execve`), workers kept.
+    Reexec,
 }
 
 /// A request and where its answer goes (`None`: nobody waits, as for SIGHUP).
@@ -104,7 +106,8 @@ pub struct Snapshot {
 }
 
 /// What happened over the manager's life, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Counters {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
@@ -113,6 +116,9 @@ pub struct Counters {
     /// How long the last reload that ended took.
     pub last_reload_ms: u64,
     pub scale_events: u64,
+    /// Times this manager replaced its own program in place (carried
+    /// across each re-exec, so a client sees the new one answer).
+    pub reexecs: u64,
 }
 
 /// One worker process, or one empty slot.

@@ -467,6 +467,34 @@ impl Manager {
             .map(|d| d.workers)
     }
 
+    /// Replace the manager's program with the file it was started from, as
+    /// that file is now (a package upgrade put a new one there), keeping
+    /// its pid, its sockets and every worker. The new program is run first
+    /// to check it reads this manager's state; if not, fails with Failed
+    /// and nothing changes. Waits for a running operation; while it runs,
+    /// other requests are refused as Busy. Returns just before the exec;
+    /// the new program answers moments later, its `Reexecs` one higher.
+    async fn reexec(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus).await?;
+        self.ask(Control::Reexec).await.map(|d| d.message)
+    }
+
+    /// How many times this manager replaced its program in place.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn reexecs(&self) -> u32 {
+        u32::try_from(self.snap().counters.reexecs).unwrap_or(u32::MAX)
+    }
+
+    /// The version of the program the manager runs.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
     /// Add (or with a negative delta, remove) workers; returns the new count.
     async fn scale_by(
         &self,
@@ -486,7 +514,7 @@ impl Manager {
         self.snap().name
     }
 
-    /// starting, ready, reloading, degraded or stopping.
+    /// starting, ready, reloading, reexecuting, degraded or stopping.
     #[zbus(property)]
     async fn state(&self) -> String {
         self.snap().state.to_string()

@@ -43,7 +43,9 @@ pub struct BindRequest {
 }
 
 /// An address workers share through the manager.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum SharedAddress {
     /// `host` as the app wrote it (`None`: Node's default, every address);
     /// port 0 is one ephemeral port for all workers, as Node's cluster does.

@@ -66,6 +66,7 @@ pub mod metrics;
 pub mod monit;
 pub mod notify;
 pub mod notify_socket;
+pub mod reexec;
 pub mod run;
 pub mod sockets;
 pub mod supervisor;

@@ -194,7 +194,14 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
         "gauge",
         "The manager's state (1 for the current one).",
     );
-    for s in ["starting", "ready", "reloading", "degraded", "stopping"] {
+    for s in [
+        "starting",
+        "ready",
+        "reloading",
+        "reexecuting",
+        "degraded",
+        "stopping",
+    ] {
         let _ = writeln!(
             o,
             "nodeherd_state{{app=\"{app}\",state=\"{s}\"}} {}",

@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use crate::cli::RunArgs;
 use crate::config::{self, ConfigError, Overrides};
+use crate::control::Handle;
 use crate::sockets::{self, SocketError, SocketSet};
+use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources};
-use crate::{dbus, logs, metrics, notify, notify_socket};
+use crate::{dbus, logs, metrics, notify, notify_socket, reexec};
 
 /// The preload, embedded so the binary is all there is to install.
 const SHIM: &str = include_str!("shim.js");
@@ -80,32 +82,13 @@ pub fn main(args: RunArgs) -> ExitCode {
 
 fn run(args: RunArgs) -> Result<u8, RunError> {
     // SAFETY: no thread has been started yet (clap does not start any).
+    let handed_over = unsafe { reexec::take() }.map_err(RunError::Usage)?;
+    if let Some(state) = handed_over {
+        return resume(args, state);
+    }
+    // SAFETY: as above.
     let inherited = unsafe { sockets::take_inherited() }?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let over = Overrides {
-        only: args.only.clone(),
-        env_name: args.env_name.clone(),
-        name: args.name.clone(),
-        instances: args.instances.clone(),
-        listen: args.listen.clone(),
-        instance_var: args.instance_var.clone(),
-        interpreter: args.interpreter.clone(),
-        node_args: args.node_args.clone(),
-        wait_ready: args.wait_ready,
-        listen_timeout: args.listen_timeout,
-        kill_timeout: args.kill_timeout,
-        shutdown_with_message: args.shutdown_with_message,
-        reload_parallel: args.reload_parallel,
-        balance: args.balance.clone(),
-        metrics: args.metrics.clone(),
-        args: args.script_args.clone(),
-    };
-    // A reload reads the same file again: the one found now.
-    let source = Source {
-        target: config::config_path(&args.target),
-        overrides: over,
-        cpus,
-    };
+    let source = source_of(&args);
     let loaded = match source.load() {
         Ok(l) => l,
         Err(e) if !inherited.is_empty() => return Err(config_error_when_activated(e)),
@@ -162,9 +145,136 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         None => app.metrics.clone().map(MetricsAt::Address),
     };
     let activated = listeners_from_systemd;
-    let result = run_daemon(app, listeners, metrics, source, &dir, &args, activated);
+    let result = run_daemon(
+        app,
+        Start::Fresh(listeners),
+        metrics,
+        source,
+        &dir,
+        &args,
+        activated,
+    );
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// What a re-exec handed over, owned again, for [`run_daemon`].
+struct Resumed {
+    sockets: SocketSet,
+    shared: sockets::SharedSockets,
+    notify: std::os::fd::OwnedFd,
+    control: Option<std::os::fd::OwnedFd>,
+    core: crate::supervisor::Core,
+    workers: Vec<reexec::AdoptedWorker>,
+    took: Duration,
+    written_by: String,
+}
+
+/// How the daemon starts: afresh with these sockets, or from a re-exec.
+enum Start {
+    Fresh(Vec<sockets::Listener>),
+    Resumed(Box<Resumed>),
+}
+
+/// Go on where the program before this one left off (a re-exec): same pid,
+/// same workers, same sockets; the configuration in force comes with the
+/// state, not from the file (only a reload reads that).
+fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
+    let took = state.age();
+    let app = state.app;
+    logs::init(&app.name, &app.instance_var);
+    let bad = |what: &str| {
+        let what = what.to_string();
+        move |e: String| RunError::System {
+            what: format!("re-exec: cannot take over {what}"),
+            source: std::io::Error::other(e),
+        }
+    };
+    let sockets = SocketSet::adopt(state.sockets).map_err(bad("the listening sockets"))?;
+    let shared = sockets::SharedSockets::adopt(state.shared).map_err(bad("the shared sockets"))?;
+    let notify = reexec::adopt(state.notify_fd).map_err(bad("the notify socket"))?;
+    let control = state
+        .control_fd
+        .map(reexec::adopt)
+        .transpose()
+        .map_err(bad("the control socket"))?;
+    let metrics = state
+        .metrics
+        .map(sockets::Listener::adopt)
+        .transpose()
+        .map_err(bad("the metrics socket"))?
+        .map(MetricsAt::Inherited);
+    let workers = state
+        .workers
+        .into_iter()
+        .map(reexec::CarriedWorker::adopt)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad("a worker's channel"))?;
+    let watchdog = notify::watchdog_interval();
+    let policy = crate::supervisor::Policy::new(&app, !sockets.is_empty(), watchdog);
+    let core = crate::supervisor::Core::import(state.core, policy, std::time::Instant::now(), took)
+        .map_err(bad("the supervisor's state"))?;
+    let dir = state.runtime_dir;
+    if !dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(RunError::system("cannot create the runtime directory"))?;
+    }
+    let _ = std::fs::write(dir.join("manager.pid"), std::process::id().to_string());
+    let resumed = Resumed {
+        sockets,
+        shared,
+        notify,
+        control,
+        core,
+        workers,
+        took,
+        written_by: state.written_by,
+    };
+    let source = source_of(&args);
+    let result = run_daemon(
+        app,
+        Start::Resumed(Box::new(resumed)),
+        metrics,
+        source,
+        &dir,
+        &args,
+        false,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Where the configuration comes from, from the command line (a reload
+/// reads the same file again).
+fn source_of(args: &RunArgs) -> Source {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let over = Overrides {
+        only: args.only.clone(),
+        env_name: args.env_name.clone(),
+        name: args.name.clone(),
+        instances: args.instances.clone(),
+        listen: args.listen.clone(),
+        instance_var: args.instance_var.clone(),
+        interpreter: args.interpreter.clone(),
+        node_args: args.node_args.clone(),
+        wait_ready: args.wait_ready,
+        listen_timeout: args.listen_timeout,
+        kill_timeout: args.kill_timeout,
+        shutdown_with_message: args.shutdown_with_message,
+        reload_parallel: args.reload_parallel,
+        balance: args.balance.clone(),
+        metrics: args.metrics.clone(),
+        args: args.script_args.clone(),
+    };
+    // A reload reads the same file again: the one found now.
+    Source {
+        target: config::config_path(&args.target),
+        overrides: over,
+        cpus,
+    }
 }
 
 /// How long a socket-activated manager with a bad configuration waits
@@ -197,9 +307,10 @@ enum MetricsAt {
 }
 
 impl MetricsAt {
-    fn bind(self) -> Result<metrics::Endpoint, RunError> {
+    /// The endpoint to serve, and a second handle on its socket for a re-exec.
+    fn bind(self) -> Result<(metrics::Endpoint, Option<sockets::Listener>), RunError> {
         let (l, what) = match self {
-            MetricsAt::Inherited(l) => (l, "the metrics socket systemd passed".to_string()),
+            MetricsAt::Inherited(l) => (l, "the metrics socket handed over".to_string()),
             MetricsAt::Address(a) => (sockets::bind(&a)?, format!("metrics {a}")),
         };
         let std_listener = |fd: std::os::fd::OwnedFd| -> Result<metrics::Endpoint, RunError> {
@@ -225,7 +336,14 @@ impl MetricsAt {
             }
         };
         logs::info(&format!("metrics: http://{}/metrics", l.address));
-        std_listener(l.fd)
+        let second = l.fd.try_clone().ok().map(|fd| sockets::Listener {
+            fd,
+            name: l.name.clone(),
+            kind: l.kind,
+            address: l.address.clone(),
+            port: l.port,
+        });
+        Ok((std_listener(l.fd)?, second))
     }
 }
 
@@ -237,7 +355,7 @@ fn under_systemd() -> bool {
 
 fn run_daemon(
     app: config::App,
-    listeners: Vec<sockets::Listener>,
+    start: Start,
     metrics_at: Option<MetricsAt>,
     source: Source,
     dir: &Path,
@@ -245,6 +363,8 @@ fn run_daemon(
     activated: bool,
 ) -> Result<u8, RunError> {
     let shim = dir.join("shim.js");
+    // Written again after a re-exec: workers started from now on get this
+    // program's preload.
     std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
         "cannot write the preload {}",
         shim.display()
@@ -264,7 +384,8 @@ fn run_daemon(
     }
     // One thread runs the supervisor: workers are forked from it, and their
     // parent-death signal is tied to the thread that forked them (see
-    // worker::fork). Do not make this a multi-thread runtime.
+    // worker::fork). Do not make this a multi-thread runtime. A re-exec
+    // happens on this thread too (see reexec::exec).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -277,28 +398,62 @@ fn run_daemon(
         .unwrap_or_else(|| dbus::bus_name_for(&app.name));
     rt.block_on(async move {
         let notify_path = dir.join("notify.sock");
-        let notify_sock = notify_socket::bind(&notify_path).map_err(RunError::system(format!(
-            "cannot bind the worker notify socket {}",
-            notify_path.display()
-        )))?;
+        let notify_std = match &start {
+            Start::Fresh(_) => notify_socket::bind(&notify_path).map_err(RunError::system(format!(
+                "cannot bind the worker notify socket {}",
+                notify_path.display()
+            )))?,
+            Start::Resumed(r) => {
+                let fd = r.notify.try_clone().map_err(RunError::system("the notify socket"))?;
+                let s = std::os::unix::net::UnixDatagram::from(fd);
+                s.set_nonblocking(true)
+                    .map_err(RunError::system("the notify socket"))?;
+                tokio::net::UnixDatagram::from_std(s)
+                    .map_err(RunError::system("the notify socket"))?
+            }
+        };
         if app.credentials.is_some() {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
         }
-        let listener_info = socket_infos(&listeners);
+        let notify_carry = {
+            use std::os::fd::AsFd;
+            notify_std
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(RunError::system("the notify socket"))?
+        };
         let app_name = app.name.clone();
-        let sockets = SocketSet::new(listeners, app.balance == config::Balance::ReusePort);
         let paths = WorkerPaths {
             shim: shim.clone(),
             notify_socket: notify_path.clone(),
         };
-        let driver = Driver::new(app, sockets, source, paths, notify::watchdog_interval());
+        let reuseport = app.balance == config::Balance::ReusePort;
+        let (mut driver, listener_info, control_fd, resumed_from) = match start {
+            Start::Fresh(listeners) => {
+                let info = socket_infos(&listeners);
+                let sockets = SocketSet::new(listeners, reuseport);
+                let watchdog = notify::watchdog_interval();
+                let d = Driver::new(app, sockets, source, paths, watchdog);
+                (d, info, None, None)
+            }
+            Start::Resumed(r) => {
+                let r = *r;
+                let info = socket_infos(r.sockets.describe());
+                let d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+                (d, info, r.control, Some((r.took, r.written_by)))
+            }
+        };
         let handle = driver.handle();
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot install signal handlers"))?;
-        sources::notify_socket(notify_sock, driver.inputs());
+        // Handlers are in place: a stop sent during a re-exec arrives now.
+        reexec::unblock_signals();
+        sources::notify_socket(notify_std, driver.inputs());
+        let mut metrics_carry = None;
         if let Some(at) = metrics_at {
-            let endpoint = at.bind()?;
+            let (endpoint, second) = at.bind()?;
+            metrics_carry = second;
             tokio::spawn(metrics::serve(
                 endpoint,
                 app_name.clone(),
@@ -306,10 +461,23 @@ fn run_daemon(
                 listener_info,
             ));
         }
+        if let Some((took, from)) = &resumed_from {
+            logs::event(
+                libsystemd::logging::Priority::Notice,
+                &format!(
+                    "re-executed in {} ms (from nodeherd {from} to {}): {} worker(s) taken over, none restarted",
+                    took.as_millis(),
+                    env!("CARGO_PKG_VERSION"),
+                    handle.snapshot.borrow().workers.iter().filter(|w| w.pid > 0).count()
+                ),
+                &[("NODEHERD_EVENT", "reexecuted".into())],
+            );
+        }
         // The bus name first, before any worker starts. Under systemd a name
         // that is not ours is fatal: someone else answering for this app
         // would get `systemctl reload` and every client's calls.
-        let first = match dbus::claim(&bus, &bus_name, handle.clone()).await {
+        let first = claim_name(&bus, &bus_name, &handle, resumed_from.is_some()).await;
+        let first = match first {
             dbus::Claim::Owned(conn) => Some(conn),
             dbus::Claim::Later => None,
             dbus::Claim::Refused(why) if under_systemd() => {
@@ -328,20 +496,56 @@ fn run_daemon(
         };
         tokio::spawn(dbus::serve(bus, bus_name, handle.clone(), first));
         let control_path = dir.join("control.sock");
-        match dbus::bind_control_socket(&control_path) {
+        let control = match control_fd {
+            Some(fd) => {
+                let s = std::os::unix::net::UnixListener::from(fd);
+                s.set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixListener::from_std(s))
+            }
+            None => dbus::bind_control_socket(&control_path),
+        };
+        let mut control_carry = None;
+        match control {
             Ok(listener) => {
-                tokio::spawn(dbus::serve_control_socket(listener, handle));
+                use std::os::fd::AsFd;
+                control_carry = listener.as_fd().try_clone_to_owned().ok();
+                tokio::spawn(dbus::serve_control_socket(listener, handle.clone()));
             }
             Err(e) => logs::warn(&format!(
                 "no control socket at {}: {e}; control is through the bus only",
                 control_path.display()
             )),
         }
+        driver.carry(Carry {
+            runtime_dir: dir.to_path_buf(),
+            notify: notify_carry,
+            control: control_carry,
+            metrics: metrics_carry,
+        });
+        if resumed_from.is_some() {
+            let status = handle.snapshot.borrow().status.clone();
+            notify::ready(&status);
+        }
         let code = driver.run().await.map_err(RunError::system(
             "cannot watch for exiting workers (SIGCHLD)",
         ))?;
         Ok(code.clamp(0, 255) as u8)
     })
+}
+
+/// Take the bus name. After a re-exec the bus may not yet have seen the old
+/// program's connection close (it closed with the exec): a name still
+/// owned is asked for again for a few seconds before it counts as taken.
+async fn claim_name(bus: &dbus::Bus, name: &str, handle: &Handle, resumed: bool) -> dbus::Claim {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match dbus::claim(bus, name, handle.clone()).await {
+            dbus::Claim::Refused(_) if resumed && std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The listening sockets, as the metrics endpoint reports them.

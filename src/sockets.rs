@@ -58,7 +58,7 @@ const HIGH_FD: RawFd = 100;
 const BACKLOG: i32 = 4096;
 
 /// What kind of socket an fd is; the shim matches `listen()` calls on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Tcp,
     Udp,
@@ -99,6 +99,60 @@ impl Listener {
             self.port.map(|p| p.to_string()).unwrap_or_default(),
             self.name.replace([',', '|'], "_")
         )
+    }
+}
+
+/// A listening socket across a re-exec: its fd number and what it is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CarriedSocket {
+    pub fd: RawFd,
+    pub name: String,
+    pub kind: Kind,
+    pub address: String,
+    pub port: Option<u16>,
+}
+
+impl Listener {
+    /// Describe it for the program a re-exec starts (the fd stays ours
+    /// until the exec).
+    pub fn carry(&self) -> CarriedSocket {
+        CarriedSocket {
+            fd: self.fd.as_raw_fd(),
+            name: self.name.clone(),
+            kind: self.kind,
+            address: self.address.clone(),
+            port: self.port,
+        }
+    }
+
+    /// Own a socket a re-exec handed over.
+    pub fn adopt(c: CarriedSocket) -> std::result::Result<Listener, String> {
+        Ok(Listener {
+            fd: crate::reexec::adopt(c.fd)?,
+            name: c.name,
+            kind: c.kind,
+            address: c.address,
+            port: c.port,
+        })
+    }
+}
+
+/// A [`SocketSet`] across a re-exec.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SetState {
+    pub shared: Vec<CarriedSocket>,
+    /// `balance: reuseport`: each slot's sockets (empty: not bound yet) and
+    /// what to bind a new slot's from.
+    pub per_slot: Option<(Vec<Vec<CarriedSocket>>, Vec<Template>)>,
+}
+
+impl SetState {
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.shared.iter().map(|s| s.fd).collect();
+        if let Some((slots, _)) = &self.per_slot {
+            fds.extend(slots.iter().flatten().map(|s| s.fd));
+        }
+        fds
     }
 }
 
@@ -176,7 +230,7 @@ pub fn bind_sibling(l: &Template) -> Result<Listener> {
 }
 
 /// What it takes to bind a socket like a given one again.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Template {
     pub kind: Kind,
     pub address: String,
@@ -268,6 +322,39 @@ impl SocketSet {
         }
     }
 
+    /// Describe every socket for a re-exec.
+    pub fn carry(&self) -> SetState {
+        SetState {
+            shared: self.shared.iter().map(Listener::carry).collect(),
+            per_slot: self.per_slot.as_ref().map(|p| {
+                (
+                    p.sockets
+                        .iter()
+                        .map(|s| s.iter().map(Listener::carry).collect())
+                        .collect(),
+                    p.templates.clone(),
+                )
+            }),
+        }
+    }
+
+    /// Own the sockets a re-exec handed over, laid out as before.
+    pub fn adopt(state: SetState) -> std::result::Result<SocketSet, String> {
+        let all = |v: Vec<CarriedSocket>| -> std::result::Result<Vec<Listener>, String> {
+            v.into_iter().map(Listener::adopt).collect()
+        };
+        Ok(SocketSet {
+            shared: all(state.shared)?,
+            per_slot: match state.per_slot {
+                None => None,
+                Some((slots, templates)) => Some(PerSlot {
+                    sockets: slots.into_iter().map(all).collect::<Result<_, _>>()?,
+                    templates,
+                }),
+            },
+        })
+    }
+
     /// One slot's worth of sockets, to describe them to workers (every slot
     /// has the same addresses and names).
     pub fn describe(&self) -> &[Listener] {
@@ -288,6 +375,25 @@ pub struct SharedSockets {
 }
 
 impl SharedSockets {
+    /// Describe them for a re-exec.
+    pub fn carry(&self) -> Vec<(crate::ipc::SharedAddress, CarriedSocket)> {
+        self.bound
+            .iter()
+            .map(|(a, l)| (a.clone(), l.carry()))
+            .collect()
+    }
+
+    /// Own the sockets a re-exec handed over.
+    pub fn adopt(
+        carried: Vec<(crate::ipc::SharedAddress, CarriedSocket)>,
+    ) -> std::result::Result<SharedSockets, String> {
+        let mut bound = std::collections::BTreeMap::new();
+        for (address, c) in carried {
+            bound.insert(address, Listener::adopt(c)?);
+        }
+        Ok(SharedSockets { bound })
+    }
+
     /// The socket for `address`, bound now if it is the first request, and
     /// whether it was.
     pub fn get_or_bind(

@@ -66,7 +66,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// How the script is started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Interpreter {
     /// A Node binary: gets the preload shim and an IPC channel.
     Node(PathBuf),
@@ -77,7 +77,7 @@ pub enum Interpreter {
 }
 
 /// One app, resolved and validated: everything the supervisor needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct App {
     pub name: String,
     /// Absolute path of the script (or binary, with `Interpreter::None`).
@@ -131,7 +131,7 @@ pub struct App {
 }
 
 /// How new connections reach workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Balance {
     /// One socket, one accept queue shared by every worker: the manager
     /// holds it, so no connection waits on a worker that is gone. Idle
@@ -145,7 +145,7 @@ pub enum Balance {
 }
 
 /// Who workers run as, resolved from names when the config is loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,

@@ -25,7 +25,9 @@ use crate::ipc;
 
 /// Identifies one worker process for its whole life; never reused, so an
 /// event about a worker that is gone is recognised and dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct WorkerId(pub u64);
 
 /// Identifies a caller waiting for an answer; the driver holds the channel.
@@ -101,6 +103,11 @@ pub enum Event {
     /// A reload was refused before anything changed (its configuration
     /// was invalid); only counted.
     ReloadRefused,
+    /// The new program for a re-exec was checked: it runs and reads the
+    /// state format (`Ok`: what it is, in words), or why not.
+    ExecChecked(Result<String, String>),
+    /// `execve` itself failed; the manager goes on as it was.
+    ExecFailed(String),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -181,6 +188,11 @@ pub enum Effect {
     ReleaseSlotSockets(u32),
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
+    /// Check the program a re-exec would run; answer with `ExecChecked`.
+    CheckExec,
+    /// Hand the state over and `execve` the checked program (answer with
+    /// `ExecFailed` if that fails); the core has answered the callers.
+    Exec,
     Notify(SdNotify),
     Log(LogLine),
     Bus(BusSignal),
@@ -240,7 +252,8 @@ pub(super) struct Worker {
 }
 
 /// Why a slot's worker was replaced, counted per slot.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Replacements {
     /// It died (a crash) and was restarted: PM2's restart count.
     pub crash: u32,
@@ -253,8 +266,8 @@ pub struct Replacements {
 }
 
 /// Why a reload swaps the slots it does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum SwapReason {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SwapReason {
     Reload,
     Memory,
     Hang,
@@ -322,6 +335,13 @@ pub(super) enum Op {
         summary: Option<String>,
         reason: SwapReason,
     },
+    /// Replacing the manager's own program: first the new one is checked
+    /// (`checked` false), then the driver hands everything over and execs.
+    /// Nothing else starts meanwhile; requests are refused as busy.
+    Reexec {
+        replies: Vec<ReplyId>,
+        checked: bool,
+    },
 }
 
 /// A request waiting for the running operation to end.
@@ -337,6 +357,8 @@ pub(super) enum Queued {
     ReloadSlots(Vec<u32>, SwapReason),
     Restart(Option<ReplyId>),
     Scale(ScaleTarget, Option<ReplyId>),
+    /// Back-to-back re-exec requests share one re-exec.
+    Reexec(Vec<ReplyId>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,7 +374,7 @@ pub struct Core {
     pub(super) generation: u64,
     pub(super) slots: Vec<Slot>,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
-    next_worker: u64,
+    pub(super) next_worker: u64,
     pub(super) phase: Phase,
     pub(super) op: Option<Op>,
     pub(super) queue: VecDeque<Queued>,
@@ -361,7 +383,7 @@ pub struct Core {
     pub(super) counters: crate::control::Counters,
     pub(super) last_status: String,
     pub(super) exit_code: i32,
-    last_stranger_warning: Option<Instant>,
+    pub(super) last_stranger_warning: Option<Instant>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -456,6 +478,8 @@ impl Core {
                 self.submit(Control::Reload, reply, Some(config))
             }
             Event::ReloadRefused => self.counters.reloads_refused += 1,
+            Event::ExecChecked(result) => self.on_exec_checked(result),
+            Event::ExecFailed(why) => self.on_exec_failed(why),
             Event::Stop => self.begin_stop(0),
         }
         self.settle()

@@ -11,7 +11,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use libsystemd::logging::Priority;
@@ -40,9 +41,24 @@ struct Proc {
     pid: i32,
     /// Our end of the Node IPC channel, for the `'shutdown'` message.
     ipc: Option<std::os::unix::net::UnixStream>,
-    /// Second handles on its stdout and stderr pipes, widened when it stops.
-    output: Vec<OwnedFd>,
+    /// Second handles on its stdout and stderr pipes, widened when it stops
+    /// and handed over by a re-exec.
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
 }
+
+/// What a re-exec hands over besides the driver's own sockets and workers:
+/// the fds the daemon's other parts serve from (second handles on them).
+pub struct Carry {
+    pub runtime_dir: PathBuf,
+    pub notify: OwnedFd,
+    pub control: Option<OwnedFd>,
+    pub metrics: Option<crate::sockets::Listener>,
+}
+
+/// How long the driver goes on after answering a re-exec's callers before
+/// it execs, so their answers leave this process first.
+const EXEC_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Driver {
     core: Core,
@@ -71,6 +87,13 @@ pub struct Driver {
     /// Scrapes waiting for a worker's metrics, by request number.
     metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, u32, i32)>,
     next_metrics: u64,
+    /// What a re-exec hands over; none: this manager cannot re-exec.
+    carry: Option<Carry>,
+    /// The program a re-exec checked, and when to exec it.
+    exec_program: Option<PathBuf>,
+    exec_at: Option<Instant>,
+    /// It took over from a re-exec: no first start.
+    resumed: bool,
 }
 
 impl Driver {
@@ -111,7 +134,80 @@ impl Driver {
             app_metrics,
             metrics_waiting: HashMap::new(),
             next_metrics: 1,
+            carry: None,
+            exec_program: None,
+            exec_at: None,
+            resumed: false,
         }
+    }
+
+    /// A driver that goes on where a re-exec left off: `core` and the
+    /// workers' fds come from the old program.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        app: App,
+        sockets: SocketSet,
+        shared: SharedSockets,
+        source: Source,
+        paths: WorkerPaths,
+        core: Core,
+        workers: Vec<crate::reexec::AdoptedWorker>,
+    ) -> Driver {
+        let generation = core.generation();
+        let mut d = Driver::new(app.clone(), sockets, source, paths, None);
+        d.configs = Configs::resume(
+            app,
+            d.configs.source.clone(),
+            d.configs.paths().clone(),
+            &d.sockets,
+            generation,
+        );
+        d.shared = shared;
+        d.core = core;
+        d.resumed = true;
+        let slots: HashMap<WorkerId, u32> = d
+            .core
+            .handed_over()
+            .map(|(id, index, _)| (id, index))
+            .collect();
+        for w in workers {
+            let index = slots.get(&w.id).copied().unwrap_or(0);
+            let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
+            if let Some(fd) = dup(&w.stdout) {
+                sources::output(fd, index, w.pid, Stream::Stdout);
+            }
+            if let Some(fd) = dup(&w.stderr) {
+                sources::output(fd, index, w.pid, Stream::Stderr);
+            }
+            let ipc = w
+                .ipc
+                .map(std::os::unix::net::UnixStream::from)
+                .and_then(|ours| {
+                    let reader = ours.try_clone().ok()?;
+                    reader.set_nonblocking(true).ok()?;
+                    ours.set_nonblocking(true).ok()?;
+                    sources::ipc_channel(reader, w.id, d.inputs_tx.clone());
+                    Some(ours)
+                });
+            d.procs.insert(
+                w.id,
+                Proc {
+                    pid: w.pid,
+                    ipc,
+                    stdout: w.stdout,
+                    stderr: w.stderr,
+                },
+            );
+            d.by_pid.insert(w.pid, w.id);
+        }
+        let (published, _) = watch::channel(d.core.snapshot());
+        d.published = published;
+        d
+    }
+
+    /// Let this driver re-exec the manager, handing `carry` over with its own state.
+    pub fn carry(&mut self, carry: Carry) {
+        self.carry = Some(carry);
     }
 
     /// How the control plane reaches this supervisor.
@@ -134,13 +230,18 @@ impl Driver {
         use tokio::signal::unix::{SignalKind, signal};
         // Before the first fork, so no exit can be missed.
         let mut sigchld = signal(SignalKind::child())?;
-        logs::info(&format!(
-            "starting {} worker(s): {}",
-            self.core.policy().instances,
-            self.configs.launcher(0).command_line()
-        ));
-        let fx = self.core.start(Instant::now());
-        self.apply(fx);
+        if self.resumed {
+            // Exits during the exec were not seen: look now.
+            self.reap();
+        } else {
+            logs::info(&format!(
+                "starting {} worker(s): {}",
+                self.core.policy().instances,
+                self.configs.launcher(0).command_line()
+            ));
+            let fx = self.core.start(Instant::now());
+            self.apply(fx);
+        }
         loop {
             self.publish();
             if let Some(code) = self.core.finished() {
@@ -153,7 +254,15 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let exec_at = self.exec_at;
+            let exec = async {
+                match exec_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = exec => self.exec_now(),
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
                 Some(req) = self.requests.recv() => self.request(req),
@@ -187,6 +296,11 @@ impl Driver {
         let ev = match input {
             Input::Stop => Event::Stop,
             Input::Reload => return self.reload_requested(None),
+            Input::Reexec => Event::Request {
+                what: Control::Reexec,
+                reply: None,
+            },
+            Input::ExecChecked(result) => Event::ExecChecked(result),
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc {
                 worker,
@@ -339,6 +453,8 @@ impl Driver {
                     }
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
+                Effect::CheckExec => self.check_exec(),
+                Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
                 Effect::SampleMemory(ids) => {
                     let sample = ids
                         .into_iter()
@@ -392,10 +508,7 @@ impl Driver {
                 };
             }
         };
-        let output = [&stdout, &stderr]
-            .into_iter()
-            .filter_map(|fd| fd.try_clone().ok())
-            .collect();
+        let (out2, err2) = (stdout.try_clone().ok(), stderr.try_clone().ok());
         sources::output(stdout, index, pid, Stream::Stdout);
         sources::output(stderr, index, pid, Stream::Stderr);
         let ipc = ipc.and_then(|ours| {
@@ -406,7 +519,15 @@ impl Driver {
             Some(ours)
         });
         let has_ipc = ipc.is_some();
-        self.procs.insert(worker, Proc { pid, ipc, output });
+        self.procs.insert(
+            worker,
+            Proc {
+                pid,
+                ipc,
+                stdout: out2,
+                stderr: err2,
+            },
+        );
         self.by_pid.insert(pid, worker);
         Event::Spawned {
             worker,
@@ -420,7 +541,7 @@ impl Driver {
             return;
         };
         // Room for what it flushes on its way out.
-        for pipe in &p.output {
+        for pipe in [&p.stdout, &p.stderr].into_iter().flatten() {
             worker::widen_for_exit(pipe);
         }
         if by == StopBy::Message
@@ -500,6 +621,98 @@ impl Driver {
             }
         }
         let _ = req.asked.send(asked);
+    }
+
+    /// The state a re-exec hands over, as of now; `None` when this driver
+    /// has nothing to hand over with it ([`Driver::carry`] was not called).
+    fn state(&self) -> Option<crate::reexec::State> {
+        let carry = self.carry.as_ref()?;
+        // Read together: the new program measures the exec against this clock.
+        let (now, monotonic_ns) = (Instant::now(), crate::reexec::monotonic_ns());
+        Some(crate::reexec::State {
+            format: crate::reexec::STATE_FORMAT,
+            written_by: env!("CARGO_PKG_VERSION").to_string(),
+            monotonic_ns,
+            app: self.configs.app().clone(),
+            runtime_dir: carry.runtime_dir.clone(),
+            sockets: self.sockets.carry(),
+            shared: self.shared.carry(),
+            notify_fd: carry.notify.as_raw_fd(),
+            control_fd: carry.control.as_ref().map(AsRawFd::as_raw_fd),
+            metrics: carry.metrics.as_ref().map(crate::sockets::Listener::carry),
+            core: self.core.export(now),
+            workers: self
+                .procs
+                .iter()
+                .map(|(id, p)| crate::reexec::CarriedWorker {
+                    id: *id,
+                    pid: p.pid,
+                    ipc: p.ipc.as_ref().map(AsRawFd::as_raw_fd),
+                    stdout: p.stdout.as_ref().map(AsRawFd::as_raw_fd),
+                    stderr: p.stderr.as_ref().map(AsRawFd::as_raw_fd),
+                })
+                .collect(),
+        })
+    }
+
+    /// Check, on a blocking thread, that the program on disk can take this
+    /// manager over: it runs, and it reads the state it would be given.
+    fn check_exec(&mut self) {
+        let tx = self.inputs_tx.clone();
+        let Some(state) = self.state() else {
+            let _ = tx.send(Input::ExecChecked(Err(
+                "this manager was started in a way that cannot be handed over".into(),
+            )));
+            return;
+        };
+        let program = match crate::reexec::program() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Input::ExecChecked(Err(format!(
+                    "cannot tell which program this is (/proc/self/exe): {e}"
+                ))));
+                return;
+            }
+        };
+        self.exec_program = Some(program.clone());
+        let doc = serde_json::to_vec(&state).unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Input::ExecChecked(crate::reexec::check(&program, &doc)));
+        });
+    }
+
+    /// Hand everything over and exec the checked program. Returns only if
+    /// that was not done: cancelled (a stop came), or `execve` failed.
+    fn exec_now(&mut self) {
+        self.exec_at = None;
+        if !self.core.exec_due() {
+            return;
+        }
+        if self.loading.is_some() {
+            // A configuration being read for a reload would be lost: after it.
+            self.exec_at = Some(Instant::now() + EXEC_GRACE);
+            return;
+        }
+        // Whatever the sources already read goes to the core first: this
+        // process runs nothing else between here and the exec.
+        while let Ok(input) = self.inputs.try_recv() {
+            self.input(input);
+        }
+        self.reap();
+        if !self.core.exec_due() {
+            return;
+        }
+        let (Some(program), Some(state)) = (self.exec_program.clone(), self.state()) else {
+            return;
+        };
+        logs::info(&format!(
+            "re-exec: handing {} worker(s) over to {}",
+            state.workers.len(),
+            program.display()
+        ));
+        logs::flush(std::time::Duration::from_secs(1));
+        let e = crate::reexec::exec(&program, &state);
+        self.event(Event::ExecFailed(e.to_string()));
     }
 
     fn publish(&mut self) {

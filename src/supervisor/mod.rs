@@ -23,6 +23,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod handover;
 mod ops;
 pub mod policy;
 pub mod reconfig;

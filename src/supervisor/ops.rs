@@ -38,6 +38,24 @@ impl Core {
             self.reply_opt(reply, Err(CtlError::InvalidArgument(msg)));
             return;
         }
+        if let Some(Op::Reexec { replies, checked }) = &mut self.op {
+            if what == Control::Reexec && !*checked {
+                replies.extend(reply);
+                return;
+            }
+            let msg = "the manager is re-executing itself; ask again in a moment".to_string();
+            match reply {
+                Some(r) => self.reply(r, Err(CtlError::Busy(msg))),
+                None => self.log(Level::Warning, format!("request dropped: {msg}")),
+            }
+            return;
+        }
+        if what == Control::Reexec
+            && let Some(Queued::Reexec(replies)) = self.queue.back_mut()
+        {
+            replies.extend(reply);
+            return;
+        }
         if what == Control::Reload
             && let Some(Queued::Reload {
                 replies,
@@ -66,6 +84,7 @@ impl Core {
                 Control::Reload => "reload",
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
+                Control::Reexec => "re-exec",
             };
             self.log(
                 Level::Info,
@@ -79,6 +98,7 @@ impl Core {
             },
             Control::Restart => Queued::Restart(reply),
             Control::Scale(target) => Queued::Scale(target, reply),
+            Control::Reexec => Queued::Reexec(reply.into_iter().collect()),
         });
     }
 
@@ -87,6 +107,7 @@ impl Core {
         match &self.op {
             Some(Op::Start { kind, .. }) => Some(kind.name()),
             Some(Op::Reload { .. }) => Some("reload"),
+            Some(Op::Reexec { .. }) => Some("re-exec"),
             None => None,
         }
     }
@@ -142,7 +163,99 @@ impl Core {
             }
             Queued::Restart(reply) => self.begin_restart(reply),
             Queued::Scale(target, reply) => self.begin_scale(target, reply),
+            Queued::Reexec(replies) => {
+                self.log_event(
+                    Level::Notice,
+                    "re-exec requested: checking the new program first".into(),
+                    "reexec-requested",
+                );
+                self.op = Some(Op::Reexec {
+                    replies,
+                    checked: false,
+                });
+                self.out.push(Effect::CheckExec);
+            }
         }
+    }
+
+    /// The new program was checked. Refused: say why, and go on as before.
+    /// Accepted: answer the callers now (this process cannot answer once it
+    /// has exec'd), tell systemd, refuse what still waits, and exec.
+    pub(super) fn on_exec_checked(&mut self, result: Result<String, String>) {
+        let Some(Op::Reexec { replies, checked }) = &mut self.op else {
+            return;
+        };
+        if *checked {
+            return;
+        }
+        match result {
+            Err(why) => {
+                let replies = std::mem::take(replies);
+                self.op = None;
+                let msg = format!("re-exec refused: {why}; the manager runs on unchanged");
+                self.log_event(Level::Error, msg.clone(), "reexec-refused");
+                for r in replies {
+                    self.reply(r, Err(CtlError::Failed(msg.clone())));
+                }
+            }
+            Ok(what) => {
+                *checked = true;
+                let replies = std::mem::take(replies);
+                let msg = format!("re-executing into {what}; the workers keep running");
+                self.log_event(Level::Notice, msg.clone(), "reexec");
+                let done = Done {
+                    workers: self.slots.len() as i32,
+                    message: msg,
+                };
+                for r in replies {
+                    self.reply(r, Ok(done.clone()));
+                }
+                // Callers waiting behind it would never hear back: the
+                // process that holds their calls is about to be replaced.
+                let busy = || {
+                    CtlError::Busy(
+                        "the manager re-executed itself before this request ran; ask again".into(),
+                    )
+                };
+                let mut kept = std::collections::VecDeque::new();
+                for q in std::mem::take(&mut self.queue) {
+                    let waiting: Vec<ReplyId> = match q {
+                        Queued::ReloadSlots(..) => {
+                            kept.push_back(q);
+                            continue;
+                        }
+                        Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
+                        Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                    };
+                    for r in waiting {
+                        self.reply(r, Err(busy()));
+                    }
+                }
+                self.queue = kept;
+                self.notify(SdNotify::Reloading("re-executing the manager".into()));
+                self.out.push(Effect::Exec);
+            }
+        }
+    }
+
+    /// `execve` failed after the callers were told it would happen.
+    pub(super) fn on_exec_failed(&mut self, why: String) {
+        if !matches!(self.op, Some(Op::Reexec { .. })) {
+            return;
+        }
+        self.op = None;
+        self.log_event(
+            Level::Error,
+            format!("re-exec failed: {why}; the manager runs on unchanged"),
+            "reexec-failed",
+        );
+        self.notify_ready();
+    }
+
+    /// Whether the driver should exec now: a checked re-exec is still wanted
+    /// (a stop since then cancels it).
+    pub fn exec_due(&self) -> bool {
+        self.phase == Phase::Running && matches!(self.op, Some(Op::Reexec { checked: true, .. }))
     }
 
     /// Switch to a configuration read anew, before a reload swaps the
@@ -426,7 +539,7 @@ impl Core {
             draining.retain(|id| self.workers.contains_key(id));
         }
         let done = match &self.op {
-            None => return,
+            None | Some(Op::Reexec { .. }) => return,
             Some(Op::Start { waiting, .. }) => self.settled(waiting),
             Some(Op::Reload {
                 pending,
@@ -517,7 +630,7 @@ impl Core {
                     self.reply(r, result.clone());
                 }
             }
-            None => {}
+            None | Some(Op::Reexec { .. }) => {}
         }
     }
 
@@ -565,7 +678,9 @@ impl Core {
             self.policy.kill_timeout + Duration::from_secs(5),
         ));
         let replies: Vec<ReplyId> = match self.op.take() {
-            Some(Op::Start { replies, .. }) | Some(Op::Reload { replies, .. }) => replies,
+            Some(Op::Start { replies, .. })
+            | Some(Op::Reload { replies, .. })
+            | Some(Op::Reexec { replies, .. }) => replies,
             None => Vec::new(),
         };
         for r in replies {
@@ -573,7 +688,7 @@ impl Core {
         }
         for q in std::mem::take(&mut self.queue) {
             let waiting: Vec<ReplyId> = match q {
-                Queued::Reload { replies, .. } => replies,
+                Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
                 Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
                 Queued::ReloadSlots(..) => Vec::new(),
             };

@@ -68,6 +68,28 @@ impl Configs {
         }
     }
 
+    /// The configuration a re-exec handed over, in force as `generation`.
+    pub fn resume(
+        app: App,
+        source: Source,
+        paths: WorkerPaths,
+        sockets: &SocketSet,
+        generation: u64,
+    ) -> Configs {
+        let launcher = Launcher::new(&app, sockets.describe(), &paths.shim, &paths.notify_socket);
+        Configs {
+            source,
+            paths,
+            app,
+            generation,
+            launchers: BTreeMap::from([(generation, launcher)]),
+        }
+    }
+
+    pub fn paths(&self) -> &WorkerPaths {
+        &self.paths
+    }
+
     pub fn app(&self) -> &App {
         &self.app
     }

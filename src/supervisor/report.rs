@@ -35,7 +35,7 @@ impl Core {
             )
     }
 
-    /// starting, ready, reloading, degraded or stopping.
+    /// starting, ready, reloading, reexecuting, degraded or stopping.
     pub fn state_name(&self) -> &'static str {
         if self.phase == Phase::Stopping {
             return "stopping";
@@ -45,6 +45,7 @@ impl Core {
         }
         match &self.op {
             Some(Op::Reload { .. }) => "reloading",
+            Some(Op::Reexec { .. }) => "reexecuting",
             _ if self.ready_count() < self.slots.len() as u32 => "degraded",
             _ => "ready",
         }
@@ -64,6 +65,9 @@ impl Core {
         let mut s = match (self.phase, &self.op) {
             (Phase::Stopping, _) => format!("stopping ({} worker(s) left)", self.workers.len()),
             (_, Some(Op::Reload { total, done, .. })) => format!("reloading {done}/{total}"),
+            (_, Some(Op::Reexec { .. })) => {
+                format!("re-executing the manager; {ready}/{n} workers ready")
+            }
             _ if self.first_start_running() => format!("starting: {ready}/{n} workers ready"),
             _ => format!("{ready}/{n} workers ready"),
         };

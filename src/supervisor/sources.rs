@@ -28,14 +28,19 @@ pub enum Input {
     Notify(Notification),
     /// The configuration, read anew for a reload.
     ConfigLoaded(Box<Result<crate::config::Loaded, crate::config::ConfigError>>),
+    /// SIGUSR2: re-exec the manager in place.
+    Reexec,
+    /// The program a re-exec would run was checked.
+    ExecChecked(Result<String, String>),
 }
 
-/// Turn SIGTERM/SIGINT into `Stop` and SIGHUP into `Reload`.
+/// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.
 pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         loop {
             let input = tokio::select! {
@@ -44,6 +49,10 @@ pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
                 _ = hup.recv() => {
                     logs::info("SIGHUP: reload requested");
                     Input::Reload
+                }
+                _ = usr2.recv() => {
+                    logs::info("SIGUSR2: re-exec requested");
+                    Input::Reexec
                 }
             };
             if tx.send(input).is_err() {

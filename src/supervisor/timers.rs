@@ -12,7 +12,9 @@ use std::time::Instant;
 use super::core::WorkerId;
 
 /// What a timer is for; at most one timer per key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum TimerKey {
     /// A starting worker must be ready by then.
     Ready(WorkerId),
@@ -44,6 +46,11 @@ impl Timers {
 
     pub fn is_armed(&self, key: TimerKey) -> bool {
         self.due.contains_key(&key)
+    }
+
+    /// Every armed timer and its deadline.
+    pub fn armed(&self) -> impl Iterator<Item = (TimerKey, Instant)> + '_ {
+        self.due.iter().map(|(k, at)| (*k, *at))
     }
 
     /// The earliest deadline, if any timer is armed.
