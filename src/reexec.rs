@@ -432,7 +432,11 @@ mod tests {
     fn a_program_that_is_not_nodeherd_is_refused() {
         let e = check(Path::new("/bin/true"), b"{}").unwrap_err();
         assert!(e.contains("not a nodeherd"), "{e}");
-        let e = check(Path::new("/etc/hostname"), b"{}").unwrap_err();
+        let text =
+            std::env::temp_dir().join(format!("nodeherd-not-a-program-{}", std::process::id()));
+        std::fs::write(&text, "hello\n").unwrap();
+        let e = check(&text, b"{}").unwrap_err();
+        let _ = std::fs::remove_file(&text);
         assert!(e.contains("not an executable"), "{e}");
     }
 }
