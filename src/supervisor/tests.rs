@@ -1197,3 +1197,152 @@ fn a_worker_that_never_beats_is_not_taken_for_hung() {
         "no beat ever: not a Node worker with the preload"
     );
 }
+
+// ---- re-exec ------------------------------------------------------------------
+
+impl World {
+    fn count(&self, wanted: &Effect) -> usize {
+        self.effects.iter().filter(|e| *e == wanted).count()
+    }
+}
+
+#[test]
+fn a_reexec_waits_for_the_running_reload_then_checks_and_refuses_others_meanwhile() {
+    let mut w = World::obedient(policy(2));
+    let reload = w.request(Control::Reload);
+    let reexec = w.request(Control::Reexec);
+    let joined = w.request(Control::Reexec);
+    assert_eq!(w.count(&Effect::CheckExec), 0, "not while a reload runs");
+    for _ in 0..2 {
+        let id = w.starting()[0];
+        w.listening(id);
+    }
+    assert!(w.answer(reload).is_some_and(|r| r.is_ok()));
+    assert_eq!(w.count(&Effect::CheckExec), 1, "one check for both callers");
+    assert_eq!(w.core.state_name(), "reexecuting");
+    let scale = w.request(Control::Scale(ScaleTarget::To(3)));
+    assert!(matches!(w.answer(scale), Some(Err(CtlError::Busy(_)))));
+    w.send(Event::ExecChecked(Ok(
+        "nodeherd 9.9.9 (/usr/bin/nodeherd)".into()
+    )));
+    for r in [reexec, joined] {
+        match w.answer(r) {
+            Some(Ok(done)) => assert!(done.message.contains("9.9.9"), "{}", done.message),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(w.count(&Effect::Exec), 1);
+    assert!(
+        w.notes()
+            .iter()
+            .any(|n| matches!(n, SdNotify::Reloading(_))),
+        "systemd hears RELOADING=1"
+    );
+    assert!(w.core.exec_due());
+    let late = w.request(Control::Reload);
+    assert!(matches!(w.answer(late), Some(Err(CtlError::Busy(_)))));
+}
+
+#[test]
+fn requests_waiting_behind_a_reexec_are_told_to_ask_again() {
+    let mut w = World::obedient(policy(1));
+    let reload = w.request(Control::Reload);
+    let reexec = w.request(Control::Reexec);
+    let restart = w.request(Control::Restart);
+    let id = w.starting()[0];
+    w.listening(id);
+    assert!(w.answer(reload).is_some_and(|r| r.is_ok()));
+    w.send(Event::ExecChecked(Ok("nodeherd".into())));
+    assert!(w.answer(reexec).is_some_and(|r| r.is_ok()));
+    assert!(matches!(w.answer(restart), Some(Err(CtlError::Busy(_)))));
+}
+
+#[test]
+fn a_refused_program_leaves_the_manager_as_it_was() {
+    let mut w = World::obedient(policy(2));
+    let before = w.core.snapshot();
+    let r = w.request(Control::Reexec);
+    w.send(Event::ExecChecked(Err(
+        "/usr/bin/nodeherd is not a nodeherd".into(),
+    )));
+    match w.answer(r) {
+        Some(Err(CtlError::Failed(m))) => assert!(m.contains("not a nodeherd"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.count(&Effect::Exec), 0);
+    assert!(!w.core.exec_due());
+    assert_eq!(
+        w.core.snapshot().workers,
+        before.workers,
+        "no worker touched"
+    );
+    assert_eq!(w.core.state_name(), "ready");
+    let scale = w.request(Control::Scale(ScaleTarget::To(3)));
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(scale), Some(3), "requests run again");
+}
+
+#[test]
+fn a_failed_execve_goes_back_to_ready_and_a_stop_cancels_the_exec() {
+    let mut w = World::obedient(policy(1));
+    w.request(Control::Reexec);
+    w.send(Event::ExecChecked(Ok("nodeherd".into())));
+    w.send(Event::ExecFailed("execve: ENOMEM".into()));
+    assert!(!w.core.exec_due());
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(matches!(w.notes().last(), Some(SdNotify::Ready(_))));
+
+    w.request(Control::Reexec);
+    w.send(Event::ExecChecked(Ok("nodeherd".into())));
+    assert!(w.core.exec_due());
+    w.send(Event::Stop);
+    assert!(!w.core.exec_due(), "a stop wins over a pending exec");
+}
+
+#[test]
+fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
+    let mut w = World::obedient(Policy {
+        restart_delay: MS(2000),
+        ..policy(3)
+    });
+    w.advance(MS(5000));
+    // Slot 1 crashed and waits 2 s to restart; slot 2 was scaled live.
+    let one = w.current()[&1];
+    w.crash(one);
+    w.advance(MS(500));
+    let scale = w.request(Control::Scale(ScaleTarget::To(4)));
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(scale), Some(4));
+    let before = w.core.snapshot();
+    let deadline = w.core.next_deadline();
+
+    let state = w.core.export(w.now);
+    let json = serde_json::to_string(&state).unwrap();
+    let took = MS(40);
+    let later = w.now + took;
+    let back: super::handover::CoreState = serde_json::from_str(&json).unwrap();
+    let core = Core::import(back, policy(3), later, took).unwrap();
+    let after = core.snapshot();
+    assert_eq!(
+        after.workers, before.workers,
+        "pids, states, restarts, start times"
+    );
+    assert_eq!(after.instances, 4, "the live scale is kept");
+    assert_eq!(core.next_deadline(), deadline, "the restart's deadline too");
+    assert_eq!(after.counters.reexecs, before.counters.reexecs + 1);
+
+    // The new core restarts slot 1 on time and handles a crash as before.
+    w.core = core;
+    w.now = later;
+    w.effects.clear();
+    w.advance(MS(1500));
+    assert_eq!(w.spawns_since(w.spawned.len() - 1), [1], "slot 1 restarted");
+    let id = w.starting()[0];
+    w.listening(id);
+    let zero = w.current()[&0];
+    w.crash(zero);
+    assert_eq!(w.core.snapshot().workers[0].restarts, 1);
+    assert!(w.logs().contains("worker 0 exited unexpectedly"));
+}
