@@ -1,0 +1,354 @@
+//! Re-exec in place with real processes: the manager is started from a copy
+//! of the binary, that file is replaced (a new inode, as a package upgrade
+//! does), and `nodeherd reexec` moves the running manager onto it. The pid,
+//! the workers and every socket stay; the new program supervises them.
+//! (Under load, and ten in a row: tests/load/reexec-under-load.sh.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Put a file at `path` the way a package manager does: write a new file
+/// beside it, then rename it over (the running image keeps the old inode).
+fn replace(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn the_binary() -> Vec<u8> {
+    std::fs::read(BIN).unwrap()
+}
+
+/// `nodeherd run ARGS` started from `bin` (a copy of the binary under test).
+fn start_from(bin: &Path, args: &[&str], envs: &[(&str, &str)]) -> Manager {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    spawn_collecting(cmd)
+}
+
+fn exe_of(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn sorted(mut v: Vec<i32>) -> Vec<i32> {
+    v.sort();
+    v
+}
+
+/// `nodeherd status --json`, by slot: (pid, state, restarts, uptime_ms, started_at_unix_ms).
+fn status(args: &[&str]) -> BTreeMap<u64, (u64, String, u64, u64, u64)> {
+    let mut all = vec!["status", "--json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = client(&all);
+    assert_eq!(code, 0, "status failed: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            let n = |k: &str| w[k].as_u64().unwrap_or(0);
+            (
+                n("instance"),
+                (
+                    n("pid"),
+                    w["state"].as_str().unwrap_or("").to_string(),
+                    n("restarts"),
+                    n("uptime_ms"),
+                    n("started_at_unix_ms"),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn copy_of_the_binary(dir: &tempdir::Dir) -> PathBuf {
+    let bin = dir.path.join("bin/nodeherd");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    replace(&bin, &the_binary());
+    bin
+}
+
+#[test]
+fn a_reexec_keeps_the_pid_the_workers_and_every_socket_and_the_new_program_supervises() {
+    let bus = DbusDaemon::start();
+    let dir = tempdir::Dir::new("reexec");
+    let bin = copy_of_the_binary(&dir);
+    let script = path_str(&app("ports.js"));
+    let m = start_from(
+        &bin,
+        &[
+            "run",
+            &script,
+            "--name",
+            "rx",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--bus",
+            &bus.address,
+        ],
+        &[],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    assert!(bus.wait_name("org.nodeherd.rx", T));
+    let port = m.port();
+    let admin = get_json(port).unwrap()["admin_port"].as_u64().unwrap() as u16;
+    let metrics_port = |m: &Manager| -> u16 {
+        m.log()
+            .lines()
+            .filter_map(|l| l.split_once("metrics: http://127.0.0.1:"))
+            .filter_map(|(_, r)| r.split('/').next()?.parse().ok())
+            .next()
+            .expect("a metrics line")
+    };
+    let metrics = metrics_port(&m);
+
+    // A crash before, so there is a restart count to carry.
+    let first = sorted(m.workers());
+    kill(first[0], libc::SIGKILL);
+    let mut before = BTreeMap::new();
+    assert!(wait_until(T, || {
+        before = status(&["rx", "--bus", &bus.address]);
+        before.values().all(|w| w.1 == "ready") && before.values().any(|w| w.2 == 1)
+    }));
+    let workers = sorted(m.workers());
+    std::thread::sleep(Duration::from_millis(300));
+
+    replace(&bin, &the_binary());
+    let new_inode = std::fs::metadata(&bin).unwrap().ino();
+    let (code, _, err) = client(&["reexec", "rx", "--bus", &bus.address]);
+    assert_eq!(code, 0, "reexec failed: {err}\n{}", m.log());
+    assert!(err.contains("the new manager answered"), "{err}");
+
+    // The same process, now running the new file.
+    assert!(pid_alive(m.pid()));
+    assert_eq!(exe_of(m.pid()), path_str(&bin), "not the new file");
+    let image = std::fs::metadata(format!("/proc/{}/exe", m.pid())).unwrap();
+    assert_eq!(image.ino(), new_inode);
+    assert!(m.log().contains("re-executed in"), "{}", m.log());
+    assert_eq!(
+        sorted(m.workers()),
+        workers,
+        "the same workers, none restarted"
+    );
+
+    // What it knew came along: restart counts, start times, uptimes.
+    let after = status(&on_bus_with(&bus, "rx"));
+    for (slot, b) in &before {
+        let a = &after[slot];
+        assert_eq!((a.0, &a.1, a.2), (b.0, &b.1, b.2), "slot {slot}");
+        assert!(
+            a.3 >= b.3 + 300,
+            "slot {slot}: uptime {} after {}",
+            a.3,
+            b.3
+        );
+        assert!(a.4.abs_diff(b.4) <= 50, "slot {slot}: start time moved");
+    }
+    let (_, count, _) = bus.busctl(&[
+        "get-property",
+        "org.nodeherd.rx",
+        "/org/nodeherd",
+        "org.nodeherd.Manager1",
+        "Reexecs",
+    ]);
+    assert_eq!(count.trim(), "u 1");
+
+    // Every socket still serves: the handed-over one, the port the workers
+    // asked for, the metrics endpoint.
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+    assert_eq!(get(admin, "/").unwrap().0, 200);
+    assert_eq!(get(metrics, "/metrics").unwrap().0, 200);
+    assert_eq!(metrics_port(&m), metrics, "the same metrics socket");
+
+    // The new program supervises: a crash right after is restarted as usual.
+    let slot0 = after[&0].0 as i32;
+    kill(slot0, libc::SIGKILL);
+    assert!(wait_until(T, || {
+        let s = status(&on_bus_with(&bus, "rx"));
+        s[&0].0 as i32 != slot0 && s[&0].1 == "ready" && s[&0].2 == after[&0].2 + 1
+    }));
+    // A reload starts new workers on the same sockets.
+    let (code, _, err) = client(&["reload", "rx", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    let reloaded = sorted(m.workers());
+    assert!(reloaded.iter().all(|p| !workers.contains(p)));
+    assert_eq!(get(admin, "/").unwrap().0, 200);
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+
+    // And the workers still end with the manager.
+    m.signal(libc::SIGKILL);
+    assert!(wait_until(T, || reloaded.iter().all(|p| !pid_alive(*p))));
+}
+
+fn on_bus_with<'a>(bus: &'a DbusDaemon, app: &'a str) -> [&'a str; 3] {
+    [app, "--bus", bus.address.as_str()]
+}
+
+#[test]
+fn a_program_that_is_not_nodeherd_is_refused_and_the_manager_serves_on() {
+    let dir = tempdir::Dir::new("reexec-bad");
+    let rt = dir.path.join("rt");
+    std::fs::create_dir_all(&rt).unwrap();
+    let rt = path_str(&rt);
+    let bin = copy_of_the_binary(&dir);
+    let script = path_str(&app("env.js"));
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let m = start_from(
+        &bin,
+        &[
+            "run",
+            &script,
+            "--name",
+            "bad",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[("XDG_RUNTIME_DIR", &rt)],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let workers = sorted(m.workers());
+    let ask = || {
+        let out = Command::new(BIN)
+            .args(["reexec", "bad", "--bus", &no_bus])
+            .env("XDG_RUNTIME_DIR", &rt)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    // A program that exits at once, and a file that is no program at all.
+    for (contents, says) in [
+        (&b"#!/bin/sh\nexit 0\n"[..], "not a nodeherd"),
+        (b"just some text\n", "does not run"),
+    ] {
+        replace(&bin, contents);
+        let (code, err) = ask();
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(pid_alive(m.pid()));
+        assert_eq!(sorted(m.workers()), workers);
+        assert_eq!(instances_answering(port, 2, T).len(), 2);
+    }
+    assert!(m.log().contains("re-exec refused"), "{}", m.log());
+
+    // Fixed, it goes through: here by SIGUSR2, with no client at all.
+    replace(&bin, &the_binary());
+    m.signal(libc::SIGUSR2);
+    assert!(m.wait_log("re-executed in", T), "{}", m.log());
+    assert_eq!(sorted(m.workers()), workers);
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+    // The control socket came along: the clients still reach it.
+    let (code, err) = ask();
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn reuseport_slots_keep_their_own_sockets_across_a_reexec() {
+    let dir = tempdir::Dir::new("reexec-rp");
+    let bin = copy_of_the_binary(&dir);
+    let script = path_str(&app("env.js"));
+    let rt = dir.path.join("rt");
+    std::fs::create_dir_all(&rt).unwrap();
+    let rt = path_str(&rt);
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let m = start_from(
+        &bin,
+        &[
+            "run",
+            &script,
+            "--name",
+            "rp",
+            "-i",
+            "2",
+            "--balance",
+            "reuseport",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[("XDG_RUNTIME_DIR", &rt)],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let listening = |pid: i32| -> Vec<u64> {
+        // The socket inodes this process holds.
+        let mut v: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let l = std::fs::read_link(e.path()).ok()?;
+                        let s = l.to_str()?.strip_prefix("socket:[")?;
+                        s.strip_suffix(']')?.parse().ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let workers = sorted(m.workers());
+    let held: Vec<Vec<u64>> = workers.iter().map(|w| listening(*w)).collect();
+    replace(&bin, &the_binary());
+    let out = Command::new(BIN)
+        .args(["reexec", "rp", "--bus", &no_bus])
+        .env("XDG_RUNTIME_DIR", &rt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sorted(m.workers()), workers);
+    assert_eq!(
+        workers.iter().map(|w| listening(*w)).collect::<Vec<_>>(),
+        held
+    );
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+    // A new slot gets a sibling of its own; the old slots keep theirs.
+    let out = Command::new(BIN)
+        .args(["scale", "rp", "3", "--bus", &no_bus])
+        .env("XDG_RUNTIME_DIR", &rt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(instances_answering(port, 3, T).len(), 3);
+}
