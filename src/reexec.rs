@@ -117,11 +117,6 @@ impl State {
         }
         fds
     }
-
-    /// How long ago (by the monotonic clock) the document was written.
-    pub fn age(&self) -> Duration {
-        Duration::from_nanos(monotonic_ns().saturating_sub(self.monotonic_ns))
-    }
 }
 
 /// The monotonic clock, as `Instant` reads it, in nanoseconds.

@@ -180,8 +180,8 @@ enum Start {
 /// same workers, same sockets; the configuration in force comes with the
 /// state, not from the file (only a reload reads that).
 fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
-    let took = state.age();
     let app = state.app;
+    let written_at = state.monotonic_ns;
     logs::init(&app.name, &app.instance_var);
     let bad = |what: &str| {
         let what = what.to_string();
@@ -212,7 +212,13 @@ fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
         .map_err(bad("a worker's channel"))?;
     let watchdog = notify::watchdog_interval();
     let policy = crate::supervisor::Policy::new(&app, !sockets.is_empty(), watchdog);
-    let core = crate::supervisor::Core::import(state.core, policy, std::time::Instant::now(), took)
+    // Read together, so the exec's duration is measured to the microsecond
+    // and uptimes do not drift over many re-execs.
+    let (now, took) = (
+        std::time::Instant::now(),
+        Duration::from_nanos(reexec::monotonic_ns().saturating_sub(written_at)),
+    );
+    let core = crate::supervisor::Core::import(state.core, policy, now, took)
         .map_err(bad("the supervisor's state"))?;
     let dir = state.runtime_dir;
     if !dir.is_dir() {

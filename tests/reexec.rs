@@ -167,7 +167,7 @@ fn a_reexec_keeps_the_pid_the_workers_and_every_socket_and_the_new_program_super
             a.3,
             b.3
         );
-        assert!(a.4.abs_diff(b.4) <= 50, "slot {slot}: start time moved");
+        assert!(a.4.abs_diff(b.4) <= 2, "slot {slot}: start time moved");
     }
     let (_, count, _) = bus.busctl(&[
         "get-property",
