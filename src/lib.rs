@@ -34,6 +34,12 @@
 //! old worker keeps serving. `Scale(n)` adds slots (lowest free indexes) or
 //! drains the highest ones.
 //!
+//! **Re-exec.** `Reexec()`, `nodeherd reexec` or SIGUSR2: the manager checks
+//! that the file it was started from (a package upgrade replaced it) can read
+//! its state, then `execve`s it with that state and every socket and worker
+//! channel ([`reexec`]). Same pid, same workers, none signalled; systemd sees
+//! `RELOADING=1`, then `READY=1` from the new program.
+//!
 //! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
 //! after `kill_timeout`, exit 0 with no child left.
 //!
@@ -51,7 +57,8 @@
 //! [`control`] names what may be asked of it, [`dbus`] serves that on the
 //! bus and [`client`] asks it, [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
-//! [`logs`] writes the journal, [`run`] puts the daemon together.
+//! [`logs`] writes the journal, [`reexec`] hands the daemon over to a new
+//! program in place, [`run`] puts the daemon together (or takes it over).
 
 pub mod cli;
 pub mod client;

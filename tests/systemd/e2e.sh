@@ -21,6 +21,10 @@
 #   a. only the .socket is started; the first request starts the service
 #   b. `systemctl reload` under continuous load (a new connection per request,
 #      then keep-alive): zero failed requests
+#   n. nodeherd reexec under load, after the binary is replaced as an
+#      upgrade does, 3 times with and 3 without keep-alive: 0 failed, the
+#      same main pid and workers, NRestarts and start time unchanged, the
+#      manager's exe the new file, the journal's `reexecuted` events
 #   c. Scale to 4 over D-Bus; systemctl status and nodeherd status show 4
 #   d. journalctl NODE_APP_INSTANCE=1 shows that worker's lines only
 #   e. authz-checks.sh on the real bus with polkit (owning, reading, nothing
@@ -429,6 +433,48 @@ else
     fail "b: keep-alive: $KA_FAILED of $KA_TOTAL requests failed, $KA_DURING during the reload ($(load_summary keepalive))"
     load_failed keepalive | sort -n | head -5 | sed 's/^/       | /'
 fi
+
+# ================================================================ n
+# The binary is replaced the way a package upgrade does it (a new file
+# renamed over the old one), then `nodeherd reexec` moves the running
+# manager onto it: three times with a new connection per request, three
+# times with keep-alive.
+log "n. re-exec in place under load: the same main pid and workers, no restart"
+main0=$(prop "$UNIT" MainPID)
+nrestarts0=$(prop "$UNIT" NRestarts)
+started0=$(prop "$UNIT" ExecMainStartTimestampMonotonic)
+workers0=$(worker_pids | tr '\n' ' ')
+for mode in new keepalive; do
+    start_load "reexec-$mode" 8 "$([[ $mode == keepalive ]] && echo keepalive)"
+    sleep 1
+    rc=0 out=
+    for _ in 1 2 3; do
+        ct sh -c 'cp /usr/bin/nodeherd /usr/bin/nodeherd.new && mv -f /usr/bin/nodeherd.new /usr/bin/nodeherd'
+        out=$(ct timeout 60 nodeherd reexec "$APP" 2>&1) || { rc=$?; break; }
+    done
+    sleep 1
+    stop_load
+    expect "n: three re-execs ($mode connections) exit 0 ($out)" test "$rc" = 0
+    total=$(load_total "reexec-$mode")
+    failed=$(load_failed "reexec-$mode" | wc -l)
+    if ((failed == 0 && total > 0)); then
+        pass "n: $mode connections: zero failed requests out of $total"
+    else
+        fail "n: $mode connections: $failed of $total requests failed ($(load_summary "reexec-$mode"))"
+        load_failed "reexec-$mode" | sort -n | head -5 | sed 's/^/       | /'
+    fi
+done
+expect "n: the main pid is the same ($main0 -> $(prop "$UNIT" MainPID))" test "$(prop "$UNIT" MainPID)" = "$main0"
+expect "n: systemd saw no restart (NRestarts $nrestarts0 -> $(prop "$UNIT" NRestarts), start time kept)" \
+    test "$(prop "$UNIT" NRestarts)" = "$nrestarts0" -a "$(prop "$UNIT" ExecMainStartTimestampMonotonic)" = "$started0"
+expect "n: $UNIT is active" test "$(prop "$UNIT" ActiveState)" = active
+workers1=$(worker_pids | tr '\n' ' ')
+expect "n: the same workers ($workers0 -> $workers1)" test "$workers0" = "$workers1"
+exe=$(ct readlink "/proc/$main0/exe")
+expect "n: the manager runs the new file ($exe)" test "$exe" = /usr/bin/nodeherd
+expect "n: Reexecs counts six ($(bus_prop Reexecs))" test "$(bus_prop Reexecs)" = "u 6"
+events=$(ct journalctl --no-pager -u "$UNIT" NODEHERD_EVENT=reexecuted -o cat | wc -l)
+expect "n: the journal has six 're-executed' lines ($events)" test "$events" = 6
 
 # ================================================================ c
 log "c. scale to 4 over D-Bus"
