@@ -28,7 +28,16 @@
 //! that instant is delivered to the new program once it listens for it.
 //!
 //! The bus connection does not cross: the old one closes with the exec and
-//! the new program takes the name again.
+//! the new program takes the name again (retrying for a few seconds, as the
+//! bus may not yet have seen the old connection go). Calls in flight on it
+//! get `NoReply`; the control socket keeps listening, so its clients only
+//! wait.
+//!
+//! Limits, by design: a line a worker is writing to stdout or stderr at the
+//! very instant of the exec may reach the journal split in two (the old
+//! program's readers held its first half); workers started before keep the
+//! preload they loaded, so the preload's protocol (`ipc.rs`) must stay
+//! readable by the next version, as the state document must.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

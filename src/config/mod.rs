@@ -77,6 +77,11 @@ pub enum Interpreter {
 }
 
 /// One app, resolved and validated: everything the supervisor needs.
+///
+/// It crosses a re-exec in the state document (`reexec::State`), read by the
+/// next version of nodeherd: a field added later needs `#[serde(default)]`
+/// (or a new state format), or that version refuses the state and the
+/// package falls back to a restart.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct App {
     pub name: String,
