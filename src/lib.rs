@@ -74,6 +74,7 @@ pub mod monit;
 pub mod notify;
 pub mod notify_socket;
 pub mod reexec;
+pub mod reuseport;
 pub mod run;
 pub mod sockets;
 pub mod supervisor;

@@ -12,6 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
 use socket2::{Domain, Socket, Type};
 
+use crate::reuseport::PerSlot;
+
 /// Why a socket could not be had. The kind decides `run`'s exit status:
 /// a bad address is a usage error (2), a refused bind a runtime one (1).
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,9 @@ impl SocketError {
 }
 
 type Result<T, E = SocketError> = std::result::Result<T, E>;
+
+/// What binding a slot's sockets returns.
+pub type SlotResult<T> = std::result::Result<T, SocketError>;
 
 fn bad(spec: &str, reason: impl Into<String>) -> SocketError {
     SocketError::BadAddress {
@@ -143,14 +148,14 @@ pub struct SetState {
     pub shared: Vec<CarriedSocket>,
     /// `balance: reuseport`: each slot's sockets (empty: not bound yet) and
     /// what to bind a new slot's from.
-    pub per_slot: Option<(Vec<Vec<CarriedSocket>>, Vec<Template>)>,
+    pub per_slot: Option<crate::reuseport::PerSlotState>,
 }
 
 impl SetState {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.shared.iter().map(|s| s.fd).collect();
-        if let Some((slots, _)) = &self.per_slot {
-            fds.extend(slots.iter().flatten().map(|s| s.fd));
+        if let Some(p) = &self.per_slot {
+            fds.extend(p.sockets.iter().flatten().map(|s| s.fd));
         }
         fds
     }
@@ -258,22 +263,13 @@ pub struct SocketSet {
     per_slot: Option<PerSlot>,
 }
 
-struct PerSlot {
-    sockets: Vec<Vec<Listener>>,
-    templates: Vec<Template>,
-}
-
 impl SocketSet {
     /// `listeners` are shared, or with `reuseport` become slot 0's.
     pub fn new(listeners: Vec<Listener>, reuseport: bool) -> SocketSet {
         if reuseport {
-            let templates = listeners.iter().map(Template::from).collect();
             SocketSet {
                 shared: Vec::new(),
-                per_slot: Some(PerSlot {
-                    sockets: vec![listeners],
-                    templates,
-                }),
+                per_slot: Some(PerSlot::new(listeners)),
             }
         } else {
             SocketSet {
@@ -291,34 +287,46 @@ impl SocketSet {
         }
     }
 
+    /// Whether each slot has sockets of its own (`balance: reuseport`).
+    pub fn per_slot(&self) -> bool {
+        self.per_slot.is_some()
+    }
+
     /// The sockets slot `index`'s workers inherit; a reuseport slot binds its
     /// own the first time.
     pub fn for_slot(&mut self, index: u32) -> Result<&[Listener]> {
-        let Some(p) = &mut self.per_slot else {
-            return Ok(&self.shared);
-        };
-        let i = index as usize;
-        if p.sockets.len() <= i {
-            p.sockets.resize_with(i + 1, Vec::new);
+        match &mut self.per_slot {
+            None => Ok(&self.shared),
+            Some(p) => p.for_slot(index),
         }
-        if p.sockets[i].is_empty() && !p.templates.is_empty() {
-            p.sockets[i] = p
-                .templates
-                .iter()
-                .map(bind_sibling)
-                .collect::<Result<_>>()?;
-        }
-        Ok(&p.sockets[i])
     }
 
-    /// Close a reuseport slot's sockets (the slot errored or was scaled
-    /// away), so the kernel stops hashing connections to a queue nobody
-    /// accepts from.
+    /// Close a reuseport slot's sockets now (the slot errored), so the
+    /// kernel stops picking a queue nobody accepts from.
     pub fn release(&mut self, index: u32) {
-        if let Some(p) = &mut self.per_slot
-            && let Some(s) = p.sockets.get_mut(index as usize)
-        {
-            s.clear();
+        if let Some(p) = &mut self.per_slot {
+            p.release(index);
+        }
+    }
+
+    /// A reuseport slot goes: steer new connections away from its sockets,
+    /// which stay open under `leave` until [`SocketSet::close_leaving`].
+    pub fn leave(&mut self, index: u32, leave: u64) {
+        if let Some(p) = &mut self.per_slot {
+            p.leave(index, leave);
+        }
+    }
+
+    /// Second handles on a leave's sockets, to watch their accept queues.
+    pub fn leaving_fds(&self, leave: u64) -> Vec<(Kind, OwnedFd)> {
+        self.per_slot
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.leaving_fds(leave))
+    }
+
+    pub fn close_leaving(&mut self, leave: u64) {
+        if let Some(p) = &mut self.per_slot {
+            p.close_leaving(leave);
         }
     }
 
@@ -326,32 +334,19 @@ impl SocketSet {
     pub fn carry(&self) -> SetState {
         SetState {
             shared: self.shared.iter().map(Listener::carry).collect(),
-            per_slot: self.per_slot.as_ref().map(|p| {
-                (
-                    p.sockets
-                        .iter()
-                        .map(|s| s.iter().map(Listener::carry).collect())
-                        .collect(),
-                    p.templates.clone(),
-                )
-            }),
+            per_slot: self.per_slot.as_ref().map(PerSlot::carry),
         }
     }
 
     /// Own the sockets a re-exec handed over, laid out as before.
     pub fn adopt(state: SetState) -> std::result::Result<SocketSet, String> {
-        let all = |v: Vec<CarriedSocket>| -> std::result::Result<Vec<Listener>, String> {
-            v.into_iter().map(Listener::adopt).collect()
-        };
         Ok(SocketSet {
-            shared: all(state.shared)?,
-            per_slot: match state.per_slot {
-                None => None,
-                Some((slots, templates)) => Some(PerSlot {
-                    sockets: slots.into_iter().map(all).collect::<Result<_, _>>()?,
-                    templates,
-                }),
-            },
+            shared: state
+                .shared
+                .into_iter()
+                .map(Listener::adopt)
+                .collect::<std::result::Result<_, _>>()?,
+            per_slot: state.per_slot.map(PerSlot::adopt).transpose()?,
         })
     }
 
@@ -360,7 +355,11 @@ impl SocketSet {
     pub fn describe(&self) -> &[Listener] {
         match &self.per_slot {
             None => &self.shared,
-            Some(p) => p.sockets.first().map_or(&[], Vec::as_slice),
+            Some(p) => p
+                .sockets
+                .iter()
+                .find(|s| !s.is_empty())
+                .map_or(&[], Vec::as_slice),
         }
     }
 }
