@@ -324,6 +324,11 @@ impl SocketSet {
             .map_or_else(Vec::new, |p| p.leaving_fds(leave))
     }
 
+    /// Whether a slot's sockets are on their way out.
+    pub fn any_leaving(&self) -> bool {
+        self.per_slot.as_ref().is_some_and(PerSlot::any_leaving)
+    }
+
     pub fn close_leaving(&mut self, leave: u64) {
         if let Some(p) = &mut self.per_slot {
             p.close_leaving(leave);

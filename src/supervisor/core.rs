@@ -108,6 +108,8 @@ pub enum Event {
     ExecChecked(Result<String, String>),
     /// `execve` itself failed; the manager goes on as it was.
     ExecFailed(String),
+    /// The accept queues of a slot that goes are empty (see `Effect::DrainSlot`).
+    SlotDrained(u64),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -184,8 +186,20 @@ pub enum Effect {
     Kill {
         worker: WorkerId,
     },
-    /// Close a slot's own sockets (`balance: reuseport`): it is gone or errored.
+    /// Close a slot's own sockets (`balance: reuseport`): it errored.
     ReleaseSlotSockets(u32),
+    /// Slot `index` goes (`balance: reuseport`): steer new connections away
+    /// from its sockets, keep them open, and answer with `SlotDrained(leave)`
+    /// once their accept queues are empty.
+    DrainSlot {
+        leave: u64,
+        index: u32,
+    },
+    /// Close the sockets of `leave` once these workers have exited.
+    CloseLeaving {
+        leave: u64,
+        workers: Vec<WorkerId>,
+    },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
     /// Check the program a re-exec would run; answer with `ExecChecked`.
@@ -384,6 +398,9 @@ pub struct Core {
     pub(super) last_status: String,
     pub(super) exit_code: i32,
     pub(super) last_stranger_warning: Option<Instant>,
+    /// Workers of slots that go, waiting for their queues to empty, by leave.
+    pub(super) leaving: BTreeMap<u64, Vec<WorkerId>>,
+    pub(super) next_leave: u64,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -405,6 +422,8 @@ impl Core {
             last_status: String::new(),
             exit_code: 0,
             last_stranger_warning: None,
+            leaving: BTreeMap::new(),
+            next_leave: 1,
             out: Vec::new(),
             now,
         }
@@ -480,6 +499,7 @@ impl Core {
             Event::ReloadRefused => self.counters.reloads_refused += 1,
             Event::ExecChecked(result) => self.on_exec_checked(result),
             Event::ExecFailed(why) => self.on_exec_failed(why),
+            Event::SlotDrained(leave) => self.finish_leave(leave, true),
             Event::Stop => self.begin_stop(0),
         }
         self.settle()
@@ -956,6 +976,7 @@ impl Core {
                 self.log(Level::Warning, text);
                 self.kill_worker(id, "killed after kill_timeout");
             }
+            TimerKey::Leave(leave) => self.finish_leave(leave, false),
             TimerKey::Restart(index) => {
                 let due = self
                     .slots

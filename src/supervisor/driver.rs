@@ -94,6 +94,8 @@ pub struct Driver {
     exec_at: Option<Instant>,
     /// It took over from a re-exec: no first start.
     resumed: bool,
+    /// Sockets of slots that went, closed once these workers have exited.
+    closing: HashMap<u64, Vec<WorkerId>>,
 }
 
 impl Driver {
@@ -138,6 +140,7 @@ impl Driver {
             exec_program: None,
             exec_at: None,
             resumed: false,
+            closing: HashMap::new(),
         }
     }
 
@@ -288,6 +291,7 @@ impl Driver {
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
             self.procs.remove(&worker);
+            self.close_left_sockets();
             self.event(Event::Exited { worker, status });
         }
     }
@@ -301,6 +305,7 @@ impl Driver {
                 reply: None,
             },
             Input::ExecChecked(result) => Event::ExecChecked(result),
+            Input::SlotDrained(leave) => Event::SlotDrained(leave),
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc {
                 worker,
@@ -454,6 +459,11 @@ impl Driver {
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
                 Effect::CheckExec => self.check_exec(),
+                Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
+                Effect::CloseLeaving { leave, workers } => {
+                    self.closing.insert(leave, workers);
+                    self.close_left_sockets();
+                }
                 Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
                 Effect::SampleMemory(ids) => {
                     let sample = ids
@@ -688,8 +698,10 @@ impl Driver {
         if !self.core.exec_due() {
             return;
         }
-        if self.loading.is_some() {
-            // A configuration being read for a reload would be lost: after it.
+        if self.loading.is_some() || self.sockets.any_leaving() {
+            // A configuration being read for a reload would be lost, and
+            // the sockets of a slot that went are closed when its worker
+            // has exited: after those.
             self.exec_at = Some(Instant::now() + EXEC_GRACE);
             return;
         }
@@ -713,6 +725,54 @@ impl Driver {
         logs::flush(std::time::Duration::from_secs(1));
         let e = crate::reexec::exec(&program, &state);
         self.event(Event::ExecFailed(e.to_string()));
+    }
+
+    /// Steer new connections away from a slot that goes, then watch its
+    /// accept queues until they are empty (its worker still accepts).
+    fn drain_slot(&mut self, leave: u64, index: u32) {
+        self.sockets.leave(index, leave);
+        let fds = self.sockets.leaving_fds(leave);
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            use std::os::fd::AsRawFd;
+            // Handshakes the kernel began before the steering end in the
+            // old queue: give them a moment to arrive.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let until = Instant::now() + 2 * super::policy::LEAVE_BOUND;
+            loop {
+                let queued: u32 = fds
+                    .iter()
+                    .filter(|(kind, _)| *kind == crate::sockets::Kind::Tcp)
+                    .map(|(_, fd)| crate::reuseport::queue_of(fd.as_raw_fd()))
+                    .sum();
+                if queued == 0 {
+                    let _ = tx.send(Input::SlotDrained(leave));
+                    return;
+                }
+                // The core stops waiting after LEAVE_BOUND; this soon after.
+                if tx.is_closed() || Instant::now() > until {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        });
+    }
+
+    /// Close the sockets of slots that went whose workers have all exited.
+    fn close_left_sockets(&mut self) {
+        let procs = &self.procs;
+        let done: Vec<u64> = self
+            .closing
+            .iter_mut()
+            .filter_map(|(leave, workers)| {
+                workers.retain(|w| procs.contains_key(w));
+                workers.is_empty().then_some(*leave)
+            })
+            .collect();
+        for leave in done {
+            self.closing.remove(&leave);
+            self.sockets.close_leaving(leave);
+        }
     }
 
     fn publish(&mut self) {

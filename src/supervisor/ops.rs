@@ -13,7 +13,7 @@ use super::core::{
     Core, Effect, Level, NewConfig, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind,
     SwapReason, WState, WorkerId,
 };
-use super::policy::MAX_QUEUED;
+use super::policy::{LEAVE_BOUND, MAX_QUEUED};
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
 use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};
@@ -125,6 +125,11 @@ impl Core {
             self.pump_reload();
             self.finish_if_done();
             if self.op.is_some() || self.phase != Phase::Running {
+                return;
+            }
+            // A re-exec waits for slots that go: their sockets are still
+            // the driver's to close.
+            if matches!(self.queue.front(), Some(Queued::Reexec(_))) && !self.leaving.is_empty() {
                 return;
             }
             let Some(next) = self.queue.pop_front() else {
@@ -296,19 +301,62 @@ impl Core {
 
     /// Drop the highest slots until `n` remain; their workers drain.
     /// Returns the workers asked to stop.
+    ///
+    /// With sockets of its own (`balance: reuseport`), a slot's socket is
+    /// first taken out of the kernel's picking and its workers stop only
+    /// once its accept queue is empty (or after [`LEAVE_BOUND`]): stopped
+    /// at once, the connections queued for it would be reset.
     fn shrink_to(&mut self, n: u32, why: &str) -> Vec<WorkerId> {
         let mut stopped = Vec::new();
         while self.slots.len() as u32 > n {
             let index = self.slots.len() as u32 - 1;
             let Some(slot) = self.slots.pop() else { break };
             self.timers.cancel(TimerKey::Restart(index));
+            let ids: Vec<WorkerId> = [slot.current, slot.incoming]
+                .into_iter()
+                .flatten()
+                .collect();
+            stopped.extend(ids.iter().copied());
+            if self.policy.per_slot_sockets {
+                let leave = self.next_leave;
+                self.next_leave += 1;
+                self.out.push(Effect::DrainSlot { leave, index });
+                self.timers
+                    .arm(TimerKey::Leave(leave), self.now + LEAVE_BOUND);
+                self.leaving.insert(leave, ids);
+                continue;
+            }
             self.out.push(Effect::ReleaseSlotSockets(index));
-            for id in [slot.current, slot.incoming].into_iter().flatten() {
+            for id in ids {
                 self.stop_worker(id, why);
-                stopped.push(id);
             }
         }
         stopped
+    }
+
+    /// A slot that goes has an empty accept queue (`drained`), or ran out of
+    /// time: its workers stop now, and its sockets close once they are gone.
+    pub(super) fn finish_leave(&mut self, leave: u64, drained: bool) {
+        let Some(ids) = self.leaving.remove(&leave) else {
+            return;
+        };
+        self.timers.cancel(TimerKey::Leave(leave));
+        if !drained {
+            self.log(
+                Level::Warning,
+                format!(
+                    "a slot that goes still had connections queued after {} ms: stopping its worker anyway",
+                    LEAVE_BOUND.as_millis()
+                ),
+            );
+        }
+        for id in &ids {
+            self.stop_worker(*id, "scaled down");
+        }
+        self.out.push(Effect::CloseLeaving {
+            leave,
+            workers: ids,
+        });
     }
 
     fn begin_reload(
@@ -708,6 +756,9 @@ impl Core {
             slot.waiting = false;
         }
         self.timers.cancel(TimerKey::MemoryCheck);
+        for leave in std::mem::take(&mut self.leaving).into_keys() {
+            self.timers.cancel(TimerKey::Leave(leave));
+        }
     }
 }
 

@@ -14,6 +14,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 /// How often worker memory is compared with `max_memory_restart`.
 pub const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How long a slot that goes (`balance: reuseport`) may take to empty its
+/// accept queue before its worker is asked to stop anyway.
+pub const LEAVE_BOUND: Duration = Duration::from_secs(1);
 /// Requests that may wait behind a running operation; more are refused as busy.
 pub const MAX_QUEUED: usize = 64;
 
@@ -41,6 +44,9 @@ pub struct Policy {
     pub reload_parallel: u32,
     /// systemd's watchdog interval (`WATCHDOG_USEC`), if any.
     pub watchdog: Option<Duration>,
+    /// Each slot has sockets of its own (`balance: reuseport`): a slot that
+    /// goes is steered away from and its queue emptied before its worker stops.
+    pub per_slot_sockets: bool,
 }
 
 impl Policy {
@@ -64,6 +70,7 @@ impl Policy {
             max_event_loop_delay: app.max_event_loop_delay,
             reload_parallel: app.reload_parallel.max(1),
             watchdog,
+            per_slot_sockets: has_sockets && app.balance == crate::config::Balance::ReusePort,
         }
     }
 }
@@ -138,6 +145,7 @@ pub fn test_policy() -> Policy {
         max_event_loop_delay: None,
         reload_parallel: 1,
         watchdog: None,
+        per_slot_sockets: false,
     }
 }
 

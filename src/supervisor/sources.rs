@@ -32,6 +32,8 @@ pub enum Input {
     Reexec,
     /// The program a re-exec would run was checked.
     ExecChecked(Result<String, String>),
+    /// The accept queues of a slot that goes are empty.
+    SlotDrained(u64),
 }
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.

@@ -1346,3 +1346,68 @@ fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
     assert_eq!(w.core.snapshot().workers[0].restarts, 1);
     assert!(w.logs().contains("worker 0 exited unexpectedly"));
 }
+
+// ---- scaling down with sockets of its own (balance: reuseport) ---------------
+
+#[test]
+fn a_slot_with_its_own_socket_is_steered_away_from_and_stops_once_its_queue_is_empty() {
+    let mut w = World::obedient(Policy {
+        per_slot_sockets: true,
+        ..policy(3)
+    });
+    let two = w.current()[&2];
+    let r = w.request(Control::Scale(ScaleTarget::To(2)));
+    assert_eq!(w.workers_after(r), Some(2));
+    assert!(
+        w.effects
+            .contains(&Effect::DrainSlot { leave: 1, index: 2 })
+    );
+    assert!(
+        w.stopped().is_empty(),
+        "its worker still accepts what is queued"
+    );
+    assert!(!w.effects.contains(&Effect::ReleaseSlotSockets(2)));
+    w.send(Event::SlotDrained(1));
+    assert_eq!(
+        w.stopped().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [two]
+    );
+    assert!(w.effects.contains(&Effect::CloseLeaving {
+        leave: 1,
+        workers: vec![two]
+    }));
+}
+
+#[test]
+fn a_slot_whose_queue_does_not_empty_stops_after_the_bound() {
+    let mut w = World::obedient(Policy {
+        per_slot_sockets: true,
+        ..policy(2)
+    });
+    let one = w.current()[&1];
+    w.request(Control::Scale(ScaleTarget::To(1)));
+    w.advance(super::policy::LEAVE_BOUND - MS(1));
+    assert!(w.stopped().is_empty());
+    w.advance(MS(2));
+    assert_eq!(
+        w.stopped().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [one]
+    );
+    assert!(w.logs().contains("still had connections queued"));
+    // A late "drained" changes nothing.
+    w.send(Event::SlotDrained(1));
+    assert_eq!(w.stopped().len(), 1);
+}
+
+#[test]
+fn a_reexec_waits_for_slots_that_go() {
+    let mut w = World::obedient(Policy {
+        per_slot_sockets: true,
+        ..policy(2)
+    });
+    w.request(Control::Scale(ScaleTarget::To(1)));
+    w.request(Control::Reexec);
+    assert_eq!(w.count(&Effect::CheckExec), 0);
+    w.send(Event::SlotDrained(1));
+    assert_eq!(w.count(&Effect::CheckExec), 1);
+}

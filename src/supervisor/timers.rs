@@ -24,6 +24,8 @@ pub enum TimerKey {
     Hang(WorkerId),
     /// A crashed slot's worker is started again then.
     Restart(u32),
+    /// A slot that goes (see `Effect::DrainSlot`) stops its workers then at the latest.
+    Leave(u64),
     /// `WATCHDOG=1` to systemd.
     Watchdog,
     /// Compare worker memory with `max_memory_restart`.

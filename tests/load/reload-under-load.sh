@@ -10,6 +10,7 @@
 # Usage: tests/load/reload-under-load.sh [path/to/nodeherd]
 # LOAD_APP=tests/apps/slow.js runs an app that takes 400 ms to listen and
 # stops itself on SIGINT with server.close() (its own handler).
+# LOAD_BALANCE=reuseport runs it with one SO_REUSEPORT socket per slot.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/nodeherd}
@@ -49,7 +50,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 # A generous listen_timeout: this test is about failed requests, and on a
 # loaded 2-core machine a node worker may take seconds to boot.
 "$BIN" run "$APP" --name load -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
-  --listen-timeout 15000 \
+  --listen-timeout 15000 --balance "${LOAD_BALANCE:-queue}" \
   >"$work/manager.log" 2>&1 &
 pids+=("$!")
 ctl() {
