@@ -101,10 +101,10 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     }
 
     let reuseport = app.balance == config::Balance::ReusePort;
-    if reuseport && (!inherited.is_empty() || app.listen.is_empty()) {
+    if reuseport && inherited.is_empty() && app.listen.is_empty() {
         return Err(RunError::Usage(
-            "balance reuseport needs --listen addresses that nodeherd binds itself \
-             (a socket passed by systemd is one shared queue); use balance queue under a .socket unit"
+            "balance reuseport needs listening sockets: --listen addresses, or sockets systemd \
+             passes with ReusePort=yes"
                 .into(),
         ));
     }
@@ -119,6 +119,9 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
+        }
+        if reuseport {
+            sockets::can_balance_inherited(&inherited).map_err(RunError::Usage)?;
         }
         inherited
     } else if reuseport {

@@ -436,6 +436,62 @@ impl SharedSockets {
     }
 }
 
+/// Whether `balance: reuseport` can work on sockets systemd passed: each
+/// must be a TCP or UDP socket with `SO_REUSEPORT` (the socket unit's
+/// `ReusePort=yes`), and this process must be able to add siblings to its
+/// group, which the kernel allows only to the user that created the first
+/// socket (systemd: root) and, below port 1024, with
+/// `CAP_NET_BIND_SERVICE`. A sibling is bound and closed to find out; the
+/// answer says what the units must change when it cannot.
+pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    for l in listeners {
+        let what = format!(
+            "the socket {:?} systemd passed ({} {})",
+            l.name, l.kind, l.address
+        );
+        if !matches!(l.kind, Kind::Tcp | Kind::Udp) {
+            return Err(format!(
+                "balance reuseport: {what} is not TCP or UDP; only those can be balanced by the kernel. Use balance queue"
+            ));
+        }
+        if !getsockopt(&l.fd, sockopt::ReusePort).unwrap_or(false) {
+            return Err(format!(
+                "balance reuseport: {what} has no SO_REUSEPORT: set ReusePort=yes in the .socket unit, or use balance queue"
+            ));
+        }
+        match bind_sibling(&Template::from(l)) {
+            Ok(probe) => drop(probe),
+            Err(SocketError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                return Err(format!(
+                    "balance reuseport: cannot add sockets beside {what}: the kernel lets only the user \
+                     that created a socket (systemd: root) add SO_REUSEPORT siblings to it, and this \
+                     manager runs as uid {}. Run the manager as root and the workers as the app's user \
+                     (no User= in the service, `uid`/`gid` in the app's config), or let nodeherd bind \
+                     the address itself (--listen, no .socket unit), or use balance queue",
+                    nix::unistd::geteuid()
+                ));
+            }
+            Err(SocketError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return Err(format!(
+                    "balance reuseport: cannot add sockets beside {what}: a port below 1024 needs \
+                     CAP_NET_BIND_SERVICE (AmbientCapabilities=CAP_NET_BIND_SERVICE in the service)"
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "balance reuseport: cannot add sockets beside {what}: {e}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bind every address with SO_REUSEPORT, so that siblings can join later.
 pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
     addrs

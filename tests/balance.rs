@@ -1,0 +1,135 @@
+//! `balance: reuseport` with a socket passed the way systemd passes one
+//! (tests/apps/pass_socket.py binds it, puts it at fd 3 and execs nodeherd
+//! with LISTEN_FDS): siblings join its SO_REUSEPORT group when the socket
+//! allows it (`ReusePort=yes`) and belongs to the manager's user; otherwise
+//! the manager refuses at start and says what the units must change.
+//! Scaling down without losing a connection is tests/load/reload-under-load.sh
+//! with LOAD_BALANCE=reuseport.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn passed_socket(pass: &[&str], run: &[&str], rt: &str) -> Manager {
+    let mut cmd = Command::new("python3");
+    cmd.arg(app("pass_socket.py"))
+        .args(pass)
+        .args(["127.0.0.1:0", "--", BIN, "run"])
+        .args(run)
+        .env_remove("NOTIFY_SOCKET")
+        .env("XDG_RUNTIME_DIR", rt)
+        .stdin(std::process::Stdio::null());
+    spawn_collecting(cmd)
+}
+
+fn port_of(m: &Manager) -> u16 {
+    let mut port = None;
+    wait_until(T, || {
+        port = m
+            .log()
+            .lines()
+            .find_map(|l| l.strip_prefix("  | port ").or(l.strip_prefix("port ")))
+            .and_then(|p| p.trim().parse().ok());
+        port.is_some()
+    });
+    port.unwrap_or_else(|| panic!("no port line:\n{}", m.log()))
+}
+
+/// The inode of the listening socket a worker holds at fd 3.
+fn fd3_inode(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/3"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_passed_socket_with_reuseport_gets_a_sibling_per_slot() {
+    let dir = tempdir::Dir::new("balance");
+    let rt = path_str(&dir.path);
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let script = path_str(&app("env.js"));
+    let m = passed_socket(
+        &["--reuseport"],
+        &[
+            &script,
+            "--name",
+            "rp",
+            "-i",
+            "3",
+            "--balance",
+            "reuseport",
+            "--bus",
+            &no_bus,
+        ],
+        &rt,
+    );
+    let port = port_of(&m);
+    assert!(m.wait_log("3/3 workers ready", T), "{}", m.log());
+    let inodes: BTreeSet<String> = m.workers().iter().map(|w| fd3_inode(*w)).collect();
+    assert_eq!(inodes.len(), 3, "each slot its own socket: {inodes:?}");
+    assert_eq!(instances_answering(port, 3, T).len(), 3);
+    let scale = |n: &str| {
+        let out = Command::new(BIN)
+            .args(["scale", "rp", n, "--bus", &no_bus])
+            .env("XDG_RUNTIME_DIR", &rt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    scale("1");
+    assert!(wait_until(T, || m.workers().len() == 1), "{}", m.log());
+    for _ in 0..20 {
+        assert_eq!(get_json(port).unwrap()["instance"], "0");
+    }
+    scale("3");
+    assert_eq!(instances_answering(port, 3, T).len(), 3);
+}
+
+#[test]
+fn a_passed_socket_without_reuseport_is_refused_naming_the_unit_setting() {
+    let dir = tempdir::Dir::new("balance-no");
+    let rt = path_str(&dir.path);
+    let script = path_str(&app("env.js"));
+    let mut m = passed_socket(
+        &[],
+        &[&script, "-i", "2", "--balance", "reuseport", "--no-bus"],
+        &rt,
+    );
+    let status = m.wait_exit(T).expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", m.log());
+    assert!(m.log().contains("ReusePort=yes"), "{}", m.log());
+    assert!(m.workers().is_empty());
+}
+
+#[test]
+fn a_passed_socket_of_another_user_is_refused_saying_who_may_join_it() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root to make a socket owned by another user");
+        return;
+    }
+    let dir = tempdir::Dir::new("balance-uid");
+    let rt = path_str(&dir.path);
+    let script = path_str(&app("env.js"));
+    let mut m = passed_socket(
+        &["--reuseport", "--as-uid", "65534"],
+        &[&script, "-i", "2", "--balance", "reuseport", "--no-bus"],
+        &rt,
+    );
+    let status = m.wait_exit(T).expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", m.log());
+    assert!(
+        m.log().contains("only the user that created a socket"),
+        "{}",
+        m.log()
+    );
+}
