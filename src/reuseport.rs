@@ -45,6 +45,8 @@ pub struct PerSlot {
     /// Sockets of slots on their way out, by leave: steered away, still open.
     leaving: BTreeMap<u64, Vec<(u64, Listener)>>,
     next_id: u64,
+    /// Slots whose worker is ready: the program picks only their sockets.
+    serving: std::collections::BTreeSet<u32>,
     /// A program is attached to the groups: a socket that joins must be added.
     steering: bool,
     /// Steering failed once (an old kernel, a seccomp filter): said once.
@@ -76,8 +78,19 @@ impl PerSlot {
             sockets: vec![listeners],
             templates,
             leaving: BTreeMap::new(),
+            serving: Default::default(),
             steering: false,
             steering_failed: false,
+        }
+    }
+
+    /// The slots whose worker is ready now. New connections go to their
+    /// sockets only: a slot whose worker crashed, or is still starting, gets
+    /// none until it serves again (what its queue already holds waits for it).
+    pub fn set_serving(&mut self, serving: std::collections::BTreeSet<u32>) {
+        if serving != self.serving {
+            self.serving = serving;
+            self.steer();
         }
     }
 
@@ -189,7 +202,13 @@ impl PerSlot {
     /// Attach to each group a program that picks among the sockets of the
     /// slots that stay.
     fn steer(&mut self) {
-        let live: std::collections::BTreeSet<u64> = self.ids.iter().flatten().copied().collect();
+        let live: std::collections::BTreeSet<u64> = self
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| self.serving.contains(&(*slot as u32)))
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
         for (t, group) in self.groups.iter().enumerate() {
             let indexes: Vec<u32> = group
                 .iter()
@@ -258,6 +277,7 @@ impl PerSlot {
             templates: state.templates,
             groups: state.groups,
             leaving: BTreeMap::new(),
+            serving: Default::default(),
             next_id: state.next_id,
             // A program the old manager attached stays with the groups.
             steering: true,
@@ -378,6 +398,7 @@ mod tests {
         for i in 1..4 {
             p.for_slot(i).unwrap();
         }
+        p.set_serving((0..4).collect());
         let connect = |n: usize| -> Vec<TcpStream> {
             (0..n).map(|_| TcpStream::connect(&addr).unwrap()).collect()
         };
@@ -407,6 +428,7 @@ mod tests {
         // A new slot joins at the end and is picked.
         p.close_leaving(7);
         p.for_slot(4).unwrap();
+        p.set_serving([2, 3, 4].into());
         let held3 = connect(100);
         assert!(
             accept_all(&p.sockets[4][0]) > 0,

@@ -324,6 +324,13 @@ impl SocketSet {
             .map_or_else(Vec::new, |p| p.leaving_fds(leave))
     }
 
+    /// The slots whose worker is ready: new connections go to them only.
+    pub fn set_serving(&mut self, serving: std::collections::BTreeSet<u32>) {
+        if let Some(p) = &mut self.per_slot {
+            p.set_serving(serving);
+        }
+    }
+
     /// Whether a slot's sockets are on their way out.
     pub fn any_leaving(&self) -> bool {
         self.per_slot.as_ref().is_some_and(PerSlot::any_leaving)

@@ -133,3 +133,34 @@ fn a_passed_socket_of_another_user_is_refused_saying_who_may_join_it() {
         m.log()
     );
 }
+
+#[test]
+fn new_connections_skip_a_slot_whose_worker_is_down() {
+    // The crashed slot waits a minute before its restart: a connection the
+    // kernel still picked it for would wait that long, and time out here.
+    let dir = tempdir::Dir::new("balance-down");
+    let config = one_app(
+        &dir,
+        "down",
+        "env.js",
+        r#""instances": 3, "balance": "reuseport", "restart_delay": 60000"#,
+    );
+    let m = run_app(&config, &[], &[]);
+    assert!(m.wait_log("3/3 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let answered = instances_answering(port, 3, T);
+    let victim = answered["1"] as i32;
+    kill(victim, libc::SIGKILL);
+    assert!(
+        m.wait_log("worker 1 restarts in 60000 ms", T),
+        "{}",
+        m.log()
+    );
+    for i in 0..60 {
+        let v = get_json(port).unwrap_or_else(|e| panic!("request {i}: {e}\n{}", m.log()));
+        assert_ne!(
+            v["instance"], "1",
+            "request {i} reached the slot that is down"
+        );
+    }
+}

@@ -440,6 +440,10 @@ impl Driver {
             self.execute(fx, &mut follow);
         }
         self.configs.prune(self.core.generation());
+        if self.sockets.per_slot() {
+            // With a socket per slot, the kernel picks only slots that serve.
+            self.sockets.set_serving(self.core.serving_slots());
+        }
     }
 
     fn execute(&mut self, fx: Vec<Effect>, follow: &mut VecDeque<Event>) {

@@ -19,6 +19,20 @@ impl Core {
         })
     }
 
+    /// The slots whose current worker is ready.
+    pub fn serving_slots(&self) -> std::collections::BTreeSet<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.state == WState::Ready)
+            })
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
     /// Slots whose current worker is ready.
     pub(super) fn ready_count(&self) -> u32 {
         self.ready_current().count() as u32
