@@ -53,7 +53,8 @@
 //! # Where things are
 //!
 //! [`config`] reads ecosystem files, [`sockets`] takes or binds the
-//! listening sockets, [`worker`] starts workers, [`supervisor`] runs them,
+//! listening sockets ([`reuseport`] steers the kernel among each slot's own),
+//! [`worker`] starts workers, [`supervisor`] runs them,
 //! [`control`] names what may be asked of it, [`dbus`] serves that on the
 //! bus and [`client`] asks it, [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
