@@ -75,16 +75,8 @@ fn a_passed_socket_with_reuseport_gets_a_sibling_per_slot() {
     assert_eq!(inodes.len(), 3, "each slot its own socket: {inodes:?}");
     assert_eq!(instances_answering(port, 3, T).len(), 3);
     let scale = |n: &str| {
-        let out = Command::new(BIN)
-            .args(["scale", "rp", n, "--bus", &no_bus])
-            .env("XDG_RUNTIME_DIR", &rt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (code, err) = client_in(&rt, &["scale", "rp", n, "--bus", &no_bus]);
+        assert_eq!(code, 0, "{err}");
     };
     scale("1");
     assert!(wait_until(T, || m.workers().len() == 1), "{}", m.log());

@@ -237,17 +237,7 @@ fn a_program_that_is_not_nodeherd_is_refused_and_the_manager_serves_on() {
     assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
     let port = m.port();
     let workers = sorted(m.workers());
-    let ask = || {
-        let out = Command::new(BIN)
-            .args(["reexec", "bad", "--bus", &no_bus])
-            .env("XDG_RUNTIME_DIR", &rt)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let ask = || client_in(&rt, &["reexec", "bad", "--bus", &no_bus]);
 
     // A program that exits at once, and a file that is no program at all.
     for (contents, says) in [
@@ -323,16 +313,8 @@ fn reuseport_slots_keep_their_own_sockets_across_a_reexec() {
     let workers = sorted(m.workers());
     let held: Vec<Vec<u64>> = workers.iter().map(|w| listening(*w)).collect();
     replace(&bin, &the_binary());
-    let out = Command::new(BIN)
-        .args(["reexec", "rp", "--bus", &no_bus])
-        .env("XDG_RUNTIME_DIR", &rt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = client_in(&rt, &["reexec", "rp", "--bus", &no_bus]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(sorted(m.workers()), workers);
     assert_eq!(
         workers.iter().map(|w| listening(*w)).collect::<Vec<_>>(),
@@ -340,15 +322,7 @@ fn reuseport_slots_keep_their_own_sockets_across_a_reexec() {
     );
     assert_eq!(instances_answering(port, 2, T).len(), 2);
     // A new slot gets a sibling of its own; the old slots keep theirs.
-    let out = Command::new(BIN)
-        .args(["scale", "rp", "3", "--bus", &no_bus])
-        .env("XDG_RUNTIME_DIR", &rt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, err) = client_in(&rt, &["scale", "rp", "3", "--bus", &no_bus]);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(instances_answering(port, 3, T).len(), 3);
 }

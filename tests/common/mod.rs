@@ -519,6 +519,21 @@ pub fn client(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Run the client with `XDG_RUNTIME_DIR=rt`, where a manager started with
+/// the same keeps its control socket: (exit code, stderr).
+pub fn client_in(rt: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", rt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 pub mod tempdir {
     use std::path::PathBuf;
 

@@ -41,21 +41,9 @@ upgrade() {
   mv -f "$BIN.new" "$BIN"
 }
 
-cat > "$work/bus.conf" <<CONF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$work/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
-  </policy>
-</busconfig>
-CONF
-mapfile -t out < <(dbus-daemon --config-file="$work/bus.conf" --fork --print-address=1 --print-pid=1)
-BUS=${out[0]}
-pids+=("${out[1]}")
+# shellcheck source=lib.sh
+. tests/load/lib.sh
+private_bus
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$BIN" run examples/hello/app.js --name rx -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
@@ -113,20 +101,7 @@ run_case() {
     sleep 0.5
   done
   wait "$oha_pid"
-  python3 - "$json" "$label" <<'PY' || fail "$label: requests failed"
-import json, sys
-d = json.load(open(sys.argv[1]))
-label = sys.argv[2]
-codes = d.get("statusCodeDistribution", {})
-errors = {k: v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k}
-ok = sum(v for k, v in codes.items() if k.startswith("2"))
-bad_status = sum(v for k, v in codes.items() if not k.startswith("2"))
-failed = sum(errors.values()) + bad_status
-total = ok + failed
-print(f"{label}: {total} requests, {ok} ok, {failed} failed (errors {errors or 'none'}, non-2xx {bad_status}), "
-      f"{d['summary']['requestsPerSec']:.0f} req/s, during 10 re-execs")
-sys.exit(1 if failed or ok == 0 else 0)
-PY
+  oha_verdict "$json" "$label" "during 10 re-execs" || fail "$label: requests failed"
 }
 
 run_case keep-alive

@@ -30,21 +30,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$work/bus.conf" <<CONF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$work/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/><allow own="*"/><allow send_destination="*"/><allow receive_sender="*"/>
-  </policy>
-</busconfig>
-CONF
-mapfile -t out < <(dbus-daemon --config-file="$work/bus.conf" --fork --print-address=1 --print-pid=1)
-BUS=${out[0]}
-pids+=("${out[1]}")
+# shellcheck source=lib.sh
+. tests/load/lib.sh
+private_bus
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 # A generous listen_timeout: this test is about failed requests, and on a
@@ -82,20 +70,7 @@ run_case() {
   ctl scale load 4; sleep 2
   ctl reload load
   wait "$oha_pid"
-  python3 - "$json" "$label" <<'PY' || failures=$((failures + 1))
-import json, sys
-d = json.load(open(sys.argv[1]))
-label = sys.argv[2]
-codes = d.get("statusCodeDistribution", {})
-errors = {k: v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k}
-ok = sum(v for k, v in codes.items() if k.startswith("2"))
-bad_status = sum(v for k, v in codes.items() if not k.startswith("2"))
-failed = sum(errors.values()) + bad_status
-total = ok + failed
-print(f"{label}: {total} requests, {ok} ok, {failed} failed (errors {errors or 'none'}, non-2xx {bad_status}), "
-      f"{d['summary']['requestsPerSec']:.0f} req/s")
-sys.exit(1 if failed or ok == 0 else 0)
-PY
+  oha_verdict "$json" "$label" || failures=$((failures + 1))
 }
 
 run_case keep-alive
