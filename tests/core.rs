@@ -573,7 +573,10 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
     assert_eq!(code, Some(2), "{err}");
     let (code, err) = run_to_end(&["run", &script, "--balance", "reuseport", "--no-bus"], T);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("balance reuseport needs listening sockets"), "{err}");
+    assert!(
+        err.contains("balance reuseport needs listening sockets"),
+        "{err}"
+    );
     // Addresses that cannot be used as written are usage errors too.
     for bad in [
         vec!["--listen", "unix:"],
