@@ -141,7 +141,16 @@ pub fn monotonic_ns() -> u64 {
 /// The program to exec: the file this manager was started from, as it is
 /// on disk now. A package upgrade replaces that file (the running image
 /// then shows as "(deleted)" in `/proc/self/exe`); its path is what to run.
+/// The path it was started by (`argv[0]`, as a unit's `ExecStart=` gives
+/// it) comes first, so a symlink switched to a new version is followed;
+/// a bare name found on `PATH` falls back to `/proc/self/exe`.
 pub fn program() -> std::io::Result<PathBuf> {
+    if let Some(argv0) = std::env::args_os().next().map(PathBuf::from)
+        && argv0.components().count() > 1
+        && argv0.is_file()
+    {
+        return Ok(std::path::absolute(&argv0).unwrap_or(argv0));
+    }
     let link = std::fs::read_link("/proc/self/exe")?;
     let text = link.to_string_lossy();
     Ok(match text.strip_suffix(" (deleted)") {

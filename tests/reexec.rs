@@ -326,3 +326,44 @@ fn reuseport_slots_keep_their_own_sockets_across_a_reexec() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(instances_answering(port, 3, T).len(), 3);
 }
+
+#[test]
+fn a_manager_started_through_a_symlink_follows_it_to_the_new_version() {
+    let dir = tempdir::Dir::new("reexec-link");
+    let rt = dir.path.join("rt");
+    std::fs::create_dir_all(&rt).unwrap();
+    let rt = path_str(&rt);
+    for v in ["v1", "v2"] {
+        std::fs::create_dir_all(dir.path.join(v)).unwrap();
+        replace(&dir.path.join(v).join("nodeherd"), &the_binary());
+    }
+    let link = dir.path.join("nodeherd");
+    std::os::unix::fs::symlink(dir.path.join("v1/nodeherd"), &link).unwrap();
+    let script = path_str(&app("env.js"));
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let m = start_from(
+        &link,
+        &[
+            "run",
+            &script,
+            "--name",
+            "ln",
+            "-i",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[("XDG_RUNTIME_DIR", &rt)],
+    );
+    assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
+    assert_eq!(exe_of(m.pid()), path_str(&dir.path.join("v1/nodeherd")));
+    // The "upgrade": the link now names v2.
+    let tmp = dir.path.join("nodeherd.tmp");
+    std::os::unix::fs::symlink(dir.path.join("v2/nodeherd"), &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    let (code, err) = client_in(&rt, &["reexec", "ln", "--bus", &no_bus]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(exe_of(m.pid()), path_str(&dir.path.join("v2/nodeherd")));
+}
