@@ -367,3 +367,54 @@ fn a_manager_started_through_a_symlink_follows_it_to_the_new_version() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(exe_of(m.pid()), path_str(&dir.path.join("v2/nodeherd")));
 }
+
+#[test]
+fn the_new_program_talks_to_the_old_workers_over_their_channels() {
+    // A scrape asks every worker for the app's own metrics over its IPC
+    // channel: after a re-exec, through the channel the old program opened.
+    ensure_npm_deps();
+    let dir = tempdir::Dir::new("reexec-ipc");
+    let bin = copy_of_the_binary(&dir);
+    let script = path_str(&app("prom_app.js"));
+    let m = start_from(
+        &bin,
+        &[
+            "run",
+            &script,
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[("XDG_RUNTIME_DIR", &path_str(&dir.path))],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let workers = sorted(m.workers());
+    m.signal(libc::SIGUSR2);
+    assert!(m.wait_log("re-executed in", T), "{}", m.log());
+    assert_eq!(sorted(m.workers()), workers);
+    for _ in 0..20 {
+        get(port, "/hello").unwrap();
+    }
+    let metrics: u16 = m
+        .log()
+        .lines()
+        .filter_map(|l| l.split_once("metrics: http://127.0.0.1:"))
+        .filter_map(|(_, r)| r.split('/').next()?.parse().ok())
+        .last()
+        .expect("a metrics line");
+    let (status, text) = get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for w in ["0", "1"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("app_requests_total{")
+                    && l.contains(&format!("worker=\"{w}\""))),
+            "worker {w}'s own metrics after the re-exec:\n{text}"
+        );
+    }
+}
