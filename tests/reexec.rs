@@ -418,3 +418,73 @@ fn the_new_program_talks_to_the_old_workers_over_their_channels() {
         );
     }
 }
+
+#[test]
+fn a_storm_of_reexec_signals_and_a_stop_in_the_middle_end_cleanly() {
+    let dir = tempdir::Dir::new("reexec-storm");
+    let bin = copy_of_the_binary(&dir);
+    let script = path_str(&app("env.js"));
+    let rt = path_str(&dir.path);
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let args = [
+        "run",
+        &script,
+        "--name",
+        "storm",
+        "-i",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--bus",
+        &no_bus,
+    ];
+    let m = start_from(&bin, &args, &[("XDG_RUNTIME_DIR", &rt)]);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let workers = sorted(m.workers());
+    // SIGUSR2 every 5 ms for 1.5 s, so some land in the very instant of an
+    // exec: they join the re-exec under way, or start one more after it;
+    // never a second exec at once, never a lost worker, never a manager
+    // ended by a signal whose handler the exec reset.
+    for _ in 0..300 {
+        m.signal(libc::SIGUSR2);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let execs = || m.log().matches("re-executed in").count();
+    assert!(wait_until(T, || execs() >= 1), "{}", m.log());
+    // Settled: ready, and no re-exec since the last look.
+    let state = || {
+        let out = Command::new(BIN)
+            .args(["status", "storm", "--json", "--bus", &no_bus])
+            .env("XDG_RUNTIME_DIR", &rt)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|v| v["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let mut last = usize::MAX;
+    assert!(
+        wait_until(T, || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = execs();
+            let settled = now == last && state() == "ready";
+            last = now;
+            settled
+        }),
+        "{}",
+        m.log()
+    );
+    assert!(pid_alive(m.pid()));
+    assert_eq!(sorted(m.workers()), workers, "{}", m.log());
+    assert_eq!(instances_answering(port, 2, T).len(), 2);
+
+    // A stop sent right behind a re-exec request: whichever comes first, the
+    // manager ends gracefully and leaves no worker behind.
+    let mut m = m;
+    m.signal(libc::SIGUSR2);
+    m.signal(libc::SIGTERM);
+    let status = m.wait_exit(T).expect("it stops");
+    assert_eq!(status.code(), Some(0), "{}", m.log());
+    assert!(wait_until(T, || workers.iter().all(|p| !pid_alive(*p))));
+}
