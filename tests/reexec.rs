@@ -403,9 +403,9 @@ fn the_new_program_talks_to_the_old_workers_over_their_channels() {
     let metrics: u16 = m
         .log()
         .lines()
+        .rev()
         .filter_map(|l| l.split_once("metrics: http://127.0.0.1:"))
-        .filter_map(|(_, r)| r.split('/').next()?.parse().ok())
-        .last()
+        .find_map(|(_, r)| r.split('/').next()?.parse().ok())
         .expect("a metrics line");
     let (status, text) = get(metrics, "/metrics").unwrap();
     assert_eq!(status, 200);
