@@ -23,10 +23,16 @@
 #   7. in a throwaway Debian 13 container booted by systemd
 #      (tests/systemd/container.sh on a root from debian-root.sh): install
 #      the first .deb (nothing runs), enable the example, use it; with
-#      requests running, install the second version: the instance restarts
-#      into the new binary (the failed requests are counted and reported);
-#      remove, purge, nothing left. The same with the RPMs (rpm -i, -U, -e),
-#      whose second package has the same binary under a higher Release.
+#      requests running, install the second version: the manager re-executes
+#      into the new binary in place (the same main pid, no restart in
+#      systemd's eyes, the same workers, its Version and Reexecs properties,
+#      its journal line), and no request fails; remove, purge, nothing left.
+#      The fallback: the same upgrade from a .deb of nodeherd before re-exec
+#      in place (built once from that commit and cached): the scriptlet says
+#      its manager cannot re-exec and restarts it, and no request fails.
+#      The same with the RPMs (rpm -i, -U, -e), whose second package has the
+#      same binary under a higher Release; their fallback runs the older
+#      manager's binary put in place by hand, then rpm -U --replacepkgs.
 #
 # Every check prints PASS or FAIL with what it saw; the last lines are the
 # time each step took and "N passed, N failed"; the exit status is non-zero
@@ -259,6 +265,42 @@ if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
     v1=$NODEHERD_PKG_IN/first
     v2=$NODEHERD_PKG_IN/deb-upgrade
     r2=$NODEHERD_PKG_IN/rpm-upgrade
+fi
+
+# The fallback test's old manager: nodeherd as it was just before re-exec in
+# place came (the parent of the commit that brought it), whose bus object
+# has no Reexec method, as a .deb built offline like the others. It is cached
+# by commit: built once (reusing the first build's crates when there is one).
+pre_reexec=5a333d62b4f5aab642dced75999b63408b201e0a
+pre_cache=${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}/pre-reexec-deb/$pre_reexec
+pre_deb=""
+pre_src=$work/tree-pre-reexec
+# build_pre_reexec [--target-from DIR]: make $pre_deb (from the cache, else
+# built; its cargo target directory kept in $work/pre-reexec/deb/target).
+build_pre_reexec() {
+    local pre_version
+    if ! git -C "$repo" cat-file -e "$pre_reexec^{commit}" 2>/dev/null; then
+        fail "the fallback test needs commit ${pre_reexec:0:12} (nodeherd before re-exec in place) in $repo: a shallow clone? (git fetch --unshallow)"
+        return 0
+    fi
+    mkdir -p "$pre_src"
+    git -C "$repo" archive --format=tar "$pre_reexec" | tar -C "$pre_src" -xf -
+    pre_version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$pre_src/Cargo.toml" | head -n1)
+    if [[ -f $pre_cache/nodeherd_${pre_version}-1_$arch.deb ]]; then
+        pre_deb=$pre_cache/nodeherd_${pre_version}-1_$arch.deb
+        note "the .deb of nodeherd before re-exec in place (${pre_reexec:0:12}): cached, $pre_deb"
+        return 0
+    fi
+    if build_offline "pre-reexec .deb" "$work/pre-reexec" --tree "$pre_src" --only deb --keep-target "$@"; then
+        mkdir -p "$pre_cache"
+        cp "$work/pre-reexec/deb/nodeherd_${pre_version}-1_$arch.deb" "$pre_cache/"
+        pre_deb=$pre_cache/nodeherd_${pre_version}-1_$arch.deb
+    fi
+}
+
+if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
+    [[ -n ${NODEHERD_SKIP_SMOKE:-} ]] || build_pre_reexec || true
+    timed ".deb before re-exec in place (cached after the first run)"
 else
     build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
     timed ".deb $version (from scratch, offline)"
@@ -266,6 +308,11 @@ else
     timed "RPM $version-$rpm_release (from scratch, offline)"
     reuse=()
     [[ -d $v1/deb/target ]] && reuse=(--target-from "$v1/deb/target")
+    [[ -n ${NODEHERD_SKIP_SMOKE:-} ]] || build_pre_reexec "${reuse[@]}" || true
+    timed ".deb before re-exec in place (offline, reusing the first build's crates; cached after)"
+    reuse=()
+    [[ -d $v1/deb/target ]] && reuse=(--target-from "$v1/deb/target")
+    [[ -d $work/pre-reexec/deb/target ]] && reuse=(--target-from "$work/pre-reexec/deb/target")
     build_offline "$version2 .deb" "$v2" --tree "$src2" --only deb "${reuse[@]}" || true
     timed ".deb $version2 (offline, reusing the first build's crates)"
     reuse=()
@@ -638,14 +685,65 @@ running_version() {
     ct "/proc/$pid/exe" --version 2>/dev/null | awk '{print $NF}'
 }
 
-# upgrades_under_load PKG NEW_VERSION CMD...: with requests running (4
+# What systemd says of the unit's main process: its pid, how many times
+# systemd restarted it (NRestarts counts the automatic restarts), when it
+# was started, and when the unit last became active (what `systemctl
+# status` shows after "since"). Key=value lines.
+unit_starts() {
+    ct systemctl show -p MainPID -p NRestarts -p ExecMainStartTimestamp -p ActiveEnterTimestamp \
+        nodeherd@hello.service 2>/dev/null || true
+}
+# bus_property NAME: the manager's property NAME on the system bus, as
+# busctl prints its value ("none" when the manager has no such property).
+bus_property() {
+    local out
+    out=$(ct busctl get-property org.nodeherd.hello /org/nodeherd org.nodeherd.Manager1 "$1" 2>/dev/null) ||
+        { echo none; return 0; }
+    out=${out#* }
+    out=${out#\"}
+    echo "${out%\"}"
+}
+# children PID: the pids of PID's child processes (the workers), sorted.
+children() { ct pgrep -P "$1" 2>/dev/null | sort -n | paste -sd' ' || true; }
+# reported_pids: the workers' pids as the manager reports them (nodeherd
+# status --json), sorted.
+reported_pids() {
+    ct nodeherd status --json hello 2>/dev/null |
+        python3 -c 'import json, sys; print(" ".join(sorted((str(w["pid"]) for w in json.load(sys.stdin)["workers"]), key=int)))' 2>/dev/null || true
+}
+# reexec_lines: the manager's journal lines with NODEHERD_EVENT=reexecuted.
+reexec_lines() {
+    ct journalctl --no-pager -o cat _SYSTEMD_UNIT=nodeherd@hello.service NODEHERD_EVENT=reexecuted 2>/dev/null || true
+}
+
+# upgrades_under_load PKG NEW_VERSION HOW CMD...: with requests running (4
 # lanes, a new connection each), install the new version (CMD); the app is
-# to run the new binary afterwards. Failed requests are counted.
+# to run the new binary afterwards, and no request may fail. HOW is what the
+# package's scriptlet is to do with the running instance:
+#   in-place  re-exec it (nodeherd reexec): the manager keeps its pid and
+#             systemd sees no restart (NRestarts, the main process's start
+#             time and the unit's "active since" all unchanged); the same
+#             workers (the manager's children and the pids it reports, before
+#             and after; and every request of the load was answered by one of
+#             them); its exe is the new file; its Version property goes from
+#             the old version to the new, its Reexecs one up; its journal has
+#             the NODEHERD_EVENT=reexecuted line; the scriptlet says so.
+#   restart   its manager is a version that cannot re-exec (no Reexec
+#             method): the scriptlet says so and restarts the unit: a new
+#             main pid with new workers, running the new file.
 upgrades_under_load() {
-    local pkg=$1 new=$2 before after old_version new_version lines total bad detail t0
-    shift 2
-    before=$(main_pid)
+    local pkg=$1 new=$2 how=$3 before after old_version new_version lines total bad detail t0
+    shift 3
+    local starts0 starts1 kids0 kids1 told0 told1 prop_version0 prop_version1 reexecs0 reexecs1
+    local events0 events1 answered strays exe said
+    starts0=$(unit_starts)
+    before=$(sed -n 's/^MainPID=//p' <<<"$starts0")
     old_version=$(running_version || echo "?")
+    kids0=$(children "$before")
+    told0=$(reported_pids)
+    prop_version0=$(bus_property Version)
+    reexecs0=$(bus_property Reexecs)
+    events0=$(reexec_lines | wc -l)
     rm -f "$work/stop-load"
     node "$repo/tests/systemd/load.js" "$url" 4 "$work/stop-load" 120 "$work/load-$pkg.txt" &
     load_pid=$!
@@ -656,15 +754,24 @@ upgrades_under_load() {
     fi
     t0=$EPOCHREALTIME
     run_logged "$pkg: upgrade $old_version -> $new under load ($*)" ct "$@" || true
+    cp "$work/step.log" "$work/upgrade-$pkg.log"
     local took
     took=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
-    is_new() {
+    # The scriptlet waits for the move (nodeherd reexec returns once the new
+    # program answers; systemctl try-restart once the unit is active again):
+    # this only bounds a wait that should be over.
+    settled() {
         after=$(main_pid)
-        [[ -n $after && $after != 0 && $after != "$before" ]] &&
-            [[ $(ct systemctl is-active nodeherd@hello.service) == active ]]
+        [[ -n $after && $after != 0 ]] || return 1
+        [[ $(ct systemctl is-active nodeherd@hello.service) == active ]] || return 1
+        if [[ $how == in-place ]]; then
+            [[ $(bus_property Reexecs) != "$reexecs0" ]]
+        else
+            [[ $after != "$before" ]]
+        fi
     }
-    poll 60 is_new || true
-    # Let requests run on the new instance for a moment, then stop them.
+    poll 60 settled || true
+    # Let requests run on the new program for a moment, then stop them.
     local seen
     seen=$(wc -l <"$work/load-$pkg.txt")
     more() { (($(wc -l <"$work/load-$pkg.txt") >= seen + 200)); }
@@ -676,19 +783,61 @@ upgrades_under_load() {
     fi
     wait "$load_pid" 2>/dev/null || true
     load_pid=""
+    after=$(main_pid)
     new_version=$(running_version || echo "?")
+    starts1=$(unit_starts)
+    kids1=$(children "$after")
+    told1=$(reported_pids)
+    prop_version1=$(bus_property Version)
+    reexecs1=$(bus_property Reexecs)
+    events1=$(reexec_lines | wc -l)
     # The package manager replaced /usr/bin/nodeherd by a new file: a
     # process still running the old one has "(deleted)" after its exe link.
-    local exe
     exe=$(ct readlink "/proc/$after/exe" 2>/dev/null || echo "?")
-    check "$pkg: after the upgrade the app runs the new binary (manager pid $before -> $after, its exe '$exe', which says $old_version -> $new_version)" \
-        test "$new_version" = "$new" -a "$after" != "$before" -a "$exe" = /usr/bin/nodeherd
+    check "$pkg: after the upgrade the app runs the new binary (its exe '$exe', which says $old_version -> $new_version)" \
+        test "$new_version" = "$new" -a "$exe" = /usr/bin/nodeherd
+    check "$pkg: the manager's Version property went from $prop_version0 to $prop_version1 (wanted $new)" \
+        test "$prop_version1" = "$new"
+    said=$(grep -m1 '^nodeherd: nodeherd@hello.service' "$work/upgrade-$pkg.log" || true)
+    if [[ $how == in-place ]]; then
+        check "$pkg: the scriptlet re-executed the manager in place (it said: ${said:-nothing})" \
+            grep -q '^nodeherd: nodeherd@hello.service re-executed in place: ' <<<"$said"
+        check "$pkg: the same main pid before and after ($before -> $after)" \
+            test -n "$before" -a "$after" = "$before"
+        # Everything but MainPID: NRestarts and the two start times.
+        check "$pkg: systemd saw no restart: $(grep -v '^MainPID=' <<<"$starts1" | paste -sd' ') (before: $(grep -v '^MainPID=' <<<"$starts0" | paste -sd' '))" \
+            test "$(grep -v '^MainPID=' <<<"$starts0")" = "$(grep -v '^MainPID=' <<<"$starts1")" -a -n "$starts0"
+        check "$pkg: the same workers, as the manager's children ($kids0 -> $kids1)" \
+            test -n "$kids0" -a "$kids0" = "$kids1"
+        check "$pkg: the same workers, as the manager reports them (nodeherd status --json: $told0 -> $told1)" \
+            test -n "$told0" -a "$told0" = "$told1" -a "$told0" = "$kids0"
+        # Every answer names the worker's pid ("pid N" in the example's body).
+        answered=$(awk '$2 == 200 { print $3 }' "$work/load-$pkg.txt" | sort -un | paste -sd' ')
+        strays=$(comm -13 <(tr ' ' '\n' <<<"$kids0" | sort) <(tr ' ' '\n' <<<"$answered" | sort) | paste -sd' ')
+        check "$pkg: every request of the load was answered by one of the workers from before (answered by: $answered)" \
+            test -n "$answered" -a -z "$strays"
+        local one_up=none
+        [[ $reexecs0 =~ ^[0-9]+$ ]] && one_up=$((reexecs0 + 1))
+        check "$pkg: the manager's Reexecs property went one up ($reexecs0 -> $reexecs1)" \
+            test "$one_up" != none -a "$reexecs1" = "$one_up"
+        check "$pkg: the journal has the manager's NODEHERD_EVENT=reexecuted line ($(reexec_lines | tail -n 1))" \
+            test "$events1" = "$((events0 + 1))"
+    else
+        check "$pkg: the scriptlet said the manager cannot re-exec and restarted it (it said: ${said:-nothing})" \
+            grep -q "^nodeherd: nodeherd@hello.service: its manager is a version that cannot re-exec in place; restarting it instead" <<<"$said"
+        check "$pkg: the old manager had no Version property (it predates re-exec in place): $prop_version0" \
+            test "$prop_version0" = none
+        check "$pkg: a new main pid ($before -> $after) with new workers ($kids0 -> $kids1)" bash -c '
+            [[ -n $1 && -n $2 && $1 != "$2" && -n $4 ]] || exit 1
+            for k in $3; do [[ " $4 " != *" $k "* ]] || exit 1; done' _ "$before" "$after" "$kids0" "$kids1"
+    fi
     check "$pkg: it answers after the upgrade" poll 30 answers
     total=$(wc -l <"$work/load-$pkg.txt")
     bad=$(awk '$2 != 200' "$work/load-$pkg.txt" | wc -l)
-    detail=$(awk '$2 != 200 { n[$2]++ } END { for (k in n) printf "%s%s x%d", sep, k, n[k]; sep = ", " }' "$work/load-$pkg.txt")
-    note "$pkg: upgrade under load: $total requests, $bad failed${detail:+ ($detail)}; the install command took $took s"
-    upgrade_figures+=("$pkg, $(basename "${*: -1}") over $old_version: $total requests, $bad failed${detail:+ ($detail)}, install took $took s")
+    detail=$(awk '$2 != 200 { n[$2]++ } END { for (k in n) { printf "%s%s x%d", sep, k, n[k]; sep = ", " } }' "$work/load-$pkg.txt")
+    check "$pkg: upgrade under load: $total requests, $bad failed${detail:+ ($detail)}; the install command took $took s" \
+        test "$bad" = 0 -a "$total" -gt 0
+    upgrade_figures+=("$pkg, $(basename "${*: -1}") over $old_version ($how): $total requests, $bad failed${detail:+ ($detail)}, install took $took s")
 }
 
 # removed PKG: after removal nothing of the app is left running or loaded.
@@ -725,13 +874,30 @@ if [[ -f $deb1 && -f $deb2 ]]; then
     if run_logged "deb: dpkg -i $(basename "$deb1")" ct dpkg -i "/shared/$(basename "$deb1")"; then
         installed_idle deb
         serves deb
-        upgrades_under_load deb "$version2" dpkg -i "/shared/$(basename "$deb2")"
+        upgrades_under_load deb "$version2" in-place dpkg -i "/shared/$(basename "$deb2")"
         run_logged "deb: dpkg -r nodeherd" ct dpkg -r nodeherd
         removed deb
         check "deb: after dpkg -r the conffile /etc/nodeherd/hello.config.js stays (until purge)" \
             test -f "/proc/$pid1/root/etc/nodeherd/hello.config.js"
         run_logged "deb: dpkg --purge nodeherd" ct dpkg --purge nodeherd
         forgotten deb
+    fi
+    # The fallback: an upgrade from a release whose manager cannot re-exec
+    # in place (the .deb of the commit before it came): the scriptlet is to
+    # say so and restart the instance.
+    if [[ -n $pre_deb ]]; then
+        note "the .deb: nodeherd before re-exec in place (${pre_reexec:0:12}), then $version2"
+        cp "$pre_deb" "$shared/pre-reexec.deb"
+        if run_logged "deb-fallback: dpkg -i $(basename "$pre_deb") (built from ${pre_reexec:0:12})" \
+            ct dpkg -i /shared/pre-reexec.deb; then
+            serves deb-fallback
+            upgrades_under_load deb-fallback "$version2" restart dpkg -i "/shared/$(basename "$deb2")"
+            run_logged "deb-fallback: dpkg --purge nodeherd" ct dpkg --purge nodeherd
+            removed deb-fallback
+            forgotten deb-fallback
+        fi
+    else
+        fail "deb-fallback: no .deb of nodeherd before re-exec in place (see above)"
     fi
 fi
 timed "container: .deb install, use, upgrade under load, removal"
@@ -747,7 +913,27 @@ if [[ -f $rpm1 && -f $rpm2 ]]; then
     if run_logged "rpm: rpm -i $(basename "$rpm1")" ct rpm -i --nodeps "/shared/$(basename "$rpm1")"; then
         installed_idle rpm
         serves rpm
-        upgrades_under_load rpm "$version" rpm -U --nodeps "/shared/$(basename "$rpm2")"
+        upgrades_under_load rpm "$version" in-place rpm -U --nodeps "/shared/$(basename "$rpm2")"
+        # The fallback: no RPM of the release before re-exec in place is
+        # built here (one more build of about 5 minutes), so the running
+        # manager is made one of that release by hand: the binary of the
+        # .deb above (the same code an RPM of it would hold) put in place of
+        # /usr/bin/nodeherd, and the unit restarted onto it. Then the RPM is
+        # installed again (rpm -U --replacepkgs: its %posttrans runs).
+        if [[ -n $pre_deb ]]; then
+            mkdir -p "$work/pre-root"
+            dpkg-deb -x "$pre_deb" "$work/pre-root"
+            cp "$work/pre-root/usr/bin/nodeherd" "/proc/$pid1/root/usr/bin/.nodeherd-pre-reexec"
+            if run_logged "rpm-fallback: the manager restarted on nodeherd before re-exec in place (${pre_reexec:0:12}), put in /usr/bin by hand" \
+                ct bash -c 'mv -f /usr/bin/.nodeherd-pre-reexec /usr/bin/nodeherd && systemctl restart nodeherd@hello.service'; then
+                unit_active() { [[ $(ct systemctl is-active nodeherd@hello.service) == active ]]; }
+                check "rpm-fallback: nodeherd@hello.service is active again, on the older manager" poll 30 unit_active
+                check "rpm-fallback: it answers" poll 30 answers
+                upgrades_under_load rpm-fallback "$version" restart rpm -U --replacepkgs --nodeps "/shared/$(basename "$rpm2")"
+            fi
+        else
+            fail "rpm-fallback: no .deb of nodeherd before re-exec in place (see above)"
+        fi
         run_logged "rpm: rpm -e nodeherd" ct rpm -e nodeherd
         removed rpm
         forgotten rpm
