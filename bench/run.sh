@@ -143,36 +143,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- tools -------------------------------------------------------------------
-mkdir -p "$WORK"
-command -v node >/dev/null || die "node is needed (Node.js 18 or later)"
-command -v npm >/dev/null || die "npm is needed"
-if ! command -v dbus-daemon >/dev/null; then
-  if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-    log "installing dbus from apt"
-    apt-get install -y -q dbus >/dev/null
-  else
-    die "dbus-daemon is needed (apt-get install dbus)"
-  fi
-fi
-
-PM2=$WORK/pm2/node_modules/.bin/pm2
-if [[ ! -x $PM2 ]] || [[ $(node -p "require('$WORK/pm2/node_modules/pm2/package.json').version") != "$PM2_VERSION" ]]; then
-  log "installing pm2@$PM2_VERSION into $WORK/pm2"
-  timeout 600 npm install --prefix "$WORK/pm2" --no-audit --no-fund --loglevel=error "pm2@$PM2_VERSION" >&2
-fi
-PM2_VERSION_SEEN=$(node -p "require('$WORK/pm2/node_modules/pm2/package.json').version")
-
-OHA=$(command -v oha || true)
-[[ -z $OHA && -x $HOME/.cargo/bin/oha ]] && OHA=$HOME/.cargo/bin/oha
-if [[ -z $OHA ]]; then
-  log "installing oha (cargo install oha --locked, several minutes)"
-  timeout 1800 cargo install oha --locked >&2
-  OHA=$HOME/.cargo/bin/oha
-fi
-
-log "building nodeherd (cargo build --release)"
-(cd "$ROOT" && timeout 1800 cargo build --release --quiet >&2)
-NH=$ROOT/target/release/nodeherd
+# shellcheck source=lib/tools.sh
+. "$ROOT/bench/lib/tools.sh"
+bench_tools
 
 # --- where this run writes ---------------------------------------------------
 RUN=$WORK/runs/$(date -u +%Y%m%dT%H%M%SZ)
