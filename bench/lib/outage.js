@@ -20,7 +20,6 @@
 //   all_new_ms     N distinct instances answered from pids not seen before the call (null: never)
 //   pids_before, pids_after   instance -> pid, before the call and after CMD returned
 'use strict';
-const http = require('http');
 const { spawn } = require('child_process');
 
 const LOOPS = 4;
@@ -28,28 +27,7 @@ const PAUSE_MS = 2;
 const DEADLINE_MS = 30000;
 const SETTLE_MS = 300;
 
-const now = () => Number(process.hrtime.bigint()) / 1e6;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-function get(port) {
-  return new Promise((resolve) => {
-    const req = http.get({ host: '127.0.0.1', port, path: '/', agent: false, timeout: 2000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (body += d));
-      res.on('end', () => {
-        try {
-          resolve(res.statusCode === 200 ? JSON.parse(body) : null);
-        } catch (_) {
-          resolve(null);
-        }
-      });
-      res.on('error', () => resolve(null));
-    });
-    req.on('timeout', () => req.destroy());
-    req.on('error', () => resolve(null));
-  });
-}
+const { get, now, sleep } = require('./get');
 
 async function main() {
   const args = process.argv.slice(2);

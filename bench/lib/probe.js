@@ -13,35 +13,13 @@
 //                                           (and when CMD returned)
 //   probe.js pids PORT N                    wait until N distinct instances answer; print instance -> pid
 'use strict';
-const http = require('http');
 const { spawn } = require('child_process');
 
 const LOOPS = 4;
 const PAUSE_MS = 2;
 const DEADLINE_MS = 30000;
 
-const now = () => Number(process.hrtime.bigint()) / 1e6;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-function get(port) {
-  return new Promise((resolve) => {
-    const req = http.get({ host: '127.0.0.1', port, path: '/', agent: false, timeout: 2000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (body += d));
-      res.on('end', () => {
-        try {
-          resolve(res.statusCode === 200 ? JSON.parse(body) : null);
-        } catch (_) {
-          resolve(null);
-        }
-      });
-      res.on('error', () => resolve(null));
-    });
-    req.on('timeout', () => req.destroy());
-    req.on('error', () => resolve(null));
-  });
-}
+const { get, now, sleep } = require('./get');
 
 // Run LOOPS request loops until `done(answer)` returns true or the deadline.
 async function poll(port, done, deadlineMs = DEADLINE_MS) {
