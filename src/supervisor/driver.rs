@@ -96,6 +96,9 @@ pub struct Driver {
     resumed: bool,
     /// Sockets of slots that went, closed once these workers have exited.
     closing: HashMap<u64, Vec<WorkerId>>,
+    /// The tasks watching the accept queues of slots that go: they hold
+    /// second handles on those sockets, so they end before the sockets close.
+    draining: HashMap<u64, tokio::task::AbortHandle>,
 }
 
 impl Driver {
@@ -141,6 +144,7 @@ impl Driver {
             exec_at: None,
             resumed: false,
             closing: HashMap::new(),
+            draining: HashMap::new(),
         }
     }
 
@@ -465,6 +469,9 @@ impl Driver {
                 Effect::CheckExec => self.check_exec(),
                 Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
                 Effect::CloseLeaving { leave, workers } => {
+                    if let Some(watch) = self.draining.remove(&leave) {
+                        watch.abort();
+                    }
                     self.closing.insert(leave, workers);
                     self.close_left_sockets();
                 }
@@ -737,7 +744,7 @@ impl Driver {
         self.sockets.leave(index, leave);
         let fds = self.sockets.leaving_fds(leave);
         let tx = self.inputs_tx.clone();
-        tokio::spawn(async move {
+        let watch = tokio::spawn(async move {
             use std::os::fd::AsRawFd;
             // Handshakes the kernel began before the steering end in the
             // old queue: give them a moment to arrive.
@@ -753,13 +760,15 @@ impl Driver {
                     let _ = tx.send(Input::SlotDrained(leave));
                     return;
                 }
-                // The core stops waiting after LEAVE_BOUND; this soon after.
+                // Aborted when the core stops waiting (CloseLeaving); the
+                // deadline is a backstop.
                 if tx.is_closed() || Instant::now() > until {
                     return;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         });
+        self.draining.insert(leave, watch.abort_handle());
     }
 
     /// Close the sockets of slots that went whose workers have all exited.
