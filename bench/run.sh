@@ -159,25 +159,7 @@ rec() { printf '%s\n' "$1" >>"$RESULTS"; } # one JSON object per line
 rm -rf "$PM2_HOME"
 mkdir -p "$PM2_HOME"
 
-# A private system-type bus with an allow-all policy, for nodeherd's control plane.
-cat >"$RUN/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path=$RUN/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_type="method_call"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-EOF
-{ read -r BUS; read -r DBUS_PID; } < <(timeout 10 dbus-daemon --config-file="$RUN/bus.conf" --fork --print-address=1 --print-pid=1)
-[[ -n $BUS && -n $DBUS_PID ]] || die "dbus-daemon did not start"
+bench_bus
 
 # Metadata for the report.
 COMMAND_LINE=$COMMAND_LINE NICE=$NICE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA NH=$NH ROOT=$ROOT \

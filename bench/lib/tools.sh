@@ -2,7 +2,8 @@
 # node and npm, dbus-daemon, PM2 (pinned, into $WORK/pm2), oha, and
 # nodeherd's release build. Sourced by bench/run.sh and bench/reexec.sh
 # after they define ROOT, WORK, PM2_VERSION, log and die; sets PM2,
-# PM2_VERSION_SEEN, OHA and NH.
+# PM2_VERSION_SEEN, OHA and NH; bench_bus (after RUN is made) starts a
+# private bus.
 bench_tools() {
   mkdir -p "$WORK"
   command -v node >/dev/null || die "node is needed (Node.js 18 or later)"
@@ -34,4 +35,27 @@ bench_tools() {
   log "building nodeherd (cargo build --release)"
   (cd "$ROOT" && timeout 1800 cargo build --release --quiet >&2)
   NH=$ROOT/target/release/nodeherd
+}
+
+# bench_bus: a private system-type bus with an allow-all policy in $RUN, for
+# nodeherd's control plane; sets BUS (its address) and DBUS_PID.
+bench_bus() {
+  cat >"$RUN/bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$RUN/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+EOF
+  { read -r BUS; read -r DBUS_PID; } < <(timeout 10 dbus-daemon --config-file="$RUN/bus.conf" --fork --print-address=1 --print-pid=1)
+  [[ -n $BUS && -n $DBUS_PID ]] || die "dbus-daemon did not start"
 }
