@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Per-worker share of requests: nodeherd's shared accept queue (the default)
-# against --balance reuseport (one SO_REUSEPORT socket per slot), side by
-# side in one run: A B A B ..., medians and min-max.
+# against --balance reuseport (one SO_REUSEPORT socket per slot), each with
+# keep-alive connections shared out evenly (the default) and without
+# (--no-rebalance, mode "+fixed"), side by side in one run: A B C D A B ...,
+# medians and min-max.
 #
-# Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N]
+# Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N] [--modes "queue reuseport ..."]
 # Prints a markdown table; traffic goes to 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-ROUNDS=3 SECS=10 WORKERS=4
+ROUNDS=3 SECS=10 WORKERS=4 MODES="queue queue+fixed reuseport reuseport+fixed"
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --seconds) SECS=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--seconds S] [--workers N]" >&2; exit 2 ;;
+    --modes) MODES=$2; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--workers N] [--modes \"queue reuseport ...\"]" >&2; exit 2 ;;
   esac
 done
 command -v oha >/dev/null || cargo install oha --locked --quiet
@@ -33,11 +36,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # One measurement: mode, keep-alive on/off -> "req_per_s max_over_min shares"
 measure() {
-  local mode=$1 ka=$2 port counts
+  local mode=$1 ka=$2 port counts fixed=()
   port=$(free_port)
   counts="$work/counts-$mode-$ka"
   rm -rf "$counts"; mkdir -p "$counts"
-  BENCH_COUNT_DIR=$counts "$BIN" run bench/apps/hello.js -i "$WORKERS" --balance "$mode" \
+  [ "${mode#*+}" = fixed ] && fixed=(--no-rebalance)
+  BENCH_COUNT_DIR=$counts "$BIN" run bench/apps/hello.js -i "$WORKERS" --balance "${mode%+*}" "${fixed[@]}" \
     --listen "127.0.0.1:$port" --no-bus >"$work/manager.log" 2>&1 &
   mgr=$!
   for _ in $(seq 1 300); do
@@ -82,7 +86,7 @@ PY
 declare -A rps ratio shares
 for r in $(seq 1 "$ROUNDS"); do
   for ka in off on; do
-    for mode in queue reuseport; do
+    for mode in $MODES; do
       read -r a b c < <(measure "$mode" "$ka")
       rps[$mode-$ka]+="$a "; ratio[$mode-$ka]+="$b "; shares[$mode-$ka]+="$c "
       echo "round $r, keep-alive $ka, $mode: $a req/s, max/min $b, shares % $c" >&2
@@ -91,10 +95,10 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 med() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):g} ({min(v):g}-{max(v):g})")' "$@"; }
-echo "| balance | keep-alive | req/s, median (min-max) | max/min share, median (min-max) | shares per worker, % (each round) |"
+echo "| balance (+fixed: --no-rebalance) | keep-alive | req/s, median (min-max) | max/min share, median (min-max) | shares per worker, % (each round) |"
 echo "|---|---|---|---|---|"
 for ka in off on; do
-  for mode in queue reuseport; do
+  for mode in $MODES; do
     # shellcheck disable=SC2086
     echo "| $mode | $ka | $(med ${rps[$mode-$ka]}) | $(med ${ratio[$mode-$ka]}) | ${shares[$mode-$ka]} |"
   done

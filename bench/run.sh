@@ -24,9 +24,10 @@ COMMAND_LINE="bench/run.sh${*:+ $*}"
 
 PM2_VERSION=7.0.4
 CONTENDERS=(nodeherd pm2 cluster)
-# The throughput phase also runs nodeherd with one SO_REUSEPORT socket per
-# slot, in the same rotation, so both balance modes are compared in one run.
-TPUT_CONTENDERS=(nodeherd nodeherd-reuseport pm2 cluster)
+# The throughput phase also runs nodeherd with one shared accept queue (the
+# default, balance auto, gives --listen addresses a SO_REUSEPORT socket per
+# slot), in the same rotation, so both balance modes are compared in one run.
+TPUT_CONTENDERS=(nodeherd nodeherd-queue pm2 cluster)
 
 # --- options -----------------------------------------------------------------
 QUICK=0
@@ -205,11 +206,11 @@ up() {
   mkdir -p "$RUN/logs"
   case $CONTENDER in
     nodeherd*)
-      # nodeherd-1: --reload-parallel 1 (the default is 2); nodeherd-reuseport:
-      # --balance reuseport (the default is one shared queue).
+      # nodeherd-1: --reload-parallel 1 (the default is 2); nodeherd-queue:
+      # --balance queue (the default, auto, is a socket per slot here).
       local extra=()
       case $CONTENDER in
-        nodeherd-reuseport) extra=(--balance reuseport) ;;
+        nodeherd-queue) extra=(--balance queue) ;;
         nodeherd-*) extra=(--reload-parallel "${CONTENDER#nodeherd-}") ;;
       esac
       PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \

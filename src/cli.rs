@@ -112,11 +112,18 @@ pub struct RunArgs {
     #[arg(long)]
     pub shutdown_with_message: bool,
 
-    /// How connections reach workers: queue (one shared accept queue, the
-    /// default) or reuseport (one SO_REUSEPORT socket per worker slot, spread
-    /// evenly by the kernel; --listen TCP/UDP addresses only)
-    #[arg(long, value_name = "MODE", value_parser = ["queue", "reuseport"])]
+    /// How connections reach workers: reuseport (one SO_REUSEPORT socket per
+    /// worker slot, spread evenly by the kernel; TCP/UDP only), queue (one
+    /// accept queue shared by all), or auto (the default: reuseport where
+    /// every listening socket allows it, else queue)
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "queue", "reuseport"])]
     pub balance: Option<String>,
+
+    /// Leave keep-alive connections where they land (by default a worker
+    /// holding more than its fair share closes the surplus at their next
+    /// response, and the clients reconnect to the others)
+    #[arg(long)]
+    pub no_rebalance: bool,
 
     /// Serve Prometheus metrics here: HOST:PORT or unix:/path (default: off,
     /// or the socket systemd passes with FileDescriptorName=metrics)

@@ -3,8 +3,10 @@
 //! Node speaks newline-delimited JSON on `NODE_CHANNEL_FD` when
 //! `NODE_CHANNEL_SERIALIZATION_MODE=json`: `process.send(v)` arrives as
 //! `JSON.stringify(v) + "\n"`, and a line the manager writes arrives at
-//! `process.on('message')`. The manager only ever writes `"shutdown"`, and
-//! only reads what it understands: `'ready'` and the shim's reports. Anything
+//! `process.on('message')`. The manager writes `"shutdown"` (PM2's stop
+//! message) and the preload's own internal messages (`{cmd: "NODE_..."}`,
+//! which Node hands to `internalMessage`, never to the app), and only reads
+//! what it understands: `'ready'` and the preload's reports. Anything
 //! else an app sends is ignored, and so is garbage: a worker cannot upset the
 //! manager through its channel.
 
@@ -29,6 +31,12 @@ pub enum Message {
     /// The app's own metrics (prom-client's registry), answering a scrape;
     /// `None` when the app keeps none.
     Metrics { id: u64, text: Option<String> },
+    /// The app closed its servers on the handed-over sockets (and did not
+    /// exit): it accepts no more connections there.
+    Closed,
+    /// The keep-alive connections the worker holds and is not closing
+    /// (sent when that changes, at most every 100 ms).
+    Connections { open: u32 },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
@@ -79,6 +87,10 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                     .and_then(Value::as_f64)
                     .filter(|d| d.is_finite() && *d >= 0.0)
                     .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
+            }),
+            Some("closed") => Some(Message::Closed),
+            Some("conns") => Some(Message::Connections {
+                open: u32::try_from(o.get("open")?.as_u64()?).ok()?,
             }),
             Some("error") => Some(Message::ListenError(
                 o.get("message")
@@ -179,6 +191,14 @@ pub fn metrics_request(id: u64) -> Vec<u8> {
     format!("{{\"cmd\":\"NODE_NODEHERD_METRICS\",\"id\":{id}}}\n").into_bytes()
 }
 
+/// A worker's fair share of keep-alive connections (`None`: no limit).
+pub fn share(max: Option<u32>) -> Vec<u8> {
+    match max {
+        Some(n) => format!("{{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":{n}}}\n").into_bytes(),
+        None => b"{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":null}\n".to_vec(),
+    }
+}
+
 /// The one message the manager sends: PM2's graceful-stop request.
 pub const SHUTDOWN: &[u8] = b"\"shutdown\"\n";
 
@@ -215,8 +235,15 @@ mod tests {
                 }
             }))
         );
+        assert_eq!(parse(br#"{"nodeherd":"closed"}"#), Some(Message::Closed));
+        assert_eq!(
+            parse(br#"{"nodeherd":"conns","open":17}"#),
+            Some(Message::Connections { open: 17 })
+        );
         for bad in [
-            &br#"{"nodeherd":"bind","kind":"tcp","port":1}"#[..],
+            &br#"{"nodeherd":"conns","open":-1}"#[..],
+            br#"{"nodeherd":"conns","open":4294967296}"#,
+            br#"{"nodeherd":"bind","kind":"tcp","port":1}"#,
             br#"{"nodeherd":"bind","id":1,"kind":"tcp","port":70000}"#,
             br#"{"nodeherd":"bind","id":1,"kind":"unix","path":""}"#,
             br#"{"nodeherd":"bind","id":1,"kind":"sctp","port":1}"#,

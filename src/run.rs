@@ -100,8 +100,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         logs::warn(w);
     }
 
-    let reuseport = app.balance == config::Balance::ReusePort;
-    if reuseport && inherited.is_empty() && app.listen.is_empty() {
+    if app.balance == config::Balance::ReusePort && inherited.is_empty() && app.listen.is_empty() {
         return Err(RunError::Usage(
             "balance reuseport needs listening sockets: --listen addresses, or sockets systemd \
              passes with ReusePort=yes"
@@ -116,12 +115,19 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         .iter()
         .position(|l| l.name == "metrics")
         .map(|i| inherited.remove(i));
+    let reuseport = match app.balance {
+        config::Balance::Queue => false,
+        config::Balance::ReusePort => {
+            if !inherited.is_empty() {
+                sockets::can_balance_inherited(&inherited).map_err(RunError::Usage)?;
+            }
+            true
+        }
+        config::Balance::Auto => balance_auto(&inherited, &app.listen),
+    };
     let listeners = if !inherited.is_empty() {
         if !app.listen.is_empty() {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
-        }
-        if reuseport {
-            sockets::can_balance_inherited(&inherited).map_err(RunError::Usage)?;
         }
         inherited
     } else if reuseport {
@@ -150,7 +156,10 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     let activated = listeners_from_systemd;
     let result = run_daemon(
         app,
-        Start::Fresh(listeners),
+        Start::Fresh {
+            listeners,
+            reuseport,
+        },
         metrics,
         source,
         &dir,
@@ -173,9 +182,41 @@ struct Resumed {
     written_by: String,
 }
 
-/// How the daemon starts: afresh with these sockets, or from a re-exec.
+/// `balance: auto`: a socket per slot where every listening socket allows
+/// it, else one shared queue; said either way.
+fn balance_auto(inherited: &[sockets::Listener], listen: &[String]) -> bool {
+    let why_not = if !inherited.is_empty() {
+        sockets::can_balance_inherited(inherited).err()
+    } else if listen.is_empty() {
+        Some("no listening socket".to_string())
+    } else {
+        listen
+            .iter()
+            .find(|a| a.starts_with("unix:"))
+            .map(|a| format!("{a} is a unix socket"))
+    };
+    match why_not {
+        None => {
+            logs::info("balance auto: a socket per slot (reuseport), connections spread evenly");
+            true
+        }
+        Some(why) => {
+            logs::info(&format!(
+                "balance auto: one accept queue shared by all workers ({})",
+                why.trim_start_matches("balance reuseport: ")
+            ));
+            false
+        }
+    }
+}
+
+/// How the daemon starts: afresh with these sockets (a socket per slot or
+/// shared), or from a re-exec.
 enum Start {
-    Fresh(Vec<sockets::Listener>),
+    Fresh {
+        listeners: Vec<sockets::Listener>,
+        reuseport: bool,
+    },
     Resumed(Box<Resumed>),
 }
 
@@ -214,7 +255,7 @@ fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad("a worker's channel"))?;
     let watchdog = notify::watchdog_interval();
-    let policy = crate::supervisor::Policy::new(&app, !sockets.is_empty(), watchdog);
+    let policy = crate::supervisor::Policy::new(&app, &sockets, watchdog);
     // Read together, so the exec's duration is measured to the microsecond
     // and uptimes do not drift over many re-execs.
     let (now, took) = (
@@ -275,6 +316,7 @@ fn source_of(args: &RunArgs) -> Source {
         shutdown_with_message: args.shutdown_with_message,
         reload_parallel: args.reload_parallel,
         balance: args.balance.clone(),
+        no_rebalance: args.no_rebalance,
         metrics: args.metrics.clone(),
         args: args.script_args.clone(),
     };
@@ -408,7 +450,7 @@ fn run_daemon(
     rt.block_on(async move {
         let notify_path = dir.join("notify.sock");
         let notify_std = match &start {
-            Start::Fresh(_) => notify_socket::bind(&notify_path).map_err(RunError::system(format!(
+            Start::Fresh { .. } => notify_socket::bind(&notify_path).map_err(RunError::system(format!(
                 "cannot bind the worker notify socket {}",
                 notify_path.display()
             )))?,
@@ -437,9 +479,11 @@ fn run_daemon(
             shim: shim.clone(),
             notify_socket: notify_path.clone(),
         };
-        let reuseport = app.balance == config::Balance::ReusePort;
         let (mut driver, listener_info, control_fd, resumed_from) = match start {
-            Start::Fresh(listeners) => {
+            Start::Fresh {
+                listeners,
+                reuseport,
+            } => {
                 let info = socket_infos(&listeners);
                 let sockets = SocketSet::new(listeners, reuseport);
                 let watchdog = notify::watchdog_interval();

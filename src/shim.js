@@ -21,7 +21,12 @@
 //    HTTP/1 keep-alive, HTTP/2 sessions (GOAWAY, streams finish), upgraded
 //    connections (WebSockets) and raw `net` connections, all within
 //    kill_timeout. An app with its own handler keeps its own behaviour.
-// 4. Stays out of the app's own child processes (fork, spawn of node,
+// 4. Keeps keep-alive connections evenly spread: it reports how many the
+//    worker's HTTP servers hold, and when the manager says that is more than
+//    this worker's fair share, answers the next request on the surplus with
+//    `Connection: close` so that those clients reconnect (and land on the
+//    workers with fewer).
+// 5. Stays out of the app's own child processes (fork, spawn of node,
 //    cluster.fork, worker threads): they never load it and see no nodeherd
 //    variable; LISTEN_PID names the worker, so a child that reads
 //    LISTEN_FDS ignores them, as sd_listen_fds() does.
@@ -183,6 +188,7 @@
     const sock = pick(want.kind, want.port, want.path);
     if (sock) {
       track(this);
+      this.__nodeherd.inherited = true;
       this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
       const opts = { fd: sock.fd };
       if (want.backlog !== undefined) opts.backlog = want.backlog;
@@ -272,6 +278,56 @@
     cluster.on('listening', () => tell({ nodeherd: 'listening', via: 'cluster' }));
   }
 
+  // --- even shares of keep-alive connections --------------------------------
+  // `open` counts the connections of the HTTP servers placed here that are
+  // not marked to close; the manager hears it when it changes (at most every
+  // 100 ms) and answers with the fair share, `keepAtMost`. Above it, the next
+  // response on a connection says `Connection: close`: the response is whole
+  // and the client knows not to reuse the connection, so nothing fails.
+  const shed = Symbol('nodeherd closes this connection');
+  let open = 0;
+  let keepAtMost = Infinity;
+  let reported = -1;
+  let reportedAt = 0;
+  let reportTimer = null;
+  // At once (after this turn of the event loop) when the last report is
+  // 100 ms old, else when it will be: at most ten a second.
+  function reportSoon() {
+    if (!channel || reportTimer) return;
+    const wait = Math.max(0, reportedAt + 100 - Date.now());
+    reportTimer = setTimeout(() => {
+      reportTimer = null;
+      if (open === reported) return;
+      reported = open;
+      reportedAt = Date.now();
+      tell({ nodeherd: 'conns', open });
+    }, wait);
+    reportTimer.unref();
+  }
+  function onConnection(socket) {
+    open += 1;
+    socket.once('close', () => {
+      if (!socket[shed]) open -= 1;
+      reportSoon();
+    });
+    reportSoon();
+  }
+  function shedIfOver(req, res) {
+    if (open <= keepAtMost || !res || !res.shouldKeepAlive) return;
+    const socket = req.socket;
+    if (!socket || socket[shed]) return;
+    socket[shed] = true;
+    open -= 1;
+    res.shouldKeepAlive = false;
+    reportSoon();
+  }
+  if (channel) {
+    process.on('internalMessage', (msg) => {
+      if (!msg || msg.cmd !== 'NODE_NODEHERD_SHARE') return;
+      keepAtMost = typeof msg.max === 'number' && msg.max >= 0 ? msg.max : Infinity;
+    });
+  }
+
   // --- graceful drain -------------------------------------------------------
   //
   // Draining a server: stop accepting (other workers take the shared queue),
@@ -313,6 +369,9 @@
       session.once('close', () => state.sessions.delete(session));
       if (state.draining) goaway(session);
     });
+    // Counted where requests arrive: the TLS socket of an https server.
+    if (server instanceof https.Server) server.prependListener('secureConnection', onConnection);
+    else if (server instanceof http.Server) server.prependListener('connection', onConnection);
     // A plain net.Server: its connections are the app's protocol, not HTTP.
     if (!(server instanceof http.Server) && !(server instanceof https.Server) && !isHttp2(server)) {
       server.prependListener('connection', (socket) => {
@@ -328,6 +387,7 @@
 
   function onRequest(req, res) {
     if (this.__nodeherd.draining && res) res.shouldKeepAlive = false;
+    else shedIfOver(req, res);
   }
 
   // HTTP/2's graceful shutdown, as proxies do it: a first GOAWAY naming the
@@ -357,7 +417,13 @@
     for (const session of state.sessions) goaway(session);
     closeIdleLater(server);
     endLingeringLater(server);
-    return netClose.call(server, cb);
+    const result = netClose.call(server, cb);
+    // The app closed its last server on a handed-over socket and lives on:
+    // with a socket per slot, the manager sends this slot no more connections.
+    if (!stopping && state.inherited && ![...servers].some((s) => s.__nodeherd.inherited && s.listening)) {
+      tell({ nodeherd: 'closed' });
+    }
+    return result;
   }
 
   function closeIdleLater(server) {

@@ -156,3 +156,181 @@ fn new_connections_skip_a_slot_whose_worker_is_down() {
         );
     }
 }
+
+/// A keep-alive HTTP/1.1 connection that remembers which worker answers it.
+struct KeepAlive {
+    stream: std::io::BufReader<std::net::TcpStream>,
+    instance: String,
+}
+
+impl KeepAlive {
+    fn open(port: u16) -> KeepAlive {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        KeepAlive {
+            stream: std::io::BufReader::new(s),
+            instance: String::new(),
+        }
+    }
+
+    /// One request; `Ok(true)` when the answer closes the connection.
+    fn request(&mut self) -> std::io::Result<bool> {
+        use std::io::{BufRead, Read, Write};
+        self.stream
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let (mut status, mut length, mut close) = (String::new(), 0usize, false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("connection closed before an answer"));
+            }
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if status.is_empty() {
+                status = l;
+            } else if let Some(v) = l.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            } else if l == "connection: close" {
+                close = true;
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body)?;
+        if !status.starts_with("http/1.1 200") {
+            return Err(std::io::Error::other(format!("answer: {status}")));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+        self.instance = v["instance"].as_str().unwrap_or("?").to_string();
+        Ok(close)
+    }
+}
+
+/// 32 keep-alive connections opened at once onto 4 workers, then used in
+/// turn: the workers above their share close their surplus at a response,
+/// the clients reconnect, and every worker ends up with 8. No request fails.
+fn keep_alive_shares_even_out(balance: &str) {
+    let dir = tempdir::Dir::new("balance-ka");
+    let config = one_app(
+        &dir,
+        "ka",
+        "env.js",
+        &format!(r#""instances": 4, "balance": "{balance}""#),
+    );
+    let m = run_app(&config, &[], &[]);
+    assert!(m.wait_log("4/4 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let mut conns: Vec<KeepAlive> = (0..32).map(|_| KeepAlive::open(port)).collect();
+    let (mut requests, mut reconnects) = (0, 0);
+    let mut shares = std::collections::BTreeMap::new();
+    let even = wait_until(T, || {
+        for c in conns.iter_mut() {
+            requests += 1;
+            match c.request() {
+                Ok(false) => {}
+                Ok(true) => {
+                    reconnects += 1;
+                    *c = KeepAlive::open(port);
+                }
+                Err(e) => panic!("request {requests} failed: {e}\n{}", m.log()),
+            }
+        }
+        shares.clear();
+        for c in &conns {
+            *shares.entry(c.instance.clone()).or_insert(0) += 1;
+        }
+        shares.len() == 4 && shares.values().all(|n| *n == 8)
+    });
+    assert!(
+        even,
+        "{balance}: connections per worker {shares:?} after {requests} requests and {reconnects} reconnects\n{}",
+        m.log()
+    );
+    // Even now, so nothing more is closed.
+    let before = reconnects;
+    for _ in 0..20 {
+        for c in conns.iter_mut() {
+            assert!(
+                !c.request().expect("request"),
+                "{balance}: closed once even"
+            );
+        }
+    }
+    assert_eq!(reconnects, before);
+}
+
+#[test]
+fn keep_alive_connections_are_shared_out_evenly_with_one_queue() {
+    keep_alive_shares_even_out("queue");
+}
+
+#[test]
+fn keep_alive_connections_are_shared_out_evenly_with_a_socket_per_slot() {
+    keep_alive_shares_even_out("reuseport");
+}
+
+#[test]
+fn balance_auto_gives_listen_addresses_a_socket_per_slot_and_the_rest_one_queue() {
+    let dir = tempdir::Dir::new("balance-auto");
+    let script = path_str(&app("env.js"));
+    // --listen TCP: a socket per slot.
+    let m = start(
+        &[
+            "run",
+            &script,
+            "-i",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("3/3 workers ready", T), "{}", m.log());
+    assert!(
+        m.log().contains("balance auto: a socket per slot"),
+        "{}",
+        m.log()
+    );
+    let inodes: BTreeSet<String> = m.workers().iter().map(|w| fd3_inode(*w)).collect();
+    assert_eq!(inodes.len(), 3, "{inodes:?}");
+    drop(m);
+    // A unix socket beside a TCP one: one queue for both, and why.
+    let path = format!("unix:{}/s.sock", path_str(&dir.path));
+    let m = start(
+        &[
+            "run",
+            &script,
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            &path,
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    assert!(
+        m.log()
+            .contains("balance auto: one accept queue shared by all workers (unix:"),
+        "{}",
+        m.log()
+    );
+    let inodes: BTreeSet<String> = m.workers().iter().map(|w| fd3_inode(*w)).collect();
+    assert_eq!(inodes.len(), 1, "{inodes:?}");
+    drop(m);
+    // A socket passed without ReusePort=yes: one queue, and it starts.
+    let rt = path_str(&dir.path);
+    let m = passed_socket(&[], &[&script, "-i", "2", "--no-bus"], &rt);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    assert!(
+        m.log().contains("balance auto: one accept queue") && m.log().contains("ReusePort=yes"),
+        "{}",
+        m.log()
+    );
+}

@@ -64,6 +64,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "reload_parallel",
         old.reload_parallel != new.reload_parallel,
     );
+    changed("rebalance", old.rebalance != new.rebalance);
     changed(
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,
@@ -132,6 +133,7 @@ mod tests {
             reload_parallel: 1,
             credentials: None,
             balance: Balance::Queue,
+            rebalance: true,
         }
     }
 

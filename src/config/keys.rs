@@ -48,6 +48,7 @@ pub struct RawApp {
     pub uid: Option<String>,
     pub gid: Option<String>,
     pub balance: Option<Balance>,
+    pub rebalance: Option<bool>,
 }
 
 type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
@@ -157,6 +158,7 @@ pub const KEYS: &[Key] = &[
     key!("uid", uid, v::principal),
     key!("gid", gid, v::principal),
     key!("balance", balance, |x| v::balance(&v::string(x)?)),
+    key!("rebalance", rebalance, v::boolean),
 ];
 
 /// Keys PM2 knows that nodeherd accepts but does not act on.

@@ -133,15 +133,28 @@ pub struct App {
     pub credentials: Option<Credentials>,
     /// How connections are spread over workers (nodeherd's own key).
     pub balance: Balance,
+    /// Even out keep-alive connections: a worker holding more than its fair
+    /// share closes the surplus at their next response (nodeherd's own key,
+    /// default true).
+    #[serde(default = "yes")]
+    pub rebalance: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// How new connections reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Balance {
+    /// `ReusePort` where every listening socket allows it (TCP, and bound
+    /// by the manager or passed by systemd with room for siblings), else
+    /// `Queue`; decided when the manager starts.
+    #[default]
+    Auto,
     /// One socket, one accept queue shared by every worker: the manager
     /// holds it, so no connection waits on a worker that is gone. Idle
     /// workers win more connections than busy ones.
-    #[default]
     Queue,
     /// One SO_REUSEPORT socket per slot (for `--listen` TCP/UDP addresses):
     /// the kernel spreads connections evenly by hash. The manager holds
@@ -175,6 +188,7 @@ pub struct Overrides {
     pub shutdown_with_message: bool,
     pub reload_parallel: Option<u32>,
     pub balance: Option<String>,
+    pub no_rebalance: bool,
     pub metrics: Option<String>,
     pub args: Vec<String>,
 }

@@ -263,6 +263,7 @@ pub fn resolve(
             reload_parallel,
             credentials,
             balance,
+            rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),
         },
         warnings,
     })

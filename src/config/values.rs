@@ -214,13 +214,14 @@ pub fn resolve_instances(v: &Value, cpus: u32) -> Result<u32, String> {
     instances(v)?.resolve(cpus)
 }
 
-/// `balance`: `queue` or `reuseport`.
+/// `balance`: `auto`, `queue` or `reuseport`.
 pub fn balance(s: &str) -> Result<Balance, String> {
     match s {
+        "auto" => Ok(Balance::Auto),
         "queue" => Ok(Balance::Queue),
         "reuseport" => Ok(Balance::ReusePort),
         other => Err(format!(
-            "expected \"queue\" or \"reuseport\", got \"{other}\""
+            "expected \"auto\", \"queue\" or \"reuseport\", got \"{other}\""
         )),
     }
 }

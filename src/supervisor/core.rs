@@ -200,6 +200,12 @@ pub enum Effect {
         leave: u64,
         workers: Vec<WorkerId>,
     },
+    /// Tell a worker how many keep-alive connections are its fair share
+    /// (`None`: no limit); see [`super::share`].
+    Share {
+        worker: WorkerId,
+        max: Option<u32>,
+    },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
     /// Check the program a re-exec would run; answer with `ExecChecked`.
@@ -263,6 +269,10 @@ pub(super) struct Worker {
     pub(super) beating: bool,
     /// Found hung and being replaced.
     pub(super) hung: bool,
+    /// The app closed its listening servers and lives on: it accepts nothing.
+    pub(super) closed: bool,
+    /// Its keep-alive connections (see [`super::share`]).
+    pub(super) conns: super::share::Conns,
 }
 
 /// Why a slot's worker was replaced, counted per slot.
@@ -401,6 +411,8 @@ pub struct Core {
     /// Workers of slots that go, waiting for their queues to empty, by leave.
     pub(super) leaving: BTreeMap<u64, Vec<WorkerId>>,
     pub(super) next_leave: u64,
+    /// The highest total of keep-alive connections lately, and when.
+    pub(super) share_peak: Option<(u32, Instant)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -424,6 +436,7 @@ impl Core {
             last_stranger_warning: None,
             leaving: BTreeMap::new(),
             next_leave: 1,
+            share_peak: None,
             out: Vec::new(),
             now,
         }
@@ -484,6 +497,8 @@ impl Core {
                 // Sockets shared on a worker's request are the driver's to bind.
                 ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => {}
                 ipc::Message::Beat { delay_ms } => self.on_beat(worker, delay_ms),
+                ipc::Message::Connections { open } => self.on_connections(worker, open),
+                ipc::Message::Closed => self.on_closed(worker),
             },
             Event::Notify {
                 worker,
@@ -528,6 +543,7 @@ impl Core {
     fn settle(&mut self) -> Vec<Effect> {
         self.progress();
         self.update_status();
+        self.share_out();
         std::mem::take(&mut self.out)
     }
 
@@ -601,6 +617,8 @@ impl Core {
                 loop_delay_ms: None,
                 beating: false,
                 hung: false,
+                closed: false,
+                conns: Default::default(),
             },
         );
         let slot = &mut self.slots[index as usize];
@@ -977,6 +995,8 @@ impl Core {
                 self.kill_worker(id, "killed after kill_timeout");
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
+            // The shares are worked out again as every event settles.
+            TimerKey::Share => self.share_peak = None,
             TimerKey::Restart(index) => {
                 let due = self
                     .slots
@@ -1011,6 +1031,28 @@ impl Core {
 
     /// A heartbeat: the worker's event loop runs. With
     /// `max_event_loop_delay`, the next one must come within it.
+    /// The app closed its listening servers but runs on. The shared queue
+    /// needs nothing (the others take it); with a socket per slot, new
+    /// connections are steered to the other slots (see `serving_slots`).
+    fn on_closed(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if w.closed || w.state == WState::Stopping {
+            return;
+        }
+        w.closed = true;
+        let (index, pid) = (w.index, w.pid);
+        self.log_worker(
+            Level::Warning,
+            index,
+            pid,
+            format!(
+                "worker {index} (pid {pid}) closed its listening socket and runs on: it gets no new connection until it is restarted"
+            ),
+        );
+    }
+
     fn on_beat(&mut self, id: WorkerId, delay_ms: u32) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;

@@ -114,7 +114,7 @@ impl Driver {
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
         let (requests_tx, requests) = mpsc::unbounded_channel();
         let (app_metrics_tx, app_metrics) = mpsc::unbounded_channel();
-        let policy = Policy::new(&app, !sockets.is_empty(), watchdog);
+        let policy = Policy::new(&app, &sockets, watchdog);
         let core = Core::new(policy, Instant::now());
         let (published, _) = watch::channel(core.snapshot());
         let configs = Configs::new(app, source, paths, &sockets);
@@ -468,6 +468,12 @@ impl Driver {
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
                 Effect::CheckExec => self.check_exec(),
                 Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
+                Effect::Share { worker, max } => {
+                    // A channel this full belongs to a worker that reads nothing.
+                    if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) {
+                        let _ = send_with_fd_none(channel, &crate::ipc::share(max));
+                    }
+                }
                 Effect::CloseLeaving { leave, workers } => {
                     if let Some(watch) = self.draining.remove(&leave) {
                         watch.abort();

@@ -80,6 +80,8 @@ pub struct WorkerState {
     pub beating: bool,
     #[serde(default)]
     pub hung: bool,
+    #[serde(default)]
+    pub closed: bool,
 }
 
 fn signed_offset(at: Instant, base: Instant) -> i128 {
@@ -134,6 +136,7 @@ impl Core {
                 loop_delay_ms: w.loop_delay_ms,
                 beating: w.beating,
                 hung: w.hung,
+                closed: w.closed,
             })
             .collect();
         let queued_swaps = self
@@ -228,6 +231,8 @@ impl Core {
                     loop_delay_ms: w.loop_delay_ms,
                     beating: w.beating,
                     hung: w.hung,
+                    closed: w.closed,
+                    conns: Default::default(),
                 },
             );
         }

@@ -3,7 +3,8 @@
 //! It is split the way a state machine and its I/O split:
 //! - [`core`] decides: events in, state transition, effects out — no
 //!   process, fd, task or clock of its own (`ops` holds its operations,
-//!   `report` what it publishes, [`policy`] the crash rule, [`timers`] its
+//!   `report` what it publishes, `share` the even
+//!   share of keep-alive connections, [`policy`] the crash rule, [`timers`] its
 //!   deadlines);
 //! - [`driver`] does: forks, signals, sleeps, talks to systemd and the log,
 //!   answers callers, and feeds results back as events;
@@ -28,6 +29,7 @@ mod ops;
 pub mod policy;
 pub mod reconfig;
 mod report;
+mod share;
 pub mod sources;
 pub mod timers;
 

@@ -47,11 +47,18 @@ pub struct Policy {
     /// Each slot has sockets of its own (`balance: reuseport`): a slot that
     /// goes is steered away from and its queue emptied before its worker stops.
     pub per_slot_sockets: bool,
+    /// Even out keep-alive connections across the workers (`rebalance`).
+    pub rebalance: bool,
 }
 
 impl Policy {
-    /// The policy for `app`; `has_sockets` says whether workers inherit any.
-    pub fn new(app: &App, has_sockets: bool, watchdog: Option<Duration>) -> Policy {
+    /// The policy for `app`, whose workers inherit `sockets`.
+    pub fn new(
+        app: &App,
+        sockets: &crate::sockets::SocketSet,
+        watchdog: Option<Duration>,
+    ) -> Policy {
+        let has_sockets = !sockets.is_empty();
         let node = matches!(app.interpreter, crate::config::Interpreter::Node(_));
         Policy {
             name: app.name.clone(),
@@ -70,7 +77,8 @@ impl Policy {
             max_event_loop_delay: app.max_event_loop_delay,
             reload_parallel: app.reload_parallel.max(1),
             watchdog,
-            per_slot_sockets: has_sockets && app.balance == crate::config::Balance::ReusePort,
+            per_slot_sockets: has_sockets && sockets.per_slot(),
+            rebalance: app.rebalance,
         }
     }
 }
@@ -146,6 +154,7 @@ pub fn test_policy() -> Policy {
         reload_parallel: 1,
         watchdog: None,
         per_slot_sockets: false,
+        rebalance: true,
     }
 }
 

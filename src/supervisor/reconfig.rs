@@ -128,7 +128,7 @@ impl Configs {
             &self.paths.notify_socket,
         );
         self.launchers.insert(self.generation, launcher);
-        let policy = Policy::new(&new, !sockets.is_empty(), policy.watchdog);
+        let policy = Policy::new(&new, sockets, policy.watchdog);
         self.app = new;
         Accepted {
             config: NewConfig {

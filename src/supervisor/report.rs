@@ -19,7 +19,7 @@ impl Core {
         })
     }
 
-    /// The slots whose current worker is ready.
+    /// The slots whose current worker is ready and still listens.
     pub fn serving_slots(&self) -> std::collections::BTreeSet<u32> {
         self.slots
             .iter()
@@ -27,7 +27,7 @@ impl Core {
             .filter(|(_, s)| {
                 s.current
                     .and_then(|id| self.workers.get(&id))
-                    .is_some_and(|w| w.state == WState::Ready)
+                    .is_some_and(|w| w.state == WState::Ready && !w.closed)
             })
             .map(|(i, _)| i as u32)
             .collect()

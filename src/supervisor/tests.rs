@@ -1411,3 +1411,157 @@ fn a_reexec_waits_for_slots_that_go() {
     w.send(Event::SlotDrained(1));
     assert_eq!(w.count(&Effect::CheckExec), 1);
 }
+
+// ---- keep-alive connections shared out evenly ----------------------------------
+
+impl World {
+    fn connections(&mut self, w: WorkerId, open: u32) {
+        self.send(Event::Ipc {
+            worker: w,
+            msg: Message::Connections { open },
+        });
+    }
+
+    /// The shares told since effect `mark`, by worker.
+    fn shares_since(&self, mark: usize) -> BTreeMap<WorkerId, Option<u32>> {
+        self.effects[mark..]
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Share { worker, max } => Some((*worker, *max)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn every_serving_worker_is_told_its_fair_share_of_keep_alive_connections() {
+    let mut w = World::obedient(policy(4));
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    let mark = w.effects.len();
+    // 64 connections fell 30/20/14/0, as one shared queue places them.
+    for (id, open) in ids.iter().zip([30, 20, 14, 0]) {
+        w.connections(*id, open);
+    }
+    let told = w.shares_since(mark);
+    assert!(ids.iter().all(|id| told[id] == Some(16)), "{told:?}");
+    // The shares even out: nothing more to tell.
+    let mark = w.effects.len();
+    for (id, open) in ids.iter().zip([16, 16, 16, 16]) {
+        w.connections(*id, open);
+    }
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+    // One connection moves from one worker to another: the share rounds up,
+    // so nobody is asked to shed one more.
+    w.connections(ids[0], 15);
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+    // The load doubles: the share follows.
+    for (id, open) in ids.iter().zip([32, 32, 32, 32]) {
+        w.connections(*id, open);
+    }
+    let told = w.shares_since(mark);
+    assert!(ids.iter().all(|id| told[id] == Some(32)), "{told:?}");
+    // Half the clients go: for a second the share holds (they may be
+    // reconnecting elsewhere), then it follows them down.
+    let mark = w.effects.len();
+    for (id, open) in ids.iter().zip([32, 16, 16, 16]) {
+        w.connections(*id, open);
+    }
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+    w.advance(MS(999));
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+    w.advance(MS(1));
+    let told = w.shares_since(mark);
+    assert!(ids.iter().all(|id| told[id] == Some(20)), "{told:?}");
+    // Nothing more is due: no timer keeps an idle manager awake.
+    assert_eq!(w.core.next_deadline(), None);
+}
+
+#[test]
+fn a_worker_that_crashes_leaves_its_connections_to_the_others_share() {
+    let mut w = World::obedient(policy(3));
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    for (id, open) in ids.iter().zip([10, 10, 10]) {
+        w.connections(*id, open);
+    }
+    let mark = w.effects.len();
+    w.crash(ids[2]);
+    // Its clients reconnect to the two left; the share is theirs to split.
+    w.connections(ids[0], 15);
+    w.connections(ids[1], 15);
+    let told = w.shares_since(mark);
+    assert_eq!(told.get(&ids[0]), Some(&Some(15)), "{told:?}");
+    assert_eq!(told.get(&ids[1]), Some(&Some(15)), "{told:?}");
+    assert_eq!(told.get(&ids[2]), None);
+    // The replacement counts from its first report on, and is told too.
+    let fresh = w.current()[&2];
+    w.listening(fresh);
+    let mark = w.effects.len();
+    w.connections(fresh, 0);
+    let told = w.shares_since(mark);
+    assert!(told.values().all(|m| *m == Some(10)), "{told:?}");
+    assert_eq!(told.len(), 3, "{told:?}");
+}
+
+#[test]
+fn one_worker_alone_or_rebalance_off_is_told_no_limit() {
+    let mut w = World::obedient(policy(1));
+    let only = w.current()[&0];
+    let mark = w.effects.len();
+    w.connections(only, 40);
+    w.connections(only, 41);
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+
+    let mut w = World::obedient(Policy {
+        rebalance: false,
+        ..policy(2)
+    });
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    let mark = w.effects.len();
+    w.connections(ids[0], 40);
+    w.connections(ids[1], 0);
+    assert_eq!(w.shares_since(mark), BTreeMap::new());
+}
+
+#[test]
+fn a_worker_that_closed_its_listening_socket_serves_no_slot_and_no_share() {
+    let mut w = World::obedient(policy(3));
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    for id in &ids {
+        w.connections(*id, 10);
+    }
+    assert_eq!(w.core.serving_slots(), [0, 1, 2].into());
+    let mark = w.effects.len();
+    w.send(Event::Ipc {
+        worker: ids[1],
+        msg: Message::Closed,
+    });
+    assert_eq!(w.core.serving_slots(), [0, 2].into());
+    assert!(w.logs().contains("worker 1 (pid"), "{}", w.logs());
+    assert!(w.logs().contains("closed its listening socket and runs on"));
+    // Its clients go to the other two: their share is 15 from now on.
+    let told = w.shares_since(mark);
+    assert_eq!(told.get(&ids[0]), Some(&Some(15)), "{told:?}");
+    assert_eq!(told.get(&ids[1]), None, "{told:?}");
+    // Its replacement (after a crash, say) serves again.
+    w.crash(ids[1]);
+    let fresh = w.current()[&1];
+    w.listening(fresh);
+    assert_eq!(w.core.serving_slots(), [0, 1, 2].into());
+}
+
+#[test]
+fn a_worker_that_is_no_longer_alone_is_told_its_share() {
+    let mut w = World::obedient(policy(1));
+    let only = w.current()[&0];
+    w.connections(only, 40);
+    let r = w.request(Control::Scale(ScaleTarget::To(2)));
+    let two = w.current()[&1];
+    w.listening(two);
+    assert_eq!(w.workers_after(r), Some(2));
+    let mark = w.effects.len();
+    w.connections(two, 0);
+    let told = w.shares_since(mark);
+    assert_eq!(told.get(&only), Some(&Some(20)), "{told:?}");
+    assert_eq!(told.get(&two), Some(&Some(20)), "{told:?}");
+}

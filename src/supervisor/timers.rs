@@ -30,6 +30,8 @@ pub enum TimerKey {
     Watchdog,
     /// Compare worker memory with `max_memory_restart`.
     MemoryCheck,
+    /// The highest recent total of keep-alive connections is forgotten then.
+    Share,
 }
 
 #[derive(Debug, Default)]

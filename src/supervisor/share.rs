@@ -1,0 +1,96 @@
+//! Keep-alive connections shared out evenly across the workers.
+//!
+//! Where a new connection lands is the kernel's choice (one shared accept
+//! queue: whichever worker is idle first; a socket per slot: a hash), and
+//! with keep-alive a connection then stays where it landed. A load balancer
+//! or a client that holds 64 connections open can so leave one worker with
+//! a third of them and another with none, for as long as the connections
+//! live: shares of 0/17/30/53 % were measured with 4 workers.
+//!
+//! So each worker's preload reports how many connections it holds (those it
+//! is not already closing), and the core tells every serving worker its fair
+//! share: the total divided by the serving workers, rounded up. A worker
+//! above it answers the next request on as many connections as it holds too
+//! many with `Connection: close`; the client opens a new connection, and the
+//! kernel places it again (with one shared queue, most likely at an idle
+//! worker: one with fewer connections). Nothing is cut: the response is
+//! whole and says the connection ends, so the client does not reuse it.
+//! When the shares are even, nothing is sent and nothing is closed.
+//!
+//! The share is worked out from the highest total of the last second, not
+//! the total of the moment: a connection closed here is reported before its
+//! client's new one is reported there, and were the share to drop in
+//! between, every other worker would shed one too. For the same reason it is
+//! rounded up.
+
+use std::time::Duration;
+
+use super::core::{Core, Effect, WState, WorkerId};
+use super::timers::TimerKey;
+
+/// How long a higher total of connections counts after it was seen.
+pub(super) const PEAK_HOLD: Duration = Duration::from_secs(1);
+
+/// A worker's connections, as its preload last reported them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Conns {
+    /// Connections it holds and is not closing.
+    pub(super) open: u32,
+    /// It has reported at all (it runs the preload and serves HTTP).
+    pub(super) reported: bool,
+    /// The fair share it was last told, if any.
+    pub(super) told: Option<u32>,
+}
+
+impl Core {
+    /// The preload reported the connections a worker holds.
+    pub(super) fn on_connections(&mut self, id: WorkerId, open: u32) {
+        if let Some(w) = self.workers.get_mut(&id) {
+            w.conns.open = open;
+            w.conns.reported = true;
+        }
+    }
+
+    /// Tell each serving worker its fair share, when that changed.
+    pub(super) fn share_out(&mut self) {
+        if !self.policy.rebalance {
+            return;
+        }
+        let serving: Vec<WorkerId> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current)
+            .filter(|id| {
+                self.workers.get(id).is_some_and(|w| {
+                    w.state == WState::Ready && w.ipc && w.conns.reported && !w.closed
+                })
+            })
+            .collect();
+        if serving.is_empty() {
+            return;
+        }
+        let total: u32 = serving.iter().map(|id| self.workers[id].conns.open).sum();
+        // Forgotten when the timer fires; armed only while it is higher.
+        let peak = match self.share_peak {
+            Some((peak, at)) if peak > total => {
+                self.timers.arm(TimerKey::Share, at + PEAK_HOLD);
+                peak
+            }
+            _ => {
+                self.share_peak = Some((total, self.now));
+                self.timers.cancel(TimerKey::Share);
+                total
+            }
+        };
+        // One worker alone holds everything: no limit to tell.
+        let fair = (serving.len() > 1).then(|| peak.div_ceil(serving.len() as u32));
+        for id in serving {
+            let w = self.workers.get_mut(&id).expect("serving worker");
+            let max = fair;
+            if w.conns.told != max {
+                w.conns.told = max;
+                self.out.push(Effect::Share { worker: id, max });
+            }
+        }
+    }
+}
