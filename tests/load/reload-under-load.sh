@@ -10,7 +10,9 @@
 # Usage: tests/load/reload-under-load.sh [path/to/nodeherd]
 # LOAD_APP=tests/apps/slow.js runs an app that takes 400 ms to listen and
 # stops itself on SIGINT with server.close() (its own handler).
-# LOAD_BALANCE=reuseport runs it with one SO_REUSEPORT socket per slot.
+# It runs with the default balance (auto: here one SO_REUSEPORT socket per
+# slot) and keep-alive rebalancing; LOAD_BALANCE=queue runs it with one
+# shared accept queue.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/nodeherd}
@@ -38,7 +40,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 # A generous listen_timeout: this test is about failed requests, and on a
 # loaded 2-core machine a node worker may take seconds to boot.
 "$BIN" run "$APP" --name load -i 4 --listen "127.0.0.1:$port" --bus "$BUS" \
-  --listen-timeout 15000 --balance "${LOAD_BALANCE:-queue}" \
+  --listen-timeout 15000 --balance "${LOAD_BALANCE:-auto}" \
   >"$work/manager.log" 2>&1 &
 pids+=("$!")
 ctl() {
