@@ -3,7 +3,8 @@
 # against --balance reuseport (one SO_REUSEPORT socket per slot), each with
 # keep-alive connections shared out evenly (the default) and without
 # (--no-rebalance, mode "+fixed"), side by side in one run: A B C D A B ...,
-# medians and min-max.
+# medians and min-max. Then, for each balance mode, failed requests while
+# scaling 6 -> 2 -> 6 under load (keep-alive on and off).
 #
 # Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N] [--modes "queue reuseport ..."]
 # Prints a markdown table; traffic goes to 127.0.0.1 only.
@@ -28,9 +29,14 @@ mgr=""
 cleanup() {
   [ -n "$mgr" ] && kill -TERM "$mgr" 2>/dev/null || true
   [ -n "$mgr" ] && wait "$mgr" 2>/dev/null || true
+  [ -n "${DBUS_PID:-}" ] && kill -TERM "$DBUS_PID" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
+die() { echo "FATAL: $*" >&2; exit 1; }
+# shellcheck source=lib/tools.sh
+. bench/lib/tools.sh
+RUN=$work bench_bus
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -83,6 +89,37 @@ PY
   kill -TERM "$mgr"; wait "$mgr" 2>/dev/null || true; mgr=""
 }
 
+# Scale 6 -> 2 -> 6 under `oha -c 64` for 9 s: mode, keep-alive -> "failed total"
+scale_under_load() {
+  local mode=$1 ka=$2 port flag=()
+  port=$(free_port)
+  [ "$ka" = off ] && flag=(--disable-keepalive)
+  "$BIN" run bench/apps/hello.js --name scaled -i 6 --balance "$mode" \
+    --listen "127.0.0.1:$port" --bus "$BUS" >"$work/scale.log" 2>&1 &
+  mgr=$!
+  for _ in $(seq 1 300); do
+    [ "$(grep -c ' ready (pid' "$work/scale.log" || true)" -ge 6 ] && break
+    sleep 0.05
+  done
+  oha -z 9s -c 64 -t 4s --no-tui --output-format json "${flag[@]}" "http://127.0.0.1:$port/" >"$work/scale.json" &
+  local oha_pid=$!
+  sleep 2
+  "$BIN" scale scaled 2 --bus "$BUS" >/dev/null
+  sleep 2.5
+  "$BIN" scale scaled 6 --bus "$BUS" >/dev/null
+  wait "$oha_pid" || true
+  python3 - "$work/scale.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+codes = d.get("statusCodeDistribution", {})
+errors = sum(v for k, v in d.get("errorDistribution", {}).items() if "aborted due to deadline" not in k)
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+failed = errors + sum(v for k, v in codes.items() if not k.startswith("2"))
+print(failed, ok + failed)
+PY
+  kill -TERM "$mgr"; wait "$mgr" 2>/dev/null || true; mgr=""
+}
+
 declare -A rps ratio shares
 for r in $(seq 1 "$ROUNDS"); do
   for ka in off on; do
@@ -101,5 +138,22 @@ for ka in off on; do
   for mode in $MODES; do
     # shellcheck disable=SC2086
     echo "| $mode | $ka | $(med ${rps[$mode-$ka]}) | $(med ${ratio[$mode-$ka]}) | ${shares[$mode-$ka]} |"
+  done
+done
+
+echo
+echo "Scaling 6 -> 2 -> 6 under load (oha -c 64, 9 s), failed requests per run:"
+echo
+echo "| balance | keep-alive | failed of requests, each round |"
+echo "|---|---|---|"
+for ka in off on; do
+  for mode in queue reuseport; do
+    runs=""
+    for r in $(seq 1 "$ROUNDS"); do
+      read -r f t < <(scale_under_load "$mode" "$ka")
+      echo "scale round $r, keep-alive $ka, $mode: $f failed of $t" >&2
+      runs+="$f of $t; "
+    done
+    echo "| $mode | $ka | ${runs%; } |"
   done
 done

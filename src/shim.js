@@ -284,7 +284,9 @@
   // 100 ms) and answers with the fair share, `keepAtMost`. Above it, the next
   // response on a connection says `Connection: close`: the response is whole
   // and the client knows not to reuse the connection, so nothing fails.
-  const shed = Symbol('nodeherd closes this connection');
+  // On a socket while `open` counts it: not once it is marked to close, nor
+  // once it is upgraded (a WebSocket has no response to say close in).
+  const counted = Symbol('nodeherd counts this connection');
   let open = 0;
   let keepAtMost = Infinity;
   let reported = -1;
@@ -304,22 +306,22 @@
     }, wait);
     reportTimer.unref();
   }
+  function uncount(socket) {
+    if (!socket || !socket[counted]) return false;
+    socket[counted] = false;
+    open -= 1;
+    reportSoon();
+    return true;
+  }
   function onConnection(socket) {
+    socket[counted] = true;
     open += 1;
-    socket.once('close', () => {
-      if (!socket[shed]) open -= 1;
-      reportSoon();
-    });
+    socket.once('close', () => uncount(socket));
     reportSoon();
   }
   function shedIfOver(req, res) {
     if (open <= keepAtMost || !res || !res.shouldKeepAlive) return;
-    const socket = req.socket;
-    if (!socket || socket[shed]) return;
-    socket[shed] = true;
-    open -= 1;
-    res.shouldKeepAlive = false;
-    reportSoon();
+    if (uncount(req.socket)) res.shouldKeepAlive = false;
   }
   if (channel) {
     process.on('internalMessage', (msg) => {
@@ -361,6 +363,7 @@
     // Per request, one property check: during a drain the response closes its connection.
     server.prependListener('request', onRequest);
     server.prependListener('upgrade', (req, socket) => {
+      uncount(socket);
       state.upgraded.add(socket);
       socket.once('close', () => state.upgraded.delete(socket));
     });
@@ -369,9 +372,12 @@
       session.once('close', () => state.sessions.delete(session));
       if (state.draining) goaway(session);
     });
-    // Counted where requests arrive: the TLS socket of an https server.
+    // Counted where requests arrive: the TLS socket of an https server. The
+    // first report (0) goes at once: a worker that gets no connection yet
+    // must count in the share as one with none.
     if (server instanceof https.Server) server.prependListener('secureConnection', onConnection);
     else if (server instanceof http.Server) server.prependListener('connection', onConnection);
+    if (server instanceof http.Server || server instanceof https.Server) reportSoon();
     // A plain net.Server: its connections are the app's protocol, not HTTP.
     if (!(server instanceof http.Server) && !(server instanceof https.Server) && !isHttp2(server)) {
       server.prependListener('connection', (socket) => {

@@ -448,8 +448,9 @@ impl SharedSockets {
 /// `ReusePort=yes`), and this process must be able to add siblings to its
 /// group, which the kernel allows only to the user that created the first
 /// socket (systemd: root) and, below port 1024, with
-/// `CAP_NET_BIND_SERVICE`. A sibling is bound and closed to find out; the
-/// answer says what the units must change when it cannot.
+/// `CAP_NET_BIND_SERVICE`. A sibling is bound (never listening, so the
+/// kernel sends it no connection) and closed to find out; the answer says
+/// what the units must change when it cannot.
 pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), String> {
     use nix::sys::socket::{getsockopt, sockopt};
     for l in listeners {
@@ -467,11 +468,13 @@ pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), 
                 "balance reuseport: {what} has no SO_REUSEPORT: set ReusePort=yes in the .socket unit, or use balance queue"
             ));
         }
-        match bind_sibling(&Template::from(l)) {
-            Ok(probe) => drop(probe),
-            Err(SocketError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrInUse =>
-            {
+        let spec = match l.kind {
+            Kind::Udp => format!("udp:{}", l.address),
+            _ => l.address.clone(),
+        };
+        match probe_bind(&spec, true) {
+            Ok(()) => {}
+            Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
                 return Err(format!(
                     "balance reuseport: cannot add sockets beside {what}: the kernel lets only the user \
                      that created a socket (systemd: root) add SO_REUSEPORT siblings to it, and this \
@@ -481,9 +484,7 @@ pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), 
                     nix::unistd::geteuid()
                 ));
             }
-            Err(SocketError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
+            Err(source) if source.kind() == std::io::ErrorKind::PermissionDenied => {
                 return Err(format!(
                     "balance reuseport: cannot add sockets beside {what}: a port below 1024 needs \
                      CAP_NET_BIND_SERVICE (AmbientCapabilities=CAP_NET_BIND_SERVICE in the service)"
@@ -500,6 +501,11 @@ pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), 
 }
 
 /// Bind every address with SO_REUSEPORT, so that siblings can join later.
+///
+/// SO_REUSEPORT would also let another process of this user (a second
+/// manager started for the same port by mistake) join the group without a
+/// word, so each address is first bound once without it: in use already,
+/// that fails as a plain bind would.
 pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
     addrs
         .iter()
@@ -510,9 +516,41 @@ pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
                     "balance reuseport works with TCP and UDP addresses, not unix sockets",
                 ));
             }
+            probe_bind(a, false).map_err(|source| SocketError::Bind {
+                spec: a.clone(),
+                source,
+            })?;
             bind_with(a, true)
         })
         .collect()
+}
+
+/// Bind a TCP or UDP socket to `spec` (never listening) and close it: can
+/// this process bind there now? Port 0 always can.
+fn probe_bind(spec: &str, reuse_port: bool) -> std::io::Result<()> {
+    let (udp, rest) = match spec.strip_prefix("udp:") {
+        Some(r) => (true, r),
+        None => (false, spec.strip_prefix("tcp:").unwrap_or(spec)),
+    };
+    let addr = parse_inet(rest).map_err(std::io::Error::other)?;
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let s = Socket::new(
+        Domain::for_address(addr),
+        if udp { Type::DGRAM } else { Type::STREAM },
+        None,
+    )?;
+    if !udp {
+        s.set_reuse_address(true)?;
+    }
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(false).ok();
+    }
+    s.bind(&addr.into())
 }
 
 fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {

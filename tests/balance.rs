@@ -334,3 +334,24 @@ fn balance_auto_gives_listen_addresses_a_socket_per_slot_and_the_rest_one_queue(
         m.log()
     );
 }
+
+#[test]
+fn a_second_manager_on_the_same_address_is_refused_as_before_reuseport() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let script = path_str(&app("env.js"));
+    let first = start(
+        &["run", &script, "-i", "2", "--listen", &addr, "--no-bus"],
+        &[],
+    );
+    assert!(first.wait_log("2/2 workers ready", T), "{}", first.log());
+    assert!(first.log().contains("a socket per slot"), "{}", first.log());
+    // SO_REUSEPORT alone would let it join the first one's group.
+    let (code, err) = run_to_end(
+        &["run", &script, "-i", "2", "--listen", &addr, "--no-bus"],
+        T,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(err.contains("already in use"), "{err}");
+}

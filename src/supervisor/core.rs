@@ -295,6 +295,8 @@ pub enum SwapReason {
     Reload,
     Memory,
     Hang,
+    /// Its app closed its server and lives on (a socket per slot).
+    Closed,
 }
 
 #[derive(Debug, Default)]
@@ -750,6 +752,7 @@ impl Core {
                     SwapReason::Reload => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
                     SwapReason::Hang => r.hang += 1,
+                    SwapReason::Closed => {}
                 }
             }
         } else if slot.current == Some(id) {
@@ -1032,8 +1035,11 @@ impl Core {
     /// A heartbeat: the worker's event loop runs. With
     /// `max_event_loop_delay`, the next one must come within it.
     /// The app closed its listening servers but runs on. The shared queue
-    /// needs nothing (the others take it); with a socket per slot, new
-    /// connections are steered to the other slots (see `serving_slots`).
+    /// needs nothing (the others take it). With a socket per slot, new
+    /// connections are steered to the other slots at once (see
+    /// `serving_slots`), and the worker is replaced the zero-downtime way:
+    /// what reached the slot's own queue before the steering changed waits
+    /// for a worker that accepts, and only a new one will.
     fn on_closed(&mut self, id: WorkerId) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
@@ -1043,14 +1049,30 @@ impl Core {
         }
         w.closed = true;
         let (index, pid) = (w.index, w.pid);
+        let replace = self.policy.per_slot_sockets
+            && self.phase == Phase::Running
+            && self
+                .slots
+                .get(index as usize)
+                .is_some_and(|s| s.current == Some(id));
         self.log_worker(
             Level::Warning,
             index,
             pid,
-            format!(
-                "worker {index} (pid {pid}) closed its listening socket and runs on: it gets no new connection until it is restarted"
-            ),
+            if replace {
+                format!(
+                    "worker {index} (pid {pid}) closed its listening socket and runs on: it gets no new connection, and is replaced without downtime for what its socket holds"
+                )
+            } else {
+                format!(
+                    "worker {index} (pid {pid}) closed its listening socket and runs on: the other workers take its connections"
+                )
+            },
         );
+        if replace {
+            self.queue
+                .push_back(Queued::ReloadSlots(vec![index], SwapReason::Closed));
+        }
     }
 
     fn on_beat(&mut self, id: WorkerId, delay_ms: u32) {

@@ -82,6 +82,13 @@ pub struct WorkerState {
     pub hung: bool,
     #[serde(default)]
     pub closed: bool,
+    /// Its keep-alive connections as last reported, and the share it was told.
+    #[serde(default)]
+    pub conns_open: u32,
+    #[serde(default)]
+    pub conns_reported: bool,
+    #[serde(default)]
+    pub conns_told: Option<u32>,
 }
 
 fn signed_offset(at: Instant, base: Instant) -> i128 {
@@ -137,6 +144,9 @@ impl Core {
                 beating: w.beating,
                 hung: w.hung,
                 closed: w.closed,
+                conns_open: w.conns.open,
+                conns_reported: w.conns.reported,
+                conns_told: w.conns.told,
             })
             .collect();
         let queued_swaps = self
@@ -232,7 +242,11 @@ impl Core {
                     beating: w.beating,
                     hung: w.hung,
                     closed: w.closed,
-                    conns: Default::default(),
+                    conns: super::share::Conns {
+                        open: w.conns_open,
+                        reported: w.conns_reported,
+                        told: w.conns_told,
+                    },
                 },
             );
         }

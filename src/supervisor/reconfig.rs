@@ -108,6 +108,16 @@ impl Configs {
             app: mut new,
             mut warnings,
         } = loaded;
+        // `auto` asks for what the manager chose at start, and naming the
+        // mode in use changes nothing either: neither is a change to warn of.
+        let in_use = if sockets.per_slot() {
+            config::Balance::ReusePort
+        } else {
+            config::Balance::Queue
+        };
+        if matches!(new.balance, config::Balance::Auto) || new.balance == in_use {
+            new.balance = self.app.balance;
+        }
         let d = config::diff(&self.app, &new);
         for what in &d.needs_restart {
             warnings.push(format!(

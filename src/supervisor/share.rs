@@ -54,6 +54,15 @@ impl Core {
     /// Tell each serving worker its fair share, when that changed.
     pub(super) fn share_out(&mut self) {
         if !self.policy.rebalance {
+            // Turned off by a reload: limits told before are lifted.
+            for (id, w) in self.workers.iter_mut() {
+                if w.conns.told.take().is_some() {
+                    self.out.push(Effect::Share {
+                        worker: *id,
+                        max: None,
+                    });
+                }
+            }
             return;
         }
         let serving: Vec<WorkerId> = self

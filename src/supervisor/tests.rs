@@ -1315,6 +1315,11 @@ fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
     let id = w.starting()[0];
     w.listening(id);
     assert_eq!(w.workers_after(scale), Some(4));
+    // Keep-alive connections as reported, 30/10/10 (slot 1 is down).
+    let serving: Vec<WorkerId> = w.current().values().copied().collect();
+    for (id, open) in serving.iter().zip([30, 10, 10]) {
+        w.connections(*id, open);
+    }
     let before = w.core.snapshot();
     let deadline = w.core.next_deadline();
 
@@ -1337,6 +1342,11 @@ fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
     w.core = core;
     w.now = later;
     w.effects.clear();
+    // The counts came along: reports that change nothing tell nobody
+    // anything, where a core that forgot them would tell a share of 10.
+    w.connections(serving[1], 10);
+    w.connections(serving[2], 10);
+    assert_eq!(w.shares_since(0), BTreeMap::new());
     w.advance(MS(1500));
     assert_eq!(w.spawns_since(w.spawned.len() - 1), [1], "slot 1 restarted");
     let id = w.starting()[0];
@@ -1524,6 +1534,25 @@ fn one_worker_alone_or_rebalance_off_is_told_no_limit() {
 }
 
 #[test]
+fn turning_rebalance_off_lifts_the_limits_told() {
+    let mut w = World::obedient(policy(2));
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    w.connections(ids[0], 40);
+    w.connections(ids[1], 0);
+    let mark = w.effects.len();
+    w.reconfigure(
+        Policy {
+            rebalance: false,
+            ..policy(2)
+        },
+        1,
+        "rebalance changed",
+    );
+    let told = w.shares_since(mark);
+    assert_eq!(told.get(&ids[0]), Some(&None), "{told:?}");
+}
+
+#[test]
 fn a_worker_that_closed_its_listening_socket_serves_no_slot_and_no_share() {
     let mut w = World::obedient(policy(3));
     let ids: Vec<WorkerId> = w.current().values().copied().collect();
@@ -1548,6 +1577,42 @@ fn a_worker_that_closed_its_listening_socket_serves_no_slot_and_no_share() {
     let fresh = w.current()[&1];
     w.listening(fresh);
     assert_eq!(w.core.serving_slots(), [0, 1, 2].into());
+}
+
+#[test]
+fn with_a_socket_per_slot_a_worker_that_closed_its_socket_is_replaced_new_one_first() {
+    let mut w = World::obedient(Policy {
+        per_slot_sockets: true,
+        ..policy(2)
+    });
+    let one = w.current()[&1];
+    let mark = w.spawned.len();
+    w.send(Event::Ipc {
+        worker: one,
+        msg: Message::Closed,
+    });
+    assert!(
+        w.logs().contains("is replaced without downtime"),
+        "{}",
+        w.logs()
+    );
+    assert_eq!(w.core.serving_slots(), [0].into());
+    assert_eq!(w.spawns_since(mark), vec![1]);
+    // The old one is still there until the new one is ready.
+    assert!(w.alive.contains_key(&one));
+    let fresh = w.spawned[mark].0;
+    w.listening(fresh);
+    assert!(!w.alive.contains_key(&one), "the closed worker is stopped");
+    assert_eq!(w.core.serving_slots(), [0, 1].into());
+    assert_eq!(
+        w.core
+            .snapshot()
+            .workers
+            .iter()
+            .filter(|x| x.pid > 0)
+            .count(),
+        2
+    );
 }
 
 #[test]
