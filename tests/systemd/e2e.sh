@@ -157,9 +157,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- port
+# Below the kernel's ephemeral range (32768-60999 by default): a port in it
+# may be taken between this check and systemd's bind by any outgoing
+# connection or listen(0) on the host, as happened once.
 free_port() {
     local p
-    for p in $(seq $((20000 + $$ % 20000)) $((20100 + $$ % 20000))); do
+    for p in $(seq $((20000 + $$ % 12000)) $((20100 + $$ % 12000))); do
         [[ -z $(ss -Htln "sport = :$p") ]] && { echo "$p"; return; }
     done
     die "no free port"
