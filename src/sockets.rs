@@ -532,7 +532,10 @@ fn probe_bind(spec: &str, reuse_port: bool) -> std::io::Result<()> {
         Some(r) => (true, r),
         None => (false, spec.strip_prefix("tcp:").unwrap_or(spec)),
     };
-    let addr = parse_inet(rest).map_err(std::io::Error::other)?;
+    // A bad address is for the real bind to report, with its own words.
+    let Ok(addr) = parse_inet(rest) else {
+        return Ok(());
+    };
     if addr.port() == 0 {
         return Ok(());
     }
