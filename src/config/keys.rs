@@ -254,7 +254,7 @@ mod tests {
             "shutdown_with_message": "true", "min_uptime": "1m", "max_restarts": 3,
             "restart_delay": 100, "exp_backoff_restart_delay": 150, "autorestart": false,
             "max_memory_restart": "300M", "listen": ["127.0.0.1:8000"], "reload_parallel": 2,
-            "uid": 1000, "gid": "www-data", "balance": "reuseport",
+            "uid": 1000, "gid": "www-data", "balance": "reuseport", "rebalance": false,
         }))
         .unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
@@ -274,6 +274,7 @@ mod tests {
         assert_eq!(raw.max_memory_restart, Some(300 << 20));
         assert_eq!(raw.uid.as_deref(), Some("1000"));
         assert_eq!(raw.balance, Some(Balance::ReusePort));
+        assert_eq!(raw.rebalance, Some(false));
     }
 
     #[test]
@@ -287,6 +288,7 @@ mod tests {
             (json!({"env": {"BAD NAME": "x"}}), "env"),
             (json!({"env_prod": []}), "env_prod"),
             (json!({"balance": "random"}), "balance"),
+            (json!({"rebalance": "yes"}), "rebalance"),
             (json!({"kill_timeout": "forever"}), "kill_timeout"),
         ] {
             let e = one(entry).unwrap_err();
