@@ -24,8 +24,8 @@
 // 4. Keeps keep-alive connections evenly spread: it reports how many the
 //    worker's HTTP servers hold, and when the manager says that is more than
 //    this worker's fair share, answers the next request on the surplus with
-//    `Connection: close` so that those clients reconnect (and land on the
-//    workers with fewer).
+//    `Connection: close` so that those clients reconnect, most of them to
+//    workers with fewer.
 // 5. Stays out of the app's own child processes (fork, spawn of node,
 //    cluster.fork, worker threads): they never load it and see no nodeherd
 //    variable; LISTEN_PID names the worker, so a child that reads
