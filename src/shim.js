@@ -102,6 +102,12 @@
     }
     const beat = setInterval(() => {
       tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0 });
+      // Still above its share (the connections it closed came back here):
+      // say so again, and the manager answers with the surplus to close.
+      if (open > shareMax) {
+        reported = -1;
+        reportSoon();
+      }
       if (delay) delay.reset();
     }, heartbeat);
     beat.unref();
@@ -281,14 +287,18 @@
   // --- even shares of keep-alive connections --------------------------------
   // `open` counts the connections of the HTTP servers placed here that are
   // not marked to close; the manager hears it when it changes (at most every
-  // 100 ms) and answers with the fair share, `keepAtMost`. Above it, the next
+  // 100 ms) and answers with the fair share; the surplus it had then, its next
   // response on a connection says `Connection: close`: the response is whole
   // and the client knows not to reuse the connection, so nothing fails.
   // On a socket while `open` counts it: not once it is marked to close, nor
   // once it is upgraded (a WebSocket has no response to say close in).
   const counted = Symbol('nodeherd counts this connection');
   let open = 0;
-  let keepAtMost = Infinity;
+  // Connections to close at their next response: the surplus the manager's
+  // last word found, taken once (never a standing limit: connections in
+  // transit would lower every count and make the workers shed on and on).
+  let toShed = 0;
+  let shareMax = Infinity;
   let reported = -1;
   let reportedAt = 0;
   let reportTimer = null;
@@ -320,13 +330,17 @@
     reportSoon();
   }
   function shedIfOver(req, res) {
-    if (open <= keepAtMost || !res || !res.shouldKeepAlive) return;
-    if (uncount(req.socket)) res.shouldKeepAlive = false;
+    if (toShed <= 0 || !res || !res.shouldKeepAlive) return;
+    if (uncount(req.socket)) {
+      toShed -= 1;
+      res.shouldKeepAlive = false;
+    }
   }
   if (channel) {
     process.on('internalMessage', (msg) => {
       if (!msg || msg.cmd !== 'NODE_NODEHERD_SHARE') return;
-      keepAtMost = typeof msg.max === 'number' && msg.max >= 0 ? msg.max : Infinity;
+      shareMax = typeof msg.max === 'number' && msg.max >= 0 ? msg.max : Infinity;
+      toShed = Math.max(0, open - shareMax);
     });
   }
 

@@ -246,6 +246,7 @@ impl Core {
                         open: w.conns_open,
                         reported: w.conns_reported,
                         told: w.conns_told,
+                        fresh: false,
                     },
                 },
             );

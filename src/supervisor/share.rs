@@ -40,6 +40,8 @@ pub(super) struct Conns {
     pub(super) reported: bool,
     /// The fair share it was last told, if any.
     pub(super) told: Option<u32>,
+    /// A report came since the share was last worked out for it.
+    pub(super) fresh: bool,
 }
 
 impl Core {
@@ -48,6 +50,7 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&id) {
             w.conns.open = open;
             w.conns.reported = true;
+            w.conns.fresh = true;
         }
     }
 
@@ -96,7 +99,11 @@ impl Core {
         for id in serving {
             let w = self.workers.get_mut(&id).expect("serving worker");
             let max = fair;
-            if w.conns.told != max {
+            // Told again when it reports more than its share: the preload
+            // closes the surplus it had then, once per word.
+            let over = w.conns.fresh && max.is_some_and(|m| w.conns.open > m);
+            w.conns.fresh = false;
+            if w.conns.told != max || over {
                 w.conns.told = max;
                 self.out.push(Effect::Share { worker: id, max });
             }
