@@ -35,7 +35,8 @@ pub enum Message {
     /// exit): it accepts no more connections there.
     Closed,
     /// The keep-alive connections the worker holds and is not closing
-    /// (sent when that changes, at most every 100 ms).
+    /// (sent when that changes, at most every 100 ms, and again with each
+    /// heartbeat while above its share).
     Connections { open: u32 },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.

@@ -17,6 +17,11 @@
 //! whole and says the connection ends, so the client does not reuse it.
 //! When the shares are even, nothing is sent and nothing is closed.
 //!
+//! The share is a word, not a standing limit: a worker closes the surplus it
+//! had when told, once, and is told again only when a later report shows it
+//! still above (its connections came back to it). A standing limit made the
+//! workers shed on and on: connections in transit lower every count.
+//!
 //! The share is worked out from the highest total of the last second, not
 //! the total of the moment: a connection closed here is reported before its
 //! client's new one is reported there, and were the share to drop in
