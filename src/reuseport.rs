@@ -15,6 +15,13 @@
 //! slot's worker then empties its queue, and only once it is empty is the
 //! worker asked to stop (see the supervisor's scale-down).
 //!
+//! The same program evens out keep-alive connections: while some workers
+//! hold fewer than their share and others as many or more (the supervisor's
+//! `share`), new TCP connections are picked among the slots below it, so a
+//! client a worker above its share sends away reconnects where it is
+//! wanted. While the shares are even, or there is no keep-alive traffic,
+//! every serving slot is picked.
+//!
 //! The program names sockets by their index in the kernel's array, so this
 //! module keeps a model of that array: a socket is appended when it starts
 //! listening, and when one leaves (its last copy closed) the last socket is
@@ -47,6 +54,9 @@ pub struct PerSlot {
     next_id: u64,
     /// Slots whose worker is ready: the program picks only their sockets.
     serving: std::collections::BTreeSet<u32>,
+    /// Of those, the ones below their share of keep-alive connections
+    /// (empty: no preference): TCP sockets are picked among these.
+    preferred: std::collections::BTreeSet<u32>,
     /// A program is attached to the groups: a socket that joins must be added.
     steering: bool,
     /// Steering failed once (an old kernel, a seccomp filter): said once.
@@ -79,6 +89,7 @@ impl PerSlot {
             templates,
             leaving: BTreeMap::new(),
             serving: Default::default(),
+            preferred: Default::default(),
             steering: false,
             steering_failed: false,
         }
@@ -87,9 +98,19 @@ impl PerSlot {
     /// The slots whose worker is ready now. New connections go to their
     /// sockets only: a slot whose worker crashed, or is still starting, gets
     /// none until it serves again (what its queue already holds waits for it).
-    pub fn set_serving(&mut self, serving: std::collections::BTreeSet<u32>) {
-        if serving != self.serving {
+    /// While `preferred` (a part of them) is not empty, new TCP connections
+    /// go to its slots only: the workers below their share of keep-alive
+    /// connections (see the supervisor's `share`).
+    pub fn set_serving(
+        &mut self,
+        serving: std::collections::BTreeSet<u32>,
+        preferred: std::collections::BTreeSet<u32>,
+    ) {
+        let preferred: std::collections::BTreeSet<u32> =
+            preferred.intersection(&serving).copied().collect();
+        if serving != self.serving || preferred != self.preferred {
             self.serving = serving;
+            self.preferred = preferred;
             self.steer();
         }
     }
@@ -202,14 +223,23 @@ impl PerSlot {
     /// Attach to each group a program that picks among the sockets of the
     /// slots that stay.
     fn steer(&mut self) {
-        let live: std::collections::BTreeSet<u64> = self
-            .ids
-            .iter()
-            .enumerate()
-            .filter(|(slot, _)| self.serving.contains(&(*slot as u32)))
-            .flat_map(|(_, ids)| ids.iter().copied())
-            .collect();
+        let ids_of = |slots: &std::collections::BTreeSet<u32>| -> std::collections::BTreeSet<u64> {
+            self.ids
+                .iter()
+                .enumerate()
+                .filter(|(slot, _)| slots.contains(&(*slot as u32)))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect()
+        };
+        let serving = ids_of(&self.serving);
+        let preferred = ids_of(&self.preferred);
         for (t, group) in self.groups.iter().enumerate() {
+            let tcp = self.templates.get(t).is_some_and(|x| x.kind == Kind::Tcp);
+            let live = if tcp && !preferred.is_empty() {
+                &preferred
+            } else {
+                &serving
+            };
             let indexes: Vec<u32> = group
                 .iter()
                 .enumerate()
@@ -278,6 +308,7 @@ impl PerSlot {
             groups: state.groups,
             leaving: BTreeMap::new(),
             serving: Default::default(),
+            preferred: Default::default(),
             next_id: state.next_id,
             // A program the old manager attached stays with the groups.
             steering: true,
@@ -398,7 +429,7 @@ mod tests {
         for i in 1..4 {
             p.for_slot(i).unwrap();
         }
-        p.set_serving((0..4).collect());
+        p.set_serving((0..4).collect(), Default::default());
         let connect = |n: usize| -> Vec<TcpStream> {
             (0..n).map(|_| TcpStream::connect(&addr).unwrap()).collect()
         };
@@ -428,12 +459,44 @@ mod tests {
         // A new slot joins at the end and is picked.
         p.close_leaving(7);
         p.for_slot(4).unwrap();
-        p.set_serving([2, 3, 4].into());
+        p.set_serving([2, 3, 4].into(), Default::default());
         let held3 = connect(100);
         assert!(
             accept_all(&p.sockets[4][0]) > 0,
             "the new slot gets its share"
         );
+        drop((held, held2, held3));
+    }
+
+    #[test]
+    fn new_tcp_connections_go_to_the_preferred_slots_while_there_are_some() {
+        let first = crate::sockets::bind_all_reuseport(&["127.0.0.1:0".into()]).unwrap();
+        let addr = first[0].address.clone();
+        let mut p = PerSlot::new(first);
+        for i in 1..4 {
+            p.for_slot(i).unwrap();
+        }
+        let connect = |n: usize| -> Vec<TcpStream> {
+            (0..n).map(|_| TcpStream::connect(&addr).unwrap()).collect()
+        };
+        // Slots 1 and 3 are below their share: every new connection is theirs.
+        p.set_serving((0..4).collect(), [1, 3].into());
+        let held = connect(100);
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert_eq!((got[0], got[2]), (0, 0), "{got:?}");
+        assert_eq!(got[1] + got[3], 100, "{got:?}");
+        assert!(got[1] > 0 && got[3] > 0, "both preferred slots: {got:?}");
+        // A preferred slot that does not serve is not picked.
+        p.set_serving([0, 1, 2].into(), [3].into());
+        let held2 = connect(100);
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert_eq!(got[3], 0, "{got:?}");
+        assert!(got[..3].iter().all(|n| *n > 0), "{got:?}");
+        // No preference: every serving slot again.
+        p.set_serving((0..4).collect(), Default::default());
+        let held3 = connect(200);
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert!(got.iter().all(|n| *n > 0), "{got:?}");
         drop((held, held2, held3));
     }
 

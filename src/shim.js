@@ -285,14 +285,20 @@
   }
 
   // --- even shares of keep-alive connections --------------------------------
-  // `open` counts the connections of the HTTP servers placed here that are
-  // not marked to close; the manager hears it when it changes (at most every
-  // 100 ms) and answers with the fair share; the surplus it had then, its next
-  // response on a connection says `Connection: close`: the response is whole
-  // and the client knows not to reuse the connection, so nothing fails.
+  // `open` counts the keep-alive connections of the HTTP servers placed here
+  // that are not marked to close; the manager hears it when it changes (at
+  // most every 100 ms) and answers with the fair share; the surplus it had
+  // then, its next response on a connection says `Connection: close`: the
+  // response is whole and the client knows not to reuse the connection, so
+  // nothing fails. A connection counts once it is kept alive: from its
+  // second request (the first may be its only one: a client that opens a
+  // connection per request, with or without `Connection: close`, leaves
+  // nothing to even out, and counting it would only make the counts
+  // flicker), so without keep-alive every count stays 0 and nothing is sent.
   // On a socket while `open` counts it: not once it is marked to close, nor
   // once it is upgraded (a WebSocket has no response to say close in).
   const counted = Symbol('nodeherd counts this connection');
+  const reused = Symbol('a request came on this connection');
   let open = 0;
   // Connections to close at their next response: the surplus the manager's
   // last word found, taken once (never a standing limit: connections in
@@ -323,13 +329,20 @@
     reportSoon();
     return true;
   }
-  function onConnection(socket) {
+  function countKeptAlive(req, res) {
+    const socket = req.socket;
+    if (!socket || !res || !res.shouldKeepAlive || counted in socket) return;
+    if (!socket[reused]) {
+      socket[reused] = true;
+      return;
+    }
     socket[counted] = true;
     open += 1;
     socket.once('close', () => uncount(socket));
     reportSoon();
   }
   function shedIfOver(req, res) {
+    countKeptAlive(req, res);
     if (toShed <= 0 || !res || !res.shouldKeepAlive) return;
     if (uncount(req.socket)) {
       toShed -= 1;
@@ -372,7 +385,7 @@
   function track(server) {
     if (server.__nodeherd) return;
     servers.add(server);
-    const state = { draining: false, idleTimer: null, raw: new Set(), upgraded: new Set(), sessions: new Set() };
+    const state = { draining: false, http: false, idleTimer: null, raw: new Set(), upgraded: new Set(), sessions: new Set() };
     server.__nodeherd = state;
     // Per request, one property check: during a drain the response closes its connection.
     server.prependListener('request', onRequest);
@@ -386,12 +399,11 @@
       session.once('close', () => state.sessions.delete(session));
       if (state.draining) goaway(session);
     });
-    // Counted where requests arrive: the TLS socket of an https server. The
+    // Counted where requests arrive (for https, on the TLS socket). The
     // first report (0) goes at once: a worker that gets no connection yet
     // must count in the share as one with none.
-    if (server instanceof https.Server) server.prependListener('secureConnection', onConnection);
-    else if (server instanceof http.Server) server.prependListener('connection', onConnection);
-    if (server instanceof http.Server || server instanceof https.Server) reportSoon();
+    state.http = server instanceof http.Server || server instanceof https.Server;
+    if (state.http) reportSoon();
     // A plain net.Server: its connections are the app's protocol, not HTTP.
     if (!(server instanceof http.Server) && !(server instanceof https.Server) && !isHttp2(server)) {
       server.prependListener('connection', (socket) => {
@@ -407,7 +419,7 @@
 
   function onRequest(req, res) {
     if (this.__nodeherd.draining && res) res.shouldKeepAlive = false;
-    else shedIfOver(req, res);
+    else if (this.__nodeherd.http) shedIfOver(req, res);
   }
 
   // HTTP/2's graceful shutdown, as proxies do it: a first GOAWAY naming the

@@ -324,10 +324,15 @@ impl SocketSet {
             .map_or_else(Vec::new, |p| p.leaving_fds(leave))
     }
 
-    /// The slots whose worker is ready: new connections go to them only.
-    pub fn set_serving(&mut self, serving: std::collections::BTreeSet<u32>) {
+    /// The slots whose worker is ready: new connections go to them only,
+    /// and to the `preferred` among them while that is not empty.
+    pub fn set_serving(
+        &mut self,
+        serving: std::collections::BTreeSet<u32>,
+        preferred: std::collections::BTreeSet<u32>,
+    ) {
         if let Some(p) = &mut self.per_slot {
-            p.set_serving(serving);
+            p.set_serving(serving, preferred);
         }
     }
 

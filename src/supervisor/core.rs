@@ -415,6 +415,8 @@ pub struct Core {
     pub(super) next_leave: u64,
     /// The highest total of keep-alive connections lately, and when.
     pub(super) share_peak: Option<(u32, Instant)>,
+    /// The fair share last worked out (None: one worker, or rebalance off).
+    pub(super) share_fair: Option<u32>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -439,6 +441,7 @@ impl Core {
             leaving: BTreeMap::new(),
             next_leave: 1,
             share_peak: None,
+            share_fair: None,
             out: Vec::new(),
             now,
         }

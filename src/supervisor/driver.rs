@@ -445,8 +445,10 @@ impl Driver {
         }
         self.configs.prune(self.core.generation());
         if self.sockets.per_slot() {
-            // With a socket per slot, the kernel picks only slots that serve.
-            self.sockets.set_serving(self.core.serving_slots());
+            // With a socket per slot, the kernel picks only slots that
+            // serve, and of them those below their share while some are.
+            self.sockets
+                .set_serving(self.core.serving_slots(), self.core.preferred_slots());
         }
     }
 

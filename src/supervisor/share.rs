@@ -7,15 +7,23 @@
 //! a third of them and another with none, for as long as the connections
 //! live: shares of 0/17/30/53 % were measured with 4 workers.
 //!
-//! So each worker's preload reports how many connections it holds (those it
-//! is not already closing), and the core tells every serving worker its fair
-//! share: the total divided by the serving workers, rounded up. A worker
-//! above it answers the next request on as many connections as it holds too
-//! many with `Connection: close`; the client opens a new connection, and the
-//! kernel places it again (with one shared queue, most likely at an idle
-//! worker: one with fewer connections). Nothing is cut: the response is
-//! whole and says the connection ends, so the client does not reuse it.
-//! When the shares are even, nothing is sent and nothing is closed.
+//! So each worker's preload reports how many keep-alive connections it holds
+//! (those it is not already closing; a connection counts from its second
+//! request, once it is kept alive, so without keep-alive, or with a client
+//! that opens a connection per request, every count is 0), and the core tells every serving worker its fair share: the total
+//! divided by the serving workers, rounded up. A worker above it answers the
+//! next request on as many connections as it holds too many with
+//! `Connection: close`; the client opens a new connection, and the kernel
+//! places it again. Nothing is cut: the response is whole and says the
+//! connection ends, so the client does not reuse it. When the shares are
+//! even, nothing is sent and nothing is closed.
+//!
+//! Where the new connection lands decides how soon the shares are even. With
+//! one shared queue, most likely at an idle worker: one with fewer
+//! connections. With a socket per slot the kernel hashes, and would put it
+//! on any slot, as often as not one with enough; so while some workers are
+//! below their share, the driver has the kernel pick only their slots
+//! ([`Core::preferred_slots`], carried out by `crate::reuseport`).
 //!
 //! The share is a word, not a standing limit: a worker closes the surplus it
 //! had when told, once, and is told again only when a later report shows it
@@ -61,6 +69,7 @@ impl Core {
 
     /// Tell each serving worker its fair share, when that changed.
     pub(super) fn share_out(&mut self) {
+        self.share_fair = None;
         if !self.policy.rebalance {
             // Turned off by a reload: limits told before are lifted.
             for (id, w) in self.workers.iter_mut() {
@@ -101,6 +110,7 @@ impl Core {
         };
         // One worker alone holds everything: no limit to tell.
         let fair = (serving.len() > 1).then(|| peak.div_ceil(serving.len() as u32));
+        self.share_fair = fair;
         for id in serving {
             let w = self.workers.get_mut(&id).expect("serving worker");
             let max = fair;
@@ -113,5 +123,43 @@ impl Core {
                 self.out.push(Effect::Share { worker: id, max });
             }
         }
+    }
+
+    /// With a socket per slot, the slots new connections go to while the
+    /// shares are uneven: those serving below their fair share, so that a
+    /// connection a worker above it closes comes back where it is wanted
+    /// (the kernel's hash would put it anywhere, as often as not on a worker
+    /// with enough, and the shares would even out only over many rounds).
+    /// Empty while no worker or every worker is below its share (among
+    /// them: no keep-alive traffic at all, every count 0): then every
+    /// serving slot is picked. A worker that does not report (no preload, no
+    /// HTTP server) is picked as ever.
+    pub fn preferred_slots(&self) -> std::collections::BTreeSet<u32> {
+        use std::collections::BTreeSet;
+        let Some(fair) = self.share_fair else {
+            return BTreeSet::new();
+        };
+        let (mut reporting, mut below, mut silent) = (0, BTreeSet::new(), BTreeSet::new());
+        for index in self.serving_slots() {
+            let Some(w) = self.slots[index as usize]
+                .current
+                .and_then(|id| self.workers.get(&id))
+            else {
+                continue;
+            };
+            if !(w.ipc && w.conns.reported) {
+                silent.insert(index);
+                continue;
+            }
+            reporting += 1;
+            if w.conns.open < fair {
+                below.insert(index);
+            }
+        }
+        if below.is_empty() || below.len() == reporting {
+            return BTreeSet::new();
+        }
+        below.extend(silent);
+        below
     }
 }

@@ -1488,6 +1488,47 @@ fn every_serving_worker_is_told_its_fair_share_of_keep_alive_connections() {
 }
 
 #[test]
+fn new_connections_are_steered_to_the_workers_below_their_share() {
+    let mut w = World::obedient(policy(4));
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    // Before any report, and with no keep-alive traffic (every count 0):
+    // no preference, every serving slot is picked.
+    assert!(w.core.preferred_slots().is_empty());
+    for id in &ids {
+        w.connections(*id, 0);
+    }
+    assert!(w.core.preferred_slots().is_empty());
+    // 64 connections fell 22/18/14/10 by the kernel's hash: the fair share
+    // is 16, and the clients the first two send away must land on 2 and 3.
+    for (id, open) in ids.iter().zip([22, 18, 14, 10]) {
+        w.connections(*id, open);
+    }
+    assert_eq!(w.core.preferred_slots(), [2, 3].into());
+    // Slot 2 fills up to its share: only 3 is still wanted.
+    w.connections(ids[0], 16);
+    w.connections(ids[1], 16);
+    w.connections(ids[2], 16);
+    assert_eq!(w.core.preferred_slots(), [3].into());
+    // Even again: no preference.
+    w.connections(ids[3], 16);
+    assert!(w.core.preferred_slots().is_empty());
+    // A worker that crashed is not serving, and not preferred.
+    w.connections(ids[3], 10);
+    w.crash(ids[3]);
+    assert!(!w.core.preferred_slots().contains(&3));
+
+    // Rebalance off: no preference whatever the counts.
+    let mut w = World::obedient(Policy {
+        rebalance: false,
+        ..policy(2)
+    });
+    let ids: Vec<WorkerId> = w.current().values().copied().collect();
+    w.connections(ids[0], 40);
+    w.connections(ids[1], 0);
+    assert!(w.core.preferred_slots().is_empty());
+}
+
+#[test]
 fn a_worker_that_crashes_leaves_its_connections_to_the_others_share() {
     let mut w = World::obedient(policy(3));
     let ids: Vec<WorkerId> = w.current().values().copied().collect();
