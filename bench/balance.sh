@@ -7,20 +7,28 @@
 # scaling 6 -> 2 -> 6 under load (keep-alive on and off).
 #
 # Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N] [--modes "queue reuseport ..."]
-# Prints a markdown table; traffic goes to 127.0.0.1 only.
+#                         [--base-bin PATH] [--no-scale]
+# A mode written "base-MODE" runs MODE with the binary given by --base-bin (an
+# earlier build), for an A/B of two builds in one run; --no-scale skips the
+# scaling runs. Prints a markdown table; traffic goes to 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-ROUNDS=3 SECS=10 WORKERS=4 MODES="queue queue+fixed reuseport reuseport+fixed"
+ROUNDS=3 SECS=10 WORKERS=4 MODES="queue queue+fixed reuseport reuseport+fixed" BASE_BIN="" SCALE=1
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --seconds) SECS=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
     --modes) MODES=$2; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--seconds S] [--workers N] [--modes \"queue reuseport ...\"]" >&2; exit 2 ;;
+    --base-bin) BASE_BIN=$2; shift 2 ;;
+    --no-scale) SCALE=0; shift ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--workers N] [--modes \"queue reuseport ...\"] [--base-bin PATH] [--no-scale]" >&2; exit 2 ;;
   esac
 done
+case " $MODES" in
+  *" base-"*) [ -x "$BASE_BIN" ] || { echo "FATAL: a base-MODE needs --base-bin PATH, an executable (got '${BASE_BIN}')" >&2; exit 2; } ;;
+esac
 command -v oha >/dev/null || cargo install oha --locked --quiet
 cargo build --release --quiet
 BIN=target/release/nodeherd
@@ -42,12 +50,15 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # One measurement: mode, keep-alive on/off -> "req_per_s max_over_min shares"
 measure() {
-  local mode=$1 ka=$2 port counts fixed=()
+  local mode=$1 ka=$2 port counts fixed=() bin=$BIN
+  case $mode in
+    base-*) bin=$BASE_BIN; mode=${mode#base-} ;;
+  esac
   port=$(free_port)
   counts="$work/counts-$mode-$ka"
   rm -rf "$counts"; mkdir -p "$counts"
   [ "${mode#*+}" = fixed ] && fixed=(--no-rebalance)
-  BENCH_COUNT_DIR=$counts "$BIN" run bench/apps/hello.js -i "$WORKERS" --balance "${mode%+*}" "${fixed[@]}" \
+  BENCH_COUNT_DIR=$counts "$bin" run bench/apps/hello.js -i "$WORKERS" --balance "${mode%+*}" "${fixed[@]}" \
     --listen "127.0.0.1:$port" --no-bus >"$work/manager.log" 2>&1 &
   mgr=$!
   for _ in $(seq 1 300); do
@@ -141,6 +152,7 @@ for ka in off on; do
   done
 done
 
+[ "$SCALE" = 1 ] || exit 0
 echo
 echo "Scaling 6 -> 2 -> 6 under load (oha -c 64, 9 s), failed requests per run:"
 echo
