@@ -421,18 +421,26 @@ mod tests {
         n
     }
 
-    #[test]
-    fn a_leaving_slot_gets_no_new_connection_and_the_model_follows_closes() {
+    /// Four slots with their sockets bound on a loopback port, and its address.
+    fn four_slots() -> (PerSlot, String) {
         let first = crate::sockets::bind_all_reuseport(&["127.0.0.1:0".into()]).unwrap();
         let addr = first[0].address.clone();
         let mut p = PerSlot::new(first);
         for i in 1..4 {
             p.for_slot(i).unwrap();
         }
+        (p, addr)
+    }
+
+    fn connect(addr: &str, n: usize) -> Vec<TcpStream> {
+        (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_leaving_slot_gets_no_new_connection_and_the_model_follows_closes() {
+        let (mut p, addr) = four_slots();
         p.set_serving((0..4).collect(), Default::default());
-        let connect = |n: usize| -> Vec<TcpStream> {
-            (0..n).map(|_| TcpStream::connect(&addr).unwrap()).collect()
-        };
+        let connect = |n: usize| connect(&addr, n);
         // Slot 1 leaves: nothing more is queued for it.
         p.leave(1, 7);
         let held = connect(200);
@@ -470,15 +478,8 @@ mod tests {
 
     #[test]
     fn new_tcp_connections_go_to_the_preferred_slots_while_there_are_some() {
-        let first = crate::sockets::bind_all_reuseport(&["127.0.0.1:0".into()]).unwrap();
-        let addr = first[0].address.clone();
-        let mut p = PerSlot::new(first);
-        for i in 1..4 {
-            p.for_slot(i).unwrap();
-        }
-        let connect = |n: usize| -> Vec<TcpStream> {
-            (0..n).map(|_| TcpStream::connect(&addr).unwrap()).collect()
-        };
+        let (mut p, addr) = four_slots();
+        let connect = |n: usize| connect(&addr, n);
         // Slots 1 and 3 are below their share: every new connection is theirs.
         p.set_serving((0..4).collect(), [1, 3].into());
         let held = connect(100);
