@@ -10,11 +10,11 @@
 //! So each worker's preload reports how many keep-alive connections it holds
 //! (those it is not already closing; a connection counts from its second
 //! request, once it is kept alive, so without keep-alive, or with a client
-//! that opens a connection per request, every count is 0), and the core tells every serving worker its fair share: the total
-//! divided by the serving workers, rounded up. A worker above it answers the
-//! next request on as many connections as it holds too many with
-//! `Connection: close`; the client opens a new connection, and the kernel
-//! places it again. Nothing is cut: the response is whole and says the
+//! that opens a connection per request, every count is 0), and the core
+//! tells every serving worker its fair share: the total divided by the
+//! serving workers, rounded up. A worker above it answers the next request
+//! on as many connections as it holds too many with `Connection: close`; the
+//! client opens a new connection, and the kernel places it again. Nothing is cut: the response is whole and says the
 //! connection ends, so the client does not reuse it. When the shares are
 //! even, nothing is sent and nothing is closed.
 //!
