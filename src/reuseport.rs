@@ -32,7 +32,7 @@
 //! another live socket of the group (or none, and the kernel falls back to
 //! its hash): a connection is never sent to a socket that is gone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
 
 use crate::sockets::{Kind, Listener, Template};
@@ -53,10 +53,10 @@ pub struct PerSlot {
     leaving: BTreeMap<u64, Vec<(u64, Listener)>>,
     next_id: u64,
     /// Slots whose worker is ready: the program picks only their sockets.
-    serving: std::collections::BTreeSet<u32>,
+    serving: BTreeSet<u32>,
     /// Of those, the ones below their share of keep-alive connections
     /// (empty: no preference): TCP sockets are picked among these.
-    preferred: std::collections::BTreeSet<u32>,
+    preferred: BTreeSet<u32>,
     /// A program is attached to the groups: a socket that joins must be added.
     steering: bool,
     /// Steering failed once (an old kernel, a seccomp filter): said once.
@@ -101,13 +101,8 @@ impl PerSlot {
     /// While `preferred` (a part of them) is not empty, new TCP connections
     /// go to its slots only: the workers below their share of keep-alive
     /// connections (see the supervisor's `share`).
-    pub fn set_serving(
-        &mut self,
-        serving: std::collections::BTreeSet<u32>,
-        preferred: std::collections::BTreeSet<u32>,
-    ) {
-        let preferred: std::collections::BTreeSet<u32> =
-            preferred.intersection(&serving).copied().collect();
+    pub fn set_serving(&mut self, serving: BTreeSet<u32>, preferred: BTreeSet<u32>) {
+        let preferred: BTreeSet<u32> = preferred.intersection(&serving).copied().collect();
         if serving != self.serving || preferred != self.preferred {
             self.serving = serving;
             self.preferred = preferred;
@@ -221,9 +216,9 @@ impl PerSlot {
     }
 
     /// Attach to each group a program that picks among the sockets of the
-    /// slots that stay.
+    /// slots that serve (for TCP, of the preferred ones while there are some).
     fn steer(&mut self) {
-        let ids_of = |slots: &std::collections::BTreeSet<u32>| -> std::collections::BTreeSet<u64> {
+        let ids_of = |slots: &BTreeSet<u32>| -> BTreeSet<u64> {
             self.ids
                 .iter()
                 .enumerate()
