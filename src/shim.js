@@ -161,9 +161,27 @@
     });
   }
 
+  // While an answer is due, the channel keeps the process alive: the app's
+  // listen() is all it has to do, and an unref'd channel with nothing else
+  // pending would let it exit with code 0 before the socket arrives.
+  function holdChannel(hold) {
+    const ch = process.channel;
+    if (!ch) return;
+    try {
+      if (hold) ch.ref();
+      else ch.unref();
+    } catch (_) {
+      // the channel is closing: parent-death will end us
+    }
+  }
+
   function askManager(request, done) {
     const id = nextRequest++;
-    waiting.set(id, done);
+    if (waiting.size === 0) holdChannel(true);
+    waiting.set(id, (err, handle) => {
+      if (waiting.size === 0) holdChannel(false);
+      done(err, handle);
+    });
     tell(Object.assign({ nodeherd: 'bind', id }, request));
   }
 

@@ -272,6 +272,36 @@ fn udp_apps_bind_the_inherited_datagram_socket() {
     assert!(got.ends_with(":ping"), "{got}");
 }
 
+/// The first thing a PM2 user types: `nodeherd run app.js -i 2` for an app
+/// that listens on its own port, with no `--listen` and no socket from
+/// systemd. The manager binds the port on the first worker's request and
+/// every worker shares it; each answers and none exits (they did, with code
+/// 0, while their listen waited for the manager's answer).
+#[test]
+fn an_app_on_its_own_port_serves_from_every_worker_without_listen() {
+    let port = free_port().to_string();
+    let script = path_str(&app("own_port.js"));
+    let m = start(
+        &["run", &script, "-i", "2", "--no-bus"],
+        &[("PORT", port.as_str())],
+    );
+    let port: u16 = port.parse().unwrap();
+    let seen = instances_answering(port, 2, T);
+    assert_eq!(seen.len(), 2, "both workers answer: {seen:?}\n{}", m.log());
+    // Served on for a while, by the same two workers.
+    let first = m.workers();
+    let mut answered = 0;
+    let end = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < end {
+        let v = get_json(port).expect("every request is answered");
+        assert!(first.contains(&(v["pid"].as_u64().unwrap() as i32)));
+        answered += 1;
+    }
+    assert!(answered > 10, "answered {answered}");
+    assert_eq!(m.workers(), first, "no worker was replaced");
+    assert!(!m.log().contains("exited unexpectedly"), "{}", m.log());
+}
+
 #[test]
 fn a_killed_worker_comes_back_in_the_same_slot() {
     let m = start_app("env.js", 2);
@@ -409,6 +439,54 @@ fn wait_ready_waits_for_the_ready_message() {
     for _ in 0..6 {
         assert_eq!(get_json(port).unwrap()["warm"], true);
     }
+}
+
+/// As PM2: `wait_ready` and no 'ready' by listen_timeout at start means
+/// ready (with a warning), not a SIGKILL every listen_timeout; a reload
+/// still waits for 'ready' and fails closed without it.
+#[test]
+fn wait_ready_without_ready_serves_after_listen_timeout_and_a_reload_fails_closed() {
+    let notify = NotifySocket::new();
+    let (k, v) = notify.env();
+    let rt = tempdir::Dir::new("waitready");
+    let rt_path = path_str(&rt.path);
+    let no_bus = format!("unix:path={rt_path}/no-bus-here");
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("wait_ready.js")),
+            "-i",
+            "2",
+            "--wait-ready",
+            "--listen-timeout",
+            "400",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &no_bus,
+        ],
+        &[(k, &v), ("WARMUP_MS", "never"), ("XDG_RUNTIME_DIR", &rt_path)],
+    );
+    let port = m.port();
+    assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
+    assert!(m.log().contains("taken as ready, as PM2 does"), "{}", m.log());
+    let pids = m.workers();
+    assert_eq!(pids.len(), 2);
+    // They serve on, past several listen_timeouts, and nobody kills them.
+    let end = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < end {
+        get_json(port).expect("served");
+    }
+    assert_eq!(m.workers(), pids, "{}", m.log());
+    assert!(!m.log().contains("SIGKILL"), "{}", m.log());
+    // A reload: the replacement never says 'ready', so the reload fails
+    // and the same workers serve.
+    let (code, err) = client_in(&rt_path, &["reload", "wait_ready", "--bus", &no_bus]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("listen_timeout"), "{err}");
+    // The replacements are killed and reaped; the old two remain.
+    assert!(wait_until(T, || m.workers() == pids), "{}", m.log());
+    get_json(port).expect("the old workers serve");
 }
 
 #[test]

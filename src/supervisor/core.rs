@@ -1133,7 +1133,28 @@ impl Core {
         if w.state != WState::Starting {
             return;
         }
-        let index = w.index;
+        let (index, pid) = (w.index, w.pid);
+        let is_incoming = self
+            .slots
+            .get(index as usize)
+            .is_some_and(|s| s.incoming == Some(id));
+        if self.policy.wait_ready && !is_incoming {
+            // As PM2: outside a reload, a worker that has not said 'ready'
+            // by listen_timeout is taken as ready (apps copy `wait_ready`
+            // from PM2's docs and never send it, or boot slowly). A reload's
+            // replacement still has to say it, or the reload fails closed.
+            self.log_worker(
+                Level::Warning,
+                index,
+                pid,
+                format!(
+                    "worker {index} (pid {pid}) sent no 'ready' (nor READY=1) within listen_timeout ({} ms): taken as ready, as PM2 does; a reload still waits for it",
+                    self.policy.listen_timeout.as_millis()
+                ),
+            );
+            self.mark_ready(id, "listen_timeout passed");
+            return;
+        }
         let why = format!(
             "not ready within listen_timeout ({} ms{})",
             self.policy.listen_timeout.as_millis(),
@@ -1143,10 +1164,6 @@ impl Core {
                 ", waiting for it to listen"
             }
         );
-        let is_incoming = self
-            .slots
-            .get(index as usize)
-            .is_some_and(|s| s.incoming == Some(id));
         self.kill_worker(id, &why);
         if is_incoming {
             // Fail closed at once; the exit itself is then just reaped.

@@ -413,6 +413,58 @@ fn a_first_worker_not_ready_within_listen_timeout_is_killed_and_restarted() {
     assert_eq!(w.spawns_since(0), vec![0, 0], "restarted in the same slot");
 }
 
+#[test]
+fn with_wait_ready_a_first_worker_silent_past_listen_timeout_is_taken_as_ready() {
+    // As PM2 at start: `wait_ready` and no 'ready' within listen_timeout
+    // means ready, with a warning; never a kill every listen_timeout.
+    let mut w = World::new(Policy {
+        wait_ready: true,
+        ..policy(2)
+    });
+    w.start();
+    let first = w.starting();
+    for id in &first {
+        w.listening(*id);
+    }
+    assert_eq!(w.core.state_name(), "starting", "listening is not ready");
+    w.advance(MS(2999));
+    assert_eq!(w.core.state_name(), "starting");
+    w.advance(MS(1));
+    assert!(w.killed().is_empty(), "{:?}", w.killed());
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(
+        w.notes().iter().any(|n| matches!(n, SdNotify::Ready(_))),
+        "READY=1 sent: {:?}",
+        w.notes()
+    );
+    assert!(
+        w.logs()
+            .contains("sent no 'ready' (nor READY=1) within listen_timeout (3000 ms): taken as ready"),
+        "{}",
+        w.logs()
+    );
+    // A crash restart is a start too.
+    w.crash(first[0]);
+    let again = w.starting();
+    assert_eq!(again.len(), 1);
+    w.advance(MS(3000));
+    assert!(w.killed().is_empty());
+    assert_eq!(w.current()[&0], again[0]);
+
+    // A reload's replacement must still say it: the reload fails closed.
+    let old = w.current();
+    let r = w.request(Control::Reload);
+    let new = w.starting()[0];
+    w.listening(new);
+    w.advance(MS(3000));
+    assert_eq!(w.killed(), vec![new]);
+    match w.answer(r) {
+        Some(Err(CtlError::ReloadFailed(m))) => assert!(m.contains("listen_timeout"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.current(), old);
+}
+
 // ---- crashes ------------------------------------------------------------------
 
 #[test]
