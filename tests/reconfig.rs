@@ -259,3 +259,65 @@ fn find_on_path(name: &str) -> std::path::PathBuf {
         .find(|p| Path::new(p).is_file())
         .expect("node on PATH")
 }
+
+/// A failed deploy stays closed: a reload to a release that crashes at
+/// start fails, and a worker of the old release that dies afterwards comes
+/// back on the old release, not the one that just failed (issue 24).
+#[test]
+fn after_a_failed_reload_a_killed_worker_comes_back_on_the_old_release() {
+    let dir = tempdir::Dir::new("failclosed");
+    for (v, code) in [("1", ""), ("2", "process.exit(3);\n")] {
+        let rel = dir.path.join("releases").join(v);
+        std::fs::create_dir_all(&rel).unwrap();
+        std::fs::write(
+            rel.join("app.js"),
+            format!(
+                "{code}require('http').createServer((q, s) => s.end(JSON.stringify({{version: '{v}', \
+                 instance: process.env.NODE_APP_INSTANCE, pid: process.pid}}))).listen(8000);\n"
+            ),
+        )
+        .unwrap();
+    }
+    let config = |cwd: &str, instances: u32| {
+        dir.write(
+            "shop.json",
+            &format!(
+                r#"{{"apps":[{{"name":"shop","script":"app.js","cwd":"releases/{cwd}","instances":{instances}}}]}}"#
+            ),
+        )
+    };
+    let cfg = config("1", 2);
+    let bus = DbusDaemon::start();
+    let m = start_config(&cfg, Some(&bus));
+    let port = m.port();
+    assert!(bus.wait_name("org.nodeherd.shop", T), "{}", m.log());
+    let one = all_answer(port, 2, "version", "1");
+    assert_eq!(one.len(), 2, "{}", m.log());
+
+    // The deploy: release 2, and one worker fewer. It crashes at start.
+    config("2", 1);
+    let (code, err) = reload(&bus, "shop");
+    assert_ne!(code, 0, "the reload fails: {err}");
+    assert!(err.contains("reload failed"), "{err}");
+    assert!(
+        wait_until(T, || m.workers().len() == 2),
+        "both old workers serve on: {:?}\n{}",
+        m.workers(),
+        m.log()
+    );
+
+    // Hours later, an old worker dies: it comes back on release 1.
+    let victim = *one.get("1").expect("worker 1 answered");
+    kill(victim as i32, libc::SIGKILL);
+    let again = all_answer(port, 2, "version", "1");
+    assert_eq!(again.len(), 2, "{}", m.log());
+    assert_ne!(again["1"], victim, "slot 1 has a new worker");
+    // And it stays up: nothing crash-loops, no slot errors.
+    let pids = m.workers();
+    let end = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < end {
+        assert_eq!(get_json(port).unwrap()["version"], "1");
+    }
+    assert_eq!(m.workers(), pids, "{}", m.log());
+    assert!(!m.log().contains("errored"), "{}", m.log());
+}

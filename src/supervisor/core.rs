@@ -251,6 +251,8 @@ impl WState {
 #[derive(Debug)]
 pub(super) struct Worker {
     pub(super) index: u32,
+    /// The configuration generation it was started with.
+    pub(super) generation: u64,
     /// 0 until the driver reports the process started.
     pub(super) pid: i32,
     pub(super) state: WState,
@@ -357,6 +359,11 @@ pub(super) enum Op {
         /// gone, so when `systemctl reload` returns no old code serves.
         draining: BTreeSet<WorkerId>,
         failed: Vec<String>,
+        /// The configuration this reload brings, until the swap succeeded:
+        /// only then is it in force (`Core::commit_config`). A failed
+        /// reload drops it, so every restart after a failure uses the
+        /// configuration in force before the reload.
+        next: Option<Box<NewConfig>>,
         /// What the new configuration changed, if the reload brought one.
         summary: Option<String>,
         reason: SwapReason,
@@ -447,14 +454,48 @@ impl Core {
         }
     }
 
+    /// The policy in force (a reload's new one is not, until its swap succeeded).
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
 
-    /// The configuration generation new workers are started with; the
-    /// driver may forget launchers of older ones.
+    /// The configuration generation in force: every worker but a running
+    /// reload's replacements is started with it.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The generations the driver must still be able to start workers
+    /// with: the one in force, a running reload's, and a waiting reload's.
+    pub fn generations_wanted(&self) -> Vec<u64> {
+        let mut wanted = vec![self.generation];
+        if let Some(Op::Reload { next: Some(n), .. }) = &self.op {
+            wanted.push(n.generation);
+        }
+        for q in &self.queue {
+            if let Queued::Reload {
+                config: Some(c), ..
+            } = q
+            {
+                wanted.push(c.generation);
+            }
+        }
+        wanted
+    }
+
+    /// The policy worker `id` lives by: a running reload's replacements
+    /// (started with its generation) by the new one, every other worker by
+    /// the policy in force.
+    pub(super) fn policy_of(&self, id: WorkerId) -> &Policy {
+        if let Some(Op::Reload { next: Some(n), .. }) = &self.op
+            && self
+                .workers
+                .get(&id)
+                .is_some_and(|w| w.generation == n.generation)
+        {
+            return &n.policy;
+        }
+        &self.policy
     }
 
     /// The first start: `instances` workers, then `READY=1` once all are ready.
@@ -490,7 +531,7 @@ impl Core {
             Event::Exited { worker, status } => self.on_exit(worker, status),
             Event::Ipc { worker, msg } => match msg {
                 ipc::Message::Ready => self.mark_ready(worker, "sent 'ready'"),
-                ipc::Message::Listening if !self.policy.wait_ready => {
+                ipc::Message::Listening if !self.policy_of(worker).wait_ready => {
                     self.mark_ready(worker, "listening")
                 }
                 ipc::Message::Listening => {}
@@ -608,10 +649,17 @@ impl Core {
     pub(super) fn spawn(&mut self, index: u32, role: Role) -> WorkerId {
         let id = WorkerId(self.next_worker);
         self.next_worker += 1;
+        // A reload's replacement runs the configuration the reload brings;
+        // every other worker the one in force.
+        let generation = match (&self.op, role) {
+            (Some(Op::Reload { next: Some(n), .. }), Role::Incoming) => n.generation,
+            _ => self.generation,
+        };
         self.workers.insert(
             id,
             Worker {
                 index,
+                generation,
                 pid: 0,
                 state: WState::Starting,
                 started: self.now,
@@ -634,7 +682,7 @@ impl Core {
         self.out.push(Effect::Spawn {
             worker: id,
             index,
-            generation: self.generation,
+            generation,
         });
         id
     }
@@ -658,9 +706,10 @@ impl Core {
             // Given up on before it was even started (a reload failed meanwhile).
             return;
         }
-        if self.policy.reports_readiness {
-            self.timers
-                .arm(TimerKey::Ready(id), self.now + self.policy.listen_timeout);
+        let policy = self.policy_of(id);
+        if policy.reports_readiness {
+            let deadline = self.now + policy.listen_timeout;
+            self.timers.arm(TimerKey::Ready(id), deadline);
         } else {
             // A worker with no way to report readiness is ready once started.
             self.mark_ready(id, "started");
@@ -699,6 +748,7 @@ impl Core {
 
     pub(super) fn mark_ready(&mut self, id: WorkerId, why: &str) {
         let now = self.now;
+        let max_delay = self.policy_of(id).max_event_loop_delay;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -709,7 +759,7 @@ impl Core {
         let (index, pid) = (w.index, w.pid);
         let took = now.saturating_duration_since(w.started);
         self.timers.cancel(TimerKey::Ready(id));
-        if let Some(max) = self.policy.max_event_loop_delay
+        if let Some(max) = max_delay
             && w.beating
         {
             self.timers.arm(TimerKey::Hang(id), now + max);
@@ -798,7 +848,8 @@ impl Core {
 
     /// Ask a worker to stop: SIGINT or the `'shutdown'` message, then SIGKILL after `kill_timeout`.
     pub(super) fn stop_worker(&mut self, id: WorkerId, why: &str) {
-        let by_message = self.policy.shutdown_with_message;
+        let policy = self.policy_of(id);
+        let (by_message, kill_timeout) = (policy.shutdown_with_message, policy.kill_timeout);
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
@@ -826,8 +877,7 @@ impl Core {
             ),
         );
         self.worker_signal(index, pid, "stopping");
-        self.timers
-            .arm(TimerKey::Kill(id), self.now + self.policy.kill_timeout);
+        self.timers.arm(TimerKey::Kill(id), self.now + kill_timeout);
     }
 
     /// Kill a worker and its process group now.
@@ -995,7 +1045,7 @@ impl Core {
                     "worker {} (pid {}) did not stop within kill_timeout ({} ms): SIGKILL",
                     w.index,
                     w.pid,
-                    self.policy.kill_timeout.as_millis()
+                    self.policy_of(id).kill_timeout.as_millis()
                 );
                 self.log(Level::Warning, text);
                 self.kill_worker(id, "killed after kill_timeout");
@@ -1079,12 +1129,13 @@ impl Core {
     }
 
     fn on_beat(&mut self, id: WorkerId, delay_ms: u32) {
+        let max_delay = self.policy_of(id).max_event_loop_delay;
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         w.loop_delay_ms = Some(delay_ms);
         w.beating = true;
-        if let Some(max) = self.policy.max_event_loop_delay
+        if let Some(max) = max_delay
             && w.state == WState::Ready
             && !w.hung
         {
@@ -1098,7 +1149,7 @@ impl Core {
     /// way, the new one first (the stuck one ignores SIGINT and is killed
     /// after kill_timeout).
     fn on_hang(&mut self, id: WorkerId) {
-        let Some(max) = self.policy.max_event_loop_delay else {
+        let Some(max) = self.policy_of(id).max_event_loop_delay else {
             return;
         };
         let Some(w) = self.workers.get_mut(&id) else {
@@ -1138,7 +1189,9 @@ impl Core {
             .slots
             .get(index as usize)
             .is_some_and(|s| s.incoming == Some(id));
-        if self.policy.wait_ready && !is_incoming {
+        let policy = self.policy_of(id);
+        let (wait_ready, listen_timeout) = (policy.wait_ready, policy.listen_timeout);
+        if wait_ready && !is_incoming {
             // As PM2: outside a reload, a worker that has not said 'ready'
             // by listen_timeout is taken as ready (apps copy `wait_ready`
             // from PM2's docs and never send it, or boot slowly). A reload's
@@ -1149,7 +1202,7 @@ impl Core {
                 pid,
                 format!(
                     "worker {index} (pid {pid}) sent no 'ready' (nor READY=1) within listen_timeout ({} ms): taken as ready, as PM2 does; a reload still waits for it",
-                    self.policy.listen_timeout.as_millis()
+                    listen_timeout.as_millis()
                 ),
             );
             self.mark_ready(id, "listen_timeout passed");
@@ -1157,8 +1210,8 @@ impl Core {
         }
         let why = format!(
             "not ready within listen_timeout ({} ms{})",
-            self.policy.listen_timeout.as_millis(),
-            if self.policy.wait_ready {
+            listen_timeout.as_millis(),
+            if wait_ready {
                 ", waiting for 'ready' or READY=1"
             } else {
                 ", waiting for it to listen"

@@ -443,7 +443,8 @@ impl Driver {
             let fx = self.core.handle(Instant::now(), ev);
             self.execute(fx, &mut follow);
         }
-        self.configs.prune(self.core.generation());
+        self.configs
+            .settle(self.core.generation(), &self.core.generations_wanted());
         if self.sockets.per_slot() {
             // With a socket per slot, the kernel picks only slots that
             // serve, and of them those below their share while some are.

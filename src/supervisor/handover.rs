@@ -89,6 +89,10 @@ pub struct WorkerState {
     pub conns_reported: bool,
     #[serde(default)]
     pub conns_told: Option<u32>,
+    /// The configuration generation it was started with (an older state
+    /// has none: the one in force).
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 fn signed_offset(at: Instant, base: Instant) -> i128 {
@@ -147,6 +151,7 @@ impl Core {
                 conns_open: w.conns.open,
                 conns_reported: w.conns.reported,
                 conns_told: w.conns.told,
+                generation: Some(w.generation),
             })
             .collect();
         let queued_swaps = self
@@ -231,6 +236,7 @@ impl Core {
                 w.id,
                 Worker {
                     index: w.index,
+                    generation: w.generation.unwrap_or(state.generation),
                     pid: w.pid,
                     state: st,
                     started: base.checked_sub(age).unwrap_or(base),

@@ -142,20 +142,14 @@ impl Core {
     fn begin(&mut self, q: Queued) {
         match q {
             Queued::Reload { replies, config } => {
-                let (summary, dropped) = match config {
-                    Some(c) => {
-                        let (summary, dropped) = self.apply_config(*c);
-                        (Some(summary), dropped)
-                    }
-                    None => (None, Vec::new()),
-                };
-                let all: Vec<u32> = (0..self.slots.len() as u32).collect();
-                self.begin_reload(all, replies, summary, SwapReason::Reload);
-                // The workers of slots the new configuration dropped are old
-                // code too: the reload answers once they are gone.
-                if let Some(Op::Reload { draining, .. }) = &mut self.op {
-                    draining.extend(dropped);
-                }
+                let next = config.map(|c| self.read_config(*c));
+                // Slots a smaller `instances` drops are not swapped: they
+                // go once the swap succeeded (see `commit_config`).
+                let stay = next
+                    .as_ref()
+                    .map_or(self.slots.len() as u32, |n| n.policy.instances)
+                    .min(self.slots.len() as u32);
+                self.begin_reload((0..stay).collect(), replies, next, SwapReason::Reload);
             }
             Queued::ReloadSlots(slots, reason) => {
                 let slots: Vec<u32> = slots
@@ -263,22 +257,43 @@ impl Core {
         self.phase == Phase::Running && matches!(self.op, Some(Op::Reexec { checked: true, .. }))
     }
 
-    /// Switch to a configuration read anew, before a reload swaps the
-    /// workers into it. Fewer instances: the highest slots go first, so the
-    /// swap replaces only what stays; more: they are added after the swap.
-    /// Returns what changed and the workers of the dropped slots.
-    fn apply_config(&mut self, config: NewConfig) -> (String, Vec<WorkerId>) {
-        let NewConfig {
-            mut policy,
-            resize,
-            generation,
-            summary,
-        } = config;
-        if !resize {
-            policy.instances = self.slots.len() as u32;
+    /// A configuration read anew for a reload that begins now. It is not
+    /// in force yet: the reload's replacements run it, everything else
+    /// (restarts for any cause, scaling) the configuration in force, until
+    /// the swap succeeded ([`Core::commit_config`]).
+    fn read_config(&mut self, mut config: NewConfig) -> Box<NewConfig> {
+        if !config.resize {
+            config.policy.instances = self.slots.len() as u32;
         }
         // systemd's watchdog is the manager's, not the app's.
-        policy.watchdog = self.policy.watchdog;
+        config.policy.watchdog = self.policy.watchdog;
+        self.log(
+            Level::Info,
+            format!(
+                "configuration read: {}; it takes effect once every worker is swapped",
+                config.summary
+            ),
+        );
+        Box::new(config)
+    }
+
+    /// Every replacement of a reload that brought a configuration is
+    /// ready: that configuration is in force from now on. Fewer instances:
+    /// the highest slots go now (they were not swapped); more: they are
+    /// added next, under it.
+    fn commit_config(&mut self) {
+        let Some(Op::Reload { next, .. }) = &mut self.op else {
+            return;
+        };
+        let Some(config) = next.take() else {
+            return;
+        };
+        let NewConfig {
+            policy,
+            generation,
+            summary,
+            ..
+        } = *config;
         self.log_event(
             Level::Notice,
             format!("configuration reloaded: {summary}"),
@@ -296,7 +311,11 @@ impl Core {
             self.policy.instances,
             "scaled down by the new configuration",
         );
-        (summary, dropped)
+        // The workers of slots the new configuration dropped are old code
+        // too: the reload answers once they are gone.
+        if let Some(Op::Reload { draining, .. }) = &mut self.op {
+            draining.extend(dropped);
+        }
     }
 
     /// Drop the highest slots until `n` remain; their workers drain.
@@ -363,7 +382,7 @@ impl Core {
         &mut self,
         slots: Vec<u32>,
         replies: Vec<ReplyId>,
-        summary: Option<String>,
+        next: Option<Box<NewConfig>>,
         reason: SwapReason,
     ) {
         let slots: Vec<u32> = slots
@@ -371,21 +390,23 @@ impl Core {
             .filter(|i| (*i as usize) < self.slots.len())
             .collect();
         let total = slots.len();
+        let parallel = next
+            .as_ref()
+            .map_or(&self.policy, |n| &n.policy)
+            .reload_parallel;
         self.log_event(
             Level::Notice,
-            format!(
-                "reload begun: {total} worker(s), {} at a time",
-                self.policy.reload_parallel
-            ),
+            format!("reload begun: {total} worker(s), {parallel} at a time"),
             "reload-begun",
         );
         let status = format!("reloading 0/{total}");
         self.last_status = status.clone();
         self.notify(SdNotify::Reloading(status));
-        let grow_to = match summary {
-            Some(_) => self.policy.instances,
+        let grow_to = match &next {
+            Some(n) => n.policy.instances,
             None => self.slots.len() as u32,
         };
+        let summary = next.as_ref().map(|n| n.summary.clone());
         self.op = Some(Op::Reload {
             pending: slots.into_iter().collect(),
             in_flight: BTreeSet::new(),
@@ -397,6 +418,7 @@ impl Core {
             growing: BTreeSet::new(),
             draining: BTreeSet::new(),
             failed: Vec::new(),
+            next,
             summary,
             reason,
         });
@@ -405,17 +427,27 @@ impl Core {
     /// Start replacements while fewer than `reload_parallel` are in flight.
     fn pump_reload(&mut self) {
         loop {
-            let parallel = self.policy.reload_parallel as usize;
             let Some(Op::Reload {
-                pending, in_flight, ..
+                pending,
+                in_flight,
+                next,
+                ..
             }) = &mut self.op
             else {
                 return;
             };
+            // The swap runs by the rules of the configuration it brings.
+            let policy = next.as_ref().map_or(&self.policy, |n| &n.policy);
+            let parallel = policy.reload_parallel as usize;
+            // Each swap may take listen_timeout plus kill_timeout: tell systemd.
+            let extend = policy.listen_timeout + policy.kill_timeout + Duration::from_secs(5);
             if in_flight.len() >= parallel {
                 return;
             }
             let Some(index) = pending.pop_front() else {
+                if in_flight.is_empty() {
+                    self.commit_config();
+                }
                 self.grow_after_swap();
                 return;
             };
@@ -423,9 +455,6 @@ impl Core {
                 continue;
             }
             in_flight.insert(index);
-            // Each swap may take listen_timeout plus kill_timeout: tell systemd.
-            let extend =
-                self.policy.listen_timeout + self.policy.kill_timeout + Duration::from_secs(5);
             self.notify(SdNotify::ExtendTimeout(extend));
             self.spawn(index, Role::Incoming);
         }

@@ -4,8 +4,11 @@
 //! A reload reads the configuration anew before it swaps anything (as
 //! `systemctl reload` means for every other service). What a reload can
 //! change becomes a new generation: a launcher for it here, a [`Policy`] for
-//! the core, which starts every worker from the moment that reload begins
-//! with the new generation. What only a restart can change (the sockets, the
+//! the core, whose reload starts its replacements with it. It is in force
+//! only once the swap succeeded; until then, and for good if the reload
+//! fails, every other worker (a restart after a crash, for memory or a hang,
+//! a scale) starts with the configuration in force before it, so a failed
+//! deploy stays closed. What only a restart can change (the sockets, the
 //! app's name and so its bus name, the balancing mode, the workers' user) is
 //! kept as it was, with a warning that names it.
 
@@ -40,12 +43,19 @@ pub struct WorkerPaths {
     pub notify_socket: PathBuf,
 }
 
-/// The configuration in force and the launchers of each generation.
+/// The configuration in force, those read for reloads that have not
+/// succeeded yet, and the launchers of each generation.
 pub struct Configs {
     pub source: Source,
     paths: WorkerPaths,
+    /// The configuration in force and its generation.
     app: App,
     generation: u64,
+    /// Read for a reload, by generation: in force once its swap succeeded
+    /// (the core says so, see [`Configs::settle`]), dropped if it failed.
+    pending: BTreeMap<u64, App>,
+    /// The last generation handed out.
+    newest: u64,
     launchers: BTreeMap<u64, Launcher>,
 }
 
@@ -64,6 +74,8 @@ impl Configs {
             paths,
             app,
             generation: 0,
+            pending: BTreeMap::new(),
+            newest: 0,
             launchers: BTreeMap::from([(0, launcher)]),
         }
     }
@@ -82,6 +94,8 @@ impl Configs {
             paths,
             app,
             generation,
+            pending: BTreeMap::new(),
+            newest: generation,
             launchers: BTreeMap::from([(generation, launcher)]),
         }
     }
@@ -102,7 +116,8 @@ impl Configs {
             .expect("there is always at least one launcher")
     }
 
-    /// Make `loaded` the configuration in force and a new generation.
+    /// Make `loaded` a new generation, for a reload to swap the workers
+    /// into; what changed is told against the configuration in force.
     pub fn accept(&mut self, loaded: Loaded, sockets: &SocketSet, policy: &Policy) -> Accepted {
         let Loaded {
             app: mut new,
@@ -130,29 +145,41 @@ impl Configs {
         new.balance = self.app.balance;
         new.metrics = self.app.metrics.clone();
         new.credentials = self.app.credentials.clone();
-        self.generation += 1;
+        self.newest += 1;
+        let generation = self.newest;
         let launcher = Launcher::new(
             &new,
             sockets.describe(),
             &self.paths.shim,
             &self.paths.notify_socket,
         );
-        self.launchers.insert(self.generation, launcher);
+        self.launchers.insert(generation, launcher);
         let policy = Policy::new(&new, sockets, policy.watchdog);
-        self.app = new;
+        self.pending.insert(generation, new);
         Accepted {
             config: NewConfig {
                 policy,
                 resize: d.changes.iter().any(|c| c.starts_with("instances ")),
-                generation: self.generation,
+                generation,
                 summary: d.summary(),
             },
             warnings,
         }
     }
 
-    /// Forget launchers no worker will be started with again.
-    pub fn prune(&mut self, in_force: u64) {
-        self.launchers.retain(|g, _| *g >= in_force);
+    /// Follow the core: `in_force` is the generation in force (a reload's
+    /// configuration becomes it once its swap succeeded), `wanted` every
+    /// generation a worker may still be started with. The rest is
+    /// forgotten: a failed reload's configuration is never used again.
+    pub fn settle(&mut self, in_force: u64, wanted: &[u64]) {
+        if in_force != self.generation
+            && let Some(app) = self.pending.remove(&in_force)
+        {
+            self.app = app;
+            self.generation = in_force;
+        }
+        self.pending.retain(|g, _| wanted.contains(g));
+        self.launchers
+            .retain(|g, _| *g == self.generation || wanted.contains(g));
     }
 }

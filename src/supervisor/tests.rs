@@ -438,8 +438,9 @@ fn with_wait_ready_a_first_worker_silent_past_listen_timeout_is_taken_as_ready()
         w.notes()
     );
     assert!(
-        w.logs()
-            .contains("sent no 'ready' (nor READY=1) within listen_timeout (3000 ms): taken as ready"),
+        w.logs().contains(
+            "sent no 'ready' (nor READY=1) within listen_timeout (3000 ms): taken as ready"
+        ),
         "{}",
         w.logs()
     );
@@ -1096,21 +1097,42 @@ fn more_instances_in_a_new_configuration_swap_first_then_add() {
 }
 
 #[test]
-fn fewer_instances_in_a_new_configuration_drain_the_highest_first() {
+fn fewer_instances_in_a_new_configuration_drop_the_highest_once_the_swap_succeeded() {
     let mut w = World::ready(policy(3));
     let old = w.current();
     let r = w.reconfigure(policy(1), 1, "instances 3 → 1");
-    let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
-    assert_eq!(stopped, vec![old[&2], old[&1]], "before any swap");
+    assert!(
+        w.stopped().is_empty(),
+        "nothing goes before the swap succeeded"
+    );
     let new = w.starting();
-    assert_eq!(new.len(), 1);
+    assert_eq!(new.len(), 1, "only the slot that stays is swapped");
     w.listening(new[0]);
+    let stopped: Vec<WorkerId> = w.stopped().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        stopped,
+        vec![old[&0], old[&2], old[&1]],
+        "the swapped one, then the highest first"
+    );
     w.exit(old[&0], ExitStatus::Code(0));
     w.exit(old[&2], ExitStatus::Code(0));
     // The dropped slots' workers are old code too: the answer waits for them.
     assert_eq!(w.answer(r), None, "slot 1's old worker still drains");
     w.exit(old[&1], ExitStatus::Code(0));
     assert_eq!(w.workers_after(r), Some(1));
+}
+
+#[test]
+fn fewer_instances_in_a_failed_reload_drop_nothing() {
+    let mut w = World::ready(policy(3));
+    let old = w.current();
+    let r = w.reconfigure(policy(1), 1, "instances 3 → 1");
+    let new = w.starting()[0];
+    w.crash(new);
+    assert!(matches!(w.answer(r), Some(Err(CtlError::ReloadFailed(_)))));
+    assert!(w.stopped().is_empty(), "{:?}", w.stopped());
+    assert_eq!(w.current(), old, "all three slots serve on");
+    assert_eq!(w.core.snapshot().instances, 3);
 }
 
 #[test]
@@ -1629,10 +1651,6 @@ fn one_worker_alone_or_rebalance_off_is_told_no_limit() {
 #[test]
 fn turning_rebalance_off_lifts_the_limits_told() {
     let mut w = World::obedient(policy(2));
-    let ids: Vec<WorkerId> = w.current().values().copied().collect();
-    w.connections(ids[0], 40);
-    w.connections(ids[1], 0);
-    let mark = w.effects.len();
     w.reconfigure(
         Policy {
             rebalance: false,
@@ -1641,8 +1659,27 @@ fn turning_rebalance_off_lifts_the_limits_told() {
         1,
         "rebalance changed",
     );
+    // Slot 0 is swapped first; its new worker is told a share while the
+    // configuration in force (rebalance on) still holds.
+    let first = w.starting()[0];
+    w.listening(first);
+    w.connections(first, 40);
+    let other = w.current()[&1];
+    w.connections(other, 0);
+    let mark = w.effects.len();
+    w.connections(first, 41);
+    assert!(
+        w.shares_since(mark)
+            .get(&first)
+            .is_some_and(|m| m.is_some()),
+        "told a limit while the old configuration is in force"
+    );
+    // The swap succeeds: the new configuration is in force, limits go.
+    let mark = w.effects.len();
+    let second = w.starting()[0];
+    w.listening(second);
     let told = w.shares_since(mark);
-    assert_eq!(told.get(&ids[0]), Some(&None), "{told:?}");
+    assert_eq!(told.get(&first), Some(&None), "{told:?}");
 }
 
 #[test]
@@ -1722,4 +1759,114 @@ fn a_worker_that_is_no_longer_alone_is_told_its_share() {
     let told = w.shares_since(mark);
     assert_eq!(told.get(&only), Some(&Some(20)), "{told:?}");
     assert_eq!(told.get(&two), Some(&Some(20)), "{told:?}");
+}
+
+// ---- a failed reload stays closed -------------------------------------------------
+
+/// The policy in force in these tests, and the one a failed deploy brings:
+/// told apart by `restart_delay` (the new one waits 5 s before a restart).
+fn in_force() -> Policy {
+    Policy {
+        max_memory_restart: Some(100 << 20),
+        max_event_loop_delay: Some(MS(1000)),
+        ..policy(2)
+    }
+}
+
+/// Reload to generation 1, whose first replacement crashes at start: the
+/// reload fails and the old workers serve on.
+fn fail_a_reload(w: &mut World) {
+    let r = w.reconfigure(
+        Policy {
+            restart_delay: MS(5000),
+            ..in_force()
+        },
+        1,
+        "restart_delay changed",
+    );
+    let new = w.starting()[0];
+    assert_eq!(w.generations.last(), Some(&1), "the replacement runs it");
+    w.crash(new);
+    w.obey();
+    assert!(matches!(w.answer(r), Some(Err(CtlError::ReloadFailed(_)))));
+    assert_eq!(w.core.generation(), 0);
+    assert_eq!(w.core.policy(), &in_force(), "the policy in force is kept");
+    assert!(!w.logs().contains("configuration reloaded"), "{}", w.logs());
+}
+
+#[test]
+fn after_a_failed_reload_a_crashed_worker_comes_back_under_the_previous_configuration() {
+    let mut w = World::obedient(in_force());
+    fail_a_reload(&mut w);
+    let mark = w.spawned.len();
+    w.crash(w.current()[&1]);
+    // At once (the failed configuration would wait 5 s), with generation 0.
+    assert_eq!(w.spawns_since(mark), vec![1]);
+    assert_eq!(w.generations[mark..], [0]);
+}
+
+#[test]
+fn after_a_failed_reload_a_worker_over_its_memory_is_replaced_under_the_previous_configuration() {
+    let mut w = World::obedient(in_force());
+    fail_a_reload(&mut w);
+    w.rss.insert(0, 500 << 20);
+    let mark = w.spawned.len();
+    w.advance(MS(5000));
+    assert_eq!(w.spawns_since(mark), vec![0], "the fat worker is swapped");
+    assert_eq!(w.generations[mark..], [0]);
+}
+
+#[test]
+fn after_a_failed_reload_a_hung_worker_is_replaced_under_the_previous_configuration() {
+    let mut w = World::obedient(in_force());
+    fail_a_reload(&mut w);
+    let hung = w.current()[&1];
+    beat(&mut w, hung);
+    let mark = w.spawned.len();
+    w.advance(MS(1000));
+    assert_eq!(w.spawns_since(mark), vec![1], "the stuck worker is swapped");
+    assert_eq!(w.generations[mark..], [0]);
+}
+
+#[test]
+fn after_a_failed_reload_scaling_up_starts_the_previous_configuration() {
+    let mut w = World::obedient(in_force());
+    fail_a_reload(&mut w);
+    let mark = w.spawned.len();
+    let r = w.request(Control::Scale(ScaleTarget::To(3)));
+    assert_eq!(w.spawns_since(mark), vec![2]);
+    assert_eq!(w.generations[mark..], [0]);
+    let added = w.starting()[0];
+    w.listening(added);
+    assert_eq!(w.workers_after(r), Some(3));
+}
+
+#[test]
+fn during_a_reload_an_old_worker_that_crashes_comes_back_under_the_configuration_in_force() {
+    let mut w = World::obedient(in_force());
+    let r = w.reconfigure(
+        Policy {
+            restart_delay: MS(5000),
+            ..in_force()
+        },
+        1,
+        "restart_delay changed",
+    );
+    let replacement = w.starting()[0];
+    let mark = w.spawned.len();
+    w.crash(w.current()[&1]);
+    assert_eq!(w.spawns_since(mark), vec![1], "at once, not after 5 s");
+    assert_eq!(w.generations[mark..], [0]);
+    // The swap then goes on, and the reload succeeds under generation 1.
+    w.listening(replacement);
+    let restarted = w.starting();
+    for id in restarted {
+        w.listening(id);
+    }
+    while let Some(id) = w.starting().first().copied() {
+        w.listening(id);
+    }
+    assert_eq!(w.workers_after(r), Some(2));
+    assert_eq!(w.core.generation(), 1);
+    assert_eq!(w.core.policy().restart_delay, MS(5000));
 }
