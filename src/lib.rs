@@ -66,6 +66,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod dbus;
+pub mod fds;
 pub mod install;
 pub mod ipc;
 pub mod logs;

@@ -15,17 +15,22 @@
 //!   the workers' notify socket, the control socket, the metrics socket, and
 //!   each worker's IPC channel and output pipes. They are made inheritable
 //!   just before the exec and close-on-exec again just after;
-//! - a [`State`] document (JSON in a memfd, whose number is in
+//! - a state document (JSON in a memfd, whose number is in
 //!   `NODEHERD_REEXEC_STATE_FD`) that says what each fd is, the
-//!   configuration in force, and the supervisor's state
-//!   ([`CoreState`]: slots, workers, counters, deadlines).
+//!   configuration in force, and the supervisor's state (its types and
+//!   rules are the supervisor's: `supervisor::takeover`; this module only
+//!   moves bytes and fds).
 //!
 //! The new program is checked first: it is run with `__check-state` and must
-//! read the very document it will be given (a file that is not nodeherd, or
-//! one that cannot read this format, is refused and the old manager runs on).
-//! SIGTERM, SIGINT, SIGHUP and SIGUSR2 are blocked across the exec (the mask
-//! and pending signals survive `execve`, handlers do not), so a stop sent in
-//! that instant is delivered to the new program once it listens for it.
+//! take over the very document it will be given, running every check that
+//! could refuse it (a file that is not nodeherd, one that cannot read this
+//! format, or a state it could not import, is refused and the old manager
+//! runs on). After the exec nothing refuses. SIGTERM, SIGINT, SIGHUP and
+//! SIGUSR2 are blocked across the exec in every thread (the mask and pending
+//! signals survive `execve`, handlers do not; a thread other than the one
+//! that execs must never take one, its handler would die with the exec), so
+//! a stop sent in that instant is delivered to the new program once it
+//! listens for it.
 //!
 //! The bus connection does not cross: the old one closes with the exec and
 //! the new program takes the name again (retrying for a few seconds, as the
@@ -44,23 +49,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use serde::{Deserialize, Serialize};
 
-use crate::config::App;
-use crate::sockets::{CarriedSocket, SetState};
-use crate::supervisor::WorkerId;
-use crate::supervisor::handover::CoreState;
-
-/// The version of the [`State`] document. A program reads its own format
-/// and every older one it knows; the check refuses anything else.
-pub const STATE_FORMAT: u32 = 1;
+use crate::fds::set_cloexec;
 
 /// Where the new program finds the state document.
 pub const STATE_FD_VAR: &str = "NODEHERD_REEXEC_STATE_FD";
 
-/// The hidden subcommand that checks a program can read a state document.
+/// The hidden subcommand that checks a program can take a state over.
 pub const CHECK_COMMAND: &str = "__check-state";
 
 /// The first word of the check's answer.
@@ -69,63 +65,13 @@ const CHECK_OK: &str = "nodeherd-state-ok";
 /// How long the new program has to answer the check.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Everything the new program needs besides the fds themselves.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct State {
-    pub format: u32,
-    /// The version of nodeherd that wrote it.
-    pub written_by: String,
-    /// `CLOCK_MONOTONIC` when it was written (ns), to know how long the exec took.
-    pub monotonic_ns: u64,
-    /// The configuration in force (the last one a reload accepted).
-    pub app: App,
-    /// The manager's private directory (the same pid keeps the same one).
-    pub runtime_dir: PathBuf,
-    pub sockets: SetState,
-    /// Sockets bound on workers' requests, by address.
-    pub shared: Vec<(crate::ipc::SharedAddress, CarriedSocket)>,
-    pub notify_fd: RawFd,
-    pub control_fd: Option<RawFd>,
-    pub metrics: Option<CarriedSocket>,
-    pub core: CoreState,
-    pub workers: Vec<CarriedWorker>,
-}
-
-/// A worker's fds on the manager's side.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CarriedWorker {
-    pub id: WorkerId,
-    pub pid: i32,
-    /// Our end of its Node IPC channel.
-    pub ipc: Option<RawFd>,
-    pub stdout: Option<RawFd>,
-    pub stderr: Option<RawFd>,
-}
-
-/// A worker's fds, owned again by the new program.
-pub struct AdoptedWorker {
-    pub id: WorkerId,
-    pub pid: i32,
-    pub ipc: Option<OwnedFd>,
-    pub stdout: Option<OwnedFd>,
-    pub stderr: Option<OwnedFd>,
-}
-
-impl State {
-    /// Every fd the document names.
-    pub fn fds(&self) -> Vec<RawFd> {
-        let mut fds = self.sockets.fds();
-        fds.extend(self.shared.iter().map(|(_, s)| s.fd));
-        fds.push(self.notify_fd);
-        fds.extend(self.control_fd);
-        fds.extend(self.metrics.as_ref().map(|m| m.fd));
-        for w in &self.workers {
-            fds.extend(w.ipc);
-            fds.extend(w.stdout);
-            fds.extend(w.stderr);
-        }
-        fds
-    }
+/// The check's answer when the program takes the state over (printed by
+/// `__check-state`): the format it read, its version and the writer's.
+pub fn check_ok_line(format: u32, written_by: &str) -> String {
+    format!(
+        "{CHECK_OK} {format} {} (written by {written_by})",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// The monotonic clock, as `Instant` reads it, in nanoseconds.
@@ -232,49 +178,8 @@ pub fn check(program: &Path, state: &[u8]) -> Result<String, String> {
     }
 }
 
-/// `nodeherd __check-state`: read a state document on stdin and say
-/// whether this program can take it over.
-pub fn check_main() -> std::process::ExitCode {
-    let mut input = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
-        eprintln!("nodeherd: reading the state: {e}");
-        return std::process::ExitCode::from(1);
-    }
-    match parse(&input) {
-        Ok(state) => {
-            println!(
-                "{CHECK_OK} {} {} (written by {})",
-                state.format,
-                env!("CARGO_PKG_VERSION"),
-                state.written_by
-            );
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("nodeherd: {e}");
-            std::process::ExitCode::from(1)
-        }
-    }
-}
-
-fn parse(bytes: &[u8]) -> Result<State, String> {
-    #[derive(Deserialize)]
-    struct Head {
-        format: u32,
-    }
-    let head: Head = serde_json::from_slice(bytes)
-        .map_err(|e| format!("the state document is not one nodeherd wrote: {e}"))?;
-    if head.format == 0 || head.format > STATE_FORMAT {
-        return Err(format!(
-            "state format {} is newer than this nodeherd reads ({STATE_FORMAT})",
-            head.format
-        ));
-    }
-    serde_json::from_slice(bytes).map_err(|e| format!("reading state format {}: {e}", head.format))
-}
-
-/// The signals whose handlers an exec resets: blocked across it.
-fn control_signals() -> SigSet {
+/// The signals a stop, a reload and a re-exec arrive by.
+pub fn control_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [
         Signal::SIGTERM,
@@ -287,22 +192,16 @@ fn control_signals() -> SigSet {
     set
 }
 
-/// Let the control signals in again (after the new program's handlers are
-/// installed); one that came during the exec is delivered now.
-pub fn unblock_signals() {
-    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&control_signals()), None);
-}
-
-fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
-    // SAFETY: only the flags of an fd this process holds are changed.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
-    let flags = if on {
-        flags | FdFlag::FD_CLOEXEC
-    } else {
-        flags - FdFlag::FD_CLOEXEC
-    };
-    fcntl(fd, FcntlArg::F_SETFD(flags)).map(|_| ())
+/// Block the control signals for good, before any thread starts (every
+/// thread inherits the mask): the daemon reads them from a signalfd
+/// (`supervisor::sources::signals`) and no handler ever runs. A handler's
+/// note would die with an exec (and with it a stop sent at that instant);
+/// a blocked signal instead stays pending, and the mask and pending
+/// signals survive `execve`, so the new program reads it. Processes the
+/// manager starts get an empty mask (the worker's fork does it, as
+/// `std::process::Command` does).
+pub fn block_control_signals() {
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&control_signals()), None);
 }
 
 /// Replace this program with `program`, handing `state` over. Returns only
@@ -311,22 +210,29 @@ fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
 /// Must be called on the thread that forked the workers (the main thread):
 /// an exec from another thread would end that one, and with it the
 /// workers' parent-death signal would fire.
-pub fn exec(program: &Path, state: &State) -> std::io::Error {
-    match try_exec(program, state) {
+///
+/// `doc` is the state document, `fds` every fd it names: each is checked
+/// open (made inheritable) before anything is committed.
+pub fn exec(program: &Path, doc: &[u8], fds: &[RawFd]) -> std::io::Error {
+    match try_exec(program, doc, fds) {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-fn try_exec(program: &Path, state: &State) -> std::io::Result<std::convert::Infallible> {
+fn try_exec(
+    program: &Path,
+    doc: &[u8],
+    fds: &[RawFd],
+) -> std::io::Result<std::convert::Infallible> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let doc = serde_json::to_vec(state).map_err(std::io::Error::other)?;
+    crate::fds::check_handover(fds).map_err(std::io::Error::other)?;
     let memfd =
         nix::sys::memfd::memfd_create(c"nodeherd-state", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
     let mut file = std::fs::File::from(memfd);
-    file.write_all(&doc)?;
-    let fds: Vec<RawFd> = state.fds().into_iter().chain([file.as_raw_fd()]).collect();
+    file.write_all(doc)?;
+    let fds: Vec<RawFd> = fds.iter().copied().chain([file.as_raw_fd()]).collect();
     let c = |b: &[u8]| CString::new(b).map_err(std::io::Error::other);
     let path = c(program.as_os_str().as_bytes())?;
     let argv: Vec<CString> = std::env::args_os()
@@ -338,12 +244,8 @@ fn try_exec(program: &Path, state: &State) -> std::io::Result<std::convert::Infa
         .collect::<Result<_, _>>()?;
     env.push(c(format!("{STATE_FD_VAR}={}", file.as_raw_fd()).as_bytes())?);
 
-    let mut old_mask = SigSet::empty();
-    sigprocmask(
-        SigmaskHow::SIG_BLOCK,
-        Some(&control_signals()),
-        Some(&mut old_mask),
-    )?;
+    // Blocked since the start (`block_control_signals`): nothing to do
+    // for a stop sent now, it waits for the new program.
     let mut opened = Vec::new();
     let mut result = Ok(());
     for fd in &fds {
@@ -368,16 +270,15 @@ fn try_exec(program: &Path, state: &State) -> std::io::Result<std::convert::Infa
     for fd in opened {
         let _ = set_cloexec(fd, true);
     }
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
     result.map(|()| unreachable!("execve returned without an error"))
 }
 
-/// In a program started by [`exec`]: take the state document, if there is
-/// one, and clear its variable.
+/// In a program started by [`exec`]: take the state document's bytes, if
+/// there is one, and clear its variable.
 ///
 /// # Safety
 /// Changes the environment: call it before any thread starts.
-pub unsafe fn take() -> Result<Option<State>, String> {
+pub unsafe fn take() -> Result<Option<Vec<u8>>, String> {
     let Some(var) = std::env::var_os(STATE_FD_VAR) else {
         return Ok(None);
     };
@@ -388,52 +289,19 @@ pub unsafe fn take() -> Result<Option<State>, String> {
         .and_then(|s| s.parse().ok())
         .filter(|fd| *fd > 2)
         .ok_or_else(|| format!("{STATE_FD_VAR}={var:?} is not an fd"))?;
-    open_fd(fd).map_err(|e| format!("{STATE_FD_VAR}: fd {fd}: {e}"))?;
+    set_cloexec(fd, true).map_err(|e| format!("{STATE_FD_VAR}: fd {fd}: {e}"))?;
     // SAFETY: the old program left this fd open for us and nothing else owns it.
     let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut bytes = Vec::new();
     std::io::Seek::rewind(&mut file).map_err(|e| format!("reading the state: {e}"))?;
     file.read_to_end(&mut bytes)
         .map_err(|e| format!("reading the state: {e}"))?;
-    parse(&bytes).map(Some)
-}
-
-/// Check `fd` is open and make it close-on-exec again.
-fn open_fd(fd: RawFd) -> Result<(), String> {
-    set_cloexec(fd, true).map_err(|e| e.to_string())
-}
-
-/// Own a handed-over fd again (close-on-exec, as every fd of the manager).
-pub fn adopt(fd: RawFd) -> Result<OwnedFd, String> {
-    open_fd(fd).map_err(|e| format!("handed-over fd {fd}: {e}"))?;
-    // SAFETY: the old program handed this fd over; the state names it once.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-impl CarriedWorker {
-    pub fn adopt(self) -> Result<AdoptedWorker, String> {
-        let opt = |fd: Option<RawFd>| fd.map(adopt).transpose();
-        Ok(AdoptedWorker {
-            id: self.id,
-            pid: self.pid,
-            ipc: opt(self.ipc)?,
-            stdout: opt(self.stdout)?,
-            stderr: opt(self.stderr)?,
-        })
-    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn newer_or_foreign_documents_are_refused() {
-        assert!(parse(b"{}").is_err());
-        assert!(parse(b"not json").is_err());
-        let e = parse(br#"{"format": 99}"#).unwrap_err();
-        assert!(e.contains("newer"), "{e}");
-    }
 
     #[test]
     fn the_running_program_is_found() {

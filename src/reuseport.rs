@@ -76,6 +76,56 @@ pub struct PerSlotState {
     pub next_id: u64,
 }
 
+impl PerSlotState {
+    /// Refuse a layout the model could not follow: every slot's sockets
+    /// named once, one per template, each in its template's group exactly
+    /// once. A re-exec checks this before it commits (an older state
+    /// without the groups would index out of bounds at the next scale-up).
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |why: String| Err(format!("the reuseport sockets' layout: {why}"));
+        let n = self.templates.len();
+        if self.ids.len() != self.sockets.len() {
+            return bad(format!(
+                "{} slots of sockets but {} of ids",
+                self.sockets.len(),
+                self.ids.len()
+            ));
+        }
+        if self.groups.len() != n {
+            return bad(format!(
+                "{n} addresses but {} groups (a state from a nodeherd that did not model them; restart the service instead)",
+                self.groups.len()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (slot, (socks, ids)) in self.sockets.iter().zip(&self.ids).enumerate() {
+            if socks.len() != ids.len() || !(socks.is_empty() || socks.len() == n) {
+                return bad(format!(
+                    "slot {slot} has {} sockets and {} ids for {n} addresses",
+                    socks.len(),
+                    ids.len()
+                ));
+            }
+            for (t, id) in ids.iter().enumerate() {
+                if !seen.insert(*id) || *id > self.next_id {
+                    return bad(format!("socket id {id} is repeated or beyond the next one"));
+                }
+                if self.groups[t].iter().filter(|g| *g == id).count() != 1 {
+                    return bad(format!("socket id {id} is not once in its group"));
+                }
+            }
+        }
+        let grouped: usize = self.groups.iter().map(Vec::len).sum();
+        if grouped != seen.len() {
+            return bad(format!(
+                "the groups hold {grouped} sockets, the slots {}",
+                seen.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl PerSlot {
     /// Slot 0 gets `listeners`, already bound and listening.
     pub fn new(listeners: Vec<Listener>) -> PerSlot {
@@ -282,20 +332,12 @@ impl PerSlot {
     }
 
     pub fn adopt(state: PerSlotState) -> Result<PerSlot, String> {
+        state.validate()?;
         let sockets: Vec<Vec<Listener>> = state
             .sockets
             .into_iter()
             .map(|v| v.into_iter().map(Listener::adopt).collect())
             .collect::<Result<_, _>>()?;
-        let shape_ok = state.ids.len() == sockets.len()
-            && state
-                .ids
-                .iter()
-                .zip(&sockets)
-                .all(|(i, s)| i.len() == s.len());
-        if !shape_ok {
-            return Err("the reuseport sockets and their ids do not match".into());
-        }
         Ok(PerSlot {
             sockets,
             ids: state.ids,

@@ -17,7 +17,7 @@ use crate::control::Handle;
 use crate::sockets::{self, SocketError, SocketSet};
 use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
-use crate::supervisor::{Driver, sources};
+use crate::supervisor::{Driver, sources, takeover};
 use crate::{dbus, logs, metrics, notify, notify_socket, reexec};
 
 /// The preload, embedded so the binary is all there is to install.
@@ -81,10 +81,13 @@ pub fn main(args: RunArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<u8, RunError> {
+    // First, while this is the only thread: every thread started from now
+    // on inherits the mask (see reexec::block_control_signals).
+    reexec::block_control_signals();
     // SAFETY: no thread has been started yet (clap does not start any).
     let handed_over = unsafe { reexec::take() }.map_err(RunError::Usage)?;
-    if let Some(state) = handed_over {
-        return resume(args, state);
+    if let Some(doc) = handed_over {
+        return resume(args, &doc);
     }
     // SAFETY: as above.
     let inherited = unsafe { sockets::take_inherited() }?;
@@ -177,7 +180,7 @@ struct Resumed {
     notify: std::os::fd::OwnedFd,
     control: Option<std::os::fd::OwnedFd>,
     core: crate::supervisor::Core,
-    workers: Vec<reexec::AdoptedWorker>,
+    workers: Vec<takeover::AdoptedWorker>,
     took: Duration,
     written_by: String,
 }
@@ -222,11 +225,11 @@ enum Start {
 
 /// Go on where the program before this one left off (a re-exec): same pid,
 /// same workers, same sockets; the configuration in force comes with the
-/// state, not from the file (only a reload reads that).
-fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
-    let app = state.app;
-    let written_at = state.monotonic_ns;
-    logs::init(&app.name, &app.instance_var);
+/// state, not from the file (only a reload reads that). The program that
+/// wrote the state ran the same checks on it before it exec'd
+/// (`__check-state`), so what is refused here is what only the fds
+/// themselves can refuse, which that program checked open.
+fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
     let bad = |what: &str| {
         let what = what.to_string();
         move |e: String| RunError::System {
@@ -234,12 +237,26 @@ fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
             source: std::io::Error::other(e),
         }
     };
+    let state = takeover::take_over(doc).map_err(bad("the state"))?;
+    let app = state.app.clone();
+    let written_at = state.monotonic_ns;
+    logs::init(&app.name, &app.instance_var);
+    let watchdog = notify::watchdog_interval();
+    // Read together, so the exec's duration is measured to the microsecond
+    // and uptimes do not drift over many re-execs.
+    let (now, took) = (
+        std::time::Instant::now(),
+        Duration::from_nanos(reexec::monotonic_ns().saturating_sub(written_at)),
+    );
+    let core = state
+        .import_core(now, took, watchdog)
+        .map_err(bad("the supervisor's state"))?;
     let sockets = SocketSet::adopt(state.sockets).map_err(bad("the listening sockets"))?;
     let shared = sockets::SharedSockets::adopt(state.shared).map_err(bad("the shared sockets"))?;
-    let notify = reexec::adopt(state.notify_fd).map_err(bad("the notify socket"))?;
+    let notify = crate::fds::adopt(state.notify_fd).map_err(bad("the notify socket"))?;
     let control = state
         .control_fd
-        .map(reexec::adopt)
+        .map(crate::fds::adopt)
         .transpose()
         .map_err(bad("the control socket"))?;
     let metrics = state
@@ -251,19 +268,9 @@ fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
     let workers = state
         .workers
         .into_iter()
-        .map(reexec::CarriedWorker::adopt)
+        .map(takeover::CarriedWorker::adopt)
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad("a worker's channel"))?;
-    let watchdog = notify::watchdog_interval();
-    let policy = crate::supervisor::Policy::new(&app, &sockets, watchdog);
-    // Read together, so the exec's duration is measured to the microsecond
-    // and uptimes do not drift over many re-execs.
-    let (now, took) = (
-        std::time::Instant::now(),
-        Duration::from_nanos(reexec::monotonic_ns().saturating_sub(written_at)),
-    );
-    let core = crate::supervisor::Core::import(state.core, policy, now, took)
-        .map_err(bad("the supervisor's state"))?;
     let dir = state.runtime_dir;
     if !dir.is_dir() {
         use std::os::unix::fs::DirBuilderExt;
@@ -498,10 +505,9 @@ fn run_daemon(
             }
         };
         let handle = driver.handle();
+        // A stop sent during a re-exec waits in the kernel: read now.
         sources::signals(driver.inputs())
-            .map_err(RunError::system("cannot install signal handlers"))?;
-        // Handlers are in place: a stop sent during a re-exec arrives now.
-        reexec::unblock_signals();
+            .map_err(RunError::system("cannot read signals (signalfd)"))?;
         sources::notify_socket(notify_std, driver.inputs());
         let mut metrics_carry = None;
         if let Some(at) = metrics_at {

@@ -133,7 +133,7 @@ impl Listener {
     /// Own a socket a re-exec handed over.
     pub fn adopt(c: CarriedSocket) -> std::result::Result<Listener, String> {
         Ok(Listener {
-            fd: crate::reexec::adopt(c.fd)?,
+            fd: crate::fds::adopt(c.fd)?,
             name: c.name,
             kind: c.kind,
             address: c.address,
@@ -152,6 +152,22 @@ pub struct SetState {
 }
 
 impl SetState {
+    /// Whether workers inherit any socket, as [`SocketSet::is_empty`] will
+    /// say of the set this becomes.
+    pub fn inherits_any(&self) -> bool {
+        match &self.per_slot {
+            None => !self.shared.is_empty(),
+            Some(p) => !p.templates.is_empty(),
+        }
+    }
+
+    /// Refuse a layout the new program could not run with.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.per_slot
+            .as_ref()
+            .map_or(Ok(()), crate::reuseport::PerSlotState::validate)
+    }
+
     pub fn fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.shared.iter().map(|s| s.fd).collect();
         if let Some(p) = &self.per_slot {

@@ -102,39 +102,10 @@ pub fn diff(old: &App, new: &App) -> Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, Interpreter};
-    use std::path::PathBuf;
-    use std::time::Duration;
+    use crate::config::Balance;
 
-    pub fn app() -> App {
-        App {
-            name: "api".into(),
-            script: PathBuf::from("/srv/app.js"),
-            args: vec![],
-            cwd: PathBuf::from("/srv"),
-            interpreter: Interpreter::Node(PathBuf::from("node")),
-            interpreter_args: vec![],
-            instances: 2,
-            instance_var: "NODE_APP_INSTANCE".into(),
-            env: [("GREETING".to_string(), "hi".to_string())].into(),
-            wait_ready: false,
-            listen_timeout: Duration::from_millis(3000),
-            kill_timeout: Duration::from_millis(1600),
-            shutdown_with_message: false,
-            min_uptime: Duration::from_millis(1000),
-            max_restarts: 16,
-            restart_delay: Duration::ZERO,
-            exp_backoff_restart_delay: Duration::ZERO,
-            autorestart: true,
-            max_memory_restart: None,
-            max_event_loop_delay: None,
-            metrics: None,
-            listen: vec!["127.0.0.1:8000".into()],
-            reload_parallel: 1,
-            credentials: None,
-            balance: Balance::Queue,
-            rebalance: true,
-        }
+    fn app() -> App {
+        crate::config::test_app()
     }
 
     #[test]

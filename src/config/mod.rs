@@ -78,7 +78,7 @@ pub enum Interpreter {
 
 /// One app, resolved and validated: everything the supervisor needs.
 ///
-/// It crosses a re-exec in the state document (`reexec::State`), read by the
+/// It crosses a re-exec in the state document (`supervisor::takeover::State`), read by the
 /// next version of nodeherd: a field added later needs `#[serde(default)]`
 /// (or a new state format), or that version refuses the state and the
 /// package falls back to a restart.
@@ -381,5 +381,38 @@ mod fuzz {
                 prop_assert!((1..=MAX_INSTANCES).contains(&n));
             }
         }
+    }
+}
+
+/// An app as a test needs one: `api`, two workers, PM2's defaults.
+#[cfg(test)]
+pub(crate) fn test_app() -> App {
+    App {
+        name: "api".into(),
+        script: std::path::PathBuf::from("/srv/app.js"),
+        args: vec![],
+        cwd: std::path::PathBuf::from("/srv"),
+        interpreter: Interpreter::Node(std::path::PathBuf::from("node")),
+        interpreter_args: vec![],
+        instances: 2,
+        instance_var: "NODE_APP_INSTANCE".into(),
+        env: [("GREETING".to_string(), "hi".to_string())].into(),
+        wait_ready: false,
+        listen_timeout: std::time::Duration::from_millis(3000),
+        kill_timeout: std::time::Duration::from_millis(1600),
+        shutdown_with_message: false,
+        min_uptime: std::time::Duration::from_millis(1000),
+        max_restarts: 16,
+        restart_delay: std::time::Duration::ZERO,
+        exp_backoff_restart_delay: std::time::Duration::ZERO,
+        autorestart: true,
+        max_memory_restart: None,
+        max_event_loop_delay: None,
+        metrics: None,
+        listen: vec!["127.0.0.1:8000".into()],
+        reload_parallel: 1,
+        credentials: None,
+        balance: Balance::Queue,
+        rebalance: true,
     }
 }

@@ -114,7 +114,7 @@ impl Driver {
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
         let (requests_tx, requests) = mpsc::unbounded_channel();
         let (app_metrics_tx, app_metrics) = mpsc::unbounded_channel();
-        let policy = Policy::new(&app, &sockets, watchdog);
+        let policy = Policy::new(&app, !sockets.is_empty(), sockets.per_slot(), watchdog);
         let core = Core::new(policy, Instant::now());
         let (published, _) = watch::channel(core.snapshot());
         let configs = Configs::new(app, source, paths, &sockets);
@@ -158,7 +158,7 @@ impl Driver {
         source: Source,
         paths: WorkerPaths,
         core: Core,
-        workers: Vec<crate::reexec::AdoptedWorker>,
+        workers: Vec<super::takeover::AdoptedWorker>,
     ) -> Driver {
         let generation = core.generation();
         let mut d = Driver::new(app.clone(), sockets, source, paths, None);
@@ -178,7 +178,17 @@ impl Driver {
             .map(|(id, index, _)| (id, index))
             .collect();
         for w in workers {
-            let index = slots.get(&w.id).copied().unwrap_or(0);
+            // The check before the exec matched these against the core's
+            // workers; one it does not know would be filed under no slot.
+            let Some(&index) = slots.get(&w.id) else {
+                logs::error(&format!(
+                    "re-exec: pid {} was handed over but the supervisor does not know it: killing it",
+                    w.pid
+                ));
+                process::kill_group(w.pid);
+                process::signal(w.pid, Signal::SIGKILL);
+                continue;
+            };
             let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
             if let Some(fd) = dup(&w.stdout) {
                 sources::output(fd, index, w.pid, Stream::Stdout);
@@ -655,12 +665,12 @@ impl Driver {
 
     /// The state a re-exec hands over, as of now; `None` when this driver
     /// has nothing to hand over with it ([`Driver::carry`] was not called).
-    fn state(&self) -> Option<crate::reexec::State> {
+    fn state(&self) -> Option<super::takeover::State> {
         let carry = self.carry.as_ref()?;
         // Read together: the new program measures the exec against this clock.
         let (now, monotonic_ns) = (Instant::now(), crate::reexec::monotonic_ns());
-        Some(crate::reexec::State {
-            format: crate::reexec::STATE_FORMAT,
+        Some(super::takeover::State {
+            format: super::takeover::STATE_FORMAT,
             written_by: env!("CARGO_PKG_VERSION").to_string(),
             monotonic_ns,
             app: self.configs.app().clone(),
@@ -674,7 +684,7 @@ impl Driver {
             workers: self
                 .procs
                 .iter()
-                .map(|(id, p)| crate::reexec::CarriedWorker {
+                .map(|(id, p)| super::takeover::CarriedWorker {
                     id: *id,
                     pid: p.pid,
                     ipc: p.ipc.as_ref().map(AsRawFd::as_raw_fd),
@@ -737,13 +747,27 @@ impl Driver {
         let (Some(program), Some(state)) = (self.exec_program.clone(), self.state()) else {
             return;
         };
+        // The state as of now (workers may have come and gone since the
+        // check): the same checks again, with this program's rules, so
+        // nothing that was checked has changed shape.
+        if let Err(e) = state.validate() {
+            self.event(Event::ExecFailed(format!("the state to hand over: {e}")));
+            return;
+        }
+        let doc = match serde_json::to_vec(&state) {
+            Ok(doc) => doc,
+            Err(e) => {
+                self.event(Event::ExecFailed(format!("writing the state: {e}")));
+                return;
+            }
+        };
         logs::info(&format!(
             "re-exec: handing {} worker(s) over to {}",
             state.workers.len(),
             program.display()
         ));
         logs::flush(std::time::Duration::from_secs(1));
-        let e = crate::reexec::exec(&program, &state);
+        let e = crate::reexec::exec(&program, &doc, &state.fds());
         self.event(Event::ExecFailed(e.to_string()));
     }
 

@@ -6,7 +6,7 @@
 //! field of `Worker` must not silently change what an older manager writes
 //! or a newer one reads. A field added later needs `#[serde(default)]`, and a
 //! change an older reader could not follow needs a new
-//! [`STATE_FORMAT`](crate::reexec::STATE_FORMAT).
+//! [`STATE_FORMAT`](super::takeover::STATE_FORMAT).
 //!
 //! Times are carried as offsets from the moment of writing; the reader adds
 //! the time the exec took (both sides read the same monotonic clock), so a
@@ -231,8 +231,15 @@ impl Core {
                     core.slots.len()
                 ));
             }
+            if w.id.0 >= state.next_worker {
+                return Err(format!(
+                    "worker {} is not below the next worker id {}",
+                    w.id.0, state.next_worker
+                ));
+            }
             let age = Duration::from_nanos(w.age_ns.min(u64::MAX as u128) as u64);
-            workers.insert(
+            let id = w.id;
+            let previous = workers.insert(
                 w.id,
                 Worker {
                     index: w.index,
@@ -256,6 +263,27 @@ impl Core {
                     },
                 },
             );
+            if previous.is_some() {
+                return Err(format!("worker {} is named twice", id.0));
+            }
+        }
+        for (index, slot) in core.slots.iter().enumerate() {
+            for id in [slot.current, slot.incoming].into_iter().flatten() {
+                let Some(w) = workers.get(&id) else {
+                    return Err(format!(
+                        "slot {index} names worker {}, which is not there",
+                        id.0
+                    ));
+                };
+                if w.index as usize != index || w.state == WState::Stopping {
+                    return Err(format!(
+                        "slot {index} names worker {}, which is {} in slot {}",
+                        id.0,
+                        w.state.name(),
+                        w.index
+                    ));
+                }
+            }
         }
         core.workers = workers;
         let mut timers = Timers::default();

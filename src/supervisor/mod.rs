@@ -31,6 +31,7 @@ pub mod reconfig;
 mod report;
 mod share;
 pub mod sources;
+pub mod takeover;
 pub mod timers;
 
 #[cfg(test)]

@@ -52,13 +52,9 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// The policy for `app`, whose workers inherit `sockets`.
-    pub fn new(
-        app: &App,
-        sockets: &crate::sockets::SocketSet,
-        watchdog: Option<Duration>,
-    ) -> Policy {
-        let has_sockets = !sockets.is_empty();
+    /// The policy for `app`, whose workers inherit listening sockets or
+    /// not (`has_sockets`), each slot its own (`per_slot`) or shared.
+    pub fn new(app: &App, has_sockets: bool, per_slot: bool, watchdog: Option<Duration>) -> Policy {
         let node = matches!(app.interpreter, crate::config::Interpreter::Node(_));
         Policy {
             name: app.name.clone(),
@@ -77,7 +73,7 @@ impl Policy {
             max_event_loop_delay: app.max_event_loop_delay,
             reload_parallel: app.reload_parallel.max(1),
             watchdog,
-            per_slot_sockets: has_sockets && sockets.per_slot(),
+            per_slot_sockets: has_sockets && per_slot,
             rebalance: app.rebalance,
         }
     }

@@ -154,7 +154,12 @@ impl Configs {
             &self.paths.notify_socket,
         );
         self.launchers.insert(generation, launcher);
-        let policy = Policy::new(&new, sockets, policy.watchdog);
+        let policy = Policy::new(
+            &new,
+            !sockets.is_empty(),
+            sockets.per_slot(),
+            policy.watchdog,
+        );
         self.pending.insert(generation, new);
         Accepted {
             config: NewConfig {

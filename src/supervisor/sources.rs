@@ -38,24 +38,53 @@ pub enum Input {
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.
 pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
+    use nix::sys::signal::Signal;
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    // The control signals are blocked in every thread (see
+    // `reexec::block_control_signals`): they wait in the kernel until read
+    // here, and one that is not read yet when the manager re-execs waits
+    // for the new program. No handler runs, so none can be lost with an exec.
+    let fd = SignalFd::with_flags(
+        &crate::reexec::control_signals(),
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )?;
+    // SAFETY: the SignalFd owns its fd and hands the same one out for its
+    // whole life; the AsyncFd owns the SignalFd.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)?;
     tokio::spawn(async move {
         loop {
-            let input = tokio::select! {
-                _ = term.recv() => Input::Stop,
-                _ = int.recv() => Input::Stop,
-                _ = hup.recv() => {
+            let Ok(mut ready) = fd.readable().await else {
+                return;
+            };
+            // Nothing left to read is WouldBlock, which clears the readiness.
+            let read = ready.try_io(|fd| match fd.get_ref().read_signal() {
+                Ok(Some(info)) => Ok(info),
+                Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+                Err(e) => Err(e.into()),
+            });
+            let info = match read {
+                Ok(Ok(info)) => info,
+                Err(_would_block) => continue,
+                Ok(Err(e)) => {
+                    logs::warn(&format!("reading signals: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let input = match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGTERM | Signal::SIGINT) => Input::Stop,
+                Ok(Signal::SIGHUP) => {
                     logs::info("SIGHUP: reload requested");
                     Input::Reload
                 }
-                _ = usr2.recv() => {
+                Ok(Signal::SIGUSR2) => {
                     logs::info("SIGUSR2: re-exec requested");
                     Input::Reexec
                 }
+                _ => continue,
             };
             if tx.send(input).is_err() {
                 return;
