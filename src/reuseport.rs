@@ -11,7 +11,11 @@
 //! So a slot that goes is first taken out of the picking: a classic BPF
 //! program attached to the group (`SO_ATTACH_REUSEPORT_CBPF`) returns, for
 //! each connection, the array index of one of the sockets that stay (by the
-//! connection's hash, or a random number when the hash is 0). The leaving
+//! connection's hash, or a random number when the hash is 0). A UDP
+//! datagram is picked on its own, so for UDP the program hashes the
+//! datagram's addresses and ports itself: every datagram of a flow reaches
+//! the same worker (QUIC, DNS sessions, game servers), whatever hash the
+//! kernel has or lacks. The leaving
 //! slot's worker then empties its queue, and only once it is empty is the
 //! worker asked to stop (see the supervisor's scale-down).
 //!
@@ -280,6 +284,11 @@ impl PerSlot {
         let preferred = ids_of(&self.preferred);
         for (t, group) in self.groups.iter().enumerate() {
             let tcp = self.templates.get(t).is_some_and(|x| x.kind == Kind::Tcp);
+            let spread = if tcp {
+                Spread::PerConnection
+            } else {
+                Spread::PerFlow
+            };
             let live = if tcp && !preferred.is_empty() {
                 &preferred
             } else {
@@ -303,7 +312,7 @@ impl PerSlot {
             if indexes.is_empty() {
                 continue;
             }
-            match attach(member, &indexes) {
+            match attach(member, &indexes, spread) {
                 Ok(()) => self.steering = true,
                 Err(e) if !self.steering_failed => {
                     self.steering_failed = true;
@@ -381,9 +390,22 @@ pub fn queue_of(fd: RawFd) -> u32 {
     }
 }
 
-/// The program: A = the connection's hash (or a random number when it has
-/// none), A %= n, then return `indexes[A]`.
-fn program(indexes: &[u32]) -> Vec<libc::sock_filter> {
+/// How the program spreads what arrives over the sockets it may pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spread {
+    /// A TCP connection is picked once, at its SYN, and stays with the
+    /// socket that accepts it: the kernel's hash, or a random number when
+    /// it has none (loopback often has none), spreads them.
+    PerConnection,
+    /// A UDP datagram is picked on its own, every time: datagrams of one
+    /// flow (the same 4-tuple) must reach the same worker, or QUIC, DNS
+    /// sessions and game servers break. The kernel's hash is often 0 here,
+    /// so the program hashes the addresses and ports itself.
+    PerFlow,
+}
+
+/// The program: A = the pick's hash, A %= n, then return `indexes[A]`.
+fn program(indexes: &[u32], spread: Spread) -> Vec<libc::sock_filter> {
     let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
         jt,
@@ -392,17 +414,20 @@ fn program(indexes: &[u32]) -> Vec<libc::sock_filter> {
     };
     let ad = |off: libc::c_int| (libc::SKF_AD_OFF + off) as u32;
     let ld_abs = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
-    let mut p = vec![
-        op(ld_abs, 0, 0, ad(libc::SKF_AD_RXHASH)),
-        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, 0),
-        op(ld_abs, 0, 0, ad(libc::SKF_AD_RANDOM)),
-        op(
-            libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K,
-            0,
-            0,
-            indexes.len() as u32,
-        ),
-    ];
+    let mut p = match spread {
+        Spread::PerConnection => vec![
+            op(ld_abs, 0, 0, ad(libc::SKF_AD_RXHASH)),
+            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, 0),
+            op(ld_abs, 0, 0, ad(libc::SKF_AD_RANDOM)),
+        ],
+        Spread::PerFlow => flow_hash(),
+    };
+    p.push(op(
+        libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K,
+        0,
+        0,
+        indexes.len() as u32,
+    ));
     let (last, rest) = indexes.split_last().expect("at least one socket");
     for (i, index) in rest.iter().enumerate() {
         p.push(op(
@@ -417,8 +442,66 @@ fn program(indexes: &[u32]) -> Vec<libc::sock_filter> {
     p
 }
 
-fn attach(fd: RawFd, indexes: &[u32]) -> std::io::Result<()> {
-    let mut filter = program(indexes);
+/// A = a hash of the datagram's source and destination addresses and
+/// ports, read from its IP header (`SKF_NET_OFF`: the program's own data
+/// starts after the UDP header), then mixed so that `% n` uses every bit.
+/// IPv6 ports are read right after the fixed header (a datagram with
+/// extension headers still hashes the same way for its whole flow).
+fn flow_hash() -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_ALU, BPF_B, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX, BPF_MEM,
+        BPF_MISC, BPF_MSH, BPF_MUL, BPF_RSH, BPF_ST, BPF_TAX, BPF_W, BPF_X, BPF_XOR,
+    };
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let net = |off: i32| (libc::SKF_NET_OFF + off) as u32;
+    let ld = |off: i32| op(BPF_LD | BPF_W | BPF_ABS, 0, 0, net(off));
+    // A ^= M[0]; M[0] = A
+    let fold = || {
+        [
+            op(BPF_LDX | BPF_W | BPF_MEM, 0, 0, 0),
+            op(BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0),
+            op(BPF_ST, 0, 0, 0),
+        ]
+    };
+    let mut v4 = vec![ld(12), op(BPF_ST, 0, 0, 0), ld(16)];
+    v4.extend(fold());
+    // X = the IPv4 header's length; A = the word after it: both ports.
+    v4.push(op(BPF_LDX | BPF_B | BPF_MSH, 0, 0, net(0)));
+    v4.push(op(BPF_LD | BPF_W | BPF_IND, 0, 0, net(0)));
+    v4.extend(fold());
+    let mut v6 = vec![ld(8), op(BPF_ST, 0, 0, 0)];
+    for off in (12..40).step_by(4).chain([40]) {
+        v6.push(ld(off));
+        v6.extend(fold());
+    }
+    let mut p = vec![
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, net(0)),
+        op(BPF_ALU | BPF_RSH | BPF_K, 0, 0, 4),
+        // IPv4: fall through to v4, which then jumps over v6.
+        op(BPF_JMP | BPF_JEQ | BPF_K, 0, (v4.len() + 1) as u8, 4),
+    ];
+    p.extend(v4);
+    p.push(op(BPF_JMP, 0, 0, v6.len() as u32));
+    p.extend(v6);
+    // Mix (a 32-bit finalizer): A ^= A >> 16; A *= K; A ^= A >> 15.
+    for (shift, mul) in [(16, Some(0x85eb_ca6b_u32)), (15, None)] {
+        p.push(op(BPF_MISC | BPF_TAX, 0, 0, 0));
+        p.push(op(BPF_ALU | BPF_RSH | BPF_K, 0, 0, shift));
+        p.push(op(BPF_ALU | BPF_XOR | BPF_X, 0, 0, 0));
+        if let Some(k) = mul {
+            p.push(op(BPF_ALU | BPF_MUL | BPF_K, 0, 0, k));
+        }
+    }
+    p
+}
+
+fn attach(fd: RawFd, indexes: &[u32], spread: Spread) -> std::io::Result<()> {
+    let mut filter = program(indexes, spread);
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
@@ -538,9 +621,79 @@ mod tests {
         drop((held, held2, held3));
     }
 
+    /// Datagrams waiting on a UDP socket, by sender: read them all.
+    fn senders(l: &Listener) -> Vec<std::net::SocketAddr> {
+        let sock = std::net::UdpSocket::from(l.fd.try_clone().unwrap());
+        sock.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut from = Vec::new();
+        while let Ok((_, addr)) = sock.recv_from(&mut buf) {
+            from.push(addr);
+        }
+        from
+    }
+
+    /// With a socket per slot, every datagram of one flow (one client
+    /// socket) reaches the same slot, also on loopback where the kernel
+    /// gives no receive hash; different flows still spread.
+    #[test]
+    fn each_udp_flow_stays_with_one_slot_and_flows_spread() {
+        udp_flows_stay_put("udp:127.0.0.1:0", "127.0.0.1:0");
+    }
+
+    #[test]
+    fn each_udp_flow_over_ipv6_stays_with_one_slot_too() {
+        if std::net::UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        }
+        udp_flows_stay_put("udp:[::1]:0", "[::1]:0");
+    }
+
+    fn udp_flows_stay_put(listen: &str, client: &str) {
+        let first = crate::sockets::bind_all_reuseport(&[listen.into()]).unwrap();
+        let addr = first[0].address.clone();
+        let mut p = PerSlot::new(first);
+        for i in 1..4 {
+            p.for_slot(i).unwrap();
+        }
+        p.set_serving((0..4).collect(), Default::default());
+        let clients: Vec<std::net::UdpSocket> = (0..16)
+            .map(|_| std::net::UdpSocket::bind(client).unwrap())
+            .collect();
+        let mut slot_of: BTreeMap<std::net::SocketAddr, BTreeSet<usize>> = BTreeMap::new();
+        let mut counted = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for round in 0..100u8 {
+            for c in &clients {
+                c.send_to(&[round], &addr).unwrap();
+            }
+            // Read each round before the next, so no receive buffer fills.
+            while counted < 16 * (round as usize + 1) && std::time::Instant::now() < deadline {
+                for (slot, socks) in p.sockets.iter().enumerate() {
+                    for from in senders(&socks[0]) {
+                        slot_of.entry(from).or_default().insert(slot);
+                        counted += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(counted, 1600, "every datagram arrived");
+        assert_eq!(slot_of.len(), 16);
+        for (from, slots) in &slot_of {
+            assert_eq!(
+                slots.len(),
+                1,
+                "the flow from {from} went to slots {slots:?}"
+            );
+        }
+        let used: BTreeSet<usize> = slot_of.values().flatten().copied().collect();
+        assert!(used.len() >= 3, "16 flows spread over slots {used:?}");
+    }
+
     #[test]
     fn the_program_picks_only_the_given_indexes() {
-        let p = program(&[0, 2]);
+        let p = program(&[0, 2], Spread::PerConnection);
         assert_eq!(p.len(), 4 + 2 + 1);
         assert_eq!(p[3].k, 2, "modulo the number of sockets that stay");
         assert_eq!(p.last().unwrap().k, 2);

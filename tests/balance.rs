@@ -355,3 +355,60 @@ fn a_second_manager_on_the_same_address_is_refused_as_before_reuseport() {
     assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
     assert!(err.contains("already in use"), "{err}");
 }
+
+/// With the default `balance: auto` (a socket per slot for a UDP address),
+/// every datagram of one flow is answered by the same worker, also on
+/// loopback where the kernel gives no receive hash: 100 datagrams from each
+/// of 8 client sockets, each flow answered by one worker, the flows spread
+/// over several (issue 24; before, one client's 60 datagrams were answered
+/// by both workers).
+#[test]
+fn each_udp_flow_is_answered_by_one_worker_and_flows_spread() {
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("udp.js")),
+            "-i",
+            "4",
+            "--listen",
+            "udp:127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let port = m.port();
+    assert!(m.wait_log("4/4 workers ready", T), "log:\n{}", m.log());
+    assert!(m.log().contains("a socket per slot"), "{}", m.log());
+    let mut by_flow = Vec::new();
+    for _ in 0..8 {
+        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut answered = BTreeSet::new();
+        let mut answers = 0;
+        for i in 0..100 {
+            let msg = format!("m{i}");
+            // A datagram may be lost; ask again, a bounded number of times.
+            for _ in 0..5 {
+                c.send_to(msg.as_bytes(), ("127.0.0.1", port)).unwrap();
+                let mut buf = [0u8; 64];
+                if let Ok(n) = c.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let (worker, echoed) = text.split_once(':').unwrap();
+                    if echoed == msg {
+                        answered.insert(worker.to_string());
+                        answers += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(answers >= 95, "answers {answers}");
+        by_flow.push(answered);
+    }
+    for (i, workers) in by_flow.iter().enumerate() {
+        assert_eq!(workers.len(), 1, "flow {i} was answered by {workers:?}");
+    }
+    let used: BTreeSet<&String> = by_flow.iter().flatten().collect();
+    assert!(used.len() >= 2, "8 flows over workers {used:?}");
+}
