@@ -416,6 +416,8 @@ pub struct Core {
     pub(super) counters: crate::control::Counters,
     pub(super) last_status: String,
     pub(super) exit_code: i32,
+    /// When stopping began: a second stop soon after is the same one.
+    pub(super) stop_began: Option<Instant>,
     pub(super) last_stranger_warning: Option<Instant>,
     /// Workers of slots that go, waiting for their queues to empty, by leave.
     pub(super) leaving: BTreeMap<u64, Vec<WorkerId>>,
@@ -444,6 +446,7 @@ impl Core {
             counters: Default::default(),
             last_status: String::new(),
             exit_code: 0,
+            stop_began: None,
             last_stranger_warning: None,
             leaving: BTreeMap::new(),
             next_leave: 1,

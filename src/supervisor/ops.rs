@@ -13,7 +13,7 @@ use super::core::{
     Core, Effect, Level, NewConfig, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind,
     SwapReason, WState, WorkerId,
 };
-use super::policy::{LEAVE_BOUND, MAX_QUEUED};
+use super::policy::{LEAVE_BOUND, MAX_QUEUED, SAME_STOP};
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
 use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};
@@ -733,6 +733,22 @@ impl Core {
     /// Stop every worker and, once they are gone, exit with `code`.
     pub(super) fn begin_stop(&mut self, code: i32) {
         if self.phase == Phase::Stopping {
+            // One stop often arrives twice: `timeout` and a terminal's
+            // Ctrl-C reach the manager and a wrapper that forwards it.
+            // Within the window it is the same stop, still graceful.
+            if self
+                .stop_began
+                .is_some_and(|t| self.now.saturating_duration_since(t) < SAME_STOP)
+            {
+                self.log(
+                    Level::Info,
+                    format!(
+                        "stop requested again within {} ms: the same stop, still graceful (again after that to kill every worker now)",
+                        SAME_STOP.as_millis()
+                    ),
+                );
+                return;
+            }
             // A second stop request: no more waiting.
             self.log(
                 Level::Warning,
@@ -745,6 +761,7 @@ impl Core {
             return;
         }
         self.phase = Phase::Stopping;
+        self.stop_began = Some(self.now);
         self.exit_code = code;
         self.log(
             Level::Info,

@@ -17,6 +17,9 @@ pub const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// How long a slot that goes (`balance: reuseport`) may take to empty its
 /// accept queue before its worker is asked to stop anyway.
 pub const LEAVE_BOUND: Duration = Duration::from_secs(1);
+/// A stop request this soon after the first is the same stop (a signal
+/// that reached the manager twice); later, it kills every worker at once.
+pub const SAME_STOP: Duration = Duration::from_secs(1);
 /// Requests that may wait behind a running operation; more are refused as busy.
 pub const MAX_QUEUED: usize = 64;
 
