@@ -297,6 +297,20 @@ fn root_clients_do_not_take_another_users_manager_for_the_apps() {
     assert_ne!(code, 0, "{err}");
     assert!(!m.log().contains("re-exec"), "{}", m.log());
     assert!(!m.log().contains("reload"), "{}", m.log());
+    // nobody's socket, moved into a directory of root's and given to root
+    // (as an entry swapped after the client looked): the peer still says
+    // who listens.
+    let theirs = base
+        .path
+        .join(&dirs_of(&base.path, "nodeherd-shop-", NOBODY)[0]);
+    let decoy = base.path.join(format!("nodeherd-shop-{}", m.pid()));
+    std::fs::create_dir(&decoy).unwrap();
+    std::fs::set_permissions(&decoy, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::rename(theirs.join("control.sock"), decoy.join("control.sock")).unwrap();
+    chown(&decoy.join("control.sock"), 0);
+    let (code, out, err) = client(&["status", "shop"], false);
+    assert_eq!(code, 3, "root talked to nobody's socket:\n{out}{err}");
+    assert!(err.contains("uid 65534 listens on it"), "{err}");
 }
 
 /// When the bus answers and says the name's owner is not the unit's main
