@@ -554,6 +554,10 @@ fn a_flood_of_idle_metrics_connections_leaves_the_manager_serving() {
         .min()
         .unwrap();
     assert!(fastest < Duration::from_secs(1), "status took {fastest:?}");
+    eprintln!(
+        "under the flood of {}: {most} fds (baseline {baseline}), RSS {rss} kB, status in {fastest:?}",
+        flood.len()
+    );
     // A worker that dies is still replaced.
     let before = m.workers();
     kill(before[0], libc::SIGKILL);
