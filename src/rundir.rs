@@ -268,6 +268,25 @@ mod tests {
     }
 
     #[test]
+    fn a_base_others_may_write_must_be_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rundir-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |m: u32| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m));
+        mode(0o755).unwrap();
+        assert!(!shared(&dir).unwrap());
+        mode(0o1777).unwrap();
+        assert!(shared(&dir).unwrap());
+        mode(0o777).unwrap();
+        let e = shared(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("not sticky") && e.contains("XDG_RUNTIME_DIR"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn random_parts_differ() {
         let (a, b) = (random_part().unwrap(), random_part().unwrap());
         assert_eq!(a.len(), 12);
