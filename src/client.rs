@@ -119,8 +119,40 @@ where
     }
 }
 
+/// Why the bus did not give a manager: nobody there to ask (no bus, no
+/// owner of the name), so a control socket may answer instead; or the bus
+/// answered, and that answer stands (the name's owner is not the app's
+/// manager, a bad name, a refusal).
+enum Miss {
+    Absent(Failure),
+    Refused(Failure),
+}
+
+impl From<Failure> for Miss {
+    fn from(f: Failure) -> Self {
+        if f.0 == 3 {
+            Miss::Absent(f)
+        } else {
+            Miss::Refused(f)
+        }
+    }
+}
+
+impl From<zbus::Error> for Miss {
+    fn from(e: zbus::Error) -> Self {
+        Miss::from(Failure::from(e))
+    }
+}
+
+impl From<zbus::fdo::Error> for Miss {
+    fn from(e: zbus::fdo::Error) -> Self {
+        Miss::from(Failure::from(e))
+    }
+}
+
 /// The manager of `app`: over the bus, or, when no bus answers for it, over
-/// its own control socket (a container or a shell with no bus).
+/// its own control socket (a container or a shell with no bus). Never the
+/// control socket when the bus named another owner: that is the answer.
 pub(crate) async fn reach(
     app: Option<&str>,
     bus: &BusArgs,
@@ -128,23 +160,42 @@ pub(crate) async fn reach(
     let over_bus = async {
         let conn = connect(bus).await?;
         let p = proxy(&conn, app, bus).await?;
-        Ok::<_, Failure>((conn.clone(), p))
+        Ok::<_, Miss>((conn.clone(), p))
     };
     match over_bus.await {
         Ok(found) => Ok(found),
-        Err(e) if e.0 == 3 => match find_control_socket(app) {
-            Ok(Some(path)) => control_socket(&path).await,
-            Ok(None) => Err(e),
-            Err(many) => Err(many),
-        },
-        Err(e) => Err(e),
+        Err(Miss::Refused(e)) => Err(e),
+        Err(Miss::Absent(e)) => {
+            let found = find_control_socket(app)?;
+            match found.sockets.as_slice() {
+                [] if found.passed_over.is_empty() => Err(e),
+                [] => Err(Failure(
+                    3,
+                    format!("{}; passed over: {}", e.1, found.passed_over.join("; ")),
+                )),
+                [one] => control_socket(one, &found.allowed).await,
+                many => Err(Failure(
+                    2,
+                    format!(
+                        "several managers have control sockets ({}): name the app",
+                        many.iter()
+                            .map(|c| c.path.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            }
+        }
     }
 }
 
-/// Connect to a manager's control socket, peer to peer.
+/// Connect to a manager's control socket, peer to peer, once the peer is
+/// known to be the process of the user who owns its directory.
 async fn control_socket(
-    path: &std::path::Path,
+    found: &ControlSocket,
+    allowed: &[u32],
 ) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
+    let path = &found.path;
     let fail = |e: String| {
         Failure(
             3,
@@ -154,12 +205,27 @@ async fn control_socket(
     let stream = tokio::net::UnixStream::connect(path)
         .await
         .map_err(|e| fail(e.to_string()))?;
+    let peer = stream
+        .peer_cred()
+        .map_err(|e| fail(format!("cannot tell who listens on it: {e}")))?;
+    if peer.uid() != found.owner || !allowed.contains(&peer.uid()) {
+        return Err(fail(format!(
+            "uid {} listens on it, not uid {} whose directory it is in: not talking to it",
+            peer.uid(),
+            found.owner
+        )));
+    }
     let conn = zbus::connection::Builder::unix_stream(stream)
         .p2p()
         .method_timeout(Duration::from_secs(24 * 3600))
         .build()
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| {
+            fail(format!(
+                "{e} (a manager answers only root, its own user and group {})",
+                dbus::OPERATORS_GROUP
+            ))
+        })?;
     let p = Manager1Proxy::builder(&conn)
         // Peer to peer there is no bus to route by name; the manager ignores it.
         .destination("org.nodeherd.Manager")
@@ -171,22 +237,59 @@ async fn control_socket(
     Ok((conn, p))
 }
 
+/// A control socket found on disk, in a directory of `owner`'s.
+struct ControlSocket {
+    path: PathBuf,
+    owner: u32,
+}
+
+/// What a search for control sockets found.
+struct Found {
+    sockets: Vec<ControlSocket>,
+    /// Managers' directories of users the caller does not trust, said so
+    /// in the error when nothing else is found.
+    passed_over: Vec<String>,
+    /// The users whose managers the caller talks to.
+    allowed: Vec<u32>,
+}
+
+/// The users whose manager of `app` a caller may talk to: itself, root
+/// and the app's own user (`nodeherd-APP`, when the system has it).
+fn trusted_users(app: Option<&str>) -> Vec<u32> {
+    let mut allowed = vec![nix::unistd::geteuid().as_raw(), 0];
+    if let Some(app) = app
+        && let Ok(Some(u)) = nix::unistd::User::from_name(&dbus::user_for(app))
+    {
+        allowed.push(u.uid.as_raw());
+    }
+    allowed
+}
+
 /// The control socket of `app`'s manager (or of the only manager running,
 /// without `app`), found in the places managers keep their private
 /// directories: `$XDG_RUNTIME_DIR`, the temporary directory, and
-/// `/run/nodeherd/*/` (the template unit's `RuntimeDirectory=`).
-fn find_control_socket(app: Option<&str>) -> Result<Option<PathBuf>, Failure> {
+/// `/run/nodeherd/*/` (the template unit's `RuntimeDirectory=`). Only a
+/// directory of a trusted user ([`trusted_users`]) that nobody else may
+/// write, holding a socket of that same user's, counts: in a shared
+/// temporary directory any local user can make one named like the app's.
+fn find_control_socket(app: Option<&str>) -> Result<Found, Failure> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut bases: Vec<PathBuf> = vec![crate::run::runtime_base(), std::env::temp_dir()];
     if let Ok(units) = std::fs::read_dir("/run/nodeherd") {
         bases.extend(units.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
     }
     bases.dedup();
     let prefix = app.map(crate::run::runtime_dir_prefix);
+    let allowed = trusted_users(app);
+    let mut found = Found {
+        sockets: Vec::new(),
+        passed_over: Vec::new(),
+        allowed,
+    };
     // The first place that has any is the answer: a user's own
     // $XDG_RUNTIME_DIR before the shared temporary directory.
-    let mut found = Vec::new();
     for base in bases {
-        if !found.is_empty() {
+        if !found.sockets.is_empty() {
             break;
         }
         let Ok(entries) = std::fs::read_dir(&base) else {
@@ -194,38 +297,45 @@ fn find_control_socket(app: Option<&str>) -> Result<Option<PathBuf>, Failure> {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let matches = match &prefix {
-                Some(p) => name
-                    .strip_prefix(p.as_str())
-                    .is_some_and(|pid| pid.parse::<u32>().is_ok()),
-                None => name.starts_with("nodeherd-"),
+            let Some(pid) = crate::rundir::pid_in(&name, prefix.as_deref()) else {
+                continue;
             };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            // lstat: a symlink is not a manager's directory.
+            let Ok(dir) = e.metadata() else {
+                continue;
+            };
+            if !dir.is_dir() {
+                continue;
+            }
+            if !found.allowed.contains(&dir.uid()) {
+                found.passed_over.push(format!(
+                    "{} belongs to uid {}, not to you, root or the app's user",
+                    e.path().display(),
+                    dir.uid()
+                ));
+                continue;
+            }
+            if dir.mode() & 0o022 != 0 {
+                found
+                    .passed_over
+                    .push(format!("{} is writable by others", e.path().display()));
+                continue;
+            }
             let sock = e.path().join("control.sock");
-            let pid_alive = name
-                .rsplit('-')
-                .next()
-                .and_then(|p| p.parse::<u32>().ok())
-                .is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-            if matches && pid_alive && sock.exists() && !found.contains(&sock) {
-                found.push(sock);
+            let is_theirs = std::fs::symlink_metadata(&sock)
+                .is_ok_and(|m| m.file_type().is_socket() && m.uid() == dir.uid());
+            if is_theirs && !found.sockets.iter().any(|c| c.path == sock) {
+                found.sockets.push(ControlSocket {
+                    path: sock,
+                    owner: dir.uid(),
+                });
             }
         }
     }
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err(Failure(
-            2,
-            format!(
-                "several managers have control sockets ({}): name the app",
-                found
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
+    Ok(found)
 }
 
 async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
@@ -294,16 +404,16 @@ async fn proxy(
     conn: &zbus::Connection,
     app: Option<&str>,
     bus: &BusArgs,
-) -> Result<Manager1Proxy<'static>, Failure> {
+) -> Result<Manager1Proxy<'static>, Miss> {
     let name = resolve_name(conn, app, bus).await?;
     let bus_name = zbus::names::BusName::try_from(name.clone())
-        .map_err(|e| Failure(2, format!("{name} is not a valid bus name: {e}")))?;
+        .map_err(|e| Miss::Refused(Failure(2, format!("{name} is not a valid bus name: {e}"))))?;
     let dbus = zbus::fdo::DBusProxy::new(conn).await?;
     // Fail early and clearly when nobody owns the name.
     let owner = match dbus.get_name_owner(bus_name).await {
         Ok(o) => o,
         Err(zbus::fdo::Error::NameHasNoOwner(_)) => {
-            return Err(Failure(3, format!("no manager is running as {name}")));
+            return Err(Failure(3, format!("no manager is running as {name}")).into());
         }
         Err(e) => return Err(e.into()),
     };
@@ -312,7 +422,9 @@ async fn proxy(
         let app = app
             .map(str::to_string)
             .or_else(|| dbus::app_for_bus_name(&name));
-        verify_owner(conn, &dbus, &name, &owner, app.as_deref()).await?;
+        verify_owner(conn, &dbus, &name, &owner, app.as_deref())
+            .await
+            .map_err(Miss::Refused)?;
     }
     let p = Manager1Proxy::builder(conn)
         .destination(owner)?

@@ -232,6 +232,9 @@ struct Manager {
     handle: Handle,
     /// The bus this object is served on (polkit is asked on the system bus only).
     bus: Bus,
+    /// Peer to peer (the control socket): the uid of the process at the
+    /// other end, from `SO_PEERCRED`.
+    peer: Option<u32>,
 }
 
 impl Manager {
@@ -264,9 +267,11 @@ impl Action {
 
 /// May the sender of this call do `action`?
 ///
-/// - Peer to peer (the control socket) there is no sender: the socket's
-///   mode (0600 in a 0700 directory) already let only the manager's own
-///   user and root in.
+/// - Peer to peer (the control socket) there is no sender: the peer's
+///   credentials (`SO_PEERCRED`) name the caller, and the same rule
+///   applies without polkit: root, the manager's own user, group
+///   `nodeherd`. (The socket's mode, 0600 in a 0700 directory, lets only
+///   the first two in to begin with; this holds if it is ever opened up.)
 /// - root and the manager's own user (its `ExecReload=`, and its own
 ///   workers, which can signal it anyway) may.
 /// - On the system bus, when polkitd is there and lets this manager's user
@@ -284,11 +289,20 @@ async fn authorize(
     hdr: &zbus::message::Header<'_>,
     action: Action,
     bus: &Bus,
+    peer: Option<u32>,
 ) -> Result<(), BusError> {
-    if !conn.is_bus() {
-        return Ok(());
-    }
     let denied = |why: String| BusError::AccessDenied(format!("{}: {why}", action.id()));
+    if !conn.is_bus() {
+        let Some(uid) = peer else {
+            return Err(denied("the caller's credentials are unknown".into()));
+        };
+        if peer_may_control(uid).await {
+            return Ok(());
+        }
+        return Err(denied(format!(
+            "uid {uid} is neither root, the app's own user nor a member of group {OPERATORS_GROUP}"
+        )));
+    }
     let Some(sender) = hdr.sender() else {
         return Err(denied("the call has no sender".into()));
     };
@@ -415,6 +429,18 @@ async fn polkit_check(
     }
 }
 
+/// May a peer-to-peer caller (the control socket) read and control this
+/// manager: root, its own user, or a member of group `nodeherd`. The group
+/// database may be slow (LDAP): it is read off the supervisor's thread.
+async fn peer_may_control(uid: u32) -> bool {
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return true;
+    }
+    tokio::task::spawn_blocking(move || in_group(uid, OPERATORS_GROUP))
+        .await
+        .unwrap_or(false)
+}
+
 /// Is `uid` in `group` by the group database (primary group or member list)?
 pub fn in_group(uid: u32, group: &str) -> bool {
     use nix::unistd::{Group, Uid, User};
@@ -439,7 +465,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<String, BusError> {
-        authorize(conn, &hdr, Action::Reload, &self.bus).await?;
+        authorize(conn, &hdr, Action::Reload, &self.bus, self.peer).await?;
         self.ask(Control::Reload).await.map(|d| d.message)
     }
 
@@ -449,7 +475,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), BusError> {
-        authorize(conn, &hdr, Action::Restart, &self.bus).await?;
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
         self.ask(Control::Restart).await.map(|_| ())
     }
 
@@ -461,7 +487,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<i32, BusError> {
-        authorize(conn, &hdr, Action::Scale, &self.bus).await?;
+        authorize(conn, &hdr, Action::Scale, &self.bus, self.peer).await?;
         self.ask(Control::Scale(ScaleTarget::To(i64::from(instances))))
             .await
             .map(|d| d.workers)
@@ -479,7 +505,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<String, BusError> {
-        authorize(conn, &hdr, Action::Restart, &self.bus).await?;
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
         self.ask(Control::Reexec).await.map(|d| d.message)
     }
 
@@ -502,7 +528,7 @@ impl Manager {
         #[zbus(header)] hdr: zbus::message::Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<i32, BusError> {
-        authorize(conn, &hdr, Action::Scale, &self.bus).await?;
+        authorize(conn, &hdr, Action::Scale, &self.bus, self.peer).await?;
         self.ask(Control::Scale(ScaleTarget::By(i64::from(delta))))
             .await
             .map(|d| d.workers)
@@ -782,6 +808,7 @@ async fn connect(bus: &Bus, name: &str, handle: Handle) -> zbus::Result<zbus::Co
             Manager {
                 handle,
                 bus: bus.clone(),
+                peer: None,
             },
         )?
         .build()
@@ -884,7 +911,8 @@ async fn forward(
 /// a container or a shell with no bus. It lives in the manager's private
 /// runtime directory (mode 0700, or 0711 when workers run as another user)
 /// and is itself 0600: only the manager's user and root reach it, which is
-/// at least as narrow as the bus policy.
+/// at least as narrow as the bus policy. Each peer's credentials are
+/// checked as well ([`serve_control_socket`]).
 pub fn bind_control_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
@@ -893,8 +921,11 @@ pub fn bind_control_socket(path: &std::path::Path) -> std::io::Result<tokio::net
     Ok(listener)
 }
 
-/// Serve `org.nodeherd.Manager1` to each client of the control socket.
+/// Serve `org.nodeherd.Manager1` to each client of the control socket
+/// that may read and control this manager ([`peer_may_control`]); anyone
+/// else is hung up on before a word is read, and said so once.
 pub async fn serve_control_socket(listener: tokio::net::UnixListener, handle: Handle) {
+    let mut refused_said = std::collections::BTreeSet::new();
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -904,7 +935,23 @@ pub async fn serve_control_socket(listener: tokio::net::UnixListener, handle: Ha
                 continue;
             }
         };
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                logs::warn(&format!("control socket: cannot tell who connected: {e}"));
+                continue;
+            }
+        };
         let handle = handle.clone();
+        if !peer_may_control(uid).await {
+            if refused_said.len() < 64 && refused_said.insert(uid) {
+                logs::warn(&format!(
+                    "control socket: refused uid {uid}, neither root, this manager's user nor a \
+                     member of group {OPERATORS_GROUP}"
+                ));
+            }
+            continue;
+        }
         tokio::spawn(async move {
             let built = async {
                 connection::Builder::unix_stream(stream)
@@ -915,6 +962,7 @@ pub async fn serve_control_socket(listener: tokio::net::UnixListener, handle: Ha
                         Manager {
                             handle: handle.clone(),
                             bus: Bus::None,
+                            peer: Some(uid),
                         },
                     )?
                     .build()

@@ -59,7 +59,8 @@
 //! bus and [`client`] asks it, [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] hands the daemon over to a new
-//! program in place, [`run`] puts the daemon together (or takes it over).
+//! program in place, [`run`] puts the daemon together (or takes it over)
+//! in a private directory ([`rundir`]).
 
 pub mod cli;
 pub mod client;
@@ -78,6 +79,7 @@ pub mod notify_socket;
 pub mod reexec;
 pub mod reuseport;
 pub mod run;
+pub mod rundir;
 pub mod sockets;
 pub mod supervisor;
 pub mod worker;

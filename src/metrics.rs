@@ -12,10 +12,20 @@
 //!
 //! The HTTP side is a few lines by hand rather than an HTTP stack: it answers
 //! `GET /metrics` (and `/`) from one scraper, on loopback or a unix socket,
-//! and nothing else.
+//! and nothing else. Any local user can connect, so what a connection may
+//! cost is bounded: [`MAX_CONNECTIONS`] at once (more are closed as they
+//! come, never queued), a request head within [`HEAD_TIMEOUT`] and
+//! [`MAX_REQUEST`] bytes.
+//!
+//! The app's figures come from its code, which is not trusted: a family it
+//! names `nodeherd_*` or a sample with a `worker` label of its own would
+//! pass for the manager's or a sibling's, so they are dropped and counted
+//! (`nodeherd_app_metrics_dropped_total`), and each answer is taken only
+//! from the worker that was asked (see the driver).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +38,13 @@ use crate::worker::process;
 /// How long a scrape waits for the workers' own metrics.
 pub const APP_METRICS_TIMEOUT: Duration = Duration::from_millis(1500);
 /// A request head longer than this is not a scrape.
-const MAX_REQUEST: usize = 16 * 1024;
+pub const MAX_REQUEST: usize = 16 * 1024;
+/// Connections served at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole scrape may take (the workers get [`APP_METRICS_TIMEOUT`]).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A listening socket the manager holds, to report its accept queue.
 #[derive(Debug, Clone)]
@@ -45,8 +61,15 @@ pub enum Endpoint {
     Unix(tokio::net::UnixListener),
 }
 
+/// Samples of the app's dropped so far, by worker slot and reason; a
+/// counter over the manager's life.
+pub type Dropped = Arc<Mutex<BTreeMap<(u32, &'static str), u64>>>;
+
 /// Serve scrapes until the manager ends.
 pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec<SocketInfo>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let dropped = Dropped::default();
+    let mut turned_away: u64 = 0;
     loop {
         let accepted = match &endpoint {
             Endpoint::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
@@ -60,13 +83,31 @@ pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec
                 continue;
             }
         };
-        let (app, handle, sockets) = (app.clone(), handle.clone(), sockets.clone());
+        // Closed at once: a flood of connections costs the manager no fd.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(conn);
+            turned_away += 1;
+            if turned_away.is_power_of_two() {
+                logs::warn(&format!(
+                    "metrics endpoint: {MAX_CONNECTIONS} connections open, {turned_away} more \
+                     closed unanswered so far"
+                ));
+            }
+            continue;
+        };
+        let (app, handle, sockets, dropped) = (
+            app.clone(),
+            handle.clone(),
+            sockets.clone(),
+            dropped.clone(),
+        );
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                answer(conn, &app, &handle, &sockets),
+                ANSWER_TIMEOUT,
+                answer(conn, &app, &handle, &sockets, &dropped),
             )
             .await;
+            drop(slot);
         });
     }
 }
@@ -76,24 +117,44 @@ enum Conn {
     Unix(tokio::net::UnixStream),
 }
 
+/// Read a request head: `None` when the client closed, sent more than
+/// [`MAX_REQUEST`] bytes or took longer than [`HEAD_TIMEOUT`].
+async fn read_head(conn: &mut Conn) -> Option<Vec<u8>> {
+    let read = async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 2048];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let room = (MAX_REQUEST - head.len()).min(buf.len());
+            if room == 0 {
+                return None;
+            }
+            let n = match conn {
+                Conn::Tcp(s) => s.read(&mut buf[..room]).await.ok()?,
+                Conn::Unix(s) => s.read(&mut buf[..room]).await.ok()?,
+            };
+            if n == 0 {
+                return None;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Some(head)
+    };
+    tokio::time::timeout(HEAD_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn answer(
     mut conn: Conn,
     app: &str,
     handle: &Handle,
     sockets: &[SocketInfo],
+    dropped: &Dropped,
 ) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = match &mut conn {
-            Conn::Tcp(s) => s.read(&mut buf).await?,
-            Conn::Unix(s) => s.read(&mut buf).await?,
-        };
-        if n == 0 || head.len() > MAX_REQUEST {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    let Some(head) = read_head(&mut conn).await else {
+        return Ok(());
+    };
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
@@ -101,7 +162,7 @@ async fn answer(
     let (status, body) = if method != "GET" {
         ("405 Method Not Allowed", "only GET\n".to_string())
     } else if path == "/metrics" || path == "/" {
-        ("200 OK", render(app, handle, sockets).await)
+        ("200 OK", render(app, handle, sockets, dropped).await)
     } else {
         ("404 Not Found", "try /metrics\n".to_string())
     };
@@ -116,12 +177,46 @@ async fn answer(
 }
 
 /// One scrape: the manager's figures, then the app's own.
-pub async fn render(app: &str, handle: &Handle, sockets: &[SocketInfo]) -> String {
+pub async fn render(
+    app: &str,
+    handle: &Handle,
+    sockets: &[SocketInfo],
+    dropped: &Dropped,
+) -> String {
     let app_metrics = collect_app_metrics(handle).await;
     let snap = handle.snapshot.borrow().clone();
+    let merged = merge_app_metrics(&app_metrics);
+    let total = {
+        let mut total = dropped.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, n) in merged.dropped {
+            *total.entry(key).or_default() += n;
+        }
+        total.clone()
+    };
     let mut out = manager_metrics(app, &snap, sockets);
-    out.push_str(&merge_app_metrics(&app_metrics));
+    out.push_str(&dropped_metrics(app, &total));
+    out.push_str(&merged.text);
     out
+}
+
+/// `nodeherd_app_metrics_dropped_total`: the app's samples left out, by
+/// worker slot and why.
+fn dropped_metrics(app: &str, dropped: &BTreeMap<(u32, &'static str), u64>) -> String {
+    let app = esc(app);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP nodeherd_app_metrics_dropped_total Samples of the app's own left out: a name \
+         of the manager's (nodeherd_*), a worker label of its own, or not a sample.\n\
+         # TYPE nodeherd_app_metrics_dropped_total counter"
+    );
+    for ((worker, reason), n) in dropped {
+        let _ = writeln!(
+            o,
+            "nodeherd_app_metrics_dropped_total{{app=\"{app}\",worker=\"{worker}\",reason=\"{reason}\"}} {n}"
+        );
+    }
+    o
 }
 
 /// Ask every ready worker, wait for the answers up to the timeout.
@@ -456,10 +551,25 @@ fn listen_overflows() -> u64 {
     0
 }
 
+/// The app's metrics from every worker, merged ([`merge_app_metrics`]).
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub text: String,
+    /// Samples left out, by worker slot and reason.
+    pub dropped: BTreeMap<(u32, &'static str), u64>,
+}
+
+/// The prefix of the manager's own families, which the app may not use.
+const RESERVED: &str = "nodeherd_";
+
 /// The app's metrics from every worker as one exposition: each family once
 /// (its HELP and TYPE, then its samples from all workers), every sample with
-/// a `worker` label naming the slot.
-pub fn merge_app_metrics(answers: &[(u32, String)]) -> String {
+/// a `worker` label naming the slot. A sample named `nodeherd_*`, one with
+/// a `worker` label of its own, or a line that is not a sample is left
+/// out and counted: the first two would pass for the manager's or a
+/// sibling's figures, the last would make the whole scrape unreadable.
+pub fn merge_app_metrics(answers: &[(u32, String)]) -> Merged {
+    let mut dropped: BTreeMap<(u32, &'static str), u64> = BTreeMap::new();
     struct Family {
         help: Option<String>,
         kind: Option<String>,
@@ -483,6 +593,10 @@ pub fn merge_app_metrics(answers: &[(u32, String)]) -> String {
                 if what != "HELP" && what != "TYPE" {
                     continue;
                 }
+                if name.starts_with(RESERVED) {
+                    current = None;
+                    continue;
+                }
                 if !families.contains_key(name) {
                     order.push(name.to_string());
                     families.insert(
@@ -503,6 +617,16 @@ pub fn merge_app_metrics(answers: &[(u32, String)]) -> String {
                 continue;
             }
             if line.starts_with('#') {
+                continue;
+            }
+            let refused = match parse_sample(line) {
+                None => Some("malformed"),
+                Some((name, _)) if name.starts_with(RESERVED) => Some("reserved_name"),
+                Some((_, labels)) if labels.contains(&"worker") => Some("worker_label"),
+                Some(_) => None,
+            };
+            if let Some(reason) = refused {
+                *dropped.entry((*worker, reason)).or_default() += 1;
                 continue;
             }
             let labelled = add_label(line, "worker", &worker.to_string());
@@ -545,7 +669,69 @@ pub fn merge_app_metrics(answers: &[(u32, String)]) -> String {
             let _ = writeln!(out, "{s}");
         }
     }
-    out
+    Merged { text: out, dropped }
+}
+
+/// A sample line of the text format, `name{label="value",...} value
+/// [timestamp]`: its name and label names, or `None` when it is not one.
+fn parse_sample(line: &str) -> Option<(&str, Vec<&str>)> {
+    let is_name = |c: char, first: bool| {
+        c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
+    };
+    let end = line
+        .char_indices()
+        .find(|&(i, c)| !is_name(c, i == 0))
+        .map_or(line.len(), |(i, _)| i);
+    if end == 0 {
+        return None;
+    }
+    let (name, mut rest) = line.split_at(end);
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        rest = inner;
+        loop {
+            rest = rest.trim_start();
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let n = rest
+                .char_indices()
+                .find(|&(i, c)| !(is_name(c, i == 0) && c != ':'))
+                .map_or(rest.len(), |(i, _)| i);
+            if n == 0 {
+                return None;
+            }
+            labels.push(&rest[..n]);
+            rest = rest[n..].trim_start().strip_prefix('=')?;
+            rest = rest.trim_start().strip_prefix('"')?;
+            // The value, up to its closing quote; `\` escapes the next byte.
+            let mut escaped = false;
+            let close = rest.char_indices().find(|&(_, c)| {
+                let end = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                end
+            })?;
+            rest = rest[close.0 + 1..].trim_start();
+            if let Some(after) = rest.strip_prefix(',') {
+                rest = after;
+            } else if !rest.starts_with('}') {
+                return None;
+            }
+        }
+    }
+    let mut words = rest.split_whitespace();
+    if !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    words.next()?.parse::<f64>().ok()?;
+    if let Some(ts) = words.next() {
+        ts.parse::<i64>().ok()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    Some((name, labels))
 }
 
 /// `name{a="1"} 2` with `k="v"` added: `name{k="v",a="1"} 2`.
@@ -583,6 +769,60 @@ mod tests {
     }
 
     #[test]
+    fn samples_are_read_as_the_text_format_has_them() {
+        assert_eq!(parse_sample("up 1"), Some(("up", vec![])));
+        assert_eq!(
+            parse_sample(r#"a_b:c{x="1",le="+Inf"} 2.5 1700000000000"#),
+            Some(("a_b:c", vec!["x", "le"]))
+        );
+        assert_eq!(
+            parse_sample(r#"a{x="q\"}, worker=\"1",} NaN"#),
+            Some(("a", vec!["x"]))
+        );
+        assert_eq!(parse_sample("a{} -Inf"), Some(("a", vec![])));
+        for bad in [
+            "a",
+            "a{x=\"1\"}",
+            "a{x=1} 2",
+            "a{x=\"1\" 2",
+            "a 1 2 3",
+            "a one",
+            "1a 2",
+            "a{worker=\"1\"}2",
+        ] {
+            assert_eq!(parse_sample(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_managers_names_and_worker_labels_are_dropped_and_counted() {
+        let forged = "# HELP nodeherd_workers Forged.\n# TYPE nodeherd_workers gauge\n\
+                      nodeherd_workers{app=\"a\"} 99\n\
+                      # TYPE hits counter\nhits{worker=\"1\"} 1000\nhits{route=\"/\"} 3\n\
+                      nodeherd_x 1\ngarbage here\n";
+        let merged = merge_app_metrics(&[(0, forged.into()), (1, "hits 2\n".into())]);
+        assert!(!merged.text.contains("nodeherd_"), "{}", merged.text);
+        assert!(!merged.text.contains("1000"), "{}", merged.text);
+        assert!(
+            merged.text.contains("hits{worker=\"0\",route=\"/\"} 3"),
+            "{}",
+            merged.text
+        );
+        assert!(
+            merged.text.contains("hits{worker=\"1\"} 2"),
+            "{}",
+            merged.text
+        );
+        let want: BTreeMap<(u32, &str), u64> = [
+            ((0, "malformed"), 1),
+            ((0, "reserved_name"), 2),
+            ((0, "worker_label"), 1),
+        ]
+        .into();
+        assert_eq!(merged.dropped, want);
+    }
+
+    #[test]
     fn families_are_merged_once_with_every_workers_samples() {
         let w = |n: u32| {
             (
@@ -593,7 +833,7 @@ mod tests {
                 ),
             )
         };
-        let merged = merge_app_metrics(&[w(0), w(1)]);
+        let merged = merge_app_metrics(&[w(0), w(1)]).text;
         assert_eq!(merged.matches("# TYPE req_total counter").count(), 1);
         assert_eq!(merged.matches("# TYPE lat histogram").count(), 1);
         let lat_start = merged.find("# HELP lat").unwrap();

@@ -272,13 +272,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad("a worker's channel"))?;
     let dir = state.runtime_dir;
-    if !dir.is_dir() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(RunError::system("cannot create the runtime directory"))?;
-    }
+    crate::rundir::adopt(&dir).map_err(RunError::system("cannot create the runtime directory"))?;
     let _ = std::fs::write(dir.join("manager.pid"), std::process::id().to_string());
     let resumed = Resumed {
         sockets,
@@ -624,68 +618,15 @@ fn socket_infos(listeners: &[sockets::Listener]) -> Vec<metrics::SocketInfo> {
 
 /// A directory private to this manager for the shim and the notify socket.
 fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let base = runtime_base();
-    remove_stale_dirs(&base);
-    let dir = base.join(format!("{}{}", runtime_dir_prefix(app), std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    std::fs::write(dir.join("manager.pid"), std::process::id().to_string())?;
-    Ok(dir)
+    crate::rundir::create(app)
 }
 
 /// `nodeherd-<app>-`: the name of a manager's private directory, before its pid.
 pub fn runtime_dir_prefix(app: &str) -> String {
-    let safe: String = app
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect();
-    format!("nodeherd-{safe}-")
+    crate::rundir::prefix(app)
 }
 
-/// Where managers keep their private directories: systemd's
-/// `RuntimeDirectory=`, else `$XDG_RUNTIME_DIR`, else the temporary directory.
+/// Where managers keep their private directories (see [`crate::rundir::base`]).
 pub fn runtime_base() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            v.to_str()
-                .and_then(|s| s.split(':').next().map(PathBuf::from))
-        })
-        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from))
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir)
-}
-
-/// Remove the private directories of managers that died without cleaning up
-/// (`kill -9`): `nodeherd-<app>-<pid>` whose pid no longer runs and that we own.
-fn remove_stale_dirs(base: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    let me = nix::unistd::geteuid().as_raw();
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix("nodeherd-") else {
-            continue;
-        };
-        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        // Only directories a manager made: they hold `manager.pid` naming the same pid.
-        let marked = std::fs::read_to_string(e.path().join("manager.pid"))
-            .is_ok_and(|p| p.trim() == pid.to_string());
-        let ours = marked && e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
-        let alive = Path::new(&format!("/proc/{pid}")).exists();
-        if ours && !alive && pid > 0 {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    crate::rundir::base()
 }

@@ -177,3 +177,92 @@ fn an_app_without_prom_client_still_gets_the_managers_figures() {
         "{samples:#?}"
     );
 }
+
+/// `metrics_forger.js` with 2 workers, worker 0 forging as `forge` says.
+fn start_forger(forge: &str) -> (Manager, u16) {
+    ensure_npm_deps();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("metrics_forger.js")),
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[("FORGE", forge)],
+    );
+    let metrics = metrics_port(&m);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    (m, metrics)
+}
+
+/// A compromised worker (issue 23) puts out families the manager owns and
+/// a sibling's `worker` label: both are dropped, and counted.
+#[test]
+fn a_worker_cannot_forge_the_managers_families_or_a_siblings_label() {
+    let (_m, metrics) = start_forger("names");
+    let text = scrape(metrics);
+    let samples = parse(&text);
+    let sample = |prefix: &str| -> Vec<&String> {
+        samples.iter().filter(|s| s.starts_with(prefix)).collect()
+    };
+    assert_eq!(
+        sample("gauge nodeherd_workers{"),
+        ["gauge nodeherd_workers{app=metrics_forger} 2.0"],
+        "{text}"
+    );
+    assert!(sample("counter app_forged_total").is_empty(), "{text}");
+    // The honest samples of the same worker stay.
+    assert_eq!(
+        sample("counter app_hits_total{route=/,worker=0} 1.0").len(),
+        1,
+        "{text}"
+    );
+    for reason in ["reserved_name", "worker_label"] {
+        let want = format!(
+            "counter nodeherd_app_metrics_dropped_total{{app=metrics_forger,reason={reason},worker=0}} "
+        );
+        let n: f64 = sample(&want)
+            .first()
+            .unwrap_or_else(|| panic!("no {want} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n >= 1.0, "{want}{n}");
+    }
+    assert!(
+        sample("counter nodeherd_app_metrics_dropped_total{app=metrics_forger,reason=reserved_name,worker=1}")
+            .is_empty(),
+        "worker 1 dropped nothing: {text}"
+    );
+}
+
+/// A compromised worker answers the metrics requests meant for its
+/// siblings: answers are matched by request and worker, so a sibling's
+/// figures are its own in every scrape.
+#[test]
+fn a_worker_cannot_answer_for_a_sibling() {
+    let (_m, metrics) = start_forger("siblings");
+    for _ in 0..5 {
+        let text = scrape(metrics);
+        let samples = parse(&text);
+        let hits: Vec<&String> = samples
+            .iter()
+            .filter(|s| s.starts_with("counter app_hits_total{"))
+            .collect();
+        assert_eq!(
+            hits,
+            [
+                "counter app_hits_total{route=/,worker=0} 1.0",
+                "counter app_hits_total{route=/,worker=1} 2.0"
+            ],
+            "{text}"
+        );
+    }
+}

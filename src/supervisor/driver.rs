@@ -84,8 +84,10 @@ pub struct Driver {
     signals: broadcast::Sender<BusSignal>,
     app_metrics_tx: mpsc::UnboundedSender<AppMetricsRequest>,
     app_metrics: mpsc::UnboundedReceiver<AppMetricsRequest>,
-    /// Scrapes waiting for a worker's metrics, by request number.
-    metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, u32, i32)>,
+    /// Scrapes waiting for a worker's metrics, by request number, with the
+    /// worker asked: only that worker's answer counts (a sibling could
+    /// guess the number).
+    metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, WorkerId, u32, i32)>,
     next_metrics: u64,
     /// What a re-exec hands over; none: this manager cannot re-exec.
     carry: Option<Carry>,
@@ -326,10 +328,13 @@ impl Driver {
                 msg: ipc::Message::Bind(req),
             } => return self.bind_for(worker, req),
             Input::Ipc {
+                worker,
                 msg: ipc::Message::Metrics { id, text },
-                ..
             } => {
-                if let Some((tx, instance, pid)) = self.metrics_waiting.remove(&id) {
+                let asked = self.metrics_waiting.get(&id).map(|w| w.1);
+                if asked == Some(worker)
+                    && let Some((tx, _, instance, pid)) = self.metrics_waiting.remove(&id)
+                {
                     let _ = tx.send(AppMetrics {
                         instance,
                         pid,
@@ -638,7 +643,7 @@ impl Driver {
     /// Ask every ready worker for the app's own metrics; the answers go
     /// straight to the scrape that asked.
     fn ask_for_metrics(&mut self, req: AppMetricsRequest) {
-        self.metrics_waiting.retain(|_, (tx, _, _)| !tx.is_closed());
+        self.metrics_waiting.retain(|_, (tx, ..)| !tx.is_closed());
         let snap = self.core.snapshot();
         let mut asked = 0;
         for w in snap
@@ -656,7 +661,7 @@ impl Driver {
             self.next_metrics += 1;
             if send_with_fd_none(channel, &ipc::metrics_request(id)).is_ok() {
                 self.metrics_waiting
-                    .insert(id, (req.answers.clone(), w.instance, w.pid));
+                    .insert(id, (req.answers.clone(), worker, w.instance, w.pid));
                 asked += 1;
             }
         }
