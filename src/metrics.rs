@@ -258,33 +258,52 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The text format, written a family at a time, each sample labelled with
+/// the app first.
+struct Exposition {
+    out: String,
+    app: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample of `name` with `app` and these labels (values escaped here).
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "{name}{{app=\"{}\"", self.app);
+        for (k, v) in labels {
+            let _ = write!(self.out, ",{k}=\"{}\"", esc(v));
+        }
+        let _ = writeln!(self.out, "}} {value}");
+    }
+}
+
 /// The manager's own families, `nodeherd_*`.
 pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> String {
-    let app = esc(app);
-    let mut o = String::new();
-    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let mut e = Exposition {
+        out: String::new(),
+        app: esc(app),
     };
-    family(
-        &mut o,
-        "nodeherd_workers",
-        "gauge",
-        "Workers the app is to have.",
-    );
-    let _ = writeln!(o, "nodeherd_workers{{app=\"{app}\"}} {}", snap.instances);
-    family(
-        &mut o,
+    app_state(&mut e, snap);
+    per_worker(&mut e, snap);
+    operations(&mut e, &snap.counters);
+    socket_figures(&mut e, sockets);
+    e.out
+}
+
+/// How many workers, how many ready, and the manager's state.
+fn app_state(e: &mut Exposition, snap: &Snapshot) {
+    e.family("nodeherd_workers", "gauge", "Workers the app is to have.");
+    e.sample("nodeherd_workers", &[], snap.instances);
+    e.family(
         "nodeherd_workers_ready",
         "gauge",
         "Slots whose worker is ready.",
     );
-    let _ = writeln!(
-        o,
-        "nodeherd_workers_ready{{app=\"{app}\"}} {}",
-        snap.ready_workers
-    );
-    family(
-        &mut o,
+    e.sample("nodeherd_workers_ready", &[], snap.ready_workers);
+    e.family(
         "nodeherd_state",
         "gauge",
         "The manager's state (1 for the current one).",
@@ -297,13 +316,12 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
         "degraded",
         "stopping",
     ] {
-        let _ = writeln!(
-            o,
-            "nodeherd_state{{app=\"{app}\",state=\"{s}\"}} {}",
-            u8::from(snap.state == s)
-        );
+        e.sample("nodeherd_state", &[("state", s)], u8::from(snap.state == s));
     }
-    // Per worker: the slot's current process (or the empty slot).
+}
+
+/// Per slot: its current worker process (or the empty slot).
+fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     let current: BTreeMap<u32, &crate::control::WorkerInfo> = snap
         .workers
         .iter()
@@ -312,184 +330,162 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
             m.entry(w.instance).or_insert(w);
             m
         });
-    family(
-        &mut o,
+    let slots: Vec<(String, &crate::control::WorkerInfo)> = current
+        .into_iter()
+        .map(|(i, w)| (i.to_string(), w))
+        .collect();
+    e.family(
         "nodeherd_worker_ready",
         "gauge",
         "1 when the slot's worker is ready.",
     );
-    for (i, w) in &current {
-        let _ = writeln!(
-            o,
-            "nodeherd_worker_ready{{app=\"{app}\",worker=\"{i}\",state=\"{}\"}} {}",
-            w.state,
-            u8::from(w.state == "ready")
+    for (i, w) in &slots {
+        let labels = [("worker", i.as_str()), ("state", &*w.state)];
+        e.sample(
+            "nodeherd_worker_ready",
+            &labels,
+            u8::from(w.state == "ready"),
         );
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_worker_restarts_total",
         "counter",
         "Workers replaced in the slot, by cause.",
     );
-    for (i, w) in &current {
+    for (i, w) in &slots {
         for (reason, n) in [
             ("crash", w.restarts),
             ("memory", w.replaced_memory),
             ("hang", w.replaced_hang),
             ("reload", w.replaced_reload),
         ] {
-            let _ = writeln!(
-                o,
-                "nodeherd_worker_restarts_total{{app=\"{app}\",worker=\"{i}\",reason=\"{reason}\"}} {n}"
-            );
+            let labels = [("worker", i.as_str()), ("reason", reason)];
+            e.sample("nodeherd_worker_restarts_total", &labels, n);
         }
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_worker_uptime_seconds",
         "gauge",
         "Seconds since the slot's worker started.",
     );
-    for (i, w) in &current {
+    for (i, w) in &slots {
         let up = w.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let _ = writeln!(
-            o,
-            "nodeherd_worker_uptime_seconds{{app=\"{app}\",worker=\"{i}\"}} {up:.3}"
+        e.sample(
+            "nodeherd_worker_uptime_seconds",
+            &[("worker", i)],
+            format!("{up:.3}"),
         );
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_worker_resident_memory_bytes",
         "gauge",
         "Resident memory of the slot's worker.",
     );
-    for (i, w) in &current {
+    for (i, w) in &slots {
         let rss = if w.pid > 0 {
             process::rss_bytes(w.pid)
         } else {
             0
         };
-        let _ = writeln!(
-            o,
-            "nodeherd_worker_resident_memory_bytes{{app=\"{app}\",worker=\"{i}\"}} {rss}"
+        e.sample(
+            "nodeherd_worker_resident_memory_bytes",
+            &[("worker", i)],
+            rss,
         );
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_worker_cpu_seconds_total",
         "counter",
         "CPU time of the slot's current worker process.",
     );
-    for (i, w) in &current {
+    for (i, w) in &slots {
         let cpu = if w.pid > 0 {
             process::cpu_seconds(w.pid)
         } else {
             0.0
         };
-        let _ = writeln!(
-            o,
-            "nodeherd_worker_cpu_seconds_total{{app=\"{app}\",worker=\"{i}\"}} {cpu:.3}"
+        e.sample(
+            "nodeherd_worker_cpu_seconds_total",
+            &[("worker", i)],
+            format!("{cpu:.3}"),
         );
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_worker_event_loop_delay_seconds",
         "gauge",
         "Longest event-loop delay of the worker over its last heartbeat.",
     );
-    for (i, w) in &current {
+    for (i, w) in &slots {
         if let Some(ms) = w.loop_delay_ms {
-            let _ = writeln!(
-                o,
-                "nodeherd_worker_event_loop_delay_seconds{{app=\"{app}\",worker=\"{i}\"}} {:.3}",
-                f64::from(ms) / 1000.0
+            let secs = format!("{:.3}", f64::from(ms) / 1000.0);
+            e.sample(
+                "nodeherd_worker_event_loop_delay_seconds",
+                &[("worker", i)],
+                secs,
             );
         }
     }
-    let c = &snap.counters;
-    family(
-        &mut o,
-        "nodeherd_reloads_total",
-        "counter",
-        "Reloads, by outcome.",
-    );
+}
+
+/// Reloads and scaling.
+fn operations(e: &mut Exposition, c: &crate::control::Counters) {
+    e.family("nodeherd_reloads_total", "counter", "Reloads, by outcome.");
     for (outcome, n) in [
         ("ok", c.reloads_ok),
         ("failed", c.reloads_failed),
         ("refused", c.reloads_refused),
     ] {
-        let _ = writeln!(
-            o,
-            "nodeherd_reloads_total{{app=\"{app}\",outcome=\"{outcome}\"}} {n}"
-        );
+        e.sample("nodeherd_reloads_total", &[("outcome", outcome)], n);
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_last_reload_duration_seconds",
         "gauge",
         "How long the last reload took.",
     );
-    let _ = writeln!(
-        o,
-        "nodeherd_last_reload_duration_seconds{{app=\"{app}\"}} {:.3}",
-        c.last_reload_ms as f64 / 1000.0
-    );
-    family(
-        &mut o,
+    let took = format!("{:.3}", c.last_reload_ms as f64 / 1000.0);
+    e.sample("nodeherd_last_reload_duration_seconds", &[], took);
+    e.family(
         "nodeherd_scale_events_total",
         "counter",
         "Scale operations begun.",
     );
-    let _ = writeln!(
-        o,
-        "nodeherd_scale_events_total{{app=\"{app}\"}} {}",
-        c.scale_events
-    );
+    e.sample("nodeherd_scale_events_total", &[], c.scale_events);
+}
+
+/// What the kernel says of the listening sockets, and of the host.
+fn socket_figures(e: &mut Exposition, sockets: &[SocketInfo]) {
     let queues = socket_queues(sockets);
-    family(
-        &mut o,
+    e.family(
         "nodeherd_socket_queue",
         "gauge",
         "Connections waiting in a listening socket's accept queue (TCP), or bytes waiting (UDP).",
     );
     for (s, q) in &queues {
-        let _ = writeln!(
-            o,
-            "nodeherd_socket_queue{{app=\"{app}\",kind=\"{}\",address=\"{}\"}} {}",
-            s.kind,
-            esc(&s.address),
-            q.queued
-        );
+        let labels = [("kind", s.kind.as_str()), ("address", s.address.as_str())];
+        e.sample("nodeherd_socket_queue", &labels, q.queued);
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_socket_drops_total",
         "counter",
         "Datagrams dropped by a UDP socket.",
     );
     for (s, q) in &queues {
         if let Some(d) = q.drops {
-            let _ = writeln!(
-                o,
-                "nodeherd_socket_drops_total{{app=\"{app}\",kind=\"{}\",address=\"{}\"}} {d}",
-                s.kind,
-                esc(&s.address)
-            );
+            let labels = [("kind", s.kind.as_str()), ("address", s.address.as_str())];
+            e.sample("nodeherd_socket_drops_total", &labels, d);
         }
     }
-    family(
-        &mut o,
+    e.family(
         "nodeherd_host_listen_overflows_total",
         "counter",
         "Connections dropped because an accept queue was full, on the whole host (the kernel counts no more finely).",
     );
+    // Host-wide: no app label.
     let _ = writeln!(
-        o,
+        e.out,
         "nodeherd_host_listen_overflows_total {}",
         listen_overflows()
     );
-    o
 }
 
 /// What the kernel says of one listening socket.
