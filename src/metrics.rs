@@ -340,7 +340,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
         "1 when the slot's worker is ready.",
     );
     for (i, w) in &slots {
-        let labels = [("worker", i.as_str()), ("state", &*w.state)];
+        let labels = [("worker", i.as_str()), ("state", w.state)];
         e.sample(
             "nodeherd_worker_ready",
             &labels,
