@@ -757,7 +757,9 @@ fn exponential_backoff_grows_between_restarts() {
         &dir,
         "b",
         "always_crash.js",
-        r#""max_restarts":4,"exp_backoff_restart_delay":100"#,
+        // min_uptime well above node's start on a loaded machine, so no
+        // slow start counts as a stable run and resets the count.
+        r#""max_restarts":4,"exp_backoff_restart_delay":100,"min_uptime":20000"#,
     );
     let mut m = start_config(&cfg, None);
     let _ = m.wait_exit(T);
