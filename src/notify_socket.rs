@@ -4,7 +4,9 @@
 //! (or `systemd-notify --ready`) works for a Python, Go or shell worker just
 //! as it would under systemd. Senders are identified by the kernel-checked
 //! peer credentials (`SO_PASSCRED`), never by what they claim: a message
-//! counts only if it comes from a worker's process group.
+//! counts only if it comes from a worker or one of its descendants (see
+//! `worker::process::worker_ancestor`), and only within that worker's budget
+//! (`supervisor::budget`).
 
 use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;

@@ -73,16 +73,14 @@ fn status_took(rt: &tempdir::Dir, name: &str, no_bus: &str) -> (Duration, bool) 
 /// The pid of the last "worker N ready (pid P" line.
 fn ready_pid(log: &str, index: u32) -> Option<i32> {
     let needle = format!("worker {index} ready (pid ");
-    log.lines()
-        .filter_map(|l| {
-            l.split_once(&needle)?
-                .1
-                .split([',', ')'])
-                .next()?
-                .parse()
-                .ok()
-        })
-        .last()
+    log.lines().rev().find_map(|l| {
+        l.split_once(&needle)?
+            .1
+            .split([',', ')'])
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// What the manager went through under a flood.
