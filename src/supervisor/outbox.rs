@@ -239,9 +239,11 @@ impl Outbox {
         let pushed = q.push(Msg { bytes, fd, kind });
         match pushed {
             Ok(()) => {
-                if q.flush(self.shared.channel.as_raw_fd()).is_err() && !q.broken {
+                match q.flush(self.shared.channel.as_raw_fd()) {
+                    Ok(()) => say_read_again(&mut q, &self.shared),
                     // The rest goes when the channel is writable.
-                    self.shared.wake.notify_one();
+                    Err(_) if !q.broken => self.shared.wake.notify_one(),
+                    Err(_) => {}
                 }
                 true
             }
@@ -274,6 +276,26 @@ impl Drop for Outbox {
 
 /// How often, at most, the journal says a worker's outbox drops messages.
 const SAY_EVERY: Duration = Duration::from_secs(10);
+
+/// The worker read everything that waited: say what was dropped since the
+/// journal last said so.
+fn say_read_again(q: &mut Queue, shared: &Shared) {
+    if q.dropped == 0 {
+        return;
+    }
+    let n = std::mem::take(&mut q.dropped);
+    q.said_at = None;
+    let (index, pid) = (shared.index, shared.pid);
+    logs::worker_event(
+        Priority::Warning,
+        index,
+        pid,
+        &format!(
+            "worker {index} (pid {pid}) reads its IPC channel again; {n} more message(s) to it were dropped meanwhile"
+        ),
+        &[("NODEHERD_EVENT", "ipc-outbox-full".to_string())],
+    );
+}
 
 fn say_dropped(q: &mut Queue, shared: &Shared) {
     let now = Instant::now();
@@ -320,7 +342,10 @@ async fn write_when_writable(shared: Arc<Shared>, watched: tokio::net::UnixStrea
             _ = shared.wake.notified() => continue,
         }
         let written = watched.try_io(tokio::io::Interest::WRITABLE, || {
-            shared.queue().flush(watched.as_raw_fd())
+            let mut q = shared.queue();
+            q.flush(watched.as_raw_fd())?;
+            say_read_again(&mut q, &shared);
+            Ok(())
         });
         if let Err(e) = written
             && e.kind() != std::io::ErrorKind::WouldBlock
