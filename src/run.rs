@@ -502,7 +502,7 @@ fn run_daemon(
             .map_err(RunError::system("cannot install signal handlers"))?;
         // Handlers are in place: a stop sent during a re-exec arrives now.
         reexec::unblock_signals();
-        sources::notify_socket(notify_std, driver.worker_inputs());
+        sources::notify_socket(notify_std, driver.notify_inputs());
         let mut metrics_carry = None;
         if let Some(at) = metrics_at {
             let (endpoint, second) = at.bind()?;

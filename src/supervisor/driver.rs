@@ -236,10 +236,12 @@ impl Driver {
         self.inputs_tx.clone()
     }
 
-    /// Where the sources of what workers send (the notify socket) send it:
-    /// a bounded queue.
-    pub fn worker_inputs(&self) -> mpsc::Sender<Input> {
-        self.worker_tx.clone()
+    /// Where the notify socket sends what workers send: a bounded queue.
+    pub fn notify_inputs(&self) -> sources::NotifyTo {
+        sources::NotifyTo {
+            tx: self.worker_tx.clone(),
+            workers: self.published.subscribe(),
+        }
     }
 
     /// Run until every worker is gone after a stop; returns the exit status.

@@ -114,9 +114,19 @@ pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Where the notify socket's datagrams go, and who the workers are.
+pub struct NotifyTo {
+    pub tx: mpsc::Sender<Input>,
+    /// The supervisor's published state: its workers' pids.
+    pub workers: tokio::sync::watch::Receiver<crate::control::Snapshot>,
+}
+
 /// Forward the workers' notify socket's datagrams, each tied to the
-/// worker its sender descends from, within each worker's budget.
-pub fn notify_socket(sock: tokio::net::UnixDatagram, tx: mpsc::Sender<Input>) {
+/// worker its sender descends from, within each worker's budget. Senders
+/// that descend from no worker (an orphan the manager adopted, a stranger)
+/// share one budget.
+pub fn notify_socket(sock: tokio::net::UnixDatagram, to: NotifyTo) {
+    let NotifyTo { tx, workers } = to;
     tokio::spawn(async move {
         let manager = std::process::id() as i32;
         let mut limits = NotifyLimits::default();
@@ -137,7 +147,8 @@ pub fn notify_socket(sock: tokio::net::UnixDatagram, tx: mpsc::Sender<Input>) {
             };
             match got {
                 Ok(Some(note)) => {
-                    let worker_pid = crate::worker::process::worker_ancestor(note.pid, manager);
+                    let worker_pid = crate::worker::process::worker_ancestor(note.pid, manager)
+                        .filter(|p| workers.borrow().workers.iter().any(|w| w.pid == *p));
                     if let Some(input) = limits.admit(note, worker_pid, Instant::now())
                         && tx.send(input).await.is_err()
                     {
