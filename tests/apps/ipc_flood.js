@@ -7,9 +7,13 @@ http
   .createServer((req, res) => res.end(JSON.stringify({ instance: process.env.NODE_APP_INSTANCE, pid: process.pid })))
   .listen(8000, () => {
     if (process.env.NODE_APP_INSTANCE !== '0') return;
+    // Mostly connection counts, each different: the costliest for the
+    // manager (every one is a new fair share to work out and send).
     const kinds = [
       () => ({ nodeherd: 'beat', delay_ms: 0 }),
       (i) => ({ nodeherd: 'conns', open: i % 5000 }),
+      (i) => ({ nodeherd: 'conns', open: (i * 7) % 5000 }),
+      (i) => ({ nodeherd: 'conns', open: (i * 13) % 5000 }),
       (i) => ({ nodeherd: 'metrics', id: i, text: 'x'.repeat(2000) }),
       (i) => ({ nodeherd: 'error', message: `flood ${i}` }),
       () => ({ nodeherd: 'listening', fd: 3 }),
