@@ -654,7 +654,9 @@ impl Driver {
                 if first {
                     logs::info(&format!(
                         "shared socket: {} {} bound on worker {index}'s request (pid {pid}); every worker listening there shares it",
-                        listener.kind, listener.address
+                        listener.kind,
+                        // The worker chose it: it may hold a newline.
+                        logs::clean(&listener.address, 200)
                     ));
                 }
                 match listener.fd.try_clone() {
