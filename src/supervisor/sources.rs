@@ -502,6 +502,45 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn long_lines_waiting_for_the_supervisor_are_bounded_in_bytes() {
+        use std::io::Write;
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (tx, mut rx) = mpsc::channel(WORKER_QUEUE);
+        // Room for two lines of this length, not three.
+        let text = "x".repeat(3 * SMALL_LINE);
+        let line = format!("{{\"nodeherd\":\"metrics\",\"id\":1,\"text\":\"{text}\"}}\n");
+        let bytes = Arc::new(Semaphore::new(2 * line.len() + 10));
+        ipc_channel(ours, WorkerId(1), tx, bytes.clone());
+        let writer = std::thread::spawn(move || {
+            for _ in 0..10 {
+                theirs.write_all(line.as_bytes()).unwrap();
+            }
+            theirs
+        });
+        let queued = |rx: &mpsc::Receiver<Input>| rx.len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(queued(&rx), 2, "two wait, the third waits for room");
+        let mut got = 0;
+        while got < 10 {
+            let input = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the rest follows as the supervisor takes them")
+                .unwrap();
+            assert!(matches!(
+                input,
+                Input::Ipc {
+                    msg: ipc::Message::Metrics { .. },
+                    ..
+                }
+            ));
+            got += 1;
+            assert!(queued(&rx) <= 2);
+        }
+        drop(writer.join());
+    }
+
     fn note(pid: i32, ready: bool, status: Option<&str>) -> Notification {
         Notification {
             pid,
