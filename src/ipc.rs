@@ -16,6 +16,9 @@ use serde_json::Value;
 /// Large enough for an app's whole metrics registry.
 pub const MAX_LINE: usize = 4 << 20;
 
+/// Longest listen error kept (it ends up in the journal).
+pub const MAX_ERROR_CHARS: usize = 500;
+
 /// What a worker told the manager.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -23,7 +26,8 @@ pub enum Message {
     Ready,
     /// The shim saw a server start listening on an inherited socket.
     Listening,
-    /// The shim could not map a listen call; the text says why.
+    /// The shim could not map a listen call; the text says why (one line,
+    /// no control character, at most [`MAX_ERROR_CHARS`]).
     ListenError(String),
     /// The preload's heartbeat, with the event loop's longest delay (ms)
     /// since the last one.
@@ -93,14 +97,12 @@ pub fn parse(line: &[u8]) -> Option<Message> {
             Some("conns") => Some(Message::Connections {
                 open: u32::try_from(o.get("open")?.as_u64()?).ok()?,
             }),
-            Some("error") => Some(Message::ListenError(
+            Some("error") => Some(Message::ListenError(crate::logs::clean(
                 o.get("message")
                     .and_then(Value::as_str)
-                    .unwrap_or("listen failed")
-                    .chars()
-                    .take(500)
-                    .collect(),
-            )),
+                    .unwrap_or("listen failed"),
+                MAX_ERROR_CHARS,
+            ))),
             _ => None,
         },
         _ => None,
@@ -217,6 +219,17 @@ mod tests {
         assert!(
             matches!(parse(br#"{"nodeherd":"error","message":"x"}"#), Some(Message::ListenError(m)) if m == "x")
         );
+        let forged = format!(
+            r#"{{"nodeherd":"error","message":"boom\nnodeherd: forged\u001b[2J{}"}}"#,
+            "z".repeat(2000)
+        );
+        match parse(forged.as_bytes()) {
+            Some(Message::ListenError(m)) => {
+                assert!(m.starts_with("boom nodeherd: forged [2J"), "{m}");
+                assert_eq!(m.chars().count(), MAX_ERROR_CHARS + 1, "cut, with …");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             parse(br#"{"nodeherd":"bind","id":7,"kind":"tcp","host":null,"port":9100}"#),
             Some(Message::Bind(BindRequest {

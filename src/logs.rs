@@ -168,6 +168,27 @@ pub fn error(msg: &str) {
     event(Priority::Error, msg, &[]);
 }
 
+/// A text a worker sent (its `STATUS=`, a listen error), made fit for a
+/// journal line or a D-Bus property: every control character (newlines
+/// among them, so it cannot forge lines of its own), the Unicode line
+/// separators and the bidirectional overrides become a space, and it is cut
+/// at `max_chars` characters, `…` saying so.
+pub fn clean(text: &str, max_chars: usize) -> String {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    let mut out = String::with_capacity(text.len().min(max_chars * 4));
+    for (n, c) in text.chars().enumerate() {
+        if n == max_chars {
+            out.push('…');
+            break;
+        }
+        out.push(if unsafe_char(c) { ' ' } else { c });
+    }
+    out
+}
+
 fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64) {
     for record in rx {
         write(sink, record);
@@ -253,5 +274,21 @@ fn write(sink: &Sink, record: Record) {
         Record::Flush(done) => {
             let _ = done.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_texts_lose_control_characters_and_length() {
+        assert_eq!(
+            clean("ok\nnodeherd: forged\r\u{1b}[2J\u{202e}x\u{2028}", 100),
+            "ok nodeherd: forged  [2J x "
+        );
+        assert_eq!(clean("abcdef", 3), "abc…");
+        assert_eq!(clean("abc", 3), "abc");
+        assert_eq!(clean("éé\u{7f}\u{85}", 10), "éé  ");
     }
 }

@@ -4,7 +4,9 @@
 //! (or `systemd-notify --ready`) works for a Python, Go or shell worker just
 //! as it would under systemd. Senders are identified by the kernel-checked
 //! peer credentials (`SO_PASSCRED`), never by what they claim: a message
-//! counts only if it comes from a worker's process group.
+//! counts only if it comes from a worker or one of its descendants (see
+//! `worker::process::worker_ancestor`), and only within that worker's budget
+//! (`supervisor::budget`).
 
 use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;
@@ -15,6 +17,9 @@ use tokio::net::UnixDatagram;
 
 /// Largest datagram read; longer ones are truncated and then ignored.
 const MAX_DATAGRAM: usize = 4096;
+
+/// Longest `STATUS=` text kept (it ends up in the journal and on D-Bus).
+pub const MAX_STATUS_CHARS: usize = 200;
 
 /// One parsed notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +83,7 @@ pub fn parse(pid: i32, bytes: &[u8]) -> Option<Notification> {
     for line in text.lines() {
         match line.split_once('=') {
             Some(("READY", "1")) => n.ready = true,
-            Some(("STATUS", s)) => n.status = Some(s.chars().take(200).collect()),
+            Some(("STATUS", s)) => n.status = Some(crate::logs::clean(s, MAX_STATUS_CHARS)),
             _ => {}
         }
     }
@@ -97,6 +102,8 @@ mod tests {
         assert_eq!(parse(7, b"WATCHDOG=1"), None);
         assert_eq!(parse(7, b"\xff\x00READY=1"), None);
         assert_eq!(parse(7, b"READY=0"), None);
+        let dirty = parse(7, b"STATUS=a\rb\x1b[2J\x00").unwrap();
+        assert_eq!(dirty.status.as_deref(), Some("a b [2J "));
     }
 }
 
@@ -110,7 +117,7 @@ mod fuzz {
         fn any_datagram_parses_or_is_ignored(bytes in prop::collection::vec(any::<u8>(), 0..4096), pid in any::<i32>()) {
             if let Some(n) = parse(pid, &bytes) {
                 prop_assert_eq!(n.pid, pid);
-                prop_assert!(n.status.as_ref().is_none_or(|s| s.chars().count() <= 200));
+                prop_assert!(n.status.as_ref().is_none_or(|s| s.chars().count() <= MAX_STATUS_CHARS + 1 && !s.chars().any(char::is_control)));
             }
         }
     }

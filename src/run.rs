@@ -502,7 +502,7 @@ fn run_daemon(
         // A stop sent during a re-exec waits in the kernel: read now.
         sources::signals(driver.inputs())
             .map_err(RunError::system("cannot read signals (signalfd)"))?;
-        sources::notify_socket(notify_std, driver.inputs());
+        sources::notify_socket(notify_std, driver.notify_inputs());
         let mut metrics_carry = None;
         if let Some(at) = metrics_at {
             let (endpoint, second) = at.bind()?;

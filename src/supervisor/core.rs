@@ -86,6 +86,11 @@ pub enum Event {
     NotifyFromStranger {
         pid: i32,
     },
+    /// A worker kept its IPC channel fuller than the manager reads it, for
+    /// seconds in a row.
+    Flooding {
+        worker: WorkerId,
+    },
     /// Resident memory of the workers named by [`Effect::SampleMemory`].
     MemorySample(Vec<(WorkerId, u64)>),
     /// A control request (D-Bus, SIGHUP).
@@ -299,6 +304,8 @@ pub enum SwapReason {
     Hang,
     /// Its app closed its server and lives on (a socket per slot).
     Closed,
+    /// It flooded its IPC channel.
+    Flood,
 }
 
 #[derive(Debug, Default)]
@@ -555,6 +562,7 @@ impl Core {
                 status,
             } => self.on_notify(worker, ready, status),
             Event::NotifyFromStranger { pid } => self.on_stranger(pid),
+            Event::Flooding { worker } => self.on_flooding(worker),
             Event::MemorySample(samples) => self.on_memory_sample(samples),
             Event::Request { what, reply } => self.submit(what, reply, None),
             Event::Reconfigure { config, reply } => {
@@ -616,7 +624,7 @@ impl Core {
         }));
     }
 
-    fn log_worker(&mut self, level: Level, index: u32, pid: i32, text: String) {
+    pub(super) fn log_worker(&mut self, level: Level, index: u32, pid: i32, text: String) {
         self.out.push(Effect::Log(LogLine {
             level,
             text,
@@ -808,7 +816,7 @@ impl Core {
                     SwapReason::Reload => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
                     SwapReason::Hang => r.hang += 1,
-                    SwapReason::Closed => {}
+                    SwapReason::Closed | SwapReason::Flood => {}
                 }
             }
         } else if slot.current == Some(id) {

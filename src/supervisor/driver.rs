@@ -10,7 +10,6 @@
 //! anything else happens, so the core sees a worker's start in order.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,6 +19,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::core::{Core, Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
+use super::outbox::{self, Outbox};
 use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
@@ -39,8 +39,8 @@ type Answer = oneshot::Sender<CtlResult>;
 /// A worker process as the driver knows it.
 struct Proc {
     pid: i32,
-    /// Our end of the Node IPC channel, for the `'shutdown'` message.
-    ipc: Option<std::os::unix::net::UnixStream>,
+    /// Our end of the Node IPC channel, for what we write to it.
+    ipc: Option<Outbox>,
     /// Second handles on its stdout and stderr pipes, widened when it stops
     /// and handed over by a re-exec.
     stdout: Option<OwnedFd>,
@@ -77,6 +77,12 @@ pub struct Driver {
     next_reply: u64,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs: mpsc::UnboundedReceiver<Input>,
+    /// What workers send (IPC lines, notify datagrams), bounded: when it is
+    /// full, their readers stop reading.
+    worker_tx: mpsc::Sender<Input>,
+    worker_inputs: mpsc::Receiver<Input>,
+    /// The bytes of long IPC lines that may wait in `worker_inputs`.
+    ipc_bytes: std::sync::Arc<tokio::sync::Semaphore>,
     requests_tx: mpsc::UnboundedSender<ControlRequest>,
     requests: mpsc::UnboundedReceiver<ControlRequest>,
     published: watch::Sender<Snapshot>,
@@ -114,6 +120,7 @@ impl Driver {
         watchdog: Option<std::time::Duration>,
     ) -> Driver {
         let (inputs_tx, inputs) = mpsc::unbounded_channel();
+        let (worker_tx, worker_inputs) = mpsc::channel(sources::WORKER_QUEUE);
         let (requests_tx, requests) = mpsc::unbounded_channel();
         let (app_metrics_tx, app_metrics) = mpsc::unbounded_channel();
         let policy = Policy::new(&app, !sockets.is_empty(), sockets.per_slot(), watchdog);
@@ -133,6 +140,9 @@ impl Driver {
             next_reply: 1,
             inputs_tx,
             inputs,
+            worker_tx,
+            worker_inputs,
+            ipc_bytes: std::sync::Arc::new(tokio::sync::Semaphore::new(sources::QUEUE_BYTES)),
             requests_tx,
             requests,
             published,
@@ -201,13 +211,7 @@ impl Driver {
             let ipc = w
                 .ipc
                 .map(std::os::unix::net::UnixStream::from)
-                .and_then(|ours| {
-                    let reader = ours.try_clone().ok()?;
-                    reader.set_nonblocking(true).ok()?;
-                    ours.set_nonblocking(true).ok()?;
-                    sources::ipc_channel(reader, w.id, d.inputs_tx.clone());
-                    Some(ours)
-                });
+                .and_then(|ours| d.open_channel(ours, w.id, index, w.pid));
             d.procs.insert(
                 w.id,
                 Proc {
@@ -242,6 +246,14 @@ impl Driver {
     /// Where the sources send their inputs.
     pub fn inputs(&self) -> mpsc::UnboundedSender<Input> {
         self.inputs_tx.clone()
+    }
+
+    /// Where the notify socket sends what workers send: a bounded queue.
+    pub fn notify_inputs(&self) -> sources::NotifyTo {
+        sources::NotifyTo {
+            tx: self.worker_tx.clone(),
+            workers: self.published.subscribe(),
+        }
     }
 
     /// Run until every worker is gone after a stop; returns the exit status.
@@ -284,6 +296,7 @@ impl Driver {
                 _ = exec => self.exec_now(),
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
+                Some(input) = self.worker_inputs.recv() => self.input(input),
                 Some(req) = self.requests.recv() => self.request(req),
                 Some(req) = self.app_metrics.recv() => self.ask_for_metrics(req),
                 _ = sleep => {
@@ -326,10 +339,12 @@ impl Driver {
             Input::Ipc {
                 worker,
                 msg: ipc::Message::Bind(req),
+                ..
             } => return self.bind_for(worker, req),
             Input::Ipc {
                 worker,
                 msg: ipc::Message::Metrics { id, text },
+                ..
             } => {
                 let asked = self.metrics_waiting.get(&id).map(|w| w.1);
                 if asked == Some(worker)
@@ -343,24 +358,47 @@ impl Driver {
                 }
                 return;
             }
-            Input::Ipc { worker, msg } => Event::Ipc { worker, msg },
-            Input::Notify(n) => {
-                // The sender must be a worker or live in a worker's process group.
-                let worker = self.by_pid.get(&n.pid).copied().or_else(|| {
-                    let group = process::process_group(n.pid)?;
-                    self.by_pid.get(&group).copied()
-                });
-                match worker {
+            Input::Ipc { worker, msg, .. } => Event::Ipc { worker, msg },
+            Input::Flooding(worker) => Event::Flooding { worker },
+            Input::Notify { note, worker_pid } => {
+                // The sender must be a worker or one of its descendants.
+                match worker_pid.and_then(|p| self.by_pid.get(&p).copied()) {
                     Some(worker) => Event::Notify {
                         worker,
-                        ready: n.ready,
-                        status: n.status,
+                        ready: note.ready,
+                        status: note.status,
                     },
-                    None => Event::NotifyFromStranger { pid: n.pid },
+                    None => Event::NotifyFromStranger { pid: note.pid },
                 }
             }
+            Input::NotifyDropped {
+                worker_pid,
+                statuses,
+                datagrams,
+            } => return self.notify_dropped(worker_pid, statuses, datagrams),
         };
         self.event(ev);
+    }
+
+    /// Say what the notify socket did not pass on from a worker's tree.
+    fn notify_dropped(&self, worker_pid: i32, statuses: u64, datagrams: u64) {
+        let worker = self.by_pid.get(&worker_pid).copied();
+        let index = worker.and_then(|w| self.core.slot_of(w));
+        let who = match index {
+            Some(i) => format!("worker {i} (pid {worker_pid})"),
+            None if worker_pid == 0 => "processes that are no worker of ours".to_string(),
+            None => format!("pid {worker_pid}, no worker of ours,"),
+        };
+        let msg = format!(
+            "{who} sent more than the notify socket takes: {statuses} STATUS= message(s) not logged (at most {} at once, then one a second; the latest is kept), {datagrams} datagram(s) ignored (over {} a second)",
+            super::budget::STATUS_BURST,
+            super::budget::NOTIFY_PER_SECOND,
+        );
+        let extra = [("NODEHERD_EVENT", "notify-dropped".to_string())];
+        match index {
+            Some(i) => logs::worker_event(Priority::Warning, i, worker_pid, &msg, &extra),
+            None => logs::event(Priority::Warning, &msg, &extra),
+        }
     }
 
     fn request(&mut self, req: ControlRequest) {
@@ -487,9 +525,8 @@ impl Driver {
                 Effect::CheckExec => self.check_exec(),
                 Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
                 Effect::Share { worker, max } => {
-                    // A channel this full belongs to a worker that reads nothing.
                     if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) {
-                        let _ = send_with_fd_none(channel, &crate::ipc::share(max));
+                        channel.send(crate::ipc::share(max), None, outbox::Kind::Share);
                     }
                 }
                 Effect::CloseLeaving { leave, workers } => {
@@ -556,13 +593,7 @@ impl Driver {
         let (out2, err2) = (stdout.try_clone().ok(), stderr.try_clone().ok());
         sources::output(stdout, index, pid, Stream::Stdout);
         sources::output(stderr, index, pid, Stream::Stderr);
-        let ipc = ipc.and_then(|ours| {
-            let reader = ours.try_clone().ok()?;
-            reader.set_nonblocking(true).ok()?;
-            ours.set_nonblocking(true).ok()?;
-            sources::ipc_channel(reader, worker, self.inputs_tx.clone());
-            Some(ours)
-        });
+        let ipc = ipc.and_then(|ours| self.open_channel(ours, worker, index, pid));
         let has_ipc = ipc.is_some();
         self.procs.insert(
             worker,
@@ -581,6 +612,26 @@ impl Driver {
         }
     }
 
+    /// Read a worker's IPC channel (`ours`) and give it an outbox.
+    fn open_channel(
+        &self,
+        ours: std::os::unix::net::UnixStream,
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+    ) -> Option<Outbox> {
+        let reader = ours.try_clone().ok()?;
+        reader.set_nonblocking(true).ok()?;
+        ours.set_nonblocking(true).ok()?;
+        sources::ipc_channel(
+            reader,
+            worker,
+            self.worker_tx.clone(),
+            self.ipc_bytes.clone(),
+        );
+        Outbox::new(ours, index, pid).ok()
+    }
+
     fn stop(&mut self, worker: WorkerId, by: StopBy) {
         let Some(p) = self.procs.get_mut(&worker) else {
             return;
@@ -590,8 +641,8 @@ impl Driver {
             worker::widen_for_exit(pipe);
         }
         if by == StopBy::Message
-            && let Some(ch) = &mut p.ipc
-            && ch.write_all(ipc::SHUTDOWN).is_ok()
+            && let Some(ch) = &p.ipc
+            && ch.send(ipc::SHUTDOWN.to_vec(), None, outbox::Kind::Shutdown)
         {
             return;
         }
@@ -620,22 +671,35 @@ impl Driver {
                 if first {
                     logs::info(&format!(
                         "shared socket: {} {} bound on worker {index}'s request (pid {pid}); every worker listening there shares it",
-                        listener.kind, listener.address
+                        listener.kind,
+                        // The worker chose it: it may hold a newline.
+                        logs::clean(&listener.address, 200)
                     ));
                 }
-                send_with_fd(channel, &ipc::bound(req.id), &listener.fd)
+                match listener.fd.try_clone() {
+                    Ok(fd) => channel.send(ipc::bound(req.id), Some(fd), outbox::Kind::Answer),
+                    Err(e) => channel.send(
+                        ipc::bind_failed(req.id, &req.address, &e),
+                        None,
+                        outbox::Kind::Answer,
+                    ),
+                }
             }
             Err(e) => {
                 logs::warn(&format!(
                     "worker {index} (pid {pid}) asked to listen on {:?}: {e}",
                     req.address
                 ));
-                send_with_fd_none(channel, &ipc::bind_failed(req.id, &req.address, &e))
+                channel.send(
+                    ipc::bind_failed(req.id, &req.address, &e),
+                    None,
+                    outbox::Kind::Answer,
+                )
             }
         };
-        if let Err(e) = sent {
+        if !sent {
             logs::warn(&format!(
-                "could not answer worker {index} (pid {pid}) on its IPC channel: {e}"
+                "could not answer worker {index} (pid {pid}) on its IPC channel: it is gone, or it reads nothing"
             ));
         }
     }
@@ -659,7 +723,7 @@ impl Driver {
             };
             let id = self.next_metrics;
             self.next_metrics += 1;
-            if send_with_fd_none(channel, &ipc::metrics_request(id)).is_ok() {
+            if channel.send(ipc::metrics_request(id), None, outbox::Kind::Request) {
                 self.metrics_waiting
                     .insert(id, (req.answers.clone(), worker, w.instance, w.pid));
                 asked += 1;
@@ -745,6 +809,9 @@ impl Driver {
         while let Ok(input) = self.inputs.try_recv() {
             self.input(input);
         }
+        while let Ok(input) = self.worker_inputs.try_recv() {
+            self.input(input);
+        }
         self.reap();
         if !self.core.exec_due() {
             return;
@@ -771,6 +838,17 @@ impl Driver {
             state.workers.len(),
             program.display()
         ));
+        let unsent: usize = self
+            .procs
+            .values()
+            .filter_map(|p| p.ipc.as_ref())
+            .map(Outbox::waiting)
+            .sum();
+        if unsent > 0 {
+            logs::warn(&format!(
+                "re-exec: {unsent} message(s) to workers that have not read their IPC channel are dropped"
+            ));
+        }
         logs::flush(std::time::Duration::from_secs(1));
         let e = crate::reexec::exec(&program, &doc, &state.fds());
         self.event(Event::ExecFailed(e.to_string()));
@@ -837,40 +915,6 @@ impl Driver {
             }
         });
     }
-}
-
-/// Write `bytes` on a worker's IPC channel with `fd` attached (SCM_RIGHTS),
-/// as Node's handle passing does.
-fn send_with_fd(
-    channel: &std::os::unix::net::UnixStream,
-    bytes: &[u8],
-    fd: &std::os::fd::OwnedFd,
-) -> std::io::Result<()> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    use std::os::fd::AsRawFd;
-    let fds = [fd.as_raw_fd()];
-    let iov = [std::io::IoSlice::new(bytes)];
-    let n = sendmsg::<()>(
-        channel.as_raw_fd(),
-        &iov,
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
-    if n != bytes.len() {
-        return Err(std::io::Error::other(
-            "the channel took part of the message",
-        ));
-    }
-    Ok(())
-}
-
-fn send_with_fd_none(
-    channel: &std::os::unix::net::UnixStream,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    let mut c = channel;
-    c.write_all(bytes)
 }
 
 fn log(line: LogLine) {

@@ -9,7 +9,7 @@
 //! - [`driver`] does: forks, signals, sleeps, talks to systemd and the log,
 //!   answers callers, and feeds results back as events;
 //! - [`sources`] turn signals, the notify socket, IPC channels and worker
-//!   output into the driver's inputs.
+//!   output into the driver's inputs, each worker within its [`budget`].
 //!
 //! Vocabulary, used the same way in code, D-Bus, docs and logs:
 //! - a **slot** is a position `0..instances`; its index is the worker's
@@ -22,10 +22,13 @@
 //!   requests that arrive meanwhile wait in a queue, in order, and
 //!   back-to-back reloads coalesce into one.
 
+pub mod budget;
 pub mod core;
 pub mod driver;
+mod flood;
 pub mod handover;
 mod ops;
+mod outbox;
 pub mod policy;
 pub mod reconfig;
 mod report;

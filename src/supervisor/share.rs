@@ -95,7 +95,10 @@ impl Core {
         if serving.is_empty() {
             return;
         }
-        let total: u32 = serving.iter().map(|id| self.workers[id].conns.open).sum();
+        // Saturating: the counts are what workers say, and a worker may lie.
+        let total = serving.iter().fold(0u32, |sum, id| {
+            sum.saturating_add(self.workers[id].conns.open)
+        });
         // Forgotten when the timer fires; armed only while it is higher.
         let peak = match self.share_peak {
             Some((peak, at)) if peak > total => {

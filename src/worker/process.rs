@@ -22,12 +22,32 @@ pub fn kill_group(pid: i32) {
     }
 }
 
-/// The process group of `pid`, if it still exists.
-pub fn process_group(pid: i32) -> Option<i32> {
-    nix::unistd::getpgid(Some(Pid::from_raw(pid)))
-        .ok()
-        .map(Pid::as_raw)
-        .filter(|g| *g > 0)
+/// How many parents up a notify sender may be from its worker.
+const MAX_DEPTH: usize = 32;
+
+/// The worker `pid` descends from: the ancestor (or `pid` itself) whose
+/// parent is `manager`, found by walking the parent chain in `/proc`
+/// (bounded). `None` for a process outside every worker's tree: an orphan
+/// of a worker (the manager is its subreaper, but it no longer descends
+/// from that worker), or a stranger.
+///
+/// This, and not the process group, is what ties a notify message to a
+/// worker: any process of the same session may join any process group
+/// (`setpgid`), so a worker's child could speak for a sibling worker by
+/// joining that sibling's group; nobody can choose their parent.
+pub fn worker_ancestor(pid: i32, manager: i32) -> Option<i32> {
+    let mut at = pid;
+    for _ in 0..MAX_DEPTH {
+        if at <= 1 || at == manager {
+            return None;
+        }
+        let parent: i32 = stat_field(at, 4)?.parse().ok()?;
+        if parent == manager {
+            return Some(at);
+        }
+        at = parent;
+    }
+    None
 }
 
 /// Reap every child that has exited and is ours to reap: a worker in
@@ -140,6 +160,26 @@ mod tests {
         );
         assert!(rss_bytes(me) > 0);
         assert_eq!(rss_bytes(-5), 0);
+    }
+
+    #[test]
+    fn a_sender_is_tied_to_the_worker_it_descends_from() {
+        let me = std::process::id() as i32;
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // Our child, seen from our parent: we are the "worker".
+        let parent = nix::unistd::getppid().as_raw();
+        assert_eq!(worker_ancestor(pid, parent), Some(me));
+        assert_eq!(worker_ancestor(me, parent), Some(me));
+        assert_eq!(worker_ancestor(pid, me), Some(pid));
+        // Not below `manager` at all.
+        assert_eq!(worker_ancestor(me, pid), None);
+        assert_eq!(worker_ancestor(-3, me), None);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -1,5 +1,5 @@
-// Sends garbage on its IPC channel and, through a child in its own process
-// group (so the manager counts it as this worker's), on its notify socket;
+// Sends garbage on its IPC channel and, through a child (the manager counts
+// what a worker's descendants send as this worker's), on its notify socket;
 // then serves. None of it may upset the manager or make the worker ready early.
 const http = require('http');
 const { execFileSync } = require('child_process');
