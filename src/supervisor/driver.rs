@@ -18,7 +18,8 @@ use libsystemd::logging::Priority;
 use nix::sys::signal::Signal;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::core::{Core, Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
+use super::core::Core;
+use super::events::{Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
 use super::outbox::{self, Outbox};
 use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};

@@ -8,7 +8,9 @@
 //! flooder is stopped, and the journal says why.
 
 use super::budget::{FLOOD_SECONDS, IPC_PER_SECOND};
-use super::core::{Core, Level, Phase, Queued, SwapReason, WState, WorkerId};
+use super::core::Core;
+use super::events::{Level, WorkerId};
+use super::state::{Phase, Queued, SwapReason, WState};
 
 impl Core {
     pub(super) fn on_flooding(&mut self, id: WorkerId) {

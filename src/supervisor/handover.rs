@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::core::{Core, Phase, Queued, Replacements, Slot, SwapReason, WState, Worker, WorkerId};
+use super::core::Core;
+use super::events::WorkerId;
 use super::policy::{History, Policy};
+use super::state::{Phase, Queued, Replacements, Slot, SwapReason, WState, Worker};
 use super::timers::{TimerKey, Timers};
 use crate::control::Counters;
 
@@ -255,7 +257,7 @@ impl Core {
                     beating: w.beating,
                     hung: w.hung,
                     closed: w.closed,
-                    conns: super::share::Conns {
+                    conns: super::state::Conns {
                         open: w.conns_open,
                         reported: w.conns_reported,
                         told: w.conns_told,

@@ -1,11 +1,12 @@
 //! The supervisor: the one owner of every worker, slot and operation.
 //!
 //! It is split the way a state machine and its I/O split:
-//! - [`core`] decides: events in, state transition, effects out — no
-//!   process, fd, task or clock of its own (`ops` holds its operations,
-//!   `report` what it publishes, `share` the even
-//!   share of keep-alive connections, [`policy`] the crash rule, [`timers`] its
-//!   deadlines);
+//! - [`core`] decides: [`events`] in, state transition, effects out — no
+//!   process, fd, task or clock of its own (`state` is what it remembers,
+//!   `ops` holds its operations, `report` what it publishes, `share` the
+//!   even share of keep-alive connections, `flood` what it does with a
+//!   worker that floods its channel, [`policy`] the crash rule, [`timers`]
+//!   its deadlines, [`handover`] its state across a re-exec);
 //! - [`driver`] does: forks, signals, sleeps, talks to systemd and the log,
 //!   answers callers, and feeds results back as events;
 //! - [`sources`] turn signals, the notify socket, IPC channels and worker
@@ -25,6 +26,7 @@
 pub mod budget;
 pub mod core;
 pub mod driver;
+pub mod events;
 mod flood;
 pub mod handover;
 mod ops;
@@ -34,12 +36,14 @@ pub mod reconfig;
 mod report;
 mod share;
 pub mod sources;
+mod state;
 pub mod takeover;
 pub mod timers;
 
 #[cfg(test)]
 mod tests;
 
-pub use self::core::{Core, Effect, Event, ExitStatus, WorkerId};
+pub use self::core::Core;
 pub use driver::Driver;
+pub use events::{Effect, Event, ExitStatus, WorkerId};
 pub use policy::Policy;

@@ -9,11 +9,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::core::{
-    Core, Effect, Level, NewConfig, Op, Phase, Queued, ReplyId, Role, SdNotify, Slot, StartKind,
-    SwapReason, WState, WorkerId,
-};
+use super::core::Core;
+use super::events::{Effect, Level, NewConfig, ReplyId, SdNotify, WorkerId};
 use super::policy::{LEAVE_BOUND, MAX_QUEUED, SAME_STOP};
+use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState};
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
 use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};

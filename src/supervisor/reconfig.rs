@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::core::NewConfig;
+use super::events::NewConfig;
 use super::policy::Policy;
 use crate::config::{self, App, ConfigError, Loaded, Overrides};
 use crate::sockets::SocketSet;

@@ -1,17 +1,19 @@
 //! What the outside may read: the state in a word, the status in a line
 //! (systemd's `STATUS=`), and the [`Snapshot`] the D-Bus side publishes.
 
-use super::core::{Core, Op, Phase, SdNotify, StartKind, WState};
+use super::core::Core;
+use super::events::SdNotify;
+use super::state::{Op, Phase, StartKind, WState};
 use crate::control::{Snapshot, WorkerInfo};
 
 impl Core {
     /// The slot a worker belongs to, while it exists.
-    pub fn slot_of(&self, worker: super::core::WorkerId) -> Option<u32> {
+    pub fn slot_of(&self, worker: super::events::WorkerId) -> Option<u32> {
         self.workers.get(&worker).map(|w| w.index)
     }
 
     /// The current workers of the slots that are ready.
-    pub(super) fn ready_current(&self) -> impl Iterator<Item = super::core::WorkerId> + '_ {
+    pub(super) fn ready_current(&self) -> impl Iterator<Item = super::events::WorkerId> + '_ {
         self.slots.iter().filter_map(|s| s.current).filter(|id| {
             self.workers
                 .get(id)

@@ -38,24 +38,13 @@
 
 use std::time::Duration;
 
-use super::core::{Core, Effect, WState, WorkerId};
+use super::core::Core;
+use super::events::{Effect, WorkerId};
+use super::state::WState;
 use super::timers::TimerKey;
 
 /// How long a higher total of connections counts after it was seen.
 pub(super) const PEAK_HOLD: Duration = Duration::from_secs(1);
-
-/// A worker's connections, as its preload last reported them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Conns {
-    /// Connections it holds and is not closing.
-    pub(super) open: u32,
-    /// It has reported at all (it runs the preload and serves HTTP).
-    pub(super) reported: bool,
-    /// The fair share it was last told, if any.
-    pub(super) told: Option<u32>,
-    /// A report came since the share was last worked out for it.
-    pub(super) fresh: bool,
-}
 
 impl Core {
     /// The preload reported the connections a worker holds.

@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::budget::{self, Bucket, FloodWatch};
-use super::core::WorkerId;
+use super::events::WorkerId;
 use crate::ipc;
 use crate::logs::{self, Stream};
 use crate::notify_socket::{self, Notification};

@@ -5,9 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::core::{
-    Core, Effect, Event, ExitStatus, NewConfig, ReplyId, SdNotify, StopBy, WorkerId,
-};
+use super::core::Core;
+use super::events::{Effect, Event, ExitStatus, NewConfig, ReplyId, SdNotify, StopBy, WorkerId};
 use super::policy::{MAX_QUEUED, Policy, test_policy};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
 use crate::ipc::Message;

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::core::WorkerId;
+use super::events::WorkerId;
 
 /// What a timer is for; at most one timer per key.
 #[derive(

@@ -1,0 +1,215 @@
+//! What goes into the supervisor's core and what comes out of it: the
+//! events it reacts to and the effects it asks the driver for. Plain data,
+//! no rules (those are `core.rs`), so the driver, the sources and the tests
+//! speak the core's language without reaching into its state.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::policy::Policy;
+use crate::control::{BusSignal, Control, CtlResult};
+use crate::ipc;
+
+/// Identifies one worker process for its whole life; never reused, so an
+/// event about a worker that is gone is recognised and dropped.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct WorkerId(pub u64);
+
+/// Identifies a caller waiting for an answer; the driver holds the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplyId(pub u64);
+
+/// How a worker process ended, as `waitpid` said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => match nix::sys::signal::Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+        }
+    }
+}
+
+/// Everything the core reacts to, besides its own timers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The driver started the process asked for by [`Effect::Spawn`].
+    Spawned {
+        worker: WorkerId,
+        pid: i32,
+        /// It has a Node IPC channel (for the `'shutdown'` message).
+        ipc: bool,
+    },
+    /// The driver could not start it (fork/exec, or binding its sockets).
+    SpawnFailed {
+        worker: WorkerId,
+        error: String,
+    },
+    Exited {
+        worker: WorkerId,
+        status: ExitStatus,
+    },
+    Ipc {
+        worker: WorkerId,
+        msg: ipc::Message,
+    },
+    /// A datagram on the workers' notify socket from a worker (or its group).
+    Notify {
+        worker: WorkerId,
+        ready: bool,
+        status: Option<String>,
+    },
+    /// A datagram on the notify socket from a process that is no worker of ours.
+    NotifyFromStranger {
+        pid: i32,
+    },
+    /// A worker kept its IPC channel fuller than the manager reads it, for
+    /// seconds in a row.
+    Flooding {
+        worker: WorkerId,
+    },
+    /// Resident memory of the workers named by [`Effect::SampleMemory`].
+    MemorySample(Vec<(WorkerId, u64)>),
+    /// A control request (D-Bus, SIGHUP).
+    Request {
+        what: Control,
+        reply: Option<ReplyId>,
+    },
+    /// A reload with a configuration read anew: workers started from the
+    /// moment that reload begins follow `policy` and the driver's launcher of
+    /// `generation`.
+    Reconfigure {
+        config: Box<NewConfig>,
+        reply: Option<ReplyId>,
+    },
+    /// A reload was refused before anything changed (its configuration
+    /// was invalid); only counted.
+    ReloadRefused,
+    /// The new program for a re-exec was checked: it runs and reads the
+    /// state format (`Ok`: what it is, in words), or why not.
+    ExecChecked(Result<String, String>),
+    /// `execve` itself failed; the manager goes on as it was.
+    ExecFailed(String),
+    /// The accept queues of a slot that goes are empty (see `Effect::DrainSlot`).
+    SlotDrained(u64),
+    /// SIGTERM or SIGINT.
+    Stop,
+}
+
+/// A configuration read anew for a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConfig {
+    pub policy: Policy,
+    /// The configured `instances` changed: scale to it. If not, the count
+    /// the app was scaled to live stays.
+    pub resize: bool,
+    /// Which of the driver's launchers starts workers under it.
+    pub generation: u64,
+    /// What changed, in words.
+    pub summary: String,
+}
+
+/// How serious a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Notice,
+    Warning,
+    Error,
+}
+
+/// A line for the journal (or stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: Level,
+    pub text: String,
+    /// The worker it is about (slot index, pid), to tag it with that worker's fields.
+    pub worker: Option<(u32, i32)>,
+    /// `NODEHERD_EVENT=` for lines that mark an event worth filtering on.
+    pub event: Option<&'static str>,
+}
+
+/// What to tell systemd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdNotify {
+    Ready(String),
+    Reloading(String),
+    Status(String),
+    Stopping(String),
+    Watchdog,
+    ExtendTimeout(Duration),
+}
+
+/// How to ask a worker to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopBy {
+    /// SIGINT, as PM2 does.
+    Signal,
+    /// The `'shutdown'` message on the IPC channel (`shutdown_with_message`).
+    Message,
+}
+
+/// What the driver is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start a worker for slot `index` with the launcher of configuration
+    /// `generation`; answer with `Spawned` or `SpawnFailed`.
+    Spawn {
+        worker: WorkerId,
+        index: u32,
+        generation: u64,
+    },
+    /// Ask a worker to stop gracefully.
+    Stop {
+        worker: WorkerId,
+        by: StopBy,
+    },
+    /// SIGKILL a worker and its process group.
+    Kill {
+        worker: WorkerId,
+    },
+    /// Close a slot's own sockets (`balance: reuseport`): it errored.
+    ReleaseSlotSockets(u32),
+    /// Slot `index` goes (`balance: reuseport`): steer new connections away
+    /// from its sockets, keep them open, and answer with `SlotDrained(leave)`
+    /// once their accept queues are empty.
+    DrainSlot {
+        leave: u64,
+        index: u32,
+    },
+    /// Close the sockets of `leave` once these workers have exited.
+    CloseLeaving {
+        leave: u64,
+        workers: Vec<WorkerId>,
+    },
+    /// Tell a worker how many keep-alive connections are its fair share
+    /// (`None`: no limit); see [`super::share`].
+    Share {
+        worker: WorkerId,
+        max: Option<u32>,
+    },
+    /// Measure these workers' memory; answer with `MemorySample`.
+    SampleMemory(Vec<WorkerId>),
+    /// Check the program a re-exec would run; answer with `ExecChecked`.
+    CheckExec,
+    /// Hand the state over and `execve` the checked program (answer with
+    /// `ExecFailed` if that fails); the core has answered the callers.
+    Exec,
+    Notify(SdNotify),
+    Log(LogLine),
+    Bus(BusSignal),
+    Reply {
+        reply: ReplyId,
+        result: CtlResult,
+    },
+}
