@@ -18,13 +18,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::events::{
-    Effect, Event, ExitStatus, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId,
+    Effect, Event, ExitStatus, Level, LogLine, ReplyId, Said, SdNotify, StopBy, WorkerId,
 };
 use super::policy::{self, Decision, Policy};
 use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState, Worker};
 use super::timers::{TimerKey, Timers};
 use crate::control::{BusSignal, Control, CtlResult};
-use crate::ipc;
 
 /// The supervisor's state; see the module documentation.
 pub struct Core {
@@ -158,22 +157,20 @@ impl Core {
             Event::Spawned { worker, pid, ipc } => self.on_spawned(worker, pid, ipc),
             Event::SpawnFailed { worker, error } => self.on_spawn_failed(worker, error),
             Event::Exited { worker, status } => self.on_exit(worker, status),
-            Event::Ipc { worker, msg } => match msg {
-                ipc::Message::Ready => self.mark_ready(worker, "sent 'ready'"),
-                ipc::Message::Listening if !self.policy_of(worker).wait_ready => {
+            Event::Said { worker, said } => match said {
+                Said::Ready => self.mark_ready(worker, "sent 'ready'"),
+                Said::Listening if !self.policy_of(worker).wait_ready => {
                     self.mark_ready(worker, "listening")
                 }
-                ipc::Message::Listening => {}
-                ipc::Message::ListenError(e) => {
+                Said::Listening => {}
+                Said::ListenError(e) => {
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.listen_error = Some(e);
                     }
                 }
-                // Sockets shared on a worker's request are the driver's to bind.
-                ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => {}
-                ipc::Message::Beat { delay_ms } => self.on_beat(worker, delay_ms),
-                ipc::Message::Connections { open } => self.on_connections(worker, open),
-                ipc::Message::Closed => self.on_closed(worker),
+                Said::Beat { delay_ms } => self.on_beat(worker, delay_ms),
+                Said::Connections { open } => self.on_connections(worker, open),
+                Said::Closed => self.on_closed(worker),
             },
             Event::Notify {
                 worker,

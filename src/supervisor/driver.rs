@@ -19,7 +19,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::core::Core;
-use super::events::{Effect, Event, Level, LogLine, ReplyId, SdNotify, StopBy, WorkerId};
+use super::events::{Effect, Event, Level, LogLine, ReplyId, Said, SdNotify, StopBy, WorkerId};
 use super::outbox::{self, Outbox};
 use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};
@@ -359,7 +359,19 @@ impl Driver {
                 }
                 return;
             }
-            Input::Ipc { worker, msg, .. } => Event::Ipc { worker, msg },
+            Input::Ipc { worker, msg, .. } => {
+                let said = match msg {
+                    ipc::Message::Ready => Said::Ready,
+                    ipc::Message::Listening => Said::Listening,
+                    ipc::Message::ListenError(text) => Said::ListenError(text),
+                    ipc::Message::Beat { delay_ms } => Said::Beat { delay_ms },
+                    ipc::Message::Connections { open } => Said::Connections { open },
+                    ipc::Message::Closed => Said::Closed,
+                    // Answered above.
+                    ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => return,
+                };
+                Event::Said { worker, said }
+            }
             Input::Flooding(worker) => Event::Flooding { worker },
             Input::Notify { note, worker_pid } => {
                 // The sender must be a worker or one of its descendants.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::policy::Policy;
 use crate::control::{BusSignal, Control, CtlResult};
-use crate::ipc;
 
 /// Identifies one worker process for its whole life; never reused, so an
 /// event about a worker that is gone is recognised and dropped.
@@ -51,18 +50,14 @@ pub enum Event {
         ipc: bool,
     },
     /// The driver could not start it (fork/exec, or binding its sockets).
-    SpawnFailed {
-        worker: WorkerId,
-        error: String,
-    },
+    SpawnFailed { worker: WorkerId, error: String },
     Exited {
         worker: WorkerId,
         status: ExitStatus,
     },
-    Ipc {
-        worker: WorkerId,
-        msg: ipc::Message,
-    },
+    /// What a worker's preload (or the app itself) said on its channel,
+    /// as far as the core cares: binds and metrics are the driver's.
+    Said { worker: WorkerId, said: Said },
     /// A datagram on the workers' notify socket from a worker (or its group).
     Notify {
         worker: WorkerId,
@@ -70,14 +65,10 @@ pub enum Event {
         status: Option<String>,
     },
     /// A datagram on the notify socket from a process that is no worker of ours.
-    NotifyFromStranger {
-        pid: i32,
-    },
+    NotifyFromStranger { pid: i32 },
     /// A worker kept its IPC channel fuller than the manager reads it, for
     /// seconds in a row.
-    Flooding {
-        worker: WorkerId,
-    },
+    Flooding { worker: WorkerId },
     /// Resident memory of the workers named by [`Effect::SampleMemory`].
     MemorySample(Vec<(WorkerId, u64)>),
     /// A control request (D-Bus, SIGHUP).
@@ -104,6 +95,24 @@ pub enum Event {
     SlotDrained(u64),
     /// SIGTERM or SIGINT.
     Stop,
+}
+
+/// What a worker said that the core acts on (the driver reads the wire,
+/// `crate::ipc`, and passes these on).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Said {
+    /// `process.send('ready')`: ready, with or without `wait_ready`.
+    Ready,
+    /// The preload saw it listen on a handed-over socket.
+    Listening,
+    /// The preload could not map a listen call; the text says why.
+    ListenError(String),
+    /// The heartbeat, with the event loop's longest delay since the last (ms).
+    Beat { delay_ms: u32 },
+    /// The keep-alive connections it holds and is not closing.
+    Connections { open: u32 },
+    /// The app closed its servers on the handed-over sockets and lives on.
+    Closed,
 }
 
 /// A configuration read anew for a reload.

@@ -231,9 +231,9 @@ mod tests {
                 ));
                 fx.extend(core.handle(
                     now,
-                    Event::Ipc {
+                    Event::Said {
                         worker,
-                        msg: crate::ipc::Message::Listening,
+                        said: crate::supervisor::events::Said::Listening,
                     },
                 ));
             }

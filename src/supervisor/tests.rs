@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::core::Core;
-use super::events::{Effect, Event, ExitStatus, NewConfig, ReplyId, SdNotify, StopBy, WorkerId};
+use super::events::{
+    Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
+};
 use super::policy::{MAX_QUEUED, Policy, test_policy};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
-use crate::ipc::Message;
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -163,9 +164,9 @@ impl World {
     }
 
     fn listening(&mut self, w: WorkerId) {
-        self.send(Event::Ipc {
+        self.send(Event::Said {
             worker: w,
-            msg: Message::Listening,
+            said: Said::Listening,
         });
     }
 
@@ -348,9 +349,9 @@ fn with_wait_ready_listening_is_not_enough() {
     let id = w.starting()[0];
     w.listening(id);
     assert_eq!(w.core.state_name(), "starting");
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: id,
-        msg: Message::Ready,
+        said: Said::Ready,
     });
     assert_eq!(w.core.state_name(), "ready");
     assert!(w.logs().contains("sent 'ready'"), "{}", w.logs());
@@ -1046,14 +1047,14 @@ fn a_reload_with_a_new_configuration_starts_every_new_worker_under_it() {
         "reloading",
         "listening no longer suffices"
     );
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: new,
-        msg: Message::Ready,
+        said: Said::Ready,
     });
     let new = w.starting()[0];
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: new,
-        msg: Message::Ready,
+        said: Said::Ready,
     });
     match w.answer(r) {
         Some(Ok(done)) => {
@@ -1195,9 +1196,9 @@ fn a_new_configuration_can_turn_the_memory_check_on() {
 // ---- hang watchdog -----------------------------------------------------------------
 
 fn beat(w: &mut World, id: WorkerId) {
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: id,
-        msg: Message::Beat { delay_ms: 3 },
+        said: Said::Beat { delay_ms: 3 },
     });
 }
 
@@ -1505,9 +1506,9 @@ fn a_reexec_waits_for_slots_that_go() {
 
 impl World {
     fn connections(&mut self, w: WorkerId, open: u32) {
-        self.send(Event::Ipc {
+        self.send(Event::Said {
             worker: w,
-            msg: Message::Connections { open },
+            said: Said::Connections { open },
         });
     }
 
@@ -1696,9 +1697,9 @@ fn a_worker_that_closed_its_listening_socket_serves_no_slot_and_no_share() {
     }
     assert_eq!(w.core.serving_slots(), [0, 1, 2].into());
     let mark = w.effects.len();
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: ids[1],
-        msg: Message::Closed,
+        said: Said::Closed,
     });
     assert_eq!(w.core.serving_slots(), [0, 2].into());
     assert!(w.logs().contains("worker 1 (pid"), "{}", w.logs());
@@ -1722,9 +1723,9 @@ fn with_a_socket_per_slot_a_worker_that_closed_its_socket_is_replaced_new_one_fi
     });
     let one = w.current()[&1];
     let mark = w.spawned.len();
-    w.send(Event::Ipc {
+    w.send(Event::Said {
         worker: one,
-        msg: Message::Closed,
+        said: Said::Closed,
     });
     assert!(
         w.logs().contains("is replaced without downtime"),
