@@ -20,9 +20,6 @@ use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources};
 use crate::{dbus, logs, metrics, notify, notify_socket, reexec};
 
-/// The preload, embedded so the binary is all there is to install.
-const SHIM: &str = include_str!("shim.js");
-
 /// Why `nodeherd run` could not run; the kind decides the exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -413,19 +410,22 @@ fn run_daemon(
     args: &RunArgs,
     activated: bool,
 ) -> Result<u8, RunError> {
-    let shim = dir.join("shim.js");
-    // Written again after a re-exec: workers started from now on get this
-    // program's preload.
-    std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
-        "cannot write the preload {}",
-        shim.display()
-    )))?;
+    // Made again after a re-exec: workers started from now on get this
+    // program's preload. Sealed in memory, never a file a worker could
+    // rewrite (one an older version wrote here goes).
+    let preload =
+        crate::worker::preload::Preload::new(crate::worker::preload::SOURCE).map_err(|e| {
+            RunError::System {
+                what: "cannot seal the preload in memory".into(),
+                source: std::io::Error::other(format!("{e:#}")),
+            }
+        })?;
+    let _ = std::fs::remove_file(dir.join("shim.js"));
     if app.credentials.is_some() {
-        // Workers running as another user must reach the preload and the
-        // notify socket by name; the directory stays unlistable.
+        // Workers running as another user must reach the notify socket by
+        // name; the directory stays unlistable.
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
-        let _ = std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o644));
     }
     // Orphans of workers come to us, so they can be reaped and never outlive us.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
@@ -476,8 +476,9 @@ fn run_daemon(
         };
         let app_name = app.name.clone();
         let paths = WorkerPaths {
-            shim: shim.clone(),
+            preload,
             notify_socket: notify_path.clone(),
+            runtime_dir: dir.to_path_buf(),
         };
         let (mut driver, listener_info, control_fd, resumed_from) = match start {
             Start::Fresh {
@@ -616,7 +617,7 @@ fn socket_infos(listeners: &[sockets::Listener]) -> Vec<metrics::SocketInfo> {
         .collect()
 }
 
-/// A directory private to this manager for the shim and the notify socket.
+/// A directory private to this manager for its notify and control sockets.
 fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let base = runtime_base();

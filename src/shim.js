@@ -1,5 +1,7 @@
 'use strict';
-// nodeherd's preload, loaded into every Node worker with `node --require`.
+// nodeherd's preload, loaded into every Node worker from a sealed memfd the
+// worker inherits (src/worker/preload.rs: a `--import` bootstrap runs this
+// file as a CommonJS function with `require` and `__filename`).
 //
 // It does four things for an unmodified app, in the worker process only:
 // 1. Points the app's listen() calls at the sockets the manager handed over
@@ -32,13 +34,17 @@
 //    LISTEN_FDS ignores them, as sd_listen_fds() does.
 (() => {
   const env = process.env;
-  const self = __filename;
 
   // Never follow the app into the processes it starts: not through
   // NODE_OPTIONS, not through the execArgv that fork() and cluster.fork()
-  // pass on.
+  // pass on. The bootstrap is the `--import` of a data: URL naming the
+  // preload's memfd.
+  const isBoot = (w) => typeof w === 'string' && w.startsWith('data:text/javascript,') && w.includes('nodeherd-preload');
   const withoutSelf = (words) =>
-    words.filter((w, i, all) => !(w === self || (/^(--require|-r)$/.test(w) && all[i + 1] === self) || w === `--require=${self}`));
+    words.filter(
+      (w, i, all) =>
+        !(isBoot(w) || (w === '--import' && isBoot(all[i + 1])) || (w.startsWith('--import=') && isBoot(w.slice(9)))),
+    );
   if (env.NODE_OPTIONS) env.NODE_OPTIONS = withoutSelf(env.NODE_OPTIONS.split(/\s+/)).join(' ');
   if (Array.isArray(process.execArgv)) process.execArgv = withoutSelf(process.execArgv);
 

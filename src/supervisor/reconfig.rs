@@ -33,11 +33,14 @@ impl Source {
     }
 }
 
-/// Files every worker is pointed at.
+/// What every worker is pointed at.
 #[derive(Debug, Clone)]
 pub struct WorkerPaths {
-    pub shim: PathBuf,
+    /// The sealed preload Node workers load.
+    pub preload: crate::worker::preload::Preload,
     pub notify_socket: PathBuf,
+    /// The manager's private directory: never a place it binds for a worker.
+    pub runtime_dir: PathBuf,
 }
 
 /// The configuration in force and the launchers of each generation.
@@ -58,7 +61,12 @@ pub struct Accepted {
 
 impl Configs {
     pub fn new(app: App, source: Source, paths: WorkerPaths, sockets: &SocketSet) -> Configs {
-        let launcher = Launcher::new(&app, sockets.describe(), &paths.shim, &paths.notify_socket);
+        let launcher = Launcher::new(
+            &app,
+            sockets.describe(),
+            &paths.preload,
+            &paths.notify_socket,
+        );
         Configs {
             source,
             paths,
@@ -76,7 +84,12 @@ impl Configs {
         sockets: &SocketSet,
         generation: u64,
     ) -> Configs {
-        let launcher = Launcher::new(&app, sockets.describe(), &paths.shim, &paths.notify_socket);
+        let launcher = Launcher::new(
+            &app,
+            sockets.describe(),
+            &paths.preload,
+            &paths.notify_socket,
+        );
         Configs {
             source,
             paths,
@@ -134,7 +147,7 @@ impl Configs {
         let launcher = Launcher::new(
             &new,
             sockets.describe(),
-            &self.paths.shim,
+            &self.paths.preload,
             &self.paths.notify_socket,
         );
         self.launchers.insert(self.generation, launcher);
