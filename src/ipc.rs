@@ -67,6 +67,23 @@ pub enum SharedAddress {
     },
 }
 
+impl std::fmt::Display for SharedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedAddress::Tcp { host: None, port } => write!(f, "tcp port {port}"),
+            SharedAddress::Tcp {
+                host: Some(h),
+                port,
+            } if h.contains(':') => write!(f, "tcp [{h}]:{port}"),
+            SharedAddress::Tcp {
+                host: Some(h),
+                port,
+            } => write!(f, "tcp {h}:{port}"),
+            SharedAddress::Unix { path } => write!(f, "unix {path}"),
+        }
+    }
+}
+
 /// Parse one line of the channel.
 pub fn parse(line: &[u8]) -> Option<Message> {
     if line.len() > MAX_LINE {

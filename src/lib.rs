@@ -53,7 +53,8 @@
 //! # Where things are
 //!
 //! [`config`] reads ecosystem files, [`sockets`] takes or binds the
-//! listening sockets ([`reuseport`] steers the kernel among each slot's own),
+//! listening sockets ([`reuseport`] steers the kernel among each slot's own,
+//! [`shared`] binds more on workers' requests, with their rights),
 //! [`worker`] starts workers, [`supervisor`] runs them,
 //! [`control`] names what may be asked of it, [`dbus`] serves that on the
 //! bus and [`client`] asks it, [`notify`] talks to systemd,
@@ -77,6 +78,7 @@ pub mod notify_socket;
 pub mod reexec;
 pub mod reuseport;
 pub mod run;
+pub mod shared;
 pub mod sockets;
 pub mod supervisor;
 pub mod worker;

@@ -170,7 +170,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 /// What a re-exec handed over, owned again, for [`run_daemon`].
 struct Resumed {
     sockets: SocketSet,
-    shared: sockets::SharedSockets,
+    shared: crate::shared::SharedSockets,
     notify: std::os::fd::OwnedFd,
     control: Option<std::os::fd::OwnedFd>,
     core: crate::supervisor::Core,
@@ -232,7 +232,8 @@ fn resume(args: RunArgs, state: reexec::State) -> Result<u8, RunError> {
         }
     };
     let sockets = SocketSet::adopt(state.sockets).map_err(bad("the listening sockets"))?;
-    let shared = sockets::SharedSockets::adopt(state.shared).map_err(bad("the shared sockets"))?;
+    let shared = crate::shared::SharedSockets::adopt(state.shared, &app.shared_listen)
+        .map_err(bad("the shared sockets"))?;
     let notify = reexec::adopt(state.notify_fd).map_err(bad("the notify socket"))?;
     let control = state
         .control_fd

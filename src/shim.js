@@ -191,6 +191,12 @@
     tell(Object.assign({ nodeherd: 'bind', id }, request));
   }
 
+  // A unix path as the kernel would take it from this process (an abstract
+  // name, starting with a NUL byte, stays as it is).
+  function absolute(p) {
+    return p.startsWith('\0') ? p : require('path').resolve(p);
+  }
+
   // listen(port[, host][, backlog][, cb]) | listen(path[, backlog][, cb]) |
   // listen(options[, cb]) | listen(handle[, backlog][, cb])
   function describeListen(args) {
@@ -227,17 +233,29 @@
       return result;
     }
     if (!channel) return listen.apply(this, args);
-    // Shared across the workers: the manager binds it once for all.
+    // Shared across the workers: the manager binds it once for all, with
+    // this worker's rights. It takes numeric addresses and absolute paths:
+    // a host name is looked up here, as Node's own listen() does (its
+    // error is the server's), and a relative path is this worker's.
     track(this);
     if (cb) this.once('listening', cb);
-    askManager({ kind: want.kind, host: want.host || null, port: want.port || 0, path: want.path || null }, (err, handle) => {
-      if (err) {
-        this.emit('error', err);
-        return;
-      }
-      if (want.kind === 'tcp') listen.call(this, handle, want.backlog);
-      else listen.call(this, { fd: handle.fd, backlog: want.backlog });
-    });
+    const share = (host) =>
+      askManager(
+        { kind: want.kind, host: host || null, port: want.port || 0, path: want.path ? absolute(want.path) : null },
+        (err, handle) => {
+          if (err) {
+            this.emit('error', err);
+            return;
+          }
+          if (want.kind === 'tcp') listen.call(this, handle, want.backlog);
+          else listen.call(this, { fd: handle.fd, backlog: want.backlog });
+        },
+      );
+    if (want.kind === 'tcp' && want.host && net.isIP(want.host) === 0) {
+      require('dns').lookup(want.host, (err, ip) => (err ? this.emit('error', err) : share(ip)));
+    } else {
+      share(want.host);
+    }
     return this;
   };
 

@@ -65,6 +65,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         old.reload_parallel != new.reload_parallel,
     );
     changed("rebalance", old.rebalance != new.rebalance);
+    changed("shared_listen", old.shared_listen != new.shared_listen);
     changed(
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,
@@ -130,6 +131,7 @@ mod tests {
             max_event_loop_delay: None,
             metrics: None,
             listen: vec!["127.0.0.1:8000".into()],
+            shared_listen: vec![],
             reload_parallel: 1,
             credentials: None,
             balance: Balance::Queue,

@@ -30,7 +30,8 @@ use crate::control::{
 };
 use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
-use crate::sockets::{SharedSockets, SocketSet};
+use crate::shared::{Request, SharedSockets};
+use crate::sockets::SocketSet;
 use crate::worker::{self, Spawned, process};
 use crate::{ipc, notify};
 
@@ -170,6 +171,8 @@ impl Driver {
             generation,
         );
         d.shared = shared;
+        d.shared
+            .held_by(workers.iter().map(|w| w.id).collect::<Vec<_>>());
         d.core = core;
         d.resumed = true;
         let slots: HashMap<WorkerId, u32> = d
@@ -504,6 +507,9 @@ impl Driver {
                 },
                 Effect::Log(line) => log(line),
                 Effect::Bus(s) => {
+                    if matches!(s, BusSignal::ReloadFinished { ok: true, .. }) {
+                        self.close_unheld_shared();
+                    }
                     // No receiver (no bus, no client) is fine.
                     let _ = self.signals.send(s);
                 }
@@ -599,7 +605,13 @@ impl Driver {
             return;
         };
         let (pid, index) = (p.pid, self.core.slot_of(worker).unwrap_or(0));
-        let sent = match self.shared.get_or_bind(&req.address) {
+        let request = Request {
+            worker,
+            pid,
+            allowed: &self.configs.app().shared_listen,
+            runtime_dir: &self.configs.paths().runtime_dir,
+        };
+        let sent = match self.shared.request(&req.address, &request) {
             Ok((listener, first)) => {
                 if first {
                     logs::info(&format!(
@@ -609,17 +621,30 @@ impl Driver {
                 }
                 send_with_fd(channel, &ipc::bound(req.id), &listener.fd)
             }
-            Err(e) => {
+            Err(refused) => {
                 logs::warn(&format!(
-                    "worker {index} (pid {pid}) asked to listen on {:?}: {e}",
-                    req.address
+                    "worker {index} (pid {pid}) asked to listen on {}: refused: {}",
+                    req.address, refused.why
                 ));
-                send_with_fd_none(channel, &ipc::bind_failed(req.id, &req.address, &e))
+                send_with_fd_none(
+                    channel,
+                    &ipc::bind_failed(req.id, &req.address, &refused.error),
+                )
             }
         };
         if let Err(e) = sent {
             logs::warn(&format!(
                 "could not answer worker {index} (pid {pid}) on its IPC channel: {e}"
+            ));
+        }
+    }
+
+    /// After a reload, close the shared sockets no current worker asked for.
+    fn close_unheld_shared(&mut self) {
+        let procs = &self.procs;
+        for closed in self.shared.close_unheld(|w| procs.contains_key(&w)) {
+            logs::info(&format!(
+                "shared socket: {closed} closed: no worker of this reload listens there"
             ));
         }
     }
