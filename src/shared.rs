@@ -48,6 +48,9 @@ struct Shared {
 #[derive(Default)]
 pub struct SharedSockets {
     bound: BTreeMap<SharedAddress, Shared>,
+    /// The limit was said in the journal (once until a socket closes: a
+    /// worker looping over `listen()` must not flood it).
+    limit_said: bool,
 }
 
 /// Who asks, and the rules in force.
@@ -65,6 +68,8 @@ pub struct Request<'a> {
 pub struct Refused {
     pub error: io::Error,
     pub why: String,
+    /// Said before: the journal needs it once.
+    pub said: bool,
 }
 
 impl Refused {
@@ -72,6 +77,7 @@ impl Refused {
         Refused {
             error: io::Error::from_raw_os_error(errno),
             why: why.into(),
+            said: false,
         }
     }
 }
@@ -101,7 +107,10 @@ impl SharedSockets {
             };
             bound.insert(address, shared);
         }
-        Ok(SharedSockets { bound })
+        Ok(SharedSockets {
+            bound,
+            limit_said: false,
+        })
     }
 
     /// Count `workers` as holding every socket (the workers a re-exec
@@ -140,12 +149,15 @@ impl SharedSockets {
             return Ok((&s.listener, false));
         }
         if self.bound.len() >= MAX_SHARED {
-            return Err(Refused::new(
+            let mut r = Refused::new(
                 libc::EMFILE,
                 format!(
-                    "the manager holds {MAX_SHARED} sockets for this app's workers already, its limit"
+                    "the manager holds {MAX_SHARED} sockets for this app's workers already, its limit \
+                     (said once; a reload closes those its new workers do not listen on)"
                 ),
-            ));
+            );
+            r.said = std::mem::replace(&mut self.limit_said, true);
+            return Err(r);
         }
         check_form(address)?;
         if let SharedAddress::Unix { path } = address
@@ -161,6 +173,7 @@ impl SharedSockets {
             bind(address, req.runtime_dir).map_err(|error| Refused {
                 why: format!("bound with the manager's rights, for `shared_listen`: {error}"),
                 error,
+                said: false,
             })?
         } else {
             let rights = Rights::of(req.pid).map_err(|e| {
@@ -200,6 +213,9 @@ impl SharedSockets {
             }
             keep
         });
+        if !closed.is_empty() {
+            self.limit_said = false;
+        }
         closed
     }
 }
@@ -242,6 +258,7 @@ fn refused_as_worker(e: io::Error, address: &SharedAddress, rights: &Rights) -> 
             rights.uid[1], rights.gid[1]
         ),
         error: e,
+        said: false,
     }
 }
 

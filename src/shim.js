@@ -181,10 +181,21 @@
     }
   }
 
+  // A few requests at a time, the rest in order after them: an app that
+  // calls listen() in a loop gets every answer (the manager drops what a
+  // channel nobody reads has no room for), and the manager holds nothing
+  // for it.
+  const MAX_ASKING = 16;
+  const queued = [];
   function askManager(request, done) {
+    if (waiting.size >= MAX_ASKING) {
+      queued.push([request, done]);
+      return;
+    }
     const id = nextRequest++;
     if (waiting.size === 0) holdChannel(true);
     waiting.set(id, (err, handle) => {
+      if (queued.length > 0) askManager(...queued.shift());
       if (waiting.size === 0) holdChannel(false);
       done(err, handle);
     });

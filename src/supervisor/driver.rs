@@ -622,10 +622,12 @@ impl Driver {
                 send_with_fd(channel, &ipc::bound(req.id), &listener.fd)
             }
             Err(refused) => {
-                logs::warn(&format!(
-                    "worker {index} (pid {pid}) asked to listen on {}: refused: {}",
-                    req.address, refused.why
-                ));
+                if !refused.said {
+                    logs::warn(&format!(
+                        "worker {index} (pid {pid}) asked to listen on {}: refused: {}",
+                        req.address, refused.why
+                    ));
+                }
                 send_with_fd_none(
                     channel,
                     &ipc::bind_failed(req.id, &req.address, &refused.error),
