@@ -44,10 +44,18 @@ struct Shared {
     by_config: bool,
 }
 
-/// The sockets bound on workers' requests, one per address.
+/// Most requests waiting for one address being bound (a worker that asks
+/// again and again for a path on a filesystem that never answers gets
+/// refusals, not a queue in the manager).
+const MAX_WAITING: usize = 1024;
+
+/// The sockets bound on workers' requests, one per address, and the
+/// addresses being bound (off the supervisor's thread).
 #[derive(Default)]
 pub struct SharedSockets {
     bound: BTreeMap<SharedAddress, Shared>,
+    /// Addresses a thread is binding, and who waits for each.
+    binding: BTreeMap<SharedAddress, Vec<Waiter>>,
     /// The limit was said in the journal (once until a socket closes: a
     /// worker looping over `listen()` must not flood it).
     limit_said: bool,
@@ -55,11 +63,28 @@ pub struct SharedSockets {
 
 /// Who asks, and the rules in force.
 pub struct Request<'a> {
-    pub worker: WorkerId,
     pub pid: i32,
     /// `shared_listen` of the configuration in force.
     pub allowed: &'a [String],
     pub runtime_dir: &'a Path,
+}
+
+/// A request waiting for its answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiter {
+    pub worker: WorkerId,
+    pub pid: i32,
+    pub index: u32,
+    /// The preload's number for the request.
+    pub id: u64,
+}
+
+/// What a binding thread came back with.
+#[derive(Debug)]
+pub struct Bound {
+    address: SharedAddress,
+    by_config: bool,
+    result: Result<Listener, Refused>,
 }
 
 /// A request the manager did not grant: the error for the app (Node's
@@ -80,6 +105,12 @@ impl Refused {
             said: false,
         }
     }
+}
+
+/// The answer to a request: the socket now, or later, through [`Bound`].
+pub enum Reply<'a> {
+    Now(&'a Listener),
+    Later,
 }
 
 impl SharedSockets {
@@ -109,7 +140,7 @@ impl SharedSockets {
         }
         Ok(SharedSockets {
             bound,
-            limit_said: false,
+            ..SharedSockets::default()
         })
     }
 
@@ -122,21 +153,23 @@ impl SharedSockets {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.bound.len()
+    /// Whether a thread is binding something (a re-exec answers those
+    /// requests first, see [`SharedSockets::abandon`]).
+    pub fn binding(&self) -> bool {
+        !self.binding.is_empty()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.bound.is_empty()
-    }
-
-    /// The socket for `address`, bound now if it is the first request (and
-    /// whether it was), or why not.
+    /// Answer `waiter`'s request for `address`: the socket if it is bound,
+    /// else start binding it on a thread with the asking worker's rights
+    /// (`done` gets the outcome, for [`SharedSockets::finish`]), or say why
+    /// not.
     pub fn request(
         &mut self,
         address: &SharedAddress,
         req: &Request<'_>,
-    ) -> Result<(&Listener, bool), Refused> {
+        waiter: Waiter,
+        done: impl FnOnce(Bound) + Send + 'static,
+    ) -> Result<Reply<'_>, Refused> {
         if self.bound.contains_key(address) {
             let s = self.bound.get_mut(address).expect("found just now");
             if s.by_config && !allows(req.allowed, address) {
@@ -145,10 +178,20 @@ impl SharedSockets {
                     "bound for `shared_listen`, which no longer names it",
                 ));
             }
-            s.askers.insert(req.worker);
-            return Ok((&s.listener, false));
+            s.askers.insert(waiter.worker);
+            return Ok(Reply::Now(&s.listener));
         }
-        if self.bound.len() >= MAX_SHARED {
+        if let Some(waiting) = self.binding.get_mut(address) {
+            if waiting.len() >= MAX_WAITING {
+                return Err(Refused::new(
+                    libc::EMFILE,
+                    format!("{MAX_WAITING} requests wait for this address already"),
+                ));
+            }
+            waiting.push(waiter);
+            return Ok(Reply::Later);
+        }
+        if self.bound.len() + self.binding.len() >= MAX_SHARED {
             let mut r = Refused::new(
                 libc::EMFILE,
                 format!(
@@ -169,36 +212,73 @@ impl SharedSockets {
             ));
         }
         let by_config = allows(req.allowed, address);
-        let listener = if by_config {
-            bind(address, req.runtime_dir).map_err(|error| Refused {
-                why: format!("bound with the manager's rights, for `shared_listen`: {error}"),
-                error,
-                said: false,
-            })?
+        // `shared_listen`: the manager's own rights, as for `listen`.
+        let rights = if by_config {
+            None
         } else {
-            let rights = Rights::of(req.pid).map_err(|e| {
+            Some(Rights::of(req.pid).map_err(|e| {
                 Refused::new(
                     libc::EACCES,
                     format!("cannot read the worker's credentials: {e}"),
                 )
-            })?;
-            rights
-                .run(|| Ok(bind(address, req.runtime_dir)))
-                .map_err(|e| {
-                    Refused::new(
-                        libc::EACCES,
-                        format!("cannot take the worker's rights to bind with them: {e}; name the address in `shared_listen` to let the manager bind it"),
-                    )
-                })?
-                .map_err(|e| refused_as_worker(e, address, &rights))?
+            })?)
         };
-        let shared = self.bound.entry(address.clone()).or_insert(Shared {
-            listener,
-            askers: BTreeSet::new(),
-            by_config,
-        });
-        shared.askers.insert(req.worker);
-        Ok((&shared.listener, true))
+        let (addr, runtime_dir) = (address.clone(), req.runtime_dir.to_path_buf());
+        Rights::spawn(rights.clone(), move |taken| {
+            let result = match (taken, &rights) {
+                (Err(e), _) => Err(Refused::new(
+                    libc::EACCES,
+                    format!(
+                        "cannot take the worker's rights to bind with them: {e}; name the address in `shared_listen` to let the manager bind it"
+                    ),
+                )),
+                (Ok(()), None) => bind(&addr, &runtime_dir).map_err(|error| Refused {
+                    why: format!("bound with the manager's rights, for `shared_listen`: {error}"),
+                    error,
+                    said: false,
+                }),
+                (Ok(()), Some(r)) => {
+                    bind(&addr, &runtime_dir).map_err(|e| refused_as_worker(e, &addr, r))
+                }
+            };
+            done(Bound {
+                address: addr,
+                by_config,
+                result,
+            });
+        })
+        .map_err(|e| Refused::new(libc::EAGAIN, format!("cannot start a thread to bind: {e}")))?;
+        self.binding.insert(address.clone(), vec![waiter]);
+        Ok(Reply::Later)
+    }
+
+    /// Take a binding thread's outcome: who waited for it, and the socket
+    /// (kept, theirs) or why there is none.
+    pub fn finish(
+        &mut self,
+        bound: Bound,
+    ) -> (SharedAddress, Vec<Waiter>, Result<&Listener, Refused>) {
+        let waiters = self.binding.remove(&bound.address).unwrap_or_default();
+        let address = bound.address;
+        match bound.result {
+            Err(r) => (address, waiters, Err(r)),
+            Ok(listener) => {
+                let shared = self.bound.entry(address.clone()).or_insert(Shared {
+                    listener,
+                    askers: BTreeSet::new(),
+                    by_config: bound.by_config,
+                });
+                shared.askers.extend(waiters.iter().map(|w| w.worker));
+                (address, waiters, Ok(&shared.listener))
+            }
+        }
+    }
+
+    /// Give up on the addresses being bound (a re-exec is due): their
+    /// waiters, to be told so. A socket a thread binds after this is
+    /// closed with the exec.
+    pub fn abandon(&mut self) -> Vec<(SharedAddress, Vec<Waiter>)> {
+        std::mem::take(&mut self.binding).into_iter().collect()
     }
 
     /// Close every socket no worker in `alive` asked for; returns what was
@@ -270,24 +350,16 @@ fn unprivileged_port_start() -> u32 {
         .unwrap_or(1024)
 }
 
-/// Whether `path` is `dir` or inside it, as written or once its directory's
-/// symbolic links are resolved.
+/// Whether `path`, as written, is inside `dir` (once resolved, the binding
+/// thread looks again).
 fn in_dir(path: &Path, dir: &Path) -> bool {
-    let lexical = crate::config::normalize(path);
-    if lexical.starts_with(dir) {
-        return true;
-    }
-    let real_dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    lexical
-        .parent()
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .is_some_and(|p| p.starts_with(&real_dir))
+    crate::config::normalize(path).starts_with(dir)
 }
 
-/// Bind `address` with the calling thread's rights. A unix path inside
-/// `runtime_dir` once resolved is refused here too (the directory is opened
-/// once, and a stale socket is removed through that handle, so a symbolic
-/// link swapped in meanwhile cannot point the removal elsewhere).
+/// Bind `address` with the calling thread's rights. A unix path whose
+/// directory, resolved, is in `runtime_dir` is refused (the directory is
+/// opened once, and a stale socket is removed through that handle, so a
+/// symbolic link swapped in meanwhile cannot point the removal elsewhere).
 fn bind(address: &SharedAddress, runtime_dir: &Path) -> io::Result<Listener> {
     let io = |e: SocketError| match e {
         SocketError::Bind { source, .. } => source,
@@ -470,10 +542,20 @@ mod tests {
     }
 
     #[test]
-    fn paths_in_the_runtime_directory_are_found_through_dots() {
+    fn paths_in_the_runtime_directory_are_found_through_dots_and_links() {
         let rt = Path::new("/run/nodeherd-x-1");
         assert!(in_dir(Path::new("/run/nodeherd-x-1/control.sock"), rt));
         assert!(in_dir(Path::new("/run/y/../nodeherd-x-1/control.sock"), rt));
         assert!(!in_dir(Path::new("/run/nodeherd-x-10/a.sock"), rt));
+        // Through a symbolic link: refused once resolved.
+        let base = std::env::temp_dir().join(format!("nodeherd-shared-{}", std::process::id()));
+        let rt = base.join("rt");
+        std::fs::create_dir_all(&rt).unwrap();
+        let link = base.join("link");
+        let _ = std::os::unix::fs::symlink(&rt, &link);
+        let e = bind_unix(&link.join("control.sock"), &rt).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+        assert!(!rt.join("control.sock").exists());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }

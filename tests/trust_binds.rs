@@ -584,3 +584,94 @@ fn host_names_are_looked_up_in_the_worker_never_by_the_manager() {
     assert!(m.wait_log("forged: EINVAL", T), "{}", m.log());
     assert!(m.log().contains("numeric addresses only"), "{}", m.log());
 }
+
+/// A FUSE filesystem that never answers: every lookup in it waits (as on a
+/// hung network mount, or one a worker's user mounted to stall whoever
+/// looks). Dropping it aborts the connection (waiters get ENOTCONN) and
+/// unmounts it.
+struct HungFs {
+    fuse: Option<std::fs::File>,
+    at: PathBuf,
+}
+
+impl HungFs {
+    fn mount(at: &Path) -> Option<HungFs> {
+        use std::ffi::CString;
+        use std::os::fd::AsRawFd;
+        let fuse = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .ok()?;
+        std::fs::create_dir_all(at).ok()?;
+        let target = CString::new(path_str(at)).unwrap();
+        let opts = CString::new(format!(
+            "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+            fuse.as_raw_fd()
+        ))
+        .unwrap();
+        let rc = unsafe {
+            libc::mount(
+                c"nodeherd-hung".as_ptr(),
+                target.as_ptr(),
+                c"fuse".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| HungFs {
+            fuse: Some(fuse),
+            at: at.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for HungFs {
+    fn drop(&mut self) {
+        drop(self.fuse.take());
+        let target = std::ffi::CString::new(path_str(&self.at)).unwrap();
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_path_on_a_filesystem_that_never_answers_stalls_nothing() {
+    let dir = open_dir("hung");
+    let rt = open_dir("hung-rt");
+    let Some(hung) = HungFs::mount(&dir.path.join("mnt")) else {
+        eprintln!("skipped: cannot mount a FUSE filesystem here");
+        return;
+    };
+    let m = start_binder(
+        &dir,
+        &rt.path,
+        serde_json::json!({"instances": 2}),
+        serde_json::json!([
+            {"path": hung.at.join("d/a.sock"), "key": "hung"},
+            {"port": 0, "host": "127.0.0.1", "key": "after"},
+        ]),
+    );
+    let port = m.port();
+    // The manager answers the next request, serves, and replaces a worker
+    // while one bind waits on the filesystem.
+    assert_eq!(outcome(&m, "after"), "ok", "{}", m.log());
+    assert_eq!(instances_answering_pid(port, 2), 2, "{}", m.log());
+    let victim = m.workers()[0];
+    kill(victim, libc::SIGKILL);
+    assert!(
+        wait_until(T, || m.workers().len() == 2
+            && !m.workers().contains(&victim)),
+        "{}",
+        m.log()
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    assert!(!m.log().contains("try hung: "), "{}", m.log());
+    // Once the filesystem gives up, the waiting worker hears Node's error.
+    drop(hung);
+    let got = outcome(&m, "hung");
+    assert!(
+        got.starts_with("ENOTCONN listen listen ENOTCONN: socket is not connected "),
+        "{got}\n{}",
+        m.log()
+    );
+}

@@ -15,9 +15,8 @@
 //! and its credentials with it.
 //!
 //! When the worker's rights are the manager's own (the usual case: one
-//! user for both), nothing changes and no thread is started; no privileged
-//! system call is made, so a unit's `SystemCallFilter=~@privileged` costs
-//! nothing.
+//! user for both), nothing changes: no privileged system call is made, so a
+//! unit's `SystemCallFilter=~@privileged` costs nothing.
 
 use std::io;
 
@@ -59,23 +58,27 @@ impl Rights {
             && self.cap_eff & other.cap_eff == other.cap_eff
     }
 
-    /// Run `f` with these rights and no others: here when they are the
-    /// caller's own, else on a thread of its own that takes them first.
-    /// Fails (before `f` runs) when they cannot be taken.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-        if self.covers(&Rights::own()?) {
-            return f();
-        }
-        std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("bind-as-worker".into())
-                .spawn_scoped(scope, || {
-                    self.take()?;
-                    f()
-                })?
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the binding thread panicked")))
-        })
+    /// Run `f` on a thread of its own that has these rights and no others
+    /// (`None`: the manager's own), off the caller's thread: what `f` does
+    /// may block (a path on a hung or hostile filesystem) without holding
+    /// the caller up. `f` learns whether the rights could be taken, and
+    /// runs either way, to report it.
+    pub fn spawn(
+        rights: Option<Rights>,
+        f: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("bind-for-worker".into())
+            .spawn(move || {
+                let taken = match &rights {
+                    None => Ok(()),
+                    Some(r) => {
+                        Rights::own().and_then(|own| if r.covers(&own) { Ok(()) } else { r.take() })
+                    }
+                };
+                f(taken)
+            })
+            .map(drop)
     }
 
     /// Make the calling thread's credentials these (see the module doc).
@@ -248,19 +251,27 @@ mod tests {
         assert!(Rights::own().is_ok());
     }
 
+    /// The rights a thread started with `rights` has.
+    fn seen_with(rights: Option<Rights>) -> Rights {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Rights::spawn(rights, move |taken| {
+            let _ = tx.send(taken.and_then(|()| Rights::own()));
+        })
+        .unwrap();
+        rx.recv().unwrap().unwrap()
+    }
+
     #[test]
-    fn own_rights_run_in_place_and_others_on_a_thread_that_has_them() {
+    fn a_thread_has_the_rights_it_was_given_and_the_caller_keeps_its_own() {
         let own = Rights::own().unwrap();
-        let here = std::thread::current().id();
-        assert_eq!(own.run(|| Ok(std::thread::current().id())).unwrap(), here);
-        // Fewer capabilities: a thread without them; this one keeps its own.
+        assert_eq!(seen_with(None), own);
+        assert_eq!(seen_with(Some(own.clone())), own);
+        // Fewer capabilities: a thread without them.
         let fewer = Rights {
             cap_eff: 0,
             ..own.clone()
         };
-        let seen = fewer.run(Rights::own).unwrap();
-        assert_eq!(seen.cap_eff, 0);
-        assert_eq!(Rights::own().unwrap(), own);
+        assert_eq!(seen_with(Some(fewer)).cap_eff, 0);
         if own.uid[1] == 0 {
             let nobody = Rights {
                 uid: [65534; 4],
@@ -268,8 +279,8 @@ mod tests {
                 groups: vec![65534],
                 cap_eff: 0,
             };
-            assert_eq!(nobody.run(Rights::own).unwrap(), nobody);
-            assert_eq!(Rights::own().unwrap(), own, "the caller is untouched");
+            assert_eq!(seen_with(Some(nobody.clone())), nobody);
         }
+        assert_eq!(Rights::own().unwrap(), own, "the caller is untouched");
     }
 }
