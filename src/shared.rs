@@ -10,6 +10,8 @@
 //!   privileged port without `CAP_NET_BIND_SERVICE`, no path where the
 //!   worker's user may not create one, no stale socket file removed that
 //!   the worker could not remove, all decided by the kernel;
+//! - on a thread of its own, answered when done: a path on a filesystem
+//!   that never answers holds up that request only, never supervision;
 //! - never anything inside the manager's runtime directory;
 //! - addresses the configuration names in `shared_listen` are bound with the
 //!   manager's own rights instead, as `listen` addresses are;
