@@ -264,6 +264,12 @@ impl SharedSockets {
         let address = bound.address;
         match bound.result {
             Err(r) => (address, waiters, Err(r)),
+            // Given up on (a re-exec that then failed): nobody to hand it to.
+            Ok(_) if waiters.is_empty() => (
+                address,
+                waiters,
+                Err(Refused::new(libc::EAGAIN, "nobody waits for it any more")),
+            ),
             Ok(listener) => {
                 let shared = self.bound.entry(address.clone()).or_insert(Shared {
                     listener,
@@ -527,6 +533,45 @@ mod tests {
         ] {
             assert!(Allowed::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_bind_is_answered_when_its_thread_is_done_and_closed_once_unheld() {
+        let mut shared = SharedSockets::default();
+        let rt = std::env::temp_dir();
+        let req = Request {
+            pid: std::process::id() as i32,
+            allowed: &[],
+            runtime_dir: &rt,
+        };
+        let waiter = |w: u64| Waiter {
+            worker: WorkerId(w),
+            pid: 1,
+            index: 0,
+            id: w,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let addr = tcp(Some("127.0.0.1"), 0);
+        for w in [1, 2] {
+            let tx = tx.clone();
+            let r = shared.request(&addr, &req, waiter(w), move |b| tx.send(b).unwrap());
+            assert!(matches!(r, Ok(Reply::Later)));
+        }
+        // One thread for both.
+        let bound = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert!(rx.try_recv().is_err());
+        let (_, waiters, result) = shared.finish(bound);
+        assert_eq!(waiters.len(), 2);
+        assert!(result.unwrap().address.starts_with("127.0.0.1:"));
+        // The next request has it at once.
+        let r = shared.request(&addr, &req, waiter(3), |_| unreachable!());
+        assert!(matches!(r, Ok(Reply::Now(_))));
+        assert_eq!(
+            shared.close_unheld(|w| w == WorkerId(3)),
+            Vec::<String>::new()
+        );
+        assert_eq!(shared.close_unheld(|_| false).len(), 1);
+        assert!(shared.bound.is_empty());
     }
 
     #[test]
