@@ -675,3 +675,23 @@ fn a_path_on_a_filesystem_that_never_answers_stalls_nothing() {
         m.log()
     );
 }
+
+#[test]
+fn shared_listen_takes_numeric_addresses_and_absolute_paths_only() {
+    let dir = open_dir("badshared");
+    let script = dir.write("binder.js", BINDER);
+    for bad in ["localhost:812", "unix:relative.sock", "0"] {
+        let cfg = eco(
+            &dir,
+            "bad",
+            &script,
+            serde_json::json!({ "shared_listen": [bad] }),
+        );
+        let (code, err) = run_to_end(&["run", &path_str(&cfg), "--no-bus"], T);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("key `shared_listen`") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+}
