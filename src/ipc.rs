@@ -200,6 +200,7 @@ fn describe_errno(err: &std::io::Error) -> String {
     match err.raw_os_error() {
         Some(libc::EADDRINUSE) => "address already in use".into(),
         Some(libc::EACCES) => "permission denied".into(),
+        Some(libc::EPERM) => "operation not permitted".into(),
         Some(libc::EADDRNOTAVAIL) => "address not available".into(),
         Some(libc::EMFILE) => "too many open files".into(),
         Some(libc::EINVAL) => "invalid argument".into(),

@@ -14,7 +14,7 @@
 //! alike fail with ENOENT). `--preserve-symlinks` would avoid that but
 //! changes how the app's own modules resolve (pnpm layouts break). So a
 //! short bootstrap rides on the command line as a `data:` URL for
-//! `--import` (Node 20.6+, what OpenTelemetry and APM agents use): it reads
+//! `--import` (Node 18.18 and 20 on, what OpenTelemetry and APM agents use): it reads
 //! the memfd through its path (a fresh open, so the offset every worker
 //! shares is never moved), closes the inherited fd, and runs the preload as
 //! a CommonJS function with `require` and `__filename`. The preload takes
