@@ -11,9 +11,10 @@
 //    that kind (TCP, UDP, unix) in this process takes the only inherited
 //    socket of that kind. Every other TCP or unix listen is shared across
 //    the workers as under PM2's cluster mode: the manager binds the address
-//    on the first worker's request, keeps it across restarts and reloads,
-//    and hands the same socket to each worker that asks, over the IPC
-//    channel (Node's own handle passing). UDP: only an explicit bind() is
+//    on the first worker's request, with that worker's rights (src/shared.rs),
+//    keeps it while workers ask for it, and hands the same socket to each
+//    worker that asks, over the IPC channel (Node's own handle passing).
+//    UDP: only an explicit bind() is
 //    mapped; the implicit bind of a client's send()/connect() stays a plain
 //    ephemeral socket.
 // 2. Tells the manager when the worker listens on a handed-over socket (its
