@@ -71,6 +71,23 @@ pub enum SharedAddress {
     },
 }
 
+impl std::fmt::Display for SharedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedAddress::Tcp { host: None, port } => write!(f, "tcp port {port}"),
+            SharedAddress::Tcp {
+                host: Some(h),
+                port,
+            } if h.contains(':') => write!(f, "tcp [{h}]:{port}"),
+            SharedAddress::Tcp {
+                host: Some(h),
+                port,
+            } => write!(f, "tcp {h}:{port}"),
+            SharedAddress::Unix { path } => write!(f, "unix {path}"),
+        }
+    }
+}
+
 /// Parse one line of the channel.
 pub fn parse(line: &[u8]) -> Option<Message> {
     if line.len() > MAX_LINE {
@@ -179,13 +196,25 @@ pub fn bind_failed(id: u64, address: &SharedAddress, err: &std::io::Error) -> Ve
     line.into_bytes()
 }
 
-/// Node's wording for the errors a bind usually meets.
+/// Node's (libuv's) wording for the errors a bind meets; others as the
+/// system words them.
 fn describe_errno(err: &std::io::Error) -> String {
-    match err.kind() {
-        std::io::ErrorKind::AddrInUse => "address already in use".into(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
-        std::io::ErrorKind::AddrNotAvailable => "address not available".into(),
-        _ => err.to_string(),
+    match err.raw_os_error() {
+        Some(libc::EADDRINUSE) => "address already in use".into(),
+        Some(libc::EACCES) => "permission denied".into(),
+        Some(libc::EPERM) => "operation not permitted".into(),
+        Some(libc::EADDRNOTAVAIL) => "address not available".into(),
+        Some(libc::EMFILE) => "too many open files".into(),
+        Some(libc::EINVAL) => "invalid argument".into(),
+        Some(libc::ENOENT) => "no such file or directory".into(),
+        Some(libc::EAGAIN) => "resource temporarily unavailable".into(),
+        Some(libc::ENOTCONN) => "socket is not connected".into(),
+        _ => match err.kind() {
+            std::io::ErrorKind::AddrInUse => "address already in use".into(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available".into(),
+            _ => err.to_string(),
+        },
     }
 }
 

@@ -53,7 +53,8 @@
 //! # Where things are
 //!
 //! [`config`] reads ecosystem files, [`sockets`] takes or binds the
-//! listening sockets ([`reuseport`] steers the kernel among each slot's own),
+//! listening sockets ([`reuseport`] steers the kernel among each slot's own,
+//! [`shared`] binds more on workers' requests, with their rights),
 //! [`worker`] starts workers, [`supervisor`] runs them,
 //! [`control`] names what may be asked of it, [`dbus`] serves that on the
 //! bus and [`client`] asks it, [`notify`] talks to systemd,
@@ -80,6 +81,7 @@ pub mod reexec;
 pub mod reuseport;
 pub mod run;
 pub mod rundir;
+pub mod shared;
 pub mod sockets;
 pub mod supervisor;
 pub mod worker;

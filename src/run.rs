@@ -20,9 +20,6 @@ use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources, takeover};
 use crate::{dbus, logs, metrics, notify, notify_socket, reexec};
 
-/// The preload, embedded so the binary is all there is to install.
-const SHIM: &str = include_str!("shim.js");
-
 /// Why `nodeherd run` could not run; the kind decides the exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -176,7 +173,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
 /// What a re-exec handed over, owned again, for [`run_daemon`].
 struct Resumed {
     sockets: SocketSet,
-    shared: sockets::SharedSockets,
+    shared: crate::shared::SharedSockets,
     notify: std::os::fd::OwnedFd,
     control: Option<std::os::fd::OwnedFd>,
     core: crate::supervisor::Core,
@@ -252,7 +249,8 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         .import_core(now, took, watchdog)
         .map_err(bad("the supervisor's state"))?;
     let sockets = SocketSet::adopt(state.sockets).map_err(bad("the listening sockets"))?;
-    let shared = sockets::SharedSockets::adopt(state.shared).map_err(bad("the shared sockets"))?;
+    let shared = crate::shared::SharedSockets::adopt(state.shared, &app.shared_listen)
+        .map_err(bad("the shared sockets"))?;
     let notify = crate::fds::adopt(state.notify_fd).map_err(bad("the notify socket"))?;
     let control = state
         .control_fd
@@ -414,19 +412,22 @@ fn run_daemon(
     args: &RunArgs,
     activated: bool,
 ) -> Result<u8, RunError> {
-    let shim = dir.join("shim.js");
-    // Written again after a re-exec: workers started from now on get this
-    // program's preload.
-    std::fs::write(&shim, SHIM).map_err(RunError::system(format!(
-        "cannot write the preload {}",
-        shim.display()
-    )))?;
+    // Made again after a re-exec: workers started from now on get this
+    // program's preload. Sealed in memory, never a file a worker could
+    // rewrite (one an older version wrote here goes).
+    let preload =
+        crate::worker::preload::Preload::new(crate::worker::preload::SOURCE).map_err(|e| {
+            RunError::System {
+                what: "cannot seal the preload in memory".into(),
+                source: std::io::Error::other(format!("{e:#}")),
+            }
+        })?;
+    let _ = std::fs::remove_file(dir.join("shim.js"));
     if app.credentials.is_some() {
-        // Workers running as another user must reach the preload and the
-        // notify socket by name; the directory stays unlistable.
+        // Workers running as another user must reach the notify socket by
+        // name; the directory stays unlistable.
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
-        let _ = std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o644));
     }
     // Orphans of workers come to us, so they can be reaped and never outlive us.
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
@@ -477,8 +478,9 @@ fn run_daemon(
         };
         let app_name = app.name.clone();
         let paths = WorkerPaths {
-            shim: shim.clone(),
+            preload,
             notify_socket: notify_path.clone(),
+            runtime_dir: dir.to_path_buf(),
         };
         let (mut driver, listener_info, control_fd, resumed_from) = match start {
             Start::Fresh {
@@ -616,7 +618,7 @@ fn socket_infos(listeners: &[sockets::Listener]) -> Vec<metrics::SocketInfo> {
         .collect()
 }
 
-/// A directory private to this manager for the shim and the notify socket.
+/// A directory private to this manager for its notify and control sockets.
 fn runtime_dir(app: &str) -> std::io::Result<PathBuf> {
     crate::rundir::create(app)
 }

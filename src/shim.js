@@ -1,5 +1,7 @@
 'use strict';
-// nodeherd's preload, loaded into every Node worker with `node --require`.
+// nodeherd's preload, loaded into every Node worker from a sealed memfd the
+// worker inherits (src/worker/preload.rs: a `--import` bootstrap runs this
+// file as a CommonJS function with `require` and `__filename`).
 //
 // It does four things for an unmodified app, in the worker process only:
 // 1. Points the app's listen() calls at the sockets the manager handed over
@@ -9,9 +11,10 @@
 //    that kind (TCP, UDP, unix) in this process takes the only inherited
 //    socket of that kind. Every other TCP or unix listen is shared across
 //    the workers as under PM2's cluster mode: the manager binds the address
-//    on the first worker's request, keeps it across restarts and reloads,
-//    and hands the same socket to each worker that asks, over the IPC
-//    channel (Node's own handle passing). UDP: only an explicit bind() is
+//    on the first worker's request, with that worker's rights (src/shared.rs),
+//    keeps it while workers ask for it, and hands the same socket to each
+//    worker that asks, over the IPC channel (Node's own handle passing).
+//    UDP: only an explicit bind() is
 //    mapped; the implicit bind of a client's send()/connect() stays a plain
 //    ephemeral socket.
 // 2. Tells the manager when the worker listens on a handed-over socket (its
@@ -32,13 +35,17 @@
 //    LISTEN_FDS ignores them, as sd_listen_fds() does.
 (() => {
   const env = process.env;
-  const self = __filename;
 
   // Never follow the app into the processes it starts: not through
   // NODE_OPTIONS, not through the execArgv that fork() and cluster.fork()
-  // pass on.
+  // pass on. The bootstrap is the `--import` of a data: URL naming the
+  // preload's memfd.
+  const isBoot = (w) => typeof w === 'string' && w.startsWith('data:text/javascript,') && w.includes('nodeherd-preload');
   const withoutSelf = (words) =>
-    words.filter((w, i, all) => !(w === self || (/^(--require|-r)$/.test(w) && all[i + 1] === self) || w === `--require=${self}`));
+    words.filter(
+      (w, i, all) =>
+        !(isBoot(w) || (w === '--import' && isBoot(all[i + 1])) || (w.startsWith('--import=') && isBoot(w.slice(9)))),
+    );
   if (env.NODE_OPTIONS) env.NODE_OPTIONS = withoutSelf(env.NODE_OPTIONS.split(/\s+/)).join(' ');
   if (Array.isArray(process.execArgv)) process.execArgv = withoutSelf(process.execArgv);
 
@@ -175,14 +182,31 @@
     }
   }
 
+  // A few requests at a time, the rest in order after them: an app that
+  // calls listen() in a loop gets every answer (the manager drops what a
+  // channel nobody reads has no room for), and the manager holds nothing
+  // for it.
+  const MAX_ASKING = 16;
+  const queued = [];
   function askManager(request, done) {
+    if (waiting.size >= MAX_ASKING) {
+      queued.push([request, done]);
+      return;
+    }
     const id = nextRequest++;
     if (waiting.size === 0) holdChannel(true);
     waiting.set(id, (err, handle) => {
+      if (queued.length > 0) askManager(...queued.shift());
       if (waiting.size === 0) holdChannel(false);
       done(err, handle);
     });
     tell(Object.assign({ nodeherd: 'bind', id }, request));
+  }
+
+  // A unix path as the kernel would take it from this process (an abstract
+  // name, starting with a NUL byte, stays as it is).
+  function absolute(p) {
+    return p.startsWith('\0') ? p : require('path').resolve(p);
   }
 
   // listen(port[, host][, backlog][, cb]) | listen(path[, backlog][, cb]) |
@@ -221,17 +245,29 @@
       return result;
     }
     if (!channel) return listen.apply(this, args);
-    // Shared across the workers: the manager binds it once for all.
+    // Shared across the workers: the manager binds it once for all, with
+    // this worker's rights. It takes numeric addresses and absolute paths:
+    // a host name is looked up here, as Node's own listen() does (its
+    // error is the server's), and a relative path is this worker's.
     track(this);
     if (cb) this.once('listening', cb);
-    askManager({ kind: want.kind, host: want.host || null, port: want.port || 0, path: want.path || null }, (err, handle) => {
-      if (err) {
-        this.emit('error', err);
-        return;
-      }
-      if (want.kind === 'tcp') listen.call(this, handle, want.backlog);
-      else listen.call(this, { fd: handle.fd, backlog: want.backlog });
-    });
+    const share = (host) =>
+      askManager(
+        { kind: want.kind, host: host || null, port: want.port || 0, path: want.path ? absolute(want.path) : null },
+        (err, handle) => {
+          if (err) {
+            this.emit('error', err);
+            return;
+          }
+          if (want.kind === 'tcp') listen.call(this, handle, want.backlog);
+          else listen.call(this, { fd: handle.fd, backlog: want.backlog });
+        },
+      );
+    if (want.kind === 'tcp' && want.host && net.isIP(want.host) === 0) {
+      require('dns').lookup(want.host, (err, ip) => (err ? this.emit('error', err) : share(ip)));
+    } else {
+      share(want.host);
+    }
     return this;
   };
 

@@ -60,7 +60,7 @@ const HIGH_FD: RawFd = 100;
 
 /// Backlog for sockets we bind ourselves: deep enough to hold a burst while
 /// every worker is being replaced.
-const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// What kind of socket an fd is; the shim matches `listen()` calls on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -397,73 +397,6 @@ impl SocketSet {
     }
 }
 
-/// Sockets the manager bound on a worker's request (an address no inherited
-/// socket covers, as a second port): one per address, held for the
-/// manager's life, so every worker, and every replacement across restarts
-/// and reloads, listens on the same socket, as Node's cluster shares them.
-#[derive(Default)]
-pub struct SharedSockets {
-    bound: std::collections::BTreeMap<crate::ipc::SharedAddress, Listener>,
-}
-
-impl SharedSockets {
-    /// Describe them for a re-exec.
-    pub fn carry(&self) -> Vec<(crate::ipc::SharedAddress, CarriedSocket)> {
-        self.bound
-            .iter()
-            .map(|(a, l)| (a.clone(), l.carry()))
-            .collect()
-    }
-
-    /// Own the sockets a re-exec handed over.
-    pub fn adopt(
-        carried: Vec<(crate::ipc::SharedAddress, CarriedSocket)>,
-    ) -> std::result::Result<SharedSockets, String> {
-        let mut bound = std::collections::BTreeMap::new();
-        for (address, c) in carried {
-            bound.insert(address, Listener::adopt(c)?);
-        }
-        Ok(SharedSockets { bound })
-    }
-
-    /// The socket for `address`, bound now if it is the first request, and
-    /// whether it was.
-    pub fn get_or_bind(
-        &mut self,
-        address: &crate::ipc::SharedAddress,
-    ) -> std::io::Result<(&Listener, bool)> {
-        use crate::ipc::SharedAddress;
-        use std::collections::btree_map::Entry;
-        let io = |e: SocketError| match e {
-            SocketError::Bind { source, .. } => source,
-            other => std::io::Error::new(std::io::ErrorKind::InvalidInput, other.to_string()),
-        };
-        match self.bound.entry(address.clone()) {
-            Entry::Occupied(o) => Ok((o.into_mut(), false)),
-            Entry::Vacant(v) => {
-                let listener = match address {
-                    SharedAddress::Unix { path } => bind_with(&format!("unix:{path}"), false),
-                    // Node's default: every address, IPv6 and IPv4 alike.
-                    SharedAddress::Tcp { host: None, port } => {
-                        bind_with(&format!("[::]:{port}"), false)
-                            .or_else(|_| bind_with(&format!("0.0.0.0:{port}"), false))
-                    }
-                    SharedAddress::Tcp {
-                        host: Some(h),
-                        port,
-                    } if h.contains(':') => bind_with(&format!("[{h}]:{port}"), false),
-                    SharedAddress::Tcp {
-                        host: Some(h),
-                        port,
-                    } => bind_with(&format!("{h}:{port}"), false),
-                }
-                .map_err(io)?;
-                Ok((v.insert(listener), true))
-            }
-        }
-    }
-}
-
 /// Whether `balance: reuseport` can work on sockets systemd passed: each
 /// must be a TCP or UDP socket with `SO_REUSEPORT` (the socket unit's
 /// `ReusePort=yes`), and this process must be able to add siblings to its
@@ -577,7 +510,7 @@ fn probe_bind(spec: &str, reuse_port: bool) -> std::io::Result<()> {
     s.bind(&addr.into())
 }
 
-fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
+pub(crate) fn bind_with(spec: &str, reuse_port: bool) -> Result<Listener> {
     let fail = |source: std::io::Error| SocketError::Bind {
         spec: spec.to_string(),
         source,
@@ -659,7 +592,7 @@ fn parse_inet(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Learn what an fd is, and move it out of the way of fd 3.. (close-on-exec).
-fn describe(fd: OwnedFd, name: String) -> Result<Listener, String> {
+pub(crate) fn describe(fd: OwnedFd, name: String) -> Result<Listener, String> {
     use nix::sys::socket::{SockType, getsockopt, sockopt};
     let raw = fd.as_raw_fd();
     let sock_type = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("not a socket: {e}"))?;

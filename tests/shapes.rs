@@ -276,7 +276,9 @@ fn npm_start_runs_the_node_command_of_the_package_script() {
     let v = get_json(port).unwrap();
     assert_eq!(v["marker"], "from-package");
     assert!(
-        m.log().contains("node --no-deprecation --require") && m.log().contains("server.js"),
+        m.log()
+            .contains("node --import=<nodeherd-preload> --no-deprecation ")
+            && m.log().contains("server.js"),
         "node itself runs the app, no npm between: {}",
         m.log()
     );

@@ -65,6 +65,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         old.reload_parallel != new.reload_parallel,
     );
     changed("rebalance", old.rebalance != new.rebalance);
+    changed("shared_listen", old.shared_listen != new.shared_listen);
     changed(
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,

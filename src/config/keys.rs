@@ -44,6 +44,7 @@ pub struct RawApp {
     pub max_event_loop_delay: Option<Duration>,
     pub metrics: Option<String>,
     pub listen: Option<Vec<String>>,
+    pub shared_listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
     pub uid: Option<String>,
     pub gid: Option<String>,
@@ -144,6 +145,7 @@ pub const KEYS: &[Key] = &[
         },
     },
     key!("listen", listen, v::words),
+    key!("shared_listen", shared_listen, v::words),
     Key {
         name: "reload_parallel",
         set: |r, x| {

@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 
 pub use diff::{Diff, diff};
 pub use keys::{IGNORED_PM2_KEYS, KEYS, RawApp};
-pub use resolve::{System, find_executable};
+pub use resolve::{System, find_executable, normalize};
 pub use values::{Instances, parse_bytes, parse_duration_ms, resolve_instances};
 
 /// Most workers one manager runs; far above any CPU count, low enough that a
@@ -127,6 +127,10 @@ pub struct App {
     pub metrics: Option<String>,
     /// Addresses to bind when systemd hands no socket over (nodeherd's own key).
     pub listen: Vec<String>,
+    /// Addresses the manager binds for workers with its own rights, beyond
+    /// what the workers' user could bind (nodeherd's own key; see `shared`).
+    #[serde(default)]
+    pub shared_listen: Vec<String>,
     /// Workers swapped at once during a reload (nodeherd's own key, default 2).
     pub reload_parallel: u32,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
@@ -410,6 +414,7 @@ pub(crate) fn test_app() -> App {
         max_event_loop_delay: None,
         metrics: None,
         listen: vec!["127.0.0.1:8000".into()],
+        shared_listen: vec![],
         reload_parallel: 1,
         credentials: None,
         balance: Balance::Queue,

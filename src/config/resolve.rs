@@ -226,6 +226,10 @@ pub fn resolve(
     };
     let credentials = resolve_credentials(raw.uid.as_deref(), raw.gid.as_deref())
         .map_err(|(key, msg)| err(key, msg))?;
+    let shared_listen = raw.shared_listen.clone().unwrap_or_default();
+    for a in &shared_listen {
+        crate::shared::Allowed::parse(a).map_err(|m| err("shared_listen", m))?;
+    }
 
     Ok(Loaded {
         app: App {
@@ -260,6 +264,7 @@ pub fn resolve(
             } else {
                 over.listen.clone()
             },
+            shared_listen,
             reload_parallel,
             credentials,
             balance,

@@ -31,7 +31,8 @@ use crate::control::{
 };
 use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
-use crate::sockets::{SharedSockets, SocketSet};
+use crate::shared::{Reply, Request, SharedSockets, Waiter};
+use crate::sockets::SocketSet;
 use crate::worker::{self, Spawned, process};
 use crate::{ipc, notify};
 
@@ -183,6 +184,8 @@ impl Driver {
             generation,
         );
         d.shared = shared;
+        d.shared
+            .held_by(workers.iter().map(|w| w.id).collect::<Vec<_>>());
         d.core = core;
         d.resumed = true;
         let slots: HashMap<WorkerId, u32> = d
@@ -342,6 +345,7 @@ impl Driver {
                 msg: ipc::Message::Bind(req),
                 ..
             } => return self.bind_for(worker, req),
+            Input::Bound(b) => return self.bound(*b),
             Input::Ipc {
                 worker,
                 msg: ipc::Message::Metrics { id, text },
@@ -570,6 +574,9 @@ impl Driver {
                 },
                 Effect::Log(line) => log(line),
                 Effect::Bus(s) => {
+                    if matches!(s, BusSignal::ReloadFinished { ok: true, .. }) {
+                        self.close_unheld_shared();
+                    }
                     // No receiver (no bus, no client) is fine.
                     let _ = self.signals.send(s);
                 }
@@ -669,50 +676,55 @@ impl Driver {
     }
 
     /// A worker listens on an address no inherited socket covers: bind it
-    /// (once for every worker) and pass it over the worker's IPC channel,
-    /// or tell the worker why not, as Node would have.
+    /// (once for every worker, on a thread with the worker's rights) and
+    /// pass it over the worker's IPC channel, or tell the worker why not,
+    /// as Node would have.
     fn bind_for(&mut self, worker: WorkerId, req: BindRequest) {
-        let Some(p) = self.procs.get(&worker) else {
+        let Some(pid) = self.procs.get(&worker).map(|p| p.pid) else {
             return;
         };
-        let Some(channel) = &p.ipc else {
-            return;
+        let waiter = Waiter {
+            worker,
+            pid,
+            index: self.core.slot_of(worker).unwrap_or(0),
+            id: req.id,
         };
-        let (pid, index) = (p.pid, self.core.slot_of(worker).unwrap_or(0));
-        let sent = match self.shared.get_or_bind(&req.address) {
-            Ok((listener, first)) => {
-                if first {
-                    logs::info(&format!(
-                        "shared socket: {} {} bound on worker {index}'s request (pid {pid}); every worker listening there shares it",
-                        listener.kind,
-                        // The worker chose it: it may hold a newline.
-                        logs::clean(&listener.address, 200)
-                    ));
-                }
-                match listener.fd.try_clone() {
-                    Ok(fd) => channel.send(ipc::bound(req.id), Some(fd), outbox::Kind::Answer),
-                    Err(e) => channel.send(
-                        ipc::bind_failed(req.id, &req.address, &e),
-                        None,
-                        outbox::Kind::Answer,
-                    ),
-                }
-            }
-            Err(e) => {
-                logs::warn(&format!(
-                    "worker {index} (pid {pid}) asked to listen on {:?}: {e}",
-                    req.address
-                ));
-                channel.send(
-                    ipc::bind_failed(req.id, &req.address, &e),
-                    None,
-                    outbox::Kind::Answer,
-                )
-            }
+        let request = Request {
+            pid,
+            allowed: &self.configs.app().shared_listen,
+            runtime_dir: &self.configs.paths().runtime_dir,
         };
-        if !sent {
-            logs::warn(&format!(
-                "could not answer worker {index} (pid {pid}) on its IPC channel: it is gone, or it reads nothing"
+        let tx = self.inputs_tx.clone();
+        let done = move |b| {
+            let _ = tx.send(Input::Bound(Box::new(b)));
+        };
+        match self.shared.request(&req.address, &request, waiter, done) {
+            Ok(Reply::Later) => {}
+            Ok(Reply::Now(listener)) => {
+                answer_bind(&self.procs, &req.address, waiter, Ok(listener), false)
+            }
+            Err(refused) => answer_bind(&self.procs, &req.address, waiter, Err(&refused), true),
+        }
+    }
+
+    /// A binding thread is done: answer every worker that waited for it.
+    fn bound(&mut self, b: crate::shared::Bound) {
+        let (address, waiters, result) = self.shared.finish(b);
+        for (i, w) in waiters.into_iter().enumerate() {
+            let answer = match &result {
+                Ok(l) => Ok(*l),
+                Err(r) => Err(r),
+            };
+            answer_bind(&self.procs, &address, w, answer, i == 0);
+        }
+    }
+
+    /// After a reload, close the shared sockets no current worker asked for.
+    fn close_unheld_shared(&mut self) {
+        let procs = &self.procs;
+        for closed in self.shared.close_unheld(|w| procs.contains_key(&w)) {
+            logs::info(&format!(
+                "shared socket: {closed} closed: no worker of this reload listens there"
             ));
         }
     }
@@ -825,6 +837,17 @@ impl Driver {
         while let Ok(input) = self.worker_inputs.try_recv() {
             self.input(input);
         }
+        // Binds still under way end with the exec: their workers hear so.
+        for (address, waiters) in self.shared.abandon() {
+            let busy = crate::shared::Refused {
+                error: std::io::Error::from_raw_os_error(libc::EAGAIN),
+                why: "the manager re-executes; listen again".into(),
+                said: false,
+            };
+            for w in waiters {
+                answer_bind(&self.procs, &address, w, Err(&busy), true);
+            }
+        }
         self.reap();
         if !self.core.exec_due() {
             return;
@@ -927,6 +950,60 @@ impl Driver {
                 true
             }
         });
+    }
+}
+
+/// Answer `w`'s request for `address` on its channel, with the socket or
+/// Node's error; `say`: the journal hears of it (the first of the requests
+/// one bind answers).
+fn answer_bind(
+    procs: &HashMap<WorkerId, Proc>,
+    address: &crate::ipc::SharedAddress,
+    w: Waiter,
+    answer: Result<&crate::sockets::Listener, &crate::shared::Refused>,
+    say: bool,
+) {
+    let Waiter { pid, index, id, .. } = w;
+    let Some(channel) = procs.get(&w.worker).and_then(|p| p.ipc.as_ref()) else {
+        return;
+    };
+    let sent = match answer {
+        Ok(listener) => {
+            if say {
+                logs::info(&format!(
+                    "shared socket: {} {} bound on worker {index}'s request (pid {pid}); every worker listening there shares it",
+                    listener.kind,
+                    // The worker chose it: it may hold a newline.
+                    logs::clean(&listener.address, 200)
+                ));
+            }
+            match listener.fd.try_clone() {
+                Ok(fd) => channel.send(ipc::bound(id), Some(fd), outbox::Kind::Answer),
+                Err(e) => channel.send(
+                    ipc::bind_failed(id, address, &e),
+                    None,
+                    outbox::Kind::Answer,
+                ),
+            }
+        }
+        Err(refused) => {
+            if say && !refused.said {
+                logs::warn(&format!(
+                    "worker {index} (pid {pid}) asked to listen on {address}: refused: {}",
+                    refused.why
+                ));
+            }
+            channel.send(
+                ipc::bind_failed(id, address, &refused.error),
+                None,
+                outbox::Kind::Answer,
+            )
+        }
+    };
+    if !sent {
+        logs::warn(&format!(
+            "could not answer worker {index} (pid {pid}) on its IPC channel: it is gone, or it reads nothing"
+        ));
     }
 }
 

@@ -36,11 +36,14 @@ impl Source {
     }
 }
 
-/// Files every worker is pointed at.
+/// What every worker is pointed at.
 #[derive(Debug, Clone)]
 pub struct WorkerPaths {
-    pub shim: PathBuf,
+    /// The sealed preload Node workers load.
+    pub preload: crate::worker::preload::Preload,
     pub notify_socket: PathBuf,
+    /// The manager's private directory: never a place it binds for a worker.
+    pub runtime_dir: PathBuf,
 }
 
 /// The configuration in force, those read for reloads that have not
@@ -68,7 +71,12 @@ pub struct Accepted {
 
 impl Configs {
     pub fn new(app: App, source: Source, paths: WorkerPaths, sockets: &SocketSet) -> Configs {
-        let launcher = Launcher::new(&app, sockets.describe(), &paths.shim, &paths.notify_socket);
+        let launcher = Launcher::new(
+            &app,
+            sockets.describe(),
+            &paths.preload,
+            &paths.notify_socket,
+        );
         Configs {
             source,
             paths,
@@ -88,7 +96,12 @@ impl Configs {
         sockets: &SocketSet,
         generation: u64,
     ) -> Configs {
-        let launcher = Launcher::new(&app, sockets.describe(), &paths.shim, &paths.notify_socket);
+        let launcher = Launcher::new(
+            &app,
+            sockets.describe(),
+            &paths.preload,
+            &paths.notify_socket,
+        );
         Configs {
             source,
             paths,
@@ -150,7 +163,7 @@ impl Configs {
         let launcher = Launcher::new(
             &new,
             sockets.describe(),
-            &self.paths.shim,
+            &self.paths.preload,
             &self.paths.notify_socket,
         );
         self.launchers.insert(generation, launcher);

@@ -83,6 +83,8 @@ pub enum Input {
     ExecChecked(Result<String, String>),
     /// The accept queues of a slot that goes are empty.
     SlotDrained(u64),
+    /// A thread bound (or could not bind) an address workers asked for.
+    Bound(Box<crate::shared::Bound>),
 }
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.

@@ -59,6 +59,8 @@ pub struct Plan<'a> {
     pub sockets: &'a [RawFd],
     /// Source for the fd right after the sockets (the Node IPC channel).
     pub ipc: Option<RawFd>,
+    /// Source for the fd right after that (the sealed preload).
+    pub preload: Option<RawFd>,
     pub credentials: Option<&'a Credentials>,
 }
 
@@ -85,15 +87,17 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
             bail!("an environment entry is not a C string");
         }
     }
-    // Every source fd is moved above the highest target (3 + sockets, and
-    // the IPC channel), so that placing one never overwrites another.
+    // Every source fd is moved above the highest target (3 + sockets, the
+    // IPC channel and the preload), so that placing one never overwrites
+    // another.
     let top: RawFd = 3 + plan.sockets.len() as RawFd;
+    let highest = top + 1;
     let mut keep: Vec<OwnedFd> = Vec::new();
     let mut lift = |fd: RawFd| -> Result<RawFd> {
-        if fd > top {
+        if fd > highest {
             return Ok(fd);
         }
-        let high = dup_cloexec_above(fd, top + 1)?;
+        let high = dup_cloexec_above(fd, highest + 1)?;
         let raw = high.as_raw_fd();
         keep.push(high);
         Ok(raw)
@@ -109,6 +113,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         .map(|&fd| lift(fd))
         .collect::<Result<_>>()?;
     let ipc = plan.ipc.map(&mut lift).transpose()?;
+    let preload = plan.preload.map(&mut lift).transpose()?;
 
     // Pointers for execve. `as_mut_ptr` on each entry: the LISTEN_PID one is
     // written through by the child, and Vec's raw pointers stay valid when
@@ -131,6 +136,12 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let (exec_r, exec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("creating a pipe")?;
+    // Above the targets too, or placing an fd could close it in the child.
+    let exec_w = if exec_w.as_raw_fd() > highest {
+        exec_w
+    } else {
+        dup_cloexec_above(exec_w.as_raw_fd(), highest + 1)?
+    };
     let child = ChildPlan {
         program: plan.program.as_ptr(),
         argv: argv_ptrs.as_ptr(),
@@ -140,6 +151,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         stdio,
         sockets: &sockets,
         ipc: ipc.map(|src| (src, top)),
+        preload: preload.map(|src| (src, top + 1)),
         exec_w: exec_w.as_raw_fd(),
         parent: nix::unistd::getpid().as_raw(),
         credentials: plan.credentials,
@@ -203,6 +215,8 @@ struct ChildPlan<'a> {
     sockets: &'a [RawFd],
     /// (source, target) of the IPC channel.
     ipc: Option<(RawFd, RawFd)>,
+    /// (source, target) of the preload.
+    preload: Option<(RawFd, RawFd)>,
     exec_w: RawFd,
     parent: libc::pid_t,
     credentials: Option<&'a Credentials>,
@@ -267,10 +281,10 @@ unsafe fn child_after_fork(plan: &ChildPlan<'_>) -> ! {
                 fail(Step::Fds);
             }
         }
-        if let Some((src, target)) = plan.ipc
-            && libc::dup2(src, target) < 0
-        {
-            fail(Step::Fds);
+        for (src, target) in [plan.ipc, plan.preload].into_iter().flatten() {
+            if libc::dup2(src, target) < 0 {
+                fail(Step::Fds);
+            }
         }
         write_pid(plan.pid_value, libc::getpid() as u32);
         if libc::chdir(plan.cwd) != 0 {

@@ -7,12 +7,16 @@
 //! fork itself, and every `unsafe` it needs, is in [`fork`].
 //!
 //! Layout in the child: fd 0 is /dev/null, 1 and 2 are pipes read by the
-//! manager's log readers, the listening sockets sit at 3.., and a Node
-//! worker's IPC channel right after them (`NODE_CHANNEL_FD`). Every other fd
-//! of the manager is close-on-exec and does not reach the child.
+//! manager's log readers, the listening sockets sit at 3.., a Node
+//! worker's IPC channel right after them (`NODE_CHANNEL_FD`), and the
+//! sealed preload right after that (see [`preload`]), which the worker
+//! closes once it has read it. Every other fd of the manager is
+//! close-on-exec and does not reach the child.
 
 pub mod fork;
+pub mod preload;
 pub mod process;
+pub mod rights;
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -24,6 +28,7 @@ use nix::fcntl::OFlag;
 
 use crate::config::{App, Interpreter};
 use crate::sockets::Listener;
+use preload::Preload;
 
 /// How much a stopping worker may have written to stdout or stderr before
 /// the manager has read it.
@@ -80,6 +85,11 @@ pub struct Launcher {
     /// none` scripts, which may exec node).
     node: bool,
     credentials: Option<crate::config::Credentials>,
+    /// The preload, placed right after the IPC channel (Node workers).
+    preload: Preload,
+    /// How many sockets the launcher's command line counts on: the
+    /// preload's fd number follows from it.
+    sockets: usize,
 }
 
 /// A freshly started worker, as its parent sees it.
@@ -92,17 +102,26 @@ pub struct Spawned {
 }
 
 impl Launcher {
-    /// Prepare to start workers of `app`, with the shim at `shim` and the
+    /// Prepare to start workers of `app`, with the preload `preload` and the
     /// manager's worker-facing notify socket at `notify_socket`.
-    pub fn new(app: &App, listeners: &[Listener], shim: &Path, notify_socket: &Path) -> Launcher {
+    pub fn new(
+        app: &App,
+        listeners: &[Listener],
+        preload: &Preload,
+        notify_socket: &Path,
+    ) -> Launcher {
+        // After the sockets at 3.. and the IPC channel.
+        let preload_at = 4 + listeners.len() as RawFd;
+        let import = preload::import_arg(preload_at);
         let (program, mut args, node) = match &app.interpreter {
-            Interpreter::Node(p) => (p.clone(), app.interpreter_args.clone(), true),
-            Interpreter::Other(p) => (p.clone(), app.interpreter_args.clone(), false),
+            // First, so it runs before the app's own `--import`s, as the
+            // preload always did.
+            Interpreter::Node(p) => (p.clone(), vec![import.clone()], true),
+            Interpreter::Other(p) => (p.clone(), Vec::new(), false),
             Interpreter::None => (app.script.clone(), Vec::new(), false),
         };
-        if node {
-            args.push("--require".into());
-            args.push(shim.display().to_string());
+        if !matches!(app.interpreter, Interpreter::None) {
+            args.extend(app.interpreter_args.iter().cloned());
         }
         if !matches!(app.interpreter, Interpreter::None) {
             args.push(app.script.display().to_string());
@@ -152,10 +171,9 @@ impl Launcher {
         // NODE_OPTIONS, and claims the sockets because its pid is LISTEN_PID.
         let wrapper = matches!(app.interpreter, Interpreter::None);
         if wrapper {
-            let require = format!("--require {}", shim.display());
             set(
                 "NODE_OPTIONS",
-                format!("{node_options} {require}").trim().to_string(),
+                format!("{node_options} {import}").trim().to_string(),
             );
         }
         if node || wrapper {
@@ -169,19 +187,28 @@ impl Launcher {
             instance_var: app.instance_var.clone(),
             node: node || matches!(app.interpreter, Interpreter::None),
             credentials: app.credentials.clone(),
+            preload: preload.clone(),
+            sockets: listeners.len(),
         }
     }
 
     /// The command line, for logs.
     pub fn command_line(&self) -> String {
         std::iter::once(self.program.display().to_string())
-            .chain(self.args.iter().cloned())
+            .chain(self.args.iter().map(|a| preload::shown(a).to_string()))
             .collect::<Vec<_>>()
             .join(" ")
     }
 
     /// Fork and exec one worker for slot `index`, inheriting `listeners` at fd 3...
     pub fn spawn(&self, index: u32, listeners: &[Listener]) -> Result<Spawned> {
+        if listeners.len() != self.sockets {
+            anyhow::bail!(
+                "{} listening sockets where the command line counts on {}",
+                listeners.len(),
+                self.sockets
+            );
+        }
         let ipc_fd: RawFd = 3 + listeners.len() as RawFd;
         let c = |s: &OsStr| CString::new(s.as_bytes()).context("a NUL byte in the command line");
         // Looked up on PATH at every start, so a node installed since (a
@@ -232,6 +259,7 @@ impl Launcher {
             stdio: [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
             sockets: &sockets,
             ipc: ipc_child.as_ref().map(|f| f.as_raw_fd()),
+            preload: self.node.then(|| self.preload.fd().as_raw_fd()),
             credentials: self.credentials.as_ref(),
         })?;
         Ok(Spawned {
