@@ -23,35 +23,36 @@ pub const SAME_STOP: Duration = Duration::from_secs(1);
 /// Requests that may wait behind a running operation; more are refused as busy.
 pub const MAX_QUEUED: usize = 64;
 
-/// The settings that drive the lifecycle, taken from the app's configuration.
+/// The app's configuration as the lifecycle reads it, and what the manager
+/// decided of it at start. The settings themselves are the app's own
+/// (`listen_timeout`, `max_restarts`, …, read through `Deref`): one source
+/// of truth, no copy to keep in step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    pub name: String,
+    pub app: App,
+    /// Slots in force (the configured count until a live scale changes it).
     pub instances: u32,
-    /// Ready means `'ready'`/`READY=1`, not just listening.
-    pub wait_ready: bool,
     /// Whether workers can say they are ready at all (a Node worker with a
     /// socket to listen on, or `wait_ready`); if not, started means ready.
     pub reports_readiness: bool,
-    pub listen_timeout: Duration,
-    pub kill_timeout: Duration,
-    pub shutdown_with_message: bool,
-    pub min_uptime: Duration,
-    pub max_restarts: u32,
-    pub restart_delay: Duration,
-    pub exp_backoff_restart_delay: Duration,
-    pub autorestart: bool,
-    pub max_memory_restart: Option<u64>,
-    /// A ready worker whose heartbeat stops this long is replaced.
-    pub max_event_loop_delay: Option<Duration>,
-    pub reload_parallel: u32,
     /// systemd's watchdog interval (`WATCHDOG_USEC`), if any.
     pub watchdog: Option<Duration>,
     /// Each slot has sockets of its own (`balance: reuseport`): a slot that
     /// goes is steered away from and its queue emptied before its worker stops.
     pub per_slot_sockets: bool,
-    /// Even out keep-alive connections across the workers (`rebalance`).
-    pub rebalance: bool,
+}
+
+impl std::ops::Deref for Policy {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.app
+    }
+}
+
+impl std::ops::DerefMut for Policy {
+    fn deref_mut(&mut self) -> &mut App {
+        &mut self.app
+    }
 }
 
 impl Policy {
@@ -59,25 +60,14 @@ impl Policy {
     /// not (`has_sockets`), each slot its own (`per_slot`) or shared.
     pub fn new(app: &App, has_sockets: bool, per_slot: bool, watchdog: Option<Duration>) -> Policy {
         let node = matches!(app.interpreter, crate::config::Interpreter::Node(_));
+        let mut app = app.clone();
+        app.reload_parallel = app.reload_parallel.max(1);
         Policy {
-            name: app.name.clone(),
             instances: app.instances,
-            wait_ready: app.wait_ready,
             reports_readiness: app.wait_ready || (node && has_sockets),
-            listen_timeout: app.listen_timeout,
-            kill_timeout: app.kill_timeout,
-            shutdown_with_message: app.shutdown_with_message,
-            min_uptime: app.min_uptime,
-            max_restarts: app.max_restarts,
-            restart_delay: app.restart_delay,
-            exp_backoff_restart_delay: app.exp_backoff_restart_delay,
-            autorestart: app.autorestart,
-            max_memory_restart: app.max_memory_restart,
-            max_event_loop_delay: app.max_event_loop_delay,
-            reload_parallel: app.reload_parallel.max(1),
             watchdog,
             per_slot_sockets: has_sockets && per_slot,
-            rebalance: app.rebalance,
+            app,
         }
     }
 }
@@ -132,29 +122,20 @@ pub fn after_crash(p: &Policy, h: &mut History, uptime: Duration, cause: &str) -
     Decision::Restart(h.backoff)
 }
 
-/// A policy with PM2's defaults, for tests.
+/// A policy with PM2's defaults, for tests: app `app`, two workers on a
+/// shared socket.
 #[cfg(test)]
 pub fn test_policy() -> Policy {
-    Policy {
-        name: "app".into(),
-        instances: 2,
-        wait_ready: false,
-        reports_readiness: true,
-        listen_timeout: Duration::from_millis(3000),
-        kill_timeout: Duration::from_millis(1600),
-        shutdown_with_message: false,
-        min_uptime: Duration::from_millis(1000),
-        max_restarts: 16,
-        restart_delay: Duration::ZERO,
-        exp_backoff_restart_delay: Duration::ZERO,
-        autorestart: true,
-        max_memory_restart: None,
-        max_event_loop_delay: None,
-        reload_parallel: 1,
-        watchdog: None,
-        per_slot_sockets: false,
-        rebalance: true,
-    }
+    let mut app = crate::config::test_app();
+    app.name = "app".into();
+    Policy::new(&app, true, false, None)
+}
+
+/// `base` changed by `f`, for tests: `with(policy(2), |p| p.wait_ready = true)`.
+#[cfg(test)]
+pub fn with(mut base: Policy, f: impl FnOnce(&mut Policy)) -> Policy {
+    f(&mut base);
+    base
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use super::core::Core;
 use super::events::{
     Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
 };
-use super::policy::{MAX_QUEUED, Policy, test_policy};
+use super::policy::{MAX_QUEUED, Policy, test_policy, with};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -341,10 +341,7 @@ fn first_start_is_ready_once_every_worker_listens() {
 
 #[test]
 fn with_wait_ready_listening_is_not_enough() {
-    let mut w = World::new(Policy {
-        wait_ready: true,
-        ..policy(1)
-    });
+    let mut w = World::new(with(policy(1), |p| p.wait_ready = true));
     w.start();
     let id = w.starting()[0];
     w.listening(id);
@@ -359,10 +356,7 @@ fn with_wait_ready_listening_is_not_enough() {
 
 #[test]
 fn ready_on_the_notify_socket_and_its_status_text_is_kept() {
-    let mut w = World::new(Policy {
-        wait_ready: true,
-        ..policy(1)
-    });
+    let mut w = World::new(with(policy(1), |p| p.wait_ready = true));
     w.start();
     let id = w.starting()[0];
     w.send(Event::Notify {
@@ -385,10 +379,7 @@ fn ready_on_the_notify_socket_and_its_status_text_is_kept() {
 
 #[test]
 fn a_worker_that_cannot_report_readiness_is_ready_once_started() {
-    let mut w = World::new(Policy {
-        reports_readiness: false,
-        ..policy(2)
-    });
+    let mut w = World::new(with(policy(2), |p| p.reports_readiness = false));
     w.start();
     assert_eq!(w.core.state_name(), "ready");
 }
@@ -417,10 +408,7 @@ fn a_first_worker_not_ready_within_listen_timeout_is_killed_and_restarted() {
 fn with_wait_ready_a_first_worker_silent_past_listen_timeout_is_taken_as_ready() {
     // As PM2 at start: `wait_ready` and no 'ready' within listen_timeout
     // means ready, with a warning; never a kill every listen_timeout.
-    let mut w = World::new(Policy {
-        wait_ready: true,
-        ..policy(2)
-    });
+    let mut w = World::new(with(policy(2), |p| p.wait_ready = true));
     w.start();
     let first = w.starting();
     for id in &first {
@@ -485,10 +473,7 @@ fn a_crashed_worker_comes_back_in_its_slot_at_once() {
 
 #[test]
 fn restart_delay_holds_the_restart_back_on_the_clock() {
-    let mut w = World::ready(Policy {
-        restart_delay: MS(500),
-        ..policy(1)
-    });
+    let mut w = World::ready(with(policy(1), |p| p.restart_delay = MS(500)));
     let mark = w.spawned.len();
     let id = w.current()[&0];
     w.crash(id);
@@ -502,10 +487,7 @@ fn restart_delay_holds_the_restart_back_on_the_clock() {
 
 #[test]
 fn exponential_backoff_delays_grow_between_restarts() {
-    let mut w = World::ready(Policy {
-        exp_backoff_restart_delay: MS(100),
-        ..policy(1)
-    });
+    let mut w = World::ready(with(policy(1), |p| p.exp_backoff_restart_delay = MS(100)));
     let mut delays = Vec::new();
     for _ in 0..4 {
         let id = w.current()[&0];
@@ -524,10 +506,7 @@ fn exponential_backoff_delays_grow_between_restarts() {
 
 #[test]
 fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
-    let mut w = World::ready(Policy {
-        max_restarts: 3,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.max_restarts = 3));
     for _ in 0..4 {
         let id = w.current()[&1];
         w.crash(id);
@@ -542,10 +521,7 @@ fn a_crash_looping_slot_ends_errored_while_the_others_serve() {
 
 #[test]
 fn when_every_slot_errors_the_manager_stops_with_status_1() {
-    let mut w = World::ready(Policy {
-        max_restarts: 0,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.max_restarts = 0));
     let cur = w.current();
     w.crash(cur[&0]);
     w.crash(cur[&1]);
@@ -555,10 +531,7 @@ fn when_every_slot_errors_the_manager_stops_with_status_1() {
 
 #[test]
 fn autorestart_off_leaves_the_slot_errored() {
-    let mut w = World::ready(Policy {
-        autorestart: false,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.autorestart = false));
     let id = w.current()[&0];
     let mark = w.spawned.len();
     w.exit(id, ExitStatus::Code(0));
@@ -568,10 +541,7 @@ fn autorestart_off_leaves_the_slot_errored() {
 
 #[test]
 fn a_spawn_that_keeps_failing_ends_errored_without_a_hang() {
-    let mut w = World::new(Policy {
-        max_restarts: 2,
-        ..policy(2)
-    });
+    let mut w = World::new(with(policy(2), |p| p.max_restarts = 2));
     w.fail_spawns.insert(1, 100);
     w.start();
     let id = w.starting()[0];
@@ -664,10 +634,7 @@ fn a_drain_overlaps_the_next_swap_and_a_stuck_one_ends_at_kill_timeout() {
 
 #[test]
 fn reload_parallel_swaps_that_many_at_once() {
-    let mut w = World::obedient(Policy {
-        reload_parallel: 2,
-        ..policy(3)
-    });
+    let mut w = World::obedient(with(policy(3), |p| p.reload_parallel = 2));
     let r = w.request(Control::Reload);
     assert_eq!(w.starting().len(), 2);
     let first = w.starting();
@@ -736,10 +703,7 @@ fn a_replacement_that_cannot_be_started_fails_the_reload() {
 
 #[test]
 fn a_failed_reload_with_two_in_flight_kills_the_other_replacement() {
-    let mut w = World::ready(Policy {
-        reload_parallel: 2,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.reload_parallel = 2));
     let r = w.request(Control::Reload);
     let news = w.starting();
     w.crash(news[0]);
@@ -882,10 +846,7 @@ fn too_many_waiting_requests_are_refused_as_busy() {
 
 #[test]
 fn restart_replaces_every_worker_and_clears_errored_slots() {
-    let mut w = World::ready(Policy {
-        max_restarts: 0,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.max_restarts = 0));
     let id = w.current()[&1];
     w.crash(id);
     assert_eq!(w.core.snapshot().workers[1].state, "errored");
@@ -903,10 +864,7 @@ fn restart_replaces_every_worker_and_clears_errored_slots() {
 
 #[test]
 fn a_worker_over_max_memory_restart_is_swapped_through_the_reload_path() {
-    let mut w = World::obedient(Policy {
-        max_memory_restart: Some(100 << 20),
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.max_memory_restart = Some(100 << 20)));
     w.rss.insert(1, 200 << 20);
     let old = w.current();
     let mark = w.spawned.len();
@@ -925,10 +883,7 @@ fn a_worker_over_max_memory_restart_is_swapped_through_the_reload_path() {
 
 #[test]
 fn the_watchdog_is_fed_every_half_interval() {
-    let mut w = World::ready(Policy {
-        watchdog: Some(MS(1000)),
-        ..policy(1)
-    });
+    let mut w = World::ready(with(policy(1), |p| p.watchdog = Some(MS(1000))));
     w.advance(MS(2600));
     let pings = w
         .notes()
@@ -953,10 +908,7 @@ fn notify_messages_from_strangers_are_warned_about_once_a_second() {
 
 #[test]
 fn stop_asks_every_worker_then_kills_after_kill_timeout() {
-    let mut w = World::ready(Policy {
-        shutdown_with_message: true,
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.shutdown_with_message = true));
     let cur = w.current();
     w.send(Event::Stop);
     assert!(w.notes().contains(&SdNotify::Stopping("stopping".into())));
@@ -1013,10 +965,7 @@ fn a_second_stop_within_a_second_is_the_same_stop_and_later_kills_at_once() {
 
 #[test]
 fn a_pending_restart_is_cancelled_by_a_stop() {
-    let mut w = World::ready(Policy {
-        restart_delay: MS(500),
-        ..policy(1)
-    });
+    let mut w = World::ready(with(policy(1), |p| p.restart_delay = MS(500)));
     let id = w.current()[&0];
     w.crash(id);
     w.send(Event::Stop);
@@ -1033,10 +982,7 @@ fn a_reload_with_a_new_configuration_starts_every_new_worker_under_it() {
     let mut w = World::obedient(policy(2));
     let mark = w.spawned.len();
     let r = w.reconfigure(
-        Policy {
-            wait_ready: true,
-            ..policy(2)
-        },
+        with(policy(2), |p| p.wait_ready = true),
         1,
         "wait_ready changed",
     );
@@ -1147,10 +1093,7 @@ fn coalesced_reloads_take_the_newest_configuration() {
     let running = w.request(Control::Reload);
     let a = w.reconfigure(policy(1), 1, "env: A changed");
     let b = w.reconfigure(
-        Policy {
-            kill_timeout: MS(500),
-            ..policy(1)
-        },
+        with(policy(1), |p| p.kill_timeout = MS(500)),
         2,
         "kill_timeout changed",
     );
@@ -1178,10 +1121,7 @@ fn a_new_configuration_can_turn_the_memory_check_on() {
     let mut w = World::obedient(policy(1));
     w.rss.insert(0, 500 << 20);
     let r = w.reconfigure(
-        Policy {
-            max_memory_restart: Some(100 << 20),
-            ..policy(1)
-        },
+        with(policy(1), |p| p.max_memory_restart = Some(100 << 20)),
         1,
         "max_memory_restart changed",
     );
@@ -1204,10 +1144,7 @@ fn beat(w: &mut World, id: WorkerId) {
 
 #[test]
 fn a_worker_whose_heartbeat_stops_is_replaced_new_one_first() {
-    let mut w = World::ready(Policy {
-        max_event_loop_delay: Some(MS(1000)),
-        ..policy(2)
-    });
+    let mut w = World::ready(with(policy(2), |p| p.max_event_loop_delay = Some(MS(1000))));
     let cur = w.current();
     beat(&mut w, cur[&0]);
     beat(&mut w, cur[&1]);
@@ -1250,10 +1187,7 @@ fn a_worker_whose_heartbeat_stops_is_replaced_new_one_first() {
 
 #[test]
 fn a_worker_stuck_right_after_ready_is_caught_by_its_beats_before() {
-    let mut w = World::new(Policy {
-        max_event_loop_delay: Some(MS(1000)),
-        ..policy(1)
-    });
+    let mut w = World::new(with(policy(1), |p| p.max_event_loop_delay = Some(MS(1000))));
     w.start();
     let id = w.starting()[0];
     beat(&mut w, id);
@@ -1266,10 +1200,7 @@ fn a_worker_stuck_right_after_ready_is_caught_by_its_beats_before() {
 
 #[test]
 fn a_worker_that_never_beats_is_not_taken_for_hung() {
-    let mut w = World::ready(Policy {
-        max_event_loop_delay: Some(MS(500)),
-        ..policy(1)
-    });
+    let mut w = World::ready(with(policy(1), |p| p.max_event_loop_delay = Some(MS(500))));
     let mark = w.spawned.len();
     w.advance(MS(60_000));
     assert!(
@@ -1382,10 +1313,7 @@ fn a_failed_execve_goes_back_to_ready_and_a_stop_cancels_the_exec() {
 
 #[test]
 fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
-    let mut w = World::obedient(Policy {
-        restart_delay: MS(2000),
-        ..policy(3)
-    });
+    let mut w = World::obedient(with(policy(3), |p| p.restart_delay = MS(2000)));
     w.advance(MS(5000));
     // Slot 1 crashed and waits 2 s to restart; slot 2 was scaled live.
     let one = w.current()[&1];
@@ -1441,10 +1369,7 @@ fn the_state_handed_over_goes_on_in_the_new_core_as_it_was() {
 
 #[test]
 fn a_slot_with_its_own_socket_is_steered_away_from_and_stops_once_its_queue_is_empty() {
-    let mut w = World::obedient(Policy {
-        per_slot_sockets: true,
-        ..policy(3)
-    });
+    let mut w = World::obedient(with(policy(3), |p| p.per_slot_sockets = true));
     let two = w.current()[&2];
     let r = w.request(Control::Scale(ScaleTarget::To(2)));
     assert_eq!(w.workers_after(r), Some(2));
@@ -1470,10 +1395,7 @@ fn a_slot_with_its_own_socket_is_steered_away_from_and_stops_once_its_queue_is_e
 
 #[test]
 fn a_slot_whose_queue_does_not_empty_stops_after_the_bound() {
-    let mut w = World::obedient(Policy {
-        per_slot_sockets: true,
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.per_slot_sockets = true));
     let one = w.current()[&1];
     w.request(Control::Scale(ScaleTarget::To(1)));
     w.advance(super::policy::LEAVE_BOUND - MS(1));
@@ -1491,10 +1413,7 @@ fn a_slot_whose_queue_does_not_empty_stops_after_the_bound() {
 
 #[test]
 fn a_reexec_waits_for_slots_that_go() {
-    let mut w = World::obedient(Policy {
-        per_slot_sockets: true,
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.per_slot_sockets = true));
     w.request(Control::Scale(ScaleTarget::To(1)));
     w.request(Control::Reexec);
     assert_eq!(w.count(&Effect::CheckExec), 0);
@@ -1598,10 +1517,7 @@ fn new_connections_are_steered_to_the_workers_below_their_share() {
     assert!(!w.core.preferred_slots().contains(&3));
 
     // Rebalance off: no preference whatever the counts.
-    let mut w = World::obedient(Policy {
-        rebalance: false,
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.rebalance = false));
     let ids: Vec<WorkerId> = w.current().values().copied().collect();
     w.connections(ids[0], 40);
     w.connections(ids[1], 0);
@@ -1643,10 +1559,7 @@ fn one_worker_alone_or_rebalance_off_is_told_no_limit() {
     w.connections(only, 41);
     assert_eq!(w.shares_since(mark), BTreeMap::new());
 
-    let mut w = World::obedient(Policy {
-        rebalance: false,
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.rebalance = false));
     let ids: Vec<WorkerId> = w.current().values().copied().collect();
     let mark = w.effects.len();
     w.connections(ids[0], 40);
@@ -1658,10 +1571,7 @@ fn one_worker_alone_or_rebalance_off_is_told_no_limit() {
 fn turning_rebalance_off_lifts_the_limits_told() {
     let mut w = World::obedient(policy(2));
     w.reconfigure(
-        Policy {
-            rebalance: false,
-            ..policy(2)
-        },
+        with(policy(2), |p| p.rebalance = false),
         1,
         "rebalance changed",
     );
@@ -1717,10 +1627,7 @@ fn a_worker_that_closed_its_listening_socket_serves_no_slot_and_no_share() {
 
 #[test]
 fn with_a_socket_per_slot_a_worker_that_closed_its_socket_is_replaced_new_one_first() {
-    let mut w = World::obedient(Policy {
-        per_slot_sockets: true,
-        ..policy(2)
-    });
+    let mut w = World::obedient(with(policy(2), |p| p.per_slot_sockets = true));
     let one = w.current()[&1];
     let mark = w.spawned.len();
     w.send(Event::Said {
@@ -1772,21 +1679,17 @@ fn a_worker_that_is_no_longer_alone_is_told_its_share() {
 /// The policy in force in these tests, and the one a failed deploy brings:
 /// told apart by `restart_delay` (the new one waits 5 s before a restart).
 fn in_force() -> Policy {
-    Policy {
-        max_memory_restart: Some(100 << 20),
-        max_event_loop_delay: Some(MS(1000)),
-        ..policy(2)
-    }
+    with(policy(2), |p| {
+        p.max_memory_restart = Some(100 << 20);
+        p.max_event_loop_delay = Some(MS(1000));
+    })
 }
 
 /// Reload to generation 1, whose first replacement crashes at start: the
 /// reload fails and the old workers serve on.
 fn fail_a_reload(w: &mut World) {
     let r = w.reconfigure(
-        Policy {
-            restart_delay: MS(5000),
-            ..in_force()
-        },
+        with(in_force(), |p| p.restart_delay = MS(5000)),
         1,
         "restart_delay changed",
     );
@@ -1851,10 +1754,7 @@ fn after_a_failed_reload_scaling_up_starts_the_previous_configuration() {
 fn during_a_reload_an_old_worker_that_crashes_comes_back_under_the_configuration_in_force() {
     let mut w = World::obedient(in_force());
     let r = w.reconfigure(
-        Policy {
-            restart_delay: MS(5000),
-            ..in_force()
-        },
+        with(in_force(), |p| p.restart_delay = MS(5000)),
         1,
         "restart_delay changed",
     );
