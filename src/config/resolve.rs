@@ -29,6 +29,35 @@ pub struct System {
     pub cpus: u32,
 }
 
+/// Where a value came from, for errors that name the file, the app and the key.
+struct At<'a> {
+    source: &'a str,
+    app: &'a str,
+}
+
+impl At<'_> {
+    fn err(&self, key: &str, msg: String) -> ConfigError {
+        ConfigError {
+            source: self.source.to_string(),
+            app: Some(self.app.to_string()),
+            key: Some(key.to_string()),
+            msg,
+        }
+    }
+}
+
+/// What to start: the script (or the node command a package script stands
+/// for), its directory and arguments, the interpreter and its arguments,
+/// and the environment a package script sets.
+struct Program {
+    cwd: PathBuf,
+    script: PathBuf,
+    args: Vec<String>,
+    interpreter: Interpreter,
+    interpreter_args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
 pub fn resolve(
     raw: RawApp,
     mut warnings: Vec<String>,
@@ -38,172 +67,25 @@ pub fn resolve(
     over: &Overrides,
     sys: System,
 ) -> Result<Loaded, ConfigError> {
-    let err = |key: &str, msg: String| ConfigError {
-        source: source.to_string(),
-        app: Some(label.to_string()),
-        key: Some(key.to_string()),
-        msg,
-    };
-    let script = raw
-        .script
-        .clone()
-        .ok_or_else(|| err("script", "is missing: say which file to run".into()))?;
+    let at = At { source, app: label };
     let name = label.to_string();
     if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control() || c == '/') {
-        return Err(err("name", format!("{name:?} is not a usable app name")));
+        return Err(at.err("name", format!("{name:?} is not a usable app name")));
     }
-
-    let cwd = match &raw.cwd {
-        Some(c) => base.join(c),
-        None => base.to_path_buf(),
-    };
-    if !cwd.is_dir() {
-        return Err(err("cwd", format!("{} is not a directory", cwd.display())));
-    }
-    let mut args = if over.args.is_empty() {
-        raw.args.clone().unwrap_or_default()
-    } else {
-        over.args.clone()
-    };
-
-    // Interpreter: node unless told otherwise; `none` runs the script itself.
-    let interp_name = over
-        .interpreter
-        .clone()
-        .or(raw.interpreter.clone())
-        .or(raw.exec_interpreter.clone());
-
-    // `script: 'npm', args: 'start'` and `script: 'next'`: the node command
-    // they stand for (see wrapper.rs).
-    let mut script = script;
-    let mut wrapper_node_args = Vec::new();
-    let mut wrapper_env = Vec::new();
-    let node_interpreter = match interp_name.as_deref() {
-        None | Some("") => true,
-        Some("none") => false,
-        Some(i) => Path::new(i)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("node")),
-    };
-    if node_interpreter && !cwd.join(&script).exists() {
-        if wrapper::is_package_manager(&script) {
-            let cmd =
-                wrapper::package_script(&cwd, &script, &args).map_err(|m| err("script", m))?;
-            script = cmd.script;
-            args = cmd.args;
-            wrapper_node_args = cmd.node_args;
-            wrapper_env = cmd.env;
-        } else if let Some(bin) = wrapper::bin_command(&cwd, &script) {
-            script = bin.display().to_string();
-        }
-    }
-    let script_path = normalize(&cwd.join(&script));
-    let interpreter = match interp_name.as_deref() {
-        None | Some("node") | Some("") => Interpreter::Node(PathBuf::from("node")),
-        Some("none") => Interpreter::None,
-        Some(other) => {
-            let base_name = Path::new(other)
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("");
-            if base_name.starts_with("node") {
-                Interpreter::Node(PathBuf::from(other))
-            } else {
-                Interpreter::Other(PathBuf::from(other))
-            }
-        }
-    };
-    match &interpreter {
-        Interpreter::Node(p) | Interpreter::Other(p) => {
-            if find_executable(p).is_none() {
-                return Err(err(
-                    "interpreter",
-                    format!("{} was not found or is not executable", p.display()),
-                ));
-            }
-            if !script_path.is_file() {
-                return Err(err(
-                    "script",
-                    format!("{} does not exist or is not a file", script_path.display()),
-                ));
-            }
-        }
-        Interpreter::None => {
-            if find_executable(&script_path).is_none() {
-                return Err(err(
-                    "script",
-                    format!(
-                        "{} was not found or is not executable",
-                        script_path.display()
-                    ),
-                ));
-            }
-        }
-    }
-
-    let mut interpreter_args: Vec<String> = match &over.node_args {
-        Some(a) => a.split_whitespace().map(str::to_string).collect(),
-        None => raw
-            .node_args
-            .clone()
-            .or(raw.interpreter_args.clone())
-            .unwrap_or_default(),
-    };
-    interpreter_args.extend(wrapper_node_args);
-    interpreter_args.retain(|a| !a.is_empty());
-
-    let fork_mode = raw.fork_mode.unwrap_or(false);
-    let instances = match &over.instances {
-        Some(s) => values::instances(&serde_json::Value::String(s.clone()))
-            .and_then(|i| i.resolve(sys.cpus))
-            .map_err(|msg| ConfigError {
-                source: "command line".into(),
-                app: Some(name.clone()),
-                key: Some("--instances".into()),
-                msg,
-            })?,
-        // PM2 starts one instance when `instances` is unset.
-        None => raw
-            .instances
-            .unwrap_or(Instances::Count(1))
-            .resolve(sys.cpus)
-            .map_err(|m| err("instances", m))?,
-    };
-    let instances = if fork_mode && over.instances.is_none() && instances > 1 {
-        warnings.push(format!(
-            "{source}: app \"{name}\": exec_mode fork runs one worker; `instances` ignored"
-        ));
-        1
-    } else {
-        instances
-    };
-
+    let program = program(&raw, over, base, &at)?;
+    let instances = instances(&raw, over, sys, &at, &mut warnings)?;
     let instance_var = over
         .instance_var
         .clone()
         .or(raw.instance_var.clone())
         .unwrap_or_else(|| "NODE_APP_INSTANCE".into());
     if !values::is_env_name(&instance_var) {
-        return Err(err(
+        return Err(at.err(
             "instance_var",
             format!("{instance_var:?} is not a valid environment variable name"),
         ));
     }
-
-    // The package script's own assignments, then the app's env over them.
-    let mut env: std::collections::BTreeMap<String, String> = wrapper_env.into_iter().collect();
-    env.extend(raw.env.clone().unwrap_or_default());
-    if let Some(env_name) = &over.env_name {
-        let Some(extra) = raw.env_named.get(env_name) else {
-            return Err(err(
-                &format!("env_{env_name}"),
-                format!("--env {env_name} was given but the app has no `env_{env_name}`"),
-            ));
-        };
-        env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-
+    let env = environment(&raw, over, program.env, &at)?;
     let ms = Duration::from_millis;
     let listen_timeout = over
         .listen_timeout
@@ -211,34 +93,34 @@ pub fn resolve(
         .or(raw.listen_timeout)
         .unwrap_or(ms(3000));
     if listen_timeout.is_zero() {
-        return Err(err("listen_timeout", "must be more than 0".into()));
+        return Err(at.err("listen_timeout", "must be more than 0".into()));
     }
     let reload_parallel = over
         .reload_parallel
         .or(raw.reload_parallel)
         .unwrap_or(DEFAULT_RELOAD_PARALLEL);
     if reload_parallel == 0 {
-        return Err(err("reload_parallel", "must be at least 1".into()));
+        return Err(at.err("reload_parallel", "must be at least 1".into()));
     }
     let balance = match &over.balance {
-        Some(b) => values::balance(b).map_err(|m| err("balance", m))?,
+        Some(b) => values::balance(b).map_err(|m| at.err("balance", m))?,
         None => raw.balance.unwrap_or_default(),
     };
     let credentials = resolve_credentials(raw.uid.as_deref(), raw.gid.as_deref())
-        .map_err(|(key, msg)| err(key, msg))?;
+        .map_err(|(key, msg)| at.err(key, msg))?;
     let shared_listen = raw.shared_listen.clone().unwrap_or_default();
     for a in &shared_listen {
-        crate::shared::Allowed::parse(a).map_err(|m| err("shared_listen", m))?;
+        crate::shared::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
     }
 
     Ok(Loaded {
         app: App {
             name,
-            script: absolute(&script_path),
-            args,
-            cwd: absolute(&cwd),
-            interpreter,
-            interpreter_args,
+            script: absolute(&program.script),
+            args: program.args,
+            cwd: absolute(&program.cwd),
+            interpreter: program.interpreter,
+            interpreter_args: program.interpreter_args,
             instances,
             instance_var,
             env,
@@ -272,6 +154,178 @@ pub fn resolve(
         },
         warnings,
     })
+}
+
+/// The script, where it runs, and with what: `script: 'npm', args:
+/// 'start'` and `script: 'next'` become the node command they stand for
+/// (see wrapper.rs); the interpreter is found on `PATH` and the script
+/// checked.
+fn program(raw: &RawApp, over: &Overrides, base: &Path, at: &At) -> Result<Program, ConfigError> {
+    let mut script = raw
+        .script
+        .clone()
+        .ok_or_else(|| at.err("script", "is missing: say which file to run".into()))?;
+    let cwd = match &raw.cwd {
+        Some(c) => base.join(c),
+        None => base.to_path_buf(),
+    };
+    if !cwd.is_dir() {
+        return Err(at.err("cwd", format!("{} is not a directory", cwd.display())));
+    }
+    let mut args = if over.args.is_empty() {
+        raw.args.clone().unwrap_or_default()
+    } else {
+        over.args.clone()
+    };
+    // Interpreter: node unless told otherwise; `none` runs the script itself.
+    let interp_name = over
+        .interpreter
+        .clone()
+        .or(raw.interpreter.clone())
+        .or(raw.exec_interpreter.clone());
+    let mut wrapper_node_args = Vec::new();
+    let mut env = Vec::new();
+    let node_interpreter = match interp_name.as_deref() {
+        None | Some("") => true,
+        Some("none") => false,
+        Some(i) => Path::new(i)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("node")),
+    };
+    if node_interpreter && !cwd.join(&script).exists() {
+        if wrapper::is_package_manager(&script) {
+            let cmd =
+                wrapper::package_script(&cwd, &script, &args).map_err(|m| at.err("script", m))?;
+            script = cmd.script;
+            args = cmd.args;
+            wrapper_node_args = cmd.node_args;
+            env = cmd.env;
+        } else if let Some(bin) = wrapper::bin_command(&cwd, &script) {
+            script = bin.display().to_string();
+        }
+    }
+    let script = normalize(&cwd.join(&script));
+    let interpreter = match interp_name.as_deref() {
+        None | Some("node") | Some("") => Interpreter::Node(PathBuf::from("node")),
+        Some("none") => Interpreter::None,
+        Some(other) => {
+            let base_name = Path::new(other)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            if base_name.starts_with("node") {
+                Interpreter::Node(PathBuf::from(other))
+            } else {
+                Interpreter::Other(PathBuf::from(other))
+            }
+        }
+    };
+    check_runnable(&interpreter, &script, at)?;
+    let mut interpreter_args: Vec<String> = match &over.node_args {
+        Some(a) => a.split_whitespace().map(str::to_string).collect(),
+        None => raw
+            .node_args
+            .clone()
+            .or(raw.interpreter_args.clone())
+            .unwrap_or_default(),
+    };
+    interpreter_args.extend(wrapper_node_args);
+    interpreter_args.retain(|a| !a.is_empty());
+    Ok(Program {
+        cwd,
+        script,
+        args,
+        interpreter,
+        interpreter_args,
+        env,
+    })
+}
+
+/// The interpreter is on `PATH` and executable, and the script is a file
+/// (or, run directly, an executable one).
+fn check_runnable(interpreter: &Interpreter, script: &Path, at: &At) -> Result<(), ConfigError> {
+    match interpreter {
+        Interpreter::Node(p) | Interpreter::Other(p) => {
+            if find_executable(p).is_none() {
+                return Err(at.err(
+                    "interpreter",
+                    format!("{} was not found or is not executable", p.display()),
+                ));
+            }
+            if !script.is_file() {
+                return Err(at.err(
+                    "script",
+                    format!("{} does not exist or is not a file", script.display()),
+                ));
+            }
+        }
+        Interpreter::None => {
+            if find_executable(script).is_none() {
+                return Err(at.err(
+                    "script",
+                    format!("{} was not found or is not executable", script.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `instances` (or `-i`) against the CPUs; PM2 starts one when it is
+/// unset, and `exec_mode: fork` always one.
+fn instances(
+    raw: &RawApp,
+    over: &Overrides,
+    sys: System,
+    at: &At,
+    warnings: &mut Vec<String>,
+) -> Result<u32, ConfigError> {
+    let n = match &over.instances {
+        Some(s) => values::instances(&serde_json::Value::String(s.clone()))
+            .and_then(|i| i.resolve(sys.cpus))
+            .map_err(|msg| ConfigError {
+                source: "command line".into(),
+                app: Some(at.app.to_string()),
+                key: Some("--instances".into()),
+                msg,
+            })?,
+        None => raw
+            .instances
+            .unwrap_or(Instances::Count(1))
+            .resolve(sys.cpus)
+            .map_err(|m| at.err("instances", m))?,
+    };
+    if raw.fork_mode.unwrap_or(false) && over.instances.is_none() && n > 1 {
+        warnings.push(format!(
+            "{}: app \"{}\": exec_mode fork runs one worker; `instances` ignored",
+            at.source, at.app
+        ));
+        return Ok(1);
+    }
+    Ok(n)
+}
+
+/// The package script's own assignments, then the app's `env`, then
+/// `env_<name>` for `--env <name>`.
+fn environment(
+    raw: &RawApp,
+    over: &Overrides,
+    script_env: Vec<(String, String)>,
+    at: &At,
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let mut env: std::collections::BTreeMap<String, String> = script_env.into_iter().collect();
+    env.extend(raw.env.clone().unwrap_or_default());
+    if let Some(env_name) = &over.env_name {
+        let Some(extra) = raw.env_named.get(env_name) else {
+            return Err(at.err(
+                &format!("env_{env_name}"),
+                format!("--env {env_name} was given but the app has no `env_{env_name}`"),
+            ));
+        };
+        env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(env)
 }
 
 /// `uid`/`gid`: a name or a number each; a user alone brings its primary group.
