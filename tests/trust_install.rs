@@ -158,14 +158,17 @@ fn assert_confined(seen: &str, targets: &[&Path]) {
 }
 
 /// `cmd` inherits `file` at descriptor 77, without close-on-exec, as a
-/// manager holds its listening sockets.
+/// manager holds its listening sockets, and root's supplementary groups
+/// include `shadow` (42), as a login's may.
 fn hold_at_77(cmd: &mut Command, file: &std::fs::File) {
     use std::os::fd::AsRawFd;
     let raw = file.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe, and `file` outlives the spawn.
+    // SAFETY: dup2 and setgroups are async-signal-safe, and `file`
+    // outlives the spawn.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, 77) < 0 {
+            let groups: [libc::gid_t; 2] = [0, 42];
+            if libc::dup2(raw, 77) < 0 || libc::setgroups(2, groups.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -264,10 +267,7 @@ fn a_config_js_nobody_cannot_read_is_refused_saying_how() {
     let t = Target::new(&dir);
     let (code, _, err) = t.install(&eco, &[]);
     assert_eq!(code, 2, "{err}");
-    for want in [
-        "evaluated the file as user nobody",
-        "convert it to JSON",
-    ] {
+    for want in ["evaluated the file as user nobody", "convert it to JSON"] {
         assert!(err.contains(want), "expected {want:?}: {err}");
     }
     assert_eq!(t.written(), Vec::<PathBuf>::new());
@@ -306,7 +306,7 @@ fn values_that_would_add_a_line_to_a_unit_file_are_refused_and_nothing_is_writte
         (
             app_with(
                 "listen",
-                serde_json::json!(format!("127.0.0.1:8000\r{evil}")),
+                serde_json::json!(format!("unix:/run/a.sock\r{evil}")),
             ),
             vec![],
             "key `listen`",
@@ -317,7 +317,10 @@ fn values_that_would_add_a_line_to_a_unit_file_are_refused_and_nothing_is_writte
             "key `listen`",
         ),
         (
-            app_with("listen", serde_json::json!(["udp:127.0.0.1:53\u{0b}x"])),
+            app_with(
+                "listen",
+                serde_json::json!(["127.0.0.1:8000", "unix:/run/a\u{0b}b.sock"]),
+            ),
             vec![],
             "key `listen`",
         ),
@@ -377,18 +380,21 @@ fn values_that_would_add_a_line_to_a_unit_file_are_refused_and_nothing_is_writte
             "key `uid`",
         ),
     ];
+    let mut held = Vec::new();
     for (n, (entry, flags, names)) in cases.into_iter().enumerate() {
         let eco = file(n, entry.clone());
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let (code, out, err) = t.install(&eco, &flags);
-        assert_eq!(code, 2, "{entry} {flags:?}: exit {code}\n{out}\n{err}");
-        assert!(err.contains(names), "{entry} {flags:?}: {err}");
-        assert_eq!(
-            t.written(),
-            Vec::<PathBuf>::new(),
-            "{entry} {flags:?} wrote files"
-        );
+        let (code, _, err) = t.install(&eco, &flags);
+        let written = t.written();
+        if code != 2 || !err.contains(names) || !written.is_empty() {
+            held.push(format!(
+                "{entry} {flags:?}: exit {code}, wrote {written:?}: {}",
+                err.trim()
+            ));
+        }
+        let _ = std::fs::remove_dir_all(&t.out);
     }
+    assert!(held.is_empty(), "not refused:\n{}", held.join("\n"));
 }
 
 /// What goes only into the JSON copy may hold anything: JSON escapes it,
