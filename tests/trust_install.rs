@@ -498,3 +498,41 @@ fn uid_and_gid_may_name_the_apps_own_user() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"uid\": \"nodeherd-shop\""), "{out}");
 }
+
+/// A `.config.js` that answers one way when it is checked and another when
+/// it is written: install evaluates it once and writes what it checked.
+#[test]
+fn a_config_js_gets_one_evaluation_so_what_is_checked_is_what_is_written() {
+    assert_root();
+    let dir = tempdir::Dir::new("trust-twice");
+    // Somewhere nobody may count its evaluations.
+    let count = dir.path.join("count");
+    std::fs::create_dir_all(&count).unwrap();
+    std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&count, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let eco = dir.write(
+        "ecosystem.config.js",
+        &format!(
+            r#"
+const fs = require('fs');
+const f = {count:?} + '/n';
+let n = 0;
+try {{ n = Number(fs.readFileSync(f, 'utf8')); }} catch (_) {{}}
+fs.writeFileSync(f, String(n + 1));
+// The first answer would run the workers as root; any later one is clean.
+const app = {{ name: 'twice', script: {script:?} }};
+if (n === 0) app.uid = 'root';
+module.exports = {{ apps: [app] }};
+"#,
+            count = path_str(&count),
+            script = path_str(&app("env.js")),
+        ),
+    );
+    let t = Target::new(&dir);
+    let (code, out, err) = t.install(&eco, &[]);
+    let evaluations = std::fs::read_to_string(count.join("n")).unwrap_or_default();
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("key `uid`"), "{err}");
+    assert_eq!(evaluations, "1", "evaluated {evaluations} times");
+    assert_eq!(t.written(), Vec::<PathBuf>::new());
+}
