@@ -903,8 +903,10 @@ ct sh -c "cat >/srv/sock/ecosystem.config.js" <<'JS'
 const fs = require('fs');
 let wrote;
 try { fs.writeFileSync('/etc/nodeherd-pwned', 'pwned\n'); wrote = 'written'; } catch (e) { wrote = e.code; }
+// PORT: the app listens on the template's Unix socket (a port would be
+// a TCP listen of its own, which no Unix socket stands for).
 module.exports = { apps: [{ name: 'sock', script: './app.js', instances: 1,
-  env: { EVALUATED_AS: process.getuid() + ' ' + wrote } }] };
+  env: { PORT: '/run/nodeherd/sock.sock', EVALUATED_AS: process.getuid() + ' ' + wrote } }] };
 JS
 rc=0; out=$(ct nodeherd install /srv/sock/ecosystem.config.js --now 2>&1) || rc=$?
 expect "o: nodeherd install of a .config.js that writes to /etc exits 0 (${out//$'\n'/ | })" test "$rc" = 0
@@ -916,7 +918,7 @@ SOCK=/run/nodeherd/sock.sock
 get_unix() {
     local as=(ct)
     [[ $1 == root ]] || as=(ct_as "$1")
-    "${as[@]}" timeout 60 node -e "require('http').get({ socketPath: '$SOCK', path: '/' }, (r) => { console.log(r.statusCode); r.resume(); }).on('error', (e) => console.log(e.code))" 2>&1
+    "${as[@]}" timeout 30 node -e "require('http').get({ socketPath: '$SOCK', path: '/' }, (r) => { console.log(r.statusCode); r.resume(); }).on('error', (e) => console.log(e.code))" 2>&1 || echo "timeout/$?"
 }
 expect "o: the socket is 0660, group nodeherd-sock ($(ct stat -c '%a %G' $SOCK))" test "$(ct stat -c '%a %G' $SOCK)" = "660 nodeherd-sock"
 got=$(get_unix root)
@@ -979,10 +981,10 @@ expect "p: its 2 workers ($w) run as nodeherd-rp ($wuids)" test "$wuids" = "$rp_
 wcaps=$(for p in $w; do proc_field "$p" CapEff; done | sort -u | tr '\n' ' ')
 expect "p: with no capability ($wcaps)" test "$wcaps" = "0000000000000000 "
 listeners=$(ss -Htln "sport = :$RP_PORT" | wc -l)
-expect "p: balance reuseport: systemd's socket and one per worker on :$RP_PORT ($listeners)" test "$listeners" = 3
+expect "p: balance reuseport: a socket per worker on :$RP_PORT, systemd's being worker 0's ($listeners)" test "$listeners" = 2
 answers=""
 for _ in $(seq 40); do
-    answers+=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1)$'\n'
+    answers+=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1 || true)$'\n'
 done
 pids=$(jq -r '.pid' <<<"$answers" 2>/dev/null | sort -u | wc -l)
 expect "p: requests are served by both workers ($pids pids in 40 requests)" test "$pids" = 2
@@ -1006,10 +1008,11 @@ expect "p: a killed worker is replaced" wait_for 30 replaced
 body=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1 || true)
 expect "p: and the app answers ($body)" test "$(jq -r .uid <<<"$body" 2>/dev/null)" = "$rp_uid"
 rp_cg=$(prop "$RP" ControlGroup)
+s0=$EPOCHREALTIME
 rc=0; timeout 60 nsenter -t "$PID1" -a systemctl stop "$RP" || rc=$?
 left=$(ct sh -c "cat $CGROOT$rp_cg/cgroup.procs 2>/dev/null" | tr '\n' ' ' || true)
 expect "p: systemctl stop exits 0 ($rc), no process left in $rp_cg (${left:-none})" test "$rc" = 0 -a -n "$rp_cg" -a -z "${left// /}"
-killed=$(ct journalctl --no-pager -u "$RP" | grep -E 'Killing process|SIGKILL' || true)
+killed=$(ct journalctl --no-pager -u "$RP" --since "@${s0%.*}" | grep -E 'Killing process' || true)
 expect "p: the manager stopped its workers itself${killed:+: $killed}" test -z "$killed"
 
 echo
