@@ -225,7 +225,7 @@ pub struct InstallArgs {
 
     /// The group that may connect to the app's Unix socket (SocketMode=0660),
     /// e.g. www-data for a reverse proxy. Default: the app's own group
-    /// nodeherd-NAME, so only root and the app itself may
+    /// nodeherd-NAME (root and the app only)
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
