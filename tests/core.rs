@@ -465,11 +465,19 @@ fn wait_ready_without_ready_serves_after_listen_timeout_and_a_reload_fails_close
             "--bus",
             &no_bus,
         ],
-        &[(k, &v), ("WARMUP_MS", "never"), ("XDG_RUNTIME_DIR", &rt_path)],
+        &[
+            (k, &v),
+            ("WARMUP_MS", "never"),
+            ("XDG_RUNTIME_DIR", &rt_path),
+        ],
     );
     let port = m.port();
     assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
-    assert!(m.log().contains("taken as ready, as PM2 does"), "{}", m.log());
+    assert!(
+        m.log().contains("taken as ready, as PM2 does"),
+        "{}",
+        m.log()
+    );
     let pids = m.workers();
     assert_eq!(pids.len(), 2);
     // They serve on, past several listen_timeouts, and nobody kills them.

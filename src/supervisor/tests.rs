@@ -438,8 +438,9 @@ fn with_wait_ready_a_first_worker_silent_past_listen_timeout_is_taken_as_ready()
         w.notes()
     );
     assert!(
-        w.logs()
-            .contains("sent no 'ready' (nor READY=1) within listen_timeout (3000 ms): taken as ready"),
+        w.logs().contains(
+            "sent no 'ready' (nor READY=1) within listen_timeout (3000 ms): taken as ready"
+        ),
         "{}",
         w.logs()
     );
