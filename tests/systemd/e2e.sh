@@ -1002,7 +1002,7 @@ common=$(comm -12 <(tr ' ' '\n' <<<"$w" | sort) <(tr ' ' '\n' <<<"$w2" | sort) |
 wuids=$(for p in $w2; do proc_field "$p" Uid; done | sort -u | tr '\n' ' ')
 expect "p: every worker replaced ($w -> $w2), as nodeherd-rp again ($wuids)" test "$common" = 0 -a "$wuids" = "$rp_uid "
 victim=$(rp_workers | head -1)
-ct kill -KILL "$victim" || fail "p: cannot kill worker $victim"
+ct sh -c "kill -KILL $victim" || fail "p: cannot kill worker $victim"
 replaced() { [[ $(rp_workers | wc -l) == 2 ]] && ! rp_workers | grep -qx "$victim"; }
 expect "p: a killed worker is replaced" wait_for 30 replaced
 body=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1 || true)
