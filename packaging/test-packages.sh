@@ -373,6 +373,7 @@ common_paths=(
     '/usr/share/doc/nodeherd/interfaces.md*'
     /usr/share/doc/nodeherd/examples/myapp.socket
     /usr/share/doc/nodeherd/examples/myapp.service
+    /usr/share/doc/nodeherd/examples/root-manager.conf
 )
 deb_paths=(
     "${common_paths[@]}"

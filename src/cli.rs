@@ -223,6 +223,12 @@ pub struct InstallArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
 
+    /// The group that may connect to the app's Unix socket (SocketMode=0660),
+    /// e.g. www-data for a reverse proxy. Default: the app's own group
+    /// nodeherd-NAME (root and the app only)
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
     /// Start the socket (and with --boot the service) now
     #[arg(long)]
     pub now: bool,

@@ -16,6 +16,14 @@
 //! that lets that user alone own the app's bus name, made live with the
 //! bus's `ReloadConfig`. So one app cannot own another's name, signal its
 //! processes or read its files.
+//!
+//! It runs as root on a file whoever deploys the app can write, so the file
+//! gets no more than that app's user would: a `.config.js` is evaluated as
+//! `nobody` (see config::js); what goes into a unit file is checked and
+//! escaped here (a newline in a listen address would be a line of the
+//! file's choosing in a file root's systemd runs); `uid`/`gid` may name the
+//! app's own user only; the copy holding `env` is created unreadable to
+//! others from its first byte.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -53,7 +61,7 @@ struct Plan {
     name: String,
     config: PathBuf,
     config_text: String,
-    dropin: Option<(PathBuf, String)>,
+    dropin: (PathBuf, String),
     sysusers: (PathBuf, String),
     policy: (PathBuf, String),
 }
@@ -69,9 +77,14 @@ pub fn uninstall(args: UninstallArgs) -> ExitCode {
 fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
     let file = std::path::absolute(&args.ecosystem)
         .map_err(|e| Failure::Refused(format!("{}: {e}", args.ecosystem.display())))?;
+    // Read (and a .config.js evaluated) once: what is checked below is
+    // what is written.
     let entries = config::read_entries(&file).map_err(|e| Failure::Refused(e.to_string()))?;
     let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    if let Some(g) = &args.socket_group {
+        check_socket_group(g)?;
+    }
     let mut plans = Vec::new();
     for entry in &entries {
         let name = match entry.get("name").and_then(Value::as_str) {
@@ -88,13 +101,7 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         }
         check_unit_name(&name)?;
         check_user_name(&name)?;
-        // The whole configuration must be valid before anything is written.
-        let over = Overrides {
-            only: Some(name.clone()),
-            ..Overrides::default()
-        };
-        config::load(&file, &over, cpus).map_err(|e| Failure::Refused(e.to_string()))?;
-        plans.push(plan(args, &file, &base, entry, &name)?);
+        plans.push(plan(args, &file, &base, entry, &name, cpus)?);
     }
     if plans.is_empty() {
         return Err(Failure::Refused(match &args.only {
@@ -114,7 +121,7 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
     // The users first: the bus resolves the user its policy names when it
     // loads it, and the configuration copy is the app's group's to read.
     for p in &plans {
-        write_file(&p.sysusers.0, &p.sysusers.1, args.dirs.dry_run, None)?;
+        write_file(&p.sysusers.0, &p.sysusers.1, args.dirs.dry_run, 0o644, None)?;
         run(
             "systemd-sysusers",
             &[p.sysusers.0.display().to_string()],
@@ -122,15 +129,13 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         )?;
     }
     for p in &plans {
-        write_file(&p.policy.0, &p.policy.1, args.dirs.dry_run, Some(0o644))?;
+        write_file(&p.policy.0, &p.policy.1, args.dirs.dry_run, 0o644, None)?;
     }
     reload_bus(args.dirs.dry_run);
     for p in &plans {
         let group = crate::dbus::user_for(&p.name);
         write_config(&p.config, &p.config_text, &group, args.dirs.dry_run)?;
-        if let Some((path, text)) = &p.dropin {
-            write_file(path, text, args.dirs.dry_run, Some(0o644))?;
-        }
+        write_file(&p.dropin.0, &p.dropin.1, args.dirs.dry_run, 0o644, None)?;
     }
     let mut commands = vec![vec!["daemon-reload".to_string()]];
     for p in &plans {
@@ -172,7 +177,9 @@ fn plan(
     base: &Path,
     entry: &Map<String, Value>,
     name: &str,
+    cpus: u32,
 ) -> Result<Plan, Failure> {
+    let source = file.display().to_string();
     let mut entry = entry.clone();
     // The copy lives in /etc/nodeherd: paths relative to the original
     // file's directory must not change meaning.
@@ -181,41 +188,82 @@ fn plan(
         None => base.to_path_buf(),
     };
     entry.insert("cwd".into(), Value::String(cwd.display().to_string()));
-    let listen: Vec<String> = if args.listen.is_empty() {
-        match entry.get("listen") {
+    // The whole configuration must be valid before anything is written. The
+    // app's own user may not exist yet: `install` makes it below.
+    let mut checked = entry.clone();
+    for key in ["uid", "gid"] {
+        if own_principal(&entry, key, name, &source)? {
+            checked.remove(key);
+        }
+    }
+    let over = Overrides {
+        only: Some(name.to_string()),
+        ..Overrides::default()
+    };
+    config::load_entry(&checked, &source, base, &over, cpus)
+        .map_err(|e| Failure::Refused(e.to_string()))?;
+    let listen: Vec<(String, String)> = if args.listen.is_empty() {
+        let at = format!("{source}: app \"{name}\": key `listen`");
+        let words = match entry.get("listen") {
             Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            _ => Vec::new(),
-        }
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(Failure::Refused(format!(
+                        "{at}: expected strings in the array, got {other}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            None | Some(Value::Null) => Vec::new(),
+            Some(other) => {
+                return Err(Failure::Refused(format!(
+                    "{at}: expected a string or an array of strings, got {other}"
+                )));
+            }
+        };
+        words.into_iter().map(|w| (at.clone(), w)).collect()
     } else {
-        args.listen.clone()
+        args.listen
+            .iter()
+            .map(|a| ("--listen".to_string(), a.clone()))
+            .collect()
     };
     let doc = serde_json::json!({
         MARK: file.display().to_string(),
         "apps": [Value::Object(entry)],
     });
     let config_text = serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n";
-    let dropin = if listen.is_empty() {
-        None
-    } else {
-        let mut text = String::from(
-            "# Written by `nodeherd install`: where the app listens.\n[Socket]\nListenStream=\n",
-        );
-        for a in &listen {
-            text.push_str(&socket_line(a)?);
-            text.push('\n');
-        }
-        Some((
-            args.dirs
-                .unit_dir
-                .join(format!("nodeherd@{name}.socket.d"))
-                .join("listen.conf"),
-            text,
-        ))
-    };
+    let group = args
+        .socket_group
+        .clone()
+        .unwrap_or_else(|| crate::dbus::user_for(name));
+    let mut text = String::from(
+        "# Written by `nodeherd install`: where the app listens, and who may connect.\n[Socket]\n",
+    );
+    if !listen.is_empty() {
+        text.push_str("ListenStream=\n");
+    }
+    for (at, a) in &listen {
+        let line = socket_line(a).map_err(|why| Failure::Refused(format!("{at}: {a:?}: {why}")))?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    // A Unix socket is not for every local user: they would reach the app
+    // past the proxy in front of it.
+    text.push_str(&format!(
+        "SocketMode=0660\nSocketGroup={}\n",
+        unit_value(&group)
+            .map_err(|why| Failure::Refused(format!("--socket-group {group:?}: {why}")))?
+    ));
+    let dropin = (
+        args.dirs
+            .unit_dir
+            .join(format!("nodeherd@{name}.socket.d"))
+            .join("listen.conf"),
+        text,
+    );
     let user = crate::dbus::user_for(name);
     let sysusers = (
         args.dirs.sysusers_dir.join(format!("{user}.conf")),
@@ -241,34 +289,149 @@ fn plan(
     })
 }
 
-/// A `--listen` address as a `[Socket]` line.
-fn socket_line(addr: &str) -> Result<String, Failure> {
+/// Is `key` (`uid` or `gid`) the app's own user or group, which `install`
+/// makes? Absent is fine too (false). Anything else is refused: under the
+/// root-manager drop-in (units/README.md) these decide who the workers run
+/// as, and the file's author gets no user but the app's.
+fn own_principal(
+    entry: &Map<String, Value>,
+    key: &str,
+    name: &str,
+    source: &str,
+) -> Result<bool, Failure> {
+    let own = crate::dbus::user_for(name);
+    let Some(v) = entry.get(key) else {
+        return Ok(false);
+    };
+    let existing = match key {
+        "uid" => nix::unistd::User::from_name(&own)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw()),
+        _ => nix::unistd::Group::from_name(&own)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw()),
+    };
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    };
+    if text == own {
+        return Ok(existing.is_none());
+    }
+    if existing.is_some_and(|id| text.parse::<u32>() == Ok(id)) {
+        return Ok(false);
+    }
+    Err(Failure::Refused(format!(
+        "{source}: app \"{name}\": key `{key}`: {v}: an installed app runs as its own user {own} \
+         and no other (a root manager would run its workers as whoever the file names); \
+         remove the key, or write \"{own}\""
+    )))
+}
+
+/// A value as systemd will read it back, or why it cannot be one. A
+/// control character (a newline above all) would end the line and start
+/// one of the value's choosing in a file root's systemd runs; a backslash
+/// is an escape, or at the end of a line joins the next one; `%` starts a
+/// specifier, so it is doubled.
+fn unit_value(v: &str) -> Result<String, String> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "holds the control character {:?}, which cannot go into a unit file",
+            c
+        ));
+    }
+    if v.contains('\\') {
+        return Err("holds a backslash, which systemd would read as an escape".into());
+    }
+    if v.is_empty() || v.contains(char::is_whitespace) {
+        return Err("must be one word, without spaces".into());
+    }
+    Ok(v.replace('%', "%%"))
+}
+
+/// A group systemd can give the socket to: one that exists, by a name
+/// useradd would accept or by number.
+fn check_socket_group(g: &str) -> Result<(), Failure> {
+    let well_formed = g.len() <= 31
+        && (g.chars().all(|c| c.is_ascii_digit())
+            || (g.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && g.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')));
+    if !well_formed {
+        return Err(Failure::Refused(format!(
+            "--socket-group {g:?}: not a group name (letters, digits, _ and -, at most 31) or number"
+        )));
+    }
+    let exists = match g.parse::<u32>() {
+        Ok(n) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(n)),
+        Err(_) => nix::unistd::Group::from_name(g),
+    }
+    .ok()
+    .flatten()
+    .is_some();
+    if exists {
+        Ok(())
+    } else {
+        Err(Failure::Refused(format!(
+            "--socket-group {g:?}: no such group on this system (systemd could not give the socket to it)"
+        )))
+    }
+}
+
+/// A listen address as a `[Socket]` line, or why it cannot be one.
+/// systemd's `ListenStream=` takes a port, an IP address and port, or a
+/// path; no host names.
+fn socket_line(addr: &str) -> Result<String, String> {
+    let value = unit_value(addr)?;
     let bad = || {
-        Failure::Refused(format!(
-            "--listen {addr}: expected HOST:PORT, [IPv6]:PORT, PORT, unix:/path or udp:HOST:PORT"
-        ))
+        "expected PORT, IPv4:PORT, [IPv6]:PORT, unix:/path or udp:IP:PORT (systemd takes no host names)"
+            .to_string()
     };
     if let Some(path) = addr.strip_prefix("unix:") {
         if !path.starts_with('/') {
             return Err(bad());
         }
-        return Ok(format!("ListenStream={path}"));
-    }
-    if let Some(rest) = addr.strip_prefix("udp:") {
-        if rest.is_empty() {
-            return Err(bad());
+        if path.len() > 107 {
+            return Err("a Unix socket path may have at most 107 bytes".into());
         }
-        return Ok(format!("ListenDatagram={rest}"));
+        return Ok(format!("ListenStream={}", &value["unix:".len()..]));
     }
-    let rest = addr.strip_prefix("tcp:").unwrap_or(addr);
-    let port_ok = rest
-        .rsplit(':')
-        .next()
-        .is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
-    if rest.is_empty() || !port_ok || rest.contains(char::is_whitespace) {
+    let (key, rest, value) = match addr.strip_prefix("udp:") {
+        Some(rest) => ("ListenDatagram", rest, &value["udp:".len()..]),
+        None => match addr.strip_prefix("tcp:") {
+            Some(rest) => ("ListenStream", rest, &value["tcp:".len()..]),
+            None => ("ListenStream", addr, &value[..]),
+        },
+    };
+    if !ip_and_port(rest) {
         return Err(bad());
     }
-    Ok(format!("ListenStream={rest}"))
+    Ok(format!("{key}={value}"))
+}
+
+/// `PORT`, `IPv4:PORT` or `[IPv6]:PORT` (with a `%scope`), port not 0.
+fn ip_and_port(s: &str) -> bool {
+    let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
+    if port_ok(s) {
+        return true;
+    }
+    if let Some(v6) = s.strip_prefix('[') {
+        let Some((host, port)) = v6.split_once("]:") else {
+            return false;
+        };
+        let (ip, scope) = host.split_once('%').unwrap_or((host, ""));
+        let scope_ok = host == ip
+            || (!scope.is_empty()
+                && scope
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)));
+        return ip.parse::<std::net::Ipv6Addr>().is_ok() && scope_ok && port_ok(port);
+    }
+    s.rsplit_once(':')
+        .is_some_and(|(ip, port)| ip.parse::<std::net::Ipv4Addr>().is_ok() && port_ok(port))
 }
 
 /// A systemd instance name may hold only ASCII letters, digits and `:_.-`.
@@ -335,30 +498,39 @@ fn foreign_config(dir: &Path, name: &str, source: &Path) -> Option<PathBuf> {
 /// The copy may hold secrets (`env`): root's, readable by the app's own
 /// group only (not by other apps, nor by operators in group nodeherd).
 fn write_config(path: &Path, text: &str, group: &str, dry_run: bool) -> Result<(), Failure> {
-    write_file(path, text, dry_run, Some(0o640))?;
     if dry_run {
-        return Ok(());
+        return write_file(path, text, true, 0o640, None);
     }
     match nix::unistd::Group::from_name(group).ok().flatten() {
-        Some(g) => nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| {
-            Failure::Failed(format!(
-                "cannot give {} to group {group}: {e}",
-                path.display()
-            ))
-        }),
+        Some(g) => write_file(path, text, false, 0o640, Some(g.gid.as_raw())),
         None => Err(Failure::Failed(format!(
-            "group {group} does not exist after systemd-sysusers; {} stays root's only",
+            "group {group} does not exist after systemd-sysusers; {} not written",
             path.display()
         ))),
     }
 }
 
-fn write_file(path: &Path, text: &str, dry_run: bool, mode: Option<u32>) -> Result<(), Failure> {
+fn write_file(
+    path: &Path,
+    text: &str,
+    dry_run: bool,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
     if dry_run {
         println!("--- would write {}\n{text}", path.display());
         return Ok(());
     }
-    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+    // Unchanged means the owner and mode too: a copy an older nodeherd
+    // left readable to all is written again.
+    let same = std::fs::symlink_metadata(path).is_ok_and(|m| {
+        m.is_file()
+            && m.mode() & 0o7777 == mode
+            && m.uid() == nix::unistd::geteuid().as_raw()
+            && gid.is_none_or(|g| m.gid() == g)
+    }) && std::fs::read_to_string(path).is_ok_and(|old| old == text);
+    if same {
         println!("unchanged {}", path.display());
         return Ok(());
     }
@@ -375,16 +547,79 @@ fn write_file(path: &Path, text: &str, dry_run: bool, mode: Option<u32>) -> Resu
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(denied)?;
     }
-    let tmp = path.with_extension("tmp-nodeherd");
-    std::fs::write(&tmp, text).map_err(denied)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = mode.unwrap_or(0o644);
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(denied)?;
-    }
-    std::fs::rename(&tmp, path).map_err(denied)?;
+    write_private(path, text, mode, gid, &mut |_, _| Ok(())).map_err(denied)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Write `text` to `path` so that no one but root reads it before it has
+/// `mode` and group `gid`: a new file (`O_EXCL|O_NOFOLLOW`, never one
+/// planted there or a link) created `0600`, given its group and mode on
+/// the descriptor, and only then filled, synced and renamed over `path`.
+/// `observe` sees the file when created (`"created"`) and just before the
+/// first byte (`"writing"`); the tests look at its mode there.
+fn write_private(
+    path: &Path,
+    text: &str,
+    mode: u32,
+    gid: Option<u32>,
+    observe: &mut dyn FnMut(&'static str, &std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut created = None;
+    for attempt in 0..16u32 {
+        let tmp = dir.join(format!(
+            ".{base}.{}-{nanos:x}-{attempt}.tmp",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => {
+                created = Some((tmp, f));
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let Some((tmp, mut f)) = created else {
+        return Err(std::io::Error::other(format!(
+            "no unused temporary name beside {}",
+            path.display()
+        )));
+    };
+    let result = (|| {
+        observe("created", &f)?;
+        if let Some(g) = gid {
+            nix::unistd::fchown(&f, None, Some(nix::unistd::Gid::from_raw(g)))?;
+        }
+        // After the chown, which may clear mode bits.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        observe("writing", &f)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself, across a crash.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn systemctl(args: &[String], dry_run: bool) -> Result<(), Failure> {
@@ -509,16 +744,89 @@ mod tests {
         assert_eq!(ok("8000"), "ListenStream=8000");
         assert_eq!(ok("unix:/run/app.sock"), "ListenStream=/run/app.sock");
         assert_eq!(ok("udp:127.0.0.1:5353"), "ListenDatagram=127.0.0.1:5353");
+        assert_eq!(ok("tcp:127.0.0.1:80"), "ListenStream=127.0.0.1:80");
+        // A specifier character is kept literal (a link-local scope).
+        assert_eq!(ok("[fe80::1%eth0]:80"), "ListenStream=[fe80::1%%eth0]:80");
+        assert_eq!(ok("unix:/run/50%.sock"), "ListenStream=/run/50%%.sock");
         for bad in [
             "",
             "unix:rel.sock",
             "host:",
+            "localhost:8000",
             "127.0.0.1:0",
             "1.2.3.4:99999",
             "a b:80",
+            "[::1]8000",
+            "udp:",
+            "unix:/run/a.sock\nExecStartPre=/bin/touch /tmp/x",
+            "unix:/run/a.sock\rExecStartPre=/bin/true",
+            "unix:/run/a.sock\\",
+            "unix:/run/a\tb.sock",
+            "127.0.0.1:80\u{85}x",
+            "unix:/run/a.sock\0",
         ] {
             assert!(socket_line(bad).is_err(), "{bad:?} accepted");
         }
+        let long = format!("unix:/{}", "a".repeat(107));
+        assert!(socket_line(&long).is_err());
+    }
+
+    #[test]
+    fn unit_values_are_one_safe_word() {
+        assert_eq!(unit_value("www-data").unwrap(), "www-data");
+        assert_eq!(unit_value("a%b").unwrap(), "a%%b");
+        for bad in ["", "a b", "a\nb", "a\\", "x\u{7f}"] {
+            assert!(unit_value(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The copy holding `env` is never readable by others, not even
+    /// before its first byte: created owner-only, then given its group
+    /// and mode on the descriptor, and only then written.
+    #[test]
+    fn private_files_have_their_mode_before_the_first_byte() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("nodeherd-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shop.json");
+        // An old copy, readable by all, is replaced, not reused.
+        std::fs::write(&path, "old").unwrap();
+        let gid = 65534;
+        let mut seen = Vec::new();
+        let r = write_private(
+            &path,
+            "{\"env\":{\"TOKEN\":\"s3cret\"}}",
+            0o640,
+            Some(gid),
+            &mut |stage, f| {
+                let m = f.metadata()?;
+                seen.push((stage, m.mode() & 0o7777, m.gid(), m.len()));
+                Ok(())
+            },
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        r.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let (stage, mode, _, len) = seen[0];
+        assert_eq!((stage, len), ("created", 0));
+        assert_eq!(mode & 0o077, 0, "created readable by others: {mode:o}");
+        assert_eq!(seen[1], ("writing", 0o640, gid, 0), "{seen:?}");
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        assert_eq!(meta.gid(), gid);
+        assert!(text.contains("s3cret"));
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("shop.json")],
+            "a temporary file was left"
+        );
     }
 
     #[test]

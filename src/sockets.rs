@@ -433,7 +433,8 @@ pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), 
                     "balance reuseport: cannot add sockets beside {what}: the kernel lets only the user \
                      that created a socket (systemd: root) add SO_REUSEPORT siblings to it, and this \
                      manager runs as uid {}. Run the manager as root and the workers as the app's user \
-                     (no User= in the service, `uid`/`gid` in the app's config), or let nodeherd bind \
+                     (the drop-in root-manager.conf in nodeherd's examples, and `uid`/`gid` naming the \
+                     app's user in its config), or let nodeherd bind \
                      the address itself (--listen, no .socket unit), or use balance queue",
                     nix::unistd::geteuid()
                 ));

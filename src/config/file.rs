@@ -1,16 +1,12 @@
-//! Reading an ecosystem file: finding it, evaluating a `.config.js`, and
-//! picking the app entry. Nothing here knows what the keys mean.
+//! Reading an ecosystem file: finding it, reading it (a `.config.js` is
+//! evaluated by `js`), and picking the app entry. Nothing here knows what
+//! the keys mean.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
 use super::ConfigError;
-
-/// How long a `.config.js` may take to evaluate before we give up on it.
-const CONFIG_JS_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) fn is_config_file(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -63,77 +59,9 @@ pub(super) fn read_ecosystem(file: &Path) -> Result<Value, ConfigError> {
     let text = if file.extension().is_some_and(|e| e == "json") {
         std::fs::read_to_string(file).map_err(|e| err(format!("cannot read: {e}")))?
     } else {
-        eval_config_js(file).map_err(err)?
+        super::js::evaluate(file).map_err(err)?
     };
     serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))
-}
-
-/// Evaluate a `.config.js` with node and return the JSON it prints.
-fn eval_config_js(file: &Path) -> Result<String, String> {
-    // The evaluator accepts `module.exports = {...}`, a function returning
-    // the config, and ES modules with a default export.
-    const EVAL: &str = r#"
-const p = require('path').resolve(process.argv[1]);
-const done = (m) => {
-  let c = m && m.__esModule && m.default ? m.default : m;
-  if (c && typeof c === 'object' && 'default' in c && !('apps' in c)) c = c.default;
-  if (typeof c === 'function') c = c();
-  Promise.resolve(c).then((v) => process.stdout.write(JSON.stringify(v === undefined ? null : v)));
-};
-if (p.endsWith('.mjs')) import(require('url').pathToFileURL(p)).then(done, (e) => { console.error(String(e && e.stack || e)); process.exit(1); });
-else done(require(p));
-"#;
-    let mut child = Command::new("node")
-        .arg("-e")
-        .arg(EVAL)
-        .arg(file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("NODE_OPTIONS")
-        .spawn()
-        .map_err(|e| format!("cannot run `node` to evaluate it (is node on PATH?): {e}"))?;
-    // Read the pipes on threads so a chatty config cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("stdout was piped above");
-    let mut err = child.stderr.take().expect("stderr was piped above");
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        s
-    });
-    let deadline = Instant::now() + CONFIG_JS_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "evaluating it took longer than {} s (does it loop or wait on something?)",
-                    CONFIG_JS_TIMEOUT.as_secs()
-                ));
-            }
-            Err(e) => return Err(format!("waiting for node failed: {e}")),
-        }
-    };
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
-    if !status.success() {
-        let last = stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .take(6)
-            .collect::<Vec<_>>()
-            .join(" | ");
-        return Err(format!("evaluating it with node failed ({status}): {last}"));
-    }
-    Ok(stdout)
 }
 
 /// Find the app entry: `--only NAME`, or the single app of the file.

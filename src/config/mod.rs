@@ -3,11 +3,11 @@
 //! nodeherd reads the same `apps: [...]` files PM2 does, so an operator can
 //! point a unit at the ecosystem file they already have. `.json` is parsed
 //! directly; `.config.js`/`.cjs`/`.mjs` are evaluated by the `node` found on
-//! PATH (bounded by a timeout, since the file is code) and the JSON it prints
-//! is read. Validation is strict about types and values (an error names the
-//! file, the app, the key and the value) and lenient about unknown keys (a
-//! warning names them), because PM2 files often carry keys meant for other
-//! tools.
+//! PATH (bounded by a timeout, and as user `nobody` when we are root, since
+//! the file is code) and the JSON it prints is read. Validation is strict
+//! about types and values (an error names the file, the app, the key and the
+//! value) and lenient about unknown keys (a warning names them), because PM2
+//! files often carry keys meant for other tools.
 //!
 //! Two steps, as ripgrep splits low-level from high-level arguments:
 //! `keys` parses an entry into a [`RawApp`] (pure: types and values
@@ -17,6 +17,7 @@
 
 mod diff;
 mod file;
+mod js;
 mod keys;
 mod resolve;
 mod values;
@@ -253,6 +254,19 @@ pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, Config
         })?;
         from_entry(&entry, "command line", &cwd, over, sys)
     }
+}
+
+/// Check and resolve one app entry as if it were read from `source`, its
+/// relative paths taken from `base`. `install` checks the very entry it
+/// writes this way: a `.config.js` evaluated twice may answer differently.
+pub fn load_entry(
+    entry: &Map<String, Value>,
+    source: &str,
+    base: &Path,
+    over: &Overrides,
+    cpus: u32,
+) -> Result<Loaded, ConfigError> {
+    from_entry(entry, source, base, over, System { cpus })
 }
 
 /// Parse one entry, then resolve it.

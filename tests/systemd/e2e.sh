@@ -48,6 +48,15 @@
 #   l. nodeherd install of a two-app file, idempotent, names that used to
 #      collide kept apart, a name that cannot be a user refused;
 #      --boot shown by rebooting the container; uninstall
+#   o. a root nodeherd install of a hostile ecosystem file: its .config.js
+#      runs as nobody and cannot write /etc; a listen address carrying a
+#      line of its own is refused and nothing written; the app's Unix socket
+#      is 0660 for the app's group, refuses other users, and with
+#      --socket-group www-data serves www-data
+#   p. units/root-manager.conf: balance reuseport under a root manager
+#      whose workers run as the app's user, with only CAP_SETUID,
+#      CAP_SETGID and CAP_KILL, seccomp and no new privileges; a worker's
+#      request for port 812 is refused; reload, a killed worker, stop
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is bounded,
 # everything started here is ended by pid, and the container, its mounts and
 # cgroups are removed whatever happens.
@@ -171,6 +180,8 @@ PORT=${NODEHERD_E2E_PORT:-$(free_port)}
 URL=http://127.0.0.1:$PORT/
 MYAPP_PORT=$((PORT + 1))
 [[ -z $(ss -Htln "sport = :$MYAPP_PORT") ]] || die "port $MYAPP_PORT is taken"
+RP_PORT=$((PORT + 6))
+[[ -z $(ss -Htln "sport = :$RP_PORT") ]] || die "port $RP_PORT is taken"
 
 # ---------------------------------------------------------------- files for the container
 cp "$BIN" "$HOSTDIR/nodeherd"
@@ -178,7 +189,7 @@ cp -r "$REPO/units" "$HOSTDIR/units"
 cp "$REPO/packaging/dbus/org.nodeherd.conf" "$HOSTDIR/org.nodeherd.conf"
 cp -r "$REPO/packaging/polkit" "$HOSTDIR/polkit"
 cp "$APP_JS" "$HOSTDIR/app.js"
-cp "$HERE/tenant.js" "$HERE/authz-checks.sh" "$HOSTDIR/"
+cp "$HERE/tenant.js" "$HERE/authz-checks.sh" "$HERE/probe.js" "$HOSTDIR/"
 OTHER_PORT=$((PORT + 4)) SQUAT_PORT=$((PORT + 5))
 cat >"$HOSTDIR/setup.sh" <<EOF
 set -eu
@@ -883,6 +894,126 @@ rc=0; out=$(ct nodeherd uninstall beta 2>&1) || rc=$?
 expect "l: uninstall beta exits 0 ($out)" test "$rc" = 0
 expect "l: beta's socket is gone" test "$(ct systemctl show -P ActiveState nodeherd@beta.socket)" = inactive
 expect "l: and its configuration" test ! -e "/proc/$PID1/root/etc/nodeherd/beta.json"
+
+# ================================================================ o
+log "o. a root install of a hostile ecosystem file, and the app's Unix socket"
+ct install -d -m 755 /srv/sock
+ct install -m 644 /shared/app.js /srv/sock/app.js
+ct sh -c "cat >/srv/sock/ecosystem.config.js" <<'JS'
+const fs = require('fs');
+let wrote;
+try { fs.writeFileSync('/etc/nodeherd-pwned', 'pwned\n'); wrote = 'written'; } catch (e) { wrote = e.code; }
+// PORT: the app listens on the template's Unix socket (a port would be
+// a TCP listen of its own, which no Unix socket stands for).
+module.exports = { apps: [{ name: 'sock', script: './app.js', instances: 1,
+  env: { PORT: '/run/nodeherd/sock.sock', EVALUATED_AS: process.getuid() + ' ' + wrote } }] };
+JS
+rc=0; out=$(ct nodeherd install /srv/sock/ecosystem.config.js --now 2>&1) || rc=$?
+expect "o: nodeherd install of a .config.js that writes to /etc exits 0 (${out//$'\n'/ | })" test "$rc" = 0
+evaluated=$(jq -r '.apps[0].env.EVALUATED_AS' "/proc/$PID1/root/etc/nodeherd/sock.json" 2>&1 || true)
+expect "o: it was evaluated as nobody and could not write (uid, write: $evaluated)" test "$evaluated" = "65534 EACCES"
+expect "o: /etc/nodeherd-pwned does not exist" ct test ! -e /etc/nodeherd-pwned
+SOCK=/run/nodeherd/sock.sock
+# get_unix WHO: the HTTP status of GET / on $SOCK as WHO, or the error code.
+get_unix() {
+    local as=(ct)
+    [[ $1 == root ]] || as=(ct_as "$1")
+    "${as[@]}" timeout 30 node -e "require('http').get({ socketPath: '$SOCK', path: '/' }, (r) => { console.log(r.statusCode); r.resume(); }).on('error', (e) => console.log(e.code))" 2>&1 || echo "timeout/$?"
+}
+expect "o: the socket is 0660, group nodeherd-sock ($(ct stat -c '%a %G' $SOCK))" test "$(ct stat -c '%a %G' $SOCK)" = "660 nodeherd-sock"
+got=$(get_unix root)
+expect "o: root is served on it ($got)" test "$got" = 200
+got=$(get_unix nobody)
+expect "o: another local user (nobody) cannot connect past the proxy ($got)" test "$got" = EACCES
+got=$(get_unix www-data)
+expect "o: nor can the proxy's user before --socket-group ($got)" test "$got" = EACCES
+rc=0; out=$(ct nodeherd install /srv/sock/ecosystem.config.js --socket-group www-data 2>&1) || rc=$?
+expect "o: install --socket-group www-data exits 0 (${out//$'\n'/ | })" test "$rc" = 0
+ct systemctl stop nodeherd@sock.service nodeherd@sock.socket || fail "o: sock does not stop"
+ct systemctl start nodeherd@sock.socket || fail "o: sock's socket does not start again"
+expect "o: then the socket is 0660, group www-data ($(ct stat -c '%a %G' $SOCK))" test "$(ct stat -c '%a %G' $SOCK)" = "660 www-data"
+got=$(get_unix www-data)
+expect "o: www-data is served ($got)" test "$got" = 200
+got=$(get_unix nobody)
+expect "o: nobody still is not ($got)" test "$got" = EACCES
+ct systemctl stop nodeherd@sock.service || true
+ct sh -c "cat >/srv/sock/inject.json" <<'JSON'
+{"apps": [{"name": "inject", "script": "./app.js",
+  "listen": ["unix:/run/inject.sock\nExecStartPre=/bin/touch /run/nodeherd-injected"]}]}
+JSON
+rc=0; out=$(ct nodeherd install /srv/sock/inject.json --now 2>&1) || rc=$?
+expect "o: a listen address carrying a line of its own is refused (exit $rc)" test "$rc" = 2
+expect "o: naming the key (${out//$'\n'/ | })" grep -qF 'app "inject": key `listen`' <<<"$out"
+expect "o: and nothing was written for it" ct sh -c 'for f in /etc/systemd/system/nodeherd@inject.* /etc/nodeherd/inject.json /etc/sysusers.d/nodeherd-inject.conf /etc/dbus-1/system.d/org.nodeherd.inject.conf; do [ -e "$f" ] && exit 1; done; exit 0'
+expect "o: nor run" ct test ! -e /run/nodeherd-injected
+
+# ================================================================ p
+log "p. units/root-manager.conf: reuseport under a root manager, workers as the app's user"
+RP=nodeherd@rp.service
+ct install -d -m 755 /srv/rp
+ct install -m 644 /shared/probe.js /srv/rp/app.js
+ct sh -c "cat >/srv/rp/ecosystem.json" <<JSON
+{"apps": [{"name": "rp", "script": "./app.js", "instances": 2, "balance": "reuseport",
+  "uid": "nodeherd-rp", "gid": "nodeherd-rp", "listen": "127.0.0.1:$RP_PORT"}]}
+JSON
+rc=0; out=$(ct nodeherd install /srv/rp/ecosystem.json 2>&1) || rc=$?
+expect "p: install of an app with uid/gid nodeherd-rp exits 0 (${out//$'\n'/ | })" test "$rc" = 0
+ct sh -c "mkdir -p /etc/systemd/system/nodeherd@rp.socket.d /etc/systemd/system/$RP.d &&
+    printf '[Socket]\nReusePort=yes\n' >/etc/systemd/system/nodeherd@rp.socket.d/reuseport.conf &&
+    install -m 644 /shared/units/root-manager.conf /etc/systemd/system/$RP.d/root-manager.conf &&
+    systemctl daemon-reload && systemctl restart nodeherd@rp.socket"
+err=$(ct systemd-analyze verify --man=no "/etc/systemd/system/nodeherd@.service" 2>&1 >/dev/null || echo "(exit $?)")
+expect "p: systemd-analyze verify is silent${err:+: $err}" test -z "$err"
+rc=0; timeout 90 nsenter -t "$PID1" -a systemctl start "$RP" || rc=$?
+expect "p: $RP starts (exit $rc)" test "$rc" = 0
+[[ $rc == 0 ]] || ct journalctl --no-pager -u "$RP" -n 20 | sed 's/^/       | /'
+rp_main=$(prop "$RP" MainPID)
+rp_uid=$(ct id -u nodeherd-rp)
+rp_workers() { ct cat "/proc/$rp_main/task/$rp_main/children" 2>/dev/null | tr ' ' '\n' | grep . || true; }
+proc_field() { ct sh -c "grep '^$2:' /proc/$1/status" | awk '{ print $2 }'; }
+expect "p: the manager runs as root" test "$(proc_field "$rp_main" Uid)" = 0
+expect "p: with CAP_SETUID, CAP_SETGID and CAP_KILL alone ($(proc_field "$rp_main" CapBnd))" test "$(proc_field "$rp_main" CapBnd)" = 00000000000000e0
+expect "p: no new privileges, and a seccomp filter" test "$(proc_field "$rp_main" NoNewPrivs) $(proc_field "$rp_main" Seccomp)" = "1 2"
+wait_for 30 test "$(rp_workers | wc -l)" = 2 || true
+w=$(rp_workers | tr '\n' ' ')
+wuids=$(for p in $w; do proc_field "$p" Uid; done | sort -u | tr '\n' ' ')
+expect "p: its 2 workers ($w) run as nodeherd-rp ($wuids)" test "$wuids" = "$rp_uid "
+wcaps=$(for p in $w; do proc_field "$p" CapEff; done | sort -u | tr '\n' ' ')
+expect "p: with no capability ($wcaps)" test "$wcaps" = "0000000000000000 "
+listeners=$(ss -Htln "sport = :$RP_PORT" | wc -l)
+expect "p: balance reuseport: a socket per worker on :$RP_PORT, systemd's being worker 0's ($listeners)" test "$listeners" = 2
+answers=""
+for _ in $(seq 40); do
+    answers+=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1 || true)$'\n'
+done
+pids=$(jq -r '.pid' <<<"$answers" 2>/dev/null | sort -u | wc -l)
+expect "p: requests are served by both workers ($pids pids in 40 requests)" test "$pids" = 2
+uids=$(jq -r '.uid' <<<"$answers" 2>/dev/null | sort -u | tr '\n' ' ')
+expect "p: as nodeherd-rp ($uids)" test "$uids" = "$rp_uid "
+privileged=$(jq -r '.privileged' <<<"$answers" 2>/dev/null | sort -u | tr '\n' ' ')
+expect "p: a worker's listen(812) is refused: the manager cannot bind it either ($privileged)" test "$privileged" = "EACCES "
+expect "p: nothing listens on :812" test -z "$(ss -Htln 'sport = :812')"
+mem=$(ct nodeherd status rp --json 2>&1 | jq -r '[.workers[].memory_bytes] | map(select(. > 0)) | length' 2>/dev/null || echo "?")
+expect "p: nodeherd status sees both workers' memory ($mem)" test "$mem" = 2
+rc=0; out=$(timeout 120 nsenter -t "$PID1" -a systemctl reload "$RP" 2>&1) || rc=$?
+expect "p: systemctl reload exits 0 ($out)" test "$rc" = 0
+w2=$(rp_workers | tr '\n' ' ')
+common=$(comm -12 <(tr ' ' '\n' <<<"$w" | sort) <(tr ' ' '\n' <<<"$w2" | sort) | grep -c . || true)
+wuids=$(for p in $w2; do proc_field "$p" Uid; done | sort -u | tr '\n' ' ')
+expect "p: every worker replaced ($w -> $w2), as nodeherd-rp again ($wuids)" test "$common" = 0 -a "$wuids" = "$rp_uid "
+victim=$(rp_workers | head -1)
+ct sh -c "kill -KILL $victim" || fail "p: cannot kill worker $victim"
+replaced() { [[ $(rp_workers | wc -l) == 2 ]] && ! rp_workers | grep -qx "$victim"; }
+expect "p: a killed worker is replaced" wait_for 30 replaced
+body=$(curl -sS --max-time 10 "http://127.0.0.1:$RP_PORT/" 2>&1 || true)
+expect "p: and the app answers ($body)" test "$(jq -r .uid <<<"$body" 2>/dev/null)" = "$rp_uid"
+rp_cg=$(prop "$RP" ControlGroup)
+s0=$EPOCHREALTIME
+rc=0; timeout 60 nsenter -t "$PID1" -a systemctl stop "$RP" || rc=$?
+left=$(ct sh -c "cat $CGROOT$rp_cg/cgroup.procs 2>/dev/null" | tr '\n' ' ' || true)
+expect "p: systemctl stop exits 0 ($rc), no process left in $rp_cg (${left:-none})" test "$rc" = 0 -a -n "$rp_cg" -a -z "${left// /}"
+killed=$(ct journalctl --no-pager -u "$RP" --since "@${s0%.*}" | grep -E 'Killing process' || true)
+expect "p: the manager stopped its workers itself${killed:+: $killed}" test -z "$killed"
 
 echo
 echo "boot ${BOOT_S}s, first request ${FIRST_MS} ms, reload ${RELOAD_MS} ms ($RELOAD_FAILED/$RELOAD_TOTAL failed; keep-alive $KA_FAILED/$KA_TOTAL), kill -9: $KILL_REFUSED refused/$KILL_TOTAL, stop ${STOP_MS} ms"
