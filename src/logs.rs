@@ -133,6 +133,53 @@ pub fn worker_line(index: u32, pid: i32, stream: Stream, line: &str) {
     });
 }
 
+/// The events worth filtering the journal on, as `NODEHERD_EVENT=` names
+/// them (`journalctl -u nodeherd@APP NODEHERD_EVENT=reload-failed`): one
+/// name each, spelled in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Milestone {
+    ConfigReloaded,
+    ReloadBegun,
+    ReloadFinished,
+    ReloadFailed,
+    ReloadRefused,
+    Scale,
+    ReexecRequested,
+    Reexec,
+    ReexecRefused,
+    ReexecFailed,
+    Reexecuted,
+    NotifyDropped,
+    IpcOutboxFull,
+    LogLinesDropped,
+}
+
+impl Milestone {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Milestone::ConfigReloaded => "config-reloaded",
+            Milestone::ReloadBegun => "reload-begun",
+            Milestone::ReloadFinished => "reload-finished",
+            Milestone::ReloadFailed => "reload-failed",
+            Milestone::ReloadRefused => "reload-refused",
+            Milestone::Scale => "scale",
+            Milestone::ReexecRequested => "reexec-requested",
+            Milestone::Reexec => "reexec",
+            Milestone::ReexecRefused => "reexec-refused",
+            Milestone::ReexecFailed => "reexec-failed",
+            Milestone::Reexecuted => "reexecuted",
+            Milestone::NotifyDropped => "notify-dropped",
+            Milestone::IpcOutboxFull => "ipc-outbox-full",
+            Milestone::LogLinesDropped => "log-lines-dropped",
+        }
+    }
+
+    /// The journal field that carries it.
+    pub fn field(self) -> (&'static str, String) {
+        ("NODEHERD_EVENT", self.as_str().to_string())
+    }
+}
+
 /// A manager event, with optional structured fields (journal only).
 pub fn event(priority: Priority, msg: &str, fields: &[(&str, String)]) {
     submit(Record::Event {
@@ -201,7 +248,10 @@ fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64) {
                     msg: format!(
                         "{lost} log line(s) dropped: the log sink (journald or stderr) did not keep up"
                     ),
-                    fields: vec![("NODEHERD_EVENT".into(), "log-lines-dropped".into())],
+                    fields: vec![(
+                        "NODEHERD_EVENT".into(),
+                        Milestone::LogLinesDropped.as_str().into(),
+                    )],
                 },
             );
         }

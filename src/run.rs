@@ -525,7 +525,7 @@ fn run_daemon(
                     env!("CARGO_PKG_VERSION"),
                     handle.snapshot.borrow().workers.iter().filter(|w| w.pid > 0).count()
                 ),
-                &[("NODEHERD_EVENT", "reexecuted".into())],
+                &[crate::logs::Milestone::Reexecuted.field()],
             );
         }
         // The bus name first, before any worker starts. Under systemd a name

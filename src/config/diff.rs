@@ -13,6 +13,8 @@ pub struct Diff {
     pub changes: Vec<String>,
     /// What only a restart applies; the reload keeps the old value.
     pub needs_restart: Vec<String>,
+    /// The configured `instances` changed (a reload then scales to it).
+    pub resized: bool,
 }
 
 impl Diff {
@@ -84,6 +86,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         d.changes.push(format!("env: {}", words.join(", ")));
     }
     if old.instances != new.instances {
+        d.resized = true;
         d.changes
             .push(format!("instances {} → {}", old.instances, new.instances));
     }

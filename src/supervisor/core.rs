@@ -24,6 +24,7 @@ use super::policy::{self, Decision, Policy};
 use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState, Worker};
 use super::timers::{TimerKey, Timers};
 use crate::control::{BusSignal, Control, CtlResult};
+use crate::logs::Milestone;
 
 /// The supervisor's state; see the module documentation.
 pub struct Core {
@@ -231,7 +232,7 @@ impl Core {
         }));
     }
 
-    pub(super) fn log_event(&mut self, level: Level, text: String, event: &'static str) {
+    pub(super) fn log_event(&mut self, level: Level, text: String, event: Milestone) {
         self.out.push(Effect::Log(LogLine {
             level,
             text,

@@ -411,7 +411,7 @@ impl Driver {
             super::budget::STATUS_BURST,
             super::budget::NOTIFY_PER_SECOND,
         );
-        let extra = [("NODEHERD_EVENT", "notify-dropped".to_string())];
+        let extra = [crate::logs::Milestone::NotifyDropped.field()];
         match index {
             Some(i) => logs::worker_event(Priority::Warning, i, worker_pid, &msg, &extra),
             None => logs::event(Priority::Warning, &msg, &extra),
@@ -472,7 +472,7 @@ impl Driver {
                 logs::event(
                     Priority::Error,
                     &msg,
-                    &[("NODEHERD_EVENT", "reload-refused".into())],
+                    &[crate::logs::Milestone::ReloadRefused.field()],
                 );
                 let _ = self.signals.send(BusSignal::ReloadFinished {
                     ok: false,
@@ -1014,11 +1014,7 @@ fn log(line: LogLine) {
         Level::Warning => Priority::Warning,
         Level::Error => Priority::Error,
     };
-    let extra: Vec<(&str, String)> = line
-        .event
-        .map(|e| ("NODEHERD_EVENT", e.to_string()))
-        .into_iter()
-        .collect();
+    let extra: Vec<(&str, String)> = line.event.map(logs::Milestone::field).into_iter().collect();
     match line.worker {
         Some((index, pid)) => logs::worker_event(priority, index, pid, &line.text, &extra),
         None => logs::event(priority, &line.text, &extra),

@@ -145,7 +145,7 @@ pub struct LogLine {
     /// The worker it is about (slot index, pid), to tag it with that worker's fields.
     pub worker: Option<(u32, i32)>,
     /// `NODEHERD_EVENT=` for lines that mark an event worth filtering on.
-    pub event: Option<&'static str>,
+    pub event: Option<crate::logs::Milestone>,
 }
 
 /// What to tell systemd.

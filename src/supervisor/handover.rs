@@ -66,7 +66,7 @@ pub struct WorkerState {
     pub index: u32,
     pub pid: i32,
     /// starting, ready or stopping.
-    pub state: String,
+    pub state: WState,
     /// How long it had been running when the state was written (ns).
     pub age_ns: u128,
     pub ipc: bool,
@@ -140,7 +140,7 @@ impl Core {
                 id: *id,
                 index: w.index,
                 pid: w.pid,
-                state: w.state.name().to_string(),
+                state: w.state,
                 age_ns: now.saturating_duration_since(w.started).as_nanos(),
                 ipc: w.ipc,
                 killed_because: w.killed_because.clone(),
@@ -219,12 +219,7 @@ impl Core {
             .collect();
         let mut workers = BTreeMap::new();
         for w in state.workers {
-            let st = match w.state.as_str() {
-                "starting" => WState::Starting,
-                "ready" => WState::Ready,
-                "stopping" => WState::Stopping,
-                other => return Err(format!("worker {} has an unknown state {other:?}", w.id.0)),
-            };
+            let st = w.state;
             if w.index as usize >= core.slots.len() && st != WState::Stopping {
                 return Err(format!(
                     "worker {} belongs to slot {}, but there are {} slots",

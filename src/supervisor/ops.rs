@@ -16,6 +16,7 @@ use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState}
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
 use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};
+use crate::logs::Milestone;
 
 impl Core {
     pub(super) fn submit(
@@ -165,7 +166,7 @@ impl Core {
                 self.log_event(
                     Level::Notice,
                     "re-exec requested: checking the new program first".into(),
-                    "reexec-requested",
+                    Milestone::ReexecRequested,
                 );
                 self.op = Some(Op::Reexec {
                     replies,
@@ -191,7 +192,7 @@ impl Core {
                 let replies = std::mem::take(replies);
                 self.op = None;
                 let msg = format!("re-exec refused: {why}; the manager runs on unchanged");
-                self.log_event(Level::Error, msg.clone(), "reexec-refused");
+                self.log_event(Level::Error, msg.clone(), Milestone::ReexecRefused);
                 for r in replies {
                     self.reply(r, Err(CtlError::Failed(msg.clone())));
                 }
@@ -200,7 +201,7 @@ impl Core {
                 *checked = true;
                 let replies = std::mem::take(replies);
                 let msg = format!("re-executing into {what}; the workers keep running");
-                self.log_event(Level::Notice, msg.clone(), "reexec");
+                self.log_event(Level::Notice, msg.clone(), Milestone::Reexec);
                 let done = Done {
                     workers: self.slots.len() as i32,
                     message: msg,
@@ -245,7 +246,7 @@ impl Core {
         self.log_event(
             Level::Error,
             format!("re-exec failed: {why}; the manager runs on unchanged"),
-            "reexec-failed",
+            Milestone::ReexecFailed,
         );
         self.notify_ready();
     }
@@ -296,7 +297,7 @@ impl Core {
         self.log_event(
             Level::Notice,
             format!("configuration reloaded: {summary}"),
-            "config-reloaded",
+            Milestone::ConfigReloaded,
         );
         if policy.max_memory_restart.is_some() && !self.timers.is_armed(TimerKey::MemoryCheck) {
             self.timers.arm(
@@ -396,7 +397,7 @@ impl Core {
         self.log_event(
             Level::Notice,
             format!("reload begun: {total} worker(s), {parallel} at a time"),
-            "reload-begun",
+            Milestone::ReloadBegun,
         );
         let status = format!("reloading 0/{total}");
         self.last_status = status.clone();
@@ -474,7 +475,7 @@ impl Core {
         self.log_event(
             Level::Notice,
             format!("scale: {have} → {want} workers (new configuration)"),
-            "scale",
+            Milestone::Scale,
         );
         for index in have..want {
             self.slots.push(Slot::default());
@@ -521,7 +522,7 @@ impl Core {
             self.incoming_gone(index);
         }
         let msg = format!("reload failed: {reason}; the previous workers keep serving");
-        self.log_event(Level::Error, msg.clone(), "reload-failed");
+        self.log_event(Level::Error, msg.clone(), Milestone::ReloadFailed);
         self.bus(BusSignal::ReloadFinished {
             ok: false,
             message: msg.clone(),
@@ -585,7 +586,7 @@ impl Core {
         self.log_event(
             Level::Notice,
             format!("scale: {have} → {want} workers"),
-            "scale",
+            Milestone::Scale,
         );
         if want <= have {
             // Highest slots go first; their workers drain, requests in flight finish.
@@ -696,7 +697,7 @@ impl Core {
                     msg.push_str(&format!("; adding workers failed: {}", failed.join("; ")));
                     Err(CtlError::Failed(msg.clone()))
                 };
-                self.log_event(Level::Notice, msg.clone(), "reload-finished");
+                self.log_event(Level::Notice, msg.clone(), Milestone::ReloadFinished);
                 self.bus(BusSignal::ReloadFinished {
                     ok: result.is_ok(),
                     message: msg,

@@ -293,7 +293,7 @@ fn say_read_again(q: &mut Queue, shared: &Shared) {
         &format!(
             "worker {index} (pid {pid}) reads its IPC channel again; {n} more message(s) to it were dropped meanwhile"
         ),
-        &[("NODEHERD_EVENT", "ipc-outbox-full".to_string())],
+        &[crate::logs::Milestone::IpcOutboxFull.field()],
     );
 }
 
@@ -315,7 +315,7 @@ fn say_dropped(q: &mut Queue, shared: &Shared) {
             "worker {index} (pid {pid}) does not read its IPC channel: {n} message(s) to it dropped ({} wait, at most {MAX_QUEUED})",
             q.msgs.len()
         ),
-        &[("NODEHERD_EVENT", "ipc-outbox-full".to_string())],
+        &[crate::logs::Milestone::IpcOutboxFull.field()],
     );
 }
 

@@ -177,7 +177,7 @@ impl Configs {
         Accepted {
             config: NewConfig {
                 policy,
-                resize: d.changes.iter().any(|c| c.starts_with("instances ")),
+                resize: d.resized,
                 generation,
                 summary: d.summary(),
             },

@@ -18,8 +18,10 @@ pub(super) enum Role {
     Incoming,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum WState {
+/// Where a worker is in its life; crosses a re-exec by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WState {
     Starting,
     Ready,
     Stopping,

@@ -326,9 +326,11 @@ mod tests {
         let mut s = a_state();
         s.core.next_worker = 1;
         refused(s, "not below the next worker id");
-        let mut s = a_state();
-        s.core.workers[0].state = "dancing".into();
-        refused(s, "unknown state");
+        // A state this program does not know: refused as the document is read.
+        let mut doc = serde_json::to_value(a_state()).unwrap();
+        doc["core"]["workers"][0]["state"] = "dancing".into();
+        let e = take_over(&serde_json::to_vec(&doc).unwrap()).unwrap_err();
+        assert!(e.contains("dancing"), "{e}");
     }
 
     #[test]
