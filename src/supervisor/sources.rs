@@ -334,7 +334,7 @@ pub fn ipc_channel(
         return;
     };
     tokio::spawn(async move {
-        let mut lines = Lines::new(stream, ipc::MAX_LINE);
+        let mut lines = Lines::new(stream, ipc::MAX_LINE, Overlong::Drop);
         let now = Instant::now();
         let mut bucket = Bucket::new(budget::IPC_BURST, budget::IPC_PER_SECOND, now);
         let mut watch = FloodWatch::new(now);
@@ -389,27 +389,40 @@ enum Piece<'a> {
     Skipped(usize),
 }
 
-/// A reader of newline-ended lines up to a cap; a longer line is read in
-/// pieces and dropped whole.
+/// What [`Lines`] does with a line longer than its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overlong {
+    /// Read it in pieces and drop it whole (a message too long to trust).
+    Drop,
+    /// Pass it on in pieces of the cap (a worker's output: every byte counts).
+    Split,
+}
+
+/// The one reader of newline-ended lines, up to a cap, for the IPC
+/// channels and the workers' output alike.
 struct Lines<R> {
     r: BufReader<R>,
     line: Vec<u8>,
     max: usize,
+    overlong: Overlong,
     skipping: bool,
 }
 
 impl<R: AsyncRead + Unpin> Lines<R> {
-    fn new(r: R, max: usize) -> Lines<R> {
+    fn new(r: R, max: usize, overlong: Overlong) -> Lines<R> {
         Lines {
             // The buffer stays small; a line may grow to `max` in `line`.
             r: BufReader::with_capacity(64 * 1024, r),
             line: Vec::new(),
             max,
+            overlong,
             skipping: false,
         }
     }
 
-    /// The next piece; `None` at the end of the stream.
+    /// The next piece; `None` at the end of the stream. With
+    /// [`Overlong::Split`] a last line without its newline still counts,
+    /// and a `\r` before the newline is dropped.
     async fn next(&mut self) -> Option<Piece<'_>> {
         // The room a long line took is given back, not kept for good.
         if self.line.capacity() > 64 * 1024 {
@@ -418,9 +431,36 @@ impl<R: AsyncRead + Unpin> Lines<R> {
         self.line.clear();
         loop {
             let buf = match self.r.fill_buf().await {
+                Ok([]) | Err(_) if self.overlong == Overlong::Split && !self.line.is_empty() => {
+                    return Some(Piece::Line(&self.line));
+                }
                 Ok([]) | Err(_) => return None,
                 Ok(b) => b,
             };
+            if self.overlong == Overlong::Split {
+                // Never let a line grow past the cap: take what still fits.
+                let room = self.max - self.line.len();
+                let window = &buf[..buf.len().min(room)];
+                match window.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        self.line.extend_from_slice(&window[..i]);
+                        self.r.consume(i + 1);
+                        if self.line.last() == Some(&b'\r') {
+                            self.line.pop();
+                        }
+                        return Some(Piece::Line(&self.line));
+                    }
+                    None => {
+                        let n = window.len();
+                        self.line.extend_from_slice(window);
+                        self.r.consume(n);
+                        if self.line.len() >= self.max {
+                            return Some(Piece::Line(&self.line));
+                        }
+                        continue;
+                    }
+                }
+            }
             let newline = buf.iter().position(|&b| b == b'\n');
             match newline {
                 Some(i) if self.skipping => {
@@ -454,36 +494,13 @@ impl<R: AsyncRead + Unpin> Lines<R> {
     }
 }
 
-/// Read lines (split when longer than the cap) until EOF.
+/// Read a worker's output lines (split when longer than 16 KiB) until EOF.
 async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
-    const CAP: usize = 16 * 1024;
-    let mut r = BufReader::with_capacity(CAP, r);
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let buf = match r.fill_buf().await {
-            Ok([]) => break,
-            Ok(b) => b,
-            Err(_) => break,
-        };
-        // Never let a line grow past CAP: take at most what still fits.
-        let room = CAP - line.len();
-        let window = &buf[..buf.len().min(room)];
-        let (used, complete) = match window.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (window.len(), false),
-        };
-        line.extend_from_slice(&window[..if complete { used - 1 } else { used }]);
-        r.consume(used);
-        if complete || line.len() >= CAP {
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            f(&line);
-            line.clear();
+    let mut lines = Lines::new(r, 16 * 1024, Overlong::Split);
+    while let Some(piece) = lines.next().await {
+        if let Piece::Line(line) = piece {
+            f(line);
         }
-    }
-    if !line.is_empty() {
-        f(&line);
     }
 }
 
@@ -516,7 +533,7 @@ mod tests {
             b"\n\"ready\"\n",
         ]
         .concat();
-        let mut lines = Lines::new(&data[..], ipc::MAX_LINE);
+        let mut lines = Lines::new(&data[..], ipc::MAX_LINE, Overlong::Drop);
         let mut whole = Vec::new();
         let mut skipped = 0;
         while let Some(p) = lines.next().await {
