@@ -42,6 +42,16 @@ pub fn check_handover(fds: &[RawFd]) -> Result<(), String> {
     Ok(())
 }
 
+/// A close-on-exec duplicate of `fd` numbered `min` or above (to move fds
+/// out of the way of the numbers a child must get).
+pub fn dup_cloexec_above(fd: RawFd, min: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; an invalid one fails with EBADF.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let raw = fcntl(borrowed, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: fcntl just returned this new fd, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// Own a handed-over fd again (close-on-exec, as every fd of the manager).
 /// The handover named it once ([`check_handover`]), so nothing else owns it.
 pub fn adopt(fd: RawFd) -> Result<OwnedFd, String> {

@@ -82,6 +82,7 @@ pub mod reuseport;
 pub mod run;
 pub mod rundir;
 pub mod shared;
+pub mod socket_set;
 pub mod sockets;
 pub mod supervisor;
 pub mod worker;

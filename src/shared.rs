@@ -25,8 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::config::Allowed;
 use crate::ipc::SharedAddress;
 use crate::sockets::{self, CarriedSocket, Listener, SocketError};
 use crate::supervisor::WorkerId;
@@ -430,63 +431,24 @@ pub fn allows(allowed: &[String], address: &SharedAddress) -> bool {
     allowed
         .iter()
         .filter_map(|a| Allowed::parse(a).ok())
-        .any(|a| a.allows(address))
+        .any(|a| names(&a, address))
 }
 
-/// One `shared_listen` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Allowed {
-    /// `PORT`: that port on any address.
-    Port(u16),
-    /// `HOST:PORT`, `[V6]:PORT`: that port on that address.
-    Inet(IpAddr, u16),
-    /// `unix:/path`.
-    Unix(PathBuf),
-}
-
-impl Allowed {
-    /// Parse an entry; the error says what is expected.
-    pub fn parse(s: &str) -> Result<Allowed, String> {
-        let expected =
-            "expected PORT, HOST:PORT or [IPv6]:PORT with a numeric host, or unix:/absolute/path";
-        if let Some(p) = s.strip_prefix("unix:") {
-            if !p.starts_with('/') || p.len() > 107 || p.contains('\0') {
-                return Err(format!("{s:?}: {expected}"));
-            }
-            return Ok(Allowed::Unix(crate::config::normalize(Path::new(p))));
+/// Whether the `shared_listen` entry `allowed` names `address`.
+fn names(allowed: &Allowed, address: &SharedAddress) -> bool {
+    match (allowed, address) {
+        (Allowed::Port(p), SharedAddress::Tcp { port, .. }) => p == port,
+        (Allowed::Inet(ip, p), SharedAddress::Tcp { host, port }) => {
+            p == port
+                && match host {
+                    None => ip.is_unspecified(),
+                    Some(h) => h.parse::<IpAddr>().is_ok_and(|h| h == *ip),
+                }
         }
-        let rest = s.strip_prefix("tcp:").unwrap_or(s);
-        let port_ok = |p: u16| {
-            if p == 0 {
-                Err(format!("{s:?}: give a port from 1 to 65535"))
-            } else {
-                Ok(p)
-            }
-        };
-        if let Ok(p) = rest.parse::<u16>() {
-            return Ok(Allowed::Port(port_ok(p)?));
+        (Allowed::Unix(allowed), SharedAddress::Unix { path }) => {
+            *allowed == crate::config::normalize(Path::new(path))
         }
-        match rest.parse::<std::net::SocketAddr>() {
-            Ok(a) => Ok(Allowed::Inet(a.ip(), port_ok(a.port())?)),
-            Err(_) => Err(format!("{s:?}: {expected}")),
-        }
-    }
-
-    fn allows(&self, address: &SharedAddress) -> bool {
-        match (self, address) {
-            (Allowed::Port(p), SharedAddress::Tcp { port, .. }) => p == port,
-            (Allowed::Inet(ip, p), SharedAddress::Tcp { host, port }) => {
-                p == port
-                    && match host {
-                        None => ip.is_unspecified(),
-                        Some(h) => h.parse::<IpAddr>().is_ok_and(|h| h == *ip),
-                    }
-            }
-            (Allowed::Unix(allowed), SharedAddress::Unix { path }) => {
-                *allowed == crate::config::normalize(Path::new(path))
-            }
-            _ => false,
-        }
+        _ => false,
     }
 }
 

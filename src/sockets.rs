@@ -12,8 +12,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
 use socket2::{Domain, Socket, Type};
 
-use crate::reuseport::PerSlot;
-
 /// Why a socket could not be had. The kind decides `run`'s exit status:
 /// a bad address is a usage error (2), a refused bind a runtime one (1).
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +40,7 @@ impl SocketError {
     }
 }
 
-type Result<T, E = SocketError> = std::result::Result<T, E>;
+pub type Result<T, E = SocketError> = std::result::Result<T, E>;
 
 /// What binding a slot's sockets returns.
 pub type SlotResult<T> = std::result::Result<T, SocketError>;
@@ -142,41 +140,6 @@ impl Listener {
     }
 }
 
-/// A [`SocketSet`] across a re-exec.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SetState {
-    pub shared: Vec<CarriedSocket>,
-    /// `balance: reuseport`: each slot's sockets (empty: not bound yet) and
-    /// what to bind a new slot's from.
-    pub per_slot: Option<crate::reuseport::PerSlotState>,
-}
-
-impl SetState {
-    /// Whether workers inherit any socket, as [`SocketSet::is_empty`] will
-    /// say of the set this becomes.
-    pub fn inherits_any(&self) -> bool {
-        match &self.per_slot {
-            None => !self.shared.is_empty(),
-            Some(p) => !p.templates.is_empty(),
-        }
-    }
-
-    /// Refuse a layout the new program could not run with.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        self.per_slot
-            .as_ref()
-            .map_or(Ok(()), crate::reuseport::PerSlotState::validate)
-    }
-
-    pub fn fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self.shared.iter().map(|s| s.fd).collect();
-        if let Some(p) = &self.per_slot {
-            fds.extend(p.sockets.iter().flatten().map(|s| s.fd));
-        }
-        fds
-    }
-}
-
 /// Take the sockets systemd passed (`LISTEN_FDS`), and clear the variables.
 ///
 /// # Safety
@@ -264,135 +227,6 @@ impl From<&Listener> for Template {
             kind: l.kind,
             address: l.address.clone(),
             name: l.name.clone(),
-        }
-    }
-}
-
-/// The sockets workers inherit, as the balancing mode lays them out: one
-/// set shared by every slot (`balance: queue`, and every socket systemd
-/// passed), or each slot its own SO_REUSEPORT siblings (`balance:
-/// reuseport`), bound when the slot first needs them and held across its
-/// restarts and reloads, so connections hashed to a slot wait for its next
-/// worker instead of being refused.
-pub struct SocketSet {
-    shared: Vec<Listener>,
-    per_slot: Option<PerSlot>,
-}
-
-impl SocketSet {
-    /// `listeners` are shared, or with `reuseport` become slot 0's.
-    pub fn new(listeners: Vec<Listener>, reuseport: bool) -> SocketSet {
-        if reuseport {
-            SocketSet {
-                shared: Vec::new(),
-                per_slot: Some(PerSlot::new(listeners)),
-            }
-        } else {
-            SocketSet {
-                shared: listeners,
-                per_slot: None,
-            }
-        }
-    }
-
-    /// Whether workers inherit any socket at all.
-    pub fn is_empty(&self) -> bool {
-        match &self.per_slot {
-            None => self.shared.is_empty(),
-            Some(p) => p.templates.is_empty(),
-        }
-    }
-
-    /// Whether each slot has sockets of its own (`balance: reuseport`).
-    pub fn per_slot(&self) -> bool {
-        self.per_slot.is_some()
-    }
-
-    /// The sockets slot `index`'s workers inherit; a reuseport slot binds its
-    /// own the first time.
-    pub fn for_slot(&mut self, index: u32) -> Result<&[Listener]> {
-        match &mut self.per_slot {
-            None => Ok(&self.shared),
-            Some(p) => p.for_slot(index),
-        }
-    }
-
-    /// Close a reuseport slot's sockets now (the slot errored), so the
-    /// kernel stops picking a queue nobody accepts from.
-    pub fn release(&mut self, index: u32) {
-        if let Some(p) = &mut self.per_slot {
-            p.release(index);
-        }
-    }
-
-    /// A reuseport slot goes: steer new connections away from its sockets,
-    /// which stay open under `leave` until [`SocketSet::close_leaving`].
-    pub fn leave(&mut self, index: u32, leave: u64) {
-        if let Some(p) = &mut self.per_slot {
-            p.leave(index, leave);
-        }
-    }
-
-    /// Second handles on a leave's sockets, to watch their accept queues.
-    pub fn leaving_fds(&self, leave: u64) -> Vec<(Kind, OwnedFd)> {
-        self.per_slot
-            .as_ref()
-            .map_or_else(Vec::new, |p| p.leaving_fds(leave))
-    }
-
-    /// The slots whose worker is ready: new connections go to them only,
-    /// and to the `preferred` among them while that is not empty.
-    pub fn set_serving(
-        &mut self,
-        serving: std::collections::BTreeSet<u32>,
-        preferred: std::collections::BTreeSet<u32>,
-    ) {
-        if let Some(p) = &mut self.per_slot {
-            p.set_serving(serving, preferred);
-        }
-    }
-
-    /// Whether a slot's sockets are on their way out.
-    pub fn any_leaving(&self) -> bool {
-        self.per_slot.as_ref().is_some_and(PerSlot::any_leaving)
-    }
-
-    pub fn close_leaving(&mut self, leave: u64) {
-        if let Some(p) = &mut self.per_slot {
-            p.close_leaving(leave);
-        }
-    }
-
-    /// Describe every socket for a re-exec.
-    pub fn carry(&self) -> SetState {
-        SetState {
-            shared: self.shared.iter().map(Listener::carry).collect(),
-            per_slot: self.per_slot.as_ref().map(PerSlot::carry),
-        }
-    }
-
-    /// Own the sockets a re-exec handed over, laid out as before.
-    pub fn adopt(state: SetState) -> std::result::Result<SocketSet, String> {
-        Ok(SocketSet {
-            shared: state
-                .shared
-                .into_iter()
-                .map(Listener::adopt)
-                .collect::<std::result::Result<_, _>>()?,
-            per_slot: state.per_slot.map(PerSlot::adopt).transpose()?,
-        })
-    }
-
-    /// One slot's worth of sockets, to describe them to workers (every slot
-    /// has the same addresses and names).
-    pub fn describe(&self) -> &[Listener] {
-        match &self.per_slot {
-            None => &self.shared,
-            Some(p) => p
-                .sockets
-                .iter()
-                .find(|s| !s.is_empty())
-                .map_or(&[], Vec::as_slice),
         }
     }
 }
@@ -634,7 +468,7 @@ pub(crate) fn describe(fd: OwnedFd, name: String) -> Result<Listener, String> {
             "{address} is a connected socket, not a listening one (a .socket unit with Accept=yes?); nodeherd needs Accept=no"
         ));
     }
-    let fd = crate::worker::fork::dup_cloexec_above(raw, HIGH_FD)
+    let fd = crate::fds::dup_cloexec_above(raw, HIGH_FD)
         .map_err(|e| format!("moving the socket to a high fd: {e:#}"))?;
     Ok(Listener {
         fd,

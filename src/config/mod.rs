@@ -33,7 +33,7 @@ use serde_json::{Map, Value};
 pub use diff::{Diff, diff};
 pub use keys::{IGNORED_PM2_KEYS, KEYS, RawApp};
 pub use resolve::{System, find_executable, normalize};
-pub use values::{Instances, parse_bytes, parse_duration_ms, resolve_instances};
+pub use values::{Allowed, Instances, parse_bytes, parse_duration_ms, resolve_instances};
 
 /// Most workers one manager runs; far above any CPU count, low enough that a
 /// typo (`1e9`) cannot fork-bomb the machine.

@@ -110,7 +110,7 @@ pub fn resolve(
         .map_err(|(key, msg)| at.err(key, msg))?;
     let shared_listen = raw.shared_listen.clone().unwrap_or_default();
     for a in &shared_listen {
-        crate::shared::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
+        super::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
     }
 
     Ok(Loaded {

@@ -4,6 +4,8 @@
 //! about the value, and the caller adds which key it was.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -230,4 +232,44 @@ pub fn is_env_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(|c: char| c.is_ascii_digit())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// One `shared_listen` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// `PORT`: that port on any address.
+    Port(u16),
+    /// `HOST:PORT`, `[V6]:PORT`: that port on that address.
+    Inet(IpAddr, u16),
+    /// `unix:/path`.
+    Unix(PathBuf),
+}
+
+impl Allowed {
+    /// Parse an entry; the error says what is expected.
+    pub fn parse(s: &str) -> Result<Allowed, String> {
+        let expected =
+            "expected PORT, HOST:PORT or [IPv6]:PORT with a numeric host, or unix:/absolute/path";
+        if let Some(p) = s.strip_prefix("unix:") {
+            if !p.starts_with('/') || p.len() > 107 || p.contains('\0') {
+                return Err(format!("{s:?}: {expected}"));
+            }
+            return Ok(Allowed::Unix(super::normalize(Path::new(p))));
+        }
+        let rest = s.strip_prefix("tcp:").unwrap_or(s);
+        let port_ok = |p: u16| {
+            if p == 0 {
+                Err(format!("{s:?}: give a port from 1 to 65535"))
+            } else {
+                Ok(p)
+            }
+        };
+        if let Ok(p) = rest.parse::<u16>() {
+            return Ok(Allowed::Port(port_ok(p)?));
+        }
+        match rest.parse::<std::net::SocketAddr>() {
+            Ok(a) => Ok(Allowed::Inet(a.ip(), port_ok(a.port())?)),
+            Err(_) => Err(format!("{s:?}: {expected}")),
+        }
+    }
 }

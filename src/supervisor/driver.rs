@@ -32,7 +32,7 @@ use crate::control::{
 use crate::ipc::BindRequest;
 use crate::logs::{self, Stream};
 use crate::shared::{Reply, Request, SharedSockets, Waiter};
-use crate::sockets::SocketSet;
+use crate::socket_set::SocketSet;
 use crate::worker::{self, Spawned, process};
 use crate::{ipc, notify};
 

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use super::events::NewConfig;
 use super::policy::Policy;
 use crate::config::{self, App, ConfigError, Loaded, Overrides};
-use crate::sockets::SocketSet;
+use crate::socket_set::SocketSet;
 use crate::worker::Launcher;
 
 /// Where the configuration comes from, to read it again.

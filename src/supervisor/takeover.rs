@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::handover::CoreState;
 use super::{Core, Policy, WorkerId};
 use crate::config::App;
-use crate::sockets::{CarriedSocket, SetState};
+use crate::socket_set::SetState;
+use crate::sockets::CarriedSocket;
 
 /// The version of the [`State`] document. A program reads its own format
 /// and every older one it knows; the check refuses anything else.

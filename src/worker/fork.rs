@@ -24,7 +24,7 @@
 //! own copy of that buffer before `execve`.
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result, bail};
 use nix::fcntl::OFlag;
@@ -97,7 +97,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         if fd > highest {
             return Ok(fd);
         }
-        let high = dup_cloexec_above(fd, highest + 1)?;
+        let high = crate::fds::dup_cloexec_above(fd, highest + 1).context("duplicating an fd")?;
         let raw = high.as_raw_fd();
         keep.push(high);
         Ok(raw)
@@ -140,7 +140,8 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
     let exec_w = if exec_w.as_raw_fd() > highest {
         exec_w
     } else {
-        dup_cloexec_above(exec_w.as_raw_fd(), highest + 1)?
+        crate::fds::dup_cloexec_above(exec_w.as_raw_fd(), highest + 1)
+            .context("duplicating an fd")?
     };
     let child = ChildPlan {
         program: plan.program.as_ptr(),
@@ -317,16 +318,6 @@ unsafe fn write_pid(at: *mut u8, mut pid: u32) {
         }
         *at.add(n) = 0;
     }
-}
-
-/// A close-on-exec duplicate of `fd` numbered `min` or above.
-pub fn dup_cloexec_above(fd: RawFd, min: RawFd) -> Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; an invalid one fails with EBADF.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let raw = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
-        .context("duplicating an fd")?;
-    // SAFETY: fcntl just returned this new fd, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
