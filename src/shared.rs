@@ -30,7 +30,7 @@ use std::path::Path;
 use crate::config::Allowed;
 use crate::ipc::SharedAddress;
 use crate::sockets::{self, CarriedSocket, Listener, SocketError};
-use crate::supervisor::WorkerId;
+use crate::worker::WorkerId;
 use crate::worker::rights::{self, Rights};
 
 /// Most sockets the manager holds for one app's workers: far more than an

@@ -3,41 +3,16 @@
 //! no rules (those are `core.rs`), so the driver, the sources and the tests
 //! speak the core's language without reaching into its state.
 
-use std::fmt;
 use std::time::Duration;
 
 use super::policy::Policy;
 use crate::control::{BusSignal, Control, CtlResult};
-
-/// Identifies one worker process for its whole life; never reused, so an
-/// event about a worker that is gone is recognised and dropped.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub struct WorkerId(pub u64);
+pub use crate::worker::WorkerId;
+pub use crate::worker::process::ExitStatus;
 
 /// Identifies a caller waiting for an answer; the driver holds the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReplyId(pub u64);
-
-/// How a worker process ended, as `waitpid` said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(i32),
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
-            ExitStatus::Signal(s) => match nix::sys::signal::Signal::try_from(s) {
-                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
-                Err(_) => write!(f, "killed by signal {s}"),
-            },
-        }
-    }
-}
 
 /// Everything the core reacts to, besides its own timers.
 #[derive(Debug, Clone, PartialEq)]

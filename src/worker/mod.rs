@@ -30,6 +30,13 @@ use crate::config::{App, Interpreter};
 use crate::sockets::Listener;
 use preload::Preload;
 
+/// Identifies one worker process for its whole life; never reused, so an
+/// event about a worker that is gone is recognised and dropped.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct WorkerId(pub u64);
+
 /// How much a stopping worker may have written to stdout or stderr before
 /// the manager has read it.
 ///
