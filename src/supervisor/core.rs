@@ -14,6 +14,9 @@
 //! Operations (start, reload, scale, restart) are in `ops.rs`, what the
 //! outside may read in `report.rs`; both are more `impl Core`.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //! no rules (those are `core.rs`), so the driver, the sources and the tests
 //! speak the core's language without reaching into its state.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::time::Duration;
 
 use super::policy::Policy;

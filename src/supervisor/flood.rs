@@ -7,6 +7,9 @@
 //! as for a worker whose event loop is stuck: a new one first, then the
 //! flooder is stopped, and the journal says why.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use super::budget::{FLOOD_SECONDS, IPC_PER_SECOND};
 use super::core::Core;
 use super::events::{Level, WorkerId};

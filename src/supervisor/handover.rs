@@ -13,6 +13,9 @@
 //! worker's uptime and every deadline (kill_timeout, listen_timeout, a
 //! restart's backoff, the watchdog) go on as if nothing happened.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -303,6 +306,8 @@ impl Core {
 }
 
 #[cfg(test)]
+// A test takes its starting instant from the clock.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

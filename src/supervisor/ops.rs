@@ -6,6 +6,9 @@
 //! [`MAX_QUEUED`](super::policy::MAX_QUEUED) waiting requests are refused as
 //! busy. Bad arguments are refused at once, before queueing.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 

@@ -4,6 +4,9 @@
 //! [`after_crash`] is PM2's restart rule as a pure function of a slot's
 //! history, so every branch of it is a unit test away.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::time::Duration;
 
 use crate::config::App;

@@ -1,6 +1,9 @@
 //! What the outside may read: the state in a word, the status in a line
 //! (systemd's `STATUS=`), and the [`Snapshot`] the D-Bus side publishes.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use super::core::Core;
 use super::events::SdNotify;
 use super::state::{Op, Phase, StartKind, WState};

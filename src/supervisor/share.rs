@@ -36,6 +36,9 @@
 //! between, every other worker would shed one too. For the same reason it is
 //! rounded up.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::time::Duration;
 
 use super::core::Core;

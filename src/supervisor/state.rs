@@ -2,6 +2,9 @@
 //! operations, as plain data. The rules that move them are `core.rs` and
 //! `ops.rs`.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Instant;
 

@@ -6,6 +6,9 @@
 //! worker's timers are cancelled with the worker, so a stale timer never
 //! fires on something that is gone.
 
+// Sans-IO: see clippy.toml.
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -79,6 +82,8 @@ impl Timers {
 }
 
 #[cfg(test)]
+// A test takes its starting instant from the clock.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use std::time::Duration;
