@@ -413,6 +413,78 @@ fn run_daemon(
     args: &RunArgs,
     activated: bool,
 ) -> Result<u8, RunError> {
+    let preload = prepare_process(dir, &app)?;
+    // One thread runs the supervisor: workers are forked from it, and their
+    // parent-death signal is tied to the thread that forked them (see
+    // worker::fork). Do not make this a multi-thread runtime. A re-exec
+    // happens on this thread too (see reexec::exec).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::system("cannot start the async runtime"))?;
+    let bus = args.bus.bus();
+    let bus_name = args
+        .bus
+        .bus_name
+        .clone()
+        .unwrap_or_else(|| dbus::bus_name_for(&app.name));
+    rt.block_on(async move {
+        let (notify_std, notify_carry, notify_path) = notify_socket_for(&start, dir, &app)?;
+        let app_name = app.name.clone();
+        let paths = WorkerPaths {
+            preload,
+            notify_socket: notify_path,
+            runtime_dir: dir.to_path_buf(),
+        };
+        let (mut driver, listener_info, control_fd, resumed_from) =
+            driver_for(start, app, source, paths);
+        let handle = driver.handle();
+        // A stop sent during a re-exec waits in the kernel: read now.
+        sources::signals(driver.inputs())
+            .map_err(RunError::system("cannot read signals (signalfd)"))?;
+        sources::notify_socket(notify_std, driver.notify_inputs());
+        let mut metrics_carry = None;
+        if let Some(at) = metrics_at {
+            let (endpoint, second) = at.bind()?;
+            metrics_carry = second;
+            tokio::spawn(metrics::serve(
+                endpoint,
+                app_name.clone(),
+                handle.clone(),
+                listener_info,
+            ));
+        }
+        if let Some((took, from)) = &resumed_from {
+            say_reexecuted(*took, from, &handle);
+        }
+        // The bus name first, before any worker starts.
+        let first =
+            take_bus_name(&bus, &bus_name, &handle, resumed_from.is_some(), activated).await?;
+        tokio::spawn(dbus::serve(bus, bus_name, handle.clone(), first));
+        let control_carry = serve_control_socket(control_fd, dir, &handle);
+        driver.carry(Carry {
+            runtime_dir: dir.to_path_buf(),
+            notify: notify_carry,
+            control: control_carry,
+            metrics: metrics_carry,
+        });
+        if resumed_from.is_some() {
+            let status = handle.snapshot.borrow().status.clone();
+            notify::ready(&status);
+        }
+        let code = driver.run().await.map_err(RunError::system(
+            "cannot watch for exiting workers (SIGCHLD)",
+        ))?;
+        Ok(code.clamp(0, 255) as u8)
+    })
+}
+
+/// Before the runtime starts: the preload sealed in memory, the runtime
+/// directory opened to workers of another user, and orphans made ours.
+fn prepare_process(
+    dir: &Path,
+    app: &config::App,
+) -> Result<crate::worker::preload::Preload, RunError> {
     // Made again after a re-exec: workers started from now on get this
     // program's preload. Sealed in memory, never a file a worker could
     // rewrite (one an older version wrote here goes).
@@ -436,157 +508,160 @@ fn run_daemon(
             "cannot become the workers' children's subreaper ({e}): their orphans go to PID 1"
         ));
     }
-    // One thread runs the supervisor: workers are forked from it, and their
-    // parent-death signal is tied to the thread that forked them (see
-    // worker::fork). Do not make this a multi-thread runtime. A re-exec
-    // happens on this thread too (see reexec::exec).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(RunError::system("cannot start the async runtime"))?;
-    let bus = args.bus.bus();
-    let bus_name = args
-        .bus
-        .bus_name
-        .clone()
-        .unwrap_or_else(|| dbus::bus_name_for(&app.name));
-    rt.block_on(async move {
-        let notify_path = dir.join("notify.sock");
-        let notify_std = match &start {
-            Start::Fresh { .. } => notify_socket::bind(&notify_path).map_err(RunError::system(format!(
-                "cannot bind the worker notify socket {}",
-                notify_path.display()
-            )))?,
-            Start::Resumed(r) => {
-                let fd = r.notify.try_clone().map_err(RunError::system("the notify socket"))?;
-                let s = std::os::unix::net::UnixDatagram::from(fd);
-                s.set_nonblocking(true)
-                    .map_err(RunError::system("the notify socket"))?;
-                tokio::net::UnixDatagram::from_std(s)
-                    .map_err(RunError::system("the notify socket"))?
-            }
-        };
-        if app.credentials.is_some() {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o666));
+    Ok(preload)
+}
+
+/// The workers' notify socket: bound afresh, or the one a re-exec handed
+/// over; with a second handle for the next re-exec, and its path.
+fn notify_socket_for(
+    start: &Start,
+    dir: &Path,
+    app: &config::App,
+) -> Result<(tokio::net::UnixDatagram, std::os::fd::OwnedFd, PathBuf), RunError> {
+    let path = dir.join("notify.sock");
+    let sock = match start {
+        Start::Fresh { .. } => notify_socket::bind(&path).map_err(RunError::system(format!(
+            "cannot bind the worker notify socket {}",
+            path.display()
+        )))?,
+        Start::Resumed(r) => {
+            let fd = r
+                .notify
+                .try_clone()
+                .map_err(RunError::system("the notify socket"))?;
+            let s = std::os::unix::net::UnixDatagram::from(fd);
+            s.set_nonblocking(true)
+                .map_err(RunError::system("the notify socket"))?;
+            tokio::net::UnixDatagram::from_std(s).map_err(RunError::system("the notify socket"))?
         }
-        let notify_carry = {
+    };
+    if app.credentials.is_some() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+    }
+    let carry = {
+        use std::os::fd::AsFd;
+        sock.as_fd()
+            .try_clone_to_owned()
+            .map_err(RunError::system("the notify socket"))?
+    };
+    Ok((sock, carry, path))
+}
+
+/// The driver, fresh or going on from a re-exec; with what the metrics
+/// endpoint reports of the sockets, the control socket a re-exec handed
+/// over, and (after a re-exec) how long it took and from which version.
+#[allow(clippy::type_complexity)]
+fn driver_for(
+    start: Start,
+    app: config::App,
+    source: Source,
+    paths: WorkerPaths,
+) -> (
+    Driver,
+    Vec<metrics::SocketInfo>,
+    Option<std::os::fd::OwnedFd>,
+    Option<(Duration, String)>,
+) {
+    match start {
+        Start::Fresh {
+            listeners,
+            reuseport,
+        } => {
+            let info = socket_infos(&listeners);
+            let sockets = SocketSet::new(listeners, reuseport);
+            let watchdog = notify::watchdog_interval();
+            let d = Driver::new(app, sockets, source, paths, watchdog);
+            (d, info, None, None)
+        }
+        Start::Resumed(r) => {
+            let r = *r;
+            let info = socket_infos(r.sockets.describe());
+            let d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+            (d, info, r.control, Some((r.took, r.written_by)))
+        }
+    }
+}
+
+fn say_reexecuted(took: Duration, from: &str, handle: &Handle) {
+    logs::event(
+        libsystemd::logging::Priority::Notice,
+        &format!(
+            "re-executed in {} ms (from nodeherd {from} to {}): {} worker(s) taken over, none restarted",
+            took.as_millis(),
+            env!("CARGO_PKG_VERSION"),
+            handle
+                .snapshot
+                .borrow()
+                .workers
+                .iter()
+                .filter(|w| w.pid > 0)
+                .count()
+        ),
+        &[crate::logs::Milestone::Reexecuted.field()],
+    );
+}
+
+/// Take the bus name, before any worker starts. Under systemd a name that
+/// is not ours is fatal: someone else answering for this app would get
+/// `systemctl reload` and every client's calls.
+async fn take_bus_name(
+    bus: &dbus::Bus,
+    name: &str,
+    handle: &Handle,
+    resumed: bool,
+    activated: bool,
+) -> Result<Option<zbus::Connection>, RunError> {
+    match claim_name(bus, name, handle, resumed).await {
+        dbus::Claim::Owned(conn) => Ok(Some(conn)),
+        dbus::Claim::Later => Ok(None),
+        dbus::Claim::Refused(why) if under_systemd() => {
+            let err = RunError::BusName(why);
+            logs::error(&err.to_string());
+            notify::status(&format!("stopped: {err}"));
+            if activated {
+                // As for a bad configuration: connections that keep
+                // starting the service must not fail its socket.
+                logs::flush(Duration::from_secs(1));
+                tokio::time::sleep(CONFIG_ERROR_HOLD).await;
+            }
+            Err(RunError::Reported(Box::new(err)))
+        }
+        dbus::Claim::Refused(_) => Ok(None),
+    }
+}
+
+/// Serve the control socket (bound now, or the one a re-exec handed over);
+/// returns a second handle for the next re-exec.
+fn serve_control_socket(
+    handed_over: Option<std::os::fd::OwnedFd>,
+    dir: &Path,
+    handle: &Handle,
+) -> Option<std::os::fd::OwnedFd> {
+    let path = dir.join("control.sock");
+    let control = match handed_over {
+        Some(fd) => {
+            let s = std::os::unix::net::UnixListener::from(fd);
+            s.set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(s))
+        }
+        None => dbus::bind_control_socket(&path),
+    };
+    match control {
+        Ok(listener) => {
             use std::os::fd::AsFd;
-            notify_std
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(RunError::system("the notify socket"))?
-        };
-        let app_name = app.name.clone();
-        let paths = WorkerPaths {
-            preload,
-            notify_socket: notify_path.clone(),
-            runtime_dir: dir.to_path_buf(),
-        };
-        let (mut driver, listener_info, control_fd, resumed_from) = match start {
-            Start::Fresh {
-                listeners,
-                reuseport,
-            } => {
-                let info = socket_infos(&listeners);
-                let sockets = SocketSet::new(listeners, reuseport);
-                let watchdog = notify::watchdog_interval();
-                let d = Driver::new(app, sockets, source, paths, watchdog);
-                (d, info, None, None)
-            }
-            Start::Resumed(r) => {
-                let r = *r;
-                let info = socket_infos(r.sockets.describe());
-                let d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
-                (d, info, r.control, Some((r.took, r.written_by)))
-            }
-        };
-        let handle = driver.handle();
-        // A stop sent during a re-exec waits in the kernel: read now.
-        sources::signals(driver.inputs())
-            .map_err(RunError::system("cannot read signals (signalfd)"))?;
-        sources::notify_socket(notify_std, driver.notify_inputs());
-        let mut metrics_carry = None;
-        if let Some(at) = metrics_at {
-            let (endpoint, second) = at.bind()?;
-            metrics_carry = second;
-            tokio::spawn(metrics::serve(
-                endpoint,
-                app_name.clone(),
-                handle.clone(),
-                listener_info,
-            ));
+            let carry = listener.as_fd().try_clone_to_owned().ok();
+            tokio::spawn(dbus::serve_control_socket(listener, handle.clone()));
+            carry
         }
-        if let Some((took, from)) = &resumed_from {
-            logs::event(
-                libsystemd::logging::Priority::Notice,
-                &format!(
-                    "re-executed in {} ms (from nodeherd {from} to {}): {} worker(s) taken over, none restarted",
-                    took.as_millis(),
-                    env!("CARGO_PKG_VERSION"),
-                    handle.snapshot.borrow().workers.iter().filter(|w| w.pid > 0).count()
-                ),
-                &[crate::logs::Milestone::Reexecuted.field()],
-            );
-        }
-        // The bus name first, before any worker starts. Under systemd a name
-        // that is not ours is fatal: someone else answering for this app
-        // would get `systemctl reload` and every client's calls.
-        let first = claim_name(&bus, &bus_name, &handle, resumed_from.is_some()).await;
-        let first = match first {
-            dbus::Claim::Owned(conn) => Some(conn),
-            dbus::Claim::Later => None,
-            dbus::Claim::Refused(why) if under_systemd() => {
-                let err = RunError::BusName(why);
-                logs::error(&err.to_string());
-                notify::status(&format!("stopped: {err}"));
-                if activated {
-                    // As for a bad configuration: connections that keep
-                    // starting the service must not fail its socket.
-                    logs::flush(Duration::from_secs(1));
-                    tokio::time::sleep(CONFIG_ERROR_HOLD).await;
-                }
-                return Err(RunError::Reported(Box::new(err)));
-            }
-            dbus::Claim::Refused(_) => None,
-        };
-        tokio::spawn(dbus::serve(bus, bus_name, handle.clone(), first));
-        let control_path = dir.join("control.sock");
-        let control = match control_fd {
-            Some(fd) => {
-                let s = std::os::unix::net::UnixListener::from(fd);
-                s.set_nonblocking(true)
-                    .and_then(|()| tokio::net::UnixListener::from_std(s))
-            }
-            None => dbus::bind_control_socket(&control_path),
-        };
-        let mut control_carry = None;
-        match control {
-            Ok(listener) => {
-                use std::os::fd::AsFd;
-                control_carry = listener.as_fd().try_clone_to_owned().ok();
-                tokio::spawn(dbus::serve_control_socket(listener, handle.clone()));
-            }
-            Err(e) => logs::warn(&format!(
+        Err(e) => {
+            logs::warn(&format!(
                 "no control socket at {}: {e}; control is through the bus only",
-                control_path.display()
-            )),
+                path.display()
+            ));
+            None
         }
-        driver.carry(Carry {
-            runtime_dir: dir.to_path_buf(),
-            notify: notify_carry,
-            control: control_carry,
-            metrics: metrics_carry,
-        });
-        if resumed_from.is_some() {
-            let status = handle.snapshot.borrow().status.clone();
-            notify::ready(&status);
-        }
-        let code = driver.run().await.map_err(RunError::system(
-            "cannot watch for exiting workers (SIGCHLD)",
-        ))?;
-        Ok(code.clamp(0, 255) as u8)
-    })
+    }
 }
 
 /// Take the bus name. After a re-exec the bus may not yet have seen the old
