@@ -52,16 +52,21 @@
 //!
 //! # Where things are
 //!
-//! [`config`] reads ecosystem files, [`sockets`] takes or binds the
-//! listening sockets ([`reuseport`] steers the kernel among each slot's own,
-//! [`shared`] binds more on workers' requests, with their rights),
-//! [`worker`] starts workers, [`supervisor`] runs them,
-//! [`control`] names what may be asked of it, [`dbus`] serves that on the
-//! bus and [`client`] asks it, [`notify`] talks to systemd,
+//! From the ground up (each room imports only rooms below it; no circle):
+//! [`config`] reads ecosystem files, [`fds`] holds the rules for fds that
+//! cross an exec, [`sockets`] takes or binds one listening socket,
+//! [`reuseport`] steers the kernel among each slot's own, [`socket_set`]
+//! lays them out per slot, [`shared`] binds more on workers' requests,
+//! with their rights; [`worker`] starts workers, [`supervisor`] runs them
+//! (its core decides, its driver does: the core's modules may not touch a
+//! clock, a process or a socket, see `clippy.toml`); [`control`] names what
+//! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
+//! it, [`metrics`] serves Prometheus; [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
-//! [`logs`] writes the journal, [`reexec`] hands the daemon over to a new
-//! program in place, [`run`] puts the daemon together (or takes it over)
-//! in a private directory ([`rundir`]).
+//! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
+//! program in place (the document it carries is
+//! [`supervisor::takeover`]), [`run`] puts the daemon together (or takes
+//! it over) in a private directory ([`rundir`]).
 
 pub mod cli;
 pub mod client;
