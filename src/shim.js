@@ -9,7 +9,9 @@
 //    inherited socket, or whose port or path equals a socket's name
 //    (FileDescriptorName=), takes that socket; otherwise the first listen of
 //    that kind (TCP, UDP, unix) in this process takes the only inherited
-//    socket of that kind. Every other TCP or unix listen is shared across
+//    socket of that kind, and with no TCP socket handed over, the first TCP
+//    listen takes the only unix one (a unit's default socket for a proxy).
+//    Every other TCP or unix listen is shared across
 //    the workers as under PM2's cluster mode: the manager binds the address
 //    on the first worker's request, with that worker's rights (src/shared.rs),
 //    keeps it while workers ask for it, and hands the same socket to each
@@ -90,7 +92,14 @@
     const match = ofKind.find(
       (s) => (port && s.port === Number(port)) || (want !== null && (s.name === want || s.address === want)),
     );
-    const chosen = match || (ofKind.length === 1 && !ofKind[0].claimed ? ofKind[0] : null);
+    let chosen = match || (ofKind.length === 1 && !ofKind[0].claimed ? ofKind[0] : null);
+    // A port with no TCP socket handed over at all takes the only unix
+    // socket: the unit's default (/run/nodeherd/APP.sock, for a proxy) is
+    // where an app that listens on a port is meant to serve.
+    if (!chosen && kind === 'tcp' && ofKind.length === 0) {
+      const unix = sockets.filter((s) => s.kind === 'unix');
+      if (unix.length === 1 && !unix[0].claimed) chosen = unix[0];
+    }
     if (chosen) chosen.claimed = true;
     return chosen;
   }

@@ -739,6 +739,30 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
     assert!(!std::path::Path::new("/tmp/this-app-never-binds-here.sock").exists());
     drop(m);
 
+    // An app that listens on a port, with only a unix socket handed over
+    // (the template's default, for a proxy): it serves there.
+    let port_app = dir.path.join("port.sock");
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("own_port.js")),
+            "-i",
+            "2",
+            "--listen",
+            &format!("unix:{}", port_app.display()),
+            "--no-bus",
+        ],
+        &[("PORT", "1")],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
+    let mut s = std::os::unix::net::UnixStream::connect(&port_app).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.contains("\"instance\""), "{out}");
+    assert!(!m.log().contains("shared socket"), "{}", m.log());
+    drop(m);
+
     let m = start_app("listen_fd.js", 2);
     let port = m.port();
     assert_eq!(
