@@ -28,7 +28,8 @@ const EVENTS: usize = 6;
 
 pub fn monit(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
+        let reached = reach(args.app.as_deref(), &args.bus).await?;
+        let p = reached.proxy;
         let _screen =
             Screen::enter().map_err(|e| Failure(1, format!("cannot use the terminal: {e}")))?;
         view(&p).await
