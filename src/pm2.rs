@@ -76,9 +76,12 @@ pub fn start(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // PM2 refuses to start what runs already; so does this.
+    // PM2 refuses to start what runs already; so does this. A manager
+    // run with --no-bus is still found by its control socket.
+    let mut ask = args.bus.clone();
+    ask.no_bus = false;
     let running = crate::client::block_on(async {
-        tokio::time::timeout(ASK, reach(Some(&app), &args.bus))
+        tokio::time::timeout(ASK, reach(Some(&app), &ask))
             .await
             .ok()
             .and_then(Result::ok)
