@@ -469,7 +469,26 @@ fn ls_lists_installed_and_running_apps() {
 #[test]
 fn stop_ends_a_manager_run_by_hand_and_every_worker() {
     let host = Host::new("stop");
-    let mut m = host.run_without_bus("web", 2);
+    // Its workers take 600 ms to leave: `stop` must wait for them.
+    let script = path_str(&app("env.js"));
+    let mut env = host.env();
+    env.push(("LINGER_MS", "600".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut m = start(
+        &[
+            "run",
+            &script,
+            "--name",
+            "web",
+            "-i",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &env,
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
     let workers = m.workers();
     assert_eq!(workers.len(), 2);
     let (code, out, err) = host.client(&["stop", "web"]);
@@ -481,7 +500,7 @@ fn stop_ends_a_manager_run_by_hand_and_every_worker() {
     // It returned once the manager was gone, and the manager once every
     // worker was: a graceful stop, exit status 0.
     let st = m
-        .wait_exit(Duration::from_secs(1))
+        .wait_exit(Duration::from_millis(100))
         .expect("gone when stop returns");
     assert_eq!(st.code(), Some(0), "{}", m.log());
     for w in workers {
