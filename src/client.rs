@@ -201,8 +201,8 @@ impl Via {
 /// When no manager of `app` runs, the error names the apps that do.
 pub(crate) async fn reach(app: Option<&str>, bus: &BusArgs) -> Result<Reached, Failure> {
     let over_bus = async {
-        let conn = connect(bus).await?;
-        Ok::<_, Miss>(proxy(&conn, app, bus).await?)
+        let conn = connect(bus).await.map_err(Miss::from)?;
+        proxy(&conn, app, bus).await
     };
     match over_bus.await {
         Ok(found) => Ok(found),

@@ -263,7 +263,11 @@ fn draw(m: &Model) -> std::io::Result<()> {
         terminal::Clear(terminal::ClearType::All)
     )?;
     for (row, line) in lines.iter().take(rows as usize).enumerate() {
-        let shown: String = line.chars().take(width).collect();
+        // Worker lines and status texts are the app's: shown, never sent.
+        let shown: String = crate::discover::printable(line)
+            .chars()
+            .take(width)
+            .collect();
         queue!(out, cursor::MoveTo(0, row as u16), style::Print(shown))?;
     }
     out.flush()

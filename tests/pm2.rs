@@ -663,6 +663,7 @@ fn pm2_commands_work_or_point_at_the_right_one() {
 /// namespace's: `nsenter -t PID -m` runs a program that sees this journal.
 struct Journald {
     pid: i32,
+    child: std::process::Child,
 }
 
 impl Journald {
@@ -682,6 +683,7 @@ impl Journald {
             .expect("unshare");
         let j = Journald {
             pid: child.id() as i32,
+            child,
         };
         assert!(
             wait_until(T, || j.path("/run/systemd/journal/stdout").exists()),
@@ -729,6 +731,10 @@ impl Journald {
 impl Drop for Journald {
     fn drop(&mut self) {
         kill(self.pid, libc::SIGTERM);
+        if !wait_until(T, || self.child.try_wait().ok().flatten().is_some()) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
