@@ -300,7 +300,8 @@ fn cli_clients_speak_the_same_api() {
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = client(&[&["status", "nosuchapp"][..], &bus].concat());
     assert_eq!(code, 3, "not running: {err}");
-    assert!(err.contains("no manager"), "{err}");
+    assert!(err.contains("no app nosuchapp; running: "), "{err}");
+    assert!(err.contains("hello"), "{err}");
     // No bus and no control socket of that name: no manager. (The fallback
     // to the control socket is without_a_bus_the_clients_use_the_control_socket.)
     let (code, _, err) = client(&["status", "nosuchapp", "--bus", "unix:path=/nonexistent/bus"]);
