@@ -53,6 +53,16 @@ pub(crate) trait Manager1 {
     fn reload_finished(&self, ok: bool, message: String) -> zbus::Result<()>;
 }
 
+/// `println!` for what the clients say: a reader that went away (`| head`,
+/// `| grep -q`) ends the output, not the program with a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+pub(crate) use outln;
+
 /// A client failure, with the exit status it maps to.
 pub(crate) struct Failure(pub(crate) u8, pub(crate) String);
 
@@ -491,18 +501,24 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "instances": instances, "ready_workers": ready, "workers": ws,
                 "manager_pid": manager_pid, "via": reached.via.to_json(),
             });
-            println!("{doc}");
+            outln!("{doc}");
         } else {
             let (name, status) = (discover::printable(&name), discover::printable(&status));
-            println!("{name}: {state} — {status}");
-            println!(
+            outln!("{name}: {state} — {status}");
+            outln!(
                 "manager pid {} ({})",
                 manager_pid.map_or("unknown".to_string(), |p| p.to_string()),
                 reached.via.describe()
             );
-            println!(
+            outln!(
                 "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}  {:>5}",
-                "instance", "pid", "state", "restarts", "uptime", "memory", "cpu%"
+                "instance",
+                "pid",
+                "state",
+                "restarts",
+                "uptime",
+                "memory",
+                "cpu%"
             );
             let cpu = cpu_percent(workers.iter().map(|w| w.1)).await;
             for (i, pid, st, restarts, up, mem, _) in &workers {
@@ -512,14 +528,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 } else {
                     pid.to_string()
                 };
-                println!(
+                outln!(
                     "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}",
                     human_duration(*up),
                     human_bytes(*mem)
                 );
             }
             for (pid, text) in &texts {
-                println!("worker pid {pid} says: {}", discover::printable(text));
+                outln!("worker pid {pid} says: {}", discover::printable(text));
             }
         }
         Ok(())
@@ -530,7 +546,7 @@ pub fn reload(args: AppArgs) -> ExitCode {
     run_client(async move {
         let r = reach(args.app.as_deref(), &args.bus).await?;
         let what = r.proxy.reload().await?;
-        println!("nodeherd: {what}");
+        outln!("nodeherd: {what}");
         Ok(())
     })
 }
@@ -539,7 +555,7 @@ pub fn restart(args: AppArgs) -> ExitCode {
     run_client(async move {
         let r = reach(args.app.as_deref(), &args.bus).await?;
         r.proxy.restart().await?;
-        println!("nodeherd: restarted");
+        outln!("nodeherd: restarted");
         Ok(())
     })
 }
@@ -586,7 +602,7 @@ pub fn reexec(args: AppArgs) -> ExitCode {
                 && let Ok(n) = p.reexecs().await
             {
                 if n > before {
-                    println!(
+                    outln!(
                         "nodeherd: {}; the new manager answered {} ms after the request",
                         said.as_deref().unwrap_or("re-executed"),
                         t0.elapsed().as_millis()
@@ -676,7 +692,7 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
             Count::To(n) => p.scale(n).await?,
             Count::By(d) => p.scale_by(d).await?,
         };
-        println!(
+        outln!(
             "nodeherd: {} now runs {n} worker(s)",
             discover::printable(&args.app)
         );

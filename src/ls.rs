@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::cli::LsArgs;
-use crate::client::{Failure, Via, run_client};
+use crate::client::{Failure, Via, outln, run_client};
 use crate::discover::{self, Unit, printable};
 
 /// One app, from whatever found it.
@@ -151,7 +151,7 @@ async fn describe(r: &crate::client::Reached) -> Result<Manager, Failure> {
 
 fn print_table(rows: &BTreeMap<String, Row>) {
     if rows.is_empty() {
-        println!("no nodeherd app on this host (none installed in /etc/nodeherd, none running)");
+        outln!("no nodeherd app on this host (none installed in /etc/nodeherd, none running)");
         return;
     }
     let width = rows
@@ -160,9 +160,14 @@ fn print_table(rows: &BTreeMap<String, Row>) {
         .max()
         .unwrap_or(3)
         .max(3);
-    println!(
+    outln!(
         "{:<width$}  {:<13}  {:>7}  {:>8}  {:>10}  {:>8}  where",
-        "app", "state", "workers", "restarts", "memory", "pid"
+        "app",
+        "state",
+        "workers",
+        "restarts",
+        "memory",
+        "pid"
     );
     for (app, row) in rows {
         let (workers, restarts, memory, pid) = match &row.manager {
@@ -174,7 +179,7 @@ fn print_table(rows: &BTreeMap<String, Row>) {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        println!(
+        outln!(
             "{:<width$}  {:<13}  {workers:>7}  {restarts:>8}  {memory:>10}  {pid:>8}  {}",
             printable(app),
             row.state(),
@@ -208,7 +213,7 @@ fn print_json(rows: &BTreeMap<String, Row>, systemd: bool) {
             })
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         serde_json::json!({ "apps": apps, "systemd": systemd })
     );

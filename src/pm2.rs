@@ -18,7 +18,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use crate::cli::{BusArgs, DeleteArgs, RunArgs, StopArgs, UninstallArgs};
-use crate::client::{Failure, reach};
+use crate::client::{Failure, outln, reach};
 use crate::discover::{self, printable};
 
 /// What to do instead of PM2's commands that have no nodeherd twin; `None`
@@ -178,7 +178,7 @@ fn start_transient(app: &str) -> ExitCode {
     // systemd-run waits for READY=1 (Type=notify): the workers are ready.
     match Command::new(&argv[0]).args(&argv[1..]).status() {
         Ok(s) if s.success() => {
-            println!(
+            outln!(
                 "nodeherd: started {} as {} (`nodeherd status {}`, `nodeherd logs {}`, `nodeherd stop {}`)",
                 printable(app),
                 discover::transient_unit(app),
@@ -231,7 +231,7 @@ fn start_installed(name: &str) -> ExitCode {
     ];
     match systemctl(&["start"], &units) {
         Ok(()) => {
-            println!(
+            outln!(
                 "nodeherd: started {} ({})",
                 printable(name),
                 units.join(", ")
@@ -295,7 +295,7 @@ pub fn stop(args: StopArgs) -> ExitCode {
         apps.sort();
         apps.dedup();
         if apps.is_empty() {
-            println!("nodeherd: no app is running");
+            outln!("nodeherd: no app is running");
         }
         let mut failed = None;
         for app in apps {
@@ -327,7 +327,7 @@ async fn stop_one(app: &str, bus: &BusArgs, timeout: Duration) -> Result<Stopped
             .collect();
         if !up.is_empty() {
             systemctl(&["stop"], &up)?;
-            println!(
+            outln!(
                 "nodeherd: stopped {} ({}); `nodeherd start {}` starts it again",
                 printable(app),
                 up.join(", "),
@@ -365,7 +365,7 @@ async fn stop_one(app: &str, bus: &BusArgs, timeout: Duration) -> Result<Stopped
             ),
         ));
     }
-    println!(
+    outln!(
         "nodeherd: stopped {} (manager pid {pid}, found by its {via}; every worker gone in {} ms)",
         printable(app),
         t0.elapsed().as_millis()
@@ -474,7 +474,7 @@ pub fn delete(args: DeleteArgs) -> ExitCode {
         if dry_run {
             return match reach(Some(&app), &args.bus).await {
                 Ok(r) => {
-                    println!(
+                    outln!(
                         "--- would stop {} (manager pid {})",
                         printable(&app),
                         r.pid.map_or("?".into(), |p| p.to_string())
@@ -517,7 +517,7 @@ pub fn delete(args: DeleteArgs) -> ExitCode {
         }
         None => {
             if stopped {
-                println!(
+                outln!(
                     "nodeherd: deleted {}: it was not installed, so there is nothing more to remove",
                     printable(&app)
                 );

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cli::LogsArgs;
-use crate::client::{Failure, reach};
+use crate::client::{Failure, outln, reach};
 use crate::discover::{self, printable};
 
 /// Where an app's lines are.
@@ -286,12 +286,18 @@ fn journalctl_args(
 
 fn journal(apps: &[String], args: &LogsArgs) -> ExitCode {
     let argv = journalctl_args(apps, args.instance, args.lines, args.follow);
-    let mut child = match Command::new("journalctl")
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-    {
+    let mut cmd = Command::new("journalctl");
+    cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+    // A `logs -f` that is killed takes its journalctl with it.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nodeherd: cannot run journalctl: {e}");
@@ -401,7 +407,7 @@ fn file(app: &str, path: &Path, args: &LogsArgs) -> ExitCode {
         .filter(|l| wanted(l, app, args.instance))
         .collect();
     for l in &lines[lines.len().saturating_sub(args.lines as usize)..] {
-        println!("{}", printable(l));
+        outln!("{}", printable(l));
     }
     if !args.follow {
         return ExitCode::SUCCESS;
@@ -429,7 +435,7 @@ fn file(app: &str, path: &Path, args: &LogsArgs) -> ExitCode {
             let line: String = partial.drain(..=i).collect();
             let line = line.trim_end_matches('\n');
             if wanted(line, app, args.instance) {
-                println!("{}", printable(line));
+                outln!("{}", printable(line));
             }
         }
     }

@@ -232,6 +232,17 @@ fn status_shows_the_managers_pid() {
     let v = status_json(&host, &["web", "--bus", &bus.address]);
     assert_eq!(v["manager_pid"], m.pid(), "{v}");
     assert_eq!(v["via"]["bus_name"], "org.nodeherd.web", "{v}");
+    // A reader that goes away early (`| head -1`, `| grep -q`) is no error.
+    let mut early = host.cmd(&["status", "web", "--bus", &bus.address]);
+    let mut child = early
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
     // Through the control socket: the kernel's word for it.
     let solo = host.run_without_bus("solo", 1);
     let v = status_json(&host, &["solo"]);
