@@ -157,7 +157,7 @@ expect "c: it serves when start returns" answers "$SOLO_PORT" start
 spid=$(prop nodeherd-solo.service MainPID)
 expect "c: ls lists solo with its pid $spid" \
     app_is solo '"\(.state) \(.manager_pid) \(.transient_unit.name)"' "ready $spid nodeherd-solo.service"
-solo_status() { ct nodeherd status solo | grep -q '^solo: ready'; }
+solo_status() { local o; o=$(ct nodeherd status solo 2>&1); grep -q "^solo: ready" <<<"$o" || { echo "$o" | sed "s/^/       | /"; return 1; }; }
 expect "c: status solo reaches it" solo_status
 expect "c: systemctl reload nodeherd-solo" ct systemctl reload nodeherd-solo.service
 solo_logged() { ct nodeherd logs solo --lines 50 2>/dev/null | grep -qx '\[solo:1\] hello from 1'; }
