@@ -232,7 +232,7 @@ pub(crate) async fn reach(app: Option<&str>, bus: &BusArgs) -> Result<Reached, F
                 many => Err(Failure(
                     2,
                     format!(
-                        "several managers have control sockets ({}): name the app",
+                        "several managers have control sockets ({}): name the app; `nodeherd ls` lists them all",
                         many.iter()
                             .map(|c| c.path.display().to_string())
                             .collect::<Vec<_>>()
@@ -332,7 +332,7 @@ async fn resolve_name(
         many => Err(Failure(
             2,
             format!(
-                "several managers are running ({}): name the app",
+                "several managers are running ({}): name the app; `nodeherd ls` lists them all",
                 many.join(", ")
             ),
         )),
