@@ -56,7 +56,8 @@
 //! listening sockets ([`reuseport`] steers the kernel among each slot's own),
 //! [`worker`] starts workers, [`supervisor`] runs them,
 //! [`control`] names what may be asked of it, [`dbus`] serves that on the
-//! bus and [`client`] asks it, [`notify`] talks to systemd,
+//! bus and [`client`] asks it ([`discover`] finds the apps a host has, for
+//! [`ls`], [`tail`] (`logs`) and PM2's verbs in [`pm2`]), [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] hands the daemon over to a new
 //! program in place, [`run`] puts the daemon together (or takes it over)
