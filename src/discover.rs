@@ -8,7 +8,7 @@
 //! status nosuchapp` names those that run) or when asked (`nodeherd ls`).
 //! Both go by the same rules: a control socket counts only in a directory
 //! of a trusted user's that nobody else may write, held by a listener of
-//! that same user ([`scan_control_sockets`]), because in a shared `/tmp`
+//! that same user (`scan_control_sockets`), because in a shared `/tmp`
 //! any local user can make one named like an app's.
 
 use std::path::{Path, PathBuf};
