@@ -24,7 +24,25 @@ pub struct Cli {
 pub enum Command {
     /// Run the manager (the daemon a unit's ExecStart runs)
     Run(Box<RunArgs>),
+    /// Start an app as `pm2 start` does: an installed app by its name
+    /// (systemctl start nodeherd@APP); a file or script as a transient
+    /// systemd unit (nodeherd-APP.service) when root under systemd, else
+    /// in the foreground, as `run`. Takes `run`'s flags
+    #[command(after_help = "Stop it with `nodeherd stop APP`; list every app with `nodeherd ls`.")]
+    Start(Box<RunArgs>),
+    /// Stop an app's manager and every worker, as `pm2 stop`: its units
+    /// under systemd, else SIGTERM to the manager; waits until it is gone
+    Stop(StopArgs),
+    /// Stop an app and undo `nodeherd install` for it, as `pm2 delete`
+    Delete(DeleteArgs),
+    /// Every nodeherd app on this host, as `pm2 ls`: installed units and
+    /// configurations, and running managers
+    #[command(visible_alias = "list")]
+    Ls(LsArgs),
+    /// An app's workers' lines from the journal, `[app:N]` first, as `pm2 logs`
+    Logs(LogsArgs),
     /// Show the workers of a running manager
+    #[command(alias = "show", alias = "describe")]
     Status(StatusArgs),
     /// Replace every worker with zero downtime; waits for the result
     Reload(AppArgs),
@@ -193,6 +211,70 @@ pub struct StatusArgs {
     /// Print JSON for scripts
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The app, or `all` for every app this caller may stop
+    pub app: String,
+
+    /// Seconds to wait for the manager to be gone
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub timeout: u64,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The app
+    pub app: String,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+
+    #[command(flatten)]
+    pub dirs: InstallDirs,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
+
+    /// Where installed apps' configurations are
+    #[arg(long, value_name = "DIR", default_value = "/etc/nodeherd")]
+    pub config_dir: PathBuf,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The app (default: every app)
+    pub app: Option<String>,
+
+    /// Only this worker slot's lines (its NODE_APP_INSTANCE)
+    #[arg(short = 'i', long = "instance", value_name = "N")]
+    pub instance: Option<u32>,
+
+    /// Keep printing new lines as they come
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+
+    /// How many of the last lines to show first
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 15)]
+    pub lines: u32,
+
+    /// Where installed apps' configurations are
+    #[arg(long, value_name = "DIR", default_value = "/etc/nodeherd")]
+    pub config_dir: PathBuf,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
 }
 
 #[derive(Debug, Args)]

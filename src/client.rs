@@ -12,7 +12,7 @@
 //! goes to that connection's unique name, so the name cannot change hands
 //! between the check and the call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use zbus::proxy;
 
 use crate::cli::{AppArgs, BusArgs, ScaleArgs, StatusArgs};
 use crate::dbus::{self, Bus, WorkerTuple};
+use crate::discover;
 
 #[proxy(interface = "org.nodeherd.Manager1", default_path = "/org/nodeherd")]
 pub(crate) trait Manager1 {
@@ -51,6 +52,16 @@ pub(crate) trait Manager1 {
     #[zbus(signal)]
     fn reload_finished(&self, ok: bool, message: String) -> zbus::Result<()>;
 }
+
+/// `println!` for what the clients say: a reader that went away (`| head`,
+/// `| grep -q`) ends the output, not the program with a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+pub(crate) use outln;
 
 /// A client failure, with the exit status it maps to.
 pub(crate) struct Failure(pub(crate) u8, pub(crate) String);
@@ -96,21 +107,20 @@ impl From<zbus::fdo::Error> for Failure {
     }
 }
 
+/// Run `f` to its end on a runtime of its own.
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(1, format!("cannot start the async runtime: {e}")))?;
+    Ok(rt.block_on(f))
+}
+
 pub(crate) fn run_client<F>(f: F) -> ExitCode
 where
     F: std::future::Future<Output = Result<(), Failure>>,
 {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nodeherd: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(f) {
+    match block_on(f).and_then(|r| r) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("nodeherd: {msg}");
@@ -123,9 +133,17 @@ where
 /// owner of the name), so a control socket may answer instead; or the bus
 /// answered, and that answer stands (the name's owner is not the app's
 /// manager, a bad name, a refusal).
-enum Miss {
+pub(crate) enum Miss {
     Absent(Failure),
     Refused(Failure),
+}
+
+impl From<Miss> for Failure {
+    fn from(m: Miss) -> Self {
+        match m {
+            Miss::Absent(f) | Miss::Refused(f) => f,
+        }
+    }
 }
 
 impl From<Failure> for Miss {
@@ -150,34 +168,71 @@ impl From<zbus::fdo::Error> for Miss {
     }
 }
 
+/// A manager reached, and who it is by the kernel's or the bus's word
+/// (its connection's credentials), not by its own.
+pub(crate) struct Reached {
+    pub(crate) conn: zbus::Connection,
+    pub(crate) proxy: Manager1Proxy<'static>,
+    /// The manager's pid.
+    pub(crate) pid: Option<u32>,
+    /// The manager's uid.
+    pub(crate) uid: Option<u32>,
+    pub(crate) via: Via,
+}
+
+/// How a manager was reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// Its well-known name on the bus.
+    Bus(String),
+    /// Its control socket.
+    Socket(PathBuf),
+}
+
+impl Via {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Via::Bus(name) => format!("bus name {name}"),
+            Via::Socket(path) => format!("control socket {}", path.display()),
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match self {
+            Via::Bus(name) => serde_json::json!({ "bus_name": name }),
+            Via::Socket(path) => serde_json::json!({ "control_socket": path }),
+        }
+    }
+}
+
 /// The manager of `app`: over the bus, or, when no bus answers for it, over
 /// its own control socket (a container or a shell with no bus). Never the
 /// control socket when the bus named another owner: that is the answer.
-pub(crate) async fn reach(
-    app: Option<&str>,
-    bus: &BusArgs,
-) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
+/// When no manager of `app` runs, the error names the apps that do.
+pub(crate) async fn reach(app: Option<&str>, bus: &BusArgs) -> Result<Reached, Failure> {
     let over_bus = async {
-        let conn = connect(bus).await?;
-        let p = proxy(&conn, app, bus).await?;
-        Ok::<_, Miss>((conn.clone(), p))
+        let conn = connect(bus).await.map_err(Miss::from)?;
+        proxy(&conn, app, bus).await
     };
     match over_bus.await {
         Ok(found) => Ok(found),
         Err(Miss::Refused(e)) => Err(e),
         Err(Miss::Absent(e)) => {
-            let found = find_control_socket(app)?;
+            let found = discover::scan_control_sockets(app, true);
             match found.sockets.as_slice() {
+                [] if found.passed_over.is_empty() && bus.bus_name.is_none() => {
+                    Err(not_running(app, bus, &e).await)
+                }
                 [] if found.passed_over.is_empty() => Err(e),
                 [] => Err(Failure(
                     3,
                     format!("{}; passed over: {}", e.1, found.passed_over.join("; ")),
                 )),
-                [one] => control_socket(one, &found.allowed).await,
+                [one] => discover::control_socket(one).await,
                 many => Err(Failure(
                     2,
                     format!(
-                        "several managers have control sockets ({}): name the app",
+                        "several managers have control sockets ({}): name the app; `nodeherd ls` lists them all",
                         many.iter()
                             .map(|c| c.path.display().to_string())
                             .collect::<Vec<_>>()
@@ -189,156 +244,40 @@ pub(crate) async fn reach(
     }
 }
 
-/// Connect to a manager's control socket, peer to peer, once the peer is
-/// known to be the process of the user who owns its directory.
-async fn control_socket(
-    found: &ControlSocket,
-    allowed: &[u32],
-) -> Result<(zbus::Connection, Manager1Proxy<'static>), Failure> {
-    let path = &found.path;
-    let fail = |e: String| {
-        Failure(
+/// No manager of `app` (or none at all) answers: say which apps run
+/// instead, and how to start `app` when it is installed but stopped.
+/// Exit status 3, as for any manager not reachable.
+async fn not_running(app: Option<&str>, bus: &BusArgs, bus_said: &Failure) -> Failure {
+    let names = discover::running_names(bus).await;
+    let running = if names.is_empty() {
+        "none is running".to_string()
+    } else {
+        format!("running: {}", names.join(", "))
+    };
+    let Some(app) = app else {
+        // Nothing to name, and nothing found: the bus's own words may say why.
+        return Failure(
             3,
-            format!("cannot use the control socket {}: {e}", path.display()),
-        )
+            format!(
+                "no nodeherd app is running (no manager on the bus, no control socket of yours, \
+                 root's or an app's user's; the bus said: {})",
+                bus_said.1
+            ),
+        );
     };
-    let stream = tokio::net::UnixStream::connect(path)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let peer = stream
-        .peer_cred()
-        .map_err(|e| fail(format!("cannot tell who listens on it: {e}")))?;
-    if peer.uid() != found.owner || !allowed.contains(&peer.uid()) {
-        return Err(fail(format!(
-            "uid {} listens on it, not uid {} whose directory it is in: not talking to it",
-            peer.uid(),
-            found.owner
-        )));
+    let mut msg = format!("no app {}; {running}", discover::printable(app));
+    if let Some(config) = discover::config_of(Path::new(discover::CONFIG_DIR), app) {
+        msg.push_str(&format!(
+            " ({} is installed from {} but its manager is not running: `nodeherd start {}`)",
+            discover::printable(app),
+            config.display(),
+            discover::printable(app)
+        ));
     }
-    let conn = zbus::connection::Builder::unix_stream(stream)
-        .p2p()
-        .method_timeout(Duration::from_secs(24 * 3600))
-        .build()
-        .await
-        .map_err(|e| {
-            fail(format!(
-                "{e} (a manager answers only root, its own user and group {})",
-                dbus::OPERATORS_GROUP
-            ))
-        })?;
-    let p = Manager1Proxy::builder(&conn)
-        // Peer to peer there is no bus to route by name; the manager ignores it.
-        .destination("org.nodeherd.Manager")
-        .map_err(|e| fail(e.to_string()))?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    Ok((conn, p))
+    Failure(3, msg)
 }
 
-/// A control socket found on disk, in a directory of `owner`'s.
-struct ControlSocket {
-    path: PathBuf,
-    owner: u32,
-}
-
-/// What a search for control sockets found.
-struct Found {
-    sockets: Vec<ControlSocket>,
-    /// Managers' directories of users the caller does not trust, said so
-    /// in the error when nothing else is found.
-    passed_over: Vec<String>,
-    /// The users whose managers the caller talks to.
-    allowed: Vec<u32>,
-}
-
-/// The users whose manager of `app` a caller may talk to: itself, root
-/// and the app's own user (`nodeherd-APP`, when the system has it).
-fn trusted_users(app: Option<&str>) -> Vec<u32> {
-    let mut allowed = vec![nix::unistd::geteuid().as_raw(), 0];
-    if let Some(app) = app
-        && let Ok(Some(u)) = nix::unistd::User::from_name(&dbus::user_for(app))
-    {
-        allowed.push(u.uid.as_raw());
-    }
-    allowed
-}
-
-/// The control socket of `app`'s manager (or of the only manager running,
-/// without `app`), found in the places managers keep their private
-/// directories: `$XDG_RUNTIME_DIR`, the temporary directory, and
-/// `/run/nodeherd/*/` (the template unit's `RuntimeDirectory=`). Only a
-/// directory of a trusted user ([`trusted_users`]) that nobody else may
-/// write, holding a socket of that same user's, counts: in a shared
-/// temporary directory any local user can make one named like the app's.
-fn find_control_socket(app: Option<&str>) -> Result<Found, Failure> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mut bases: Vec<PathBuf> = vec![crate::run::runtime_base(), std::env::temp_dir()];
-    if let Ok(units) = std::fs::read_dir("/run/nodeherd") {
-        bases.extend(units.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-    }
-    bases.dedup();
-    let prefix = app.map(crate::run::runtime_dir_prefix);
-    let allowed = trusted_users(app);
-    let mut found = Found {
-        sockets: Vec::new(),
-        passed_over: Vec::new(),
-        allowed,
-    };
-    // The first place that has any is the answer: a user's own
-    // $XDG_RUNTIME_DIR before the shared temporary directory.
-    for base in bases {
-        if !found.sockets.is_empty() {
-            break;
-        }
-        let Ok(entries) = std::fs::read_dir(&base) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = crate::rundir::pid_in(&name, prefix.as_deref()) else {
-                continue;
-            };
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            // lstat: a symlink is not a manager's directory.
-            let Ok(dir) = e.metadata() else {
-                continue;
-            };
-            if !dir.is_dir() {
-                continue;
-            }
-            if !found.allowed.contains(&dir.uid()) {
-                found.passed_over.push(format!(
-                    "{} belongs to uid {}, not to you, root or the app's user",
-                    e.path().display(),
-                    dir.uid()
-                ));
-                continue;
-            }
-            if dir.mode() & 0o022 != 0 {
-                found
-                    .passed_over
-                    .push(format!("{} is writable by others", e.path().display()));
-                continue;
-            }
-            let sock = e.path().join("control.sock");
-            let is_theirs = std::fs::symlink_metadata(&sock)
-                .is_ok_and(|m| m.file_type().is_socket() && m.uid() == dir.uid());
-            if is_theirs && !found.sockets.iter().any(|c| c.path == sock) {
-                found.sockets.push(ControlSocket {
-                    path: sock,
-                    owner: dir.uid(),
-                });
-            }
-        }
-    }
-    Ok(found)
-}
-
-async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
+pub(crate) async fn connect(bus: &BusArgs) -> Result<zbus::Connection, Failure> {
     let which = bus.bus();
     if which == Bus::None {
         return Err(Failure(2, "--no-bus makes no sense for a client".into()));
@@ -393,18 +332,18 @@ async fn resolve_name(
         many => Err(Failure(
             2,
             format!(
-                "several managers are running ({}): name the app",
+                "several managers are running ({}): name the app; `nodeherd ls` lists them all",
                 many.join(", ")
             ),
         )),
     }
 }
 
-async fn proxy(
+pub(crate) async fn proxy(
     conn: &zbus::Connection,
     app: Option<&str>,
     bus: &BusArgs,
-) -> Result<Manager1Proxy<'static>, Miss> {
+) -> Result<Reached, Miss> {
     let name = resolve_name(conn, app, bus).await?;
     let bus_name = zbus::names::BusName::try_from(name.clone())
         .map_err(|e| Miss::Refused(Failure(2, format!("{name} is not a valid bus name: {e}"))))?;
@@ -418,6 +357,12 @@ async fn proxy(
         Err(e) => return Err(e.into()),
     };
     let owner = owner.into_inner();
+    let of_owner = zbus::names::BusName::Unique(owner.clone());
+    let pid = dbus
+        .get_connection_unix_process_id(of_owner.clone())
+        .await
+        .ok();
+    let uid = dbus.get_connection_unix_user(of_owner).await.ok();
     if bus.bus() == Bus::System {
         let app = app
             .map(str::to_string)
@@ -431,7 +376,13 @@ async fn proxy(
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
-    Ok(p)
+    Ok(Reached {
+        conn: conn.clone(),
+        proxy: p,
+        pid,
+        uid,
+        via: Via::Bus(name),
+    })
 }
 
 /// The owner of `name` must be the main process of the app's unit: the
@@ -518,7 +469,9 @@ async fn unit_main_pid(conn: &zbus::Connection, unit: &str) -> Option<u32> {
 
 pub fn status(args: StatusArgs) -> ExitCode {
     run_client(async move {
-        let (_conn, p) = reach(args.app.app.as_deref(), &args.app.bus).await?;
+        let reached = reach(args.app.app.as_deref(), &args.app.bus).await?;
+        let p = &reached.proxy;
+        let manager_pid = reached.pid;
         let name = p.name().await?;
         let state = p.state().await?;
         let status = p.status().await?;
@@ -546,13 +499,26 @@ pub fn status(args: StatusArgs) -> ExitCode {
             let doc = serde_json::json!({
                 "name": name, "state": state, "status": status,
                 "instances": instances, "ready_workers": ready, "workers": ws,
+                "manager_pid": manager_pid, "via": reached.via.to_json(),
             });
-            println!("{doc}");
+            outln!("{doc}");
         } else {
-            println!("{name}: {state} — {status}");
-            println!(
+            let (name, status) = (discover::printable(&name), discover::printable(&status));
+            outln!("{name}: {state} — {status}");
+            outln!(
+                "manager pid {} ({})",
+                manager_pid.map_or("unknown".to_string(), |p| p.to_string()),
+                reached.via.describe()
+            );
+            outln!(
                 "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}  {:>5}",
-                "instance", "pid", "state", "restarts", "uptime", "memory", "cpu%"
+                "instance",
+                "pid",
+                "state",
+                "restarts",
+                "uptime",
+                "memory",
+                "cpu%"
             );
             let cpu = cpu_percent(workers.iter().map(|w| w.1)).await;
             for (i, pid, st, restarts, up, mem, _) in &workers {
@@ -562,14 +528,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 } else {
                     pid.to_string()
                 };
-                println!(
+                outln!(
                     "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}",
                     human_duration(*up),
                     human_bytes(*mem)
                 );
             }
             for (pid, text) in &texts {
-                println!("worker pid {pid} says: {text}");
+                outln!("worker pid {pid} says: {}", discover::printable(text));
             }
         }
         Ok(())
@@ -578,18 +544,18 @@ pub fn status(args: StatusArgs) -> ExitCode {
 
 pub fn reload(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
-        let what = p.reload().await?;
-        eprintln!("nodeherd: {what}");
+        let r = reach(args.app.as_deref(), &args.bus).await?;
+        let what = r.proxy.reload().await?;
+        outln!("nodeherd: {what}");
         Ok(())
     })
 }
 
 pub fn restart(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
-        p.restart().await?;
-        eprintln!("nodeherd: restarted");
+        let r = reach(args.app.as_deref(), &args.bus).await?;
+        r.proxy.restart().await?;
+        outln!("nodeherd: restarted");
         Ok(())
     })
 }
@@ -604,7 +570,7 @@ const REEXEC_WAIT: Duration = Duration::from_secs(30);
 pub fn reexec(args: AppArgs) -> ExitCode {
     run_client(async move {
         let app = args.app.as_deref();
-        let (conn, p) = reach(app, &args.bus).await?;
+        let Reached { conn, proxy: p, .. } = reach(app, &args.bus).await?;
         let before = p.reexecs().await.ok();
         let t0 = std::time::Instant::now();
         let said = match p.reexec().await {
@@ -632,11 +598,11 @@ pub fn reexec(args: AppArgs) -> ExitCode {
         };
         let deadline = t0 + REEXEC_WAIT;
         loop {
-            if let Ok((_c, p)) = reach(app, &args.bus).await
+            if let Ok(Reached { proxy: p, .. }) = reach(app, &args.bus).await
                 && let Ok(n) = p.reexecs().await
             {
                 if n > before {
-                    eprintln!(
+                    outln!(
                         "nodeherd: {}; the new manager answered {} ms after the request",
                         said.as_deref().unwrap_or("re-executed"),
                         t0.elapsed().as_millis()
@@ -720,12 +686,16 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
         }
     };
     run_client(async move {
-        let (_conn, p) = reach(Some(&args.app), &args.bus).await?;
+        let r = reach(Some(&args.app), &args.bus).await?;
+        let p = &r.proxy;
         let n = match count {
             Count::To(n) => p.scale(n).await?,
             Count::By(d) => p.scale_by(d).await?,
         };
-        eprintln!("nodeherd: {} now runs {n} worker(s)", args.app);
+        outln!(
+            "nodeherd: {} now runs {n} worker(s)",
+            discover::printable(&args.app)
+        );
         Ok(())
     })
 }

@@ -61,7 +61,9 @@
 //! (its core decides, its driver does: the core's modules may not touch a
 //! clock, a process or a socket, see `clippy.toml`); [`control`] names what
 //! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
-//! it, [`metrics`] serves Prometheus; [`notify`] talks to systemd,
+//! it ([`discover`] finds the apps a host has, for [`ls`], [`tail`]
+//! (`logs`) and PM2's verbs in [`pm2`]), [`metrics`] serves Prometheus;
+//! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
 //! program in place (the document it carries is
@@ -73,15 +75,18 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod dbus;
+pub mod discover;
 pub mod fds;
 pub mod install;
 pub mod ipc;
 pub mod logs;
+pub mod ls;
 pub mod manpage;
 pub mod metrics;
 pub mod monit;
 pub mod notify;
 pub mod notify_socket;
+pub mod pm2;
 pub mod reexec;
 pub mod reuseport;
 pub mod run;
@@ -90,4 +95,5 @@ pub mod shared;
 pub mod socket_set;
 pub mod sockets;
 pub mod supervisor;
+pub mod tail;
 pub mod worker;

@@ -4,9 +4,22 @@ use clap::{CommandFactory, Parser};
 use nodeherd::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // PM2's commands that nodeherd has no need of: a pointer to what does
+    // the same here, before clap suggests a look-alike that does not.
+    if let Some(verb) = std::env::args().nth(1)
+        && let Some(hint) = nodeherd::pm2::hint(&verb)
+    {
+        eprintln!("nodeherd: `{verb}` is PM2's; {hint}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => nodeherd::run::main(*args),
+        Command::Start(args) => nodeherd::pm2::start(*args),
+        Command::Stop(args) => nodeherd::pm2::stop(args),
+        Command::Delete(args) => nodeherd::pm2::delete(args),
+        Command::Ls(args) => nodeherd::ls::ls(args),
+        Command::Logs(args) => nodeherd::tail::logs(args),
         Command::Status(args) => nodeherd::client::status(args),
         Command::Reload(args) => nodeherd::client::reload(args),
         Command::Restart(args) => nodeherd::client::restart(args),

@@ -46,10 +46,15 @@ pub fn render(w: &mut dyn Write) -> io::Result<()> {
             "run: 0 after a clean stop, 1 when every slot errored or a runtime failure, 2 for bad configuration or flags, \
              4 under systemd when the app's bus name is owned by another process or the bus policy does not let \
              the app's user own it. \
-             status, reload, restart, scale: 0 done, 1 the operation failed, 2 bad usage or invalid argument, \
-             3 no manager reachable on the bus (or the bus name's owner is not the main process of the app's unit), \
-             4 busy (64 requests already wait), 5 access denied (the message names the polkit action). \
+             status, reload, restart, scale, stop, logs: 0 done, 1 the operation failed, 2 bad usage or invalid argument, \
+             3 no manager reachable (the message names the apps that run), or the bus name's owner is not the main \
+             process of the app's unit, \
+             4 busy (64 requests already wait), 5 access denied (the message names the polkit action, or the user \
+             whose manager `stop` may not signal). \
              A reload whose configuration file is missing or invalid is refused with status 2. \
+             start: as run in the foreground; 1 when the app runs already or its unit did not start, 2 for a name \
+             neither a file nor an installed app. \
+             The PM2 commands nodeherd has no need of (save, startup, kill, ...) exit 2 with what to do instead. \
              install, uninstall: 0 done, 1 systemctl, systemd-sysusers or writing failed, 2 refused (invalid file, \
              an app name that cannot be a user name, no right to write, a file install did not write)."
         )
@@ -83,7 +88,9 @@ mod tests {
             !page.contains("nodeherd\\-run(1)"),
             "points at a page that does not exist"
         );
-        for sub in ["run", "status", "reload", "restart", "scale"] {
+        for sub in [
+            "run", "start", "stop", "delete", "ls", "logs", "status", "reload", "restart", "scale",
+        ] {
             assert!(
                 page.contains(&format!(".SS \"nodeherd {sub}\"")),
                 "{sub} missing"

@@ -28,7 +28,8 @@ const EVENTS: usize = 6;
 
 pub fn monit(args: AppArgs) -> ExitCode {
     run_client(async move {
-        let (_conn, p) = reach(args.app.as_deref(), &args.bus).await?;
+        let reached = reach(args.app.as_deref(), &args.bus).await?;
+        let p = reached.proxy;
         let _screen =
             Screen::enter().map_err(|e| Failure(1, format!("cannot use the terminal: {e}")))?;
         view(&p).await
@@ -262,7 +263,11 @@ fn draw(m: &Model) -> std::io::Result<()> {
         terminal::Clear(terminal::ClearType::All)
     )?;
     for (row, line) in lines.iter().take(rows as usize).enumerate() {
-        let shown: String = line.chars().take(width).collect();
+        // Worker lines and status texts are the app's: shown, never sent.
+        let shown: String = crate::discover::printable(line)
+            .chars()
+            .take(width)
+            .collect();
         queue!(out, cursor::MoveTo(0, row as u16), style::Print(shown))?;
     }
     out.flush()

@@ -299,7 +299,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
 
 /// Where the configuration comes from, from the command line (a reload
 /// reads the same file again).
-fn source_of(args: &RunArgs) -> Source {
+pub fn source_of(args: &RunArgs) -> Source {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let over = Overrides {
         only: args.only.clone(),

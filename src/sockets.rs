@@ -183,7 +183,39 @@ pub unsafe fn take_inherited() -> Result<Vec<Listener>> {
 
 /// Bind each `--listen` address.
 pub fn bind_all(addrs: &[String]) -> Result<Vec<Listener>> {
+    distinct(addrs)?;
     addrs.iter().map(|a| bind(a)).collect()
+}
+
+/// The same address given twice (`--listen 8000 --listen 0.0.0.0:8000`)
+/// is a mistake in the command line or the file, said as such, not the
+/// second bind's `Address already in use`. Port 0 is a new port each time.
+fn distinct(addrs: &[String]) -> Result<()> {
+    let key = |spec: &str| -> Option<String> {
+        if let Some(path) = spec.strip_prefix("unix:") {
+            return Some(format!("unix:{path}"));
+        }
+        let (kind, rest) = match spec.strip_prefix("udp:") {
+            Some(r) => ("udp", r),
+            None => ("tcp", spec.strip_prefix("tcp:").unwrap_or(spec)),
+        };
+        let addr = parse_inet(rest).ok().filter(|a| a.port() != 0)?;
+        Some(format!("{kind}:{addr}"))
+    };
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    for a in addrs {
+        let Some(k) = key(a) else { continue };
+        if let Some((_, first)) = seen.iter().find(|(s, _)| *s == k) {
+            let how = if *first == a.as_str() {
+                "given twice".to_string()
+            } else {
+                format!("the same address as --listen {first}")
+            };
+            return Err(bad(a, format!("{how}: give each address once")));
+        }
+        seen.push((k, a));
+    }
+    Ok(())
 }
 
 /// Bind one address: `HOST:PORT`, `[::1]:PORT`, `PORT`, `unix:/path`, `udp:HOST:PORT`.
@@ -296,6 +328,7 @@ pub fn can_balance_inherited(listeners: &[Listener]) -> std::result::Result<(), 
 /// word, so each address is first bound once without it: in use already,
 /// that fails as a plain bind would.
 pub fn bind_all_reuseport(addrs: &[String]) -> Result<Vec<Listener>> {
+    distinct(addrs)?;
     addrs
         .iter()
         .map(|a| {

@@ -284,9 +284,13 @@ fn cli_clients_speak_the_same_api() {
     assert!(out.contains("hello: ready"), "{out}");
     assert!(out.contains("instance"), "a table: {out}");
 
-    let (code, _, err) = client(&[&["scale", "hello", "+1"][..], &bus].concat());
+    let (code, out, err) = client(&[&["scale", "hello", "+1"][..], &bus].concat());
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("3 worker(s)"), "{err}");
+    assert!(
+        out.contains("3 worker(s)"),
+        "success is said on stdout: {out}"
+    );
+    assert!(err.is_empty(), "nothing on stderr: {err}");
     f.wait_ready(3);
     let (code, _, err) = client(&[&["reload", "hello"][..], &bus].concat());
     assert_eq!(code, 0, "{err}");
@@ -296,7 +300,8 @@ fn cli_clients_speak_the_same_api() {
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = client(&[&["status", "nosuchapp"][..], &bus].concat());
     assert_eq!(code, 3, "not running: {err}");
-    assert!(err.contains("no manager"), "{err}");
+    assert!(err.contains("no app nosuchapp; running: "), "{err}");
+    assert!(err.contains("hello"), "{err}");
     // No bus and no control socket of that name: no manager. (The fallback
     // to the control socket is without_a_bus_the_clients_use_the_control_socket.)
     let (code, _, err) = client(&["status", "nosuchapp", "--bus", "unix:path=/nonexistent/bus"]);
@@ -540,9 +545,9 @@ fn without_a_bus_the_clients_use_the_control_socket() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("solo: ready"), "{out}");
     let before = instances_answering(port, 2, T);
-    let (code, _, err) = client_in(&["reload", "solo"]);
+    let (code, out, err) = client_in(&["reload", "solo"]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("reload finished: 2/2"), "{err}");
+    assert!(out.contains("reload finished: 2/2"), "{out}");
     let after = instances_answering(port, 2, T);
     assert!(after.values().all(|p| !before.values().any(|b| b == p)));
     let (code, _, err) = client_in(&["scale", "solo", "3"]);

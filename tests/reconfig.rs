@@ -29,9 +29,11 @@ fn all_answer(port: u16, n: usize, field: &str, want: &str) -> BTreeMap<String, 
     seen
 }
 
+/// `nodeherd reload APP`: (exit code, what it said: its answer on stdout,
+/// or its error on stderr).
 fn reload(bus: &DbusDaemon, app: &str) -> (i32, String) {
-    let (code, _, err) = client(&["reload", app, "--bus", &bus.address]);
-    (code, err)
+    let (code, out, err) = client(&["reload", app, "--bus", &bus.address]);
+    (code, out + &err)
 }
 
 #[test]

@@ -140,9 +140,9 @@ fn a_reexec_keeps_the_pid_the_workers_and_every_socket_and_the_new_program_super
 
     replace(&bin, &the_binary());
     let new_inode = std::fs::metadata(&bin).unwrap().ino();
-    let (code, _, err) = client(&["reexec", "rx", "--bus", &bus.address]);
+    let (code, out, err) = client(&["reexec", "rx", "--bus", &bus.address]);
     assert_eq!(code, 0, "reexec failed: {err}\n{}", m.log());
-    assert!(err.contains("the new manager answered"), "{err}");
+    assert!(out.contains("the new manager answered"), "{out}");
 
     // The same process, now running the new file.
     assert!(pid_alive(m.pid()));

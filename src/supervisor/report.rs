@@ -149,10 +149,13 @@ impl Core {
             if !is_current {
                 let slot = self.slots.get(w.index as usize);
                 let replaced = slot.map(|s| s.replaced).unwrap_or_default();
+                // A slot scaled away first empties its accept queue, its
+                // worker still running: it serves no new connection.
+                let leaving = self.leaving.values().any(|ids| ids.contains(id));
                 workers.push(WorkerInfo {
                     instance: w.index,
                     pid: w.pid,
-                    state: w.state.name(),
+                    state: if leaving { "draining" } else { w.state.name() },
                     restarts: slot.map_or(0, |s| s.restarts),
                     started: Some(w.started),
                     status_text: w.status_text.clone(),

@@ -1382,11 +1382,21 @@ fn a_slot_with_its_own_socket_is_steered_away_from_and_stops_once_its_queue_is_e
         "its worker still accepts what is queued"
     );
     assert!(!w.effects.contains(&Effect::ReleaseSlotSockets(2)));
+    let state_of_slot_2 = |w: &World| -> Vec<&'static str> {
+        let snap = w.core.snapshot();
+        snap.workers
+            .iter()
+            .filter(|i| i.instance == 2)
+            .map(|i| i.state)
+            .collect()
+    };
+    assert_eq!(state_of_slot_2(&w), ["draining"], "not ready: it goes");
     w.send(Event::SlotDrained(1));
     assert_eq!(
         w.stopped().iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         [two]
     );
+    assert!(!state_of_slot_2(&w).contains(&"ready"));
     assert!(w.effects.contains(&Effect::CloseLeaving {
         leave: 1,
         workers: vec![two]

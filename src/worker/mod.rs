@@ -199,10 +199,12 @@ impl Launcher {
         }
     }
 
-    /// The command line, for logs.
+    /// The command line, for logs, quoted as a shell reads it back (a
+    /// path with a space is one word, not two).
     pub fn command_line(&self) -> String {
         std::iter::once(self.program.display().to_string())
             .chain(self.args.iter().map(|a| preload::shown(a).to_string()))
+            .map(|a| shell_quote(&a))
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -275,5 +277,35 @@ impl Launcher {
             stdout: out_r,
             stderr: err_r,
         })
+    }
+}
+
+/// `word` as one shell word: as it is when only safe characters make it,
+/// else in single quotes.
+pub fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_@%+=:,./-".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_quote_what_a_shell_would_split() {
+        assert_eq!(shell_quote("/srv/app/server.js"), "/srv/app/server.js");
+        assert_eq!(
+            shell_quote("/srv/my app/server.js"),
+            "'/srv/my app/server.js'"
+        );
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }
