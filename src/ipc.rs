@@ -42,6 +42,8 @@ pub enum Message {
     /// (sent when that changes, at most every 100 ms, and again with each
     /// heartbeat while above its share).
     Connections { open: u32 },
+    /// The answer to [`ping`]: the worker's event loop runs again.
+    Pong { id: u64 },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
@@ -111,6 +113,9 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                     .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
             }),
             Some("closed") => Some(Message::Closed),
+            Some("pong") => Some(Message::Pong {
+                id: o.get("id")?.as_u64()?,
+            }),
             Some("conns") => Some(Message::Connections {
                 open: u32::try_from(o.get("open")?.as_u64()?).ok()?,
             }),
@@ -159,6 +164,20 @@ pub fn bound(id: u64) -> Vec<u8> {
         "cmd": "NODE_HANDLE",
         "type": "net.Native",
         "msg": { "cmd": "NODE_NODEHERD_BOUND", "id": id },
+    })
+    .to_string();
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// A connection handed to a worker (its fd goes with the message), taken
+/// from the queue of a busy worker's socket; `socket` is the fd number the
+/// worker has that socket at, so the server listening there serves it.
+pub fn connection(socket: i32) -> Vec<u8> {
+    let mut line = serde_json::json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Native",
+        "msg": { "cmd": "NODE_NODEHERD_CONN", "fd": socket },
     })
     .to_string();
     line.push('\n');
@@ -229,6 +248,12 @@ pub fn share(max: Option<u32>) -> Vec<u8> {
         Some(n) => format!("{{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":{n}}}\n").into_bytes(),
         None => b"{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":null}\n".to_vec(),
     }
+}
+
+/// Ask a worker to answer (`Pong`) as soon as its event loop runs: a worker
+/// stuck in a long handler answers when it is done, a hung one never.
+pub fn ping(id: u64) -> Vec<u8> {
+    format!("{{\"cmd\":\"NODE_NODEHERD_PING\",\"id\":{id}}}\n").into_bytes()
 }
 
 /// The one message the manager sends: PM2's graceful-stop request.

@@ -38,6 +38,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use crate::sockets::{Kind, Listener, Template};
 
@@ -61,6 +62,17 @@ pub struct PerSlot {
     /// Of those, the ones below their share of keep-alive connections
     /// (empty: no preference): TCP sockets are picked among these.
     preferred: BTreeSet<u32>,
+    /// Slots whose TCP accept queue was not empty at the last look: their
+    /// worker is busy (a long handler) or hung, so a new connection would
+    /// wait behind it. New TCP connections go to the others while any other
+    /// serves ([`PerSlot::look_for_busy`]).
+    busy: BTreeSet<u32>,
+    /// Since when each busy slot has been busy.
+    busy_since: BTreeMap<u32, Instant>,
+    /// Slots whose waiting connections had to be taken from them: their
+    /// worker gets none until it shows its event loop runs again (the
+    /// driver decides, [`PerSlot::set_stalled`]).
+    stalled: BTreeSet<u32>,
     /// A program is attached to the groups: a socket that joins must be added.
     steering: bool,
     /// Steering failed once (an old kernel, a seccomp filter): said once.
@@ -144,6 +156,9 @@ impl PerSlot {
             leaving: BTreeMap::new(),
             serving: Default::default(),
             preferred: Default::default(),
+            busy: Default::default(),
+            busy_since: Default::default(),
+            stalled: Default::default(),
             steering: false,
             steering_failed: false,
         }
@@ -162,6 +177,91 @@ impl PerSlot {
             self.preferred = preferred;
             self.steer();
         }
+    }
+
+    /// Look at the accept queue of every serving slot's TCP sockets: a slot
+    /// with connections waiting is busy, and new connections are steered to
+    /// the others until it has taken them. Cheap (one `getsockopt` per
+    /// socket); the driver calls it every few milliseconds. Returns whether
+    /// the steering changed.
+    pub fn look_for_busy(&mut self, now: Instant) -> bool {
+        let busy: BTreeSet<u32> = self
+            .serving
+            .iter()
+            .copied()
+            .filter(|&slot| {
+                self.sockets.get(slot as usize).is_some_and(|socks| {
+                    socks
+                        .iter()
+                        .any(|l| l.kind == Kind::Tcp && queue_of(l.fd.as_raw_fd()) > 0)
+                })
+            })
+            .collect();
+        self.busy_since.retain(|slot, _| busy.contains(slot));
+        for slot in &busy {
+            self.busy_since.entry(*slot).or_insert(now);
+        }
+        if busy == self.busy {
+            return false;
+        }
+        self.busy = busy;
+        self.steer();
+        true
+    }
+
+    /// The slots new TCP connections go to now: serving, not busy, not stalled.
+    pub fn free_slots(&self) -> BTreeSet<u32> {
+        self.serving
+            .iter()
+            .copied()
+            .filter(|s| !self.busy.contains(s) && !self.stalled.contains(s))
+            .collect()
+    }
+
+    /// The slots whose worker has not shown since it stalled that its event
+    /// loop runs: no new connection goes to them while another slot serves.
+    pub fn set_stalled(&mut self, stalled: BTreeSet<u32>) {
+        if stalled != self.stalled {
+            self.stalled = stalled;
+            self.steer();
+        }
+    }
+
+    /// Connections that have waited at least `after` in the queue of a busy
+    /// slot (its worker is in a long handler, or hung), taken out of it (at
+    /// most `max`), for a free worker to serve: each with the slot it came
+    /// from and its socket's place among the slot's sockets (the worker has
+    /// it at fd 3 + that place). Nothing while no slot is free.
+    pub fn take_stuck(&mut self, now: Instant, after: Duration, max: usize) -> Vec<Stuck> {
+        let mut out = Vec::new();
+        if self.free_slots().is_empty() {
+            return out;
+        }
+        for (&slot, since) in &self.busy_since {
+            if now.saturating_duration_since(*since) < after {
+                continue;
+            }
+            let Some(socks) = self.sockets.get(slot as usize) else {
+                continue;
+            };
+            for (place, l) in socks.iter().enumerate() {
+                if l.kind != Kind::Tcp {
+                    continue;
+                }
+                while out.len() < max {
+                    match accept_now(l) {
+                        Some(fd) => out.push(Stuck { slot, place, fd }),
+                        None => break,
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether any slot has TCP sockets to look at.
+    pub fn has_tcp(&self) -> bool {
+        self.templates.iter().any(|t| t.kind == Kind::Tcp)
     }
 
     /// The sockets of slot `index`, bound (and so appended to each group)
@@ -281,7 +381,22 @@ impl PerSlot {
                 .collect()
         };
         let serving = ids_of(&self.serving);
-        let preferred = ids_of(&self.preferred);
+        // A new TCP connection goes where it need not wait: among the slots
+        // whose queue is empty and whose worker is not stalled, while there
+        // are some.
+        let free = |slots: &BTreeSet<u32>| -> BTreeSet<u32> {
+            let free: BTreeSet<u32> = slots
+                .iter()
+                .copied()
+                .filter(|s| !self.busy.contains(s) && !self.stalled.contains(s))
+                .collect();
+            if free.is_empty() { slots.clone() } else { free }
+        };
+        let tcp_live = if self.preferred.is_empty() {
+            ids_of(&free(&self.serving))
+        } else {
+            ids_of(&free(&self.preferred))
+        };
         for (t, group) in self.groups.iter().enumerate() {
             let tcp = self.templates.get(t).is_some_and(|x| x.kind == Kind::Tcp);
             let spread = if tcp {
@@ -289,11 +404,7 @@ impl PerSlot {
             } else {
                 Spread::PerFlow
             };
-            let live = if tcp && !preferred.is_empty() {
-                &preferred
-            } else {
-                &serving
-            };
+            let live = if tcp { &tcp_live } else { &serving };
             let indexes: Vec<u32> = group
                 .iter()
                 .enumerate()
@@ -355,12 +466,38 @@ impl PerSlot {
             leaving: BTreeMap::new(),
             serving: Default::default(),
             preferred: Default::default(),
+            busy: Default::default(),
+            busy_since: Default::default(),
+            stalled: Default::default(),
             next_id: state.next_id,
             // A program the old manager attached stays with the groups.
             steering: true,
             steering_failed: false,
         })
     }
+}
+
+/// A connection taken from a busy slot's queue; see [`PerSlot::take_stuck`].
+pub struct Stuck {
+    pub slot: u32,
+    pub place: usize,
+    pub fd: std::os::fd::OwnedFd,
+}
+
+/// Accept one connection waiting on `l`, never blocking: the socket's open
+/// file is shared with the workers, which make it non-blocking for their
+/// event loops; it is made so here too before the manager ever accepts.
+fn accept_now(l: &Listener) -> Option<std::os::fd::OwnedFd> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::os::fd::FromRawFd;
+    let flags = OFlag::from_bits_truncate(fcntl(&l.fd, FcntlArg::F_GETFL).ok()?);
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(&l.fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).ok()?;
+    }
+    let fd = nix::sys::socket::accept4(l.fd.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)
+        .ok()?;
+    // SAFETY: accept4 returned a new fd that nothing else owns.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Connections waiting to be accepted on a listening TCP socket (0 for others).

@@ -246,6 +246,7 @@
     if (sock) {
       track(this);
       this.__nodeherd.inherited = true;
+      onSocket.set(sock.fd, this);
       this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
       const opts = { fd: sock.fd };
       if (want.backlog !== undefined) opts.backlog = want.backlog;
@@ -412,6 +413,32 @@
       res.shouldKeepAlive = false;
     }
   }
+  // --- connections handed over ----------------------------------------------
+  // With a socket per slot, connections that waited in the queue of a busy
+  // or hung worker are taken by the manager and handed to a free worker,
+  // naming the handed-over socket they came in on: the server listening on
+  // it serves them as its own.
+  const onSocket = new Map();
+  if (channel) {
+    // Answered when the event loop runs: a worker out of a long handler
+    // gets connections again, a hung one never answers.
+    process.on('internalMessage', (msg) => {
+      if (msg && msg.cmd === 'NODE_NODEHERD_PING') tell({ nodeherd: 'pong', id: msg.id });
+    });
+    process.on('internalMessage', (msg, handle) => {
+      if (!msg || msg.cmd !== 'NODE_NODEHERD_CONN' || !handle) return;
+      const server = onSocket.get(msg.fd);
+      // Node's own accept path (as cluster's round robin hands connections
+      // to workers): the server takes it as one it accepted itself.
+      const listening = server && server._handle && typeof server._handle.onconnection === 'function';
+      if (!listening || stopping) {
+        handle.close();
+        return;
+      }
+      server._handle.onconnection(0, handle);
+    });
+  }
+
   if (channel) {
     process.on('internalMessage', (msg) => {
       if (!msg || msg.cmd !== 'NODE_NODEHERD_SHARE') return;

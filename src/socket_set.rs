@@ -128,6 +128,45 @@ impl SocketSet {
         }
     }
 
+    /// With a socket per slot, look for slots whose TCP accept queue holds
+    /// connections and steer new ones away from them; see
+    /// [`PerSlot::look_for_busy`]. Nothing to do with one shared queue.
+    pub fn look_for_busy(&mut self, now: std::time::Instant) -> bool {
+        self.per_slot.as_mut().is_some_and(|p| p.look_for_busy(now))
+    }
+
+    /// Connections stuck behind a busy slot's worker; see
+    /// [`PerSlot::take_stuck`].
+    pub fn take_stuck(
+        &mut self,
+        now: std::time::Instant,
+        after: std::time::Duration,
+        max: usize,
+    ) -> Vec<crate::reuseport::Stuck> {
+        self.per_slot
+            .as_mut()
+            .map_or_else(Vec::new, |p| p.take_stuck(now, after, max))
+    }
+
+    /// Slots whose worker stalled; see [`PerSlot::set_stalled`].
+    pub fn set_stalled(&mut self, stalled: std::collections::BTreeSet<u32>) {
+        if let Some(p) = &mut self.per_slot {
+            p.set_stalled(stalled);
+        }
+    }
+
+    /// The slots new TCP connections go to now (a socket per slot).
+    pub fn free_slots(&self) -> std::collections::BTreeSet<u32> {
+        self.per_slot
+            .as_ref()
+            .map_or_else(Default::default, PerSlot::free_slots)
+    }
+
+    /// Whether [`SocketSet::look_for_busy`] has anything to look at.
+    pub fn watches_busy(&self) -> bool {
+        self.per_slot.as_ref().is_some_and(PerSlot::has_tcp)
+    }
+
     /// Whether a slot's sockets are on their way out.
     pub fn any_leaving(&self) -> bool {
         self.per_slot.as_ref().is_some_and(PerSlot::any_leaving)

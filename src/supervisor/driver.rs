@@ -24,6 +24,14 @@ use super::outbox::{self, Outbox};
 use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
+
+/// How often the accept queues of a socket per slot are looked at for a busy worker.
+const BUSY_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long connections may wait behind a busy worker before the manager
+/// takes them from its queue and hands them to a free one.
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+/// Connections taken from busy queues at one look, at most.
+const STUCK_PER_LOOK: usize = 64;
 use crate::config::{App, ConfigError, Loaded};
 use crate::control::{
     AppMetrics, AppMetricsRequest, BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle,
@@ -97,6 +105,14 @@ pub struct Driver {
     /// guess the number).
     metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, WorkerId, u32, i32)>,
     next_metrics: u64,
+    /// Connections handed from busy workers to free ones so far (for the turn).
+    handed_over: usize,
+    /// Slots whose waiting connections had to be handed to others, with the
+    /// worker then in them and the ping it was sent: no new connection goes
+    /// there until that worker answers it (a long handler ends; a hung
+    /// worker never answers).
+    stalled: std::collections::BTreeMap<u32, (WorkerId, u64)>,
+    next_ping: u64,
     /// What a re-exec hands over; none: this manager cannot re-exec.
     carry: Option<Carry>,
     /// The program a re-exec checked, and when to exec it.
@@ -153,6 +169,9 @@ impl Driver {
             app_metrics,
             metrics_waiting: HashMap::new(),
             next_metrics: 1,
+            handed_over: 0,
+            stalled: Default::default(),
+            next_ping: 1,
             carry: None,
             exec_program: None,
             exec_at: None,
@@ -277,6 +296,11 @@ impl Driver {
             let fx = self.core.start(Instant::now());
             self.apply(fx);
         }
+        // With a socket per slot, how often the accept queues are looked at
+        // for a busy worker (see reuseport): fast enough that a worker in a
+        // long handler gets at most a connection or two more.
+        let mut busy_look = tokio::time::interval(BUSY_LOOK_EVERY);
+        busy_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.publish();
             if let Some(code) = self.core.finished() {
@@ -296,7 +320,16 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
+            let watch_busy = self.sockets.watches_busy();
+            let busy_tick = async {
+                if watch_busy {
+                    busy_look.tick().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
+                _ = busy_tick => self.look_for_busy(),
                 _ = exec => self.exec_now(),
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
@@ -308,6 +341,67 @@ impl Driver {
                     self.apply(fx);
                 }
             }
+        }
+    }
+
+    /// With a socket per slot: steer new connections away from slots whose
+    /// worker is busy, and hand what waited behind one for longer than
+    /// [`STUCK_AFTER`] to free workers, in turn.
+    fn look_for_busy(&mut self) {
+        let now = Instant::now();
+        // A slot whose worker was replaced is not stalled any more.
+        let before = self.stalled.len();
+        let core = &self.core;
+        self.stalled
+            .retain(|slot, (worker, _)| core.slot_of(*worker) == Some(*slot));
+        if self.stalled.len() != before {
+            self.sockets
+                .set_stalled(self.stalled.keys().copied().collect());
+        }
+        self.sockets.look_for_busy(now);
+        let stuck = self.sockets.take_stuck(now, STUCK_AFTER, STUCK_PER_LOOK);
+        if stuck.is_empty() {
+            return;
+        }
+        // Their workers are stalled until they answer a ping.
+        for slot in stuck
+            .iter()
+            .map(|c| c.slot)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            if self.stalled.contains_key(&slot) {
+                continue;
+            }
+            let Some(worker) = self.core.worker_in(slot) else {
+                continue;
+            };
+            let id = self.next_ping;
+            self.next_ping += 1;
+            if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref())
+                && channel.send(ipc::ping(id), None, outbox::Kind::Answer)
+            {
+                self.stalled.insert(slot, (worker, id));
+            }
+        }
+        self.sockets
+            .set_stalled(self.stalled.keys().copied().collect());
+        let free: Vec<WorkerId> = self
+            .sockets
+            .free_slots()
+            .into_iter()
+            .filter_map(|slot| self.core.ready_worker_in(slot))
+            .collect();
+        for (i, conn) in stuck.into_iter().enumerate() {
+            let Some(worker) = free.get((self.handed_over + i) % free.len().max(1)) else {
+                break;
+            };
+            let Some(channel) = self.procs.get(worker).and_then(|p| p.ipc.as_ref()) else {
+                continue;
+            };
+            // The worker has the slot's sockets at fd 3 on, in this order.
+            let socket = 3 + conn.place as i32;
+            let _ = channel.send(ipc::connection(socket), Some(conn.fd), outbox::Kind::Answer);
+            self.handed_over = self.handed_over.wrapping_add(1);
         }
     }
 
@@ -363,6 +457,21 @@ impl Driver {
                 }
                 return;
             }
+            Input::Ipc {
+                worker,
+                msg: ipc::Message::Pong { id },
+                ..
+            } => {
+                // The worker's event loop runs: it takes connections again.
+                let before = self.stalled.len();
+                self.stalled
+                    .retain(|_, (w, ping)| !(*w == worker && *ping == id));
+                if self.stalled.len() != before {
+                    self.sockets
+                        .set_stalled(self.stalled.keys().copied().collect());
+                }
+                return;
+            }
             Input::Ipc { worker, msg, .. } => {
                 let said = match msg {
                     ipc::Message::Ready => Said::Ready,
@@ -372,7 +481,9 @@ impl Driver {
                     ipc::Message::Connections { open } => Said::Connections { open },
                     ipc::Message::Closed => Said::Closed,
                     // Answered above.
-                    ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => return,
+                    ipc::Message::Bind(_)
+                    | ipc::Message::Metrics { .. }
+                    | ipc::Message::Pong { .. } => return,
                 };
                 Event::Said { worker, said }
             }

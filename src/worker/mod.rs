@@ -202,9 +202,12 @@ impl Launcher {
     /// The command line, for logs, quoted as a shell reads it back (a
     /// path with a space is one word, not two).
     pub fn command_line(&self) -> String {
-        std::iter::once(self.program.display().to_string())
-            .chain(self.args.iter().map(|a| preload::shown(a).to_string()))
-            .map(|a| shell_quote(&a))
+        std::iter::once(shell_quote(&self.program.display().to_string()))
+            .chain(self.args.iter().map(|a| match preload::shown(a) {
+                // The preload's bootstrap, named rather than quoted.
+                shown if shown != a => shown.to_string(),
+                _ => shell_quote(a),
+            }))
             .collect::<Vec<_>>()
             .join(" ")
     }
