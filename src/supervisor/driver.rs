@@ -301,8 +301,14 @@ impl Driver {
         // long handler gets at most a connection or two more.
         let mut busy_look = tokio::time::interval(BUSY_LOOK_EVERY);
         busy_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What the outside reads is made again after every event, not after
+        // a look at the queues (hundreds a second, changing nothing of it).
+        let mut looked_only = false;
         loop {
-            self.publish();
+            if !looked_only {
+                self.publish();
+            }
+            looked_only = false;
             if let Some(code) = self.core.finished() {
                 return Ok(code);
             }
@@ -329,7 +335,10 @@ impl Driver {
                 }
             };
             tokio::select! {
-                _ = busy_tick => self.look_for_busy(),
+                _ = busy_tick => {
+                    self.look_for_busy();
+                    looked_only = true;
+                }
                 _ = exec => self.exec_now(),
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
