@@ -72,6 +72,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod cron;
 pub mod dbus;
 pub mod fds;
 pub mod install;
