@@ -540,6 +540,16 @@ impl Driver {
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
                 Effect::CheckExec => self.check_exec(),
+                Effect::ScheduleCron {
+                    pattern,
+                    not_before,
+                } => {
+                    // The wall clock decides when; the core gets a deadline.
+                    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+                    let next = crate::cron::next_run(&pattern, wall, not_before)
+                        .map(|(wait, unix_ms)| (now + wait, unix_ms));
+                    follow.push_back(Event::CronScheduled(next));
+                }
                 Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
                 Effect::Share { worker, max } => {
                     if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) {
