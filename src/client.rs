@@ -43,6 +43,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
     #[zbus(property)]
+    fn next_cron_reload(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
@@ -532,6 +534,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        // Older managers have no such property either.
+        let next_cron = p.next_cron_reload().await.unwrap_or(0);
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -546,6 +550,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             let doc = serde_json::json!({
                 "name": name, "state": state, "status": status,
                 "instances": instances, "ready_workers": ready, "workers": ws,
+                "next_cron_reload_unix_ms": (next_cron > 0).then_some(next_cron),
             });
             println!("{doc}");
         } else {
@@ -570,6 +575,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 println!("worker pid {pid} says: {text}");
+            }
+            if next_cron > 0 {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(next_cron);
+                let at: chrono::DateTime<chrono::Local> = at.into();
+                println!(
+                    "next cron_restart reload: {}",
+                    at.format("%Y-%m-%d %H:%M:%S %Z")
+                );
             }
         }
         Ok(())
