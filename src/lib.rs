@@ -91,4 +91,5 @@ pub mod shared;
 pub mod socket_set;
 pub mod sockets;
 pub mod supervisor;
+pub mod watch;
 pub mod worker;

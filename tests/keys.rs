@@ -264,3 +264,46 @@ fn cron_restart_reloads_under_load_with_no_failed_request() {
         assert_ne!(before[i]["pid"], after[i]["pid"], "slot {i} was replaced");
     }
 }
+
+#[test]
+fn a_burst_of_ten_saves_is_one_zero_downtime_reload_and_ignored_files_none() {
+    let dir = tempdir::Dir::new("watch");
+    let src = std::fs::read_to_string(app("keys.js")).unwrap();
+    let script = dir.write("server.js", &src);
+    std::fs::create_dir_all(dir.path.join("node_modules/dep")).unwrap();
+    std::fs::create_dir_all(dir.path.join("logs")).unwrap();
+    let config = dir.write(
+        "watch.json",
+        &serde_json::json!({"apps": [{
+            "name": "watch", "script": script, "instances": 2,
+            "watch": true, "ignore_watch": ["logs", "*.tmp"], "watch_delay": 800,
+        }]})
+        .to_string(),
+    );
+    let m = start_config(&config, None);
+    let port = m.port();
+    every_instance(port, "/", 2);
+    assert!(m.wait_log("watch: ", T), "{}", m.log());
+    let reloads = || m.log().matches("reload finished").count();
+    // What is ignored reloads nothing: node_modules, dot-files, ignore_watch.
+    dir.write("node_modules/dep/index.js", "module.exports = 1;\n");
+    dir.write(".env.swp", "x");
+    dir.write("logs/today.txt", "a line\n");
+    dir.write("scratch.tmp", "x");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(reloads(), 0, "{}", m.log());
+    // Ten saves of the script in a burst: one reload, under load, nothing failed.
+    let stop = Instant::now() + Duration::from_secs(6);
+    let loader = std::thread::spawn(move || load(port, 2, stop));
+    for i in 0..10 {
+        std::fs::write(&script, format!("{src}// save {i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(wait_until(T, || reloads() >= 1), "{}", m.log());
+    let (ok, failed) = loader.join().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(reloads(), 1, "exactly one reload: {}", m.log());
+    assert!(m.log().contains("reload finished: 2/2"), "{}", m.log());
+    assert_eq!(failed, 0, "{ok} answered");
+    every_instance(port, "/", 2);
+}

@@ -107,6 +107,8 @@ pub fn resolve(
             .map(|p| normalize(&absolute(&program.cwd.join(p))))
             .collect(),
     };
+    let ignore_watch = raw.ignore_watch.clone().unwrap_or_default();
+    crate::watch::Ignore::new(&ignore_watch).map_err(|m| at.err("ignore_watch", m))?;
     if let Some(missing) = watch.iter().find(|p| !p.exists()) {
         return Err(at.err(
             "watch",
@@ -181,7 +183,7 @@ pub fn resolve(
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),
             cron_restart: raw.cron_restart.clone(),
             watch,
-            ignore_watch: raw.ignore_watch.clone().unwrap_or_default(),
+            ignore_watch,
             watch_delay: raw.watch_delay.unwrap_or(super::DEFAULT_WATCH_DELAY),
             increment_var: raw.increment_var.clone(),
             stop_exit_codes: raw.stop_exit_codes.clone().unwrap_or_default(),
