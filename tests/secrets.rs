@@ -184,3 +184,36 @@ fn no_secret_is_ever_printed_and_env_file_changes_reach_workers_by_a_reload() {
         }
     }
 }
+
+/// A hostile ecosystem file under a root manager whose workers run as
+/// `nobody` names a file only root may read as its `env_file`: the
+/// manager reads it with the workers' rights, so it is refused, and the
+/// refusal shows none of it.
+#[test]
+fn an_env_file_the_workers_user_cannot_read_is_refused_without_a_word_of_it() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run workers as nobody");
+        return;
+    }
+    let dir = tempdir::Dir::new("envfile-rights");
+    std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.write("root-only.env", "STOLEN=root-only-v4lue\n");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = dir.write(
+        "hostile.json",
+        &serde_json::json!({"apps": [{
+            "name": "hostile", "script": app("keys.js"), "uid": "nobody",
+            "env_file": path_str(&secret),
+        }]})
+        .to_string(),
+    );
+    let (code, log) = run_to_end(
+        &["run", &path_str(&cfg), "--listen", "127.0.0.1:0", "--no-bus"],
+        T,
+    );
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("key `env_file`"), "{log}");
+    assert!(log.contains("Permission denied"), "{log}");
+    assert!(!log.contains("root-only-v4lue"), "{log}");
+}
