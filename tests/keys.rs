@@ -272,6 +272,8 @@ fn a_burst_of_ten_saves_is_one_zero_downtime_reload_and_ignored_files_none() {
     let script = dir.write("server.js", &src);
     std::fs::create_dir_all(dir.path.join("node_modules/dep")).unwrap();
     std::fs::create_dir_all(dir.path.join("logs")).unwrap();
+    // A link to the root of the machine in the app's tree: never followed.
+    std::os::unix::fs::symlink("/", dir.path.join("everything")).unwrap();
     let config = dir.write(
         "watch.json",
         &serde_json::json!({"apps": [{
@@ -284,6 +286,11 @@ fn a_burst_of_ten_saves_is_one_zero_downtime_reload_and_ignored_files_none() {
     let port = m.port();
     every_instance(port, "/", 2);
     assert!(m.wait_log("watch: ", T), "{}", m.log());
+    assert!(
+        !m.log().contains("directories under"),
+        "the link was followed: {}",
+        m.log()
+    );
     let reloads = || m.log().matches("reload finished").count();
     // What is ignored reloads nothing: node_modules, dot-files, ignore_watch.
     dir.write("node_modules/dep/index.js", "module.exports = 1;\n");

@@ -209,7 +209,13 @@ fn an_env_file_the_workers_user_cannot_read_is_refused_without_a_word_of_it() {
         .to_string(),
     );
     let (code, log) = run_to_end(
-        &["run", &path_str(&cfg), "--listen", "127.0.0.1:0", "--no-bus"],
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
         T,
     );
     assert_eq!(code, Some(2), "{log}");
