@@ -314,3 +314,39 @@ fn a_burst_of_ten_saves_is_one_zero_downtime_reload_and_ignored_files_none() {
     assert_eq!(failed, 0, "{ok} answered");
     every_instance(port, "/", 2);
 }
+
+#[test]
+fn the_cron_schedule_crosses_a_reexec_and_runs_on_in_the_new_program() {
+    let dir = tempdir::Dir::new("cron-reexec");
+    let config = one_app(
+        &dir,
+        "cronrx",
+        "keys.js",
+        r#""instances": 1, "cron_restart": "*/4 * * * * *""#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_config(&config, Some(&bus));
+    every_instance(m.port(), "/", 1);
+    let next = || {
+        let (code, out, err) = client(&["status", "cronrx", "--json", "--bus", &bus.address]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["next_cron_reload_unix_ms"]
+            .as_u64()
+    };
+    assert!(next().is_some());
+    let (code, _, err) = client(&["reexec", "cronrx", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}\n{}", m.log());
+    let after_exec = |log: &str| {
+        log.find("re-executing into")
+            .map(|at| log[at..].matches("reload finished: 1/1").count())
+            .unwrap_or(0)
+    };
+    // The deadline came over in the state: the new program reloads on
+    // schedule (it never asks for a schedule of its own).
+    assert!(next().is_some(), "status of the new program");
+    assert!(
+        wait_until(T, || after_exec(&m.log()) >= 1),
+        "no cron reload after the re-exec: {}",
+        m.log()
+    );
+}
