@@ -223,3 +223,24 @@ fn an_env_file_the_workers_user_cannot_read_is_refused_without_a_word_of_it() {
     assert!(log.contains("Permission denied"), "{log}");
     assert!(!log.contains("root-only-v4lue"), "{log}");
 }
+
+/// An `env_file` that is a FIFO (or a device) would hold the configuration
+/// load, and with it the start or every reload, forever: refused.
+#[test]
+fn an_env_file_that_is_no_regular_file_is_refused_at_once() {
+    let dir = tempdir::Dir::new("envfile-fifo");
+    let fifo = dir.path.join("fifo.env");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for env_file in [path_str(&fifo), "/dev/zero".to_string()] {
+        let cfg = dir.write(
+            "fifo.json",
+            &serde_json::json!({"apps": [{
+                "name": "fifo", "script": app("keys.js"), "env_file": env_file,
+            }]})
+            .to_string(),
+        );
+        let (code, log) = run_to_end(&["run", &path_str(&cfg), "--no-bus"], T);
+        assert_eq!(code, Some(2), "{log}");
+        assert!(log.contains("not a regular file"), "{log}");
+    }
+}

@@ -398,10 +398,17 @@ fn read_with(file: &Path, credentials: Option<&Credentials>) -> std::io::Result<
     use std::io::Read;
     let path = file.to_path_buf();
     let read = move || -> std::io::Result<String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: a FIFO named here must not hold the load up.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
         let mut text = String::new();
-        std::fs::File::open(&path)?
-            .take(MAX_ENV_FILE + 1)
-            .read_to_string(&mut text)?;
+        file.take(MAX_ENV_FILE + 1).read_to_string(&mut text)?;
         if text.len() as u64 > MAX_ENV_FILE {
             return Err(std::io::Error::other(format!(
                 "larger than {} KiB",
