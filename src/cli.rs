@@ -311,6 +311,12 @@ pub struct InstallArgs {
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
+    /// A systemd credential for the workers, at $CREDENTIALS_DIRECTORY/NAME:
+    /// `LoadCredential=NAME:PATH` in the service's drop-in (PATH absolute,
+    /// read by systemd as root); repeatable
+    #[arg(long, value_name = "NAME=PATH")]
+    pub credential: Vec<String>,
+
     /// Start the socket (and with --boot the service) now
     #[arg(long)]
     pub now: bool,

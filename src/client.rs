@@ -44,6 +44,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
     #[zbus(property)]
+    fn next_cron_reload(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
@@ -485,6 +487,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        // Older managers have no such property either.
+        let next_cron = p.next_cron_reload().await.unwrap_or(0);
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -500,6 +504,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "name": name, "state": state, "status": status,
                 "instances": instances, "ready_workers": ready, "workers": ws,
                 "manager_pid": manager_pid, "via": reached.via.to_json(),
+                "next_cron_reload_unix_ms": (next_cron > 0).then_some(next_cron),
             });
             outln!("{doc}");
         } else {
@@ -536,6 +541,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            if next_cron > 0 {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(next_cron);
+                let at: chrono::DateTime<chrono::Local> = at.into();
+                println!(
+                    "next cron_restart reload: {}",
+                    at.format("%Y-%m-%d %H:%M:%S %Z")
+                );
             }
         }
         Ok(())

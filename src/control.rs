@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub status: String,
     pub workers: Vec<WorkerInfo>,
     pub counters: Counters,
+    /// When `cron_restart` next reloads the app (ms since the epoch), if it does.
+    pub next_cron_reload_ms: Option<u64>,
 }
 
 /// What happened over the manager's life, for metrics.

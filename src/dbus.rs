@@ -597,6 +597,13 @@ impl Manager {
             .collect()
     }
 
+    /// When `cron_restart` next reloads the app, in milliseconds since the
+    /// epoch; 0 when it has no schedule.
+    #[zbus(property)]
+    async fn next_cron_reload(&self) -> u64 {
+        self.snap().next_cron_reload_ms.unwrap_or(0)
+    }
+
     /// What workers last said with `STATUS=` on their notify socket: (pid, text).
     #[zbus(property)]
     async fn worker_status_texts(&self) -> Vec<(u32, String)> {

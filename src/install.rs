@@ -61,7 +61,12 @@ struct Plan {
     name: String,
     config: PathBuf,
     config_text: String,
+    /// The copy as `--dry-run` shows it: every `env` value hidden.
+    config_shown: String,
     dropin: (PathBuf, String),
+    /// The service's drop-in for `--credential`, and its text (none: no
+    /// credential, and one an earlier install wrote goes).
+    credentials: (PathBuf, Option<String>),
     sysusers: (PathBuf, String),
     policy: (PathBuf, String),
 }
@@ -134,8 +139,17 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
     reload_bus(args.dirs.dry_run);
     for p in &plans {
         let group = crate::dbus::user_for(&p.name);
-        write_config(&p.config, &p.config_text, &group, args.dirs.dry_run)?;
+        if args.dirs.dry_run {
+            // The copy holds `env`: what it would be, values hidden.
+            write_file(&p.config, &p.config_shown, true, 0o640, None)?;
+        } else {
+            write_config(&p.config, &p.config_text, &group, false)?;
+        }
         write_file(&p.dropin.0, &p.dropin.1, args.dirs.dry_run, 0o644, None)?;
+        match &p.credentials {
+            (path, Some(text)) => write_file(path, text, args.dirs.dry_run, 0o644, None)?,
+            (path, None) => remove_ours(path, CREDENTIALS_HEADER, args.dirs.dry_run)?,
+        }
     }
     let mut commands = vec![vec!["daemon-reload".to_string()]];
     for p in &plans {
@@ -235,6 +249,15 @@ fn plan(
         "apps": [Value::Object(entry)],
     });
     let config_text = serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n";
+    let config_shown =
+        serde_json::to_string_pretty(&hide_env_values(&doc)).unwrap_or_default() + "\n";
+    let credentials = (
+        args.dirs
+            .unit_dir
+            .join(format!("nodeherd@{name}.service.d"))
+            .join("credentials.conf"),
+        credentials_dropin(&args.credential)?,
+    );
     let group = args
         .socket_group
         .clone()
@@ -283,10 +306,98 @@ fn plan(
         name: name.to_string(),
         config: args.dirs.config_dir.join(format!("{name}.json")),
         config_text,
+        config_shown,
         dropin,
+        credentials,
         sysusers,
         policy,
     })
+}
+
+/// The first line of the credentials drop-in: what marks it as `install`'s.
+const CREDENTIALS_HEADER: &str =
+    "# Written by `nodeherd install --credential`: systemd credentials for the workers.";
+
+/// The service drop-in for `--credential NAME=PATH`s: one
+/// `LoadCredential=NAME:PATH` each, systemd reads PATH as root when the
+/// service starts and the workers find it at $CREDENTIALS_DIRECTORY/NAME.
+/// NAME becomes a file name and PATH a unit value: both are checked.
+fn credentials_dropin(creds: &[String]) -> Result<Option<String>, Failure> {
+    if creds.is_empty() {
+        return Ok(None);
+    }
+    let mut text = format!(
+        "{CREDENTIALS_HEADER}\n# Each is at $CREDENTIALS_DIRECTORY/NAME, readable by the service's user.\n[Service]\n"
+    );
+    for c in creds {
+        let refuse = |why: &str| Failure::Refused(format!("--credential {c:?}: {why}"));
+        let Some((name, path)) = c.split_once('=') else {
+            return Err(refuse("expected NAME=PATH"));
+        };
+        let good_name = !name.is_empty()
+            && name.len() <= 64
+            && name != "."
+            && name != ".."
+            && name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.'));
+        if !good_name {
+            return Err(refuse(
+                "NAME is the credential's file name: letters, digits, `_`, `-` and `.`, at most 64",
+            ));
+        }
+        if !path.starts_with('/') {
+            return Err(refuse(
+                "PATH must be absolute: systemd reads it, not this shell",
+            ));
+        }
+        let path = unit_value(path).map_err(|why| refuse(&format!("PATH {why}")))?;
+        text.push_str(&format!("LoadCredential={name}:{path}\n"));
+    }
+    Ok(Some(text))
+}
+
+/// Remove `path` if `install` wrote it (it starts with `header`).
+fn remove_ours(path: &Path, header: &str, dry_run: bool) -> Result<(), Failure> {
+    let ours = std::fs::read_to_string(path).is_ok_and(|t| t.starts_with(header));
+    if !ours {
+        return Ok(());
+    }
+    if dry_run {
+        println!("--- would remove {}", path.display());
+        return Ok(());
+    }
+    std::fs::remove_file(path)
+        .map_err(|e| Failure::Failed(format!("cannot remove {}: {e}", path.display())))?;
+    println!("removed {}", path.display());
+    Ok(())
+}
+
+/// `doc` with the value of every variable of `env` and `env_<name>` hidden,
+/// for what is printed: they may be secrets.
+fn hide_env_values(doc: &Value) -> Value {
+    let mut doc = doc.clone();
+    for app in doc
+        .get_mut("apps")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let Some(app) = app.as_object_mut() else {
+            continue;
+        };
+        for (key, vars) in app.iter_mut() {
+            if key != "env" && !key.starts_with("env_") {
+                continue;
+            }
+            if let Some(vars) = vars.as_object_mut() {
+                for v in vars.values_mut() {
+                    *v = Value::String("(hidden)".into());
+                }
+            }
+        }
+    }
+    doc
 }
 
 /// Is `key` (`uid` or `gid`) the app's own user or group, which `install`
@@ -701,6 +812,18 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
     if had_policy {
         remove.push(policy);
     }
+    let service_dropin = args
+        .dirs
+        .unit_dir
+        .join(format!("nodeherd@{}.service.d", args.name));
+    remove_ours(
+        &service_dropin.join("credentials.conf"),
+        CREDENTIALS_HEADER,
+        args.dirs.dry_run,
+    )?;
+    if !args.dirs.dry_run {
+        let _ = std::fs::remove_dir(&service_dropin);
+    }
     for path in remove {
         if !path.exists() {
             continue;
@@ -732,6 +855,48 @@ fn uninstall_inner(args: &UninstallArgs) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_become_load_credential_lines_and_nothing_else() {
+        let text = credentials_dropin(&["db=/etc/secrets/db".into(), "api.key=/srv/k%1".into()])
+            .ok()
+            .flatten()
+            .unwrap();
+        assert!(text.starts_with(CREDENTIALS_HEADER), "{text}");
+        assert!(
+            text.ends_with(
+                "[Service]\nLoadCredential=db:/etc/secrets/db\nLoadCredential=api.key:/srv/k%%1\n"
+            ),
+            "{text}"
+        );
+        assert!(credentials_dropin(&[]).ok().flatten().is_none());
+        for bad in [
+            "db",
+            "=/etc/x",
+            "../x=/etc/x",
+            "a/b=/etc/x",
+            "a:b=/etc/x",
+            "db=relative/path",
+            "db=/etc/x\nExecStartPre=/bin/sh -c evil",
+            "db=/etc/with space",
+            "db=/etc/back\\slash",
+        ] {
+            assert!(
+                credentials_dropin(&[bad.into()]).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_copy_a_dry_run_shows_hides_every_env_value() {
+        let doc = serde_json::json!({"apps": [{"name": "a", "env": {"K": "v1"},
+            "env_production": {"K": "v2"}, "env_file": ".env"}]});
+        let shown = hide_env_values(&doc).to_string();
+        assert!(!shown.contains("v1") && !shown.contains("v2"), "{shown}");
+        assert!(shown.contains("\"K\":\"(hidden)\""), "{shown}");
+        assert!(shown.contains("\".env\""), "paths stay: {shown}");
+    }
 
     #[test]
     fn listen_addresses_become_socket_lines() {

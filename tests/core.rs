@@ -702,12 +702,12 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
 #[test]
 fn unknown_keys_warn_by_name() {
     let dir = tempdir::Dir::new("unknown");
-    let cfg = one_app(&dir, "u", "env.js", r#""colour":"blue","watch":true"#);
+    let cfg = one_app(&dir, "u", "env.js", r#""colour":"blue","pid_file":"u.pid""#);
     let m = start_config(&cfg, None);
     assert!(m.wait_log("1/1 workers ready", T), "log:\n{}", m.log());
     assert!(m.log().contains("unknown key `colour`"), "{}", m.log());
     assert!(
-        m.log().contains("key `watch` is a PM2 option"),
+        m.log().contains("key `pid_file` is a PM2 option"),
         "{}",
         m.log()
     );

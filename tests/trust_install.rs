@@ -132,7 +132,7 @@ const nnp = /NoNewPrivs:\s*(\d)/.exec(fs.readFileSync('/proc/self/status', 'utf8
 const seen = ['uid=' + process.getuid(), 'groups=' + process.getgroups().join('+'),
   'secret=' + (process.env.NODEHERD_TEST_SECRET || 'none'), 'wrote=' + wrote.join('+'),
   'setuid=' + setuid, 'fd=' + fd, 'nnp=' + nnp].join(' ');
-module.exports = {{ apps: [{{ name: 'evil', script: {script:?}, instances: 1, env: {{ MARKER: seen }} }}] }};
+module.exports = {{ apps: [{{ name: 'evil', script: {script:?}, instances: 1, args: seen, env: {{ MARKER: seen }} }}] }};
 "#,
         targets = targets.join(", "),
         script = path_str(&app("env.js")),
@@ -208,10 +208,11 @@ fn a_root_install_evaluates_a_config_js_as_nobody_with_nothing_of_roots() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // What it saw, in `args` (a dry run hides `env` values).
     let seen = stdout
         .lines()
-        .find_map(|l| l.trim().strip_prefix("\"MARKER\": "))
-        .unwrap_or_else(|| panic!("no MARKER in the copy: {stdout}"));
+        .find_map(|l| l.trim().strip_prefix("\"args\": "))
+        .unwrap_or_else(|| panic!("no args in the copy: {stdout}"));
     assert_confined(seen, &targets);
 }
 

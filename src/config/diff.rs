@@ -72,6 +72,21 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,
     );
+    changed("cron_restart", old.cron_restart != new.cron_restart);
+    changed(
+        "watch",
+        old.watch != new.watch
+            || old.ignore_watch != new.ignore_watch
+            || old.watch_delay != new.watch_delay,
+    );
+    changed("increment_var", old.increment_var != new.increment_var);
+    changed(
+        "stop_exit_codes",
+        old.stop_exit_codes != new.stop_exit_codes,
+    );
+    changed("autostart", old.autostart != new.autostart);
+    changed("filter_env", old.filter_env != new.filter_env);
+    changed("env_file", old.env_file != new.env_file);
     if old.env != new.env {
         let keys: BTreeSet<&String> = old.env.keys().chain(new.env.keys()).collect();
         let mut words = Vec::new();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::values::{self as v, Instances};
-use super::{Balance, ConfigError, MAX_INSTANCES};
+use super::{Balance, ConfigError, FilterEnv, MAX_INSTANCES};
 
 /// One app entry, parsed: every key the entry set, typed and checked.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -50,6 +50,16 @@ pub struct RawApp {
     pub gid: Option<String>,
     pub balance: Option<Balance>,
     pub rebalance: Option<bool>,
+    pub cron_restart: Option<String>,
+    /// `watch`: `None` inside means `true` (the app's directory).
+    pub watch: Option<Option<Vec<String>>>,
+    pub ignore_watch: Option<Vec<String>>,
+    pub watch_delay: Option<Duration>,
+    pub increment_var: Option<String>,
+    pub stop_exit_codes: Option<Vec<i32>>,
+    pub autostart: Option<bool>,
+    pub filter_env: Option<FilterEnv>,
+    pub env_file: Option<Vec<String>>,
 }
 
 type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
@@ -95,17 +105,7 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
-    Key {
-        name: "instance_var",
-        set: |r, x| {
-            let name = v::string(x)?;
-            if !v::is_env_name(&name) {
-                return Err(format!("{name:?} is not a valid environment variable name"));
-            }
-            r.instance_var = Some(name);
-            Ok(())
-        },
-    },
+    key!("instance_var", instance_var, v::env_name),
     key!("env", env, v::env),
     key!("wait_ready", wait_ready, v::boolean),
     Key {
@@ -161,14 +161,24 @@ pub const KEYS: &[Key] = &[
     key!("gid", gid, v::principal),
     key!("balance", balance, |x| v::balance(&v::string(x)?)),
     key!("rebalance", rebalance, v::boolean),
+    key!("cron_restart", cron_restart, |x| {
+        let pattern = v::string(x)?;
+        crate::cron::Schedule::parse(&pattern)?;
+        Ok::<_, String>(pattern)
+    }),
+    key!("watch", watch, v::watch),
+    key!("ignore_watch", ignore_watch, v::strings),
+    key!("watch_delay", watch_delay, v::duration),
+    key!("increment_var", increment_var, v::env_name),
+    key!("stop_exit_codes", stop_exit_codes, v::exit_codes),
+    key!("autostart", autostart, v::boolean),
+    key!("filter_env", filter_env, v::filter_env),
+    key!("env_file", env_file, v::strings),
 ];
 
 /// Keys PM2 knows that nodeherd accepts but does not act on.
 pub const IGNORED_PM2_KEYS: &[&str] = &[
-    "watch",
-    "ignore_watch",
     "watch_options",
-    "watch_delay",
     "log_date_format",
     "error_file",
     "out_file",
@@ -177,7 +187,6 @@ pub const IGNORED_PM2_KEYS: &[&str] = &[
     "merge_logs",
     "pid_file",
     "log_type",
-    "cron_restart",
     "vizion",
     "post_update",
     "force",
@@ -185,16 +194,12 @@ pub const IGNORED_PM2_KEYS: &[&str] = &[
     "disable_source_map_support",
     "time",
     "namespace",
-    "increment_var",
     "append_env_to_name",
-    "filter_env",
     "treekill",
     "automation",
     "pmx",
     "disable_logs",
     "version",
-    "autostart",
-    "stop_exit_codes",
 ];
 
 /// Parse one app entry. `label` names the app in errors and warnings;
@@ -280,6 +285,34 @@ mod tests {
     }
 
     #[test]
+    fn pm2_keys_nodeherd_acts_on_parse_as_pm2_writes_them() {
+        let (raw, warnings) = one(json!({
+            "cron_restart": "0 3 * * *", "watch": ["src", "lib"], "ignore_watch": "*.log",
+            "watch_delay": 500, "increment_var": "PORT", "stop_exit_codes": 0,
+            "autostart": false, "filter_env": ["npm_", "SECRET_"], "env_file": ".env",
+        }))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(raw.cron_restart.as_deref(), Some("0 3 * * *"));
+        assert_eq!(raw.watch, Some(Some(vec!["src".into(), "lib".into()])));
+        assert_eq!(raw.ignore_watch, Some(vec!["*.log".into()]));
+        assert_eq!(raw.watch_delay, Some(Duration::from_millis(500)));
+        assert_eq!(raw.stop_exit_codes, Some(vec![0]));
+        assert_eq!(raw.autostart, Some(false));
+        assert_eq!(
+            raw.filter_env,
+            Some(FilterEnv::Prefixes(vec!["npm_".into(), "SECRET_".into()]))
+        );
+        assert_eq!(raw.env_file, Some(vec![".env".into()]));
+        let (raw, _) = one(json!({"watch": true, "filter_env": true})).unwrap();
+        assert_eq!(raw.watch, Some(None));
+        assert_eq!(raw.filter_env, Some(FilterEnv::All));
+        let (raw, _) = one(json!({"watch": false, "filter_env": false})).unwrap();
+        assert_eq!(raw.watch, Some(Some(vec![])));
+        assert_eq!(raw.filter_env, Some(FilterEnv::Nothing));
+    }
+
+    #[test]
     fn a_bad_value_names_the_key() {
         for (entry, key) in [
             (json!({"instances": "lots"}), "instances"),
@@ -292,6 +325,15 @@ mod tests {
             (json!({"balance": "random"}), "balance"),
             (json!({"rebalance": "yes"}), "rebalance"),
             (json!({"kill_timeout": "forever"}), "kill_timeout"),
+            (json!({"cron_restart": "every night"}), "cron_restart"),
+            (json!({"cron_restart": "* * * *"}), "cron_restart"),
+            (json!({"watch": 3}), "watch"),
+            (json!({"ignore_watch": [1]}), "ignore_watch"),
+            (json!({"increment_var": "PORT NUMBER"}), "increment_var"),
+            (json!({"stop_exit_codes": [256]}), "stop_exit_codes"),
+            (json!({"stop_exit_codes": "zero"}), "stop_exit_codes"),
+            (json!({"filter_env": 5}), "filter_env"),
+            (json!({"env_file": {}}), "env_file"),
         ] {
             let e = one(entry).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{e}");
@@ -304,12 +346,13 @@ mod tests {
 
     #[test]
     fn unknown_and_pm2_only_keys_are_warned_about_by_name() {
-        let (_, warnings) = one(json!({"colour": "blue", "watch": true, "name": null})).unwrap();
+        let (_, warnings) =
+            one(json!({"colour": "blue", "watch_options": {}, "name": null})).unwrap();
         assert_eq!(
             warnings,
             vec![
                 "f.json: app \"app\": unknown key `colour`; ignored",
-                "f.json: app \"app\": key `watch` is a PM2 option nodeherd does not use; ignored"
+                "f.json: app \"app\": key `watch_options` is a PM2 option nodeherd does not use; ignored"
             ]
         );
     }

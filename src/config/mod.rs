@@ -16,6 +16,7 @@
 //! `file` finds and reads the ecosystem file.
 
 mod diff;
+mod env_file;
 mod file;
 mod js;
 mod keys;
@@ -143,10 +144,71 @@ pub struct App {
     /// default true).
     #[serde(default = "yes")]
     pub rebalance: bool,
+    /// PM2's `cron_restart`: every worker reloaded, the zero-downtime way,
+    /// on this schedule (a checked pattern, see `crate::cron`).
+    #[serde(default)]
+    pub cron_restart: Option<String>,
+    /// PM2's `watch`: reload when a file under these paths changes (empty: off).
+    #[serde(default)]
+    pub watch: Vec<PathBuf>,
+    /// PM2's `ignore_watch`: globs (or plain names) of paths not watched,
+    /// besides `node_modules` and dot-directories.
+    #[serde(default)]
+    pub ignore_watch: Vec<String>,
+    /// PM2's `watch_delay`: a reload waits until files have been quiet this long.
+    #[serde(default = "default_watch_delay")]
+    pub watch_delay: Duration,
+    /// PM2's `increment_var`: this variable is its base value plus the slot index.
+    #[serde(default)]
+    pub increment_var: Option<String>,
+    /// PM2's `stop_exit_codes`: a worker that exits with one of these is not restarted.
+    #[serde(default)]
+    pub stop_exit_codes: Vec<i32>,
+    /// PM2's `autostart`: false starts no worker until a restart or scale asks.
+    #[serde(default = "yes")]
+    pub autostart: bool,
+    /// PM2's `filter_env`: which of the manager's variables workers do not inherit.
+    #[serde(default)]
+    pub filter_env: FilterEnv,
+    /// `env_file`: the files `env` was read from, in order (their values
+    /// are in `env` already; kept to say what a reload reads again).
+    #[serde(default)]
+    pub env_file: Vec<PathBuf>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// PM2's default `watch_delay`.
+pub const DEFAULT_WATCH_DELAY: Duration = Duration::from_millis(1000);
+
+fn default_watch_delay() -> Duration {
+    DEFAULT_WATCH_DELAY
+}
+
+/// Which variables of the manager's own environment workers do not inherit
+/// (PM2's `filter_env`); the app's `env` applies after it either way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FilterEnv {
+    /// Every variable is inherited.
+    #[default]
+    Nothing,
+    /// None is (`filter_env: true`).
+    All,
+    /// Those whose names start with one of these.
+    Prefixes(Vec<String>),
+}
+
+impl FilterEnv {
+    /// Whether the manager's variable `name` stays out of the workers' environment.
+    pub fn drops(&self, name: &str) -> bool {
+        match self {
+            FilterEnv::Nothing => false,
+            FilterEnv::All => true,
+            FilterEnv::Prefixes(p) => p.iter().any(|p| name.starts_with(p.as_str())),
+        }
+    }
 }
 
 /// How new connections reach workers.
@@ -433,5 +495,14 @@ pub(crate) fn test_app() -> App {
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,
+        cron_restart: None,
+        watch: vec![],
+        ignore_watch: vec![],
+        watch_delay: DEFAULT_WATCH_DELAY,
+        increment_var: None,
+        stop_exit_codes: vec![],
+        autostart: true,
+        filter_env: FilterEnv::Nothing,
+        env_file: vec![],
     }
 }

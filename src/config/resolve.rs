@@ -85,7 +85,39 @@ pub fn resolve(
             format!("{instance_var:?} is not a valid environment variable name"),
         ));
     }
-    let env = environment(&raw, over, program.env, &at)?;
+    let credentials = resolve_credentials(raw.uid.as_deref(), raw.gid.as_deref())
+        .map_err(|(key, msg)| at.err(key, msg))?;
+    let env_file: Vec<PathBuf> = raw
+        .env_file
+        .iter()
+        .flatten()
+        .map(|f| normalize(&absolute(&program.cwd.join(f))))
+        .collect();
+    let from_files = read_env_files(&env_file, credentials.as_ref(), &at)?;
+    let env = environment(&raw, over, program.env, from_files, &at)?;
+    let filter_env = raw.filter_env.clone().unwrap_or_default();
+    if let Some(var) = &raw.increment_var {
+        check_increment_base(var, &env, &filter_env, &at)?;
+    }
+    let watch: Vec<PathBuf> = match &raw.watch {
+        None => Vec::new(),
+        Some(None) => vec![absolute(&program.cwd)],
+        Some(Some(paths)) => paths
+            .iter()
+            .map(|p| normalize(&absolute(&program.cwd.join(p))))
+            .collect(),
+    };
+    let ignore_watch = raw.ignore_watch.clone().unwrap_or_default();
+    crate::watch::Ignore::new(&ignore_watch).map_err(|m| at.err("ignore_watch", m))?;
+    if let Some(missing) = watch.iter().find(|p| !p.exists()) {
+        return Err(at.err(
+            "watch",
+            format!(
+                "{} does not exist: name paths under the app's directory, or `true` for all of it",
+                missing.display()
+            ),
+        ));
+    }
     let ms = Duration::from_millis;
     let listen_timeout = over
         .listen_timeout
@@ -106,8 +138,6 @@ pub fn resolve(
         Some(b) => values::balance(b).map_err(|m| at.err("balance", m))?,
         None => raw.balance.unwrap_or_default(),
     };
-    let credentials = resolve_credentials(raw.uid.as_deref(), raw.gid.as_deref())
-        .map_err(|(key, msg)| at.err(key, msg))?;
     let shared_listen = raw.shared_listen.clone().unwrap_or_default();
     for a in &shared_listen {
         super::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
@@ -151,6 +181,15 @@ pub fn resolve(
             credentials,
             balance,
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),
+            cron_restart: raw.cron_restart.clone(),
+            watch,
+            ignore_watch,
+            watch_delay: raw.watch_delay.unwrap_or(super::DEFAULT_WATCH_DELAY),
+            increment_var: raw.increment_var.clone(),
+            stop_exit_codes: raw.stop_exit_codes.clone().unwrap_or_default(),
+            autostart: raw.autostart.unwrap_or(true),
+            filter_env,
+            env_file,
         },
         warnings,
     })
@@ -306,15 +345,17 @@ fn instances(
     Ok(n)
 }
 
-/// The package script's own assignments, then the app's `env`, then
-/// `env_<name>` for `--env <name>`.
+/// The package script's own assignments, then the `env_file`s in order,
+/// then the app's `env`, then `env_<name>` for `--env <name>`.
 fn environment(
     raw: &RawApp,
     over: &Overrides,
     script_env: Vec<(String, String)>,
+    from_files: Vec<(String, String)>,
     at: &At,
 ) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
     let mut env: std::collections::BTreeMap<String, String> = script_env.into_iter().collect();
+    env.extend(from_files);
     env.extend(raw.env.clone().unwrap_or_default());
     if let Some(env_name) = &over.env_name {
         let Some(extra) = raw.env_named.get(env_name) else {
@@ -326,6 +367,101 @@ fn environment(
         env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     Ok(env)
+}
+
+/// Largest `env_file` read: far beyond any real one.
+const MAX_ENV_FILE: u64 = 1 << 20;
+
+/// The variables of `files`, in order. With `uid`/`gid`, each is read with
+/// the workers' rights and no more: a manager that runs as root must not
+/// hand a file only root may read to workers the file's author controls.
+/// Errors name the file and the line, never a value.
+fn read_env_files(
+    files: &[PathBuf],
+    credentials: Option<&Credentials>,
+    at: &At,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for file in files {
+        let text = read_with(file, credentials)
+            .map_err(|e| at.err("env_file", format!("{}: cannot read: {e}", file.display())))?;
+        let parsed = super::env_file::parse(&text)
+            .map_err(|e| at.err("env_file", format!("{}: {e}", file.display())))?;
+        vars.extend(parsed);
+    }
+    Ok(vars)
+}
+
+/// Read `file` (at most [`MAX_ENV_FILE`] bytes), as the user `credentials`
+/// name when given, on a thread that takes those rights alone.
+fn read_with(file: &Path, credentials: Option<&Credentials>) -> std::io::Result<String> {
+    use std::io::Read;
+    let path = file.to_path_buf();
+    let read = move || -> std::io::Result<String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: a FIFO named here must not hold the load up.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut text = String::new();
+        file.take(MAX_ENV_FILE + 1).read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_ENV_FILE {
+            return Err(std::io::Error::other(format!(
+                "larger than {} KiB",
+                MAX_ENV_FILE >> 10
+            )));
+        }
+        Ok(text)
+    };
+    let Some(c) = credentials else {
+        return read();
+    };
+    let mut groups = c.groups.clone();
+    groups.sort_unstable();
+    groups.dedup();
+    let rights = crate::worker::rights::Rights {
+        uid: [c.uid; 4],
+        gid: [c.gid; 4],
+        groups,
+        cap_eff: 0,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    crate::worker::rights::Rights::spawn(Some(rights), move |taken| {
+        let _ = tx.send(taken.and_then(|()| read()));
+    })?;
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| Err(std::io::Error::other("timed out")))
+}
+
+/// `increment_var` adds the slot index to the variable's value, which must
+/// then be a whole number (or absent: 0, as PM2). The value is never shown.
+fn check_increment_base(
+    var: &str,
+    env: &std::collections::BTreeMap<String, String>,
+    filter: &super::FilterEnv,
+    at: &At,
+) -> Result<(), ConfigError> {
+    let inherited = || {
+        (!filter.drops(var))
+            .then(|| std::env::var(var).ok())
+            .flatten()
+    };
+    let Some(base) = env.get(var).cloned().or_else(inherited) else {
+        return Ok(());
+    };
+    if base.trim().parse::<i64>().is_err() {
+        return Err(at.err(
+            "increment_var",
+            format!(
+                "the value of {var} (from env, env_file or the manager's environment) is not a whole number, so the instance cannot be added to it"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `uid`/`gid`: a name or a number each; a user alone brings its primary group.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Balance, MAX_INSTANCES};
+use super::{Balance, FilterEnv, MAX_INSTANCES};
 
 /// A day is far beyond any sane timeout and keeps sd_notify's u32 microsecond fields safe.
 const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
@@ -45,6 +45,81 @@ pub fn words(v: &Value) -> Result<Vec<String>, String> {
             .collect(),
         other => Err(format!(
             "expected a string or an array of strings, got {other}"
+        )),
+    }
+}
+
+/// A string, or an array of strings (each one item, spaces and all).
+pub fn strings(v: &Value) -> Result<Vec<String>, String> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!("expected strings in the array, got {other}")),
+            })
+            .collect(),
+        other => Err(format!(
+            "expected a string or an array of strings, got {other}"
+        )),
+    }
+}
+
+/// The name of an environment variable.
+pub fn env_name(v: &Value) -> Result<String, String> {
+    let name = string(v)?;
+    if !is_env_name(&name) {
+        return Err(format!("{name:?} is not a valid environment variable name"));
+    }
+    Ok(name)
+}
+
+/// `watch`: `true` (the app's directory: `None`), `false` (no path), a
+/// path or paths.
+pub fn watch(v: &Value) -> Result<Option<Vec<String>>, String> {
+    match v {
+        Value::Bool(true) => Ok(None),
+        Value::Bool(false) => Ok(Some(Vec::new())),
+        Value::String(s) if s == "true" => Ok(None),
+        Value::String(s) if s == "false" => Ok(Some(Vec::new())),
+        Value::String(_) | Value::Array(_) => strings(v).map(Some),
+        other => Err(format!(
+            "expected true, false, a path or an array of paths, got {other}"
+        )),
+    }
+}
+
+/// `stop_exit_codes`: an exit code (0 to 255) or an array of them.
+pub fn exit_codes(v: &Value) -> Result<Vec<i32>, String> {
+    let one = |x: &Value| -> Result<i32, String> {
+        count(x, 255)
+            .map(|n| n as i32)
+            .map_err(|_| format!("expected exit codes from 0 to 255, got {x}"))
+    };
+    match v {
+        Value::Array(a) => a.iter().map(one).collect(),
+        other => Ok(vec![one(other)?]),
+    }
+}
+
+/// `filter_env`: `true` (every variable of the manager's), `false`, a
+/// prefix or an array of prefixes.
+pub fn filter_env(v: &Value) -> Result<FilterEnv, String> {
+    match v {
+        Value::Bool(true) => Ok(FilterEnv::All),
+        Value::Bool(false) => Ok(FilterEnv::Nothing),
+        Value::String(_) | Value::Array(_) => {
+            let p = strings(v)?;
+            if p.iter().any(String::is_empty) {
+                return Err(
+                    "an empty prefix would drop every variable: write `true` for that".into(),
+                );
+            }
+            Ok(FilterEnv::Prefixes(p))
+        }
+        other => Err(format!(
+            "expected true, false, a prefix or an array of prefixes, got {other}"
         )),
     }
 }

@@ -55,6 +55,9 @@ pub struct Core {
     pub(super) share_peak: Option<(u32, Instant)>,
     /// The fair share last worked out (None: one worker, or rebalance off).
     pub(super) share_fair: Option<u32>,
+    /// When `cron_restart` runs next, on the wall clock (ms since the
+    /// epoch), as the driver worked it out; its deadline is `TimerKey::Cron`.
+    pub(super) cron_next: Option<u64>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -81,6 +84,7 @@ impl Core {
             next_leave: 1,
             share_peak: None,
             share_fair: None,
+            cron_next: None,
             out: Vec::new(),
             now,
         }
@@ -140,14 +144,32 @@ impl Core {
             self.timers
                 .arm(TimerKey::MemoryCheck, now + policy::MEMORY_CHECK_EVERY);
         }
+        self.schedule_cron(None);
         let n = self.policy.instances;
         self.slots = (0..n).map(|_| Slot::default()).collect();
-        for index in 0..n {
-            self.start_current(index);
+        let autostart = self.policy.autostart;
+        if autostart {
+            for index in 0..n {
+                self.start_current(index);
+            }
+        } else {
+            for slot in &mut self.slots {
+                slot.stopped = Some("autostart is off".into());
+            }
+            self.log(
+                Level::Notice,
+                format!(
+                    "autostart is off: no worker started; `nodeherd restart` starts all {n}, `nodeherd scale N` the first N"
+                ),
+            );
         }
         self.op = Some(Op::Start {
             kind: StartKind::Start,
-            waiting: (0..n).collect(),
+            waiting: if autostart {
+                (0..n).collect()
+            } else {
+                Default::default()
+            },
             failed: Vec::new(),
             replies: Vec::new(),
         });
@@ -192,6 +214,8 @@ impl Core {
             Event::ExecChecked(result) => self.on_exec_checked(result),
             Event::ExecFailed(why) => self.on_exec_failed(why),
             Event::SlotDrained(leave) => self.finish_leave(leave, true),
+            Event::CronScheduled(next) => self.on_cron_scheduled(next),
+            Event::FilesChanged => self.on_files_changed(),
             Event::Stop => self.begin_stop(0),
         }
         self.settle()
@@ -415,6 +439,7 @@ impl Core {
             let old = old.filter(|o| self.workers.contains_key(o));
             let slot = &mut self.slots[index as usize];
             slot.errored = None;
+            slot.stopped = None;
             slot.waiting = false;
             self.timers.cancel(TimerKey::Restart(index));
             if let Some(old) = old {
@@ -433,7 +458,7 @@ impl Core {
                 draining.extend(old);
                 let r = &mut self.slots[index as usize].replaced;
                 match reason {
-                    SwapReason::Reload => r.reload += 1,
+                    SwapReason::Reload | SwapReason::Cron | SwapReason::Watch => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
                     SwapReason::Hang => r.hang += 1,
                     SwapReason::Closed | SwapReason::Flood => {}
@@ -573,6 +598,12 @@ impl Core {
             // Stopping anyway, or a reload is already bringing this slot's replacement up.
             return;
         }
+        if let ExitStatus::Code(code) = status
+            && self.policy.stop_exit_codes.contains(&code)
+        {
+            self.stop_on_purpose(index, pid, code);
+            return;
+        }
         self.after_crash(index, uptime, cause);
     }
 
@@ -631,7 +662,8 @@ impl Core {
         let empty = slot.current.is_none()
             && slot.incoming.is_none()
             && !slot.waiting
-            && slot.errored.is_none();
+            && slot.errored.is_none()
+            && slot.stopped.is_none();
         if empty && self.phase == Phase::Running {
             self.log(
                 Level::Warning,
@@ -682,6 +714,14 @@ impl Core {
                 self.kill_worker(id, "killed after kill_timeout");
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
+            TimerKey::Cron => self.on_cron(),
+            TimerKey::Watch => self.reload_running_slots(
+                SwapReason::Watch,
+                format!(
+                    "files changed under watch and have been quiet for watch_delay ({} ms)",
+                    self.policy.watch_delay.as_millis()
+                ),
+            ),
             // The shares are worked out again as every event settles.
             TimerKey::Share => self.share_peak = None,
             TimerKey::Restart(index) => {
@@ -886,5 +926,123 @@ impl Core {
             self.queue
                 .push_back(Queued::ReloadSlots(over, SwapReason::Memory));
         }
+    }
+
+    /// A worker exited with one of `stop_exit_codes`: as PM2, its slot is
+    /// not restarted. The app said it is done; the manager stays up (a
+    /// restart, a reload or a scale that covers the slot starts it again).
+    fn stop_on_purpose(&mut self, index: u32, pid: i32, code: i32) {
+        if let Some(
+            Op::Start { waiting, .. }
+            | Op::Reload {
+                growing: waiting, ..
+            },
+        ) = &mut self.op
+        {
+            waiting.remove(&index);
+        }
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        slot.stopped = Some(format!("exited with code {code}, one of stop_exit_codes"));
+        self.timers.cancel(TimerKey::Restart(index));
+        self.log_worker(
+            Level::Notice,
+            index,
+            pid,
+            format!(
+                "worker {index} exited with code {code}, one of stop_exit_codes: slot {index} stays stopped (`nodeherd restart` starts it again)"
+            ),
+        );
+        self.out.push(Effect::ReleaseSlotSockets(index));
+        self.worker_signal(index, 0, "stopped");
+    }
+
+    /// Ask the driver when `cron_restart` runs next (after the run made at
+    /// `not_before`), if the configuration in force has one.
+    pub(super) fn schedule_cron(&mut self, not_before: Option<u64>) {
+        self.timers.cancel(TimerKey::Cron);
+        self.cron_next = None;
+        if self.phase != Phase::Running {
+            return;
+        }
+        if let Some(pattern) = self.policy.cron_restart.clone() {
+            self.out.push(Effect::ScheduleCron {
+                pattern,
+                not_before,
+            });
+        }
+    }
+
+    fn on_cron_scheduled(&mut self, next: Result<(Instant, u64), String>) {
+        if self.phase != Phase::Running || self.policy.cron_restart.is_none() {
+            return;
+        }
+        match next {
+            Ok((at, unix_ms)) => {
+                self.timers.arm(TimerKey::Cron, at);
+                self.cron_next = Some(unix_ms);
+            }
+            Err(why) => {
+                self.cron_next = None;
+                self.log(
+                    Level::Error,
+                    format!("cron_restart: {why}; no scheduled reload"),
+                );
+            }
+        }
+    }
+
+    /// `cron_restart` is due: reload every running worker the zero-downtime
+    /// way (PM2 restarts them; its users ask for this), then ask for the next run.
+    fn on_cron(&mut self) {
+        let pattern = self.policy.cron_restart.clone().unwrap_or_default();
+        let ran = self.cron_next;
+        self.reload_running_slots(SwapReason::Cron, format!("cron_restart ({pattern}) is due"));
+        self.schedule_cron(ran);
+    }
+
+    /// A file under `watch` changed: the reload waits until files have been
+    /// quiet for `watch_delay`, so a burst of saves is one reload.
+    fn on_files_changed(&mut self) {
+        if self.phase != Phase::Running || self.policy.watch.is_empty() {
+            return;
+        }
+        self.timers
+            .arm(TimerKey::Watch, self.now + self.policy.watch_delay);
+    }
+
+    /// Swap every slot that runs (not those stopped on purpose) through the
+    /// reload path, with the configuration in force; one such reload waits
+    /// at a time.
+    fn reload_running_slots(&mut self, reason: SwapReason, why: String) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let slots: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|i| self.slots[*i as usize].stopped.is_none())
+            .collect();
+        if slots.is_empty() {
+            self.log(
+                Level::Info,
+                format!("{why}: no worker runs, nothing to reload"),
+            );
+            return;
+        }
+        if self
+            .queue
+            .iter()
+            .any(|q| matches!(q, Queued::ReloadSlots(_, r) if *r == reason))
+        {
+            return;
+        }
+        self.log(
+            Level::Notice,
+            format!(
+                "{why}: reloading {} worker(s) without downtime",
+                slots.len()
+            ),
+        );
+        self.queue.push_back(Queued::ReloadSlots(slots, reason));
     }
 }

@@ -125,6 +125,9 @@ pub struct Driver {
     /// The tasks watching the accept queues of slots that go: they hold
     /// second handles on those sockets, so they end before the sockets close.
     draining: HashMap<u64, tokio::task::AbortHandle>,
+    /// The `watch` and `ignore_watch` in force, and their watch (none if it
+    /// could not start: said once, not tried again until they change).
+    watching: (Vec<PathBuf>, Vec<String>, Option<crate::watch::Watch>),
 }
 
 impl Driver {
@@ -178,6 +181,7 @@ impl Driver {
             resumed: false,
             closing: HashMap::new(),
             draining: HashMap::new(),
+            watching: (Vec::new(), Vec::new(), None),
         }
     }
 
@@ -284,6 +288,7 @@ impl Driver {
         use tokio::signal::unix::{SignalKind, signal};
         // Before the first fork, so no exit can be missed.
         let mut sigchld = signal(SignalKind::child())?;
+        self.rewatch();
         if self.resumed {
             // Exits during the exec were not seen: look now.
             self.reap();
@@ -442,6 +447,7 @@ impl Driver {
             },
             Input::ExecChecked(result) => Event::ExecChecked(result),
             Input::SlotDrained(leave) => Event::SlotDrained(leave),
+            Input::FilesChanged => Event::FilesChanged,
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc {
                 worker,
@@ -635,6 +641,7 @@ impl Driver {
         }
         self.configs
             .settle(self.core.generation(), &self.core.generations_wanted());
+        self.rewatch();
         if self.sockets.per_slot() {
             // With a socket per slot, the kernel picks only slots that
             // serve, and of them those below their share while some are.
@@ -660,6 +667,16 @@ impl Driver {
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
                 Effect::CheckExec => self.check_exec(),
+                Effect::ScheduleCron {
+                    pattern,
+                    not_before,
+                } => {
+                    // The wall clock decides when; the core gets a deadline.
+                    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+                    let next = crate::cron::next_run(&pattern, wall, not_before)
+                        .map(|(wait, unix_ms)| (now + wait, unix_ms));
+                    follow.push_back(Event::CronScheduled(next));
+                }
                 Effect::DrainSlot { leave, index } => self.drain_slot(leave, index),
                 Effect::Share { worker, max } => {
                     if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) {
@@ -1057,6 +1074,41 @@ impl Driver {
         for leave in done {
             self.closing.remove(&leave);
             self.sockets.close_leaving(leave);
+        }
+    }
+
+    /// Watch what `watch` names in the configuration in force (a reload
+    /// may have changed it); nothing without it.
+    fn rewatch(&mut self) {
+        let app = self.configs.app();
+        if self.watching.0 == app.watch && self.watching.1 == app.ignore_watch {
+            return;
+        }
+        self.watching = (app.watch.clone(), app.ignore_watch.clone(), None);
+        if app.watch.is_empty() {
+            logs::info("watch: off");
+            return;
+        }
+        let tx = self.inputs_tx.clone();
+        match crate::watch::start(
+            &app.watch,
+            &app.ignore_watch,
+            move || {
+                let _ = tx.send(Input::FilesChanged);
+            },
+            |w| logs::warn(&w),
+        ) {
+            Ok(w) => {
+                let paths: Vec<String> =
+                    app.watch.iter().map(|p| p.display().to_string()).collect();
+                logs::info(&format!(
+                    "watch: {} (a change reloads the app {} ms after the last one)",
+                    paths.join(", "),
+                    app.watch_delay.as_millis()
+                ));
+                self.watching.2 = Some(w);
+            }
+            Err(e) => logs::warn(&format!("watch: {e}; files are not watched")),
         }
     }
 

@@ -71,6 +71,12 @@ pub enum Event {
     ExecFailed(String),
     /// The accept queues of a slot that goes are empty (see `Effect::DrainSlot`).
     SlotDrained(u64),
+    /// When `cron_restart` runs next (see `Effect::ScheduleCron`): the
+    /// deadline, and the same moment on the wall clock (ms since the epoch);
+    /// or why it never does.
+    CronScheduled(Result<(std::time::Instant, u64), String>),
+    /// A file under `watch` changed.
+    FilesChanged,
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -187,6 +193,13 @@ pub enum Effect {
     },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
+    /// Work out when the `cron_restart` pattern runs next on the wall
+    /// clock, after `not_before` (ms since the epoch: the run just made);
+    /// answer with `CronScheduled`.
+    ScheduleCron {
+        pattern: String,
+        not_before: Option<u64>,
+    },
     /// Check the program a re-exec would run; answer with `ExecChecked`.
     CheckExec,
     /// Hand the state over and `execve` the checked program (answer with

@@ -47,6 +47,10 @@ pub struct CoreState {
     pub counters: Counters,
     #[serde(default)]
     pub last_status: String,
+    /// When `cron_restart` runs next on the wall clock (ms since the
+    /// epoch); its deadline is among `timers`.
+    #[serde(default)]
+    pub cron_next: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +65,9 @@ pub struct SlotState {
     pub backoff_ms: u64,
     pub waiting: bool,
     pub errored: Option<String>,
+    /// Stopped on purpose (`stop_exit_codes`, `autostart`), and why.
+    #[serde(default)]
+    pub stopped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +141,7 @@ impl Core {
                 backoff_ms: s.history.backoff.as_millis() as u64,
                 waiting: s.waiting,
                 errored: s.errored.clone(),
+                stopped: s.stopped.clone(),
             })
             .collect();
         let workers = self
@@ -182,6 +190,7 @@ impl Core {
             queued_swaps,
             counters: self.counters,
             last_status: self.last_status.clone(),
+            cron_next: self.cron_next,
         }
     }
 
@@ -203,6 +212,7 @@ impl Core {
         core.counters = state.counters;
         core.counters.reexecs += 1;
         core.last_status = state.last_status;
+        core.cron_next = state.cron_next;
         core.phase = Phase::Running;
         core.slots = state
             .slots
@@ -218,6 +228,7 @@ impl Core {
                 },
                 waiting: s.waiting,
                 errored: s.errored,
+                stopped: s.stopped,
             })
             .collect();
         let mut workers = BTreeMap::new();

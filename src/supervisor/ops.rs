@@ -308,8 +308,12 @@ impl Core {
                 self.now + super::policy::MEMORY_CHECK_EVERY,
             );
         }
+        let cron_changed = policy.cron_restart != self.policy.cron_restart;
         self.policy = policy;
         self.generation = generation;
+        if cron_changed {
+            self.schedule_cron(None);
+        }
         let dropped = self.shrink_to(
             self.policy.instances,
             "scaled down by the new configuration",
@@ -555,6 +559,7 @@ impl Core {
             let slot = &mut self.slots[index as usize];
             slot.history = Default::default();
             slot.errored = None;
+            slot.stopped = None;
             self.start_current(index);
         }
         self.op = Some(Op::Start {
@@ -591,7 +596,19 @@ impl Core {
             format!("scale: {have} → {want} workers"),
             Milestone::Scale,
         );
-        if want <= have {
+        // Slots stopped on purpose (autostart off, stop_exit_codes) that the
+        // new count covers are wanted again.
+        let revived: Vec<u32> = (0..want.min(have))
+            .filter(|&i| {
+                let s = &self.slots[i as usize];
+                s.stopped.is_some() && s.current.is_none() && s.incoming.is_none()
+            })
+            .collect();
+        for &index in &revived {
+            self.slots[index as usize].stopped = None;
+            self.start_current(index);
+        }
+        if want <= have && revived.is_empty() {
             // Highest slots go first; their workers drain, requests in flight finish.
             let _ = self.shrink_to(want, "scaled down");
             self.reply_opt(
@@ -600,13 +617,14 @@ impl Core {
             );
             return;
         }
+        let _ = self.shrink_to(want, "scaled down");
         for index in have..want {
             self.slots.push(Slot::default());
             self.start_current(index);
         }
         self.op = Some(Op::Start {
             kind: StartKind::Scale,
-            waiting: (have..want).collect(),
+            waiting: revived.into_iter().chain(have..want).collect(),
             failed: Vec::new(),
             replies: reply.into_iter().collect(),
         });
@@ -719,6 +737,7 @@ impl Core {
         slots.iter().all(|&i| {
             self.slots.get(i as usize).is_none_or(|s| {
                 s.errored.is_some()
+                    || (s.stopped.is_some() && s.current.is_none())
                     || s.current
                         .and_then(|id| self.workers.get(&id))
                         .is_some_and(|w| w.state == WState::Ready)
@@ -805,6 +824,9 @@ impl Core {
             slot.waiting = false;
         }
         self.timers.cancel(TimerKey::MemoryCheck);
+        self.timers.cancel(TimerKey::Cron);
+        self.timers.cancel(TimerKey::Watch);
+        self.cron_next = None;
         for leave in std::mem::take(&mut self.leaving).into_keys() {
             self.timers.cancel(TimerKey::Leave(leave));
         }

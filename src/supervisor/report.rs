@@ -50,6 +50,11 @@ impl Core {
             .collect()
     }
 
+    /// Slots meant to run a worker: all but those stopped on purpose.
+    pub(super) fn running_slots(&self) -> u32 {
+        self.slots.iter().filter(|s| s.stopped.is_none()).count() as u32
+    }
+
     /// Slots whose current worker is ready.
     pub(super) fn ready_count(&self) -> u32 {
         self.ready_current().count() as u32
@@ -77,7 +82,7 @@ impl Core {
         match &self.op {
             Some(Op::Reload { .. }) => "reloading",
             Some(Op::Reexec { .. }) => "reexecuting",
-            _ if self.ready_count() < self.slots.len() as u32 => "degraded",
+            _ if self.ready_count() < self.running_slots() => "degraded",
             _ => "ready",
         }
     }
@@ -104,6 +109,16 @@ impl Core {
         };
         if !errored.is_empty() {
             s.push_str(&format!("; errored: slot {}", errored.join(", ")));
+        }
+        let stopped: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.stopped.is_some() && s.current.is_none() && s.incoming.is_none())
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !stopped.is_empty() {
+            s.push_str(&format!("; stopped: slot {}", stopped.join(", ")));
         }
         s
     }
@@ -140,6 +155,8 @@ impl Core {
                     pid: 0,
                     state: if slot.errored.is_some() {
                         "errored"
+                    } else if slot.stopped.is_some() {
+                        "stopped"
                     } else {
                         "waiting"
                     },
@@ -187,6 +204,7 @@ impl Core {
             status: self.status_line(),
             workers,
             counters: self.counters,
+            next_cron_reload_ms: self.cron_next,
         }
     }
 }

@@ -85,6 +85,8 @@ pub enum Input {
     SlotDrained(u64),
     /// A thread bound (or could not bind) an address workers asked for.
     Bound(Box<crate::shared::Bound>),
+    /// A file under `watch` changed.
+    FilesChanged,
 }
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.

@@ -93,6 +93,10 @@ pub enum SwapReason {
     Closed,
     /// It flooded its IPC channel.
     Flood,
+    /// `cron_restart` said so.
+    Cron,
+    /// Files under `watch` changed.
+    Watch,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +109,10 @@ pub(super) struct Slot {
     /// A restart timer is armed for this slot.
     pub(super) waiting: bool,
     pub(super) errored: Option<String>,
+    /// Not run, on purpose, and why: its worker exited with one of
+    /// `stop_exit_codes`, or `autostart` is off. A restart, a scale that
+    /// covers it or a reload starts it again.
+    pub(super) stopped: Option<String>,
 }
 
 /// What an [`Op::Start`] is for; it changes only the words.

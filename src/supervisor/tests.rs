@@ -1786,3 +1786,222 @@ fn during_a_reload_an_old_worker_that_crashes_comes_back_under_the_configuration
     assert_eq!(w.core.generation(), 1);
     assert_eq!(w.core.policy().restart_delay, MS(5000));
 }
+
+// ---- PM2's keys: cron_restart, watch, stop_exit_codes, autostart ----------------
+
+impl World {
+    /// The `not_before` of every `ScheduleCron` the core asked for, in order.
+    fn cron_asks(&self) -> Vec<Option<u64>> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::ScheduleCron { not_before, .. } => Some(*not_before),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Answer the core's ask: the next run is `after` from now, at `unix_ms`.
+    fn cron_next_in(&mut self, after: Duration, unix_ms: u64) {
+        self.send(Event::CronScheduled(Ok((self.now + after, unix_ms))));
+    }
+
+    /// Every worker replaced by a reload so far, as counted per slot.
+    fn reloaded(&self) -> u32 {
+        self.core
+            .snapshot()
+            .workers
+            .iter()
+            .filter(|w| w.state != "stopping")
+            .map(|w| w.replaced_reload)
+            .sum()
+    }
+}
+
+fn cron_policy(instances: u32) -> Policy {
+    with(policy(instances), |p| {
+        p.cron_restart = Some("* * * * *".into())
+    })
+}
+
+#[test]
+fn cron_restart_reloads_every_worker_without_downtime_then_asks_for_the_next_run() {
+    let mut w = World::new(cron_policy(2));
+    w.obedient = true;
+    w.start();
+    for id in w.starting() {
+        w.listening(id);
+    }
+    assert_eq!(w.cron_asks(), vec![None], "asked once, at start");
+    w.cron_next_in(Duration::from_secs(60), 1_700_000_040_000);
+    assert_eq!(
+        w.core.snapshot().next_cron_reload_ms,
+        Some(1_700_000_040_000)
+    );
+    let before = w.current();
+    w.advance(Duration::from_secs(59));
+    assert!(w.starting().is_empty(), "nothing before the minute");
+    w.advance(Duration::from_secs(1));
+    // The zero-downtime path: a replacement starts beside each old worker,
+    // and the old one is asked to stop only once it is ready.
+    assert_eq!(w.core.state_name(), "reloading");
+    assert!(w.stopped().is_empty(), "no old worker stops first");
+    while let Some(id) = w.starting().first().copied() {
+        w.listening(id);
+    }
+    assert_eq!(w.core.state_name(), "ready");
+    assert_eq!(w.reloaded(), 2);
+    let after = w.current();
+    assert!(
+        before
+            .values()
+            .all(|old| !after.values().any(|new| new == old))
+    );
+    assert!(
+        w.logs().contains("cron_restart (* * * * *) is due"),
+        "{}",
+        w.logs()
+    );
+    // The next run is asked for after the one just made, so it is never the same.
+    assert_eq!(w.cron_asks(), vec![None, Some(1_700_000_040_000)]);
+}
+
+#[test]
+fn the_next_cron_run_crosses_a_reexec_and_a_stop_cancels_it() {
+    let mut w = World::ready(cron_policy(2));
+    w.cron_next_in(Duration::from_secs(30), 1_700_000_030_000);
+    let deadline = w.core.next_deadline();
+    let state = w.core.export(w.now);
+    let json = serde_json::to_string(&state).unwrap();
+    let back: super::handover::CoreState = serde_json::from_str(&json).unwrap();
+    let core = Core::import(back, cron_policy(2), w.now + MS(40), MS(40)).unwrap();
+    assert_eq!(
+        core.next_deadline(),
+        deadline,
+        "the cron deadline came along"
+    );
+    assert_eq!(core.snapshot().next_cron_reload_ms, Some(1_700_000_030_000));
+    w.core = core;
+    w.now += MS(40);
+    w.effects.clear();
+    w.advance(Duration::from_secs(30));
+    assert_eq!(
+        w.core.state_name(),
+        "reloading",
+        "it ran on time in the new program"
+    );
+    w.send(Event::Stop);
+    assert_eq!(w.core.snapshot().next_cron_reload_ms, None);
+    w.send(Event::CronScheduled(Ok((w.now + MS(10), 1))));
+    assert_eq!(
+        w.core.snapshot().next_cron_reload_ms,
+        None,
+        "not while stopping"
+    );
+}
+
+#[test]
+fn a_reload_that_changes_cron_restart_schedules_anew_once_in_force() {
+    let mut w = World::obedient(policy(1));
+    assert!(w.cron_asks().is_empty(), "no pattern, no ask");
+    let r = w.reconfigure(cron_policy(1), 1, "cron_restart changed");
+    assert!(w.cron_asks().is_empty(), "not before the swap succeeded");
+    let id = w.starting()[0];
+    w.listening(id);
+    assert!(w.answer(r).is_some_and(Result::is_ok));
+    assert_eq!(w.cron_asks(), vec![None]);
+}
+
+#[test]
+fn a_burst_of_file_changes_is_one_reload_after_watch_delay() {
+    let mut w = World::obedient(with(policy(2), |p| {
+        p.watch = vec!["/srv".into()];
+        p.watch_delay = MS(500);
+    }));
+    for _ in 0..10 {
+        w.send(Event::FilesChanged);
+        w.advance(MS(100));
+    }
+    assert!(w.starting().is_empty(), "still saving: no reload yet");
+    w.advance(MS(400));
+    assert_eq!(w.core.state_name(), "reloading");
+    while let Some(id) = w.starting().first().copied() {
+        w.listening(id);
+    }
+    w.advance(Duration::from_secs(5));
+    assert_eq!(w.reloaded(), 2, "one reload of both workers");
+    assert_eq!(w.spawned.len(), 4);
+    // Without `watch`, a change does nothing.
+    let mut w = World::obedient(policy(2));
+    w.send(Event::FilesChanged);
+    w.advance(Duration::from_secs(5));
+    assert_eq!(w.spawned.len(), 2);
+}
+
+#[test]
+fn a_worker_exiting_with_a_stop_exit_code_is_not_restarted() {
+    let mut w = World::ready(with(policy(2), |p| p.stop_exit_codes = vec![0, 3]));
+    let id = w.current()[&1];
+    w.exit(id, ExitStatus::Code(3));
+    w.advance(Duration::from_secs(10));
+    assert_eq!(w.spawned.len(), 2, "slot 1 stays stopped");
+    let snap = w.core.snapshot();
+    assert_eq!(snap.workers[1].state, "stopped");
+    assert_eq!(w.core.state_name(), "ready", "what should run, runs");
+    assert_eq!(w.core.status_line(), "1/2 workers ready; stopped: slot 1");
+    assert!(w.logs().contains("one of stop_exit_codes"), "{}", w.logs());
+    // Another code is a crash, restarted as usual.
+    let id = w.current()[&0];
+    w.exit(id, ExitStatus::Code(1));
+    assert_eq!(w.spawns_since(2), vec![0]);
+    // Every slot stopped on purpose: the manager stays up, and a restart
+    // starts them again.
+    let id = w.starting()[0];
+    w.listening(id);
+    let id = w.current()[&0];
+    w.exit(id, ExitStatus::Code(0));
+    assert!(w.core.finished().is_none(), "the manager stays up");
+    let r = w.request(Control::Restart);
+    for id in w.starting() {
+        w.listening(id);
+    }
+    assert_eq!(w.workers_after(r), Some(2));
+    assert_eq!(w.core.status_line(), "2/2 workers ready");
+}
+
+#[test]
+fn autostart_off_starts_nothing_until_a_restart_or_a_scale() {
+    let mut w = World::new(with(policy(2), |p| p.autostart = false));
+    w.start();
+    assert!(w.spawned.is_empty(), "no worker");
+    assert!(
+        w.notes().iter().any(|n| matches!(n, SdNotify::Ready(_))),
+        "the service is up: READY=1"
+    );
+    assert_eq!(
+        w.core.status_line(),
+        "0/2 workers ready; stopped: slot 0, 1"
+    );
+    assert!(w.logs().contains("autostart is off"), "{}", w.logs());
+    // A cron or watch reload has nothing to swap.
+    let r = w.request(Control::Scale(ScaleTarget::To(1)));
+    assert_eq!(w.spawns_since(0), vec![0], "scale 1 starts slot 0");
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(r), Some(1));
+    let r = w.request(Control::Restart);
+    assert_eq!(
+        w.spawns_since(1),
+        vec![0],
+        "restart starts every slot there is"
+    );
+    let id = w.starting()[0];
+    w.listening(id);
+    assert_eq!(w.workers_after(r), Some(1));
+    let r = w.request(Control::Scale(ScaleTarget::To(3)));
+    for id in w.starting() {
+        w.listening(id);
+    }
+    assert_eq!(w.workers_after(r), Some(3));
+    assert_eq!(w.core.status_line(), "3/3 workers ready");
+}

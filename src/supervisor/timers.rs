@@ -35,6 +35,10 @@ pub enum TimerKey {
     MemoryCheck,
     /// The highest recent total of keep-alive connections is forgotten then.
     Share,
+    /// `cron_restart`'s next run.
+    Cron,
+    /// Files under `watch` have been quiet for `watch_delay`.
+    Watch,
 }
 
 #[derive(Debug, Default)]

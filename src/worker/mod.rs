@@ -88,6 +88,8 @@ pub struct Launcher {
     base_env: Vec<(String, String)>,
     cwd: PathBuf,
     instance_var: String,
+    /// PM2's `increment_var`: this variable is its base value plus the slot index.
+    increment: Option<(String, i64)>,
     /// Give the worker a Node IPC channel (Node workers, and `interpreter:
     /// none` scripts, which may exec node).
     node: bool,
@@ -138,6 +140,10 @@ impl Launcher {
         let mut env: Vec<(String, String)> = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !SCRUBBED_ENV.contains(&k.as_str()))
+            // `filter_env` (PM2's), but systemd's pointer to the unit's
+            // credentials is the workers' way to them, not the manager's
+            // environment leaking.
+            .filter(|(k, _)| k == "CREDENTIALS_DIRECTORY" || !app.filter_env.drops(k))
             .collect();
         for (k, v) in &app.env {
             env.retain(|(ek, _)| ek != k);
@@ -186,10 +192,21 @@ impl Launcher {
         if node || wrapper {
             set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
         }
+        // As PM2: the variable's value (0 without one) plus the instance.
+        let increment = app.increment_var.as_ref().map(|var| {
+            let base = env
+                .iter()
+                .find(|(k, _)| k == var)
+                .and_then(|(_, v)| v.trim().parse::<i64>().ok())
+                .unwrap_or(0);
+            env.retain(|(k, _)| k != var);
+            (var.clone(), base)
+        });
         Launcher {
             program,
             args,
             base_env: env,
+            increment,
             cwd: app.cwd.clone(),
             instance_var: app.instance_var.clone(),
             node: node || matches!(app.interpreter, Interpreter::None),
@@ -246,6 +263,12 @@ impl Launcher {
             .map(|(k, v)| entry(k, v))
             .collect();
         env.push(entry(&self.instance_var, &index.to_string()));
+        if let Some((var, base)) = &self.increment {
+            env.push(entry(
+                var,
+                &base.saturating_add(i64::from(index)).to_string(),
+            ));
+        }
         if self.node {
             env.push(entry("NODE_CHANNEL_FD", &ipc_fd.to_string()));
         }
