@@ -50,6 +50,7 @@ pub struct RawApp {
     pub gid: Option<String>,
     pub balance: Option<Balance>,
     pub rebalance: Option<bool>,
+    pub logs: super::logfiles::RawLogs,
 }
 
 type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
@@ -57,7 +58,7 @@ type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
 /// A key nodeherd reads, and how.
 pub struct Key {
     pub name: &'static str,
-    set: Setter,
+    pub(super) set: Setter,
 }
 
 /// A key whose value is parsed by `$parse` into `RawApp::$field`.
@@ -169,12 +170,6 @@ pub const IGNORED_PM2_KEYS: &[&str] = &[
     "ignore_watch",
     "watch_options",
     "watch_delay",
-    "log_date_format",
-    "error_file",
-    "out_file",
-    "log_file",
-    "combine_logs",
-    "merge_logs",
     "pid_file",
     "log_type",
     "cron_restart",
@@ -183,7 +178,6 @@ pub const IGNORED_PM2_KEYS: &[&str] = &[
     "force",
     "source_map_support",
     "disable_source_map_support",
-    "time",
     "namespace",
     "increment_var",
     "append_env_to_name",
@@ -218,7 +212,11 @@ pub fn parse(
         if value.is_null() {
             continue;
         }
-        if let Some(k) = KEYS.iter().find(|k| k.name == key) {
+        if let Some(k) = KEYS
+            .iter()
+            .chain(super::logfiles::KEYS)
+            .find(|k| k.name == key)
+        {
             (k.set)(&mut raw, value).map_err(|m| err(key, m))?;
         } else if let Some(name) = key.strip_prefix("env_") {
             raw.env_named

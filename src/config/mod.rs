@@ -19,6 +19,7 @@ mod diff;
 mod file;
 mod js;
 mod keys;
+mod logfiles;
 mod resolve;
 mod values;
 mod wrapper;
@@ -32,6 +33,7 @@ use serde_json::{Map, Value};
 
 pub use diff::{Diff, diff};
 pub use keys::{IGNORED_PM2_KEYS, KEYS, RawApp};
+pub use logfiles::{Interval, LogFiles, Which};
 pub use resolve::{System, find_executable, normalize};
 pub use values::{Allowed, Instances, parse_bytes, parse_duration_ms, resolve_instances};
 
@@ -143,6 +145,9 @@ pub struct App {
     /// default true).
     #[serde(default = "yes")]
     pub rebalance: bool,
+    /// Files for the workers' output, and their rotation (PM2's log keys).
+    #[serde(default)]
+    pub logs: LogFiles,
 }
 
 fn yes() -> bool {
@@ -378,7 +383,7 @@ mod fuzz {
     proptest! {
         #[test]
         fn any_value_for_any_key_is_an_error_or_an_app(
-            key in prop::sample::select(KEYS.iter().map(|k| k.name).collect::<Vec<_>>()),
+            key in prop::sample::select(KEYS.iter().chain(logfiles::KEYS).map(|k| k.name).collect::<Vec<_>>()),
             value in json_value(),
         ) {
             let mut entry = Map::new();
@@ -433,5 +438,6 @@ pub(crate) fn test_app() -> App {
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,
+        logs: LogFiles::default(),
     }
 }

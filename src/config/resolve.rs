@@ -108,6 +108,13 @@ pub fn resolve(
     };
     let credentials = resolve_credentials(raw.uid.as_deref(), raw.gid.as_deref())
         .map_err(|(key, msg)| at.err(key, msg))?;
+    let logs = super::logfiles::resolve(
+        &raw.logs,
+        &program.cwd,
+        raw.fork_mode.unwrap_or(false),
+        &mut warnings,
+    )
+    .map_err(|(key, msg)| at.err(key, msg))?;
     let shared_listen = raw.shared_listen.clone().unwrap_or_default();
     for a in &shared_listen {
         super::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
@@ -151,6 +158,7 @@ pub fn resolve(
             credentials,
             balance,
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),
+            logs,
         },
         warnings,
     })
