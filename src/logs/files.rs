@@ -395,3 +395,99 @@ pub fn check(app: &App) -> Result<(), (&'static str, String)> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nodeherd-files-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn names(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_file_last_written_in_an_earlier_period_is_rotated_before_the_next_line() {
+        let d = dir("interval");
+        let path = d.join("out.log");
+        std::fs::write(&path, "yesterday\n").unwrap();
+        let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+        File::options()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+        let config = LogFiles {
+            out: Some(path.clone()),
+            merge: true,
+            interval: Some(Interval::Daily),
+            retain: 5,
+            ..LogFiles::default()
+        };
+        let mut files = Files::new(config, Owner::default());
+        assert_eq!(files.line(0, Stream::Stdout, "today"), Routed::Written);
+        assert_eq!(
+            files.line(0, Stream::Stdout, "still today"),
+            Routed::Written
+        );
+        assert_eq!(files.line(0, Stream::Stderr, "not mine"), Routed::NotMine);
+        files.flush();
+        let list = names(&d);
+        assert_eq!(list.len(), 2, "{list:?}");
+        assert!(
+            list[1].starts_with("out__") && list[1].ends_with(".log"),
+            "{list:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join(&list[1])).unwrap(),
+            "yesterday\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "today\nstill today\n"
+        );
+        drop(files);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_is_rotated_before_a_line_would_take_it_past_the_size() {
+        let d = dir("size");
+        let path = d.join("app.log");
+        let config = LogFiles {
+            combined: Some(path.clone()),
+            merge: true,
+            max_size: Some(1024),
+            retain: 100,
+            ..LogFiles::default()
+        };
+        let mut files = Files::new(config, Owner::default());
+        let line = "y".repeat(99); // 100 bytes with its newline
+        for _ in 0..25 {
+            assert_eq!(files.line(3, Stream::Stderr, &line), Routed::Written);
+        }
+        files.flush();
+        let mut total = 0;
+        for n in names(&d) {
+            let text = std::fs::read_to_string(d.join(&n)).unwrap();
+            assert!(text.len() <= 1024, "{n}: {}", text.len());
+            assert!(text.lines().all(|l| l == line), "{n}: a cut line");
+            total += text.lines().count();
+        }
+        assert_eq!(total, 25);
+        assert_eq!(names(&d).len(), 3, "10 + 10 + 5 lines");
+        drop(files);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
