@@ -474,3 +474,43 @@ fn a_stuck_log_file_stalls_no_supervision_and_drops_are_counted() {
     drop(m);
     let _ = drain.join();
 }
+
+/// A reload reads the log keys again: new paths take over once the reload
+/// succeeded; a path that cannot be written refuses the reload, and the
+/// files in force are kept.
+#[test]
+fn a_reload_moves_the_files_and_refuses_a_path_it_cannot_write() {
+    let dir = tempdir::Dir::new("logreload");
+    let write = |out: &str| {
+        one_app(
+            &dir,
+            "moving",
+            "numbered.js",
+            &format!(
+                r#""merge_logs":true,"out_file":"{out}","env":{{"LOG_EVERY_MS":"20","LOG_PAD":"1"}}"#
+            ),
+        )
+    };
+    let cfg = write("a.log");
+    let m = start_config(&cfg, None);
+    let size = |n: &str| std::fs::metadata(dir.path.join(n)).map_or(0, |m| m.len());
+    assert!(wait_until(T, || size("a.log") > 0), "{}", m.log());
+
+    write("b.log");
+    m.signal(libc::SIGHUP);
+    assert!(m.wait_log("reload finished", T), "{}", m.log());
+    assert!(wait_until(T, || size("b.log") > 0), "{}", m.log());
+    let a = size("a.log");
+
+    write("/proc/self/nope/c.log");
+    m.signal(libc::SIGHUP);
+    assert!(m.wait_log("reload refused", T), "{}", m.log());
+    assert!(
+        m.log().contains("key `out_file`") && m.log().contains("/proc/self/nope/c.log"),
+        "{}",
+        m.log()
+    );
+    let b = size("b.log");
+    assert!(wait_until(T, || size("b.log") > b), "b.log stopped: {}", m.log());
+    assert_eq!(size("a.log"), a, "a.log is written again");
+}
