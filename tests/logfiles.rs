@@ -511,6 +511,10 @@ fn a_reload_moves_the_files_and_refuses_a_path_it_cannot_write() {
         m.log()
     );
     let b = size("b.log");
-    assert!(wait_until(T, || size("b.log") > b), "b.log stopped: {}", m.log());
+    assert!(
+        wait_until(T, || size("b.log") > b),
+        "b.log stopped: {}",
+        m.log()
+    );
     assert_eq!(size("a.log"), a, "a.log is written again");
 }
