@@ -518,3 +518,35 @@ fn a_reload_moves_the_files_and_refuses_a_path_it_cannot_write() {
     );
     assert_eq!(size("a.log"), a, "a.log is written again");
 }
+
+/// The log keys cross a re-exec with the rest of the configuration: the
+/// new program writes on to the same files.
+#[test]
+fn a_reexec_writes_on_to_the_same_files() {
+    let dir = tempdir::Dir::new("logreexec");
+    let cfg = one_app(
+        &dir,
+        "carried",
+        "numbered.js",
+        r#""merge_logs":true,"out_file":"out.log","time":true,"env":{"LOG_EVERY_MS":"20","LOG_PAD":"1"}"#,
+    );
+    let m = start_config(&cfg, None);
+    let size = || std::fs::metadata(dir.path.join("out.log")).map_or(0, |m| m.len());
+    assert!(wait_until(T, || size() > 0), "{}", m.log());
+    let workers = m.workers();
+    m.signal(libc::SIGUSR2);
+    assert!(m.wait_log("re-executed", T), "{}", m.log());
+    let after = size();
+    assert!(
+        wait_until(T, || size() > after + 200),
+        "out.log not written after the re-exec:\n{}",
+        m.log()
+    );
+    assert_eq!(m.workers(), workers, "a worker was replaced");
+    let text = std::fs::read_to_string(dir.path.join("out.log")).unwrap();
+    let last = text.lines().last().unwrap();
+    assert!(
+        last.get(21..).is_some_and(|l| l.starts_with("w0 ")),
+        "{last:?}"
+    );
+}
