@@ -509,6 +509,22 @@ impl Manager {
         self.ask(Control::Reexec).await.map(|d| d.message)
     }
 
+    /// Close every log file the manager writes (`out_file`, `error_file`,
+    /// `log_file`) and open its path again, for an outside logrotate that
+    /// renamed them (as SIGUSR1 does). Returns how many are open; fails
+    /// with Failed naming the files that cannot be opened (their lines go
+    /// to the journal meanwhile). Authorized as Reload.
+    async fn reopen_logs(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Reload, &self.bus, self.peer).await?;
+        logs::reopen_and_wait("ReopenLogs")
+            .await
+            .map_err(BusError::Failed)
+    }
+
     /// How many times this manager replaced its program in place.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn reexecs(&self) -> u32 {

@@ -17,15 +17,32 @@
 //! how many were lost.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use libsystemd::logging::{Priority, journal_send};
 
+pub mod files;
+mod owner;
+mod rotated;
+mod stamp;
+
+use files::{Files, Routed};
+use owner::Owner;
+
 /// Lines that may wait for the writer; beyond this, lines are dropped.
 const QUEUE: usize = 8192;
+
+/// How long a worker's line waits for room in a full queue before lines
+/// are dropped: the worker's pipe fills meanwhile and its writes wait, as
+/// they would on a slow disk of its own. Past this the sink counts as
+/// stalled, and lines are dropped at once until the writer has caught up.
+const STALL: Duration = Duration::from_secs(1);
+
+/// How often the writer wakes with nothing to write (date rotation).
+const TICK: Duration = Duration::from_secs(1);
 
 struct Sink {
     journal: bool,
@@ -37,9 +54,30 @@ struct Writer {
     sink: Arc<Sink>,
     tx: SyncSender<Record>,
     dropped: Arc<AtomicU64>,
+    /// The queue stayed full for [`STALL`]; cleared once the writer caught up.
+    stalled: Arc<AtomicBool>,
 }
 
 static WRITER: OnceLock<Writer> = OnceLock::new();
+
+/// Lines dropped over the manager's life (the metric).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Where the answer to a reopen goes.
+type Answer = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// What the writer is asked besides lines, taken at its next turn (so a
+/// full queue delays no reload and no reopen).
+#[derive(Default)]
+struct Control {
+    files: Option<(crate::config::LogFiles, Owner)>,
+    reopen: Vec<(String, Option<Answer>)>,
+}
+
+static CONTROL: Mutex<Control> = Mutex::new(Control {
+    files: None,
+    reopen: Vec::new(),
+});
 
 enum Record {
     Worker {
@@ -54,6 +92,8 @@ enum Record {
         fields: Vec<(String, String)>,
     },
     Flush(mpsc::Sender<()>),
+    /// Look at [`CONTROL`].
+    Wake,
 }
 
 /// Decide the sink once and start the writer thread; before this, lines
@@ -68,16 +108,70 @@ pub fn init(app: &str, instance_var: &str) {
     });
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
+    let stalled = Arc::new(AtomicBool::new(false));
     let spawned = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn({
             let sink = sink.clone();
             let dropped = dropped.clone();
-            move || write_loop(&sink, rx, &dropped)
+            let stalled = stalled.clone();
+            move || write_loop(&sink, rx, &dropped, &stalled)
         });
     if spawned.is_ok() {
-        let _ = WRITER.set(Writer { sink, tx, dropped });
+        let _ = WRITER.set(Writer {
+            sink,
+            tx,
+            dropped,
+            stalled,
+        });
     }
+}
+
+/// Write worker lines to the files `app` names (PM2's `out_file`,
+/// `error_file`, `log_file`), or to the journal again if it names none.
+/// At start, after a re-exec, and when a reload's configuration is in force.
+pub fn set_files(app: &crate::config::App) {
+    let owner = Owner::of(app.credentials.as_ref());
+    lock_control().files = Some((app.logs.clone(), owner));
+    wake();
+}
+
+/// Close every log file and open its path again (SIGUSR1), without waiting.
+pub fn reopen(by: &str) {
+    lock_control().reopen.push((by.to_string(), None));
+    wake();
+}
+
+/// Close every log file and open its path again, and say how that went
+/// (`ReopenLogs` on the bus or the control socket).
+pub async fn reopen_and_wait(by: &str) -> Result<String, String> {
+    if WRITER.get().is_none() {
+        return Err("the log writer is not running".into());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    lock_control().reopen.push((by.to_string(), Some(tx)));
+    wake();
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err("the log writer is gone".into()),
+        Err(_) => Err("the log writer did not answer within 30 s (a hung filesystem?)".into()),
+    }
+}
+
+fn lock_control() -> std::sync::MutexGuard<'static, Control> {
+    CONTROL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wake() {
+    if let Some(w) = WRITER.get() {
+        // A full queue wakes the writer anyway.
+        let _ = w.tx.try_send(Record::Wake);
+    }
+}
+
+/// Worker lines dropped since the manager started (past re-execs not counted).
+pub fn dropped_total() -> u64 {
+    DROPPED_TOTAL.load(Ordering::Relaxed)
 }
 
 /// Wait (up to `timeout`) until every line handed over so far is written.
@@ -112,25 +206,50 @@ fn submit(record: Record) {
     match WRITER.get() {
         Some(w) => match w.tx.try_send(record) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                w.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(TrySendError::Full(_)) => drop_one(w),
             // The writer thread is gone (it cannot panic short of a bug):
             // write here rather than lose the line.
-            Err(TrySendError::Disconnected(r)) => write(&w.sink, r),
+            Err(TrySendError::Disconnected(r)) => write(&w.sink, &mut None, r),
         },
         None => write_unsinked(record),
     }
 }
 
-/// One line of a worker's output.
-pub fn worker_line(index: u32, pid: i32, stream: Stream, line: &str) {
-    submit(Record::Worker {
+fn drop_one(w: &Writer) {
+    w.dropped.fetch_add(1, Ordering::Relaxed);
+    DROPPED_TOTAL.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One line of a worker's output. When the queue is full it waits for
+/// room, up to [`STALL`] (the worker's pipe fills meanwhile, so a fast
+/// writer is slowed down rather than losing lines), then drops it.
+pub async fn worker_line(index: u32, pid: i32, stream: Stream, line: String) {
+    let mut record = Record::Worker {
         index,
         pid,
         stream,
-        line: line.to_string(),
-    });
+        line,
+    };
+    let Some(w) = WRITER.get() else {
+        return write_unsinked(record);
+    };
+    let mut deadline = None;
+    loop {
+        match w.tx.try_send(record) {
+            Ok(()) => return,
+            Err(TrySendError::Disconnected(r)) => return write(&w.sink, &mut None, r),
+            Err(TrySendError::Full(r)) => {
+                let now = Instant::now();
+                let until = *deadline.get_or_insert(now + STALL);
+                if w.stalled.load(Ordering::Relaxed) || now >= until {
+                    w.stalled.store(true, Ordering::Relaxed);
+                    return drop_one(w);
+                }
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }
 
 /// The events worth filtering the journal on, as `NODEHERD_EVENT=` names
@@ -236,17 +355,44 @@ pub fn clean(text: &str, max_chars: usize) -> String {
     out
 }
 
-fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64) {
-    for record in rx {
-        write(sink, record);
+/// Records taken in one turn before the files are flushed.
+const BATCH: usize = 4096;
+
+fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64, stalled: &AtomicBool) {
+    let mut files: Option<Files> = None;
+    loop {
+        let mut next = match rx.recv_timeout(TICK) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        control(sink, &mut files);
+        let mut n = 0;
+        while let Some(record) = next {
+            write(sink, &mut files, record);
+            n += 1;
+            if n == BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if n < BATCH {
+            // Caught up: lines may wait for room again.
+            stalled.store(false, Ordering::Relaxed);
+        }
+        if let Some(f) = files.as_mut() {
+            f.flush();
+            f.tick();
+        }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             write(
                 sink,
+                &mut files,
                 Record::Event {
                     priority: Priority::Warning,
                     msg: format!(
-                        "{lost} log line(s) dropped: the log sink (journald or stderr) did not keep up"
+                        "{lost} log line(s) dropped: the log sink (journald, stderr or the log files) did not keep up"
                     ),
                     fields: vec![(
                         "NODEHERD_EVENT".into(),
@@ -273,10 +419,52 @@ fn write_unsinked(record: Record) {
         Record::Flush(done) => {
             let _ = done.send(());
         }
+        Record::Wake => {}
     }
 }
 
-fn write(sink: &Sink, record: Record) {
+/// What [`CONTROL`] asks: files for a new configuration, reopening them.
+fn control(sink: &Sink, files: &mut Option<Files>) {
+    let (config, reopens) = {
+        let mut c = lock_control();
+        (c.files.take(), std::mem::take(&mut c.reopen))
+    };
+    if let Some((config, owner)) = config
+        && !files.as_ref().is_some_and(|f| f.same(&config, &owner))
+    {
+        if let Some(f) = files.as_mut() {
+            f.flush();
+        }
+        *files = config.any().then(|| Files::new(config, owner));
+    }
+    for (by, reply) in reopens {
+        let result = match files.as_mut() {
+            None => Ok("no log files to reopen: worker lines go to the journal".to_string()),
+            Some(f) => f.reopen().map(|n| format!("{n} log file(s) reopened")),
+        };
+        let (priority, msg) = match &result {
+            Ok(m) => (Priority::Info, format!("{by}: {m}")),
+            Err(e) => (
+                Priority::Warning,
+                format!("{by}: reopening the log files: {e}"),
+            ),
+        };
+        write(
+            sink,
+            files,
+            Record::Event {
+                priority,
+                msg,
+                fields: vec![],
+            },
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn write(sink: &Sink, files: &mut Option<Files>, record: Record) {
     match record {
         Record::Worker {
             index,
@@ -284,6 +472,11 @@ fn write(sink: &Sink, record: Record) {
             stream,
             line,
         } => {
+            if let Some(f) = files.as_mut()
+                && f.line(index, stream, &line) == Routed::Written
+            {
+                return;
+            }
             if sink.journal {
                 let priority = match stream {
                     Stream::Stdout => Priority::Info,
@@ -322,8 +515,12 @@ fn write(sink: &Sink, record: Record) {
             stderr_line(&format!("nodeherd[{}]: {msg}", sink.app));
         }
         Record::Flush(done) => {
+            if let Some(f) = files.as_mut() {
+                f.flush();
+            }
             let _ = done.send(());
         }
+        Record::Wake => {}
     }
 }
 

@@ -290,6 +290,16 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
     per_worker(&mut e, snap);
     operations(&mut e, &snap.counters);
     socket_figures(&mut e, sockets);
+    e.family(
+        "nodeherd_log_lines_dropped_total",
+        "counter",
+        "Worker output lines dropped because the log writer (journal, stderr or log files) did not keep up.",
+    );
+    e.sample(
+        "nodeherd_log_lines_dropped_total",
+        &[],
+        logs::dropped_total(),
+    );
     e.out
 }
 

@@ -178,7 +178,7 @@ pub fn check(program: &Path, state: &[u8]) -> Result<String, String> {
     }
 }
 
-/// The signals a stop, a reload and a re-exec arrive by.
+/// The signals a stop, a reload, a re-exec and a log reopen arrive by.
 pub fn control_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [
@@ -186,6 +186,7 @@ pub fn control_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGUSR2,
+        Signal::SIGUSR1,
     ] {
         set.add(s);
     }

@@ -97,6 +97,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     };
     let app = loaded.app;
     logs::init(&app.name, &app.instance_var);
+    logs::set_files(&app);
     for w in &loaded.warnings {
         logs::warn(w);
     }
@@ -239,6 +240,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
     let app = state.app.clone();
     let written_at = state.monotonic_ns;
     logs::init(&app.name, &app.instance_var);
+    logs::set_files(&app);
     let watchdog = notify::watchdog_interval();
     // Read together, so the exec's duration is measured to the microsecond
     // and uptimes do not drift over many re-execs.

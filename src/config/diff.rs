@@ -68,6 +68,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
     );
     changed("rebalance", old.rebalance != new.rebalance);
     changed("shared_listen", old.shared_listen != new.shared_listen);
+    changed("log files", old.logs != new.logs);
     changed(
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,

@@ -60,6 +60,7 @@ pub struct RawApp {
     pub autostart: Option<bool>,
     pub filter_env: Option<FilterEnv>,
     pub env_file: Option<Vec<String>>,
+    pub logs: super::logfiles::RawLogs,
 }
 
 type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
@@ -67,7 +68,7 @@ type Setter = fn(&mut RawApp, &Value) -> Result<(), String>;
 /// A key nodeherd reads, and how.
 pub struct Key {
     pub name: &'static str,
-    set: Setter,
+    pub(super) set: Setter,
 }
 
 /// A key whose value is parsed by `$parse` into `RawApp::$field`.
@@ -179,12 +180,6 @@ pub const KEYS: &[Key] = &[
 /// Keys PM2 knows that nodeherd accepts but does not act on.
 pub const IGNORED_PM2_KEYS: &[&str] = &[
     "watch_options",
-    "log_date_format",
-    "error_file",
-    "out_file",
-    "log_file",
-    "combine_logs",
-    "merge_logs",
     "pid_file",
     "log_type",
     "vizion",
@@ -192,7 +187,6 @@ pub const IGNORED_PM2_KEYS: &[&str] = &[
     "force",
     "source_map_support",
     "disable_source_map_support",
-    "time",
     "namespace",
     "append_env_to_name",
     "treekill",
@@ -223,7 +217,11 @@ pub fn parse(
         if value.is_null() {
             continue;
         }
-        if let Some(k) = KEYS.iter().find(|k| k.name == key) {
+        if let Some(k) = KEYS
+            .iter()
+            .chain(super::logfiles::KEYS)
+            .find(|k| k.name == key)
+        {
             (k.set)(&mut raw, value).map_err(|m| err(key, m))?;
         } else if let Some(name) = key.strip_prefix("env_") {
             raw.env_named

@@ -20,6 +20,7 @@ mod env_file;
 mod file;
 mod js;
 mod keys;
+mod logfiles;
 mod resolve;
 mod values;
 mod wrapper;
@@ -33,6 +34,7 @@ use serde_json::{Map, Value};
 
 pub use diff::{Diff, diff};
 pub use keys::{IGNORED_PM2_KEYS, KEYS, RawApp};
+pub use logfiles::{Interval, LogFiles, Which};
 pub use resolve::{System, find_executable, normalize};
 pub use values::{Allowed, Instances, parse_bytes, parse_duration_ms, resolve_instances};
 
@@ -174,6 +176,9 @@ pub struct App {
     /// are in `env` already; kept to say what a reload reads again).
     #[serde(default)]
     pub env_file: Vec<PathBuf>,
+    /// Files for the workers' output, and their rotation (PM2's log keys).
+    #[serde(default)]
+    pub logs: LogFiles,
 }
 
 fn yes() -> bool {
@@ -440,7 +445,7 @@ mod fuzz {
     proptest! {
         #[test]
         fn any_value_for_any_key_is_an_error_or_an_app(
-            key in prop::sample::select(KEYS.iter().map(|k| k.name).collect::<Vec<_>>()),
+            key in prop::sample::select(KEYS.iter().chain(logfiles::KEYS).map(|k| k.name).collect::<Vec<_>>()),
             value in json_value(),
         ) {
             let mut entry = Map::new();
@@ -504,5 +509,6 @@ pub(crate) fn test_app() -> App {
         autostart: true,
         filter_env: FilterEnv::Nothing,
         env_file: vec![],
+        logs: LogFiles::default(),
     }
 }

@@ -138,6 +138,13 @@ pub fn resolve(
         Some(b) => values::balance(b).map_err(|m| at.err("balance", m))?,
         None => raw.balance.unwrap_or_default(),
     };
+    let logs = super::logfiles::resolve(
+        &raw.logs,
+        &program.cwd,
+        raw.fork_mode.unwrap_or(false),
+        &mut warnings,
+    )
+    .map_err(|(key, msg)| at.err(key, msg))?;
     let shared_listen = raw.shared_listen.clone().unwrap_or_default();
     for a in &shared_listen {
         super::Allowed::parse(a).map_err(|m| at.err("shared_listen", m))?;
@@ -190,6 +197,7 @@ pub fn resolve(
             autostart: raw.autostart.unwrap_or(true),
             filter_env,
             env_file,
+            logs,
         },
         warnings,
     })

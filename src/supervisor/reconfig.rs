@@ -30,9 +30,17 @@ pub struct Source {
 }
 
 impl Source {
-    /// Read and check it (blocking: a `.config.js` runs node).
+    /// Read and check it (blocking: a `.config.js` runs node, and the
+    /// log files it names are opened to see that they can be).
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        config::load(&self.target, &self.overrides, self.cpus)
+        let loaded = config::load(&self.target, &self.overrides, self.cpus)?;
+        crate::logs::files::check(&loaded.app).map_err(|(key, msg)| ConfigError {
+            source: self.target.display().to_string(),
+            app: Some(loaded.app.name.clone()),
+            key: Some(key.into()),
+            msg,
+        })?;
+        Ok(loaded)
     }
 }
 
@@ -195,6 +203,7 @@ impl Configs {
         {
             self.app = app;
             self.generation = in_force;
+            crate::logs::set_files(&self.app);
         }
         self.pending.retain(|g, _| wanted.contains(g));
         self.launchers

@@ -89,7 +89,8 @@ pub enum Input {
     FilesChanged,
 }
 
-/// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into `Reexec`.
+/// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into
+/// `Reexec`; SIGUSR1 reopens the log files.
 pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
     use nix::sys::signal::Signal;
     use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -136,6 +137,11 @@ pub fn signals(tx: mpsc::UnboundedSender<Input>) -> std::io::Result<()> {
                 Ok(Signal::SIGUSR2) => {
                     logs::info("SIGUSR2: re-exec requested");
                     Input::Reexec
+                }
+                // The log writer's business, not the supervisor's.
+                Ok(Signal::SIGUSR1) => {
+                    logs::reopen("SIGUSR1");
+                    continue;
                 }
                 _ => continue,
             };
@@ -313,10 +319,13 @@ pub fn output(fd: OwnedFd, index: u32, pid: i32, stream: Stream) {
         return;
     };
     tokio::spawn(async move {
-        for_each_line(rx, |line| {
-            logs::worker_line(index, pid, stream, &String::from_utf8_lossy(line))
-        })
-        .await;
+        let mut lines = Lines::new(rx, OUTPUT_LINE, Overlong::Split);
+        while let Some(piece) = lines.next().await {
+            if let Piece::Line(line) = piece {
+                let line = String::from_utf8_lossy(line).into_owned();
+                logs::worker_line(index, pid, stream, line).await;
+            }
+        }
     });
 }
 
@@ -496,9 +505,13 @@ impl<R: AsyncRead + Unpin> Lines<R> {
     }
 }
 
+/// A worker's output line longer than this is passed on in pieces.
+const OUTPUT_LINE: usize = 16 * 1024;
+
 /// Read a worker's output lines (split when longer than 16 KiB) until EOF.
+#[cfg(test)]
 async fn for_each_line<R: AsyncRead + Unpin>(r: R, mut f: impl FnMut(&[u8])) {
-    let mut lines = Lines::new(r, 16 * 1024, Overlong::Split);
+    let mut lines = Lines::new(r, OUTPUT_LINE, Overlong::Split);
     while let Some(piece) = lines.next().await {
         if let Piece::Line(line) = piece {
             f(line);
