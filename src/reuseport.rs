@@ -38,7 +38,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
 
 use crate::sockets::{Kind, Listener, Template};
 
@@ -67,8 +66,8 @@ pub struct PerSlot {
     /// wait behind it. New TCP connections go to the others while any other
     /// serves ([`PerSlot::look_for_busy`]).
     busy: BTreeSet<u32>,
-    /// Since when each busy slot has been busy.
-    busy_since: BTreeMap<u32, Instant>,
+    /// Bumped whenever a slot's sockets change (see [`PerSlot::layout`]).
+    layout: u64,
     /// Slots whose waiting connections had to be taken from them: their
     /// worker gets none until it shows its event loop runs again (the
     /// driver decides, [`PerSlot::set_stalled`]).
@@ -157,7 +156,7 @@ impl PerSlot {
             serving: Default::default(),
             preferred: Default::default(),
             busy: Default::default(),
-            busy_since: Default::default(),
+            layout: 0,
             stalled: Default::default(),
             steering: false,
             steering_failed: false,
@@ -179,34 +178,37 @@ impl PerSlot {
         }
     }
 
-    /// Look at the accept queue of every serving slot's TCP sockets: a slot
-    /// with connections waiting is busy, and new connections are steered to
-    /// the others until it has taken them. Cheap (one `getsockopt` per
-    /// socket); the driver calls it every few milliseconds. Returns whether
-    /// the steering changed.
-    pub fn look_for_busy(&mut self, now: Instant) -> bool {
-        let busy: BTreeSet<u32> = self
-            .serving
+    /// The slots whose TCP accept queue holds connections (their worker
+    /// is in a long handler, or hung): new TCP connections go to the others
+    /// while any other serves. Seen by `crate::queue_watch`.
+    pub fn set_busy(&mut self, busy: BTreeSet<u32>) {
+        if busy != self.busy {
+            self.busy = busy;
+            self.steer();
+        }
+    }
+
+    /// Second handles on every slot's TCP sockets, each with its place
+    /// among the slot's sockets, for `crate::queue_watch` to look at.
+    pub fn tcp_sockets(&self) -> BTreeMap<u32, Vec<(usize, std::os::fd::OwnedFd)>> {
+        self.sockets
             .iter()
-            .copied()
-            .filter(|&slot| {
-                self.sockets.get(slot as usize).is_some_and(|socks| {
-                    socks
-                        .iter()
-                        .any(|l| l.kind == Kind::Tcp && queue_of(l.fd.as_raw_fd()) > 0)
-                })
+            .enumerate()
+            .map(|(slot, socks)| {
+                let fds = socks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.kind == Kind::Tcp)
+                    .filter_map(|(place, l)| Some((place, l.fd.try_clone().ok()?)))
+                    .collect();
+                (slot as u32, fds)
             })
-            .collect();
-        self.busy_since.retain(|slot, _| busy.contains(slot));
-        for slot in &busy {
-            self.busy_since.entry(*slot).or_insert(now);
-        }
-        if busy == self.busy {
-            return false;
-        }
-        self.busy = busy;
-        self.steer();
-        true
+            .collect()
+    }
+
+    /// Changes whenever a slot's sockets do (bound, released, gone).
+    pub fn layout(&self) -> u64 {
+        self.layout
     }
 
     /// The slots new TCP connections go to now: serving, not busy, not stalled.
@@ -225,38 +227,6 @@ impl PerSlot {
             self.stalled = stalled;
             self.steer();
         }
-    }
-
-    /// Connections that have waited at least `after` in the queue of a busy
-    /// slot (its worker is in a long handler, or hung), taken out of it (at
-    /// most `max`), for a free worker to serve: each with the slot it came
-    /// from and its socket's place among the slot's sockets (the worker has
-    /// it at fd 3 + that place). Nothing while no slot is free.
-    pub fn take_stuck(&mut self, now: Instant, after: Duration, max: usize) -> Vec<Stuck> {
-        let mut out = Vec::new();
-        if self.free_slots().is_empty() {
-            return out;
-        }
-        for (&slot, since) in &self.busy_since {
-            if now.saturating_duration_since(*since) < after {
-                continue;
-            }
-            let Some(socks) = self.sockets.get(slot as usize) else {
-                continue;
-            };
-            for (place, l) in socks.iter().enumerate() {
-                if l.kind != Kind::Tcp {
-                    continue;
-                }
-                while out.len() < max {
-                    match accept_now(l) {
-                        Some(fd) => out.push(Stuck { slot, place, fd }),
-                        None => break,
-                    }
-                }
-            }
-        }
-        out
     }
 
     /// Whether any slot has TCP sockets to look at.
@@ -288,6 +258,7 @@ impl PerSlot {
                 self.groups[t].push(*id);
             }
             self.sockets[i] = bound;
+            self.layout += 1;
             self.ids[i] = ids;
             if self.steering {
                 self.steer();
@@ -342,6 +313,7 @@ impl PerSlot {
     }
 
     fn take(&mut self, index: u32) -> Vec<(u64, Listener)> {
+        self.layout += 1;
         let i = index as usize;
         let (Some(s), Some(ids)) = (self.sockets.get_mut(i), self.ids.get_mut(i)) else {
             return Vec::new();
@@ -467,7 +439,7 @@ impl PerSlot {
             serving: Default::default(),
             preferred: Default::default(),
             busy: Default::default(),
-            busy_since: Default::default(),
+            layout: 0,
             stalled: Default::default(),
             next_id: state.next_id,
             // A program the old manager attached stays with the groups.
@@ -475,29 +447,6 @@ impl PerSlot {
             steering_failed: false,
         })
     }
-}
-
-/// A connection taken from a busy slot's queue; see [`PerSlot::take_stuck`].
-pub struct Stuck {
-    pub slot: u32,
-    pub place: usize,
-    pub fd: std::os::fd::OwnedFd,
-}
-
-/// Accept one connection waiting on `l`, never blocking: the socket's open
-/// file is shared with the workers, which make it non-blocking for their
-/// event loops; it is made so here too before the manager ever accepts.
-fn accept_now(l: &Listener) -> Option<std::os::fd::OwnedFd> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    use std::os::fd::FromRawFd;
-    let flags = OFlag::from_bits_truncate(fcntl(&l.fd, FcntlArg::F_GETFL).ok()?);
-    if !flags.contains(OFlag::O_NONBLOCK) {
-        fcntl(&l.fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).ok()?;
-    }
-    let fd = nix::sys::socket::accept4(l.fd.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)
-        .ok()?;
-    // SAFETY: accept4 returned a new fd that nothing else owns.
-    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Connections waiting to be accepted on a listening TCP socket (0 for others).

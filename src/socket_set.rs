@@ -128,24 +128,32 @@ impl SocketSet {
         }
     }
 
-    /// With a socket per slot, look for slots whose TCP accept queue holds
-    /// connections and steer new ones away from them; see
-    /// [`PerSlot::look_for_busy`]. Nothing to do with one shared queue.
-    pub fn look_for_busy(&mut self, now: std::time::Instant) -> bool {
-        self.per_slot.as_mut().is_some_and(|p| p.look_for_busy(now))
+    /// Slots whose accept queue holds connections; see [`PerSlot::set_busy`].
+    pub fn set_busy(&mut self, busy: std::collections::BTreeSet<u32>) {
+        if let Some(p) = &mut self.per_slot {
+            p.set_busy(busy);
+        }
     }
 
-    /// Connections stuck behind a busy slot's worker; see
-    /// [`PerSlot::take_stuck`].
-    pub fn take_stuck(
-        &mut self,
-        now: std::time::Instant,
-        after: std::time::Duration,
-        max: usize,
-    ) -> Vec<crate::reuseport::Stuck> {
+    /// Second handles on every slot's TCP sockets (a socket per slot), and
+    /// the layout they are of; `None` with one shared queue or no TCP.
+    #[allow(clippy::type_complexity)]
+    pub fn tcp_sockets(
+        &self,
+    ) -> Option<(
+        u64,
+        std::collections::BTreeMap<u32, Vec<(usize, std::os::fd::OwnedFd)>>,
+    )> {
+        let p = self.per_slot.as_ref().filter(|p| p.has_tcp())?;
+        Some((p.layout(), p.tcp_sockets()))
+    }
+
+    /// The layout of the slots' sockets now (see [`PerSlot::layout`]).
+    pub fn layout(&self) -> Option<u64> {
         self.per_slot
-            .as_mut()
-            .map_or_else(Vec::new, |p| p.take_stuck(now, after, max))
+            .as_ref()
+            .filter(|p| p.has_tcp())
+            .map(PerSlot::layout)
     }
 
     /// Slots whose worker stalled; see [`PerSlot::set_stalled`].
@@ -160,11 +168,6 @@ impl SocketSet {
         self.per_slot
             .as_ref()
             .map_or_else(Default::default, PerSlot::free_slots)
-    }
-
-    /// Whether [`SocketSet::look_for_busy`] has anything to look at.
-    pub fn watches_busy(&self) -> bool {
-        self.per_slot.as_ref().is_some_and(PerSlot::has_tcp)
     }
 
     /// Whether a slot's sockets are on their way out.

@@ -25,13 +25,6 @@ use super::policy::Policy;
 use super::reconfig::{Configs, Source, WorkerPaths};
 use super::sources::{self, Input};
 
-/// How often the accept queues of a socket per slot are looked at for a busy worker.
-const BUSY_LOOK_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
-/// How long connections may wait behind a busy worker before the manager
-/// takes them from its queue and hands them to a free one.
-const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
-/// Connections taken from busy queues at one look, at most.
-const STUCK_PER_LOOK: usize = 64;
 use crate::config::{App, ConfigError, Loaded};
 use crate::control::{
     AppMetrics, AppMetricsRequest, BusSignal, Control, ControlRequest, CtlError, CtlResult, Handle,
@@ -113,6 +106,8 @@ pub struct Driver {
     /// worker never answers).
     stalled: std::collections::BTreeMap<u32, (WorkerId, u64)>,
     next_ping: u64,
+    /// Watches the accept queues (a socket per slot).
+    queue_watch: Option<crate::queue_watch::QueueWatch>,
     /// What a re-exec hands over; none: this manager cannot re-exec.
     carry: Option<Carry>,
     /// The program a re-exec checked, and when to exec it.
@@ -175,6 +170,7 @@ impl Driver {
             handed_over: 0,
             stalled: Default::default(),
             next_ping: 1,
+            queue_watch: None,
             carry: None,
             exec_program: None,
             exec_at: None,
@@ -301,19 +297,22 @@ impl Driver {
             let fx = self.core.start(Instant::now());
             self.apply(fx);
         }
-        // With a socket per slot, how often the accept queues are looked at
-        // for a busy worker (see reuseport): fast enough that a worker in a
-        // long handler gets at most a connection or two more.
-        let mut busy_look = tokio::time::interval(BUSY_LOOK_EVERY);
-        busy_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // What the outside reads is made again after every event, not after
-        // a look at the queues (hundreds a second, changing nothing of it).
-        let mut looked_only = false;
-        loop {
-            if !looked_only {
-                self.publish();
+        // With a socket per slot, a thread watches the accept queues for a
+        // busy or hung worker.
+        if self.sockets.layout().is_some() {
+            let tx = self.inputs_tx.clone();
+            match crate::queue_watch::QueueWatch::start(move |seen| {
+                tx.send(Input::Queues(seen)).is_ok()
+            }) {
+                Ok(w) => self.queue_watch = Some(w),
+                Err(e) => logs::warn(&format!(
+                    "cannot watch the accept queues ({e}): a busy worker keeps getting its share of new connections"
+                )),
             }
-            looked_only = false;
+            self.sync_queue_watch();
+        }
+        loop {
+            self.publish();
             if let Some(code) = self.core.finished() {
                 return Ok(code);
             }
@@ -331,19 +330,7 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
-            let watch_busy = self.sockets.watches_busy();
-            let busy_tick = async {
-                if watch_busy {
-                    busy_look.tick().await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            };
             tokio::select! {
-                _ = busy_tick => {
-                    self.look_for_busy();
-                    looked_only = true;
-                }
                 _ = exec => self.exec_now(),
                 _ = sigchld.recv() => self.reap(),
                 Some(input) = self.inputs.recv() => self.input(input),
@@ -358,26 +345,10 @@ impl Driver {
         }
     }
 
-    /// With a socket per slot: steer new connections away from slots whose
-    /// worker is busy, and hand what waited behind one for longer than
-    /// [`STUCK_AFTER`] to free workers, in turn.
-    fn look_for_busy(&mut self) {
-        let now = Instant::now();
-        // A slot whose worker was replaced is not stalled any more.
-        let before = self.stalled.len();
-        let core = &self.core;
-        self.stalled
-            .retain(|slot, (worker, _)| core.slot_of(*worker) == Some(*slot));
-        if self.stalled.len() != before {
-            self.sockets
-                .set_stalled(self.stalled.keys().copied().collect());
-        }
-        self.sockets.look_for_busy(now);
-        let stuck = self.sockets.take_stuck(now, STUCK_AFTER, STUCK_PER_LOOK);
-        if stuck.is_empty() {
-            return;
-        }
-        // Their workers are stalled until they answer a ping.
+    /// Connections stuck behind a busy worker (see `crate::queue_watch`):
+    /// its worker is stalled until it answers a ping, and each connection
+    /// goes to a free worker, in turn.
+    fn hand_over(&mut self, stuck: Vec<crate::queue_watch::Stuck>) {
         for slot in stuck
             .iter()
             .map(|c| c.slot)
@@ -397,8 +368,7 @@ impl Driver {
                 self.stalled.insert(slot, (worker, id));
             }
         }
-        self.sockets
-            .set_stalled(self.stalled.keys().copied().collect());
+        self.sync_queue_watch();
         let free: Vec<WorkerId> = self
             .sockets
             .free_slots()
@@ -417,6 +387,27 @@ impl Driver {
             let _ = channel.send(ipc::connection(socket), Some(conn.fd), outbox::Kind::Answer);
             self.handed_over = self.handed_over.wrapping_add(1);
         }
+    }
+
+    /// Tell the queue watch (a socket per slot) what to look at: the
+    /// slots' sockets when they changed, the slots that serve, and those
+    /// whose worker stalled (a replaced worker is not stalled any more).
+    fn sync_queue_watch(&mut self) {
+        let Some(watch) = &self.queue_watch else {
+            return;
+        };
+        let core = &self.core;
+        self.stalled
+            .retain(|slot, (worker, _)| core.slot_of(*worker) == Some(*slot));
+        let layout = self.sockets.layout();
+        if !watch.has_layout(layout)
+            && let Some((layout, sockets)) = self.sockets.tcp_sockets()
+        {
+            watch.set_sockets(Some(layout), sockets);
+        }
+        let stalled: std::collections::BTreeSet<u32> = self.stalled.keys().copied().collect();
+        watch.set_slots(self.core.serving_slots(), stalled.clone());
+        self.sockets.set_stalled(stalled);
     }
 
     fn event(&mut self, ev: Event) {
@@ -482,11 +473,15 @@ impl Driver {
                 self.stalled
                     .retain(|_, (w, ping)| !(*w == worker && *ping == id));
                 if self.stalled.len() != before {
-                    self.sockets
-                        .set_stalled(self.stalled.keys().copied().collect());
+                    self.sync_queue_watch();
                 }
                 return;
             }
+            Input::Queues(crate::queue_watch::Seen::Busy(busy)) => {
+                self.sockets.set_busy(busy);
+                return;
+            }
+            Input::Queues(crate::queue_watch::Seen::Stuck(stuck)) => return self.hand_over(stuck),
             Input::Ipc { worker, msg, .. } => {
                 let said = match msg {
                     ipc::Message::Ready => Said::Ready,
@@ -647,6 +642,7 @@ impl Driver {
             // serve, and of them those below their share while some are.
             self.sockets
                 .set_serving(self.core.serving_slots(), self.core.preferred_slots());
+            self.sync_queue_watch();
         }
     }
 

@@ -50,6 +50,9 @@ impl std::fmt::Debug for Held {
 /// What the sources tell the driver.
 #[derive(Debug)]
 pub enum Input {
+    /// What the accept queues show (a socket per slot): busy slots, and
+    /// connections taken from them.
+    Queues(crate::queue_watch::Seen),
     /// SIGTERM or SIGINT.
     Stop,
     /// SIGHUP.
