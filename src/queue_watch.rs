@@ -65,13 +65,21 @@ pub enum Seen {
     Busy(BTreeSet<u32>),
     /// Connections taken from busy slots, for free workers to serve.
     Stuck(Vec<Stuck>),
+    /// Connections steered to a slot (the steered layout, whose slot
+    /// sockets only the manager accepts from), for that slot's worker.
+    Steered(Vec<Stuck>),
 }
+
+/// Each slot's TCP sockets (second handles), with their places.
+type Slots = Arc<BTreeMap<u32, Vec<(usize, OwnedFd)>>>;
 
 /// What the thread looks at, as the driver last set it.
 #[derive(Default)]
 struct Watched {
-    /// Each slot's TCP sockets (second handles), with their places.
-    slots: BTreeMap<u32, Vec<(usize, OwnedFd)>>,
+    slots: Slots,
+    /// The slots' sockets are the manager's (the steered layout): whatever
+    /// reaches them is accepted at once, for their workers.
+    held: bool,
     layout: Option<u64>,
     serving: BTreeSet<u32>,
     /// Slots whose worker stalled: no free slot, not handed anything.
@@ -101,11 +109,18 @@ impl QueueWatch {
         self.lock().layout == layout
     }
 
-    /// Look at these slots' sockets from now on.
-    pub fn set_sockets(&self, layout: Option<u64>, slots: BTreeMap<u32, Vec<(usize, OwnedFd)>>) {
+    /// Look at these slots' sockets from now on; `held`: they are the
+    /// manager's to accept from (the steered layout).
+    pub fn set_sockets(
+        &self,
+        layout: Option<u64>,
+        slots: BTreeMap<u32, Vec<(usize, OwnedFd)>>,
+        held: bool,
+    ) {
         let mut w = self.lock();
         w.layout = layout;
-        w.slots = slots;
+        w.slots = Arc::new(slots);
+        w.held = held;
     }
 
     /// The slots that serve, and those whose worker stalled.
@@ -132,6 +147,20 @@ fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
     let mut busy_since: BTreeMap<u32, Instant> = BTreeMap::new();
     let mut last_busy: Option<Instant> = None;
     loop {
+        let (held, slots) = {
+            let w = watched.lock().unwrap_or_else(|e| e.into_inner());
+            if w.stop {
+                return;
+            }
+            (w.held, w.slots.clone())
+        };
+        if held {
+            let steered = wait_and_accept(&slots);
+            if !steered.is_empty() && !tell(Seen::Steered(steered)) {
+                return;
+            }
+            continue;
+        }
         let hot = last_busy.is_some_and(|t| t.elapsed() < HOT_FOR);
         std::thread::sleep(if hot { LOOK_EVERY } else { LOOK_EVERY_QUIET });
         let now = Instant::now();
@@ -193,6 +222,51 @@ fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
             return;
         }
     }
+}
+
+/// The steered layout: wait (up to 100 ms, to see changes) until a slot's
+/// socket has connections, and take them all, each for its slot's worker.
+/// Only connections steered to a worker below its share come here: the
+/// thread sleeps otherwise.
+fn wait_and_accept(slots: &Slots) -> Vec<Stuck> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let all: Vec<(u32, usize, &OwnedFd)> = slots
+        .iter()
+        .flat_map(|(slot, fds)| fds.iter().map(move |(place, fd)| (*slot, *place, fd)))
+        .collect();
+    if all.is_empty() {
+        std::thread::sleep(Duration::from_millis(100));
+        return Vec::new();
+    }
+    let mut polls: Vec<PollFd> = all
+        .iter()
+        .map(|(_, _, fd)| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+        .collect();
+    if poll(&mut polls, PollTimeout::from(100u16)).unwrap_or(0) <= 0 {
+        return Vec::new();
+    }
+    let ready: Vec<bool> = polls
+        .iter()
+        .map(|p| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+        .collect();
+    let mut out = Vec::new();
+    for ((slot, place, fd), ready) in all.into_iter().zip(ready) {
+        if !ready {
+            continue;
+        }
+        while out.len() < STUCK_PER_LOOK {
+            match accept_now(fd) {
+                Some(conn) => out.push(Stuck {
+                    slot,
+                    place,
+                    fd: conn,
+                }),
+                None => break,
+            }
+        }
+    }
+    out
 }
 
 /// Accept one connection waiting on a listening socket, never blocking: its

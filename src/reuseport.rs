@@ -72,6 +72,14 @@ pub struct PerSlot {
     /// worker gets none until it shows its event loop runs again (the
     /// driver decides, [`PerSlot::set_stalled`]).
     stalled: BTreeSet<u32>,
+    /// With one shared accept queue (the steered layout): per template,
+    /// the shared socket's id in its group and a second handle on it. Every
+    /// new connection goes to it, but while some workers hold fewer
+    /// keep-alive connections than their share, to those workers' own
+    /// sockets here, which only the manager accepts from (and hands the
+    /// connections to their worker). Empty: each slot's worker accepts
+    /// from its own sockets.
+    shared: Vec<(u64, std::os::fd::OwnedFd)>,
     /// A program is attached to the groups: a socket that joins must be added.
     steering: bool,
     /// Steering failed once (an old kernel, a seccomp filter): said once.
@@ -89,6 +97,9 @@ pub struct PerSlotState {
     pub groups: Vec<Vec<u64>>,
     #[serde(default)]
     pub next_id: u64,
+    /// The shared sockets' ids, one per template (the steered layout).
+    #[serde(default)]
+    pub shared_ids: Vec<u64>,
 }
 
 impl PerSlotState {
@@ -113,6 +124,20 @@ impl PerSlotState {
             ));
         }
         let mut seen = BTreeSet::new();
+        if !self.shared_ids.is_empty() && self.shared_ids.len() != n {
+            return bad(format!(
+                "{n} addresses but {} shared sockets",
+                self.shared_ids.len()
+            ));
+        }
+        for (t, id) in self.shared_ids.iter().enumerate() {
+            if !seen.insert(*id) || *id > self.next_id {
+                return bad(format!("socket id {id} is repeated or beyond the next one"));
+            }
+            if self.groups[t].iter().filter(|g| *g == id).count() != 1 {
+                return bad(format!("shared socket id {id} is not once in its group"));
+            }
+        }
         for (slot, (socks, ids)) in self.sockets.iter().zip(&self.ids).enumerate() {
             if socks.len() != ids.len() || !(socks.is_empty() || socks.len() == n) {
                 return bad(format!(
@@ -158,9 +183,46 @@ impl PerSlot {
             busy: Default::default(),
             layout: 0,
             stalled: Default::default(),
+            shared: Vec::new(),
             steering: false,
             steering_failed: false,
         }
+    }
+
+    /// The steered layout: `shared` are the sockets every worker accepts
+    /// from; each slot gets sockets of its own (bound on its first
+    /// [`PerSlot::for_slot`]) that only the manager accepts from, for the
+    /// connections steered to that slot's worker.
+    pub fn steered(shared: &[Listener]) -> std::io::Result<PerSlot> {
+        let templates: Vec<Template> = shared.iter().map(Template::from).collect();
+        let ids: Vec<u64> = (1..=shared.len() as u64).collect();
+        let handles = shared
+            .iter()
+            .zip(&ids)
+            .map(|(l, id)| Ok((*id, l.fd.try_clone()?)))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(PerSlot {
+            groups: ids.iter().map(|id| vec![*id]).collect(),
+            next_id: ids.len() as u64 + 1,
+            ids: Vec::new(),
+            sockets: Vec::new(),
+            templates,
+            leaving: BTreeMap::new(),
+            serving: Default::default(),
+            preferred: Default::default(),
+            busy: Default::default(),
+            layout: 0,
+            stalled: Default::default(),
+            shared: handles,
+            steering: false,
+            steering_failed: false,
+        })
+    }
+
+    /// The slots' sockets are the manager's to accept from (the steered
+    /// layout), not their workers'.
+    pub fn held(&self) -> bool {
+        !self.shared.is_empty()
     }
 
     /// The slots whose worker is ready now. New connections go to their
@@ -352,6 +414,40 @@ impl PerSlot {
                 .flat_map(|(_, ids)| ids.iter().copied())
                 .collect()
         };
+        if self.held() {
+            // One shared queue, but steered connections go to the sockets
+            // of the workers below their share.
+            let live: BTreeSet<u64> = if self.preferred.is_empty() {
+                self.shared.iter().map(|(id, _)| *id).collect()
+            } else {
+                ids_of(&self.preferred)
+            };
+            for (t, group) in self.groups.iter().enumerate() {
+                let indexes: Vec<u32> = group
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, id)| live.contains(id))
+                    .map(|(i, _)| i as u32)
+                    .collect();
+                let Some((_, member)) = self.shared.get(t) else {
+                    continue;
+                };
+                if indexes.is_empty() {
+                    continue;
+                }
+                match attach(member.as_raw_fd(), &indexes, Spread::PerConnection) {
+                    Ok(()) => self.steering = true,
+                    Err(e) if !self.steering_failed => {
+                        self.steering_failed = true;
+                        crate::logs::warn(&format!(
+                            "cannot steer connections to the workers below their share (SO_ATTACH_REUSEPORT_CBPF: {e}); keep-alive connections even out more slowly"
+                        ));
+                    }
+                    Err(_) => {}
+                }
+            }
+            return;
+        }
         let serving = ids_of(&self.serving);
         // A new TCP connection goes where it need not wait: among the slots
         // whose queue is empty and whose worker is not stalled, while there
@@ -420,11 +516,23 @@ impl PerSlot {
             ids: self.ids.clone(),
             groups: self.groups.clone(),
             next_id: self.next_id,
+            shared_ids: self.shared.iter().map(|(id, _)| *id).collect(),
         }
     }
 
-    pub fn adopt(state: PerSlotState) -> Result<PerSlot, String> {
+    /// Own a layout a re-exec handed over; `shared` are the sockets every
+    /// worker accepts from (the steered layout's, else none).
+    pub fn adopt(state: PerSlotState, shared: &[Listener]) -> Result<PerSlot, String> {
         state.validate()?;
+        if state.shared_ids.len() != shared.len() && !state.shared_ids.is_empty() {
+            return Err("the steered layout's shared sockets are not all handed over".into());
+        }
+        let handles = state
+            .shared_ids
+            .iter()
+            .zip(shared)
+            .map(|(id, l)| Ok((*id, l.fd.try_clone().map_err(|e| e.to_string())?)))
+            .collect::<Result<Vec<_>, String>>()?;
         let sockets: Vec<Vec<Listener>> = state
             .sockets
             .into_iter()
@@ -441,6 +549,7 @@ impl PerSlot {
             busy: Default::default(),
             layout: 0,
             stalled: Default::default(),
+            shared: handles,
             next_id: state.next_id,
             // A program the old manager attached stays with the groups.
             steering: true,
@@ -705,6 +814,37 @@ mod tests {
         let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
         assert!(got.iter().all(|n| *n > 0), "{got:?}");
         drop((held, held2, held3));
+    }
+
+    /// The steered layout: every new connection goes to the shared socket
+    /// while no worker is below its share; then only to the held sockets of
+    /// the slots that are.
+    #[test]
+    fn the_steered_layout_sends_new_connections_to_the_shared_queue_or_the_preferred_slots() {
+        let shared = crate::sockets::bind_all_reuseport(&["127.0.0.1:0".into()]).unwrap();
+        let addr = shared[0].address.clone();
+        let mut p = PerSlot::steered(&shared).unwrap();
+        assert!(p.held());
+        for i in 0..4 {
+            p.for_slot(i).unwrap();
+        }
+        p.set_serving((0..4).collect(), Default::default());
+        let held = connect(&addr, 100);
+        assert_eq!(accept_all(&shared[0]), 100, "all to the shared queue");
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert_eq!(got, vec![0, 0, 0, 0]);
+        p.set_serving((0..4).collect(), [1, 3].into());
+        let held2 = connect(&addr, 100);
+        assert_eq!(accept_all(&shared[0]), 0, "none to the shared queue");
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert_eq!(got[0] + got[2], 0, "{got:?}");
+        assert!(got[1] > 0 && got[3] > 0, "{got:?}");
+        assert_eq!(got[1] + got[3], 100);
+        // Across a re-exec: the layout's state names the shared socket.
+        let state = p.carry();
+        assert_eq!(state.shared_ids.len(), 1);
+        state.validate().unwrap();
+        drop((held, held2));
     }
 
     /// Datagrams waiting on a UDP socket, by sender: read them all.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::cli::RunArgs;
 use crate::config::{self, ConfigError, Overrides};
 use crate::control::Handle;
-use crate::socket_set::SocketSet;
+use crate::socket_set::{Layout, SocketSet};
 use crate::sockets::{self, SocketError};
 use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
@@ -117,13 +117,13 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
         .iter()
         .position(|l| l.name == "metrics")
         .map(|i| inherited.remove(i));
-    let reuseport = match app.balance {
-        config::Balance::Queue => false,
+    let layout = match app.balance {
+        config::Balance::Queue => Layout::Shared,
         config::Balance::ReusePort => {
             if !inherited.is_empty() {
                 sockets::can_balance_inherited(&inherited).map_err(RunError::Usage)?;
             }
-            true
+            Layout::PerSlot
         }
         config::Balance::Auto => balance_auto(&inherited, &app.listen),
     };
@@ -132,7 +132,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
             logs::info("systemd passed sockets: --listen / `listen` ignored");
         }
         inherited
-    } else if reuseport {
+    } else if layout != Layout::Shared {
         sockets::bind_all_reuseport(&app.listen)?
     } else {
         sockets::bind_all(&app.listen)?
@@ -158,10 +158,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     let activated = listeners_from_systemd;
     let result = run_daemon(
         app,
-        Start::Fresh {
-            listeners,
-            reuseport,
-        },
+        Start::Fresh { listeners, layout },
         metrics,
         source,
         &dir,
@@ -184,9 +181,12 @@ struct Resumed {
     written_by: String,
 }
 
-/// `balance: auto`: a socket per slot where every listening socket allows
-/// it, else one shared queue; said either way.
-fn balance_auto(inherited: &[sockets::Listener], listen: &[String]) -> bool {
+/// `balance: auto`: where every listening socket allows `SO_REUSEPORT`
+/// siblings, TCP gets one shared queue steered for keep-alive (nothing
+/// waits behind a busy or hung worker, and keep-alive connections even
+/// out), and UDP a socket per slot (each flow stays with one worker);
+/// else one shared queue. Said either way.
+fn balance_auto(inherited: &[sockets::Listener], listen: &[String]) -> Layout {
     let why_not = if !inherited.is_empty() {
         sockets::can_balance_inherited(inherited).err()
     } else if listen.is_empty() {
@@ -197,17 +197,30 @@ fn balance_auto(inherited: &[sockets::Listener], listen: &[String]) -> bool {
             .find(|a| a.starts_with("unix:"))
             .map(|a| format!("{a} is a unix socket"))
     };
+    let udp = if inherited.is_empty() {
+        listen.iter().any(|a| a.starts_with("udp:"))
+    } else {
+        inherited.iter().any(|l| l.kind == sockets::Kind::Udp)
+    };
     match why_not {
+        None if udp => {
+            logs::info(
+                "balance auto: a socket per slot (reuseport), each UDP flow stays with one worker",
+            );
+            Layout::PerSlot
+        }
         None => {
-            logs::info("balance auto: a socket per slot (reuseport), connections spread evenly");
-            true
+            logs::info(
+                "balance auto: one accept queue shared by all workers, steered to even out keep-alive connections",
+            );
+            Layout::Steered
         }
         Some(why) => {
             logs::info(&format!(
                 "balance auto: one accept queue shared by all workers ({})",
                 why.trim_start_matches("balance reuseport: ")
             ));
-            false
+            Layout::Shared
         }
     }
 }
@@ -217,7 +230,7 @@ fn balance_auto(inherited: &[sockets::Listener], listen: &[String]) -> bool {
 enum Start {
     Fresh {
         listeners: Vec<sockets::Listener>,
-        reuseport: bool,
+        layout: Layout,
     },
     Resumed(Box<Resumed>),
 }
@@ -566,12 +579,9 @@ fn driver_for(
     Option<(Duration, String)>,
 ) {
     match start {
-        Start::Fresh {
-            listeners,
-            reuseport,
-        } => {
+        Start::Fresh { listeners, layout } => {
             let info = socket_infos(&listeners);
-            let sockets = SocketSet::new(listeners, reuseport);
+            let sockets = SocketSet::new(listeners, layout);
             let watchdog = notify::watchdog_interval();
             let d = Driver::new(app, sockets, source, paths, watchdog);
             (d, info, None, None)

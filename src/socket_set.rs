@@ -1,8 +1,9 @@
 //! Which sockets each slot's workers inherit, as the balancing mode lays
-//! them out: one set every slot shares (`balance: queue`, and every socket
-//! systemd passed), or each slot its own `SO_REUSEPORT` siblings
+//! them out ([`Layout`]): one set every slot shares, the same set steered
+//! (each slot also has `SO_REUSEPORT` siblings the manager holds, for the
+//! connections steered to its worker), or each slot its own siblings
 //! ([`crate::reuseport`]). Above both `sockets` (taking and binding one
-//! socket) and `reuseport` (steering among a slot's siblings).
+//! socket) and `reuseport` (steering among a group's sockets).
 
 use std::os::fd::{OwnedFd, RawFd};
 
@@ -23,9 +24,17 @@ impl SetState {
     /// say of the set this becomes.
     pub fn inherits_any(&self) -> bool {
         match &self.per_slot {
-            None => !self.shared.is_empty(),
-            Some(p) => !p.templates.is_empty(),
+            Some(p) if p.shared_ids.is_empty() => !p.templates.is_empty(),
+            _ => !self.shared.is_empty(),
         }
+    }
+
+    /// Whether each slot's workers accept from sockets of their own, as
+    /// [`SocketSet::per_slot`] will say of the set this becomes.
+    pub fn per_slot_sockets(&self) -> bool {
+        self.per_slot
+            .as_ref()
+            .is_some_and(|p| p.shared_ids.is_empty())
     }
 
     /// Refuse a layout the new program could not run with.
@@ -44,51 +53,96 @@ impl SetState {
     }
 }
 
-/// The sockets workers inherit, as the balancing mode lays them out: one
-/// set shared by every slot (`balance: queue`, and every socket systemd
-/// passed), or each slot its own SO_REUSEPORT siblings (`balance:
-/// reuseport`), bound when the slot first needs them and held across its
-/// restarts and reloads, so connections hashed to a slot wait for its next
-/// worker instead of being refused.
+/// How the sockets are laid out over the slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One set every worker accepts from (`balance: queue`, a unix socket,
+    /// sockets systemd passed without room for siblings).
+    Shared,
+    /// One set every worker accepts from, and each slot `SO_REUSEPORT`
+    /// siblings the manager holds: while some workers hold fewer keep-alive
+    /// connections than their share, new connections are steered to those
+    /// siblings and handed to their workers (`balance: auto` for TCP).
+    /// A busy or hung worker takes nothing from the shared queue, so
+    /// nothing waits behind it.
+    Steered,
+    /// Each slot its own siblings, which its worker accepts from
+    /// (`balance: reuseport`; `auto` for UDP, so a flow stays with one
+    /// worker).
+    PerSlot,
+}
+
+/// The sockets workers inherit, as the [`Layout`] says: bound when a slot
+/// first needs them (its own siblings) and held across its restarts and
+/// reloads, so connections hashed to a slot wait for its next worker
+/// instead of being refused.
 pub struct SocketSet {
     shared: Vec<Listener>,
     per_slot: Option<PerSlot>,
 }
 
 impl SocketSet {
-    /// `listeners` are shared, or with `reuseport` become slot 0's.
-    pub fn new(listeners: Vec<Listener>, reuseport: bool) -> SocketSet {
-        if reuseport {
-            SocketSet {
+    /// `listeners` are shared (also steered), or become slot 0's.
+    pub fn new(listeners: Vec<Listener>, layout: Layout) -> SocketSet {
+        match layout {
+            Layout::PerSlot => SocketSet {
                 shared: Vec::new(),
                 per_slot: Some(PerSlot::new(listeners)),
-            }
-        } else {
-            SocketSet {
+            },
+            Layout::Steered => match PerSlot::steered(&listeners) {
+                Ok(p) => SocketSet {
+                    shared: listeners,
+                    per_slot: Some(p),
+                },
+                Err(e) => {
+                    crate::logs::warn(&format!(
+                        "cannot steer connections ({e}): one shared accept queue, not steered"
+                    ));
+                    SocketSet::new(listeners, Layout::Shared)
+                }
+            },
+            Layout::Shared => SocketSet {
                 shared: listeners,
                 per_slot: None,
-            }
+            },
         }
     }
 
     /// Whether workers inherit any socket at all.
     pub fn is_empty(&self) -> bool {
         match &self.per_slot {
-            None => self.shared.is_empty(),
-            Some(p) => p.templates.is_empty(),
+            Some(p) if !p.held() => p.templates.is_empty(),
+            _ => self.shared.is_empty(),
         }
     }
 
-    /// Whether each slot has sockets of its own (`balance: reuseport`).
+    /// Whether each slot's workers accept from sockets of their own
+    /// (`Layout::PerSlot`).
     pub fn per_slot(&self) -> bool {
+        self.per_slot.as_ref().is_some_and(|p| !p.held())
+    }
+
+    /// Whether new connections are steered among the slots at all
+    /// (`Layout::Steered` or `Layout::PerSlot`).
+    pub fn steers(&self) -> bool {
         self.per_slot.is_some()
     }
 
-    /// The sockets slot `index`'s workers inherit; a reuseport slot binds its
-    /// own the first time.
+    /// The sockets slot `index`'s workers inherit; a slot binds its own
+    /// siblings the first time (steered: the manager's, not the workers').
     pub fn for_slot(&mut self, index: u32) -> Result<&[Listener]> {
         match &mut self.per_slot {
             None => Ok(&self.shared),
+            Some(p) if p.held() => {
+                if let Err(e) = p.for_slot(index) {
+                    // Its worker still serves from the shared queue; it
+                    // only cannot be steered to.
+                    crate::logs::warn(&format!(
+                        "slot {index}: cannot bind the socket connections are steered to: {e}"
+                    ));
+                }
+                Ok(&self.shared)
+            }
             Some(p) => p.for_slot(index),
         }
     }
@@ -148,6 +202,12 @@ impl SocketSet {
         Some((p.layout(), p.tcp_sockets()))
     }
 
+    /// Whether the slots' own sockets are the manager's to accept from
+    /// (`Layout::Steered`).
+    pub fn held(&self) -> bool {
+        self.per_slot.as_ref().is_some_and(PerSlot::held)
+    }
+
     /// The layout of the slots' sockets now (see [`PerSlot::layout`]).
     pub fn layout(&self) -> Option<u64> {
         self.per_slot
@@ -191,14 +251,16 @@ impl SocketSet {
 
     /// Own the sockets a re-exec handed over, laid out as before.
     pub fn adopt(state: SetState) -> std::result::Result<SocketSet, String> {
-        Ok(SocketSet {
-            shared: state
-                .shared
-                .into_iter()
-                .map(Listener::adopt)
-                .collect::<std::result::Result<_, _>>()?,
-            per_slot: state.per_slot.map(PerSlot::adopt).transpose()?,
-        })
+        let shared: Vec<Listener> = state
+            .shared
+            .into_iter()
+            .map(Listener::adopt)
+            .collect::<std::result::Result<_, _>>()?;
+        let per_slot = state
+            .per_slot
+            .map(|p| PerSlot::adopt(p, &shared))
+            .transpose()?;
+        Ok(SocketSet { shared, per_slot })
     }
 
     /// One slot's worth of sockets, to describe them to workers (every slot
@@ -206,6 +268,7 @@ impl SocketSet {
     pub fn describe(&self) -> &[Listener] {
         match &self.per_slot {
             None => &self.shared,
+            Some(p) if p.held() => &self.shared,
             Some(p) => p
                 .sockets
                 .iter()

@@ -272,11 +272,19 @@ fn keep_alive_connections_are_shared_out_evenly_with_a_socket_per_slot() {
     keep_alive_shares_even_out("reuseport");
 }
 
+/// The default (`balance: auto` on a TCP address): one shared queue,
+/// steered to the workers below their share through sockets the manager
+/// holds; keep-alive connections even out as with a socket per slot.
 #[test]
-fn balance_auto_gives_listen_addresses_a_socket_per_slot_and_the_rest_one_queue() {
+fn keep_alive_connections_are_shared_out_evenly_with_the_default_steered_queue() {
+    keep_alive_shares_even_out("auto");
+}
+
+#[test]
+fn balance_auto_gives_tcp_a_steered_queue_udp_a_socket_per_slot_and_the_rest_one_queue() {
     let dir = tempdir::Dir::new("balance-auto");
     let script = path_str(&app("env.js"));
-    // --listen TCP: a socket per slot.
+    // --listen TCP: one queue every worker shares, steered.
     let m = start(
         &[
             "run",
@@ -285,6 +293,29 @@ fn balance_auto_gives_listen_addresses_a_socket_per_slot_and_the_rest_one_queue(
             "3",
             "--listen",
             "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("3/3 workers ready", T), "{}", m.log());
+    assert!(
+        m.log()
+            .contains("balance auto: one accept queue shared by all workers, steered"),
+        "{}",
+        m.log()
+    );
+    let inodes: BTreeSet<String> = m.workers().iter().map(|w| fd3_inode(*w)).collect();
+    assert_eq!(inodes.len(), 1, "{inodes:?}");
+    drop(m);
+    // --listen UDP: a socket per slot, so each flow stays with one worker.
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("udp.js")),
+            "-i",
+            "3",
+            "--listen",
+            "udp:127.0.0.1:0",
             "--no-bus",
         ],
         &[],
@@ -345,7 +376,7 @@ fn a_second_manager_on_the_same_address_is_refused_as_before_reuseport() {
         &[],
     );
     assert!(first.wait_log("2/2 workers ready", T), "{}", first.log());
-    assert!(first.log().contains("a socket per slot"), "{}", first.log());
+    assert!(first.log().contains("steered"), "{}", first.log());
     // SO_REUSEPORT alone would let it join the first one's group.
     let (code, err) = run_to_end(
         &["run", &script, "-i", "2", "--listen", &addr, "--no-bus"],
@@ -413,13 +444,20 @@ fn each_udp_flow_is_answered_by_one_worker_and_flows_spread() {
     assert!(used.len() >= 2, "8 flows over workers {used:?}");
 }
 
-/// A worker stuck in a handler (an endless loop, no watchdog configured)
-/// with the default socket per slot: new connections go to the other
-/// worker within a few milliseconds, and those that reached the stuck
-/// worker's queue first are taken from it by the manager and served by the
-/// other; only the request the stuck worker itself accepted is lost.
+/// A worker stuck in a handler (an endless loop, no watchdog configured),
+/// with the default steered queue (a hung worker takes nothing from the
+/// shared queue) and with a socket per slot (new connections go to the
+/// other worker within a few milliseconds, and those that reached the
+/// stuck worker's queue first are taken from it by the manager and served
+/// by the other): only a request the stuck worker itself accepted is lost.
 #[test]
 fn a_hung_worker_gets_no_new_connection_and_what_waited_for_it_is_served() {
+    for balance in ["auto", "reuseport"] {
+        a_hung_worker_costs_only_what_it_accepted(balance);
+    }
+}
+
+fn a_hung_worker_costs_only_what_it_accepted(balance: &str) {
     let m = start(
         &[
             "run",
@@ -428,13 +466,14 @@ fn a_hung_worker_gets_no_new_connection_and_what_waited_for_it_is_served() {
             "2",
             "--listen",
             "127.0.0.1:0",
+            "--balance",
+            balance,
             "--no-bus",
         ],
         &[],
     );
     let port = m.port();
     assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
-    assert!(m.log().contains("a socket per slot"), "{}", m.log());
     // One worker takes /hang and never comes back.
     let hang = std::thread::spawn(move || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -475,7 +514,7 @@ fn a_hung_worker_gets_no_new_connection_and_what_waited_for_it_is_served() {
             Err(e) => lost.push((sent, e.to_string())),
         }
     }
-    eprintln!("lost: {lost:?}; answered: {answered:?}");
+    eprintln!("{balance}: lost: {lost:?}; answered: {answered:?}");
     assert!(
         lost.len() <= 1 && lost.iter().all(|(at, _)| *at < Duration::from_millis(100)),
         "lost {lost:?}\n{}",

@@ -389,6 +389,35 @@ impl Driver {
         }
     }
 
+    /// Connections steered to slots (the steered layout): each to its
+    /// slot's worker, or, if that one does not serve now, to one that does.
+    fn deliver(&mut self, conns: Vec<crate::queue_watch::Stuck>) {
+        let serving: Vec<WorkerId> = self
+            .core
+            .serving_slots()
+            .into_iter()
+            .filter_map(|slot| self.core.ready_worker_in(slot))
+            .collect();
+        for conn in conns {
+            let worker = self.core.ready_worker_in(conn.slot).or_else(|| {
+                let any = serving
+                    .get(self.handed_over % serving.len().max(1))
+                    .copied();
+                self.handed_over = self.handed_over.wrapping_add(1);
+                any
+            });
+            let Some(channel) = worker
+                .and_then(|w| self.procs.get(&w))
+                .and_then(|p| p.ipc.as_ref())
+            else {
+                continue;
+            };
+            // The worker has the shared sockets at fd 3 on, in this order.
+            let socket = 3 + conn.place as i32;
+            let _ = channel.send(ipc::connection(socket), Some(conn.fd), outbox::Kind::Answer);
+        }
+    }
+
     /// Tell the queue watch (a socket per slot) what to look at: the
     /// slots' sockets when they changed, the slots that serve, and those
     /// whose worker stalled (a replaced worker is not stalled any more).
@@ -403,7 +432,7 @@ impl Driver {
         if !watch.has_layout(layout)
             && let Some((layout, sockets)) = self.sockets.tcp_sockets()
         {
-            watch.set_sockets(Some(layout), sockets);
+            watch.set_sockets(Some(layout), sockets, self.sockets.held());
         }
         let stalled: std::collections::BTreeSet<u32> = self.stalled.keys().copied().collect();
         watch.set_slots(self.core.serving_slots(), stalled.clone());
@@ -482,6 +511,7 @@ impl Driver {
                 return;
             }
             Input::Queues(crate::queue_watch::Seen::Stuck(stuck)) => return self.hand_over(stuck),
+            Input::Queues(crate::queue_watch::Seen::Steered(conns)) => return self.deliver(conns),
             Input::Ipc { worker, msg, .. } => {
                 let said = match msg {
                     ipc::Message::Ready => Said::Ready,
@@ -637,7 +667,7 @@ impl Driver {
         self.configs
             .settle(self.core.generation(), &self.core.generations_wanted());
         self.rewatch();
-        if self.sockets.per_slot() {
+        if self.sockets.steers() {
             // With a socket per slot, the kernel picks only slots that
             // serve, and of them those below their share while some are.
             self.sockets

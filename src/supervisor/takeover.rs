@@ -128,7 +128,7 @@ impl State {
         let policy = Policy::new(
             &self.app,
             self.sockets.inherits_any(),
-            self.sockets.per_slot.is_some(),
+            self.sockets.per_slot_sockets(),
             watchdog,
         );
         Core::import(self.core.clone(), policy, now, took)
@@ -349,6 +349,7 @@ mod tests {
                 ids: vec![vec![1], vec![2]],
                 groups: vec![vec![1, 2]],
                 next_id: 2,
+                shared_ids: vec![],
             }),
         };
         s.validate().unwrap();
