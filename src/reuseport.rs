@@ -201,7 +201,7 @@ impl PerSlot {
             .zip(&ids)
             .map(|(l, id)| Ok((*id, l.fd.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(PerSlot {
+        let mut p = PerSlot {
             groups: ids.iter().map(|id| vec![*id]).collect(),
             next_id: ids.len() as u64 + 1,
             ids: Vec::new(),
@@ -216,7 +216,11 @@ impl PerSlot {
             shared: handles,
             steering: false,
             steering_failed: false,
-        })
+        };
+        // From the first sibling on, the shared queue is picked unless told
+        // otherwise, whatever the workers are doing.
+        p.steer();
+        Ok(p)
     }
 
     /// The slots' sockets are the manager's to accept from (the steered
@@ -322,7 +326,7 @@ impl PerSlot {
             self.sockets[i] = bound;
             self.layout += 1;
             self.ids[i] = ids;
-            if self.steering {
+            if self.steering || self.held() {
                 self.steer();
             }
         }

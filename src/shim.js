@@ -241,7 +241,22 @@
   net.Server.prototype.listen = function (...args) {
     const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
     const want = describeListen(args);
-    if (want === null) return listen.apply(this, args);
+    if (want === null) {
+      // An app that takes a handed-over socket itself (`listen({fd: 3})`):
+      // it is that socket's server all the same (readiness, drain, the
+      // connections handed to it).
+      const first = args[0];
+      const fd = first !== null && typeof first === 'object' && typeof first.fd === 'number' ? first.fd : null;
+      const sock = fd === null ? null : sockets.find((s) => s.fd === fd);
+      if (sock) {
+        sock.claimed = true;
+        track(this);
+        this.__nodeherd.inherited = true;
+        onSocket.set(sock.fd, this);
+        this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
+      }
+      return listen.apply(this, args);
+    }
     const sock = pick(want.kind, want.port, want.path);
     if (sock) {
       track(this);

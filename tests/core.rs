@@ -763,15 +763,22 @@ fn unix_stream_sockets_and_fd_aware_apps_work() {
     assert!(!m.log().contains("shared socket"), "{}", m.log());
     drop(m);
 
+    // An app that takes fd 3 itself: ready when it listens (not killed at
+    // listen_timeout), and served whatever the balancing.
     let m = start_app("listen_fd.js", 2);
     let port = m.port();
+    assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
+    assert!(m.log().contains("listening"), "{}", m.log());
     assert_eq!(
         instances_answering(port, 2, T).len(),
         2,
         "log:\n{}",
         m.log()
     );
-    assert_eq!(get_json(port).unwrap()["via"], "fd3");
+    for _ in 0..50 {
+        assert_eq!(get_json(port).unwrap()["via"], "fd3");
+    }
+    assert!(!m.log().contains("exited unexpectedly"), "{}", m.log());
 }
 
 #[test]

@@ -304,7 +304,10 @@ require('http').createServer((q, r) => r.end('x')).listen(8000);
         "{out}"
     );
     assert!(!out.contains('\x1b'), "an escape got through: {out:?}");
-    assert!(out.contains("ok \\x1b]0;owned\\x07\\x1b[2J"), "{out}");
+    assert!(!out.contains('\x07'), "a bell got through: {out:?}");
+    // The manager already turns a worker's control characters into spaces
+    // (`logs::clean`); the client escapes whatever would still come.
+    assert!(out.contains("]0;owned"), "{out}");
 }
 
 // --- run: the smaller things ------------------------------------------------
