@@ -2,11 +2,11 @@
 # nodeherd against PM2 cluster mode and a plain Node cluster (SCHED_NONE),
 # side by side in one run, on 127.0.0.1 only. See bench/README.md.
 #
-#   bench/run.sh            full run (3 rounds, ~30 min of measuring on 2 cores), writes BENCHMARKS.md
-#   bench/run.sh --quick    1 round, short runs (~7 min of measuring), writes bench/.work/BENCHMARKS-quick.md
+#   bench/run.sh            full run (3 rounds, ~45 min of measuring on 2 cores), writes BENCHMARKS.md
+#   bench/run.sh --quick    1 round, short runs (~10 min of measuring), writes bench/.work/BENCHMARKS-quick.md
 #
 # Options: --rounds N, --out FILE, --strict (exit 1 when a target is missed),
-#          --phases LIST (comma-separated subset of: tput,reload,walltime,crash,scale,memory),
+#          --phases LIST (comma-separated subset of: tput,tail,reload,walltime,crash,scale,memory),
 #          --nice N (default -10 when run as root: the bench and everything it
 #          starts, all contenders alike, get ahead of unrelated work on a shared machine; 0 to leave it).
 #
@@ -24,17 +24,20 @@ COMMAND_LINE="bench/run.sh${*:+ $*}"
 
 PM2_VERSION=7.0.4
 CONTENDERS=(nodeherd pm2 cluster)
-# The throughput phase also runs nodeherd with one shared accept queue (the
-# default, balance auto, gives --listen addresses a SO_REUSEPORT socket per
-# slot), in the same rotation, so both balance modes are compared in one run.
+# The throughput phase also runs nodeherd with --balance queue (one plain
+# shared accept queue; the default, balance auto, steers a shared queue), in
+# the same rotation, so the balance modes are compared in one run.
 TPUT_CONTENDERS=(nodeherd nodeherd-queue pm2 cluster)
+# The tail phase compares all three of nodeherd's balance modes: where a
+# connection lands matters most when some requests are slow.
+TAIL_CONTENDERS=(nodeherd nodeherd-queue nodeherd-reuseport pm2 cluster)
 
 # --- options -----------------------------------------------------------------
 QUICK=0
 ROUNDS=
 OUT=
 STRICT=0
-PHASES=tput,reload,walltime,crash,scale,memory
+PHASES=tput,tail,reload,walltime,crash,scale,memory
 NICE=
 while (($#)); do
   case $1 in
@@ -55,6 +58,8 @@ if ((QUICK)); then
   : "${OUT:=$WORK/BENCHMARKS-quick.md}"
   TPUT_SECS=3          # each throughput measurement
   TPUT_REPS=1          # throughput runs per contender, keep-alive setting and round
+  TAIL_SECS=5          # each slow + fast run of the tail phase
+  TAIL_REPS=1          # tail runs per contender, workers, keep-alive setting and round
   RELOAD_GAP=1         # seconds of load before, between and after the 3 reloads
   WALL_RELOADS=2       # timed idle reloads per app and contender per round
   CRASHES=2            # kill -9 per contender per round
@@ -64,6 +69,8 @@ else
   : "${OUT:=$ROOT/BENCHMARKS.md}"
   TPUT_SECS=4
   TPUT_REPS=4
+  TAIL_SECS=8
+  TAIL_REPS=1
   RELOAD_GAP=2
   WALL_RELOADS=3
   CRASHES=4
@@ -72,6 +79,14 @@ fi
 CONNS=64              # oha -c, for every load run
 CLIENT_TIMEOUT=4      # oha -t during reloads: a request without an answer for this long counts as failed
 SCALE_TO=8
+# The tail phase (apps/mixed.js): one client asks for /slow (40 ms of CPU)
+# at SLOW_RATE req/s while another asks for / at FAST_RATE req/s.
+SLOW_RATE=20
+SLOW_CONNS=4
+FAST_RATE=300
+FAST_CONNS=8
+HANG_SECS=3           # fast requests after a /hang, 2 workers
+HANG_TIMEOUT=1        # oha -t for them: a request sent to the hung worker fails after this long
 
 has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -164,7 +179,7 @@ bench_bus
 
 # Metadata for the report.
 COMMAND_LINE=$COMMAND_LINE NICE=$NICE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA NH=$NH ROOT=$ROOT \
-SETTINGS="{\"tput_secs\":$TPUT_SECS,\"tput_reps\":$TPUT_REPS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO}" \
+SETTINGS="{\"tput_secs\":$TPUT_SECS,\"tput_reps\":$TPUT_REPS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO,\"tail_secs\":$TAIL_SECS,\"tail_reps\":$TAIL_REPS,\"slow_rate\":$SLOW_RATE,\"slow_conns\":$SLOW_CONNS,\"fast_rate\":$FAST_RATE,\"fast_conns\":$FAST_CONNS,\"hang_secs\":$HANG_SECS,\"hang_timeout\":$HANG_TIMEOUT}" \
   node "$LIB/meta.js" >"$RUN/meta.json"
 
 # --- contenders --------------------------------------------------------------
@@ -206,11 +221,11 @@ up() {
   mkdir -p "$RUN/logs"
   case $CONTENDER in
     nodeherd*)
-      # nodeherd-1: --reload-parallel 1 (the default is 2); nodeherd-queue:
-      # --balance queue (the default, auto, is a socket per slot here).
+      # nodeherd-1: --reload-parallel 1 (the default is 2); nodeherd-queue,
+      # nodeherd-reuseport: --balance queue / reuseport (the default is auto).
       local extra=()
       case $CONTENDER in
-        nodeherd-queue) extra=(--balance queue) ;;
+        nodeherd-queue | nodeherd-reuseport) extra=(--balance "${CONTENDER#nodeherd-}") ;;
         nodeherd-*) extra=(--reload-parallel "${CONTENDER#nodeherd-}") ;;
       esac
       PORT=$PORT BENCH_COUNT_DIR=$COUNTS "$NH" run "$APPS/$APPNAME.js" -i "$n" \
@@ -268,6 +283,10 @@ reload() {
   echo $(((t1 - t0) / 1000000))
 }
 
+kid_ticks() { # pid -> "child:utime+stime" for each of its children
+  local k
+  for k in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$k:$(cpu_ticks "$k" 2>/dev/null || echo 0)"; done
+}
 rss_kib() { awk '/^VmRSS:/ {print $2}' /proc/"$1"/status; }
 cpu_ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' /proc/"$1"/stat; } # utime + stime of the process itself
 counts() { node -e '
@@ -323,6 +342,88 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
       CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} UPS=${UPS_OF[$c]}
       down
     done
+  done
+}
+
+# mix_run SECS KA SLOW_OUT FAST_OUT: /slow and / from two clients side by
+# side, each at a fixed rate. -w: requests still open at the end are waited
+# for (up to CLIENT_TIMEOUT), not cut off, so every request is counted.
+mix_run() {
+  local secs=$1 ka=$2 slow_out=$3 fast_out=$4 slow_pid
+  local args=(-z "${secs}s" -w -t "${CLIENT_TIMEOUT}s" --no-tui --output-format json)
+  [[ $ka == off ]] && args+=(--disable-keepalive)
+  timeout $((secs + 60)) "$OHA" "${args[@]}" -q "$SLOW_RATE" -c "$SLOW_CONNS" "http://127.0.0.1:$PORT/slow" >"$slow_out" 2>>"$RUN/oha.err" &
+  slow_pid=$!
+  PIDS+=("$slow_pid")
+  timeout $((secs + 60)) "$OHA" "${args[@]}" -q "$FAST_RATE" -c "$FAST_CONNS" "http://127.0.0.1:$PORT/" >"$fast_out" 2>>"$RUN/oha.err" || true
+  wait "$slow_pid" || true
+  forget "$slow_pid"
+}
+
+phase_tail() { # fast requests beside slow ones; then a hung worker
+  local round=$1 w c ka rep i order fs ff fh hang_pid kv spin d t0 t1
+  local -A ticks
+  mkdir -p "$RUN/oha"
+  for w in 2 4; do
+    for c in "${TAIL_CONTENDERS[@]}"; do
+      up "$c" mixed "$w"
+      PORT_OF[$c]=$PORT MGR_OF[$c]=$MGR UPS_OF[$c]=$UPS
+      mix_run 1 on /dev/null /dev/null # warm-up
+    done
+    sleep 0.7
+    for ((rep = 1; rep <= TAIL_REPS; rep++)); do
+      for ka in off on; do
+        order=()
+        for ((i = 0; i < ${#TAIL_CONTENDERS[@]}; i++)); do
+          order+=("${TAIL_CONTENDERS[(i + rep + round) % ${#TAIL_CONTENDERS[@]}]}")
+        done
+        for c in "${order[@]}"; do
+          PORT=${PORT_OF[$c]}
+          fs=$RUN/oha/tail-$round-$rep-$w-$c-$ka-slow.json
+          ff=$RUN/oha/tail-$round-$rep-$w-$c-$ka-fast.json
+          log "round $round.$rep: tail $c, $w workers, keep-alive $ka"
+          mix_run "$TAIL_SECS" "$ka" "$fs" "$ff"
+          rec "{\"kind\":\"tail\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"slow\":\"$fs\",\"fast\":\"$ff\"}"
+          sleep 0.5
+        done
+      done
+    done
+    for c in "${TAIL_CONTENDERS[@]}"; do
+      CONTENDER=$c PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} UPS=${UPS_OF[$c]}
+      down
+    done
+  done
+
+  # A hung worker spins a core until it is killed, so each contender is up
+  # alone for this: 2 workers, one /hang, then HANG_SECS of fast requests on
+  # new connections, each failing after HANG_TIMEOUT without an answer.
+  for ((i = 0; i < ${#TAIL_CONTENDERS[@]}; i++)); do
+    c=${TAIL_CONTENDERS[(i + round) % ${#TAIL_CONTENDERS[@]}]}
+    up "$c" mixed 2
+    sleep 0.5
+    fh=$RUN/oha/hang-$round-$c-hang.json
+    ff=$RUN/oha/hang-$round-$c-fast.json
+    log "round $round: hung worker, $c"
+    # The busiest worker's CPU time over the run shows that one really hung.
+    ticks=()
+    for kv in $(kid_ticks "$MGR"); do ticks[${kv%%:*}]=${kv#*:}; done
+    t0=$(date +%s%N)
+    timeout 60 "$OHA" -n 1 -c 1 -t 2s --no-tui --output-format json "http://127.0.0.1:$PORT/hang" >"$fh" 2>>"$RUN/oha.err" &
+    hang_pid=$!
+    PIDS+=("$hang_pid")
+    sleep 0.5
+    timeout $((HANG_SECS + 60)) "$OHA" -z "${HANG_SECS}s" -w -t "${HANG_TIMEOUT}s" -q "$FAST_RATE" -c "$FAST_CONNS" --disable-keepalive \
+      --no-tui --output-format json "http://127.0.0.1:$PORT/" >"$ff" 2>>"$RUN/oha.err" || true
+    t1=$(date +%s%N)
+    spin=0
+    for kv in $(kid_ticks "$MGR"); do
+      d=$((${kv#*:} - ${ticks[${kv%%:*}]:-0}))
+      ((d > spin)) && spin=$d
+    done
+    wait "$hang_pid" || true
+    forget "$hang_pid"
+    rec "{\"kind\":\"hang\",\"round\":$round,\"contender\":\"$c\",\"workers\":2,\"ka\":\"off\",\"hang\":\"$fh\",\"fast\":\"$ff\",\"busiest_worker_ticks\":$spin,\"clk_tck\":$(getconf CLK_TCK),\"ms\":$(((t1 - t0) / 1000000))}"
+    down
   done
 }
 
@@ -468,6 +569,7 @@ phase_memory() { # manager RSS: idle with 2 workers, then after MEM_RELOADS relo
 START=$(date +%s)
 for ((round = 1; round <= ROUNDS; round++)); do
   has_phase tput && phase_tput "$round"
+  has_phase tail && phase_tail "$round"
   has_phase reload && phase_reload "$round"
   has_phase walltime && phase_walltime "$round"
   has_phase crash && phase_crash "$round"

@@ -27,6 +27,7 @@ const CONTENDERS = ['nodeherd', 'pm2', 'cluster'];
 const NAME = {
   nodeherd: 'nodeherd',
   'nodeherd-queue': 'nodeherd, --balance queue',
+  'nodeherd-reuseport': 'nodeherd, --balance reuseport',
   pm2: `PM2 ${meta.pm2}`,
   cluster: 'node cluster SCHED_NONE',
 };
@@ -207,6 +208,107 @@ if (tput.length) {
       target(`Per-worker share ${ka === 'off' ? 'without' : 'with'} keep-alive, ${w} workers: max/min ≤ 1.1`, `${fmt(m, 2)} (${fmt(min(rs.map((r) => r.share.ratio)), 2)}–${fmt(max(rs.map((r) => r.share.ratio)), 2)})`, m <= 1.1);
     }
   }
+}
+
+// --- fast requests beside slow ones, and a hung worker ---------------------------
+const tail = byKind('tail').map((r) => {
+  const fast = readOha(r.fast);
+  const slow = readOha(r.slow);
+  const ff = fast ? failures(fast) : null;
+  const fs_ = slow ? failures(slow) : null;
+  const ms = (o, k) => (o && o.latencyPercentiles[k] !== null && o.latencyPercentiles[k] !== undefined ? o.latencyPercentiles[k] * 1000 : null);
+  return {
+    ...r,
+    fastP50: ms(fast, 'p50'),
+    fastP99: ms(fast, 'p99'),
+    slowP99: ms(slow, 'p99'),
+    failed: ff && fs_ ? ff.failed + fs_.failed : null,
+    fastOk: ff ? ff.ok : null,
+    slowOk: fs_ ? fs_.ok : null,
+  };
+});
+const TAIL = ['nodeherd', 'nodeherd-queue', 'nodeherd-reuseport', 'pm2', 'cluster'].filter((c) => tail.some((r) => r.contender === c));
+if (tail.length) {
+  p('### Fast requests beside slow ones');
+  p();
+  p(`\`apps/mixed.js\`: \`/slow\` burns 40 ms of CPU, \`/\` answers at once. Two clients side by side for ${st.tail_secs} s: \`oha -q ${st.slow_rate} -c ${st.slow_conns}\` on \`/slow\` and \`oha -q ${st.fast_rate} -c ${st.fast_conns}\` on \`/\`, both with keep-alive on or \`--disable-keepalive\`, requests still open at the end waited for (\`-w\`, \`-t ${st.client_timeout}s\`). The contenders (${TAIL.map((c) => NAME[c]).join('; ')}) are up side by side and their runs alternate (${st.tail_reps || 1} run(s) per contender, workers, keep-alive setting and round, the first contender rotating), after a 1 s warm-up each; every figure is a median (min–max) over ${(st.tail_reps || 1) * meta.rounds} run(s). A fast request that lands behind a slow one on the same worker waits up to 40 ms: the fast p99 shows how often that happens. Failed = errors of both clients plus non-2xx answers, all runs.`);
+  p();
+  p('| workers | keep-alive | contender | fast p50 ms | fast p99 ms | slow p99 ms | failed | answered per run, fast / slow |');
+  p('|---|---|---|---|---|---|---|---|');
+  for (const w of [2, 4]) {
+    for (const ka of ['off', 'on']) {
+      for (const c of TAIL) {
+        const rs = tail.filter((r) => r.workers === w && r.ka === ka && r.contender === c);
+        if (!rs.length) continue;
+        const failed = rs.some((r) => r.failed === null) ? 'n/a' : rs.reduce((a, r) => a + r.failed, 0);
+        p(`| ${w} | ${ka} | ${NAME[c]} | ${mmm(rs.map((r) => r.fastP50), 2)} | ${mmm(rs.map((r) => r.fastP99), 2)} | ${mmm(rs.map((r) => r.slowP99), 1)} | ${failed} | ${mmm(rs.map((r) => r.fastOk))} / ${mmm(rs.map((r) => r.slowOk))} |`);
+      }
+    }
+  }
+  p();
+  // nodeherd's fast p99 against the others', paired per run of the rotation.
+  const paired = (w, ka, other) => {
+    const xs = [];
+    for (const pair of [...new Set(tail.map((r) => r.pair))]) {
+      const get = (c) => tail.find((r) => r.pair === pair && r.workers === w && r.ka === ka && r.contender === c);
+      const n = get('nodeherd');
+      const o = get(other);
+      if (n && o && usable(n.fastP99) && o.fastP99 > 0) xs.push(n.fastP99 / o.fastP99);
+    }
+    return xs;
+  };
+  const others = ['nodeherd-queue', 'nodeherd-reuseport', 'pm2', 'cluster'].filter((c) => TAIL.includes(c));
+  if (TAIL.includes('nodeherd') && others.length) {
+    p("Ratios of nodeherd's fast p99 to the others', paired per run of the rotation (median (min–max); below 1 is better for nodeherd):");
+    p();
+    p(`| workers | keep-alive | ${others.map((c) => `nodeherd / ${NAME[c].replace(/^nodeherd, /, '')}`).join(' | ')} |`);
+    p(`|---|---|${others.map(() => '---').join('|')}|`);
+    for (const w of [2, 4]) for (const ka of ['off', 'on']) {
+      if (!tail.some((r) => r.workers === w && r.ka === ka)) continue;
+      p(`| ${w} | ${ka} | ${others.map((c) => mmm(paired(w, ka, c), 2)).join(' | ')} |`);
+    }
+    p();
+  }
+  for (const w of [2, 4]) {
+    if (!tail.some((r) => r.workers === w && r.ka === 'off' && r.contender === 'nodeherd')) continue;
+    for (const [other, bound, label] of [
+      ['nodeherd-queue', 1.2, '`balance queue`'],
+      ['pm2', 0.5, 'PM2'],
+    ]) {
+      if (!TAIL.includes(other)) continue;
+      const xs = paired(w, 'off', other);
+      const m = median(xs);
+      target(`Fast p99 beside slow requests, new connection per request, ${w} workers: ≤ ${bound}× ${label}`, xs.length ? `${fmt(m, 2)}× (${fmt(min(xs), 2)}–${fmt(max(xs), 2)})` : 'n/a', m === null ? null : m <= bound);
+    }
+  }
+}
+
+const hang = byKind('hang').map((r) => {
+  const fast = readOha(r.fast);
+  const h = readOha(r.hang);
+  const spin = r.clk_tck && r.ms ? (100 * r.busiest_worker_ticks) / r.clk_tck / (r.ms / 1000) : null;
+  return { ...r, f: fast ? failures(fast) : null, hung: h ? failures(h).timeouts > 0 : null, spin };
+});
+if (hang.length) {
+  const HANG = TAIL.length ? TAIL : [...new Set(hang.map((r) => r.contender))];
+  p('### A hung worker');
+  p();
+  p(`2 workers of \`apps/mixed.js\`, each contender up alone (a hung worker spins a core until it is killed). One request to \`/hang\` (a handler that never returns), 0.5 s later \`oha -z ${st.hang_secs}s -w -q ${st.fast_rate} -c ${st.fast_conns} -t ${st.hang_timeout}s --disable-keepalive\` on \`/\`: every fast request sent to the hung worker fails after ${st.hang_timeout} s. Failed = oha's errors plus non-2xx answers, per run, median (min–max) over rounds. The busiest worker's CPU time from the \`/hang\` to the end of the fast run (≈ 100 %: one worker really spun) shows the hang took.`);
+  p();
+  p('| contender | fast requests failed | answered | kinds of failure | /hang timed out (runs) | busiest worker CPU % |');
+  p('|---|---|---|---|---|---|');
+  for (const c of HANG) {
+    const rs = hang.filter((r) => r.contender === c && r.f);
+    if (!rs.length) continue;
+    const kinds = {};
+    for (const r of rs) for (const [k, n] of Object.entries(r.f.kinds)) kinds[k] = (kinds[k] || 0) + n;
+    const kindText = Object.entries(kinds)
+      .sort((a, b) => b[1] - a[1])
+      .map(([k, n]) => `${n}× ${k.replace(/\|/g, '/').slice(0, 70)}`)
+      .join('; ');
+    p(`| ${NAME[c]} | ${mmm(rs.map((r) => r.f.failed))} | ${mmm(rs.map((r) => r.f.ok))} | ${kindText || '–'} | ${rs.filter((r) => r.hung).length} of ${rs.length} | ${mmm(rs.map((r) => r.spin))} |`);
+  }
+  p();
 }
 
 // --- reloads under load ------------------------------------------------------
