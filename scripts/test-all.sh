@@ -65,6 +65,8 @@ step "reload and scale under load, an app with its own SIGINT handler" \
   env LOAD_APP=tests/apps/slow.js tests/load/reload-under-load.sh target/release/nodeherd
 step "reload and scale under load, balance queue" \
   env LOAD_BALANCE=queue tests/load/reload-under-load.sh target/release/nodeherd
+step "reload and scale under load, balance reuseport (a socket per slot)" \
+  env LOAD_BALANCE=reuseport tests/load/reload-under-load.sh target/release/nodeherd
 step "ten re-execs in place under load, the same workers" tests/load/reexec-under-load.sh target/release/nodeherd
 step "soak: 500 reloads and 500 crashes, fds/threads/RSS flat" tests/soak/soak.py target/release/nodeherd
 step "compatibility suite (real npm apps, Node 20/22/24)" tests/compat/run.sh target/release/nodeherd

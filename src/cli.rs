@@ -130,10 +130,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub shutdown_with_message: bool,
 
-    /// How connections reach workers: reuseport (one SO_REUSEPORT socket per
-    /// worker slot, spread evenly by the kernel; TCP/UDP only), queue (one
-    /// accept queue shared by all), or auto (the default: reuseport where
-    /// every listening socket allows it, else queue)
+    /// How connections reach workers: auto (the default: for TCP one accept
+    /// queue shared by all, steered to even out keep-alive connections; for
+    /// UDP a socket per slot, so a flow stays with one worker), queue (one
+    /// accept queue shared by all, not steered), or reuseport (one
+    /// SO_REUSEPORT socket per worker slot, spread evenly by the kernel)
     #[arg(long, value_name = "MODE", value_parser = ["auto", "queue", "reuseport"])]
     pub balance: Option<String>,
 

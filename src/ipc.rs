@@ -42,8 +42,6 @@ pub enum Message {
     /// (sent when that changes, at most every 100 ms, and again with each
     /// heartbeat while above its share).
     Connections { open: u32 },
-    /// The answer to [`ping`]: the worker's event loop runs again.
-    Pong { id: u64 },
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
@@ -113,9 +111,6 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                     .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
             }),
             Some("closed") => Some(Message::Closed),
-            Some("pong") => Some(Message::Pong {
-                id: o.get("id")?.as_u64()?,
-            }),
             Some("conns") => Some(Message::Connections {
                 open: u32::try_from(o.get("open")?.as_u64()?).ok()?,
             }),
@@ -248,12 +243,6 @@ pub fn share(max: Option<u32>) -> Vec<u8> {
         Some(n) => format!("{{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":{n}}}\n").into_bytes(),
         None => b"{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":null}\n".to_vec(),
     }
-}
-
-/// Ask a worker to answer (`Pong`) as soon as its event loop runs: a worker
-/// stuck in a long handler answers when it is done, a hung one never.
-pub fn ping(id: u64) -> Vec<u8> {
-    format!("{{\"cmd\":\"NODE_NODEHERD_PING\",\"id\":{id}}}\n").into_bytes()
 }
 
 /// The one message the manager sends: PM2's graceful-stop request.

@@ -1,4 +1,5 @@
-//! Busy and hung workers, seen from their accept queues (a socket per slot).
+//! Busy workers, seen from their accept queues (a socket per slot); and the
+//! connections steered to a worker (the steered layout).
 //!
 //! With a socket per slot the kernel picks the slot of each new connection
 //! whatever its worker is doing: a worker in a 40 ms handler (a report, a
@@ -10,16 +11,23 @@
 //! So a thread of its own looks at every serving slot's accept queue every
 //! [`LOOK_EVERY`] while a busy slot was seen in the last seconds, every
 //! [`LOOK_EVERY_QUIET`] otherwise (one `getsockopt(TCP_INFO)` per socket:
-//! `tcpi_unacked` is a listener's accept queue). A slot with connections waiting is **busy**:
-//! the driver steers new TCP connections to the other slots
-//! (`PerSlot::set_busy`). Connections that waited in a busy slot's queue for
-//! [`STUCK_AFTER`] are **stuck**: the thread accepts them from the manager's
-//! own copy of the socket and the driver hands each to a free worker over its
-//! IPC channel, whose preload serves it through the server's own accept
-//! path. The worker they were taken from is then stalled until it answers a
-//! ping (the driver's part: a long handler ends, a hung worker never
-//! answers). Only connections a worker had itself accepted before it got
-//! stuck are its own to lose.
+//! `tcpi_unacked` is a listener's accept queue). A slot with connections
+//! waiting at two looks in a row is **busy**: the driver steers new TCP connections to the other
+//! slots (`PerSlot::set_busy`) until its worker has taken them. What reached
+//! a busy slot before the steering, its worker serves when it can (a hung
+//! one never: `max_event_loop_delay` replaces it). A slot busy for
+//! [`STALLED_AFTER`] is **stalled**: it gets no new connection until its
+//! worker is heard from again (its heartbeat comes as soon as its event
+//! loop runs), even once clients that waited for it gave up and its queue
+//! looks empty. That is `balance:
+//! reuseport`; the default steered layout has no such wait at all.
+//!
+//! In the steered layout (one shared queue, `balance: auto`) the slots'
+//! own sockets are the manager's: only connections steered to a worker
+//! below its share of keep-alive connections reach them, and the thread
+//! waits in `poll()` for those and takes them at once, for the driver to
+//! hand each to its slot's worker over the IPC channel (the preload serves
+//! it through the server's own accept path).
 //!
 //! A thread, not a task on the supervisor's runtime: hundreds of looks a
 //! second cost an idle manager next to nothing this way, and nothing of the
@@ -39,18 +47,17 @@ pub const LOOK_EVERY: Duration = Duration::from_millis(2);
 /// How often otherwise: a look costs a wakeup, and an idle manager should
 /// cost next to nothing (measured here, idle: 2 ms took 1.5 % of a core, 10 ms 0.7 %, 25 ms 0.3 %).
 pub const LOOK_EVERY_QUIET: Duration = Duration::from_millis(25);
+/// A slot busy this long has a worker that is hung or blocked long.
+pub const STALLED_AFTER: Duration = Duration::from_millis(50);
 /// How long after a busy slot was last seen the looks stay frequent.
 const HOT_FOR: Duration = Duration::from_secs(5);
-/// How long connections may wait behind a busy worker before they are taken
-/// from its queue and handed to a free one.
-pub const STUCK_AFTER: Duration = Duration::from_millis(2);
-/// Connections taken from busy queues at one look, at most.
+/// Connections taken from the steered sockets at one look, at most.
 const STUCK_PER_LOOK: usize = 64;
 
-/// A connection taken from a busy slot's queue.
+/// A connection taken from a slot's socket (the steered layout).
 #[derive(Debug)]
 pub struct Stuck {
-    /// The slot it waited in.
+    /// The slot it was steered to.
     pub slot: u32,
     /// Its socket's place among the slot's sockets: a worker has it at fd
     /// 3 + this.
@@ -63,8 +70,11 @@ pub struct Stuck {
 pub enum Seen {
     /// The slots whose queue holds connections now (told when it changes).
     Busy(BTreeSet<u32>),
-    /// Connections taken from busy slots, for free workers to serve.
-    Stuck(Vec<Stuck>),
+    /// The slots busy for [`STALLED_AFTER`] and more: their worker is hung
+    /// or blocked long (told when it changes). The driver keeps new
+    /// connections away from them until their worker is heard from again
+    /// (its queue may empty meanwhile: clients that waited give up).
+    Stalled(BTreeSet<u32>),
     /// Connections steered to a slot (the steered layout, whose slot
     /// sockets only the manager accepts from), for that slot's worker.
     Steered(Vec<Stuck>),
@@ -82,8 +92,6 @@ struct Watched {
     held: bool,
     layout: Option<u64>,
     serving: BTreeSet<u32>,
-    /// Slots whose worker stalled: no free slot, not handed anything.
-    stalled: BTreeSet<u32>,
     stop: bool,
 }
 
@@ -123,11 +131,9 @@ impl QueueWatch {
         w.held = held;
     }
 
-    /// The slots that serve, and those whose worker stalled.
-    pub fn set_slots(&self, serving: BTreeSet<u32>, stalled: BTreeSet<u32>) {
-        let mut w = self.lock();
-        w.serving = serving;
-        w.stalled = stalled;
+    /// The slots that serve.
+    pub fn set_serving(&self, serving: BTreeSet<u32>) {
+        self.lock().serving = serving;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
@@ -144,8 +150,10 @@ impl Drop for QueueWatch {
 
 fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
     let mut busy = BTreeSet::new();
-    let mut busy_since: BTreeMap<u32, Instant> = BTreeMap::new();
     let mut last_busy: Option<Instant> = None;
+    let mut waiting_before: BTreeSet<u32> = BTreeSet::new();
+    let mut busy_since: BTreeMap<u32, Instant> = BTreeMap::new();
+    let mut stalled: BTreeSet<u32> = BTreeSet::new();
     loop {
         let (held, slots) = {
             let w = watched.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,12 +172,12 @@ fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
         let hot = last_busy.is_some_and(|t| t.elapsed() < HOT_FOR);
         std::thread::sleep(if hot { LOOK_EVERY } else { LOOK_EVERY_QUIET });
         let now = Instant::now();
-        let (seen_busy, stuck) = {
+        let seen_busy = {
             let w = watched.lock().unwrap_or_else(|e| e.into_inner());
             if w.stop {
                 return;
             }
-            let seen: BTreeSet<u32> = w
+            let waiting: BTreeSet<u32> = w
                 .serving
                 .iter()
                 .copied()
@@ -179,38 +187,19 @@ fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
                         .is_some_and(|s| s.iter().any(|(_, fd)| queue_of(fd.as_raw_fd()) > 0))
                 })
                 .collect();
-            if !seen.is_empty() {
+            if !waiting.is_empty() {
                 last_busy = Some(now);
             }
+            // Busy: connections waited at two looks in a row. A worker that
+            // is about to accept one is not busy, and taking it out would
+            // leave the choice to a worker that is (all busy: all picked).
+            let seen: BTreeSet<u32> = waiting.intersection(&waiting_before).copied().collect();
+            waiting_before = waiting;
             busy_since.retain(|slot, _| seen.contains(slot));
             for slot in &seen {
                 busy_since.entry(*slot).or_insert(now);
             }
-            let free = w
-                .serving
-                .iter()
-                .any(|s| !seen.contains(s) && !w.stalled.contains(s));
-            let mut stuck = Vec::new();
-            if free {
-                for (&slot, since) in &busy_since {
-                    if now.saturating_duration_since(*since) < STUCK_AFTER {
-                        continue;
-                    }
-                    for (place, fd) in w.slots.get(&slot).into_iter().flatten() {
-                        while stuck.len() < STUCK_PER_LOOK {
-                            match accept_now(fd) {
-                                Some(conn) => stuck.push(Stuck {
-                                    slot,
-                                    place: *place,
-                                    fd: conn,
-                                }),
-                                None => break,
-                            }
-                        }
-                    }
-                }
-            }
-            (seen, stuck)
+            seen
         };
         if seen_busy != busy {
             busy = seen_busy;
@@ -218,8 +207,16 @@ fn run(watched: &Mutex<Watched>, tell: &dyn Fn(Seen) -> bool) {
                 return;
             }
         }
-        if !stuck.is_empty() && !tell(Seen::Stuck(stuck)) {
-            return;
+        let now_stalled: BTreeSet<u32> = busy_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= STALLED_AFTER)
+            .map(|(slot, _)| *slot)
+            .collect();
+        if now_stalled != stalled {
+            stalled = now_stalled;
+            if !stalled.is_empty() && !tell(Seen::Stalled(stalled.clone())) {
+                return;
+            }
         }
     }
 }

@@ -68,9 +68,8 @@ pub struct PerSlot {
     busy: BTreeSet<u32>,
     /// Bumped whenever a slot's sockets change (see [`PerSlot::layout`]).
     layout: u64,
-    /// Slots whose waiting connections had to be taken from them: their
-    /// worker gets none until it shows its event loop runs again (the
-    /// driver decides, [`PerSlot::set_stalled`]).
+    /// Slots whose worker stalled (`crate::queue_watch`): none of the new
+    /// connections while another slot serves, busy or not.
     stalled: BTreeSet<u32>,
     /// With one shared accept queue (the steered layout): per template,
     /// the shared socket's id in its group and a second handle on it. Every
@@ -254,6 +253,14 @@ impl PerSlot {
         }
     }
 
+    /// The slots whose worker stalled; see `stalled`.
+    pub fn set_stalled(&mut self, stalled: BTreeSet<u32>) {
+        if stalled != self.stalled {
+            self.stalled = stalled;
+            self.steer();
+        }
+    }
+
     /// Second handles on every slot's TCP sockets, each with its place
     /// among the slot's sockets, for `crate::queue_watch` to look at.
     pub fn tcp_sockets(&self) -> BTreeMap<u32, Vec<(usize, std::os::fd::OwnedFd)>> {
@@ -275,24 +282,6 @@ impl PerSlot {
     /// Changes whenever a slot's sockets do (bound, released, gone).
     pub fn layout(&self) -> u64 {
         self.layout
-    }
-
-    /// The slots new TCP connections go to now: serving, not busy, not stalled.
-    pub fn free_slots(&self) -> BTreeSet<u32> {
-        self.serving
-            .iter()
-            .copied()
-            .filter(|s| !self.busy.contains(s) && !self.stalled.contains(s))
-            .collect()
-    }
-
-    /// The slots whose worker has not shown since it stalled that its event
-    /// loop runs: no new connection goes to them while another slot serves.
-    pub fn set_stalled(&mut self, stalled: BTreeSet<u32>) {
-        if stalled != self.stalled {
-            self.stalled = stalled;
-            self.steer();
-        }
     }
 
     /// Whether any slot has TCP sockets to look at.
@@ -454,15 +443,18 @@ impl PerSlot {
         }
         let serving = ids_of(&self.serving);
         // A new TCP connection goes where it need not wait: among the slots
-        // whose queue is empty and whose worker is not stalled, while there
-        // are some.
+        // whose queue is empty, while there are some.
         let free = |slots: &BTreeSet<u32>| -> BTreeSet<u32> {
-            let free: BTreeSet<u32> = slots
-                .iter()
-                .copied()
-                .filter(|s| !self.busy.contains(s) && !self.stalled.contains(s))
-                .collect();
-            if free.is_empty() { slots.clone() } else { free }
+            let live: BTreeSet<u32> = slots.difference(&self.stalled).copied().collect();
+            let free: BTreeSet<u32> = live.difference(&self.busy).copied().collect();
+            // All busy: any that is not stalled; all stalled: any at all.
+            if !free.is_empty() {
+                free
+            } else if !live.is_empty() {
+                live
+            } else {
+                slots.clone()
+            }
         };
         let tcp_live = if self.preferred.is_empty() {
             ids_of(&free(&self.serving))

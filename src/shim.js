@@ -429,28 +429,38 @@
     }
   }
   // --- connections handed over ----------------------------------------------
-  // With a socket per slot, connections that waited in the queue of a busy
-  // or hung worker are taken by the manager and handed to a free worker,
-  // naming the handed-over socket they came in on: the server listening on
-  // it serves them as its own.
+  // With the steered layout, a connection steered to this worker (below its
+  // share of keep-alive connections) reaches a socket only the manager
+  // accepts from; the manager hands it over, naming the handed-over socket
+  // it is for: the server listening on that one serves it as its own.
   const onSocket = new Map();
+  // Connections handed over while draining, and what the drain does once
+  // they are gone.
+  let lateConnections = 0;
+  let lateDone = null;
   if (channel) {
-    // Answered when the event loop runs: a worker out of a long handler
-    // gets connections again, a hung one never answers.
-    process.on('internalMessage', (msg) => {
-      if (msg && msg.cmd === 'NODE_NODEHERD_PING') tell({ nodeherd: 'pong', id: msg.id });
-    });
     process.on('internalMessage', (msg, handle) => {
       if (!msg || msg.cmd !== 'NODE_NODEHERD_CONN' || !handle) return;
       const server = onSocket.get(msg.fd);
-      // Node's own accept path (as cluster's round robin hands connections
-      // to workers): the server takes it as one it accepted itself.
-      const listening = server && server._handle && typeof server._handle.onconnection === 'function';
-      if (!listening || stopping) {
+      if (!server) {
         handle.close();
         return;
       }
-      server._handle.onconnection(0, handle);
+      // Node's own accept path (as cluster's round robin hands connections
+      // to workers): the server takes it as one it accepted itself.
+      if (!stopping && server._handle && typeof server._handle.onconnection === 'function') {
+        server._handle.onconnection(0, handle);
+        return;
+      }
+      // Handed over as the worker was told to stop (the manager decided
+      // both at once): served all the same, and the drain waits for it.
+      const socket = new net.Socket({ handle, readable: true, writable: true });
+      lateConnections += 1;
+      socket.once('close', () => {
+        lateConnections -= 1;
+        if (lateDone && lateConnections === 0) lateDone();
+      });
+      server.emit('connection', socket);
     });
   }
 
@@ -619,11 +629,15 @@
     // their connections and leave (cluster.disconnect), then the primary.
     const clustered = cluster.isPrimary && Object.keys(cluster.workers || {}).length > 0;
     let open = listening.length + (clustered ? 1 : 0);
+    const finish = () => {
+      if (lateConnections === 0) done();
+      else lateDone = done;
+    };
     const closed = () => {
       open -= 1;
-      if (open === 0) done();
+      if (open === 0) finish();
     };
-    if (open === 0) return done();
+    if (open === 0) return finish();
     if (clustered) cluster.disconnect(closed);
     for (const server of listening) drainServer(server, closed);
   }

@@ -223,13 +223,6 @@ impl SocketSet {
         }
     }
 
-    /// The slots new TCP connections go to now (a socket per slot).
-    pub fn free_slots(&self) -> std::collections::BTreeSet<u32> {
-        self.per_slot
-            .as_ref()
-            .map_or_else(Default::default, PerSlot::free_slots)
-    }
-
     /// Whether a slot's sockets are on their way out.
     pub fn any_leaving(&self) -> bool {
         self.per_slot.as_ref().is_some_and(PerSlot::any_leaving)

@@ -98,14 +98,11 @@ pub struct Driver {
     /// guess the number).
     metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, WorkerId, u32, i32)>,
     next_metrics: u64,
-    /// Connections handed from busy workers to free ones so far (for the turn).
+    /// Connections handed over to workers so far (for the turn).
     handed_over: usize,
-    /// Slots whose waiting connections had to be handed to others, with the
-    /// worker then in them and the ping it was sent: no new connection goes
-    /// there until that worker answers it (a long handler ends; a hung
-    /// worker never answers).
-    stalled: std::collections::BTreeMap<u32, (WorkerId, u64)>,
-    next_ping: u64,
+    /// Slots whose worker stalled (a socket per slot), with that worker:
+    /// no new connection until it is heard from again.
+    stalled: std::collections::BTreeMap<u32, WorkerId>,
     /// Watches the accept queues (a socket per slot).
     queue_watch: Option<crate::queue_watch::QueueWatch>,
     /// What a re-exec hands over; none: this manager cannot re-exec.
@@ -169,7 +166,6 @@ impl Driver {
             next_metrics: 1,
             handed_over: 0,
             stalled: Default::default(),
-            next_ping: 1,
             queue_watch: None,
             carry: None,
             exec_program: None,
@@ -345,50 +341,6 @@ impl Driver {
         }
     }
 
-    /// Connections stuck behind a busy worker (see `crate::queue_watch`):
-    /// its worker is stalled until it answers a ping, and each connection
-    /// goes to a free worker, in turn.
-    fn hand_over(&mut self, stuck: Vec<crate::queue_watch::Stuck>) {
-        for slot in stuck
-            .iter()
-            .map(|c| c.slot)
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            if self.stalled.contains_key(&slot) {
-                continue;
-            }
-            let Some(worker) = self.core.worker_in(slot) else {
-                continue;
-            };
-            let id = self.next_ping;
-            self.next_ping += 1;
-            if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref())
-                && channel.send(ipc::ping(id), None, outbox::Kind::Answer)
-            {
-                self.stalled.insert(slot, (worker, id));
-            }
-        }
-        self.sync_queue_watch();
-        let free: Vec<WorkerId> = self
-            .sockets
-            .free_slots()
-            .into_iter()
-            .filter_map(|slot| self.core.ready_worker_in(slot))
-            .collect();
-        for (i, conn) in stuck.into_iter().enumerate() {
-            let Some(worker) = free.get((self.handed_over + i) % free.len().max(1)) else {
-                break;
-            };
-            let Some(channel) = self.procs.get(worker).and_then(|p| p.ipc.as_ref()) else {
-                continue;
-            };
-            // The worker has the slot's sockets at fd 3 on, in this order.
-            let socket = 3 + conn.place as i32;
-            let _ = channel.send(ipc::connection(socket), Some(conn.fd), outbox::Kind::Answer);
-            self.handed_over = self.handed_over.wrapping_add(1);
-        }
-    }
-
     /// Connections steered to slots (the steered layout): each to its
     /// slot's worker, or, if that one does not serve now, to one that does.
     fn deliver(&mut self, conns: Vec<crate::queue_watch::Stuck>) {
@@ -419,24 +371,27 @@ impl Driver {
     }
 
     /// Tell the queue watch (a socket per slot) what to look at: the
-    /// slots' sockets when they changed, the slots that serve, and those
-    /// whose worker stalled (a replaced worker is not stalled any more).
+    /// slots' sockets when they changed, and the slots that serve.
     fn sync_queue_watch(&mut self) {
         let Some(watch) = &self.queue_watch else {
             return;
         };
-        let core = &self.core;
-        self.stalled
-            .retain(|slot, (worker, _)| core.slot_of(*worker) == Some(*slot));
         let layout = self.sockets.layout();
         if !watch.has_layout(layout)
             && let Some((layout, sockets)) = self.sockets.tcp_sockets()
         {
             watch.set_sockets(Some(layout), sockets, self.sockets.held());
         }
-        let stalled: std::collections::BTreeSet<u32> = self.stalled.keys().copied().collect();
-        watch.set_slots(self.core.serving_slots(), stalled.clone());
-        self.sockets.set_stalled(stalled);
+        watch.set_serving(self.core.serving_slots());
+        // A slot whose worker was replaced is not stalled any more.
+        let core = &self.core;
+        let before = self.stalled.len();
+        self.stalled
+            .retain(|slot, worker| core.ready_worker_in(*slot) == Some(*worker));
+        if self.stalled.len() != before {
+            self.sockets
+                .set_stalled(self.stalled.keys().copied().collect());
+        }
     }
 
     fn event(&mut self, ev: Event) {
@@ -492,27 +447,31 @@ impl Driver {
                 }
                 return;
             }
-            Input::Ipc {
-                worker,
-                msg: ipc::Message::Pong { id },
-                ..
-            } => {
-                // The worker's event loop runs: it takes connections again.
-                let before = self.stalled.len();
-                self.stalled
-                    .retain(|_, (w, ping)| !(*w == worker && *ping == id));
-                if self.stalled.len() != before {
-                    self.sync_queue_watch();
+            Input::Queues(crate::queue_watch::Seen::Stalled(slots)) => {
+                // Until each of these workers is heard from again.
+                for slot in slots {
+                    if let Some(worker) = self.core.ready_worker_in(slot) {
+                        self.stalled.insert(slot, worker);
+                    }
                 }
+                self.sockets
+                    .set_stalled(self.stalled.keys().copied().collect());
                 return;
             }
             Input::Queues(crate::queue_watch::Seen::Busy(busy)) => {
                 self.sockets.set_busy(busy);
                 return;
             }
-            Input::Queues(crate::queue_watch::Seen::Stuck(stuck)) => return self.hand_over(stuck),
             Input::Queues(crate::queue_watch::Seen::Steered(conns)) => return self.deliver(conns),
             Input::Ipc { worker, msg, .. } => {
+                // A stalled worker's event loop runs again (its heartbeat
+                // comes as soon as it does): it takes connections again.
+                let before = self.stalled.len();
+                self.stalled.retain(|_, w| *w != worker);
+                if self.stalled.len() != before {
+                    self.sockets
+                        .set_stalled(self.stalled.keys().copied().collect());
+                }
                 let said = match msg {
                     ipc::Message::Ready => Said::Ready,
                     ipc::Message::Listening => Said::Listening,
@@ -521,9 +480,7 @@ impl Driver {
                     ipc::Message::Connections { open } => Said::Connections { open },
                     ipc::Message::Closed => Said::Closed,
                     // Answered above.
-                    ipc::Message::Bind(_)
-                    | ipc::Message::Metrics { .. }
-                    | ipc::Message::Pong { .. } => return,
+                    ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => return,
                 };
                 Event::Said { worker, said }
             }

@@ -24,11 +24,6 @@ impl Core {
         })
     }
 
-    /// The current worker of `slot`, whatever its state.
-    pub fn worker_in(&self, slot: u32) -> Option<super::events::WorkerId> {
-        self.slots.get(slot as usize)?.current
-    }
-
     /// The current worker of `slot`, if it is ready and still listens.
     pub fn ready_worker_in(&self, slot: u32) -> Option<super::events::WorkerId> {
         let id = self.slots.get(slot as usize)?.current?;

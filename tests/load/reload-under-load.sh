@@ -10,9 +10,9 @@
 # Usage: tests/load/reload-under-load.sh [path/to/nodeherd]
 # LOAD_APP=tests/apps/slow.js runs an app that takes 400 ms to listen and
 # stops itself on SIGINT with server.close() (its own handler).
-# It runs with the default balance (auto: here one SO_REUSEPORT socket per
-# slot) and keep-alive rebalancing; LOAD_BALANCE=queue runs it with one
-# shared accept queue.
+# It runs with the default balance (auto: here one shared accept queue,
+# steered) and keep-alive rebalancing; LOAD_BALANCE=queue runs it with one
+# plain shared queue, LOAD_BALANCE=reuseport with a socket per slot.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/nodeherd}
