@@ -535,8 +535,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 };
                 outln!(
                     "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}",
-                    human_duration(*up),
-                    human_bytes(*mem)
+                    crate::human::duration(*up),
+                    crate::human::bytes(*mem)
                 );
             }
             for (pid, text) in &texts {
@@ -730,23 +730,6 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
             (*p, 100.0 * (now - before).max(0.0) / wall)
         })
         .collect()
-}
-
-fn human_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
-fn human_bytes(b: u64) -> String {
-    if b == 0 {
-        return "-".into();
-    }
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]

@@ -174,7 +174,7 @@ fn print_table(rows: &BTreeMap<String, Row>) {
             Some(m) => (
                 format!("{}/{}", m.ready, m.instances),
                 m.restarts.to_string(),
-                human_bytes(m.memory),
+                crate::human::bytes(m.memory),
                 m.pid.map_or("?".into(), |p| p.to_string()),
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
@@ -217,11 +217,4 @@ fn print_json(rows: &BTreeMap<String, Row>, systemd: bool) {
         "{}",
         serde_json::json!({ "apps": apps, "systemd": systemd })
     );
-}
-
-fn human_bytes(b: u64) -> String {
-    if b == 0 {
-        return "-".into();
-    }
-    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }

@@ -199,23 +199,6 @@ fn journal(m: &mut Model) {
     };
 }
 
-fn human_bytes(b: u64) -> String {
-    if b == 0 {
-        "-".into()
-    } else {
-        format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
-    }
-}
-
-fn human_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
 fn draw(m: &Model) -> std::io::Result<()> {
     let (cols, rows) = terminal::size().unwrap_or((80, 24));
     let width = cols as usize;
@@ -244,8 +227,8 @@ fn draw(m: &Model) -> std::io::Result<()> {
         let mem = if *pid == 0 { 0 } else { *mem };
         lines.push(format!(
             "{mark} {inst:>6} {pid_s:>8} {state:<9} {cpu:>6} {:>10} {restarts:>8} {:>7} {delay:>7}",
-            human_bytes(mem),
-            human_duration(*up)
+            crate::human::bytes(mem),
+            crate::human::duration(*up)
         ));
     }
     lines.push(String::new());

@@ -200,22 +200,13 @@ impl PerSlot {
             .zip(&ids)
             .map(|(l, id)| Ok((*id, l.fd.try_clone()?)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let mut p = PerSlot {
-            groups: ids.iter().map(|id| vec![*id]).collect(),
-            next_id: ids.len() as u64 + 1,
-            ids: Vec::new(),
-            sockets: Vec::new(),
-            templates,
-            leaving: BTreeMap::new(),
-            serving: Default::default(),
-            preferred: Default::default(),
-            busy: Default::default(),
-            layout: 0,
-            stalled: Default::default(),
-            shared: handles,
-            steering: false,
-            steering_failed: false,
-        };
+        let mut p = PerSlot::new(Vec::new());
+        p.groups = ids.iter().map(|id| vec![*id]).collect();
+        p.next_id = ids.len() as u64 + 1;
+        p.ids = Vec::new();
+        p.sockets = Vec::new();
+        p.templates = templates;
+        p.shared = handles;
         // From the first sibling on, the shared queue is picked unless told
         // otherwise, whatever the workers are doing.
         p.steer();
@@ -428,16 +419,14 @@ impl PerSlot {
                 if indexes.is_empty() {
                     continue;
                 }
-                match attach(member.as_raw_fd(), &indexes, Spread::PerConnection) {
-                    Ok(()) => self.steering = true,
-                    Err(e) if !self.steering_failed => {
-                        self.steering_failed = true;
-                        crate::logs::warn(&format!(
-                            "cannot steer connections to the workers below their share (SO_ATTACH_REUSEPORT_CBPF: {e}); keep-alive connections even out more slowly"
-                        ));
-                    }
-                    Err(_) => {}
-                }
+                let member = member.as_raw_fd();
+                Self::attach_or_say(
+                    (&mut self.steering, &mut self.steering_failed),
+                    member,
+                    &indexes,
+                    Spread::PerConnection,
+                    "keep-alive connections even out more slowly",
+                );
             }
             return;
         }
@@ -487,17 +476,34 @@ impl PerSlot {
             if indexes.is_empty() {
                 continue;
             }
-            match attach(member, &indexes, spread) {
-                Ok(()) => self.steering = true,
-                Err(e) if !self.steering_failed => {
-                    self.steering_failed = true;
-                    crate::logs::warn(&format!(
-                        "cannot steer connections away from a slot that goes (SO_ATTACH_REUSEPORT_CBPF: {e}); \
-                     connections queued for it when it closes may be reset unless net.ipv4.tcp_migrate_req=1"
-                    ));
-                }
-                Err(_) => {}
+            Self::attach_or_say(
+                (&mut self.steering, &mut self.steering_failed),
+                member,
+                &indexes,
+                spread,
+                "connections queued for a slot that goes may be reset unless net.ipv4.tcp_migrate_req=1",
+            );
+        }
+    }
+
+    /// Attach the program to `member`'s group; if the kernel refuses it
+    /// (an old kernel, a seccomp filter), say so once, and what it costs.
+    fn attach_or_say(
+        (steering, failed): (&mut bool, &mut bool),
+        member: RawFd,
+        indexes: &[u32],
+        spread: Spread,
+        cost: &str,
+    ) {
+        match attach(member, indexes, spread) {
+            Ok(()) => *steering = true,
+            Err(e) if !*failed => {
+                *failed = true;
+                crate::logs::warn(&format!(
+                    "cannot steer new connections (SO_ATTACH_REUSEPORT_CBPF: {e}): {cost}"
+                ));
             }
+            Err(_) => {}
         }
     }
 

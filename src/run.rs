@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::RunArgs;
-use crate::config::{self, ConfigError, Overrides};
+use crate::config::{self, ConfigError};
 use crate::control::Handle;
 use crate::socket_set::{Layout, SocketSet};
 use crate::sockets::{self, SocketError};
@@ -316,25 +316,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
 /// reads the same file again).
 pub fn source_of(args: &RunArgs) -> Source {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let over = Overrides {
-        only: args.only.clone(),
-        env_name: args.env_name.clone(),
-        name: args.name.clone(),
-        instances: args.instances.clone(),
-        listen: args.listen.clone(),
-        instance_var: args.instance_var.clone(),
-        interpreter: args.interpreter.clone(),
-        node_args: args.node_args.clone(),
-        wait_ready: args.wait_ready,
-        listen_timeout: args.listen_timeout,
-        kill_timeout: args.kill_timeout,
-        shutdown_with_message: args.shutdown_with_message,
-        reload_parallel: args.reload_parallel,
-        balance: args.balance.clone(),
-        no_rebalance: args.no_rebalance,
-        metrics: args.metrics.clone(),
-        args: args.script_args.clone(),
-    };
+    let over = args.over.clone();
     // A reload reads the same file again: the one found now.
     Source {
         target: config::config_path(&args.target),

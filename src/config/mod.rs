@@ -243,26 +243,86 @@ pub struct Credentials {
     pub groups: Vec<u32>,
 }
 
-/// What the command line says about the app; each field overrides the file.
-#[derive(Debug, Default, Clone)]
+/// What the command line says about the app; each field overrides the
+/// file. The flags of `nodeherd run` are these fields (clap reads them
+/// here), so what the command line takes and what a reload reads again are
+/// one definition.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
-    pub only: Option<String>,
-    pub env_name: Option<String>,
-    pub name: Option<String>,
-    pub instances: Option<String>,
-    pub listen: Vec<String>,
-    pub instance_var: Option<String>,
-    pub interpreter: Option<String>,
-    pub node_args: Option<String>,
-    pub wait_ready: bool,
-    pub listen_timeout: Option<u64>,
-    pub kill_timeout: Option<u64>,
-    pub shutdown_with_message: bool,
-    pub reload_parallel: Option<u32>,
-    pub balance: Option<String>,
-    pub no_rebalance: bool,
-    pub metrics: Option<String>,
+    /// Arguments passed to the script (after --)
+    #[arg(last = true, value_name = "SCRIPT_ARGS")]
     pub args: Vec<String>,
+
+    /// Run only the app of this name from a file that has several
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+
+    /// Apply the app's env_NAME on top of env
+    #[arg(long = "env", value_name = "NAME")]
+    pub env_name: Option<String>,
+
+    /// Number of workers: N, max (or 0) for all CPUs, -N for all CPUs but N
+    #[arg(short = 'i', long, value_name = "N", allow_hyphen_values = true)]
+    pub instances: Option<String>,
+
+    /// The app's name (default: from the file, else the script's name)
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Bind this address when systemd passes no socket: HOST:PORT, [::1]:PORT, PORT, unix:/path, udp:HOST:PORT (repeatable)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Name of the variable carrying the worker's index (default NODE_APP_INSTANCE)
+    #[arg(long, value_name = "NAME")]
+    pub instance_var: Option<String>,
+
+    /// Interpreter for the script (default node; `none` runs it directly)
+    #[arg(long, value_name = "PATH")]
+    pub interpreter: Option<String>,
+
+    /// Arguments for the interpreter, before the script
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub node_args: Option<String>,
+
+    /// A worker is ready when it sends 'ready' (or READY=1), not when it listens
+    #[arg(long)]
+    pub wait_ready: bool,
+
+    /// Milliseconds a new worker has to become ready (default 3000)
+    #[arg(long, value_name = "MS")]
+    pub listen_timeout: Option<u64>,
+
+    /// Milliseconds a stopping worker has before SIGKILL (default 1600)
+    #[arg(long, value_name = "MS")]
+    pub kill_timeout: Option<u64>,
+
+    /// Stop workers with the 'shutdown' message instead of SIGINT
+    #[arg(long)]
+    pub shutdown_with_message: bool,
+
+    /// How connections reach workers: auto (the default: for TCP one accept
+    /// queue shared by all, steered to even out keep-alive connections; for
+    /// UDP a socket per slot, so a flow stays with one worker), queue (one
+    /// accept queue shared by all, not steered), or reuseport (one
+    /// SO_REUSEPORT socket per worker slot, spread evenly by the kernel)
+    #[arg(long, value_name = "MODE", value_parser = ["auto", "queue", "reuseport"])]
+    pub balance: Option<String>,
+
+    /// Leave keep-alive connections where they land (by default a worker
+    /// holding more than its fair share closes the surplus at their next
+    /// response, and the clients reconnect to the others)
+    #[arg(long)]
+    pub no_rebalance: bool,
+
+    /// Serve Prometheus metrics here: HOST:PORT or unix:/path (default: off,
+    /// or the socket systemd passes with FileDescriptorName=metrics)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Workers swapped at once during a reload (default 2, as PM2)
+    #[arg(long, value_name = "N")]
+    pub reload_parallel: Option<u32>,
 }
 
 /// The loaded app plus the warnings worth showing the operator.
