@@ -178,7 +178,7 @@ mkdir -p "$PM2_HOME"
 bench_bus
 
 # Metadata for the report.
-COMMAND_LINE=$COMMAND_LINE NICE=$NICE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA NH=$NH ROOT=$ROOT \
+COMMAND_LINE=$COMMAND_LINE NICE=$NICE QUICK=$QUICK ROUNDS=$ROUNDS PM2_VERSION_SEEN=$PM2_VERSION_SEEN OHA=$OHA WRK=$WRK NH=$NH ROOT=$ROOT \
 SETTINGS="{\"tput_secs\":$TPUT_SECS,\"tput_reps\":$TPUT_REPS,\"reload_gap\":$RELOAD_GAP,\"conns\":$CONNS,\"client_timeout\":$CLIENT_TIMEOUT,\"wall_reloads\":$WALL_RELOADS,\"crashes\":$CRASHES,\"mem_reloads\":$MEM_RELOADS,\"scale_to\":$SCALE_TO,\"tail_secs\":$TAIL_SECS,\"tail_reps\":$TAIL_REPS,\"slow_rate\":$SLOW_RATE,\"slow_conns\":$SLOW_CONNS,\"fast_rate\":$FAST_RATE,\"fast_conns\":$FAST_CONNS,\"hang_secs\":$HANG_SECS,\"hang_timeout\":$HANG_TIMEOUT}" \
   node "$LIB/meta.js" >"$RUN/meta.json"
 
@@ -302,6 +302,17 @@ oha_run() { # oha_run SECS KA OUTFILE [extra oha args]
   timeout $((secs + 60)) "$OHA" "${args[@]}" "$@" "http://127.0.0.1:$PORT/" >"$outf" 2>>"$RUN/oha.err" || true
 }
 
+# wrk_run SECS KA OUTFILE: the same load from wrk (-c CONNS, a thread per
+# CPU); keep-alive off is `Connection: close` on every request. Writes wrk's
+# summary as JSON (lib/wrk-json.lua).
+wrk_run() {
+  local secs=$1 ka=$2 outf=$3 args
+  args=(-t "$(nproc)" -c "$CONNS" -d "${secs}s" -s "$LIB/wrk-json.lua")
+  [[ $ka == off ]] && args+=(-H 'Connection: close')
+  rm -f "$outf"
+  WRK_OUT=$outf timeout $((secs + 60)) "$WRK" "${args[@]}" "http://127.0.0.1:$PORT/" >/dev/null 2>>"$RUN/wrk.err" || true
+}
+
 # --- phases ------------------------------------------------------------------
 # All three contenders are up side by side (idle ones cost nothing) so that
 # their runs can alternate closely: for each repetition, every contender once
@@ -335,6 +346,15 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
           sleep 0.7 # the workers write their counts every 250 ms
           after=$(counts "$COUNTS")
           rec "{\"kind\":\"tput\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after}"
+          # The same run from wrk, 2 workers: a second load generator
+          # (its own connection handling and pacing) checks oha's ratios.
+          if [[ -n $WRK ]] && ((w == 2)); then
+            f=$RUN/wrk/tput-$round-$rep-$w-$c-$ka.json
+            mkdir -p "$RUN/wrk"
+            log "round $round.$rep: throughput $c, $w workers, keep-alive $ka, wrk"
+            wrk_run "$TPUT_SECS" "$ka" "$f"
+            rec "{\"kind\":\"wrk\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"wrk\":\"$f\"}"
+          fi
         done
       done
     done

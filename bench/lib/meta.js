@@ -29,6 +29,7 @@ process.stdout.write(
       node: process.version,
       pm2: e.PM2_VERSION_SEEN,
       oha: sh(e.OHA, '--version'),
+      wrk: e.WRK ? (sh('dpkg-query', '-W', '-f', '${Version}', 'wrk') || 'wrk') : null,
       nodeherd: sh(e.NH, '--version'),
       commit: sh('git', '-C', e.ROOT, 'rev-parse', '--short', 'HEAD'),
       dirty: status !== null && status !== '',

@@ -210,6 +210,60 @@ if (tput.length) {
   }
 }
 
+// --- the same throughput from wrk ------------------------------------------
+// A second load generator: oha and wrk pace and reuse connections their own
+// ways, and a ratio that holds under one only is not a property of the
+// contenders.
+const wrk = byKind('wrk').map((r) => {
+  const o = readOha(r.wrk);
+  return {
+    ...r,
+    rps: o && o.duration_us > 0 ? o.requests / (o.duration_us / 1e6) : null,
+    p99: o ? o.p99_us / 1000 : null,
+    errors: o ? o.connect + o.read + o.write + o.timeout : null,
+    non2xx: o ? o.status : null,
+  };
+});
+if (wrk.length) {
+  const WRK = TPUT.filter((c) => wrk.some((r) => r.contender === c));
+  p('### Throughput measured with wrk');
+  p();
+  p(`The same hello app and runs as above (2 workers, in the same rotation, each right after the contender's oha run), loaded by \`wrk -t ${meta.nproc} -c ${st.conns} -d ${st.tput_secs}s\` (${meta.wrk ? `wrk ${meta.wrk}` : 'wrk'}); keep-alive off is \`Connection: close\` on every request. "socket errors" counts wrk's connect, read, write and timeout errors (with \`Connection: close\` wrk may count a close it did not expect as a read error).`);
+  p();
+  p('| workers | keep-alive | contender | req/s | p99 ms | socket errors | non-2xx |');
+  p('|---|---|---|---|---|---|---|');
+  for (const ka of ['off', 'on']) {
+    for (const c of WRK) {
+      const rs = wrk.filter((r) => r.ka === ka && r.contender === c);
+      if (!rs.length) continue;
+      p(`| 2 | ${ka} | ${NAME[c]} | ${mmm(rs.map((r) => r.rps))} | ${mmm(rs.map((r) => r.p99), 2)} | ${rs.reduce((a, r) => a + (r.errors || 0), 0)} | ${rs.reduce((a, r) => a + (r.non2xx || 0), 0)} |`);
+    }
+  }
+  p();
+  p('Ratios to the cluster, paired per repetition:');
+  p();
+  p('| workers | keep-alive | nodeherd / cluster | nodeherd queue / cluster | nodeherd / PM2 |');
+  p('|---|---|---|---|---|');
+  for (const ka of ['off', 'on']) {
+    const per = { n: [], q: [], pm2: [] };
+    for (const pair of [...new Set(wrk.map((r) => r.pair))]) {
+      const get = (c) => wrk.find((r) => r.pair === pair && r.ka === ka && r.contender === c);
+      const cl = get('cluster');
+      const n = get('nodeherd');
+      const q = get('nodeherd-queue');
+      const pm = get('pm2');
+      if (n && cl && n.rps && cl.rps) per.n.push(n.rps / cl.rps);
+      if (q && cl && q.rps && cl.rps) per.q.push(q.rps / cl.rps);
+      if (n && pm && n.rps && pm.rps) per.pm2.push(n.rps / pm.rps);
+    }
+    if (!per.n.length) continue;
+    p(`| 2 | ${ka} | ${mmm(per.n, 3)} | ${mmm(per.q, 3)} | ${mmm(per.pm2, 2)} |`);
+    const c = median(per.n);
+    target(`Throughput ${ka === 'on' ? 'with' : 'without'} keep-alive under wrk, 2 workers: ≥ 0.97× the SCHED_NONE cluster`, `${fmt(c, 3)}× (${fmt(min(per.n), 3)}–${fmt(max(per.n), 3)})`, c === null ? null : c >= 0.97);
+  }
+  p();
+}
+
 // --- fast requests beside slow ones, and a hung worker ---------------------------
 const tail = byKind('tail').map((r) => {
   const fast = readOha(r.fast);

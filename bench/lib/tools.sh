@@ -1,8 +1,9 @@
 # The tools every side-by-side benchmark needs, found or installed once:
 # node and npm, dbus-daemon, PM2 (pinned, into $WORK/pm2), oha, and
+# wrk (a second load generator, from the distribution's archive), and
 # nodeherd's release build. Sourced by bench/run.sh and bench/reexec.sh
 # after they define ROOT, WORK, PM2_VERSION, log and die; sets PM2,
-# PM2_VERSION_SEEN, OHA and NH; bench_bus (after RUN is made) starts a
+# PM2_VERSION_SEEN, OHA, WRK and NH; bench_bus (after RUN is made) starts a
 # private bus.
 bench_tools() {
   mkdir -p "$WORK"
@@ -31,6 +32,14 @@ bench_tools() {
     timeout 1800 cargo install oha --locked >&2
     OHA=$HOME/.cargo/bin/oha
   fi
+
+  WRK=$(command -v wrk || true)
+  if [[ -z $WRK ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    log "installing wrk from apt"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null || true
+    WRK=$(command -v wrk || true)
+  fi
+  [[ -n $WRK ]] || log "wrk not found (apt-get install wrk): the throughput phase measures with oha only"
 
   log "building nodeherd (cargo build --release)"
   (cd "$ROOT" && timeout 1800 cargo build --release --quiet >&2)
