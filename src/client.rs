@@ -622,8 +622,12 @@ pub fn reexec(args: AppArgs) -> ExitCode {
                     );
                     return Ok(());
                 }
-                let state = p.state().await.unwrap_or_default();
-                if state != "reexecuting" && t0.elapsed() > Duration::from_millis(500) {
+                // A manager that went between the two calls (the old
+                // program's exec) tells nothing: ask again.
+                if let Ok(state) = p.state().await
+                    && state != "reexecuting"
+                    && t0.elapsed() > Duration::from_millis(500)
+                {
                     return Err(Failure(
                         1,
                         format!(
