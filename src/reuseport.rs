@@ -58,9 +58,12 @@ pub struct PerSlot {
     next_id: u64,
     /// Slots whose worker is ready: the program picks only their sockets.
     serving: BTreeSet<u32>,
-    /// Of those, the ones below their share of keep-alive connections
-    /// (empty: no preference): TCP sockets are picked among these.
-    preferred: BTreeSet<u32>,
+    /// Of those, the ones below their share of keep-alive connections, each
+    /// with a weight, how many it lacks (empty: no preference): TCP sockets
+    /// are picked among these, a slot as much more often as it weighs more,
+    /// so that the connections a worker above its share closes come back
+    /// where they are wanted in one go rather than over many rounds.
+    preferred: BTreeMap<u32, u32>,
     /// Slots whose TCP accept queue was not empty at the last look: their
     /// worker is busy (a long handler) or hung, so a new connection would
     /// wait behind it. New TCP connections go to the others while any other
@@ -225,8 +228,8 @@ impl PerSlot {
     /// While `preferred` (a part of them) is not empty, new TCP connections
     /// go to its slots only: the workers below their share of keep-alive
     /// connections (see the supervisor's `share`).
-    pub fn set_serving(&mut self, serving: BTreeSet<u32>, preferred: BTreeSet<u32>) {
-        let preferred: BTreeSet<u32> = preferred.intersection(&serving).copied().collect();
+    pub fn set_serving(&mut self, serving: BTreeSet<u32>, mut preferred: BTreeMap<u32, u32>) {
+        preferred.retain(|slot, weight| serving.contains(slot) && *weight > 0);
         if serving != self.serving || preferred != self.preferred {
             self.serving = serving;
             self.preferred = preferred;
@@ -404,15 +407,16 @@ impl PerSlot {
             let live: BTreeSet<u64> = if self.preferred.is_empty() {
                 self.shared.iter().map(|(id, _)| *id).collect()
             } else {
-                ids_of(&self.preferred)
+                ids_of(&self.preferred.keys().copied().collect())
             };
             for (t, group) in self.groups.iter().enumerate() {
-                let indexes: Vec<u32> = group
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, id)| live.contains(id))
-                    .map(|(i, _)| i as u32)
-                    .collect();
+                let indexes = weighted(
+                    group
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, id)| live.contains(id))
+                        .map(|(i, id)| (i as u32, self.weight(*id))),
+                );
                 let Some((_, member)) = self.shared.get(t) else {
                     continue;
                 };
@@ -448,7 +452,7 @@ impl PerSlot {
         let tcp_live = if self.preferred.is_empty() {
             ids_of(&free(&self.serving))
         } else {
-            ids_of(&free(&self.preferred))
+            ids_of(&free(&self.preferred.keys().copied().collect()))
         };
         for (t, group) in self.groups.iter().enumerate() {
             let tcp = self.templates.get(t).is_some_and(|x| x.kind == Kind::Tcp);
@@ -458,12 +462,14 @@ impl PerSlot {
                 Spread::PerFlow
             };
             let live = if tcp { &tcp_live } else { &serving };
-            let indexes: Vec<u32> = group
-                .iter()
-                .enumerate()
-                .filter(|(_, id)| live.contains(id))
-                .map(|(i, _)| i as u32)
-                .collect();
+            // A flow stays where it is: weights are for new connections.
+            let indexes = weighted(
+                group
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, id)| live.contains(id))
+                    .map(|(i, id)| (i as u32, if tcp { self.weight(*id) } else { 1 })),
+            );
             // Any socket of the group sets the group's program.
             let Some(member) = self
                 .sockets
@@ -484,6 +490,16 @@ impl PerSlot {
                 "connections queued for a slot that goes may be reset unless net.ipv4.tcp_migrate_req=1",
             );
         }
+    }
+
+    /// How often the socket `id` is to be picked among the preferred: its
+    /// slot's weight (1 while nothing is preferred).
+    fn weight(&self, id: u64) -> u32 {
+        self.ids
+            .iter()
+            .position(|ids| ids.contains(&id))
+            .and_then(|slot| self.preferred.get(&(slot as u32)))
+            .map_or(1, |w| *w)
     }
 
     /// Attach the program to `member`'s group; if the kernel refuses it
@@ -602,6 +618,24 @@ enum Spread {
 }
 
 /// The program: A = the pick's hash, A %= n, then return `indexes[A]`.
+/// The most entries a program picks among: two instructions each, and
+/// the kernel takes at most 4096 (`BPF_MAXINSNS`).
+const MAX_ENTRIES: usize = 1024;
+
+/// Each socket index as many times as it weighs, for [`program`] to pick
+/// among (`hash % n`); past [`MAX_ENTRIES`], each once.
+fn weighted(entries: impl Iterator<Item = (u32, u32)>) -> Vec<u32> {
+    let entries: Vec<(u32, u32)> = entries.collect();
+    let total: usize = entries.iter().map(|(_, w)| (*w).max(1) as usize).sum();
+    if total > MAX_ENTRIES {
+        return entries.into_iter().map(|(i, _)| i).collect();
+    }
+    entries
+        .into_iter()
+        .flat_map(|(i, w)| std::iter::repeat_n(i, w.max(1) as usize))
+        .collect()
+}
+
 fn program(indexes: &[u32], spread: Spread) -> Vec<libc::sock_filter> {
     let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: code as u16,
@@ -798,14 +832,14 @@ mod tests {
         let (mut p, addr) = four_slots();
         let connect = |n: usize| connect(&addr, n);
         // Slots 1 and 3 are below their share: every new connection is theirs.
-        p.set_serving((0..4).collect(), [1, 3].into());
+        p.set_serving((0..4).collect(), [(1, 1), (3, 1)].into());
         let held = connect(100);
         let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
         assert_eq!((got[0], got[2]), (0, 0), "{got:?}");
         assert_eq!(got[1] + got[3], 100, "{got:?}");
         assert!(got[1] > 0 && got[3] > 0, "both preferred slots: {got:?}");
         // A preferred slot that does not serve is not picked.
-        p.set_serving([0, 1, 2].into(), [3].into());
+        p.set_serving([0, 1, 2].into(), [(3, 1)].into());
         let held2 = connect(100);
         let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
         assert_eq!(got[3], 0, "{got:?}");
@@ -835,18 +869,25 @@ mod tests {
         assert_eq!(accept_all(&shared[0]), 100, "all to the shared queue");
         let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
         assert_eq!(got, vec![0, 0, 0, 0]);
-        p.set_serving((0..4).collect(), [1, 3].into());
+        p.set_serving((0..4).collect(), [(1, 1), (3, 1)].into());
         let held2 = connect(&addr, 100);
         assert_eq!(accept_all(&shared[0]), 0, "none to the shared queue");
         let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
         assert_eq!(got[0] + got[2], 0, "{got:?}");
         assert!(got[1] > 0 && got[3] > 0, "{got:?}");
         assert_eq!(got[1] + got[3], 100);
+        // Weighted: the slot that lacks six connections gets about six
+        // times as many new ones as the slot that lacks one.
+        p.set_serving((0..4).collect(), [(1, 1), (3, 6)].into());
+        let held3 = connect(&addr, 350);
+        let got: Vec<u32> = (0..4).map(|i| accept_all(&p.sockets[i][0])).collect();
+        assert_eq!(got[0] + got[2], 0, "{got:?}");
+        assert!(got[3] > 3 * got[1] && got[1] > 0, "{got:?}");
         // Across a re-exec: the layout's state names the shared socket.
         let state = p.carry();
         assert_eq!(state.shared_ids.len(), 1);
         state.validate().unwrap();
-        drop((held, held2));
+        drop((held, held2, held3));
     }
 
     /// Datagrams waiting on a UDP socket, by sender: read them all.

@@ -171,11 +171,11 @@ impl SocketSet {
     }
 
     /// The slots whose worker is ready: new connections go to them only,
-    /// and to the `preferred` among them while that is not empty.
+    /// and to the `preferred` among them (by weight) while that is not empty.
     pub fn set_serving(
         &mut self,
         serving: std::collections::BTreeSet<u32>,
-        preferred: std::collections::BTreeSet<u32>,
+        preferred: std::collections::BTreeMap<u32, u32>,
     ) {
         if let Some(p) = &mut self.per_slot {
             p.set_serving(serving, preferred);

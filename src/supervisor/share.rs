@@ -46,6 +46,10 @@ use super::events::{Effect, WorkerId};
 use super::state::WState;
 use super::timers::TimerKey;
 
+/// The most a preferred slot weighs: what it lacks beyond that is as
+/// many connections steered to it as its next reports show it needs.
+pub const MAX_WEIGHT: u32 = 16;
+
 /// How long a higher total of connections counts after it was seen.
 pub(super) const PEAK_HOLD: Duration = Duration::from_secs(1);
 
@@ -125,16 +129,19 @@ impl Core {
     /// connection a worker above it closes comes back where it is wanted
     /// (the kernel's hash would put it anywhere, as often as not on a worker
     /// with enough, and the shares would even out only over many rounds).
-    /// Empty while no worker or every worker is below its share (among
-    /// them: no keep-alive traffic at all, every count 0): then every
-    /// serving slot is picked. A worker that does not report (no preload, no
-    /// HTTP server) is picked as ever.
-    pub fn preferred_slots(&self) -> std::collections::BTreeSet<u32> {
-        use std::collections::BTreeSet;
+    /// Each with a weight, the connections it lacks (at most
+    /// [`MAX_WEIGHT`]): picked evenly, the one that lacks two and the one
+    /// that lacks twelve would get as many, and the first would be over its
+    /// share in turn. Empty while no worker or every worker is below its
+    /// share (among them: no keep-alive traffic at all, every count 0): then
+    /// every serving slot is picked. A worker that does not report (no
+    /// preload, no HTTP server) is picked as ever, with weight 1.
+    pub fn preferred_slots(&self) -> std::collections::BTreeMap<u32, u32> {
+        use std::collections::BTreeMap;
         let Some(fair) = self.share_fair else {
-            return BTreeSet::new();
+            return BTreeMap::new();
         };
-        let (mut reporting, mut below, mut silent) = (0, BTreeSet::new(), BTreeSet::new());
+        let (mut reporting, mut below, mut silent) = (0, BTreeMap::new(), Vec::new());
         for index in self.serving_slots() {
             let Some(w) = self.slots[index as usize]
                 .current
@@ -143,18 +150,18 @@ impl Core {
                 continue;
             };
             if !(w.ipc && w.conns.reported) {
-                silent.insert(index);
+                silent.push(index);
                 continue;
             }
             reporting += 1;
             if w.conns.open < fair {
-                below.insert(index);
+                below.insert(index, (fair - w.conns.open).min(MAX_WEIGHT));
             }
         }
         if below.is_empty() || below.len() == reporting {
-            return BTreeSet::new();
+            return BTreeMap::new();
         }
-        below.extend(silent);
+        below.extend(silent.into_iter().map(|index| (index, 1)));
         below
     }
 }

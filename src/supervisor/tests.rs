@@ -1508,23 +1508,31 @@ fn new_connections_are_steered_to_the_workers_below_their_share() {
     }
     assert!(w.core.preferred_slots().is_empty());
     // 64 connections fell 22/18/14/10 by the kernel's hash: the fair share
-    // is 16, and the clients the first two send away must land on 2 and 3.
+    // is 16, and the clients the first two send away must land on 2 and 3,
+    // three times as many on 3 (it lacks 6) as on 2 (it lacks 2).
     for (id, open) in ids.iter().zip([22, 18, 14, 10]) {
         w.connections(*id, open);
     }
-    assert_eq!(w.core.preferred_slots(), [2, 3].into());
+    assert_eq!(w.core.preferred_slots(), [(2, 2), (3, 6)].into());
     // Slot 2 fills up to its share: only 3 is still wanted.
     w.connections(ids[0], 16);
     w.connections(ids[1], 16);
     w.connections(ids[2], 16);
-    assert_eq!(w.core.preferred_slots(), [3].into());
+    assert_eq!(w.core.preferred_slots(), [(3, 6)].into());
+    // However far below, a slot weighs at most MAX_WEIGHT.
+    w.connections(ids[3], 0);
+    assert_eq!(
+        w.core.preferred_slots(),
+        [(3, super::share::MAX_WEIGHT)].into()
+    );
+    w.connections(ids[3], 10);
     // Even again: no preference.
     w.connections(ids[3], 16);
     assert!(w.core.preferred_slots().is_empty());
     // A worker that crashed is not serving, and not preferred.
     w.connections(ids[3], 10);
     w.crash(ids[3]);
-    assert!(!w.core.preferred_slots().contains(&3));
+    assert!(!w.core.preferred_slots().contains_key(&3));
 
     // Rebalance off: no preference whatever the counts.
     let mut w = World::obedient(with(policy(2), |p| p.rebalance = false));
