@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::BusArgs;
-use crate::client::{Failure, Manager1Proxy, Reached, Via};
 use crate::dbus;
+use crate::link::{Failure, Manager1Proxy, Reached, Via};
 
 /// A control socket found on disk, in a directory of `owner`'s.
 pub(crate) struct ControlSocket {
@@ -202,12 +202,12 @@ pub(crate) struct Running {
 pub(crate) async fn running(bus: &BusArgs) -> (Vec<Running>, Vec<String>) {
     let mut out: Vec<Running> = Vec::new();
     let mut notes = Vec::new();
-    match crate::client::connect(bus).await {
+    match crate::link::connect(bus).await {
         Ok(conn) => match bus_apps(&conn).await {
             Ok(apps) => {
                 for app in apps {
                     let one = async {
-                        let r = crate::client::proxy(&conn, Some(&app), bus).await;
+                        let r = crate::link::proxy(&conn, Some(&app), bus).await;
                         r.map_err(Failure::from)
                     };
                     match tokio::time::timeout(ANSWER, one).await {

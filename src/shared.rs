@@ -29,9 +29,9 @@ use std::path::Path;
 
 use crate::config::Allowed;
 use crate::ipc::SharedAddress;
+use crate::rights::{self, Rights};
 use crate::sockets::{self, CarriedSocket, Listener, SocketError};
 use crate::worker::WorkerId;
-use crate::worker::rights::{self, Rights};
 
 /// Most sockets the manager holds for one app's workers: far more than an
 /// app listens on, few enough that a worker looping over `listen()` cannot

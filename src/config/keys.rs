@@ -217,12 +217,10 @@ pub fn parse(
         if value.is_null() {
             continue;
         }
-        if let Some(k) = KEYS
-            .iter()
-            .chain(super::logfiles::KEYS)
-            .find(|k| k.name == key)
-        {
+        if let Some(k) = KEYS.iter().find(|k| k.name == key) {
             (k.set)(&mut raw, value).map_err(|m| err(key, m))?;
+        } else if let Some(k) = super::logfiles::KEYS.iter().find(|k| k.name == key) {
+            (k.set)(&mut raw.logs, value).map_err(|m| err(key, m))?;
         } else if let Some(name) = key.strip_prefix("env_") {
             raw.env_named
                 .insert(name.to_string(), v::env(value).map_err(|m| err(key, m))?);

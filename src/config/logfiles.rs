@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::keys::Key;
 use super::values as v;
 
 /// The log keys of one entry, as written.
@@ -146,26 +145,32 @@ fn path(x: &Value) -> Result<String, String> {
     Ok(if s == "NULL" { DEV_NULL.into() } else { s })
 }
 
+/// A log key: its name, and how its value is read into [`RawLogs`].
+pub struct LogKey {
+    pub name: &'static str,
+    pub(super) set: fn(&mut RawLogs, &Value) -> Result<(), String>,
+}
+
 /// The log keys, read by `keys::parse` beside its own table.
-pub const KEYS: &[Key] = &[
-    Key {
+pub const KEYS: &[LogKey] = &[
+    LogKey {
         name: "out_file",
         set: |r, x| {
-            r.logs.out = Some(path(x)?);
+            r.out = Some(path(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "error_file",
         set: |r, x| {
-            r.logs.error = Some(path(x)?);
+            r.error = Some(path(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_file",
         set: |r, x| {
-            r.logs.combined = match x {
+            r.combined = match x {
                 Value::Bool(false) => None,
                 Value::Bool(true) => {
                     return Err(
@@ -178,21 +183,21 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "merge_logs",
         set: |r, x| {
-            r.logs.merge = Some(v::boolean(x)?);
+            r.merge = Some(v::boolean(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "combine_logs",
         set: |r, x| {
-            r.logs.merge = Some(v::boolean(x)?);
+            r.merge = Some(v::boolean(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_date_format",
         set: |r, x| {
             let f = v::string(x)?;
@@ -201,50 +206,50 @@ pub const KEYS: &[Key] = &[
                     "{f:?}: at most 100 characters, none of them control characters"
                 ));
             }
-            r.logs.date_format = Some(f);
+            r.date_format = Some(f);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "time",
         set: |r, x| {
-            r.logs.time = Some(v::boolean(x)?);
+            r.time = Some(v::boolean(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_max_size",
         set: |r, x| {
             let n = v::size(x)?;
             if n < 1024 {
                 return Err(format!("{n} bytes is too small: at least 1K"));
             }
-            r.logs.max_size = Some(n);
+            r.max_size = Some(n);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_retain",
         set: |r, x| {
             let n = v::count(x, 100_000)?;
             if n == 0 {
                 return Err("must be at least 1".into());
             }
-            r.logs.retain = Some(n as u32);
+            r.retain = Some(n as u32);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_compress",
         set: |r, x| {
-            r.logs.compress = Some(v::boolean(x)?);
+            r.compress = Some(v::boolean(x)?);
             Ok(())
         },
     },
-    Key {
+    LogKey {
         name: "log_rotate_interval",
         set: |r, x| {
-            r.logs.interval = Some(interval(x)?);
+            r.interval = Some(interval(x)?);
             Ok(())
         },
     },

@@ -431,14 +431,14 @@ fn read_with(file: &Path, credentials: Option<&Credentials>) -> std::io::Result<
     let mut groups = c.groups.clone();
     groups.sort_unstable();
     groups.dedup();
-    let rights = crate::worker::rights::Rights {
+    let rights = crate::rights::Rights {
         uid: [c.uid; 4],
         gid: [c.gid; 4],
         groups,
         cap_eff: 0,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    crate::worker::rights::Rights::spawn(Some(rights), move |taken| {
+    crate::rights::Rights::spawn(Some(rights), move |taken| {
         let _ = tx.send(taken.and_then(|()| read()));
     })?;
     rx.recv_timeout(std::time::Duration::from_secs(10))

@@ -6,7 +6,7 @@
 //! otherwise append what its workers print to any file root may write
 //! (`out_file: "/etc/cron.d/x"`). So every path operation on a log file
 //! runs on a thread that holds the workers' credentials
-//! ([`crate::worker::rights`]): the kernel allows exactly what the app's
+//! ([`crate::rights`]): the kernel allows exactly what the app's
 //! user could do, and files are created as that user. Writing to a file
 //! once opened needs no rights. When the workers run as the manager's own
 //! user, nothing changes and nothing is spawned.
@@ -14,7 +14,7 @@
 use std::io;
 
 use crate::config::Credentials;
-use crate::worker::rights::Rights;
+use crate::rights::Rights;
 
 /// The rights log files are handled with: the manager's own (`None`) or
 /// the workers'.

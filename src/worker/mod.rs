@@ -16,7 +16,6 @@
 pub mod fork;
 pub mod preload;
 pub mod process;
-pub mod rights;
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
