@@ -78,6 +78,7 @@ pub mod cron;
 pub mod dbus;
 pub mod discover;
 pub mod fds;
+pub mod herd;
 pub mod human;
 pub mod install;
 pub mod ipc;
