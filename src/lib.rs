@@ -68,7 +68,8 @@
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
 //! program in place (the document it carries is
 //! [`supervisor::takeover`]), [`run`] puts the daemon together (or takes
-//! it over) in a private directory ([`rundir`]).
+//! it over) in a private directory ([`rundir`]), or, for a file of several
+//! apps, starts a manager for each and waits for them ([`herd`]).
 
 pub mod cli;
 pub mod client;
