@@ -91,6 +91,7 @@ pub mod monit;
 pub mod notify;
 pub mod notify_socket;
 pub mod pm2;
+pub mod pm2dump;
 pub mod queue_watch;
 pub mod reexec;
 pub mod reuseport;
