@@ -34,7 +34,8 @@ pub fn hint(verb: &str) -> Option<&'static str> {
         }
         "unstartup" => "`nodeherd uninstall APP`, or `systemctl disable nodeherd@APP.service`",
         "resurrect" => {
-            "systemd starts installed apps by itself; `nodeherd start APP` starts one now"
+            "systemd starts installed apps by itself; `nodeherd start APP` starts one now; \
+             `nodeherd install ~/.pm2/dump.pm2` installs the cluster apps PM2 saved"
         }
         "kill" => {
             "there is no nodeherd daemon to kill: each app has its own manager; \
