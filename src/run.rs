@@ -91,7 +91,7 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     let inherited = unsafe { sockets::take_inherited() }?;
     let source = source_of(&args);
     let loaded = match source.load_found() {
-        Ok(config::Found::One(l)) => l,
+        Ok(config::Found::One(l)) => *l,
         Ok(config::Found::Several(apps)) => return run_several(&args, &source, apps, &inherited),
         Err(e) if !inherited.is_empty() => return Err(config_error_when_activated(e)),
         Err(e) => return Err(e.into()),

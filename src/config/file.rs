@@ -97,6 +97,9 @@ pub(super) fn all_apps(doc: &Value, source: &str) -> Result<Vec<Map<String, Valu
     Ok(apps)
 }
 
+/// An app entry and its `name`.
+pub(super) type Named = (String, Map<String, Value>);
+
 /// Every app of a file that has several, by name, to run them together:
 /// each gets a manager of its own, picked with `--only NAME`, so each
 /// needs a `name` key (`--only` matches nothing else) and no two the same
@@ -104,8 +107,8 @@ pub(super) fn all_apps(doc: &Value, source: &str) -> Result<Vec<Map<String, Valu
 pub(super) fn named_apps(
     apps: Vec<Map<String, Value>>,
     source: &str,
-) -> Result<Vec<(String, Map<String, Value>)>, ConfigError> {
-    let mut named: Vec<(String, Map<String, Value>)> = Vec::with_capacity(apps.len());
+) -> Result<Vec<Named>, ConfigError> {
+    let mut named: Vec<Named> = Vec::with_capacity(apps.len());
     for (i, m) in apps.into_iter().enumerate() {
         let err = |msg: String| ConfigError {
             source: source.to_string(),

@@ -379,7 +379,7 @@ pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, Config
 /// loaded as its own `--only NAME` would be.
 #[derive(Debug)]
 pub enum Found {
-    One(Loaded),
+    One(Box<Loaded>),
     Several(Vec<(String, Loaded)>),
 }
 
@@ -392,7 +392,8 @@ pub fn load_found(target: &Path, over: &Overrides, cpus: u32) -> Result<Found, C
     {
         let apps = file::all_apps(&doc, &source)?;
         if apps.len() == 1 {
-            return from_entry(&apps[0], &source, &base, over, System { cpus }).map(Found::One);
+            return from_entry(&apps[0], &source, &base, over, System { cpus })
+                .map(|l| Found::One(Box::new(l)));
         }
         let mut loaded = Vec::with_capacity(apps.len());
         for (name, entry) in file::named_apps(apps, &source)? {
@@ -407,7 +408,7 @@ pub fn load_found(target: &Path, over: &Overrides, cpus: u32) -> Result<Found, C
         }
         return Ok(Found::Several(loaded));
     }
-    load(target, over, cpus).map(Found::One)
+    load(target, over, cpus).map(|l| Found::One(Box::new(l)))
 }
 
 /// The ecosystem file `target` names, read (a `.config.js` evaluated), with

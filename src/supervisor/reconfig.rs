@@ -41,7 +41,7 @@ impl Source {
     /// checks its own.
     pub fn load_found(&self) -> Result<config::Found, ConfigError> {
         match config::load_found(&self.target, &self.overrides, self.cpus)? {
-            config::Found::One(l) => self.checked(l).map(config::Found::One),
+            config::Found::One(l) => self.checked(*l).map(|l| config::Found::One(Box::new(l))),
             several => Ok(several),
         }
     }
