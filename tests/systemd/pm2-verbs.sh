@@ -16,6 +16,9 @@
 #      stopped; `nodeherd start web` starts both again
 #   e. `nodeherd stop solo`: the transient unit is gone
 #   f. `nodeherd delete api`: uninstalled, no longer listed
+#   g. `nodeherd start ecosystem.config.js` of two apps listening on their
+#      own ports: a transient unit each, both serving, `status` reaches
+#      each; `stop` ends each
 #
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is
 # bounded; the container, its mounts and cgroups are removed whatever
@@ -64,12 +67,13 @@ trap 'exit 130' INT TERM
 free_port() {
     local p
     for p in $(seq $((21000 + $$ % 11000)) $((21100 + $$ % 11000))); do
-        [[ -z $(ss -Htln "sport = :$p") && -z $(ss -Htln "sport = :$((p + 1))") && -z $(ss -Htln "sport = :$((p + 2))") ]] && { echo "$p"; return; }
+        [[ -z $(ss -Htln "sport = :$p") && -z $(ss -Htln "sport = :$((p + 1))") && -z $(ss -Htln "sport = :$((p + 2))") \
+            && -z $(ss -Htln "sport = :$((p + 3))") && -z $(ss -Htln "sport = :$((p + 4))") ]] && { echo "$p"; return; }
     done
     die "no free port"
 }
 PORT=$(free_port)
-WEB_PORT=$PORT API_PORT=$((PORT + 1)) SOLO_PORT=$((PORT + 2))
+WEB_PORT=$PORT API_PORT=$((PORT + 1)) SOLO_PORT=$((PORT + 2)) PA_PORT=$((PORT + 3)) PB_PORT=$((PORT + 4))
 
 cp "$BIN" "$HOSTDIR/nodeherd"
 cp -r "$REPO/units" "$HOSTDIR/units"
@@ -87,6 +91,14 @@ install -m 644 /shared/units/nodeherd@.socket /shared/units/nodeherd@.service /e
 install -d -m 755 /srv/web /srv/solo
 install -m 644 /shared/talker.js /srv/web/talker.js
 install -m 644 /shared/talker.js /srv/solo/app.js
+install -d -m 755 /srv/pair
+install -m 644 /shared/talker.js /srv/pair/talker.js
+cat >/srv/pair/ecosystem.config.js <<'JS'
+module.exports = { apps: [
+  { name: 'pa', script: './talker.js', instances: 2, env: { PORT: '$PA_PORT' } },
+  { name: 'pb', script: './talker.js', instances: 2, env: { PORT: '$PB_PORT' } },
+] };
+JS
 cat >/srv/web/ecosystem.config.js <<'JS'
 module.exports = { apps: [
   { name: 'web', script: './talker.js', instances: 2, listen: '127.0.0.1:$WEB_PORT' },
@@ -186,6 +198,24 @@ rc=0; out=$(ct nodeherd delete api 2>&1) || rc=$?
 expect "f: delete api exits 0 ($out)" test "$rc" = 0
 expect "f: api is no longer listed" app_is api .name ""
 expect "f: its configuration is gone" test ! -e "/proc/$PID1/root/etc/nodeherd/api.json"
+
+# ---------------------------------------------------------------- g. start a file of two apps
+rc=0; out=$(ct sh -c "cd /srv/pair && exec nodeherd start ecosystem.config.js" 2>&1) || rc=$?
+expect "g: start of a file of two apps exits 0 ($out)" test "$rc" = 0
+for a in pa pb; do
+    expect "g: $a runs as the transient nodeherd-$a.service" \
+        test "$(prop "nodeherd-$a.service" ActiveState)" = active
+done
+# With no socket of its own a worker counts as ready once started, before
+# its listen(): so a bounded wait, not "when start returns".
+expect "g: pa serves on its own port" wait_for 20 answers "$PA_PORT" pair
+expect "g: pb serves on its own port" wait_for 20 answers "$PB_PORT" pair
+for a in pa pb; do
+    st() { ct nodeherd status "$1" 2>&1 | grep -q "^$1: ready"; }
+    expect "g: status $a reaches it" st "$a"
+    rc=0; out=$(ct nodeherd stop "$a" 2>&1) || rc=$?
+    expect "g: stop $a exits 0 ($out)" test "$rc" = 0
+done
 
 echo "$PASS passed, $FAIL failed"
 ((FAIL == 0))
