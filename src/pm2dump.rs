@@ -327,3 +327,61 @@ fn no_control(s: &str, what: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::convert;
+    use serde_json::json;
+
+    fn proc(name: &str, mode: &str, env: serde_json::Value) -> serde_json::Value {
+        json!({"name": name, "exec_mode": mode, "pm_exec_path": "/srv/a.js", "pm_cwd": "/srv",
+               "pm_id": 0, "status": "online", "env": env})
+    }
+
+    #[test]
+    fn processes_become_instances_and_only_the_apps_own_env_is_kept() {
+        let shell = json!({"PATH": "/bin", "TOKEN": "t", "NODE_ENV": "production"});
+        let with = |extra: serde_json::Value| {
+            let mut e = shell.clone();
+            for (k, v) in extra.as_object().unwrap() {
+                e[k] = v.clone();
+            }
+            e
+        };
+        let dump = json!([
+            proc(
+                "api",
+                "cluster_mode",
+                with(json!({"PORT": "1", "api": "{}", "unique_id": "u"}))
+            ),
+            proc(
+                "api",
+                "cluster_mode",
+                with(json!({"PORT": "1", "api": "{}", "unique_id": "v"}))
+            ),
+            proc("jobs", "fork_mode", with(json!({"PORT": "2"}))),
+        ]);
+        let c = convert(&dump.to_string()).unwrap();
+        assert_eq!(c.entries.len(), 1);
+        let e = &c.entries[0];
+        assert_eq!(e["instances"], 2);
+        assert_eq!(e["script"], "/srv/a.js");
+        assert!(e.get("pm_id").is_none() && e.get("status").is_none());
+        // TOKEN is the same in every process of two apps: the shell's.
+        // NODE_ENV too, but kept; PORT differs: the app's.
+        assert_eq!(e["env"], json!({"NODE_ENV": "production", "PORT": "1"}));
+        let notes = c.notes.join("\n");
+        assert!(notes.contains("jobs: skipped: fork_mode"), "{notes}");
+        assert!(
+            notes.contains(
+                "left out as the environment of the shell that ran `pm2 start`: PATH, TOKEN"
+            ),
+            "{notes}"
+        );
+        assert!(
+            notes.contains("PM2's variables left out: api, unique_id"),
+            "{notes}"
+        );
+        assert!(!notes.contains("\"t\""), "{notes}");
+    }
+}
