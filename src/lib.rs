@@ -62,7 +62,8 @@
 //! clock, a process or a socket, see `clippy.toml`); [`control`] names what
 //! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
 //! it ([`discover`] finds the apps a host has, for [`ls`], [`tail`]
-//! (`logs`) and PM2's verbs in [`pm2`]), [`metrics`] serves Prometheus;
+//! (`logs`) and PM2's verbs in [`pm2`]; [`pm2dump`] reads PM2's saved
+//! list for [`install`]), [`metrics`] serves Prometheus;
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
