@@ -7,7 +7,7 @@
 //! the app's, and under `env` the app's variables merged into the whole
 //! environment of the shell that ran `pm2 start` (PATH, HOME, SSH_*, any
 //! token exported there). So only cluster apps are taken (fork mode is one
-//! process, not nodeherd's business), only the keys listed in [`COPIED`],
+//! process, not nodeherd's business), only the keys listed in `COPIED`,
 //! and of `env` only what the app itself was given, as far as the dump can
 //! tell: a shell's usual variables, PM2's, and (with more than one app)
 //! those every app has with the same value are the shell's. What is left
