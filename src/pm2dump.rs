@@ -240,6 +240,7 @@ fn entry_of(
             pm2.push(k);
         } else if !ALWAYS_KEPT.contains(&k.as_str())
             && (SHELL_VARS.contains(&k.as_str())
+                || !identifier(&k)
                 || SHELL_PREFIXES.iter().any(|x| k.starts_with(x))
                 || shared.get(&k) == Some(&v))
         {
@@ -310,6 +311,15 @@ fn shared_vars(envs: &[Map<String, Value>], apps: usize) -> BTreeMap<String, Val
     shared
 }
 
+/// A name an ecosystem file's `env` may hold; a shell exports others
+/// (bash's `BASH_FUNC_name%%` for exported functions), never for an app.
+fn identifier(k: &str) -> bool {
+    let mut c = k.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
 fn strings_in(v: &Value) -> Vec<&str> {
     match v {
         Value::String(s) => vec![s.as_str()],
@@ -340,7 +350,8 @@ mod tests {
 
     #[test]
     fn processes_become_instances_and_only_the_apps_own_env_is_kept() {
-        let shell = json!({"PATH": "/bin", "TOKEN": "t", "NODE_ENV": "production"});
+        let shell = json!({"PATH": "/bin", "TOKEN": "t", "NODE_ENV": "production",
+                           "BASH_FUNC_module%%": "() {  eval x\n}"});
         let with = |extra: serde_json::Value| {
             let mut e = shell.clone();
             for (k, v) in extra.as_object().unwrap() {
@@ -374,7 +385,7 @@ mod tests {
         assert!(notes.contains("jobs: skipped: fork_mode"), "{notes}");
         assert!(
             notes.contains(
-                "left out as the environment of the shell that ran `pm2 start`: PATH, TOKEN"
+                "left out as the environment of the shell that ran `pm2 start`: BASH_FUNC_module%%, PATH, TOKEN"
             ),
             "{notes}"
         );
@@ -383,5 +394,15 @@ mod tests {
             "{notes}"
         );
         assert!(!notes.contains("\"t\""), "{notes}");
+
+        // One app: no other to compare with. A name no app's env can
+        // hold is still the shell's; another exported variable is kept
+        // (and named by --dry-run).
+        let one = json!([proc("api", "cluster_mode", shell.clone())]);
+        let c = convert(&one.to_string()).unwrap();
+        assert_eq!(
+            c.entries[0]["env"],
+            json!({"NODE_ENV": "production", "TOKEN": "t"})
+        );
     }
 }
