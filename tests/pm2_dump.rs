@@ -16,8 +16,14 @@ const PM2_VERSION: &str = "7.0.4";
 const CACHE: &str = "/var/cache/nodeherd-ci";
 const T: Duration = Duration::from_secs(60);
 
-/// The `pm2` command, installed into the cache if it is not there yet.
+/// The `pm2` command, installed into the cache if it is not there yet
+/// (once: the tests of this file run side by side).
 fn pm2() -> Option<PathBuf> {
+    static PM2: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PM2.get_or_init(install_pm2).clone()
+}
+
+fn install_pm2() -> Option<PathBuf> {
     let prefix = Path::new(CACHE).join(format!("pm2-{PM2_VERSION}"));
     let bin = prefix.join("node_modules/.bin/pm2");
     let version_ok = || {
