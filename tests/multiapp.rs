@@ -96,6 +96,20 @@ fn port_of(m: &Manager, name: &str) -> u16 {
     port.unwrap_or_else(|| panic!("{name} logged no socket:\n{}", m.log()))
 }
 
+/// Processes this test started that its `Manager` would not end: each
+/// killed by its pid when dropped.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if pid_alive(*p) {
+                kill(*p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Every worker of every manager the herd process `pid` started.
 fn all_workers(pid: i32) -> Vec<i32> {
     children(pid).into_iter().flat_map(children).collect()
@@ -327,6 +341,8 @@ fn the_managers_stop_when_the_file_s_process_is_killed() {
     let file = host.two_apps(api_port);
     let mut m = spawn_collecting(host.cmd(&["run", &file, "--bus", &bus.address]));
     let (managers, workers) = both_serving(&host, &m, &bus, api_port);
+    // Killed whatever the outcome, should they outlive the test.
+    let _guard = KillOnDrop(managers.iter().chain(&workers).copied().collect());
     // SIGKILL leaves it no time to forward anything: each manager gets
     // SIGTERM from the kernel (its parent-death signal) and stops.
     m.signal(libc::SIGKILL);
