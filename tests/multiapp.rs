@@ -165,6 +165,17 @@ fn a_file_of_two_apps_runs_both_and_one_ctrl_c_stops_both_gracefully() {
     let mut m = spawn_collecting(host.cmd(&["run", &file, "--bus", &bus.address]));
     let (managers, workers) = both_serving(&host, &m, &bus, api_port);
 
+    // One app's manager re-executed in place stays this process's child.
+    let (code, _, err) = host.client(&["reexec", "api", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        m.wait_log("nodeherd[api]: re-executed in", T),
+        "{}",
+        m.log()
+    );
+    assert_eq!(children(m.pid()), managers, "the same managers");
+    assert_eq!(all_workers(m.pid()), workers, "the same workers");
+
     // A terminal's Ctrl-C reaches the whole group: the herd process, each
     // manager and each worker. One stop, graceful: every worker drains.
     kill(-m.pid(), libc::SIGINT);
