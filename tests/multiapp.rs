@@ -198,13 +198,28 @@ fn a_file_of_two_apps_runs_both_and_one_ctrl_c_stops_both_gracefully() {
 }
 
 #[test]
-fn sigterm_to_the_file_s_process_stops_every_app_and_stop_ends_one_alone() {
+fn signals_to_the_file_s_process_reach_every_app_and_stop_ends_one_alone() {
     let host = Host::new("herd-term");
     let bus = DbusDaemon::start();
     let api_port = free_port();
     let file = host.two_apps(api_port);
     let mut m = spawn_collecting(host.cmd(&["run", &file, "--bus", &bus.address]));
-    let (_, workers) = both_serving(&host, &m, &bus, api_port);
+    let (_, old_workers) = both_serving(&host, &m, &bus, api_port);
+
+    // SIGHUP (as `systemctl reload` sends) reloads every app.
+    m.signal(libc::SIGHUP);
+    for name in ["api", "web"] {
+        assert!(
+            m.wait_log(&format!("nodeherd[{name}]: reload finished: 2/2"), T),
+            "{}",
+            m.log()
+        );
+    }
+    let workers = all_workers(m.pid());
+    assert!(
+        workers.iter().all(|w| !old_workers.contains(w)),
+        "{workers:?} {old_workers:?}"
+    );
 
     // `nodeherd stop api` ends api alone: web keeps serving.
     let (code, _, err) = host.client(&["stop", "api", "--bus", &bus.address]);
