@@ -222,7 +222,8 @@ pub struct ScaleArgs {
 
 #[derive(Debug, Args)]
 pub struct InstallArgs {
-    /// A PM2 ecosystem file (.json, .config.js)
+    /// A PM2 ecosystem file (.json, .config.js), or PM2's saved list
+    /// (~/.pm2/dump.pm2, what `pm2 save` writes): its cluster apps
     pub ecosystem: PathBuf,
 
     /// Install only the app of this name

@@ -84,7 +84,16 @@ fn install_inner(args: &InstallArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Refused(format!("{}: {e}", args.ecosystem.display())))?;
     // Read (and a .config.js evaluated) once: what is checked below is
     // what is written.
-    let entries = config::read_entries(&file).map_err(|e| Failure::Refused(e.to_string()))?;
+    let entries = if crate::pm2dump::is_dump(&file) {
+        // PM2's saved list: its cluster apps, and what is left out, said.
+        let dump = crate::pm2dump::read(&file).map_err(Failure::Refused)?;
+        for note in &dump.notes {
+            println!("{}: {note}", file.display());
+        }
+        dump.entries
+    } else {
+        config::read_entries(&file).map_err(|e| Failure::Refused(e.to_string()))?
+    };
     let base = file.parent().unwrap_or(Path::new("/")).to_path_buf();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     if let Some(g) = &args.socket_group {

@@ -62,13 +62,15 @@
 //! clock, a process or a socket, see `clippy.toml`); [`control`] names what
 //! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
 //! it ([`discover`] finds the apps a host has, for [`ls`], [`tail`]
-//! (`logs`) and PM2's verbs in [`pm2`]), [`metrics`] serves Prometheus;
+//! (`logs`) and PM2's verbs in [`pm2`]; [`pm2dump`] reads PM2's saved
+//! list for [`install`]), [`metrics`] serves Prometheus;
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
 //! program in place (the document it carries is
 //! [`supervisor::takeover`]), [`run`] puts the daemon together (or takes
-//! it over) in a private directory ([`rundir`]).
+//! it over) in a private directory ([`rundir`]), or, for a file of several
+//! apps, starts a manager for each and waits for them ([`herd`]).
 
 pub mod cli;
 pub mod client;
@@ -78,6 +80,7 @@ pub mod cron;
 pub mod dbus;
 pub mod discover;
 pub mod fds;
+pub mod herd;
 pub mod human;
 pub mod install;
 pub mod ipc;
@@ -90,6 +93,7 @@ pub mod monit;
 pub mod notify;
 pub mod notify_socket;
 pub mod pm2;
+pub mod pm2dump;
 pub mod queue_watch;
 pub mod reexec;
 pub mod reuseport;

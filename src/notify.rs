@@ -17,13 +17,22 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// A `STATUS=` text on one line: the protocol is a line per assignment,
+/// and a text may quote a file (a `.config.js`'s excerpt) whose line
+/// `READY=1` must not reach systemd as one.
+fn one_line(status: &str) -> String {
+    crate::logs::clean(status, 1024)
+}
+
 /// All workers are up (first start, or the end of a reload).
 pub fn ready(status: &str) {
+    let status = &one_line(status);
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A reload began: systemd ≥ 253 needs MONOTONIC_USEC with it.
 pub fn reloading(status: &str) {
+    let status = &one_line(status);
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
         Err(_) => send(&[NotifyState::Reloading, NotifyState::Status(status)]),
@@ -37,10 +46,12 @@ pub fn extend_timeout(by: Duration) {
 }
 
 pub fn status(status: &str) {
+    let status = &one_line(status);
     send(&[NotifyState::Status(status)]);
 }
 
 pub fn stopping(status: &str) {
+    let status = &one_line(status);
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 

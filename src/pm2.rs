@@ -34,7 +34,8 @@ pub fn hint(verb: &str) -> Option<&'static str> {
         }
         "unstartup" => "`nodeherd uninstall APP`, or `systemctl disable nodeherd@APP.service`",
         "resurrect" => {
-            "systemd starts installed apps by itself; `nodeherd start APP` starts one now"
+            "systemd starts installed apps by itself; `nodeherd start APP` starts one now; \
+             `nodeherd install ~/.pm2/dump.pm2` installs the cluster apps PM2 saved"
         }
         "kill" => {
             "there is no nodeherd daemon to kill: each app has its own manager; \
@@ -69,8 +70,10 @@ pub fn start(args: RunArgs) -> ExitCode {
         return start_installed(&target.display().to_string());
     }
     let source = crate::run::source_of(&args);
-    let app = match source.load() {
-        Ok(l) => l.app.name,
+    // A file of several apps starts them all, as PM2 does: a manager each.
+    let apps: Vec<String> = match source.load_found() {
+        Ok(crate::config::Found::One(l)) => vec![l.app.name],
+        Ok(crate::config::Found::Several(all)) => all.into_iter().map(|(name, _)| name).collect(),
         Err(e) => {
             eprintln!("nodeherd: {e}");
             return ExitCode::from(2);
@@ -80,24 +83,26 @@ pub fn start(args: RunArgs) -> ExitCode {
     // run with --no-bus is still found by its control socket.
     let mut ask = args.bus.clone();
     ask.no_bus = false;
-    let running = crate::client::block_on(async {
-        tokio::time::timeout(ASK, reach(Some(&app), &ask))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|r| (r.pid, r.via))
-    });
-    if let Ok(Some((pid, via))) = running {
-        eprintln!(
-            "nodeherd: {} already runs (manager pid {}, {}): `nodeherd reload {}` loads new code \
-             with no downtime; `nodeherd stop {}` first to start it afresh",
-            printable(&app),
-            pid.map_or("?".into(), |p| p.to_string()),
-            via.describe(),
-            printable(&app),
-            printable(&app)
-        );
-        return ExitCode::from(1);
+    for app in &apps {
+        let running = crate::client::block_on(async {
+            tokio::time::timeout(ASK, reach(Some(app), &ask))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|r| (r.pid, r.via))
+        });
+        if let Ok(Some((pid, via))) = running {
+            eprintln!(
+                "nodeherd: {} already runs (manager pid {}, {}): `nodeherd reload {}` loads new code \
+                 with no downtime; `nodeherd stop {}` first to start it afresh",
+                printable(app),
+                pid.map_or("?".into(), |p| p.to_string()),
+                via.describe(),
+                printable(app),
+                printable(app)
+            );
+            return ExitCode::from(1);
+        }
     }
     let as_unit = nix::unistd::geteuid().is_root()
         && discover::systemd_booted()
@@ -105,17 +110,31 @@ pub fn start(args: RunArgs) -> ExitCode {
         && args.bus.bus.is_none()
         && !args.bus.user;
     if as_unit {
-        return start_transient(&app);
+        // A unit each, `--only` picking its app of the file.
+        let several = apps.len() > 1;
+        for app in &apps {
+            let code = start_transient(app, several);
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
+        }
+        return ExitCode::SUCCESS;
     }
+    let app = apps
+        .iter()
+        .map(|a| printable(a))
+        .collect::<Vec<_>>()
+        .join(", ");
     let why = if discover::systemd_booted() {
         "not root"
     } else {
         "systemd does not run here"
     };
     eprintln!(
-        "nodeherd: starting {} in the foreground ({why}): Ctrl-C stops it; \
-         `nodeherd install FILE` makes it a service that outlives this shell",
-        printable(&app)
+        "nodeherd: starting {app} in the foreground ({why}): Ctrl-C stops {}; \
+         `nodeherd install FILE` makes {} a service that outlives this shell",
+        if apps.len() > 1 { "them" } else { "it" },
+        if apps.len() > 1 { "each" } else { "it" },
     );
     crate::run::main(args)
 }
@@ -163,7 +182,7 @@ pub fn transient_command(app: &str, exe: &Path, cwd: &Path, run_args: &[String])
     argv
 }
 
-fn start_transient(app: &str) -> ExitCode {
+fn start_transient(app: &str, only: bool) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -173,7 +192,10 @@ fn start_transient(app: &str) -> ExitCode {
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     // `nodeherd start ARGS...` is `nodeherd run ARGS...`.
-    let run_args: Vec<String> = std::env::args().skip(2).collect();
+    let mut run_args: Vec<String> = std::env::args().skip(2).collect();
+    if only {
+        run_args.splice(0..0, ["--only".to_string(), app.to_string()]);
+    }
     let argv = transient_command(app, &exe, &cwd, &run_args);
     // systemd-run waits for READY=1 (Type=notify): the workers are ready.
     match Command::new(&argv[0]).args(&argv[1..]).status() {

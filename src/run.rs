@@ -19,7 +19,7 @@ use crate::sockets::{self, SocketError};
 use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources, takeover};
-use crate::{dbus, logs, metrics, notify, notify_socket, reexec};
+use crate::{dbus, herd, logs, metrics, notify, notify_socket, reexec};
 
 /// Why `nodeherd run` could not run; the kind decides the exit status.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +90,9 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     // SAFETY: as above.
     let inherited = unsafe { sockets::take_inherited() }?;
     let source = source_of(&args);
-    let loaded = match source.load() {
-        Ok(l) => l,
+    let loaded = match source.load_found() {
+        Ok(config::Found::One(l)) => *l,
+        Ok(config::Found::Several(apps)) => return run_several(&args, &source, apps, &inherited),
         Err(e) if !inherited.is_empty() => return Err(config_error_when_activated(e)),
         Err(e) => return Err(e.into()),
     };
@@ -167,6 +168,29 @@ fn run(args: RunArgs) -> Result<u8, RunError> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// A file of several apps without `--only`: a manager for each ([`herd`]).
+fn run_several(
+    args: &RunArgs,
+    source: &Source,
+    apps: Vec<(String, config::Loaded)>,
+    inherited: &[sockets::Listener],
+) -> Result<u8, RunError> {
+    let names: Vec<String> = apps.into_iter().map(|(name, _)| name).collect();
+    if let Some(why) = herd::refuse(&names, &args.over, &args.bus, !inherited.is_empty()) {
+        let err = ConfigError {
+            source: source.target.display().to_string(),
+            app: None,
+            key: None,
+            msg: why,
+        };
+        if !inherited.is_empty() {
+            return Err(config_error_when_activated(err));
+        }
+        return Err(RunError::Usage(err.to_string()));
+    }
+    herd::run(&source.target, &names).map_err(RunError::system("cannot run the file's apps"))
 }
 
 /// What a re-exec handed over, owned again, for [`run_daemon`].

@@ -622,12 +622,11 @@ fn bad_configs_and_flags_fail_clearly_with_status_2() {
             vec![],
             "key `interpreter`",
         ),
+        // Several apps run together (a manager each): each needs a name.
         (
-            format!(
-                r#"{{"apps":[{{"name":"a","script":"{script}"}},{{"name":"b","script":"{script}"}}]}}"#
-            ),
+            format!(r#"{{"apps":[{{"name":"a","script":"{script}"}},{{"script":"{script}"}}]}}"#),
             vec![],
-            "--only",
+            "apps[1].name",
         ),
         ("{ not json".to_string(), vec![], "not valid JSON"),
         (

@@ -64,7 +64,6 @@ pub(super) fn read_ecosystem(file: &Path) -> Result<Value, ConfigError> {
     serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))
 }
 
-/// Find the app entry: `--only NAME`, or the single app of the file.
 /// Every app entry of an ecosystem document.
 pub(super) fn all_apps(doc: &Value, source: &str) -> Result<Vec<Map<String, Value>>, ConfigError> {
     let err = |msg: String| ConfigError {
@@ -98,6 +97,46 @@ pub(super) fn all_apps(doc: &Value, source: &str) -> Result<Vec<Map<String, Valu
     Ok(apps)
 }
 
+/// An app entry and its `name`.
+pub(super) type Named = (String, Map<String, Value>);
+
+/// Every app of a file that has several, by name, to run them together:
+/// each gets a manager of its own, picked with `--only NAME`, so each
+/// needs a `name` key (`--only` matches nothing else) and no two the same
+/// (a bus name and a runtime directory are the app's).
+pub(super) fn named_apps(
+    apps: Vec<Map<String, Value>>,
+    source: &str,
+) -> Result<Vec<Named>, ConfigError> {
+    let mut named: Vec<Named> = Vec::with_capacity(apps.len());
+    for (i, m) in apps.into_iter().enumerate() {
+        let err = |msg: String| ConfigError {
+            source: source.to_string(),
+            app: None,
+            key: Some(format!("apps[{i}].name")),
+            msg,
+        };
+        let name = match m.get("name") {
+            Some(Value::String(n)) if !n.is_empty() => n.clone(),
+            _ => {
+                return Err(err(
+                    "every app of a file run together needs a name of its own (its manager \
+                     is started with --only NAME); give it one, or run one app with --only"
+                        .into(),
+                ));
+            }
+        };
+        if named.iter().any(|(n, _)| *n == name) {
+            return Err(err(format!(
+                "two apps are named {name:?}: each app's manager needs a name of its own"
+            )));
+        }
+        named.push((name, m));
+    }
+    Ok(named)
+}
+
+/// Find the app entry: `--only NAME`, or the single app of the file.
 pub(super) fn pick_app(
     doc: &Value,
     source: &str,

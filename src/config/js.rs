@@ -38,7 +38,7 @@ const done = (m) => {
   if (typeof c === 'function') c = c();
   Promise.resolve(c).then((v) => process.stdout.write(JSON.stringify(v === undefined ? null : v)));
 };
-if (p.endsWith('.mjs')) import(require('url').pathToFileURL(p)).then(done, (e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+if (p.endsWith('.mjs')) import(require('url').pathToFileURL(p)).then(done, (e) => { throw e; });
 else done(require(p));
 "#;
     let as_user = nix::unistd::geteuid().is_root().then(nobody);
@@ -64,7 +64,7 @@ else done(require(p));
     }
     let hint = |msg: String| match as_user {
         Some(_) => format!(
-            "{msg} (nodeherd runs as root, so it evaluated the file as user nobody with a clean \
+            "{msg}\n(nodeherd runs as root, so it evaluated the file as user nobody with a clean \
              environment: a .config.js is code, and whoever can write it must not get root. Make \
              what it reads readable by nobody, or convert it to JSON as its owner: node -p \
              \"JSON.stringify(require('{}'), null, 2)\" > ecosystem.json)",
@@ -109,17 +109,110 @@ else done(require(p));
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     if !status.success() {
-        let last = stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .take(6)
-            .collect::<Vec<_>>()
-            .join(" | ");
-        return Err(hint(format!(
-            "evaluating it with node failed ({status}): {last}"
-        )));
+        let msg = format!(
+            "evaluating it with node failed ({status}):\n{}",
+            excerpt(&stderr)
+        );
+        // An error in the file's own text is the file's: running as
+        // nobody has nothing to do with it.
+        return Err(if stderr.contains("SyntaxError") {
+            msg
+        } else {
+            hint(msg)
+        });
     }
     Ok(stdout)
+}
+
+/// Lines of node's report kept, and characters of each.
+const EXCERPT_LINES: usize = 24;
+const EXCERPT_WIDTH: usize = 160;
+
+/// What node printed of an uncaught error, as node prints it: the file
+/// and line, the offending line with a caret under it, the error, and the
+/// stack frames in the file (node's own frames and its version line left
+/// out); indented, at most [`EXCERPT_LINES`] lines of [`EXCERPT_WIDTH`]
+/// characters (a long line is cut around its caret). The file's text is
+/// shown to whoever runs nodeherd, maybe root in a terminal: every control
+/// character (an escape sequence) and bidirectional override becomes `?`.
+pub(super) fn excerpt(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let internal_frame = t.starts_with("at ")
+                && (t.contains("node:") || t.contains("[eval]") || !t.contains('/'));
+            !internal_frame && !t.starts_with("Node.js v")
+        })
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() && out.len() < EXCERPT_LINES {
+        let line = lines[i];
+        if line.trim().is_empty() {
+            // One blank line between parts, none at the ends.
+            if out.last().is_some_and(|l| !l.is_empty()) {
+                out.push(String::new());
+            }
+            i += 1;
+            continue;
+        }
+        let caret = lines.get(i + 1).and_then(|next| caret_at(next));
+        match caret {
+            Some(col) if line.chars().count() > EXCERPT_WIDTH => {
+                let start = col.saturating_sub(EXCERPT_WIDTH / 2);
+                out.push(format!("…{}…", shown(line, start, EXCERPT_WIDTH)));
+                out.push(format!(" {}", shown(lines[i + 1], start, EXCERPT_WIDTH)));
+                i += 2;
+            }
+            _ => {
+                let cut = line.chars().count() > EXCERPT_WIDTH;
+                out.push(format!(
+                    "{}{}",
+                    shown(line, 0, EXCERPT_WIDTH),
+                    if cut { "…" } else { "" }
+                ));
+                i += 1;
+            }
+        }
+    }
+    while out.last().is_some_and(String::is_empty) {
+        out.pop();
+    }
+    if out.is_empty() {
+        return "    (node printed nothing)".into();
+    }
+    out.iter()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("    {l}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The column of the first `^` of a caret line (spaces, tabs and `^` only).
+fn caret_at(line: &str) -> Option<usize> {
+    let col = line.find('^')?;
+    line.chars()
+        .all(|c| matches!(c, ' ' | '\t' | '^'))
+        .then(|| line[..col].chars().count())
+}
+
+/// `width` characters of `line` from `start`, fit for a terminal.
+fn shown(line: &str, start: usize, width: usize) -> String {
+    line.chars()
+        .skip(start)
+        .take(width)
+        .map(|c| {
+            let unsafe_char = (c.is_control() && c != '\t')
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if unsafe_char { '?' } else { c }
+        })
+        .collect()
 }
 
 /// In the child, before exec: no descriptor of ours past stdio, and, for
@@ -165,4 +258,79 @@ fn confine(as_user: Option<(u32, u32)>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::excerpt;
+
+    /// Node 20's report of a syntax error in a required file.
+    const SYNTAX: &str = "/srv/app/ecosystem.config.js:4
+    script: 'app.js',
+    ^^^^^^
+
+SyntaxError: Unexpected identifier 'script'
+    at wrapSafe (node:internal/modules/cjs/loader:1464:18)
+    at Module._compile (node:internal/modules/cjs/loader:1495:20)
+    at [eval]:1:1
+
+Node.js v20.20.2
+";
+
+    #[test]
+    fn a_syntax_error_is_shown_as_node_shows_it_without_node_s_own_frames() {
+        assert_eq!(
+            excerpt(SYNTAX),
+            "    /srv/app/ecosystem.config.js:4
+        script: 'app.js',
+        ^^^^^^
+
+    SyntaxError: Unexpected identifier 'script'"
+        );
+    }
+
+    #[test]
+    fn frames_in_the_file_stay_and_long_lines_are_cut_around_the_caret() {
+        let long = format!("{}oops here{}", "a".repeat(500), "b".repeat(500));
+        let caret = format!("{}^^^^", " ".repeat(500));
+        let report = format!(
+            "/srv/x.config.js:1\n{long}\n{caret}\n\nReferenceError: oops is not defined\n    at Object.<anonymous> (/srv/x.config.js:1:501)\n    at Module._compile (node:internal/modules/cjs/loader:1495:20)\n"
+        );
+        let e = excerpt(&report);
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(
+            lines[1].contains("oops here") && lines[1].starts_with("    …"),
+            "{e}"
+        );
+        assert!(
+            lines.iter().all(|l| l.chars().count() <= 4 + 2 + 160),
+            "{e}"
+        );
+        let (src, car) = (
+            lines[1].chars().collect::<Vec<_>>(),
+            lines[2].chars().collect::<Vec<_>>(),
+        );
+        let at = car.iter().position(|c| *c == '^').unwrap();
+        assert_eq!(src[at..at + 4].iter().collect::<String>(), "oops", "{e}");
+        assert!(
+            e.contains("at Object.<anonymous> (/srv/x.config.js:1:501)"),
+            "{e}"
+        );
+        assert!(!e.contains("node:internal"), "{e}");
+    }
+
+    #[test]
+    fn the_file_s_text_cannot_drive_the_terminal_and_is_bounded() {
+        let report = format!(
+            "/srv/x.config.js:2\n\u{1b}]0;owned\u{7}\u{1b}[2J x \u{202e}y\n^\n\nSyntaxError: Unexpected\n{}",
+            "    at f (/srv/x.config.js:1:1)\n".repeat(1000)
+        );
+        let e = excerpt(&report);
+        assert!(
+            !e.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{e:?}"
+        );
+        assert!(!e.contains('\u{202e}'), "{e:?}");
+        assert!(e.lines().count() <= 24, "{e}");
+    }
 }

@@ -357,16 +357,7 @@ pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, Config
             msg: "cannot read: the file does not exist".into(),
         });
     }
-    let resolved = file::resolve_target(target);
-    let is_config = resolved.as_deref().is_some_and(file::is_config_file);
-    if let Some(path) = resolved.filter(|_| is_config) {
-        let source = path.display().to_string();
-        let doc = file::read_ecosystem(&path)?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let base = file::absolute(&base);
+    if let Some((source, doc, base)) = ecosystem(target)? {
         let entry = file::pick_app(&doc, &source, over.only.as_deref())?;
         from_entry(&entry, &source, &base, over, sys)
     } else {
@@ -381,6 +372,61 @@ pub fn load(target: &Path, over: &Overrides, cpus: u32) -> Result<Loaded, Config
         })?;
         from_entry(&entry, "command line", &cwd, over, sys)
     }
+}
+
+/// What a target names: one app, or each app of a file that has several
+/// (when no `--only` picks one), by the name `--only` picks it with,
+/// loaded as its own `--only NAME` would be.
+#[derive(Debug)]
+pub enum Found {
+    One(Box<Loaded>),
+    Several(Vec<(String, Loaded)>),
+}
+
+/// Load the app `target` names, or, from a file of several apps without
+/// `--only`, every one of them (each checked before any is run). The file
+/// is read once.
+pub fn load_found(target: &Path, over: &Overrides, cpus: u32) -> Result<Found, ConfigError> {
+    if over.only.is_none()
+        && let Some((source, doc, base)) = ecosystem(target)?
+    {
+        let apps = file::all_apps(&doc, &source)?;
+        if apps.len() == 1 {
+            return from_entry(&apps[0], &source, &base, over, System { cpus })
+                .map(|l| Found::One(Box::new(l)));
+        }
+        let mut loaded = Vec::with_capacity(apps.len());
+        for (name, entry) in file::named_apps(apps, &source)? {
+            let over = Overrides {
+                only: Some(name.clone()),
+                ..over.clone()
+            };
+            loaded.push((
+                name,
+                from_entry(&entry, &source, &base, &over, System { cpus })?,
+            ));
+        }
+        return Ok(Found::Several(loaded));
+    }
+    load(target, over, cpus).map(|l| Found::One(Box::new(l)))
+}
+
+/// The ecosystem file `target` names, read (a `.config.js` evaluated), with
+/// its name for errors and the directory its relative paths start from;
+/// `None` for a script.
+fn ecosystem(target: &Path) -> Result<Option<(String, Value, PathBuf)>, ConfigError> {
+    let resolved = file::resolve_target(target);
+    let is_config = resolved.as_deref().is_some_and(file::is_config_file);
+    let Some(path) = resolved.filter(|_| is_config) else {
+        return Ok(None);
+    };
+    let source = path.display().to_string();
+    let doc = file::read_ecosystem(&path)?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(Some((source, doc, file::absolute(&base))))
 }
 
 /// Check and resolve one app entry as if it were read from `source`, its
@@ -455,6 +501,37 @@ mod tests {
         assert_eq!(parse_bytes("1G"), Some(1 << 30));
         assert_eq!(parse_bytes("0"), None);
         assert_eq!(parse_bytes("lots"), None);
+    }
+
+    #[test]
+    fn apps_run_together_each_need_a_name_of_their_own() {
+        let apps = |doc: Value| file::all_apps(&doc, "f.json").unwrap();
+        let named = file::named_apps(
+            apps(
+                json!({"apps": [{"name": "a", "script": "a.js"}, {"name": "b", "script": "b.js"}]}),
+            ),
+            "f.json",
+        )
+        .unwrap();
+        assert_eq!(
+            named.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let e = file::named_apps(
+            apps(json!({"apps": [{"name": "a", "script": "a.js"}, {"script": "b.js"}]})),
+            "f.json",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("apps[1].name"), "{e}");
+        assert!(e.msg.contains("--only"), "{e}");
+        let e = file::named_apps(
+            apps(
+                json!({"apps": [{"name": "a", "script": "a.js"}, {"name": "a", "script": "b.js"}]}),
+            ),
+            "f.json",
+        )
+        .unwrap_err();
+        assert!(e.msg.contains("two apps are named \"a\""), "{e}");
     }
 
     #[test]

@@ -33,7 +33,21 @@ impl Source {
     /// Read and check it (blocking: a `.config.js` runs node, and the
     /// log files it names are opened to see that they can be).
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        let loaded = config::load(&self.target, &self.overrides, self.cpus)?;
+        self.checked(config::load(&self.target, &self.overrides, self.cpus)?)
+    }
+
+    /// As [`Source::load`], or every app of a file of several (`--only`
+    /// not given): `nodeherd run` then runs a manager for each, which
+    /// checks its own.
+    pub fn load_found(&self) -> Result<config::Found, ConfigError> {
+        match config::load_found(&self.target, &self.overrides, self.cpus)? {
+            config::Found::One(l) => self.checked(*l).map(|l| config::Found::One(Box::new(l))),
+            several => Ok(several),
+        }
+    }
+
+    /// The log files it names can be opened.
+    fn checked(&self, loaded: Loaded) -> Result<Loaded, ConfigError> {
         crate::logs::files::check(&loaded.app).map_err(|(key, msg)| ConfigError {
             source: self.target.display().to_string(),
             app: Some(loaded.app.name.clone()),

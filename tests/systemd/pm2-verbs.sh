@@ -16,6 +16,15 @@
 #      stopped; `nodeherd start web` starts both again
 #   e. `nodeherd stop solo`: the transient unit is gone
 #   f. `nodeherd delete api`: uninstalled, no longer listed
+#   g. `nodeherd start ecosystem.config.js` of two apps listening on their
+#      own ports: a transient unit each, both serving, `status` reaches
+#      each; `stop` ends each
+#   h. PM2 7 itself (`pm2 start` + `pm2 save` in the container of a
+#      cluster app and a fork-mode one, from a shell exporting a token):
+#      `nodeherd install ~/.pm2/dump.pm2 --now` installs the cluster app,
+#      which serves, and skips the other; its copy holds the app's env and
+#      none of the shell's; no value is printed (skipped, saying so, when
+#      PM2 cannot be installed)
 #
 # Prints `N passed, N failed`; exits 1 on any failure. Every wait is
 # bounded; the container, its mounts and cgroups are removed whatever
@@ -64,12 +73,14 @@ trap 'exit 130' INT TERM
 free_port() {
     local p
     for p in $(seq $((21000 + $$ % 11000)) $((21100 + $$ % 11000))); do
-        [[ -z $(ss -Htln "sport = :$p") && -z $(ss -Htln "sport = :$((p + 1))") && -z $(ss -Htln "sport = :$((p + 2))") ]] && { echo "$p"; return; }
+        [[ -z $(ss -Htln "sport = :$p") && -z $(ss -Htln "sport = :$((p + 1))") && -z $(ss -Htln "sport = :$((p + 2))") \
+            && -z $(ss -Htln "sport = :$((p + 3))") && -z $(ss -Htln "sport = :$((p + 4))") \
+            && -z $(ss -Htln "sport = :$((p + 5))") ]] && { echo "$p"; return; }
     done
     die "no free port"
 }
 PORT=$(free_port)
-WEB_PORT=$PORT API_PORT=$((PORT + 1)) SOLO_PORT=$((PORT + 2))
+WEB_PORT=$PORT API_PORT=$((PORT + 1)) SOLO_PORT=$((PORT + 2)) PA_PORT=$((PORT + 3)) PB_PORT=$((PORT + 4)) DUMP_PORT=$((PORT + 5))
 
 cp "$BIN" "$HOSTDIR/nodeherd"
 cp -r "$REPO/units" "$HOSTDIR/units"
@@ -87,6 +98,24 @@ install -m 644 /shared/units/nodeherd@.socket /shared/units/nodeherd@.service /e
 install -d -m 755 /srv/web /srv/solo
 install -m 644 /shared/talker.js /srv/web/talker.js
 install -m 644 /shared/talker.js /srv/solo/app.js
+install -d -m 755 /srv/dumped
+install -m 644 /shared/talker.js /srv/dumped/talker.js
+cat >/srv/dumped/ecosystem.config.js <<'JS'
+module.exports = { apps: [
+  { name: 'dumped', script: './talker.js', exec_mode: 'cluster', instances: 2,
+    env: { PORT: '$DUMP_PORT', DUMP_SECRET: 'dump-secret-55a1' } },
+  { name: 'dumpjob', script: './job.js', exec_mode: 'fork', env: { JOB: '1' } },
+] };
+JS
+echo 'setInterval(() => {}, 1000);' >/srv/dumped/job.js
+install -d -m 755 /srv/pair
+install -m 644 /shared/talker.js /srv/pair/talker.js
+cat >/srv/pair/ecosystem.config.js <<'JS'
+module.exports = { apps: [
+  { name: 'pa', script: './talker.js', instances: 2, env: { PORT: '$PA_PORT' } },
+  { name: 'pb', script: './talker.js', instances: 2, env: { PORT: '$PB_PORT' } },
+] };
+JS
 cat >/srv/web/ecosystem.config.js <<'JS'
 module.exports = { apps: [
   { name: 'web', script: './talker.js', instances: 2, listen: '127.0.0.1:$WEB_PORT' },
@@ -186,6 +215,56 @@ rc=0; out=$(ct nodeherd delete api 2>&1) || rc=$?
 expect "f: delete api exits 0 ($out)" test "$rc" = 0
 expect "f: api is no longer listed" app_is api .name ""
 expect "f: its configuration is gone" test ! -e "/proc/$PID1/root/etc/nodeherd/api.json"
+
+# ---------------------------------------------------------------- g. start a file of two apps
+rc=0; out=$(ct sh -c "cd /srv/pair && exec nodeherd start ecosystem.config.js" 2>&1) || rc=$?
+expect "g: start of a file of two apps exits 0 ($out)" test "$rc" = 0
+for a in pa pb; do
+    expect "g: $a runs as the transient nodeherd-$a.service" \
+        test "$(prop "nodeherd-$a.service" ActiveState)" = active
+done
+# With no socket of its own a worker counts as ready once started, before
+# its listen(): so a bounded wait, not "when start returns".
+expect "g: pa serves on its own port" wait_for 20 answers "$PA_PORT" pair
+expect "g: pb serves on its own port" wait_for 20 answers "$PB_PORT" pair
+for a in pa pb; do
+    st() { ct nodeherd status "$1" 2>&1 | grep -q "^$1: ready"; }
+    expect "g: status $a reaches it" st "$a"
+    rc=0; out=$(ct nodeherd stop "$a" 2>&1) || rc=$?
+    expect "g: stop $a exits 0 ($out)" test "$rc" = 0
+done
+
+# ---------------------------------------------------------------- h. PM2's saved list
+# PM2 as the benchmark and tests/pm2_dump.rs install it, into the cache
+# (the container sees the host's files).
+PM2_PREFIX=/var/cache/nodeherd-ci/pm2-7.0.4
+PM2=$PM2_PREFIX/node_modules/.bin/pm2
+[[ -x $PM2 ]] || timeout 300 npm install --prefix "$PM2_PREFIX" --cache /var/cache/nodeherd-ci/npm \
+    --prefer-offline --no-audit --no-fund --loglevel=error pm2@7.0.4 >/dev/null 2>&1 || true
+if [[ -x $PM2 ]]; then
+    pm2_in_ct() { ct env HOME=/root PM2_HOME=/root/.pm2 SHELL_TOKEN=shell-token-91e0 sh -c "cd /srv/dumped && $PM2 $*" >/dev/null 2>&1; }
+    expect "h: pm2 start (cluster, 2 instances) in the container" pm2_in_ct start ecosystem.config.js
+    expect "h: pm2 save" pm2_in_ct save
+    # The daemon and its workers go, by its pid.
+    ppid=$(cat "/proc/$PID1/root/root/.pm2/pm2.pid" 2>/dev/null || true)
+    pm2_in_ct kill || true
+    [[ -n $ppid ]] && ct kill -KILL "$ppid" 2>/dev/null || true
+    rc=0; out=$(ct nodeherd install /root/.pm2/dump.pm2 --listen "127.0.0.1:$DUMP_PORT" --now 2>&1) || rc=$?
+    expect "h: install of PM2's dump exits 0 ($out)" test "$rc" = 0
+    expect "h: it names the app's env" grep -q 'dumped: 2 instance(s), env DUMP_SECRET, PORT (values not shown)' <<<"$out"
+    expect "h: and the shell's as left out" grep -q 'left out as the environment of the shell.*SHELL_TOKEN' <<<"$out"
+    expect "h: the fork-mode app is skipped, saying so" grep -q 'dumpjob: skipped: fork_mode' <<<"$out"
+    expect "h: no value is printed" test -z "$(grep -E 'dump-secret-55a1|shell-token-91e0' <<<"$out")"
+    expect "h: the installed app serves" wait_for 30 answers "$DUMP_PORT" dumped
+    copy=/proc/$PID1/root/etc/nodeherd/dumped.json
+    expect "h: its copy holds 2 instances and the app's env" \
+        jq -e '.apps[0].instances == 2 and .apps[0].env.DUMP_SECRET == "dump-secret-55a1"' "$copy"
+    expect "h: and none of the shell's" \
+        jq -e '.apps[0].env | (has("SHELL_TOKEN") or has("PATH") or has("HOME") or has("PM2_HOME")) | not' "$copy"
+    ct nodeherd delete dumped >/dev/null 2>&1 || true
+else
+    echo "skip - h: pm2@7.0.4 could not be installed into $PM2_PREFIX: no real PM2 dump"
+fi
 
 echo "$PASS passed, $FAIL failed"
 ((FAIL == 0))
