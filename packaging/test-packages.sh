@@ -713,10 +713,21 @@ if [[ -f $deb12_1 && -n $testroot12 ]]; then
         lintian --pedantic --display-info --tag-display-limit 0 --fail-on error,warning \
         "nodeherd_${version}-1${bpo}_$arch.deb" "nodeherd-dbgsym_${version}-1${bpo}_$arch.deb" >"$work/lintian12.txt" 2>&1 || lintian_rc=$?
     show "$work/lintian12.txt"
-    errors=$(grep -c '^E:' "$work/lintian12.txt" || true)
-    warnings=$(grep -c '^W:' "$work/lintian12.txt" || true)
-    check "deb12: lintian (Debian 12's) on the binaries: no error ($errors), no warning ($warnings), exit status $lintian_rc" \
-        test "$errors" = 0 -a "$warnings" = 0 -a "$lintian_rc" = 0
+    # What Debian 12's lintian (2.116) says that Debian 13's does not, each
+    # with its reason; anything else at warning level or above fails.
+    #  - Static-Built-Using is a field dpkg 1.21 writes (Debian 12's
+    #    dpkg-gencontrol takes it without a word) and policy defines for
+    #    statically linked sources, which this lintian does not know yet:
+    #    unknown-field, on the package and on its -dbgsym, which inherits it.
+    lintian12_known='^W: nodeherd(-dbgsym)?: unknown-field Static-Built-Using$'
+    grep -Ev "$lintian12_known" "$work/lintian12.txt" >"$work/lintian12-left.txt" || true
+    errors=$(grep -c '^E:' "$work/lintian12-left.txt" || true)
+    warnings=$(grep -c '^W:' "$work/lintian12-left.txt" || true)
+    known=$(grep -Ec "$lintian12_known" "$work/lintian12.txt" || true)
+    # Exit status 2 (a tag at the --fail-on level) is expected when only the
+    # known ones are there; 1 is lintian itself failing.
+    check "deb12: lintian (Debian 12's) on the binaries: no error ($errors), no warning ($warnings) besides the $known known (unknown-field Static-Built-Using), exit status $lintian_rc" \
+        test "$errors" = 0 -a "$warnings" = 0 -a \( "$lintian_rc" = 0 -o \( "$lintian_rc" = 2 -a "$known" -gt 0 \) \)
     [[ -n ${NODEHERD_PKG_OUT:-} ]] && cp "$work/lintian12.txt" "$NODEHERD_PKG_OUT/"
 fi
 timed "Debian 12 package checks and lintian"
