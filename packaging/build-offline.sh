@@ -133,14 +133,21 @@ echo "offline: a TCP connection to 151.101.2.132:80 (deb.debian.org) fails, as i
 # ------------------------------------------------------------------ .deb
 # rebuild_entry CHANGELOG SUFFIX DIST: a changelog entry on top for the
 # rebuild: the top entry's version with SUFFIX, for DIST, by the same
-# maintainer on the same date (the build stays reproducible: dpkg takes
+# maintainer. Its date is the source tree's time stamp (make-tarballs.sh's:
+# the commit's), or one second after the top entry's if that is not later
+# (lintian: latest-changelog-entry-without-new-date): the same tree gives
+# the same entry, and the build stays reproducible (dpkg takes
 # SOURCE_DATE_EPOCH from it).
 rebuild_entry() {
-    local changelog=$1 suffix=$2 dist=$3 top maint date
+    local changelog=$1 suffix=$2 dist=$3 top maint date tree_time
     top=$(dpkg-parsechangelog -l "$changelog" -S Version)
     maint=$(dpkg-parsechangelog -l "$changelog" -S Maintainer)
-    date=$(dpkg-parsechangelog -l "$changelog" -S Date)
-    [[ -n $top && -n $maint && -n $date ]] || { say "deb: cannot read the top entry of $changelog"; return 1; }
+    date=$(dpkg-parsechangelog -l "$changelog" -S Timestamp)
+    tree_time=$(stat -c %Y "$srcdir/nodeherd-$version/Cargo.toml")
+    [[ -n $top && -n $maint && $date =~ ^[0-9]+$ && $tree_time =~ ^[0-9]+$ ]] ||
+        { say "deb: cannot read the top entry of $changelog"; return 1; }
+    if ((tree_time > date)); then date=$tree_time; else date=$((date + 1)); fi
+    date=$(LC_ALL=C date -u -R -d "@$date")
     {
         printf 'nodeherd (%s%s) %s; urgency=medium\n\n' "$top" "$suffix" "$dist"
         printf '  * Rebuild for %s (%s), with its own Rust toolchain.\n\n' "$(suite_name "$suite")" "$suite"
