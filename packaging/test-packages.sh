@@ -699,8 +699,9 @@ fi
 timed "Debian 12 test root (cached after the first run)"
 if [[ -f $deb12_1 ]]; then
     deb_checks deb12 "$b1/deb" "$version-1$bpo" "$testroot12" bookworm
-    check "deb12: its version ($version-1$bpo) sorts below the Debian 13 package's ($version-1): a host upgraded to Debian 13 moves to that" \
-        dpkg --compare-versions "$version-1$bpo" lt "$version-1"
+    deb12_version=$(dpkg-deb -f "$deb12_1" Version)
+    check "deb12: its version ($deb12_version) is $version's and sorts below the Debian 13 package's ($version-1): a host upgraded to Debian 13 moves to that" \
+        bash -c '[[ $1 == "$3"-* ]] && dpkg --compare-versions "$1" lt "$2"' _ "$deb12_version" "$version-1" "$version"
 fi
 if [[ -f $deb12_1 && -n $testroot12 ]]; then
     # The source package differs from the one linted above by its changelog
