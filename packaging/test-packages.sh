@@ -318,7 +318,6 @@ build_in_background() {
     bg_build_label=$1 bg_build_out=$2 bg_build_suite=$3
     shift 3
     note "$bg_build_label: NODEHERD_BUILD_SUITE=$bg_build_suite packaging/build-offline.sh $* (in the background, nice 10)"
-    rm -f "$work/bg-build.rc"
     NODEHERD_BUILD_SUITE=$bg_build_suite setsid nice -n 10 bash -c '"$@" >"$0" 2>&1; echo $? >"$0.rc"' \
         "$work/build-offline-$bg_build_label.log" "$src/packaging/build-offline.sh" "$@" "$bg_build_out" </dev/null &
     bg_build=$!
