@@ -17,9 +17,9 @@
 #      version and the RPM of the tree with the next Release, both reusing
 #      the first builds' compiled crates (cargo compiles what changed).
 #      The .deb for Debian 12 (VERSION-1~bpo12+1, with bookworm-security's
-#      rustc-web) from scratch, in the background (nice 10) while the
-#      Debian 13 packages are checked and linted (lintian uses one core),
-#      then its next revision (VERSION-2~bpo12+1) reusing those crates:
+#      rustc-web) from scratch, in the background at nice 19 beside the
+#      Debian 13 builds (it takes the CPU they leave idle), then its next
+#      revision (VERSION-2~bpo12+1) reusing those crates:
 #      nothing to compile, a new file of the same version to upgrade to
 #   5. what the packages hold: files, conffiles, licences, Static-Built-Using,
 #      bundled provides, debug symbols in nodeherd-dbgsym and
@@ -305,8 +305,12 @@ built() {
         return 1
     fi
 }
-# The Debian 12 build from scratch runs in the background, niced, while the
-# checks and lintian of the Debian 13 packages (one core, mostly) run:
+# The Debian 12 build from scratch runs in the background at nice 19 from
+# the start of the Debian 13 builds: it takes the CPU they leave idle (the
+# single-threaded compile, LTO and link of nodeherd itself, dwz, strip,
+# xz, dpkg-source, lintian) and yields it as soon as they want it (CFS gives
+# nice 19 about 1/70 of a core against a nice 0 process). It is waited for
+# before the containers: nothing runs beside the upgrades under load.
 # build_in_background LABEL OUTDIR SUITE ARGS... starts it in its own
 # process group ($bg_build), build_in_background_wait reports it.
 bg_build=""
@@ -317,8 +321,8 @@ bg_build_t0=0
 build_in_background() {
     bg_build_label=$1 bg_build_out=$2 bg_build_suite=$3
     shift 3
-    note "$bg_build_label: NODEHERD_BUILD_SUITE=$bg_build_suite packaging/build-offline.sh $* (in the background, nice 10)"
-    NODEHERD_BUILD_SUITE=$bg_build_suite setsid nice -n 10 bash -c '"$@" >"$0" 2>&1; echo $? >"$0.rc"' \
+    note "$bg_build_label: NODEHERD_BUILD_SUITE=$bg_build_suite packaging/build-offline.sh $* (in the background, nice 19)"
+    NODEHERD_BUILD_SUITE=$bg_build_suite setsid nice -n 19 bash -c '"$@" >"$0" 2>&1; echo $? >"$0.rc"' \
         "$work/build-offline-$bg_build_label.log" "$src/packaging/build-offline.sh" "$@" "$bg_build_out" </dev/null &
     bg_build=$!
     bg_build_t0=$SECONDS
@@ -330,7 +334,7 @@ build_in_background_wait() {
     local rc
     rc=$(cat "$work/build-offline-$bg_build_label.log.rc" 2>/dev/null || echo 1)
     note "$bg_build_label: finished after $((SECONDS - bg_build_t0)) s (in the background)"
-    timings+=("$bg_build_label, in the background from the start of the Debian 13 package checks: $((SECONDS - bg_build_t0)) s")
+    timings+=("$bg_build_label, in the background (nice 19) from the start of the Debian 13 builds: $((SECONDS - bg_build_t0)) s")
     built "$bg_build_label" "$bg_build_out" "$bg_build_suite" "$rc"
 }
 v1=$work/first
@@ -382,6 +386,7 @@ if [[ -n ${NODEHERD_PKG_IN:-} ]]; then
     [[ -n ${NODEHERD_SKIP_SMOKE:-} ]] || build_pre_reexec || true
     timed ".deb before re-exec in place (cached after the first run)"
 else
+    build_in_background "$version .deb for Debian 12" "$b1" bookworm --tree "$src" --only deb --keep-target
     build_offline "$version .deb" "$v1" --tree "$src" --only deb --keep-target || true
     timed ".deb $version (from scratch, offline)"
     build_offline "$version RPM" "$v1" --tree "$src" --only rpm --keep-target || true
@@ -399,7 +404,6 @@ else
     [[ -d $v1/rpm/target ]] && reuse=(--target-from "$v1/rpm/target")
     build_offline "$version-$rpm_release2 RPM" "$r2" --tree "$src3" --only rpm "${reuse[@]}" || true
     timed "RPM $version-$rpm_release2 (offline, reusing the first build's crates)"
-    build_in_background "$version .deb for Debian 12" "$b1" bookworm --tree "$src" --only deb --keep-target
 fi
 deb1=$v1/deb/nodeherd_${version}-1_$arch.deb
 deb2=$v2/deb/nodeherd_${version2}-1_$arch.deb
@@ -672,7 +676,7 @@ timed "lintian and rpmlint"
 
 # ---------------------------------------------------------------- Debian 12
 # The .deb for Debian 12, built once (in the background since the Debian 13
-# package checks), then its second revision for the upgrade test.
+# builds began), then its second revision for the upgrade test.
 if [[ -z ${NODEHERD_PKG_IN:-} ]]; then
     build_in_background_wait || true
     timed "waiting for the Debian 12 .deb built in the background"
