@@ -194,7 +194,7 @@ mv debian src/debian
 cd src
 export CARGO_TARGET_DIR=/build/target
 echo "toolchain: \$(cargo --version), \$(rustc --version)"
-echo "toolchain packages: \$(dpkg-query -S "\$(readlink -f "\$(command -v rustc)")" | cut -d: -f1 | xargs dpkg-query -W -f='\${Package} \${Version}'), debian_version \$(cat /etc/debian_version)"
+echo "toolchain packages: \$(dpkg-query -S "\$(readlink -f "\$(command -v rustc)")" | cut -d: -f1 | xargs dpkg-query -W -f='\${Package} \${Version} (source \${source:Package} \${source:Version})'), debian_version \$(cat /etc/debian_version)"
 dpkg-checkbuilddeps
 dpkg-buildpackage -us -uc
 EOF

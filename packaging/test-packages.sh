@@ -538,7 +538,7 @@ deb_checks() {
     case $suite in
     bookworm)
         check "$which: the toolchain is bookworm-security's rustc-web in a Debian 12 root ($packages)" \
-            grep -Eq '^rustc-web 1\.(8[89]|9[0-9])\.[^ ]*~deb12u[0-9]+, debian_version 12\.' <<<"$packages" ;;
+            grep -Eq '^rustc-web 1\.(8[89]|9[0-9])\.[^ ]*~deb12u[0-9]+ .*, debian_version 12\.' <<<"$packages" ;;
     *)
         check "$which: the toolchain is the root's own rustc ($packages)" \
             grep -Eq '^rustc(-web)? [0-9]' <<<"$packages" ;;
@@ -549,10 +549,11 @@ deb_checks() {
     check "$which: .deb has /etc/nodeherd/hello.config.js as a conffile" \
         grep -qxF /etc/nodeherd/hello.config.js "$work/$which-conffiles"
     # The source of the standard library linked in: the toolchain's own
-    # package, at the version the build ran with.
+    # source package, at the version the build ran with (a binNMU's binary
+    # version has +bN; the source's has not).
     sbu=$(dpkg-deb -f "$deb" Static-Built-Using)
     check "$which: .deb Static-Built-Using names the Rust standard library's source, the toolchain's ($sbu)" \
-        bash -c '[[ $1 =~ ^(rustc(-web)?)\ \(=\ ([^\)]+)\)$ && $2 == "${BASH_REMATCH[1]} ${BASH_REMATCH[3]},"* ]]' _ "$sbu" "$packages"
+        bash -c '[[ $1 =~ ^(rustc(-web)?)\ \(=\ ([^\)]+)\)$ && $2 == *"(source ${BASH_REMATCH[1]} ${BASH_REMATCH[3]}),"* ]]' _ "$sbu" "$packages"
     mkdir -p "$r"
     dpkg-deb -x "$deb" "$r"
     mit_text=$(sed -n '/^Permission is hereby granted/,$p' "$src/LICENSE-MIT" | tr -s ' \n' ' ')
