@@ -681,9 +681,12 @@ timed "lintian and rpmlint"
 if [[ -z ${NODEHERD_PKG_IN:-} ]]; then
     build_in_background_wait || true
     timed "waiting for the Debian 12 .deb built in the background"
-    reuse=()
-    [[ -d $b1/deb/target ]] && reuse=(--target-from "$b1/deb/target")
-    build_offline "$version-2 .deb for Debian 12" "$b2" --suite bookworm --tree "$src4" --only deb "${reuse[@]}" || true
+    # Without the first (its build failed), the second would be a second
+    # build from scratch, for nothing.
+    if [[ -f $deb12_1 && -d $b1/deb/target ]]; then
+        build_offline "$version-2 .deb for Debian 12" "$b2" --suite bookworm --tree "$src4" --only deb \
+            --target-from "$b1/deb/target" || true
+    fi
     timed ".deb $version-2$bpo for Debian 12 (offline, reusing the first build's crates: nothing to compile)"
     if [[ -n ${NODEHERD_PKG_OUT:-} ]]; then
         for d in "$b1" "$b2"; do
