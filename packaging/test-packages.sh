@@ -309,7 +309,8 @@ built() {
 # the start of the Debian 13 builds: it takes the CPU they leave idle (the
 # single-threaded compile, LTO and link of nodeherd itself, dwz, strip,
 # xz, dpkg-source, lintian) and yields it as soon as they want it (CFS gives
-# nice 19 about 1/70 of a core against a nice 0 process). It is waited for
+# nice 19 about 1/70 of a core against a nice 0 process; its autogroup is
+# made nice 19 as well). It is waited for
 # before the containers: nothing runs beside the upgrades under load.
 # build_in_background LABEL OUTDIR SUITE ARGS... starts it in its own
 # process group ($bg_build), build_in_background_wait reports it.
@@ -322,8 +323,14 @@ build_in_background() {
     bg_build_label=$1 bg_build_out=$2 bg_build_suite=$3
     shift 3
     note "$bg_build_label: NODEHERD_BUILD_SUITE=$bg_build_suite packaging/build-offline.sh $* (in the background, nice 19)"
-    NODEHERD_BUILD_SUITE=$bg_build_suite setsid nice -n 19 bash -c '"$@" >"$0" 2>&1; echo $? >"$0.rc"' \
-        "$work/build-offline-$bg_build_label.log" "$src/packaging/build-offline.sh" "$@" "$bg_build_out" </dev/null &
+    # setsid: a process group to end it by, and a new session, which with
+    # the scheduler's autogroups (sched_autogroup_enabled) is a group of its
+    # own, weighed against the script's whatever its processes' nice: so
+    # that group is made nice 19 too.
+    NODEHERD_BUILD_SUITE=$bg_build_suite setsid bash -c '
+        [[ ! -w /proc/self/autogroup ]] || echo 19 >/proc/self/autogroup
+        "$@" >"$0" 2>&1; echo $? >"$0.rc"' \
+        "$work/build-offline-$bg_build_label.log" nice -n 19 "$src/packaging/build-offline.sh" "$@" "$bg_build_out" </dev/null &
     bg_build=$!
     bg_build_t0=$SECONDS
 }
