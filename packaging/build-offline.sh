@@ -18,6 +18,11 @@
 #    debian/ is added, dpkg-checkbuilddeps must pass, and
 #    `dpkg-buildpackage -us -uc` builds the 3.0 (quilt) source package and
 #    the binary packages (nodeherd, nodeherd-dbgsym). Output: OUTDIR/deb/.
+#    For an older release than the one debian/changelog targets (bookworm:
+#    DEB_SUITE_SUFFIX below) a changelog entry is added first, as
+#    `dch --bpo` would: VERSION~bpo12+1 sorts below VERSION, so the two
+#    builds of one version never share a file name in an archive's pool,
+#    and a host upgraded to Debian 13 moves to the Debian 13 build.
 # 3. RPM: a root with rpm, debugedit, elfutils, cpio and file (what rpm-build
 #    brings on Fedora) and the Debian packages standing for the spec's
 #    BuildRequires (RPM_BUILDREQUIRES below; an unknown one stops the
@@ -62,6 +67,11 @@ declare -A RPM_BUILDREQUIRES=(
     [systemd-rpm-macros]=""
 )
 RPM_TOOLS=(rpm debugedit elfutils cpio file)
+
+# The .deb's version suffix and changelog distribution for each release
+# older than the one debian/changelog targets (Debian's backports scheme).
+declare -A DEB_SUITE_SUFFIX=([bookworm]="~bpo12+1")
+declare -A DEB_SUITE_DIST=([bookworm]="bookworm-backports")
 
 usage() { echo "usage: $0 [--tree DIR] [--only deb|rpm] [--keep-target] [--target-from DIR] OUTDIR" >&2; exit 2; }
 tree_args=()
@@ -121,6 +131,40 @@ echo "offline: a TCP connection to 151.101.2.132:80 (deb.debian.org) fails, as i
 '
 
 # ------------------------------------------------------------------ .deb
+# rebuild_entry CHANGELOG SUFFIX DIST: a changelog entry on top for the
+# rebuild: the top entry's version with SUFFIX, for DIST, by the same
+# maintainer. Its date is the source tree's time stamp (make-tarballs.sh's:
+# the commit's), or one second after the top entry's if that is not later
+# (lintian: latest-changelog-entry-without-new-date): the same tree gives
+# the same entry, and the build stays reproducible (dpkg takes
+# SOURCE_DATE_EPOCH from it).
+rebuild_entry() {
+    local changelog=$1 suffix=$2 dist=$3 top maint date tree_time
+    top=$(dpkg-parsechangelog -l "$changelog" -S Version)
+    maint=$(dpkg-parsechangelog -l "$changelog" -S Maintainer)
+    date=$(dpkg-parsechangelog -l "$changelog" -S Timestamp)
+    tree_time=$(stat -c %Y "$srcdir/nodeherd-$version/Cargo.toml")
+    [[ -n $top && -n $maint && $date =~ ^[0-9]+$ && $tree_time =~ ^[0-9]+$ ]] ||
+        { say "deb: cannot read the top entry of $changelog"; return 1; }
+    if ((tree_time > date)); then date=$tree_time; else date=$((date + 1)); fi
+    date=$(LC_ALL=C date -u -R -d "@$date")
+    {
+        printf 'nodeherd (%s%s) %s; urgency=medium\n\n' "$top" "$suffix" "$dist"
+        printf '  * Rebuild for %s (%s), with its own Rust toolchain.\n\n' "$(suite_name "$suite")" "$suite"
+        printf ' -- %s  %s\n\n' "$maint" "$date"
+        cat "$changelog"
+    } >"$changelog.new"
+    mv "$changelog.new" "$changelog"
+    say "deb: version $top$suffix for $dist"
+}
+suite_name() {
+    case $1 in
+    bookworm) echo "Debian 12" ;;
+    trixie) echo "Debian 13" ;;
+    *) echo "Debian $1" ;;
+    esac
+}
+
 build_deb() {
     local build_deps root work=$out/deb t0=$SECONDS
     build_deps=$(perl -MDpkg::Control::Info -e '
@@ -133,6 +177,9 @@ build_deb() {
     cp "$upstream" "$work/nodeherd_$version.orig.tar.gz"
     cp "$vendor" "$work/nodeherd_$version.orig-vendor.tar.xz"
     cp -a "$srcdir/debian" "$work/debian"
+    if [[ -v DEB_SUITE_SUFFIX[$suite] ]]; then
+        rebuild_entry "$work/debian/changelog" "${DEB_SUITE_SUFFIX[$suite]}" "${DEB_SUITE_DIST[$suite]}" || return 1
+    fi
     if [[ -n $target_from ]]; then
         mv "$target_from" "$work/target"
         say "deb: reusing cargo's target directory $target_from"
@@ -147,6 +194,7 @@ mv debian src/debian
 cd src
 export CARGO_TARGET_DIR=/build/target
 echo "toolchain: \$(cargo --version), \$(rustc --version)"
+echo "toolchain packages: \$(dpkg-query -S "\$(readlink -f "\$(command -v rustc)")" | cut -d: -f1 | xargs dpkg-query -W -f='\${Package} \${Version} (source \${source:Package} \${source:Version})'), debian_version \$(cat /etc/debian_version)"
 dpkg-checkbuilddeps
 dpkg-buildpackage -us -uc
 EOF

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A Debian root file system for tests, made once with mmdebstrap and cached.
 #
-#   tests/systemd/debian-root.sh [--buildd] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]
+#   tests/systemd/debian-root.sh [--buildd | --dbus-daemon] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]
 #
 # prints (alone on stdout) the path of an unpacked root of Debian SUITE
 # (bookworm, trixie, ...) from deb.debian.org, with SUITE-updates and
@@ -10,6 +10,8 @@
 #   default    mmdebstrap --variant=minbase with systemd, systemd-sysv,
 #              dbus-broker and polkitd: it boots under systemd-nspawn
 #              (tests/systemd/container.sh with NODEHERD_CONTAINER_ROOT=PATH)
+#   --dbus-daemon  the same with dbus (dbus-daemon) as the system bus
+#              instead of dbus-broker: what a Debian 12 server runs
 #   --buildd   --variant=buildd (Essential, build-essential, apt), what a
 #              Debian build daemon's chroot holds, for offline builds
 #              (packaging/build-offline.sh)
@@ -39,16 +41,18 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--buildd] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]" >&2
+    echo "usage: $0 [--buildd | --dbus-daemon] [--satisfy DEPENDS] [--refresh] SUITE [PACKAGE...]" >&2
     exit 2
 }
 
 variant=minbase
+bus=dbus-broker
 refresh=""
 satisfy=""
 while [[ ${1:-} == --* ]]; do
     case $1 in
     --buildd) variant=buildd ;;
+    --dbus-daemon) bus=dbus ;;
     --refresh) refresh=1 ;;
     --satisfy)
         satisfy=${2:-}
@@ -65,7 +69,7 @@ shift
 [[ $suite =~ ^[a-z]+$ ]] || { echo "debian-root.sh: bad suite '$suite'" >&2; exit 2; }
 packages=("$@")
 if [[ $variant == minbase ]]; then
-    packages+=(systemd systemd-sysv dbus-broker polkitd)
+    packages+=(systemd systemd-sysv "$bus" polkitd)
 fi
 for p in "${packages[@]}"; do
     [[ $p =~ ^[a-z0-9][a-z0-9.+-]*$ ]] || { echo "debian-root.sh: bad package name '$p'" >&2; exit 2; }
