@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,10 +22,7 @@ struct Host {
 
 impl Host {
     fn new(tag: &str) -> Host {
-        let rt = tempdir::Dir::new(&format!("{tag}-rt"));
-        std::fs::set_permissions(&rt.path, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let tmp = tempdir::Dir::new(&format!("{tag}-tmp"));
-        std::fs::set_permissions(&tmp.path, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let (rt, tmp) = runtime_and_tmp(tag);
         Host {
             rt,
             tmp,

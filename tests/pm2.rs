@@ -12,7 +12,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,10 +33,7 @@ struct Host {
 
 impl Host {
     fn new(tag: &str) -> Host {
-        let rt = tempdir::Dir::new(&format!("{tag}-rt"));
-        std::fs::set_permissions(&rt.path, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let tmp = tempdir::Dir::new(&format!("{tag}-tmp"));
-        std::fs::set_permissions(&tmp.path, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let (rt, tmp) = runtime_and_tmp(tag);
         Host { rt, tmp }
     }
 

@@ -534,6 +534,18 @@ pub fn client_in(rt: &str, args: &[&str]) -> (i32, String) {
     )
 }
 
+/// A private runtime directory (0700, as systemd makes one) and a
+/// temporary directory like /tmp (1777), for tests that run the clients as
+/// they run on a host.
+pub fn runtime_and_tmp(tag: &str) -> (tempdir::Dir, tempdir::Dir) {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = tempdir::Dir::new(&format!("{tag}-rt"));
+    std::fs::set_permissions(&rt.path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let tmp = tempdir::Dir::new(&format!("{tag}-tmp"));
+    std::fs::set_permissions(&tmp.path, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    (rt, tmp)
+}
+
 pub mod tempdir {
     use std::path::PathBuf;
 
