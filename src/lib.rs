@@ -15,7 +15,9 @@
 //!
 //! **Ready.** A worker is ready when the shim reports it listening, or, with
 //! `wait_ready`, when it sends `'ready'` on the IPC channel or `READY=1` on
-//! the notify socket, within `listen_timeout`. When all N are ready, the
+//! the notify socket, within `listen_timeout`. With no socket handed over,
+//! its first listen on a port of its own counts, and an app that never
+//! listens is ready once `listen_timeout` has passed. When all N are ready, the
 //! manager sends `READY=1` to systemd ([`notify`]) and keeps `STATUS=` current.
 //!
 //! **Crash.** A worker that exits unexpectedly is restarted in the same slot

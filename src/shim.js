@@ -276,6 +276,9 @@
     // error is the server's), and a relative path is this worker's.
     track(this);
     if (cb) this.once('listening', cb);
+    // With no socket handed over, the first port the app listens on is its
+    // own: the worker is ready once it answers there.
+    if (sockets.length === 0) this.once('listening', () => tell({ nodeherd: 'listening', shared: true }));
     const share = (host) =>
       askManager(
         { kind: want.kind, host: host || null, port: want.port || 0, path: want.path ? absolute(want.path) : null },

@@ -302,6 +302,65 @@ fn an_app_on_its_own_port_serves_from_every_worker_without_listen() {
     assert!(!m.log().contains("exited unexpectedly"), "{}", m.log());
 }
 
+/// Without a socket handed over, a worker is ready once its own port
+/// answers (so `start` returns when the app serves, not before), and an app
+/// that never listens is ready at listen_timeout, its workers never killed
+/// for it.
+#[test]
+fn without_listen_ready_means_the_port_answers_and_no_port_is_no_failure() {
+    let port = free_port().to_string();
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("own_port.js")),
+            "-i",
+            "2",
+            "--listen-timeout",
+            "20000",
+            "--no-bus",
+        ],
+        &[("PORT", port.as_str()), ("LISTEN_AFTER_MS", "1500")],
+    );
+    let port: u16 = port.parse().unwrap();
+    assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
+    assert!(
+        get_json(port).is_ok(),
+        "ready before the port answers\n{}",
+        m.log()
+    );
+    assert!(!m.log().contains("taken as ready"), "{}", m.log());
+    drop(m);
+
+    let m = start(
+        &[
+            "run",
+            &path_str(&app("no_port.js")),
+            "-i",
+            "2",
+            "--listen-timeout",
+            "1000",
+            "--no-bus",
+        ],
+        &[],
+    );
+    assert!(m.wait_log("2/2 workers ready", T), "log:\n{}", m.log());
+    assert!(
+        m.log()
+            .contains("did not listen within listen_timeout (1000 ms): taken as ready"),
+        "{}",
+        m.log()
+    );
+    let first = m.workers();
+    assert_eq!(first.len(), 2);
+    // Past another listen_timeout: the same workers, none killed.
+    assert!(
+        !m.wait_log("killed", Duration::from_millis(1500)),
+        "{}",
+        m.log()
+    );
+    assert_eq!(m.workers(), first, "{}", m.log());
+}
+
 #[test]
 fn a_killed_worker_comes_back_in_the_same_slot() {
     let m = start_app("env.js", 2);

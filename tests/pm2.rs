@@ -806,13 +806,14 @@ fn logs_show_each_workers_lines_from_the_journal() {
     assert!(
         wait_until(T, || {
             out = logs(&["web", "--lines", "100"]).1;
-            out.contains("[web:0] hello from 0") && out.contains("[web:1] hello from 1")
+            out.contains("[web:0] hello from 0")
+                && out.contains("[web:1] hello from 1")
+                && out.contains("nodeherd[web]: worker 1 ready")
         }),
         "manager {}: {out}",
         m.child.id()
     );
     assert!(out.contains("[web:1] an error line from 1"), "{out}");
-    assert!(out.contains("nodeherd[web]: worker 1 ready"), "{out}");
     assert!(!out.contains('\x1b'), "an escape got through: {out:?}");
     assert!(
         out.contains("[web:0] bell \\x1b]0;owned\\x07 from 0"),

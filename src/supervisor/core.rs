@@ -862,6 +862,21 @@ impl Core {
             .is_some_and(|s| s.incoming == Some(id));
         let policy = self.policy_of(id);
         let (wait_ready, listen_timeout) = (policy.wait_ready, policy.listen_timeout);
+        if policy.listen_optional {
+            // No socket was handed over, so not listening is no failure: an
+            // app that has no port is ready once it has had its chance.
+            self.log_worker(
+                Level::Info,
+                index,
+                pid,
+                format!(
+                    "worker {index} (pid {pid}) did not listen within listen_timeout ({} ms): taken as ready (an app without a port needs none)",
+                    listen_timeout.as_millis()
+                ),
+            );
+            self.mark_ready(id, "listen_timeout passed");
+            return;
+        }
         if wait_ready && !is_incoming {
             // As PM2: outside a reload, a worker that has not said 'ready'
             // by listen_timeout is taken as ready (apps copy `wait_ready`

@@ -35,9 +35,15 @@ pub struct Policy {
     pub app: App,
     /// Slots in force (the configured count until a live scale changes it).
     pub instances: u32,
-    /// Whether workers can say they are ready at all (a Node worker with a
-    /// socket to listen on, or `wait_ready`); if not, started means ready.
+    /// Whether workers can say they are ready at all (a Node worker, or
+    /// `wait_ready`); if not, started means ready.
     pub reports_readiness: bool,
+    /// A Node worker with no socket handed over and no `wait_ready`: ready
+    /// at its first listen (a port it shares with the other workers), or,
+    /// an app that never listens (a queue consumer), when `listen_timeout`
+    /// has passed, as PM2's cluster mode does; never killed for not
+    /// listening.
+    pub listen_optional: bool,
     /// systemd's watchdog interval (`WATCHDOG_USEC`), if any.
     pub watchdog: Option<Duration>,
     /// Each slot has sockets of its own (`balance: reuseport`): a slot that
@@ -67,7 +73,8 @@ impl Policy {
         app.reload_parallel = app.reload_parallel.max(1);
         Policy {
             instances: app.instances,
-            reports_readiness: app.wait_ready || (node && has_sockets),
+            reports_readiness: app.wait_ready || node,
+            listen_optional: node && !has_sockets && !app.wait_ready,
             watchdog,
             per_slot_sockets: has_sockets && per_slot,
             app,

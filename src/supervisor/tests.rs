@@ -454,6 +454,36 @@ fn with_wait_ready_a_first_worker_silent_past_listen_timeout_is_taken_as_ready()
     assert_eq!(w.current(), old);
 }
 
+#[test]
+fn without_a_socket_a_worker_is_ready_at_its_first_listen_or_at_listen_timeout() {
+    // No socket handed over (`run app.js -i 2` without --listen): ready
+    // once its own port answers, so `start` returns when it does; an app
+    // that never listens is ready at listen_timeout, never killed for it,
+    // at start and in a reload alike.
+    let mut w = World::new(with(policy(2), |p| p.listen_optional = true));
+    w.start();
+    let first = w.starting();
+    assert_eq!(w.core.state_name(), "starting", "started is not ready");
+    w.listening(first[0]);
+    w.advance(MS(2999));
+    assert_eq!(w.core.state_name(), "starting", "one worker still boots");
+    w.advance(MS(1));
+    assert!(w.killed().is_empty(), "{:?}", w.killed());
+    assert_eq!(w.core.state_name(), "ready");
+    assert!(
+        w.logs()
+            .contains("did not listen within listen_timeout (3000 ms): taken as ready"),
+        "{}",
+        w.logs()
+    );
+    let r = w.request(Control::Reload);
+    let new = w.starting()[0];
+    w.advance(MS(3000));
+    assert!(w.killed().is_empty(), "{:?}", w.killed());
+    assert_eq!(w.current()[&0], new, "the swap went on");
+    let _ = r;
+}
+
 // ---- crashes ------------------------------------------------------------------
 
 #[test]
