@@ -43,6 +43,10 @@ pub struct RawApp {
     pub max_memory_restart: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
     pub metrics: Option<String>,
+    pub health: Option<String>,
+    pub health_agent: Option<String>,
+    pub health_min_ready: Option<u32>,
+    pub drain_before_stop: Option<Duration>,
     pub listen: Option<Vec<String>>,
     pub shared_listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
@@ -134,6 +138,14 @@ pub const KEYS: &[Key] = &[
     key!("autorestart", autorestart, v::boolean),
     key!("max_memory_restart", max_memory_restart, v::size),
     key!("metrics", metrics, v::string),
+    key!("health", health, v::string),
+    key!("health_agent", health_agent, v::string),
+    key!("health_min_ready", health_min_ready, |x| v::count(
+        x,
+        u64::from(MAX_INSTANCES)
+    )
+    .map(|n| n as u32)),
+    key!("drain_before_stop", drain_before_stop, v::duration),
     Key {
         name: "max_event_loop_delay",
         set: |r, x| {
