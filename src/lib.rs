@@ -63,7 +63,7 @@
 //! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
 //! it ([`discover`] finds the apps a host has, for [`ls`], [`tail`]
 //! (`logs`) and PM2's verbs in [`pm2`]; [`pm2dump`] reads PM2's saved
-//! list for [`install`]), [`metrics`] serves Prometheus;
+//! list for [`install`]), [`metrics`] serves Prometheus (and [`health`], what a load balancer reads);
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
@@ -80,6 +80,7 @@ pub mod cron;
 pub mod dbus;
 pub mod discover;
 pub mod fds;
+pub mod health;
 pub mod herd;
 pub mod human;
 pub mod install;

@@ -155,6 +155,14 @@ async fn answer(
     let Some(head) = read_head(&mut conn).await else {
         return Ok(());
     };
+    // What a load balancer polls, answered from memory (see health.rs).
+    if let Some(head_only) = crate::health::route(&head) {
+        let response = crate::health::http_response(&handle.snapshot.borrow(), head_only);
+        return match &mut conn {
+            Conn::Tcp(s) => s.write_all(response.as_bytes()).await,
+            Conn::Unix(s) => s.write_all(response.as_bytes()).await,
+        };
+    }
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));

@@ -19,7 +19,7 @@ use crate::sockets::{self, SocketError};
 use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources, takeover};
-use crate::{dbus, herd, logs, metrics, notify, notify_socket, reexec};
+use crate::{dbus, health, herd, logs, metrics, notify, notify_socket, reexec};
 
 /// Why `nodeherd run` could not run; the kind decides the exit status.
 #[derive(Debug, thiserror::Error)]
@@ -457,6 +457,14 @@ fn run_daemon(
             notify_socket: notify_path,
             runtime_dir: dir.to_path_buf(),
         };
+        let health_at = [
+            (app.health.clone(), "health", health::Serve::Http),
+            (
+                app.health_agent.clone(),
+                "health_agent",
+                health::Serve::Agent,
+            ),
+        ];
         let (mut driver, listener_info, control_fd, resumed_from) =
             driver_for(start, app, source, paths);
         let handle = driver.handle();
@@ -474,6 +482,21 @@ fn run_daemon(
                 handle.clone(),
                 listener_info,
             ));
+        }
+        for (spec, key, what) in health_at {
+            let Some(spec) = spec else { continue };
+            // After a re-exec the workers serve on: a port taken meanwhile
+            // is said, not fatal.
+            let listener = match health::Listener::bind(&spec, key) {
+                Ok(l) => l,
+                Err(e) if resumed_from.is_some() => {
+                    logs::warn(&e);
+                    continue;
+                }
+                Err(e) => return Err(RunError::Usage(e)),
+            };
+            logs::info(&format!("{key}: {spec}"));
+            tokio::spawn(health::serve(listener, what, handle.clone()));
         }
         if let Some((took, from)) = &resumed_from {
             say_reexecuted(*took, from, &handle);
