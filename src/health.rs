@@ -140,6 +140,21 @@ impl Listener {
         })
     }
 
+    /// Where it listens, as a client would name it.
+    pub fn address(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|e| format!("? ({e})")),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+
     async fn accept(&self) -> std::io::Result<Box<dyn Stream>> {
         Ok(match self {
             Listener::Tcp(l) => Box::new(l.accept().await?.0),

@@ -495,7 +495,7 @@ fn run_daemon(
                 }
                 Err(e) => return Err(RunError::Usage(e)),
             };
-            logs::info(&format!("{key}: {spec}"));
+            logs::info(&format!("{key}: {}", listener.address()));
             tokio::spawn(health::serve(listener, what, handle.clone()));
         }
         if let Some((took, from)) = &resumed_from {
