@@ -332,6 +332,7 @@ fn app_state(e: &mut Exposition, snap: &Snapshot) {
         "reloading",
         "reexecuting",
         "degraded",
+        "draining",
         "stopping",
     ] {
         e.sample("nodeherd_state", &[("state", s)], u8::from(snap.state == s));
