@@ -117,11 +117,22 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Bind `spec` (`HOST:PORT` or `unix:/path`); `key` names it in errors.
-    pub fn bind(spec: &str, key: &str) -> Result<Listener, String> {
-        let l = sockets::bind(spec).map_err(|e| format!("{key}: cannot listen on {spec}: {e}"))?;
+    /// Serve from a bound socket (`key` names it in errors), and a second
+    /// handle on it for a re-exec to carry.
+    pub fn serve_from(
+        l: sockets::Listener,
+        key: &str,
+    ) -> Result<(Listener, Option<sockets::Listener>), String> {
+        let spec = l.address.clone();
         let fail = |e: std::io::Error| format!("{key}: cannot serve {spec}: {e}");
-        Ok(match l.kind {
+        let second = l.fd.try_clone().ok().map(|fd| sockets::Listener {
+            fd,
+            name: l.name.clone(),
+            kind: l.kind,
+            address: l.address.clone(),
+            port: l.port,
+        });
+        let listener = match l.kind {
             sockets::Kind::Unix => {
                 let s = std::os::unix::net::UnixListener::from(l.fd);
                 s.set_nonblocking(true).map_err(fail)?;
@@ -137,7 +148,8 @@ impl Listener {
                     "{key}: {spec} is a {other} socket, not a stream one"
                 ));
             }
-        })
+        };
+        Ok((listener, second))
     }
 
     /// Where it listens, as a client would name it.

@@ -318,3 +318,28 @@ fn a_worker_cannot_flip_health() {
     );
     assert_eq!(v["state"], "ready", "{v}");
 }
+
+#[test]
+fn a_drain_and_the_health_listeners_outlive_a_reexec() {
+    let h = host("env.js", "");
+    h.wait_health(200);
+    assert_eq!(h.nodeherd("drain").0, 0);
+    let pid = h.m.pid();
+    let (code, out, err) = h.nodeherd("reexec");
+    assert_eq!(code, 0, "{out}{err}\n{}", h.m.log());
+    assert_eq!(h.m.pid(), pid);
+    // The new program binds the health listeners again and keeps the drain.
+    let mut last = None;
+    assert!(
+        wait_until(T, || {
+            last = get(h.health, "/health").ok();
+            last.as_ref()
+                .is_some_and(|(s, b)| *s == 503 && b.contains("\"drain\""))
+        }),
+        "{last:?}\n{}",
+        h.m.log()
+    );
+    assert_eq!(agent(h.agent), "drain\n");
+    assert_eq!(h.nodeherd("undrain").0, 0);
+    assert_eq!(health(h.health).0, 200);
+}
