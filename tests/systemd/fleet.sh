@@ -21,6 +21,9 @@
 # Then the same restart and stop without drain_before_stop (set to 0 in the
 # hosts' configuration and reloaded): the failed requests are counted, and
 # must not be 0 (the check of d, seen red without the feature).
+#   f. a 3 s drain_before_stop under TimeoutStopSec=1s: the manager extends
+#      systemd's stop timeout, so the drain runs its course and the stop is
+#      clean (no timeout, no SIGKILL)
 #
 # Prints `N passed, N failed` and the two counts; exits 1 on any failure.
 # Every wait is bounded; HAProxy and the load client are ended by pid, the
@@ -265,6 +268,22 @@ f_restart=$(awk -v a="$t_restart" -v b="$t_stop" '$1 >= a && $1 < b && $3 != "20
 f_stop=$((failed2 - f_restart))
 expect "without drain_before_stop the same check fails: $failed2 failed of $total2 ($f_restart around the restart, $f_stop around the stop, which took ${took}s; $(describe_failures "$HOSTDIR/without.txt"))" \
     test "$failed2" -gt 0
+
+# ---------------------------------------------------------------- systemd's stop timeout
+# A drain longer than the unit's TimeoutStopSec=: the manager extends it
+# (EXTEND_TIMEOUT_USEC=), so systemd neither kills it nor calls it a timeout.
+h=${HOSTS[0]}
+on "$h" mkdir -p /etc/systemd/system/nodeherd@web.service.d
+on "$h" sh -c 'printf "[Service]\nTimeoutStopSec=1s\n" >/etc/systemd/system/nodeherd@web.service.d/stop.conf'
+on "$h" systemctl daemon-reload
+on "$h" sed -i 's/"drain_before_stop": 0/"drain_before_stop": "3s"/' /etc/nodeherd/web.json
+on "$h" systemctl reload nodeherd@web.service
+t0=$SECONDS
+on "$h" systemctl stop nodeherd@web.service || true
+took=$((SECONDS - t0))
+expect "f: a 3 s drain under TimeoutStopSec=1s ran its course (stop took ${took}s)" test "$took" -ge 3
+result=$(on "$h" systemctl show -P Result nodeherd@web.service)
+expect "f: and systemd saw a clean stop, no timeout (Result=$result)" test "$result" = success
 
 echo "with drain_before_stop: $failed1 failed of $total1; without: $failed2 failed of $total2"
 echo "$PASS passed, $FAIL failed"
