@@ -12,7 +12,7 @@
 //!
 //! The HTTP side is a few lines by hand rather than an HTTP stack: it answers
 //! `GET /metrics` (and `/`) from one scraper, on loopback or a unix socket,
-//! and nothing else. Any local user can connect, so what a connection may
+//! and `GET /health` for a load balancer (see `health.rs`), nothing else. Any local user can connect, so what a connection may
 //! cost is bounded: [`MAX_CONNECTIONS`] at once (more are closed as they
 //! come, never queued), a request head within [`HEAD_TIMEOUT`] and
 //! [`MAX_REQUEST`] bytes.
