@@ -8,7 +8,8 @@
 #
 #   tests/systemd/fleet.sh [NODEHERD_BINARY]
 #
-# Under continuous load through HAProxy (8 keep-alive lanes):
+# HAProxy checks /health and reads each host's agent-check (taken as valid:
+# `up ready 100%`). Under continuous load through HAProxy (8 keep-alive lanes):
 #   a. examples/fleet/roll.sh rolls release v2 over the three hosts, one at
 #      a time (deploy, drain, wait for the balancer, systemctl reload,
 #      check, undrain): it succeeds and every host answers v2
@@ -89,16 +90,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Three ports free on every address: the app's, /health's, the balancer's.
+# Four ports free on every address: the app's, /health's, the balancer's,
+# the agent-check's.
 free_port() {
     local p
     for p in $(seq $((23000 + $$ % 9000)) 5 $((23500 + $$ % 9000))); do
-        [[ -z $(ss -Htln "sport >= :$p and sport <= :$((p + 2))") ]] && { echo "$p"; return; }
+        [[ -z $(ss -Htln "sport >= :$p and sport <= :$((p + 3))") ]] && { echo "$p"; return; }
     done
     die "no free port"
 }
 PORT=$(free_port)
-APP_PORT=$PORT HEALTH_PORT=$((PORT + 1)) LB_PORT=$((PORT + 2))
+APP_PORT=$PORT HEALTH_PORT=$((PORT + 1)) LB_PORT=$((PORT + 2)) AGENT_PORT=$((PORT + 3))
 LB=http://127.0.0.10:$LB_PORT/
 
 # ---------------------------------------------------------------- the hosts
@@ -118,8 +120,10 @@ chmod 644 /srv/web/RELEASE
 # The example's file, on this host's own address (the hosts share this
 # machine's network).
 sed -e "s/'0.0.0.0:8080'/'\$addr:$APP_PORT'/" -e "s/'0.0.0.0:9210'/'\$addr:$HEALTH_PORT'/" \
+    -e "s/'0.0.0.0:9211'/'\$addr:$AGENT_PORT'/" \
     /shared/ecosystem.config.js >/srv/web/ecosystem.config.js
 grep -q "\$addr:$HEALTH_PORT" /srv/web/ecosystem.config.js
+grep -q "\$addr:$AGENT_PORT" /srv/web/ecosystem.config.js
 systemctl daemon-reload
 nodeherd install /srv/web/ecosystem.config.js --now
 systemctl start nodeherd@web.service
@@ -150,16 +154,19 @@ done
 sed -e "s|stats socket /run/haproxy/fleet.sock|stats socket $HOSTDIR/haproxy.sock|" \
     -e "s|bind 10.0.0.10:80|bind 127.0.0.10:$LB_PORT|" \
     -e "s|10.0.0.1\([1-3]\):8080|127.0.0.1\1:$APP_PORT|" \
-    -e "s|port 9210|port $HEALTH_PORT|" \
+    -e "s|check port 9210|check port $HEALTH_PORT|" \
+    -e "s|agent-port 9211|agent-port $AGENT_PORT|" \
     "$EXAMPLE/haproxy.cfg" >"$HOSTDIR/haproxy.cfg"
-grep -q "127.0.0.13:$APP_PORT" "$HOSTDIR/haproxy.cfg" || die "the example's haproxy.cfg was not adapted"
+grep -q "127.0.0.13:$APP_PORT" "$HOSTDIR/haproxy.cfg" && grep -q "agent-port $AGENT_PORT" "$HOSTDIR/haproxy.cfg" ||
+    die "the example's haproxy.cfg was not adapted"
 haproxy -c -q -f "$HOSTDIR/haproxy.cfg" || die "haproxy rejects the example configuration"
 haproxy -f "$HOSTDIR/haproxy.cfg" -db >"$HOSTDIR/haproxy.log" 2>&1 &
 HAPID=$!
 
-# server_state NAME: HAProxy's status of server NAME (UP, DOWN, ...).
-server_state() {
-    python3 - "$HOSTDIR/haproxy.sock" "$1" <<'PY'
+# server_field NAME FIELD: a field of server NAME in HAProxy's `show stat`
+# (status: UP, DOWN, ...; last_agt: the agent's last answer).
+server_field() {
+    python3 - "$HOSTDIR/haproxy.sock" "$1" "$2" <<'PY'
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(2)
@@ -174,12 +181,17 @@ try:
         data += chunk
 except OSError:
     sys.exit(0)
-for line in data.decode().splitlines():
+lines = data.decode().splitlines()
+if not lines:
+    sys.exit(0)
+names = lines[0].lstrip("# ").split(",")
+for line in lines[1:]:
     f = line.split(",")
-    if len(f) > 17 and f[0] == "app" and f[1] == sys.argv[2]:
-        print(f[17])
+    if len(f) == len(names) and f[0] == "app" and f[1] == sys.argv[2]:
+        print(f[names.index(sys.argv[3])])
 PY
 }
+server_state() { server_field "$1" status; }
 is_state() { [[ $(server_state "$1") == "$2"* ]]; }
 wait_for() {
     local deadline=$((SECONDS + $1)); shift
@@ -191,6 +203,10 @@ wait_for() {
 all_up() { is_state web1 UP && is_state web2 UP && is_state web3 UP; }
 wait_for 30 all_up || { sed 's/^/  | /' "$HOSTDIR/haproxy.log"; die "HAProxy never saw the three hosts up"; }
 log "HAProxy (pid $HAPID) sees web1, web2 and web3 up"
+agent_up() { [[ $(server_field "$1" agent_status) == L7OK && $(server_field "$1" last_agt) == "via agent : up" ]]; }
+for s in web1 web2 web3; do
+    expect "HAProxy takes $s's agent-check answer (up ready 100%) as valid" wait_for 10 agent_up "$s"
+done
 
 # ---------------------------------------------------------------- load
 start_load() { # start_load OUT
