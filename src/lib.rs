@@ -41,7 +41,9 @@
 //! `RELOADING=1`, then `READY=1` from the new program.
 //!
 //! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
-//! after `kill_timeout`, exit 0 with no child left.
+//! after `kill_timeout`, exit 0 with no child left. With `drain_before_stop`,
+//! the [`health`] endpoint first says "drain" for that long while every
+//! worker serves on, so a load balancer has moved traffic away.
 //!
 //! One supervisor ([`supervisor`]) owns all of this state. Its core decides
 //! and does nothing else: child exits, signals, timers and D-Bus calls go in
