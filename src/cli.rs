@@ -53,6 +53,11 @@ pub enum Command {
     /// Replace a running manager's program with the file on disk (after an
     /// upgrade), keeping its pid and every worker; waits until it answers again
     Reexec(AppArgs),
+    /// Make the health endpoint say "take me out" (503, agent `drain`) while
+    /// every worker keeps serving, until `undrain`
+    Drain(AppArgs),
+    /// End a drain: the health endpoint answers by the ready workers again
+    Undrain(AppArgs),
     /// A live view of an app's workers (q to quit)
     Monit(AppArgs),
     /// Put an ecosystem file's apps under systemd (the nodeherd@ template units)

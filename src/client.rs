@@ -191,6 +191,26 @@ pub fn restart(args: AppArgs) -> ExitCode {
     })
 }
 
+/// `nodeherd drain APP`: the health endpoint says "take me out"; workers serve on.
+pub fn drain(args: AppArgs) -> ExitCode {
+    run_client(async move {
+        let r = reach(args.app.as_deref(), &args.bus).await?;
+        let what = r.proxy.drain().await?;
+        outln!("nodeherd: {what}");
+        Ok(())
+    })
+}
+
+/// `nodeherd undrain APP`: the health endpoint answers by the ready workers again.
+pub fn undrain(args: AppArgs) -> ExitCode {
+    run_client(async move {
+        let r = reach(args.app.as_deref(), &args.bus).await?;
+        let what = r.proxy.undrain().await?;
+        outln!("nodeherd: {what}");
+        Ok(())
+    })
+}
+
 /// How long `nodeherd reexec` waits for the new program to answer.
 const REEXEC_WAIT: Duration = Duration::from_secs(30);
 

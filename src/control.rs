@@ -70,6 +70,10 @@ pub enum Control {
     Scale(ScaleTarget),
     /// Replace the manager's own program in place (`execve`), workers kept.
     Reexec,
+    /// Say "drain" on the health endpoint; workers keep serving.
+    Drain,
+    /// Stop saying "drain" (not while draining before a stop).
+    Undrain,
 }
 
 /// A request and where its answer goes (`None`: nobody waits, as for SIGHUP).
@@ -105,6 +109,10 @@ pub struct Snapshot {
     pub counters: Counters,
     /// When `cron_restart` next reloads the app (ms since the epoch), if it does.
     pub next_cron_reload_ms: Option<u64>,
+    /// The configuration generation in force (one up per reload that read it anew).
+    pub generation: u64,
+    /// Ready workers the health endpoint needs to say "up" now.
+    pub health_min_ready: u32,
 }
 
 /// What happened over the manager's life, for metrics.

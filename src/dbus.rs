@@ -114,7 +114,7 @@ pub fn bus_policy_for(app: &str) -> String {
          per app, as `nodeherd install` writes them. Only its own user\n  \
          {user} (and root) may own the name. Anyone may send it\n  \
          org.nodeherd.Manager1 calls; the manager itself\n  \
-         decides on Reload, Restart, Scale and ScaleBy (polkit actions\n  \
+         decides on Reload, Restart, Scale, ScaleBy, Drain and Undrain (polkit actions\n  \
          org.nodeherd.reload/.restart/.scale; without polkitd: root, {user}\n  \
          and members of group {OPERATORS_GROUP}). Reading properties, introspecting and\n  \
          pinging are open. Every rule names this destination: nothing here reaches\n  \
@@ -507,6 +507,31 @@ impl Manager {
     ) -> Result<String, BusError> {
         authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
         self.ask(Control::Reexec).await.map(|d| d.message)
+    }
+
+    /// Say "drain" on the health endpoint (503, agent-check `drain`) so a
+    /// load balancer takes this host out; every worker keeps serving.
+    /// Answered at once; lasts until Undrain (or the manager stops, and
+    /// across a re-exec). Authorized as Restart.
+    async fn drain(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
+        self.ask(Control::Drain).await.map(|d| d.message)
+    }
+
+    /// End a drain Drain asked for: the health endpoint answers by the
+    /// ready workers again. Fails with Stopping while the manager drains
+    /// before a stop (`drain_before_stop`). Authorized as Restart.
+    async fn undrain(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
+        self.ask(Control::Undrain).await.map(|d| d.message)
     }
 
     /// Close every log file the manager writes (`out_file`, `error_file`,

@@ -43,7 +43,9 @@
 //! `RELOADING=1`, then `READY=1` from the new program.
 //!
 //! **Stop.** SIGTERM/SIGINT: `STOPPING=1`, every worker asked to stop, SIGKILL
-//! after `kill_timeout`, exit 0 with no child left.
+//! after `kill_timeout`, exit 0 with no child left. With `drain_before_stop`,
+//! the [`health`] endpoint first says "drain" for that long while every
+//! worker serves on, so a load balancer has moved traffic away.
 //!
 //! One supervisor ([`supervisor`]) owns all of this state. Its core decides
 //! and does nothing else: child exits, signals, timers and D-Bus calls go in
@@ -65,7 +67,7 @@
 //! may be asked of it, [`dbus`] serves that on the bus and [`client`] asks
 //! it ([`discover`] finds the apps a host has, for [`ls`], [`tail`]
 //! (`logs`) and PM2's verbs in [`pm2`]; [`pm2dump`] reads PM2's saved
-//! list for [`install`]), [`metrics`] serves Prometheus;
+//! list for [`install`]), [`metrics`] serves Prometheus (and [`health`], what a load balancer reads);
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
@@ -82,6 +84,7 @@ pub mod cron;
 pub mod dbus;
 pub mod discover;
 pub mod fds;
+pub mod health;
 pub mod herd;
 pub mod human;
 pub mod install;

@@ -25,6 +25,8 @@ fn main() -> ExitCode {
         Command::Restart(args) => nodeherd::client::restart(args),
         Command::Scale(args) => nodeherd::client::scale(args),
         Command::Reexec(args) => nodeherd::client::reexec(args),
+        Command::Drain(args) => nodeherd::client::drain(args),
+        Command::Undrain(args) => nodeherd::client::undrain(args),
         Command::CheckState => nodeherd::supervisor::takeover::check_main(),
         Command::Monit(args) => nodeherd::monit::monit(args),
         Command::Install(args) => nodeherd::install::install(args),

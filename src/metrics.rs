@@ -12,7 +12,7 @@
 //!
 //! The HTTP side is a few lines by hand rather than an HTTP stack: it answers
 //! `GET /metrics` (and `/`) from one scraper, on loopback or a unix socket,
-//! and nothing else. Any local user can connect, so what a connection may
+//! and `GET /health` for a load balancer (see `health.rs`), nothing else. Any local user can connect, so what a connection may
 //! cost is bounded: [`MAX_CONNECTIONS`] at once (more are closed as they
 //! come, never queued), a request head within [`HEAD_TIMEOUT`] and
 //! [`MAX_REQUEST`] bytes.
@@ -155,6 +155,14 @@ async fn answer(
     let Some(head) = read_head(&mut conn).await else {
         return Ok(());
     };
+    // What a load balancer polls, answered from memory (see health.rs).
+    if let Some(head_only) = crate::health::route(&head) {
+        let response = crate::health::http_response(&handle.snapshot.borrow(), head_only);
+        return match &mut conn {
+            Conn::Tcp(s) => s.write_all(response.as_bytes()).await,
+            Conn::Unix(s) => s.write_all(response.as_bytes()).await,
+        };
+    }
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
@@ -324,6 +332,7 @@ fn app_state(e: &mut Exposition, snap: &Snapshot) {
         "reloading",
         "reexecuting",
         "degraded",
+        "draining",
         "stopping",
     ] {
         e.sample("nodeherd_state", &[("state", s)], u8::from(snap.state == s));

@@ -19,7 +19,7 @@ use crate::sockets::{self, SocketError};
 use crate::supervisor::driver::Carry;
 use crate::supervisor::reconfig::{Source, WorkerPaths};
 use crate::supervisor::{Driver, sources, takeover};
-use crate::{dbus, herd, logs, metrics, notify, notify_socket, reexec};
+use crate::{dbus, health, herd, logs, metrics, notify, notify_socket, reexec};
 
 /// Why `nodeherd run` could not run; the kind decides the exit status.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +203,8 @@ struct Resumed {
     workers: Vec<takeover::AdoptedWorker>,
     took: Duration,
     written_by: String,
+    /// The health listeners the old program served, by key.
+    health: Vec<(String, sockets::Listener)>,
 }
 
 /// `balance: auto`: where every listening socket allows `SO_REUSEPORT`
@@ -303,6 +305,12 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         .transpose()
         .map_err(bad("the metrics socket"))?
         .map(MetricsAt::Inherited);
+    let health = state
+        .health
+        .into_iter()
+        .map(|(key, s)| sockets::Listener::adopt(s).map(|l| (key, l)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad("a health socket"))?;
     let workers = state
         .workers
         .into_iter()
@@ -321,6 +329,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         workers,
         took,
         written_by: state.written_by,
+        health,
     };
     let source = source_of(&args);
     let result = run_daemon(
@@ -457,6 +466,20 @@ fn run_daemon(
             notify_socket: notify_path,
             runtime_dir: dir.to_path_buf(),
         };
+        let health_at = [
+            (app.health.clone(), "health", health::Serve::Http),
+            (
+                app.health_agent.clone(),
+                "health_agent",
+                health::Serve::Agent,
+            ),
+        ];
+        // A re-exec hands the old program's over: no connection refused.
+        let mut start = start;
+        let mut carried_health = match &mut start {
+            Start::Resumed(r) => std::mem::take(&mut r.health),
+            _ => Vec::new(),
+        };
         let (mut driver, listener_info, control_fd, resumed_from) =
             driver_for(start, app, source, paths);
         let handle = driver.handle();
@@ -475,6 +498,34 @@ fn run_daemon(
                 listener_info,
             ));
         }
+        let mut health_carry = Vec::new();
+        for (spec, key, what) in health_at {
+            let Some(spec) = spec else { continue };
+            let carried = carried_health
+                .iter()
+                .position(|(k, _)| k == key)
+                .map(|i| carried_health.remove(i).1);
+            let opened = match carried {
+                Some(l) => health::Listener::serve_from(l, key),
+                None => sockets::bind(&spec)
+                    .map_err(|e| format!("{key}: cannot listen on {spec}: {e}"))
+                    .and_then(|l| health::Listener::serve_from(l, key)),
+            };
+            // After a re-exec the workers serve on: a socket lost is said, not fatal.
+            let (listener, second) = match opened {
+                Ok(l) => l,
+                Err(e) if resumed_from.is_some() => {
+                    logs::warn(&e);
+                    continue;
+                }
+                Err(e) => return Err(RunError::Usage(e)),
+            };
+            health_carry.extend(second.map(|s| (key.to_string(), s)));
+            if resumed_from.is_none() {
+                logs::info(&format!("{key}: {}", listener.address()));
+            }
+            tokio::spawn(health::serve(listener, what, handle.clone()));
+        }
         if let Some((took, from)) = &resumed_from {
             say_reexecuted(*took, from, &handle);
         }
@@ -488,6 +539,7 @@ fn run_daemon(
             notify: notify_carry,
             control: control_carry,
             metrics: metrics_carry,
+            health: health_carry,
         });
         if resumed_from.is_some() {
             let status = handle.snapshot.borrow().status.clone();

@@ -129,6 +129,8 @@ fn introspection_is_complete_and_typed() {
         (".Restart", "method"),
         (".Scale", "method"),
         (".ScaleBy", "method"),
+        (".Drain", "method"),
+        (".Undrain", "method"),
         (".Name", "property"),
         (".State", "property"),
         (".Instances", "property"),

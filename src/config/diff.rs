@@ -88,6 +88,14 @@ pub fn diff(old: &App, new: &App) -> Diff {
     changed("autostart", old.autostart != new.autostart);
     changed("filter_env", old.filter_env != new.filter_env);
     changed("env_file", old.env_file != new.env_file);
+    changed(
+        "health_min_ready",
+        old.health_min_ready != new.health_min_ready,
+    );
+    changed(
+        "drain_before_stop",
+        old.drain_before_stop != new.drain_before_stop,
+    );
     if old.env != new.env {
         let keys: BTreeSet<&String> = old.env.keys().chain(new.env.keys()).collect();
         let mut words = Vec::new();
@@ -115,6 +123,10 @@ pub fn diff(old: &App, new: &App) -> Diff {
     restart("listen", old.listen != new.listen);
     restart("balance", old.balance != new.balance);
     restart("metrics", old.metrics != new.metrics);
+    restart(
+        "health/health_agent",
+        old.health != new.health || old.health_agent != new.health_agent,
+    );
     restart("uid/gid", old.credentials != new.credentials);
     d
 }

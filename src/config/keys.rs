@@ -43,6 +43,10 @@ pub struct RawApp {
     pub max_memory_restart: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
     pub metrics: Option<String>,
+    pub health: Option<String>,
+    pub health_agent: Option<String>,
+    pub health_min_ready: Option<u32>,
+    pub drain_before_stop: Option<Duration>,
     pub listen: Option<Vec<String>>,
     pub shared_listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
@@ -134,6 +138,14 @@ pub const KEYS: &[Key] = &[
     key!("autorestart", autorestart, v::boolean),
     key!("max_memory_restart", max_memory_restart, v::size),
     key!("metrics", metrics, v::string),
+    key!("health", health, v::string),
+    key!("health_agent", health_agent, v::string),
+    key!("health_min_ready", health_min_ready, |x| v::count(
+        x,
+        u64::from(MAX_INSTANCES)
+    )
+    .map(|n| n as u32)),
+    key!("drain_before_stop", drain_before_stop, v::duration),
     Key {
         name: "max_event_loop_delay",
         set: |r, x| {
@@ -309,6 +321,20 @@ mod tests {
     }
 
     #[test]
+    fn the_health_keys_parse() {
+        let (raw, warnings) = one(json!({
+            "health": "127.0.0.1:9210", "health_agent": "127.0.0.1:9211",
+            "health_min_ready": 3, "drain_before_stop": "5s",
+        }))
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(raw.health.as_deref(), Some("127.0.0.1:9210"));
+        assert_eq!(raw.health_agent.as_deref(), Some("127.0.0.1:9211"));
+        assert_eq!(raw.health_min_ready, Some(3));
+        assert_eq!(raw.drain_before_stop, Some(Duration::from_secs(5)));
+    }
+
+    #[test]
     fn a_bad_value_names_the_key() {
         for (entry, key) in [
             (json!({"instances": "lots"}), "instances"),
@@ -330,6 +356,9 @@ mod tests {
             (json!({"stop_exit_codes": "zero"}), "stop_exit_codes"),
             (json!({"filter_env": 5}), "filter_env"),
             (json!({"env_file": {}}), "env_file"),
+            (json!({"drain_before_stop": "a while"}), "drain_before_stop"),
+            (json!({"health_min_ready": 5000}), "health_min_ready"),
+            (json!({"health": 9210}), "health"),
         ] {
             let e = one(entry).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{e}");

@@ -129,6 +129,21 @@ pub struct App {
     /// Where to serve Prometheus metrics: `HOST:PORT` or `unix:/path`
     /// (nodeherd's own key; off by default).
     pub metrics: Option<String>,
+    /// Where to answer `GET /health` besides the metrics endpoint:
+    /// `HOST:PORT` or `unix:/path` (nodeherd's own key; off by default).
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Where to answer HAProxy's `agent-check` (nodeherd's own key; off by default).
+    #[serde(default)]
+    pub health_agent: Option<String>,
+    /// Ready workers the health endpoint needs to say "up" (default: every
+    /// slot, less those a reload is swapping; nodeherd's own key).
+    #[serde(default)]
+    pub health_min_ready: Option<u32>,
+    /// On stop, say "drain" on the health endpoint and keep serving this
+    /// long before the workers are asked to stop (nodeherd's own key; 0: off).
+    #[serde(default)]
+    pub drain_before_stop: Duration,
     /// Addresses to bind when systemd hands no socket over (nodeherd's own key).
     pub listen: Vec<String>,
     /// Addresses the manager binds for workers with its own rights, beyond
@@ -631,6 +646,10 @@ pub(crate) fn test_app() -> App {
         max_memory_restart: None,
         max_event_loop_delay: None,
         metrics: None,
+        health: None,
+        health_agent: None,
+        health_min_ready: None,
+        drain_before_stop: std::time::Duration::ZERO,
         listen: vec!["127.0.0.1:8000".into()],
         shared_listen: vec![],
         reload_parallel: 1,

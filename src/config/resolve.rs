@@ -178,6 +178,10 @@ pub fn resolve(
             max_memory_restart: raw.max_memory_restart,
             max_event_loop_delay: raw.max_event_loop_delay,
             metrics: over.metrics.clone().or(raw.metrics.clone()),
+            health: raw.health.clone(),
+            health_agent: raw.health_agent.clone(),
+            health_min_ready: raw.health_min_ready,
+            drain_before_stop: raw.drain_before_stop.unwrap_or_default(),
             listen: if over.listen.is_empty() {
                 raw.listen.clone().unwrap_or_default()
             } else {

@@ -58,6 +58,8 @@ pub struct Core {
     /// When `cron_restart` runs next, on the wall clock (ms since the
     /// epoch), as the driver worked it out; its deadline is `TimerKey::Cron`.
     pub(super) cron_next: Option<u64>,
+    /// The health endpoint says "drain", and since when (see `drain.rs`).
+    pub(super) drain: Option<(super::drain::Drain, Instant)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -85,6 +87,7 @@ impl Core {
             share_peak: None,
             share_fair: None,
             cron_next: None,
+            drain: None,
             out: Vec::new(),
             now,
         }
@@ -216,7 +219,7 @@ impl Core {
             Event::SlotDrained(leave) => self.finish_leave(leave, true),
             Event::CronScheduled(next) => self.on_cron_scheduled(next),
             Event::FilesChanged => self.on_files_changed(),
-            Event::Stop => self.begin_stop(0),
+            Event::Stop => self.on_stop(),
         }
         self.settle()
     }
@@ -724,6 +727,7 @@ impl Core {
             ),
             // The shares are worked out again as every event settles.
             TimerKey::Share => self.share_peak = None,
+            TimerKey::DrainStop => self.drained_for_stop(),
             TimerKey::Restart(index) => {
                 let due = self
                     .slots

@@ -57,6 +57,8 @@ pub struct Carry {
     pub notify: OwnedFd,
     pub control: Option<OwnedFd>,
     pub metrics: Option<crate::sockets::Listener>,
+    /// The health listeners, by key (`health`, `health_agent`).
+    pub health: Vec<(String, crate::sockets::Listener)>,
 }
 
 /// How long the driver goes on after answering a re-exec's callers before
@@ -894,6 +896,11 @@ impl Driver {
             notify_fd: carry.notify.as_raw_fd(),
             control_fd: carry.control.as_ref().map(AsRawFd::as_raw_fd),
             metrics: carry.metrics.as_ref().map(crate::sockets::Listener::carry),
+            health: carry
+                .health
+                .iter()
+                .map(|(k, l)| (k.clone(), l.carry()))
+                .collect(),
             core: self.core.export(now),
             workers: self
                 .procs

@@ -51,6 +51,9 @@ pub struct CoreState {
     /// epoch); its deadline is among `timers`.
     #[serde(default)]
     pub cron_next: Option<u64>,
+    /// `Drain()` was asked for and not undone.
+    #[serde(default)]
+    pub drain_asked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +194,7 @@ impl Core {
             counters: self.counters,
             last_status: self.last_status.clone(),
             cron_next: self.cron_next,
+            drain_asked: self.drain_asked(),
         }
     }
 
@@ -213,6 +217,9 @@ impl Core {
         core.counters.reexecs += 1;
         core.last_status = state.last_status;
         core.cron_next = state.cron_next;
+        if state.drain_asked {
+            core.drain = Some((super::drain::Drain::Asked, now));
+        }
         core.phase = Phase::Running;
         core.slots = state
             .slots

@@ -28,7 +28,11 @@ impl Core {
         reply: Option<ReplyId>,
         config: Option<Box<NewConfig>>,
     ) {
-        if self.phase == Phase::Stopping {
+        // Not an operation: it changes what the health endpoint says, at once.
+        if matches!(what, Control::Drain | Control::Undrain) {
+            return self.drain_request(what, reply);
+        }
+        if self.phase == Phase::Stopping || self.draining_for_stop() {
             self.reply_opt(reply, Err(stopping()));
             return;
         }
@@ -88,6 +92,7 @@ impl Core {
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
+                Control::Drain | Control::Undrain => return self.drain_request(what, reply),
             };
             self.log(
                 Level::Info,
@@ -102,6 +107,7 @@ impl Core {
             Control::Restart => Queued::Restart(reply),
             Control::Scale(target) => Queued::Scale(target, reply),
             Control::Reexec => Queued::Reexec(reply.into_iter().collect()),
+            Control::Drain | Control::Undrain => return self.drain_request(what, reply),
         });
     }
 
@@ -115,7 +121,7 @@ impl Core {
         }
     }
 
-    fn reply_opt(&mut self, reply: Option<ReplyId>, result: CtlResult) {
+    pub(super) fn reply_opt(&mut self, reply: Option<ReplyId>, result: CtlResult) {
         if let Some(r) = reply {
             self.reply(r, result);
         }

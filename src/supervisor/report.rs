@@ -74,6 +74,9 @@ impl Core {
         if self.first_start_running() {
             return "starting";
         }
+        if self.drain.is_some() {
+            return "draining";
+        }
         match &self.op {
             Some(Op::Reload { .. }) => "reloading",
             Some(Op::Reexec { .. }) => "reexecuting",
@@ -100,6 +103,7 @@ impl Core {
                 format!("re-executing the manager; {ready}/{n} workers ready")
             }
             _ if self.first_start_running() => format!("starting: {ready}/{n} workers ready"),
+            _ if self.drain.is_some() => format!("draining: {ready}/{n} workers ready"),
             _ => format!("{ready}/{n} workers ready"),
         };
         if !errored.is_empty() {
@@ -200,6 +204,8 @@ impl Core {
             workers,
             counters: self.counters,
             next_cron_reload_ms: self.cron_next,
+            generation: self.generation,
+            health_min_ready: self.health_min_ready(),
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct State {
     pub notify_fd: RawFd,
     pub control_fd: Option<RawFd>,
     pub metrics: Option<CarriedSocket>,
+    /// The health listeners (`health`, `health_agent`), by key.
+    #[serde(default)]
+    pub health: Vec<(String, CarriedSocket)>,
     pub core: CoreState,
     pub workers: Vec<CarriedWorker>,
 }
@@ -80,6 +83,7 @@ impl State {
         fds.push(self.notify_fd);
         fds.extend(self.control_fd);
         fds.extend(self.metrics.as_ref().map(|m| m.fd));
+        fds.extend(self.health.iter().map(|(_, h)| h.fd));
         for w in &self.workers {
             fds.extend(w.ipc);
             fds.extend(w.stdout);
@@ -266,6 +270,7 @@ mod tests {
             notify_fd: 4,
             control_fd: Some(5),
             metrics: None,
+            health: vec![],
             core,
             workers,
         }

@@ -2043,3 +2043,150 @@ fn autostart_off_starts_nothing_until_a_restart_or_a_scale() {
     assert_eq!(w.workers_after(r), Some(3));
     assert_eq!(w.core.status_line(), "3/3 workers ready");
 }
+
+// ---- drain ----------------------------------------------------------------------
+
+#[test]
+fn a_stop_with_drain_before_stop_drains_first_and_keeps_every_worker() {
+    let mut w = World::obedient(with(policy(2), |p| {
+        p.drain_before_stop = MS(5000);
+        p.kill_timeout = MS(1600);
+    }));
+    w.send(Event::Stop);
+    assert_eq!(w.core.state_name(), "draining");
+    assert!(
+        w.stopped().is_empty(),
+        "nobody asked to stop while draining"
+    );
+    assert!(
+        w.notes()
+            .contains(&SdNotify::ExtendTimeout(MS(5000 + 1600 + 5000))),
+        "{:?}",
+        w.notes()
+    );
+    // Requests are refused: the manager is on its way out.
+    let reload = w.request(Control::Reload);
+    assert!(matches!(w.answer(reload), Some(Err(CtlError::Stopping(_)))));
+    let undrain = w.request(Control::Undrain);
+    assert!(matches!(
+        w.answer(undrain),
+        Some(Err(CtlError::Stopping(_)))
+    ));
+    // A crash while draining is restarted as ever: it still serves.
+    let cur = w.current();
+    let mark = w.spawned.len();
+    w.crash(cur[&0]);
+    assert_eq!(w.spawns_since(mark), vec![0]);
+    w.listening(w.starting()[0]);
+    w.advance(MS(4999));
+    assert!(w.stopped().is_empty(), "still draining at 4999 ms");
+    assert_eq!(w.core.snapshot().ready_workers, 2);
+    w.advance(MS(1));
+    assert_eq!(w.stopped().len(), 2, "every worker asked to stop at 5 s");
+    assert_eq!(w.core.finished(), Some(0));
+}
+
+#[test]
+fn a_second_stop_while_draining_stops_at_once_after_the_same_stop_window() {
+    let mut w = World::ready(with(policy(2), |p| p.drain_before_stop = MS(30_000)));
+    w.send(Event::Stop);
+    w.advance(MS(300));
+    w.send(Event::Stop);
+    assert!(w.stopped().is_empty(), "the same stop: still draining");
+    assert!(w.logs().contains("the same stop"), "{}", w.logs());
+    w.advance(MS(2000));
+    w.send(Event::Stop);
+    assert_eq!(w.stopped().len(), 2, "a later stop stops the workers now");
+    assert!(w.killed().is_empty(), "gracefully");
+    w.advance(MS(1000));
+    w.send(Event::Stop);
+    assert_eq!(
+        w.killed().len(),
+        2,
+        "and one more kills, as without a drain"
+    );
+}
+
+#[test]
+fn without_drain_before_stop_a_stop_is_at_once() {
+    let mut w = World::ready(policy(2));
+    w.send(Event::Stop);
+    assert_eq!(w.stopped().len(), 2);
+    assert_eq!(w.core.state_name(), "stopping");
+}
+
+#[test]
+fn a_manager_that_never_was_ready_does_not_drain() {
+    let mut w = World::new(with(policy(2), |p| p.drain_before_stop = MS(5000)));
+    w.start();
+    w.send(Event::Stop);
+    assert_eq!(w.stopped().len(), 2, "nothing to take out of a balancer");
+}
+
+#[test]
+fn drain_and_undrain_change_the_state_and_nothing_else() {
+    let mut w = World::ready(policy(2));
+    let before = w.core.snapshot();
+    assert_eq!(before.health_min_ready, 2);
+    let d = w.request(Control::Drain);
+    assert!(matches!(w.answer(d), Some(Ok(_))));
+    assert_eq!(w.core.state_name(), "draining");
+    assert_eq!(w.core.status_line(), "draining: 2/2 workers ready");
+    assert!(w.stopped().is_empty());
+    // A reload while drained works and leaves the drain on.
+    let r = w.request(Control::Reload);
+    for _ in 0..2 {
+        w.listening(w.starting()[0]);
+        w.obey();
+    }
+    assert!(matches!(w.answer(r), Some(Ok(_))), "{:?}", w.answer(r));
+    assert_eq!(w.core.state_name(), "draining");
+    let u = w.request(Control::Undrain);
+    assert!(matches!(w.answer(u), Some(Ok(_))));
+    assert_eq!(w.core.state_name(), "ready");
+    let again = w.request(Control::Undrain);
+    match w.answer(again) {
+        Some(Ok(done)) => assert_eq!(done.message, "was not draining"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_drain_asked_long_enough_before_a_stop_counts() {
+    let mut w = World::ready(with(policy(2), |p| p.drain_before_stop = MS(5000)));
+    w.request(Control::Drain);
+    w.advance(MS(3000));
+    w.send(Event::Stop);
+    assert!(w.stopped().is_empty());
+    w.advance(MS(1999));
+    assert!(w.stopped().is_empty(), "2 s left of the 5");
+    w.advance(MS(1));
+    assert_eq!(w.stopped().len(), 2);
+    // Drained for longer than asked: at once.
+    let mut w = World::ready(with(policy(2), |p| p.drain_before_stop = MS(5000)));
+    w.request(Control::Drain);
+    w.advance(MS(6000));
+    w.send(Event::Stop);
+    assert_eq!(w.stopped().len(), 2);
+}
+
+#[test]
+fn a_drain_crosses_a_reexec() {
+    let mut w = World::ready(policy(2));
+    w.request(Control::Drain);
+    let state = w.core.export(w.now);
+    let back = Core::import(state, w.core.policy().clone(), w.now, Duration::ZERO).unwrap();
+    assert_eq!(back.state_name(), "draining");
+}
+
+#[test]
+fn health_wants_every_slot_but_those_a_reload_swaps_or_what_is_configured() {
+    let mut w = World::ready(with(policy(4), |p| p.reload_parallel = 2));
+    assert_eq!(w.core.snapshot().health_min_ready, 4);
+    w.request(Control::Reload);
+    assert_eq!(w.core.snapshot().health_min_ready, 2);
+    let w = World::ready(with(policy(4), |p| p.health_min_ready = Some(3)));
+    assert_eq!(w.core.snapshot().health_min_ready, 3);
+    let w = World::ready(with(policy(2), |p| p.health_min_ready = Some(0)));
+    assert_eq!(w.core.snapshot().health_min_ready, 1);
+}

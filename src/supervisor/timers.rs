@@ -39,6 +39,8 @@ pub enum TimerKey {
     Cron,
     /// Files under `watch` have been quiet for `watch_delay`.
     Watch,
+    /// `drain_before_stop` is over: the workers are asked to stop.
+    DrainStop,
 }
 
 #[derive(Debug, Default)]

@@ -46,6 +46,7 @@ CONTAINER_MASKED_UNITS=(
     systemd-timesyncd.service e2scrub_reap.service e2scrub_all.timer
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer
     fstrim.timer man-db.timer systemd-pstore.service
+    haproxy.service
 )
 
 _cgroup_dirs() {
