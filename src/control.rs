@@ -105,6 +105,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// When `cron_restart` next reloads the app (ms since the epoch), if it does.
     pub next_cron_reload_ms: Option<u64>,
+    /// The last worker stack taken and kept (the driver's, not the core's).
+    pub last_autopsy: Option<crate::autopsy::Taken>,
 }
 
 /// What happened over the manager's life, for metrics.

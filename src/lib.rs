@@ -72,6 +72,7 @@
 //! it over) in a private directory ([`rundir`]), or, for a file of several
 //! apps, starts a manager for each and waits for them ([`herd`]).
 
+pub mod autopsy;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -131,6 +131,88 @@
     tell({ nodeherd: 'beat', delay_ms: 0 });
   }
 
+  // --- the helper thread ----------------------------------------------------
+  // A stuck loop reads no IPC channel, so the manager asks for the stack on
+  // a channel of its own (NODEHERD_HELPER_FD), read by a worker thread that
+  // holds an inspector session on this thread: Debugger.pause interrupts
+  // even `while (true) {}`, and the paused event carries the call frames.
+  // Started now, while this thread still runs; idle (blocked in its own
+  // event loop) until asked, and unref'd: it never keeps the app alive.
+  const helperFd = Number(env.NODEHERD_HELPER_FD);
+  delete env.NODEHERD_HELPER_FD;
+  if (Number.isInteger(helperFd) && helperFd > 2) startHelper(helperFd);
+  function startHelper(fd) {
+    let Worker;
+    try {
+      Worker = require('worker_threads').Worker;
+      require('inspector');
+    } catch (_) {
+      return; // no worker threads or no inspector in this build: no stacks
+    }
+    const source = `
+      const { workerData } = require('worker_threads');
+      const inspector = require('inspector');
+      const net = require('net');
+      const MAX_FRAMES = 64, MAX_TEXT = 256;
+      const cut = (s) => String(s == null ? '' : s).slice(0, MAX_TEXT);
+      const sock = new net.Socket({ fd: workerData.fd, readable: true, writable: true });
+      sock.on('error', () => {});
+      let session = null;
+      const urls = new Map();
+      let busy = false;
+      function stack(id) {
+        if (busy) return;
+        busy = true;
+        if (!session) {
+          session = new inspector.Session();
+          session.connectToMainThread();
+          session.on('Debugger.scriptParsed', (m) => urls.set(m.params.scriptId, m.params.url));
+        }
+        const answer = (doc) => { busy = false; sock.write(JSON.stringify(Object.assign({ id }, doc)) + '\\n'); };
+        session.once('Debugger.paused', (m) => {
+          const frames = [];
+          const add = (f) => {
+            if (frames.length >= MAX_FRAMES) return;
+            const loc = f.location || f;
+            frames.push({ f: cut(f.functionName), u: cut(f.url || urls.get(loc.scriptId) || '?'), l: loc.lineNumber + 1, c: loc.columnNumber + 1 });
+          };
+          for (const f of m.params.callFrames || []) add(f);
+          for (let a = m.params.asyncStackTrace; a && frames.length < MAX_FRAMES; a = a.parent) {
+            frames.push({ async: cut(a.description || 'async') });
+            for (const f of a.callFrames || []) add(f);
+          }
+          session.post('Debugger.resume', () => session.post('Debugger.disable'));
+          answer({ frames });
+        });
+        session.post('Debugger.enable', (err) => {
+          if (err) return answer({ error: cut(err.message) });
+          session.post('Debugger.setAsyncCallStackDepth', { maxDepth: 16 }, () =>
+            session.post('Debugger.pause', (e) => e && answer({ error: cut(e.message) })));
+        });
+      }
+      let buf = '';
+      sock.on('data', (d) => {
+        buf += d;
+        if (buf.length > 4096) buf = buf.slice(-4096);
+        let nl;
+        while ((nl = buf.indexOf('\\n')) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          let ask = null;
+          try { ask = JSON.parse(line); } catch (_) {}
+          if (ask && ask.ask === 'stack' && Number.isInteger(ask.id)) stack(ask.id);
+        }
+      });
+    `;
+    try {
+      const helper = new Worker(source, { eval: true, workerData: { fd }, execArgv: [], stdout: false, stderr: false, name: 'nodeherd-helper' });
+      helper.on('error', () => {}); // a broken helper costs the stacks, never the app
+      helper.unref();
+    } catch (_) {
+      // could not start a thread: no stacks
+    }
+  }
+
   // --- the app's own metrics ------------------------------------------------
   // A scrape of the manager's metrics endpoint asks each worker for the
   // registry of the prom-client the app itself loaded (never one of ours),

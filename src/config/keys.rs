@@ -42,6 +42,7 @@ pub struct RawApp {
     pub autorestart: Option<bool>,
     pub max_memory_restart: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
+    pub autopsy_on_memory: Option<bool>,
     pub metrics: Option<String>,
     pub listen: Option<Vec<String>>,
     pub shared_listen: Option<Vec<String>>,
@@ -145,6 +146,7 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    key!("autopsy_on_memory", autopsy_on_memory, v::boolean),
     key!("listen", listen, v::words),
     key!("shared_listen", shared_listen, v::words),
     Key {

@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::events::{
-    Effect, Event, ExitStatus, Level, LogLine, ReplyId, Said, SdNotify, StopBy, WorkerId,
+    AutopsyWhy, Effect, Event, ExitStatus, Level, LogLine, ReplyId, Said, SdNotify, StopBy,
+    WorkerId,
 };
 use super::policy::{self, Decision, Policy};
 use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState, Worker};
@@ -844,6 +845,13 @@ impl Core {
                 max.as_millis()
             ),
         );
+        self.out.push(Effect::Autopsy {
+            worker: id,
+            index,
+            pid,
+            why: AutopsyWhy::Hang,
+            within: self.policy_of(id).app.kill_timeout,
+        });
         self.queue
             .push_back(Queued::ReloadSlots(vec![index], SwapReason::Hang));
     }
@@ -906,15 +914,27 @@ impl Core {
         if self.phase != Phase::Running {
             return;
         }
-        let over: Vec<u32> = samples
+        let over: Vec<(WorkerId, u32, i32)> = samples
             .into_iter()
             .filter(|(_, rss)| *rss > limit)
             .filter_map(|(id, _)| {
                 let w = self.workers.get(&id)?;
                 let current = self.slots.get(w.index as usize)?.current == Some(id);
-                (current && w.state == WState::Ready).then_some(w.index)
+                (current && w.state == WState::Ready).then_some((id, w.index, w.pid))
             })
             .collect();
+        if self.policy.app.autopsy_on_memory {
+            for &(worker, index, pid) in &over {
+                self.out.push(Effect::Autopsy {
+                    worker,
+                    index,
+                    pid,
+                    why: AutopsyWhy::Memory,
+                    within: self.policy.app.kill_timeout,
+                });
+            }
+        }
+        let over: Vec<u32> = over.into_iter().map(|(_, index, _)| index).collect();
         if !over.is_empty() {
             self.log(
                 Level::Warning,

@@ -44,6 +44,8 @@ struct Proc {
     pid: i32,
     /// Our end of the Node IPC channel, for what we write to it.
     ipc: Option<Outbox>,
+    /// Our end of the preload's helper thread's channel (`crate::autopsy`).
+    helper: Option<crate::autopsy::Helper>,
     /// Second handles on its stdout and stderr pipes, widened when it stops
     /// and handed over by a re-exec.
     stdout: Option<OwnedFd>,
@@ -120,6 +122,8 @@ pub struct Driver {
     /// The `watch` and `ignore_watch` in force, and their watch (none if it
     /// could not start: said once, not tried again until they change).
     watching: (Vec<PathBuf>, Vec<String>, Option<crate::watch::Watch>),
+    /// The last stack taken (`nodeherd status` shows it).
+    last_autopsy: Option<crate::autopsy::Taken>,
 }
 
 impl Driver {
@@ -174,6 +178,7 @@ impl Driver {
             closing: HashMap::new(),
             draining: HashMap::new(),
             watching: (Vec::new(), Vec::new(), None),
+            last_autopsy: None,
         }
     }
 
@@ -236,6 +241,7 @@ impl Driver {
                 Proc {
                     pid: w.pid,
                     ipc,
+                    helper: None,
                     stdout: w.stdout,
                     stderr: w.stderr,
                 },
@@ -423,6 +429,10 @@ impl Driver {
             Input::ExecChecked(result) => Event::ExecChecked(result),
             Input::SlotDrained(leave) => Event::SlotDrained(leave),
             Input::FilesChanged => Event::FilesChanged,
+            Input::Autopsied(taken) => {
+                self.last_autopsy = Some(taken);
+                return;
+            }
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc {
                 worker,
@@ -649,6 +659,13 @@ impl Driver {
                     }
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
+                Effect::Autopsy {
+                    worker,
+                    index,
+                    pid,
+                    why,
+                    within,
+                } => self.autopsy(worker, index, pid, why, within),
                 Effect::CheckExec => self.check_exec(),
                 Effect::ScheduleCron {
                     pattern,
@@ -719,6 +736,7 @@ impl Driver {
         let Spawned {
             pid,
             ipc,
+            helper,
             stdout,
             stderr,
         } = match result {
@@ -740,6 +758,7 @@ impl Driver {
             Proc {
                 pid,
                 ipc,
+                helper: helper.and_then(crate::autopsy::helper),
                 stdout: out2,
                 stderr: err2,
             },
@@ -770,6 +789,35 @@ impl Driver {
             self.ipc_bytes.clone(),
         );
         Outbox::new(ours, index, pid).ok()
+    }
+
+    /// Take a worker's stack on a task of its own (see [`crate::autopsy`]):
+    /// the supervisor goes on meanwhile.
+    fn autopsy(
+        &self,
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        why: super::events::AutopsyWhy,
+        within: std::time::Duration,
+    ) {
+        let app = self.configs.app();
+        let ask = crate::autopsy::Ask {
+            app: app.name.clone(),
+            index,
+            pid,
+            hang: why == super::events::AutopsyWhy::Hang,
+            within,
+            dir: crate::autopsy::base_dir(&self.configs.paths().runtime_dir),
+            owner: app.credentials.as_ref().map(|c| (c.uid, c.gid)),
+        };
+        let helper = self.procs.get(&worker).and_then(|p| p.helper.clone());
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            if let Some(taken) = crate::autopsy::take(helper, ask).await {
+                let _ = tx.send(Input::Autopsied(taken));
+            }
+        });
     }
 
     fn stop(&mut self, worker: WorkerId, by: StopBy) {
@@ -1096,7 +1144,8 @@ impl Driver {
     }
 
     fn publish(&mut self) {
-        let snap = self.core.snapshot();
+        let mut snap = self.core.snapshot();
+        snap.last_autopsy = self.last_autopsy.clone();
         self.published.send_if_modified(|old| {
             if *old == snap {
                 false

@@ -132,6 +132,15 @@ pub struct LogLine {
     pub event: Option<crate::logs::Milestone>,
 }
 
+/// Why a worker's stack is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutopsyWhy {
+    /// The watchdog found it hung (`max_event_loop_delay`).
+    Hang,
+    /// It is replaced for `max_memory_restart` (`autopsy_on_memory`).
+    Memory,
+}
+
 /// What to tell systemd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SdNotify {
@@ -190,6 +199,17 @@ pub enum Effect {
     Share {
         worker: WorkerId,
         max: Option<u32>,
+    },
+    /// Ask the worker's preload for its JavaScript stack, log it and keep
+    /// it (see `crate::autopsy`), giving up after `within`. Nothing waits
+    /// for it: the replacement goes on, and the kill comes no earlier than
+    /// `kill_timeout` after the stop, so `within` = `kill_timeout` bounds it.
+    Autopsy {
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        why: AutopsyWhy,
+        within: Duration,
     },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),

@@ -200,6 +200,7 @@ impl Core {
             workers,
             counters: self.counters,
             next_cron_reload_ms: self.cron_next,
+            last_autopsy: None,
         }
     }
 }

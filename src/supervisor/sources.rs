@@ -90,6 +90,8 @@ pub enum Input {
     Bound(Box<crate::shared::Bound>),
     /// A file under `watch` changed.
     FilesChanged,
+    /// A worker's stack was taken and kept (see `crate::autopsy`).
+    Autopsied(crate::autopsy::Taken),
 }
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into

@@ -1,0 +1,127 @@
+//! Hang autopsies with real Node workers: a worker the watchdog finds hung
+//! leaves its JavaScript stack (in the log and as a file) before it is
+//! killed, and an inspector that never answers delays nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn start_with_state(cfg: &std::path::Path, state: &std::path::Path) -> Manager {
+    let cfg = path_str(cfg);
+    let state = path_str(state);
+    start(
+        &["run", &cfg, "--listen", "127.0.0.1:0", "--no-bus"],
+        &[("STATE_DIRECTORY", &state)],
+    )
+}
+
+/// The files under the state directory's diagnostics directory.
+fn kept(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(state.join("nodeherd-diagnostics"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_hung_worker_leaves_the_stack_of_its_endless_loop() {
+    let dir = tempdir::Dir::new("autopsy");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "spin",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let m = start_with_state(&cfg, &state);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("hang stack: "))
+        .unwrap()
+        .to_string();
+    let script = app("spinner.js");
+    let want = format!("at spinForever ({}:10:", script.display());
+    assert!(line.contains(&want), "{want} not in: {line}");
+    // Its caller too, the request handler.
+    assert!(line.contains(" < at "), "{line}");
+    let files = kept(&state);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with("hang-stack-"), "{name}");
+    assert!(line.contains(&path_str(&files[0])), "{line}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains(&want), "{text}");
+    // Then it is replaced as before: both slots answer again.
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+}
+
+#[test]
+fn an_inspector_that_never_answers_delays_no_replacement() {
+    let dir = tempdir::Dir::new("autopsy-deaf");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "deafspin",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":2000"#,
+    );
+    let m = start_with_state(&cfg, &state);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    // Blocked in native code (a synchronous child process): V8 runs no
+    // interrupt there, so Debugger.pause is never handled.
+    std::thread::spawn(move || {
+        let _ = get(port, "/sleep");
+    });
+    assert!(m.wait_log("has not answered for 1000 ms", T), "{}", m.log());
+    let decided = Instant::now();
+    let hung = m
+        .log()
+        .lines()
+        .find(|l| l.contains("has not answered for"))
+        .and_then(|l| l.split("(pid ").nth(1))
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("the hung worker's pid");
+    // The autopsy gives up within kill_timeout of the decision...
+    assert!(
+        m.wait_log(
+            "no JavaScript stack taken",
+            Duration::from_millis(2000 + 1500)
+        ),
+        "{}",
+        m.log()
+    );
+    // ...and the stuck worker is gone within kill_timeout of its stop
+    // (the replacement's start comes first): never later for the autopsy.
+    assert!(
+        wait_until(T, || !pid_alive(hung)),
+        "pid {hung} still alive:\n{}",
+        m.log()
+    );
+    let took = decided.elapsed();
+    assert!(
+        took < Duration::from_millis(2000 + 4000),
+        "replaced {took:?} after the decision:\n{}",
+        m.log()
+    );
+    assert!(kept(&state).is_empty(), "{:?}", kept(&state));
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+}
