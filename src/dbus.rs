@@ -620,6 +620,15 @@ impl Manager {
         self.snap().next_cron_reload_ms.unwrap_or(0)
     }
 
+    /// When the last worker stack was taken (ms since the epoch) and the
+    /// file it is kept in; (0, "") when none was.
+    #[zbus(property)]
+    async fn last_autopsy(&self) -> (u64, String) {
+        self.snap().last_autopsy.map_or((0, String::new()), |t| {
+            (t.at_ms, t.path.display().to_string())
+        })
+    }
+
     /// What workers last said with `STATUS=` on their notify socket: (pid, text).
     #[zbus(property)]
     async fn worker_status_texts(&self) -> Vec<(u32, String)> {

@@ -41,6 +41,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn next_cron_reload(&self) -> zbus::Result<u64>;
     #[zbus(property)]
+    fn last_autopsy(&self) -> zbus::Result<(u64, String)>;
+    #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;

@@ -10,13 +10,20 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn start_with_state(cfg: &std::path::Path, state: &std::path::Path) -> Manager {
+/// `nodeherd run CONFIG` with systemd's `STATE_DIRECTORY` at `state`.
+fn start_with_state(
+    cfg: &std::path::Path,
+    state: &std::path::Path,
+    bus: Option<&DbusDaemon>,
+) -> Manager {
     let cfg = path_str(cfg);
     let state = path_str(state);
-    start(
-        &["run", &cfg, "--listen", "127.0.0.1:0", "--no-bus"],
-        &[("STATE_DIRECTORY", &state)],
-    )
+    let mut args = vec!["run", &cfg, "--listen", "127.0.0.1:0"];
+    match bus {
+        Some(b) => args.extend(["--bus", &b.address]),
+        None => args.push("--no-bus"),
+    }
+    start(&args, &[("STATE_DIRECTORY", &state)])
 }
 
 /// The files under the state directory's diagnostics directory.
@@ -37,10 +44,15 @@ fn a_hung_worker_leaves_the_stack_of_its_endless_loop() {
         "spinner.js",
         r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
     );
-    let m = start_with_state(&cfg, &state);
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
+    let status = || client(&["status", "spin", "--bus", &bus.address]);
+    let (code, out, err) = status();
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("last worker stack"), "{out}");
     std::thread::spawn(move || {
         let _ = get(port, "/spin");
     });
@@ -63,6 +75,16 @@ fn a_hung_worker_leaves_the_stack_of_its_endless_loop() {
     assert!(line.contains(&path_str(&files[0])), "{line}");
     let text = std::fs::read_to_string(&files[0]).unwrap();
     assert!(text.contains(&want), "{text}");
+    // `nodeherd status` says when and where.
+    let mut out = String::new();
+    assert!(
+        wait_until(T, || {
+            out = status().1;
+            out.contains("last worker stack taken: ")
+        }),
+        "{out}"
+    );
+    assert!(out.contains(&path_str(&files[0])), "{out}");
     // Then it is replaced as before: both slots answer again.
     assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
     let after = instances_answering(port, 2, T);
@@ -80,7 +102,7 @@ fn an_inspector_that_never_answers_delays_no_replacement() {
         "spinner.js",
         r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":2000"#,
     );
-    let m = start_with_state(&cfg, &state);
+    let m = start_with_state(&cfg, &state, None);
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
@@ -124,4 +146,40 @@ fn an_inspector_that_never_answers_delays_no_replacement() {
     assert!(kept(&state).is_empty(), "{:?}", kept(&state));
     let after = instances_answering(port, 2, T);
     assert_eq!(after.len(), 2, "{}", m.log());
+}
+
+/// A worker's user may own the state directory: a symlink it plants where
+/// the diagnostics go must not make the manager write (or prune) elsewhere.
+#[test]
+fn a_symlink_planted_for_the_diagnostics_directory_is_not_followed() {
+    let dir = tempdir::Dir::new("autopsy-plant");
+    let state = dir.path.join("state");
+    let elsewhere = dir.path.join("elsewhere");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    // Old files there that a prune would remove.
+    for i in 0..25 {
+        std::fs::write(elsewhere.join(format!("hang-stack-{i:02}.txt")), "keep me").unwrap();
+    }
+    std::os::unix::fs::symlink(&elsewhere, state.join("nodeherd-diagnostics")).unwrap();
+    let cfg = one_app(
+        &dir,
+        "plant",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let m = start_with_state(&cfg, &state, None);
+    let port = m.port();
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log.lines().find(|l| l.contains("hang stack: ")).unwrap();
+    // Still logged, with the function, but not kept.
+    assert!(line.contains("at spinForever ("), "{line}");
+    assert!(line.contains("not kept: "), "{line}");
+    let there: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
+    assert_eq!(there.len(), 25, "written or pruned through the symlink");
 }

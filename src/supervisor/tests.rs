@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::core::Core;
 use super::events::{
-    Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
+    AutopsyWhy, Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
 };
 use super::policy::{MAX_QUEUED, Policy, test_policy, with};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
@@ -1183,6 +1183,70 @@ fn a_worker_whose_heartbeat_stops_is_replaced_new_one_first() {
     // The stuck one ignores SIGINT: killed after kill_timeout.
     w.advance(MS(1600));
     assert_eq!(w.killed(), vec![cur[&1]]);
+}
+
+impl World {
+    fn autopsies(&self) -> Vec<(WorkerId, AutopsyWhy, Duration)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Autopsy {
+                    worker,
+                    why,
+                    within,
+                    ..
+                } => Some((*worker, *why, *within)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_hung_worker_is_autopsied_at_the_decision_and_its_kill_waits_for_nothing() {
+    let mut w = World::ready(with(policy(2), |p| {
+        p.max_event_loop_delay = Some(MS(1000));
+        p.kill_timeout = MS(1600);
+    }));
+    let cur = w.current();
+    beat(&mut w, cur[&0]);
+    beat(&mut w, cur[&1]);
+    assert!(w.autopsies().is_empty());
+    for _ in 0..2 {
+        w.advance(MS(600));
+        beat(&mut w, cur[&0]);
+    }
+    // The stack is asked for once, for the hung one only, bounded by its
+    // kill_timeout, as its replacement starts.
+    assert_eq!(w.autopsies(), vec![(cur[&1], AutopsyWhy::Hang, MS(1600))]);
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.stopped(), vec![(cur[&1], StopBy::Signal)]);
+    // No answer ever comes: the kill is on time all the same.
+    w.advance(MS(800));
+    beat(&mut w, cur[&0]);
+    w.advance(MS(800));
+    assert_eq!(w.killed(), vec![cur[&1]]);
+    assert_eq!(w.autopsies().len(), 1, "asked once");
+}
+
+#[test]
+fn a_worker_replaced_for_memory_is_autopsied_only_with_autopsy_on_memory() {
+    for on in [false, true] {
+        let mut w = World::obedient(with(policy(2), |p| {
+            p.max_memory_restart = Some(100 << 20);
+            p.autopsy_on_memory = on;
+        }));
+        w.rss.insert(1, 200 << 20);
+        let old = w.current();
+        w.advance(MS(5000));
+        let want = if on {
+            vec![(old[&1], AutopsyWhy::Memory, MS(1600))]
+        } else {
+            vec![]
+        };
+        assert_eq!(w.autopsies(), want, "autopsy_on_memory: {on}");
+    }
 }
 
 #[test]
