@@ -124,7 +124,7 @@ fn an_inspector_that_never_answers_delays_no_replacement() {
     // The autopsy gives up within kill_timeout of the decision...
     assert!(
         m.wait_log(
-            "no JavaScript stack taken",
+            "no JavaScript stack taken: no answer within 2000 ms",
             Duration::from_millis(2000 + 1500)
         ),
         "{}",
