@@ -230,6 +230,20 @@ pub fn keep(
     text: &[u8],
     owner: Option<(u32, u32)>,
 ) -> Result<PathBuf> {
+    let (dirfd, mut file, path) = create(dir, name, owner)?;
+    std::io::Write::write_all(&mut file, text)
+        .with_context(|| format!("writing {}", path.display()))?;
+    prune(&dirfd, prefix, KEEP);
+    Ok(path)
+}
+
+/// A new file `name` in `dir` (owned by `owner`, 0640), with the
+/// directory's fd for [`prune`].
+fn create(
+    dir: &Path,
+    name: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<(OwnedFd, std::fs::File, PathBuf)> {
     let dirfd = open_dir(dir, owner)?;
     let path = dir.join(name);
     let fd = nix::fcntl::openat(
@@ -243,15 +257,11 @@ pub fn keep(
         nix::unistd::fchown(&fd, Some(uid.into()), Some(gid.into()))
             .with_context(|| format!("giving {} to uid {uid}", path.display()))?;
     }
-    let mut file = std::fs::File::from(fd);
-    std::io::Write::write_all(&mut file, text)
-        .with_context(|| format!("writing {}", path.display()))?;
-    prune(&dirfd, prefix);
-    Ok(path)
+    Ok((dirfd, std::fs::File::from(fd), path))
 }
 
-/// Remove the oldest `prefix*` files beyond [`KEEP`] (names sort by time).
-fn prune(dirfd: &OwnedFd, prefix: &str) {
+/// Remove the oldest `prefix*` files beyond `keep` (names sort by time).
+fn prune(dirfd: &OwnedFd, prefix: &str, keep: usize) {
     use std::os::fd::AsRawFd;
     // The directory the fd holds, whatever its path has become since.
     let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dirfd.as_raw_fd())) else {
@@ -263,13 +273,131 @@ fn prune(dirfd: &OwnedFd, prefix: &str) {
         .filter(|n| n.starts_with(prefix))
         .collect();
     names.sort();
-    let extra = names.len().saturating_sub(KEEP);
+    let extra = names.len().saturating_sub(keep);
     for n in &names[..extra] {
         let _ = nix::unistd::unlinkat(
             dirfd.as_fd(),
             n.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
+    }
+}
+
+/// The longest line of a capture the manager reads (a chunk, JSON-quoted).
+const MAX_CHUNK_LINE: usize = 16 << 20;
+/// The most a capture may write.
+pub const MAX_CAPTURE: u64 = 16 << 30;
+/// Heap snapshots kept (they are large); other captures keep [`KEEP`].
+const KEEP_SNAPSHOTS: usize = 3;
+
+/// Where a capture goes.
+pub struct Target {
+    pub dir: PathBuf,
+    pub owner: Option<(u32, u32)>,
+    pub index: u32,
+    pub pid: i32,
+}
+
+/// Take `capture` of the worker on `helper` (its preload first takes it
+/// out of rotation and lets it finish what it holds), streamed into a new
+/// file under `target.dir`; the file's path, or why not (the file removed).
+/// The caller bounds the time.
+pub async fn capture(
+    helper: Option<Helper>,
+    capture: crate::control::Capture,
+    target: Target,
+) -> std::result::Result<String, String> {
+    use crate::control::Capture;
+    let helper = helper.ok_or(
+        "the worker has no helper channel (not a Node worker, or started before a re-exec)",
+    )?;
+    let (ext, seconds) = match capture {
+        Capture::HeapSnapshot => ("heapsnapshot", 0),
+        Capture::CpuProfile(s) => ("cpuprofile", s),
+        Capture::Stack => ("json", 0),
+    };
+    let word = capture.word();
+    let name = format!("{word}-{}-{}-{}.{ext}", unix_ms(), target.index, target.pid);
+    let (dir, owner) = (target.dir.clone(), target.owner);
+    let made = tokio::task::spawn_blocking(move || create(&dir, &name, owner))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+    let (dirfd, file, path) = made;
+    let mut file = tokio::fs::File::from_std(file);
+    let streamed = stream(&helper, word, seconds, &mut file).await;
+    let flushed = file.flush().await.and(file.sync_all().await);
+    drop(file);
+    let result = match (streamed, flushed) {
+        (Ok(()), Ok(())) => Ok(path.display().to_string()),
+        (Err(e), _) => Err(format!("{e:#}")),
+        (_, Err(e)) => Err(format!("writing {}: {e}", path.display())),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let keep = if capture == Capture::HeapSnapshot {
+        KEEP_SNAPSHOTS
+    } else {
+        KEEP
+    };
+    prune(&dirfd, &format!("{word}-"), keep);
+    result
+}
+
+/// Ask for the capture and copy its chunks into `file` until its end.
+async fn stream(
+    helper: &Helper,
+    word: &str,
+    seconds: u32,
+    file: &mut tokio::fs::File,
+) -> Result<()> {
+    let mut ch = helper.lock().await;
+    let id = ch.next;
+    ch.next += 1;
+    let ask =
+        format!("{{\"ask\":\"diagnose\",\"id\":{id},\"what\":\"{word}\",\"seconds\":{seconds}}}\n");
+    ch.reader
+        .get_mut()
+        .write_all(ask.as_bytes())
+        .await
+        .context("writing to the helper's channel")?;
+    let mut written: u64 = 0;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut ch.reader)
+            .take(MAX_CHUNK_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+            .context("reading the helper's channel")?;
+        if n == 0 {
+            bail!("the helper's channel closed (the worker disabled it, or is gone)");
+        }
+        if line.last() != Some(&b'\n') {
+            bail!("a line of the capture is longer than {MAX_CHUNK_LINE} bytes");
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&line).context("a line of the capture is not JSON")?;
+        if v["id"].as_u64() != Some(id) {
+            continue;
+        }
+        if let Some(e) = v["error"].as_str() {
+            bail!("the worker could not be captured: {}", clean(e));
+        }
+        if v["end"].as_bool() == Some(true) {
+            return Ok(());
+        }
+        let chunk = v["chunk"]
+            .as_str()
+            .context("a line of the capture has no chunk")?;
+        written += chunk.len() as u64;
+        if written > MAX_CAPTURE {
+            bail!("the capture is larger than {} GiB", MAX_CAPTURE >> 30);
+        }
+        file.write_all(chunk.as_bytes())
+            .await
+            .context("writing the capture")?;
     }
 }
 

@@ -348,6 +348,26 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
     })
 }
 
+/// `nodeherd diagnose APP INSTANCE --heap-snapshot | --cpu-profile S | --stack`.
+pub fn diagnose(args: crate::cli::DiagnoseArgs) -> ExitCode {
+    let (what, seconds) = if args.heap_snapshot {
+        ("heap-snapshot", 0)
+    } else if let Some(s) = args.cpu_profile {
+        ("cpu-profile", s)
+    } else {
+        ("stack", 0)
+    };
+    run_client(async move {
+        let r = reach(Some(&args.app), &args.bus).await?;
+        let path = r
+            .proxy
+            .diagnose(args.instance, what, seconds, &args.then)
+            .await?;
+        outln!("{}", discover::printable(&path));
+        Ok(())
+    })
+}
+
 /// CPU % of each process over a quarter of a second (this host's /proc).
 async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTreeMap<u32, f64> {
     let pids: Vec<u32> = pids.filter(|p| *p > 0).collect();

@@ -14,7 +14,9 @@ use zbus::object_server::SignalEmitter;
 use zbus::{connection, interface};
 
 pub use crate::control::Bus;
-use crate::control::{BusSignal, Control, CtlError, Handle, ScaleTarget, Snapshot};
+use crate::control::{
+    BusSignal, Capture, Control, CtlError, Diagnosis, Handle, ScaleTarget, Snapshot,
+};
 use crate::logs;
 
 /// Object path of the manager.
@@ -507,6 +509,45 @@ impl Manager {
     ) -> Result<String, BusError> {
         authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
         self.ask(Control::Reexec).await.map(|d| d.message)
+    }
+
+    /// Take worker `instance` out of rotation the zero-downtime way (a
+    /// replacement starts in its slot and serves first; it stops accepting
+    /// and finishes what it holds), capture `what` (`heap-snapshot`,
+    /// `cpu-profile` for `seconds`, `stack`) into a file under the state
+    /// directory owned by the app's user, then stop it (`then`:
+    /// `replace`). Returns the file's path once the worker is gone.
+    /// Authorized as Restart.
+    async fn diagnose(
+        &self,
+        instance: u32,
+        what: &str,
+        seconds: u32,
+        then: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
+        let capture = match what {
+            "heap-snapshot" => Capture::HeapSnapshot,
+            "cpu-profile" => Capture::CpuProfile(seconds),
+            "stack" => Capture::Stack,
+            other => {
+                return Err(BusError::InvalidArgument(format!(
+                    "cannot capture {:?}: heap-snapshot, cpu-profile or stack",
+                    crate::logs::clean(other, 40)
+                )));
+            }
+        };
+        if then != "replace" {
+            return Err(BusError::InvalidArgument(format!(
+                "--then {:?}: only `replace` is supported (the worker is stopped once captured)",
+                crate::logs::clean(then, 40)
+            )));
+        }
+        self.ask(Control::Diagnose(Diagnosis { instance, capture }))
+            .await
+            .map(|d| d.message)
     }
 
     /// Close every log file the manager writes (`out_file`, `error_file`,

@@ -24,6 +24,8 @@ pub(crate) trait Manager1 {
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
     fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
     fn reexec(&self) -> zbus::Result<String>;
+    fn diagnose(&self, instance: u32, what: &str, seconds: u32, then: &str)
+    -> zbus::Result<String>;
     #[zbus(property)]
     fn reexecs(&self) -> zbus::Result<u32>;
     #[zbus(property)]

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Restart(args) => nodeherd::client::restart(args),
         Command::Scale(args) => nodeherd::client::scale(args),
         Command::Reexec(args) => nodeherd::client::reexec(args),
+        Command::Diagnose(args) => nodeherd::client::diagnose(args),
         Command::CheckState => nodeherd::supervisor::takeover::check_main(),
         Command::Monit(args) => nodeherd::monit::monit(args),
         Command::Install(args) => nodeherd::install::install(args),

@@ -150,26 +150,29 @@
       return; // no worker threads or no inspector in this build: no stacks
     }
     const source = `
-      const { workerData } = require('worker_threads');
+      const { workerData, parentPort } = require('worker_threads');
       const inspector = require('inspector');
       const net = require('net');
-      const MAX_FRAMES = 64, MAX_TEXT = 256;
+      const MAX_FRAMES = 64, MAX_TEXT = 256, CHUNK = 1 << 20;
       const cut = (s) => String(s == null ? '' : s).slice(0, MAX_TEXT);
       const sock = new net.Socket({ fd: workerData.fd, readable: true, writable: true });
       sock.on('error', () => {});
+      const send = (doc) => sock.write(JSON.stringify(doc) + '\\n');
       let session = null;
       const urls = new Map();
-      let busy = false;
-      function stack(id) {
-        if (busy) return;
-        busy = true;
+      function ensure() {
         if (!session) {
           session = new inspector.Session();
           session.connectToMainThread();
           session.on('Debugger.scriptParsed', (m) => urls.set(m.params.scriptId, m.params.url));
         }
-        const answer = (doc) => { busy = false; sock.write(JSON.stringify(Object.assign({ id }, doc)) + '\\n'); };
-        session.once('Debugger.paused', (m) => {
+        return session;
+      }
+      let busy = false;
+      // Pause the main thread, take its frames, resume it.
+      function takeStack(done) {
+        const s = ensure();
+        s.once('Debugger.paused', (m) => {
           const frames = [];
           const add = (f) => {
             if (frames.length >= MAX_FRAMES) return;
@@ -181,14 +184,70 @@
             frames.push({ async: cut(a.description || 'async') });
             for (const f of a.callFrames || []) add(f);
           }
-          session.post('Debugger.resume', () => session.post('Debugger.disable'));
-          answer({ frames });
+          s.post('Debugger.resume', () => s.post('Debugger.disable'));
+          done(null, frames);
         });
-        session.post('Debugger.enable', (err) => {
-          if (err) return answer({ error: cut(err.message) });
-          session.post('Debugger.setAsyncCallStackDepth', { maxDepth: 16 }, () =>
-            session.post('Debugger.pause', (e) => e && answer({ error: cut(e.message) })));
+        s.post('Debugger.enable', (err) => {
+          if (err) return done(err);
+          s.post('Debugger.setAsyncCallStackDepth', { maxDepth: 16 }, () =>
+            s.post('Debugger.pause', (e) => e && done(e)));
         });
+      }
+      function stack(id) {
+        if (busy) return;
+        busy = true;
+        takeStack((err, frames) => {
+          busy = false;
+          send(err ? { id, error: cut(err.message) } : { id, frames });
+        });
+      }
+      // Diagnose: the main thread first stops accepting and finishes what
+      // it holds ('quiesce', answered 'quiet'), then the capture streams.
+      let pending = null;
+      function diagnose(ask) {
+        if (busy || pending) return send({ id: ask.id, error: 'a diagnosis is already running' });
+        pending = ask;
+        parentPort.postMessage({ nodeherd: 'quiesce' });
+      }
+      parentPort.on('message', (m) => {
+        if (!m || m.nodeherd !== 'quiet' || !pending) return;
+        const ask = pending;
+        pending = null;
+        busy = true;
+        capture(ask, (err) => {
+          busy = false;
+          send(err ? { id: ask.id, error: cut(err.message) } : { id: ask.id, end: true });
+        });
+      });
+      function capture(ask, done) {
+        const id = ask.id;
+        const s = ensure();
+        const whole = (text) => {
+          for (let i = 0; i < text.length; i += CHUNK) send({ id, chunk: text.slice(i, i + CHUNK) });
+          done(null);
+        };
+        if (ask.what === 'heap-snapshot') {
+          const onChunk = (m) => send({ id, chunk: m.params.chunk });
+          s.on('HeapProfiler.addHeapSnapshotChunk', onChunk);
+          s.post('HeapProfiler.enable', () =>
+            s.post('HeapProfiler.takeHeapSnapshot', { reportProgress: false }, (err) => {
+              s.off('HeapProfiler.addHeapSnapshotChunk', onChunk);
+              s.post('HeapProfiler.disable');
+              done(err);
+            }));
+        } else if (ask.what === 'cpu-profile') {
+          s.post('Profiler.enable', () =>
+            s.post('Profiler.start', (err) => {
+              if (err) return done(err);
+              setTimeout(() => s.post('Profiler.stop', (e, r) => {
+                s.post('Profiler.disable');
+                if (e) return done(e);
+                whole(JSON.stringify(r.profile));
+              }), Math.max(1, Number(ask.seconds) || 1) * 1000);
+            }));
+        } else {
+          takeStack((err, frames) => (err ? done(err) : whole(JSON.stringify({ frames }))));
+        }
       }
       let buf = '';
       sock.on('data', (d) => {
@@ -200,13 +259,18 @@
           buf = buf.slice(nl + 1);
           let ask = null;
           try { ask = JSON.parse(line); } catch (_) {}
-          if (ask && ask.ask === 'stack' && Number.isInteger(ask.id)) stack(ask.id);
+          if (!ask || !Number.isInteger(ask.id)) continue;
+          if (ask.ask === 'stack') stack(ask.id);
+          else if (ask.ask === 'diagnose') diagnose(ask);
         }
       });
     `;
     try {
       const helper = new Worker(source, { eval: true, workerData: { fd }, execArgv: [], stdout: false, stderr: false, name: 'nodeherd-helper' });
       helper.on('error', () => {}); // a broken helper costs the stacks, never the app
+      helper.on('message', (m) => {
+        if (m && m.nodeherd === 'quiesce') quiesce(() => helper.postMessage({ nodeherd: 'quiet' }));
+      });
       helper.unref();
     } catch (_) {
       // could not start a thread: no stacks
@@ -722,6 +786,22 @@
     if (open === 0) return finish();
     if (clustered) cluster.disconnect(closed);
     for (const server of listening) drainServer(server, closed);
+  }
+
+  // Out of rotation for a diagnosis: stop accepting and finish what it
+  // holds, as a drain does, but live on to be captured.
+  function quiesce(done) {
+    // With its servers closed, nothing may be left to keep it alive: it
+    // waits to be captured, then stopped.
+    setInterval(() => {}, 1 << 30);
+    const listening = [...servers].filter((s) => s.listening);
+    let left = listening.length;
+    const finish = () => {
+      if (lateConnections === 0) done();
+      else lateDone = done;
+    };
+    if (left === 0) return finish();
+    for (const server of listening) drainServer(server, () => --left === 0 && finish());
   }
 
   process.on('SIGINT', () => {

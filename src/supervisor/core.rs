@@ -59,6 +59,9 @@ pub struct Core {
     /// When `cron_restart` runs next, on the wall clock (ms since the
     /// epoch), as the driver worked it out; its deadline is `TimerKey::Cron`.
     pub(super) cron_next: Option<u64>,
+    /// The running `Diagnose`: what it captures, and once captured, the
+    /// file or why not.
+    pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -86,6 +89,7 @@ impl Core {
             share_peak: None,
             share_fair: None,
             cron_next: None,
+            diagnosis: None,
             out: Vec::new(),
             now,
         }
@@ -217,6 +221,7 @@ impl Core {
             Event::SlotDrained(leave) => self.finish_leave(leave, true),
             Event::CronScheduled(next) => self.on_cron_scheduled(next),
             Event::FilesChanged => self.on_files_changed(),
+            Event::Diagnosed { worker, result } => self.on_diagnosed(worker, result),
             Event::Stop => self.begin_stop(0),
         }
         self.settle()
@@ -290,7 +295,7 @@ impl Core {
         self.out.push(Effect::Bus(s));
     }
 
-    fn worker_signal(&mut self, instance: u32, pid: i32, state: &'static str) {
+    pub(super) fn worker_signal(&mut self, instance: u32, pid: i32, state: &'static str) {
         self.bus(BusSignal::WorkerStateChanged {
             instance,
             pid: pid.max(0) as u32,
@@ -443,8 +448,13 @@ impl Core {
             slot.stopped = None;
             slot.waiting = false;
             self.timers.cancel(TimerKey::Restart(index));
+            let diagnosing = self.diagnosing();
             if let Some(old) = old {
-                self.stop_worker(old, "replaced");
+                if diagnosing {
+                    self.diagnose_worker(old);
+                } else {
+                    self.stop_worker(old, "replaced");
+                }
             }
             if let Some(Op::Reload {
                 in_flight,
@@ -462,7 +472,7 @@ impl Core {
                     SwapReason::Reload | SwapReason::Cron | SwapReason::Watch => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
                     SwapReason::Hang => r.hang += 1,
-                    SwapReason::Closed | SwapReason::Flood => {}
+                    SwapReason::Closed | SwapReason::Flood | SwapReason::Diagnose => {}
                 }
             }
         } else if slot.current == Some(id) {

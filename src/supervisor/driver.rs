@@ -429,6 +429,7 @@ impl Driver {
             Input::ExecChecked(result) => Event::ExecChecked(result),
             Input::SlotDrained(leave) => Event::SlotDrained(leave),
             Input::FilesChanged => Event::FilesChanged,
+            Input::Diagnosed { worker, result } => Event::Diagnosed { worker, result },
             Input::Autopsied(taken) => {
                 self.last_autopsy = Some(taken);
                 return;
@@ -666,6 +667,13 @@ impl Driver {
                     why,
                     within,
                 } => self.autopsy(worker, index, pid, why, within),
+                Effect::Diagnose {
+                    worker,
+                    index,
+                    pid,
+                    capture,
+                    within,
+                } => self.diagnose(worker, index, pid, capture, within),
                 Effect::CheckExec => self.check_exec(),
                 Effect::ScheduleCron {
                     pattern,
@@ -817,6 +825,34 @@ impl Driver {
             if let Some(taken) = crate::autopsy::take(helper, ask).await {
                 let _ = tx.send(Input::Autopsied(taken));
             }
+        });
+    }
+
+    /// Capture a worker out of rotation on a task of its own, then tell
+    /// the core (see `supervisor::diagnose`).
+    fn diagnose(
+        &self,
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        capture: crate::control::Capture,
+        within: std::time::Duration,
+    ) {
+        let app = self.configs.app();
+        let target = crate::autopsy::Target {
+            dir: crate::autopsy::base_dir(&self.configs.paths().runtime_dir),
+            owner: app.credentials.as_ref().map(|c| (c.uid, c.gid)),
+            index,
+            pid,
+        };
+        let helper = self.procs.get(&worker).and_then(|p| p.helper.clone());
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            let result =
+                tokio::time::timeout(within, crate::autopsy::capture(helper, capture, target))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("not done within {} s", within.as_secs())));
+            let _ = tx.send(Input::Diagnosed { worker, result });
         });
     }
 

@@ -77,6 +77,11 @@ pub enum Event {
     CronScheduled(Result<(std::time::Instant, u64), String>),
     /// A file under `watch` changed.
     FilesChanged,
+    /// What [`Effect::Diagnose`] captured: the file, or why not.
+    Diagnosed {
+        worker: WorkerId,
+        result: Result<String, String>,
+    },
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -209,6 +214,15 @@ pub enum Effect {
         index: u32,
         pid: i32,
         why: AutopsyWhy,
+        within: Duration,
+    },
+    /// Take a worker out of rotation (it stops accepting and finishes what
+    /// it holds), capture it, and answer with `Diagnosed` within `within`.
+    Diagnose {
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        capture: crate::control::Capture,
         within: Duration,
     },
     /// Measure these workers' memory; answer with `MemorySample`.

@@ -41,6 +41,12 @@ impl Core {
             self.reply_opt(reply, Err(CtlError::InvalidArgument(msg)));
             return;
         }
+        if let Control::Diagnose(d) = &what
+            && let Err(e) = self.check_diagnosis(d)
+        {
+            self.reply_opt(reply, Err(e));
+            return;
+        }
         if let Some(Op::Reexec { replies, checked }) = &mut self.op {
             if what == Control::Reexec && !*checked {
                 replies.extend(reply);
@@ -88,6 +94,7 @@ impl Core {
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
+                Control::Diagnose(_) => "diagnose",
             };
             self.log(
                 Level::Info,
@@ -102,6 +109,7 @@ impl Core {
             Control::Restart => Queued::Restart(reply),
             Control::Scale(target) => Queued::Scale(target, reply),
             Control::Reexec => Queued::Reexec(reply.into_iter().collect()),
+            Control::Diagnose(d) => Queued::Diagnose(d, reply),
         });
     }
 
@@ -164,6 +172,7 @@ impl Core {
                 }
             }
             Queued::Restart(reply) => self.begin_restart(reply),
+            Queued::Diagnose(d, reply) => self.begin_diagnose(d, reply),
             Queued::Scale(target, reply) => self.begin_scale(target, reply),
             Queued::Reexec(replies) => {
                 self.log_event(
@@ -227,7 +236,9 @@ impl Core {
                             continue;
                         }
                         Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
-                        Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                        Queued::Restart(r) | Queued::Scale(_, r) | Queued::Diagnose(_, r) => {
+                            r.into_iter().collect()
+                        }
                     };
                     for r in waiting {
                         self.reply(r, Err(busy()));
@@ -385,7 +396,7 @@ impl Core {
         });
     }
 
-    fn begin_reload(
+    pub(super) fn begin_reload(
         &mut self,
         slots: Vec<u32>,
         replies: Vec<ReplyId>,
@@ -698,8 +709,22 @@ impl Core {
                 started,
                 failed,
                 summary,
+                reason,
                 ..
             }) => {
+                if let Some(answer) = self.diagnosis_answer(reason) {
+                    let result = answer
+                        .map(|path| Done {
+                            workers: self.slots.len() as i32,
+                            message: path,
+                        })
+                        .map_err(CtlError::Failed);
+                    self.notify_ready();
+                    for r in replies {
+                        self.reply(r, result.clone());
+                    }
+                    return;
+                }
                 let took = self.now.saturating_duration_since(started).as_millis();
                 self.counters.last_reload_ms = took as u64;
                 let mut msg =
@@ -805,7 +830,9 @@ impl Core {
         for q in std::mem::take(&mut self.queue) {
             let waiting: Vec<ReplyId> = match q {
                 Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
-                Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                Queued::Restart(r) | Queued::Scale(_, r) | Queued::Diagnose(_, r) => {
+                    r.into_iter().collect()
+                }
                 Queued::ReloadSlots(..) => Vec::new(),
             };
             for r in waiting {

@@ -1,0 +1,152 @@
+//! `nodeherd diagnose` with real Node workers under load: the worker is
+//! taken out of rotation (a replacement serves first), captured, and
+//! stopped, and no request fails meanwhile.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(60);
+const OHA: &str = "/var/cache/nodeherd-ci/oha/bin/oha";
+
+fn start_with_state(cfg: &std::path::Path, state: &std::path::Path, bus: &DbusDaemon) -> Manager {
+    let cfg = path_str(cfg);
+    let state = path_str(state);
+    start(
+        &[
+            "run",
+            &cfg,
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &bus.address,
+        ],
+        &[("STATE_DIRECTORY", &state)],
+    )
+}
+
+/// oha against `port` for `seconds`, keep-alive on, in the background.
+struct Load {
+    child: std::process::Child,
+}
+
+impl Load {
+    fn start(port: u16, path: &str, seconds: u32) -> Load {
+        let child = Command::new(OHA)
+            .args([
+                "-z",
+                &format!("{seconds}s"),
+                "-c",
+                "8",
+                "--no-tui",
+                "--output-format",
+                "json",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("oha");
+        Load { child }
+    }
+
+    /// (answered 2xx, failed): every error but the deadline's, every non-2xx.
+    fn finish(mut self) -> (u64, u64, String) {
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let _ = self.child.wait();
+        let d: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let mut ok = 0;
+        let mut failed = 0;
+        for (k, v) in d["statusCodeDistribution"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if k.starts_with('2') {
+                ok += v.as_u64().unwrap_or(0);
+            } else {
+                failed += v.as_u64().unwrap_or(0);
+            }
+        }
+        for (k, v) in d["errorDistribution"].as_object().into_iter().flatten() {
+            if !k.contains("aborted due to deadline") {
+                failed += v.as_u64().unwrap_or(0);
+            }
+        }
+        (ok, failed, d["errorDistribution"].to_string())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
+    let dir = tempdir::Dir::new("diag-heap");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "heavy",
+        "heavy.js",
+        r#""instances":2,"kill_timeout":3000,"listen_timeout":20000"#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, &bus);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let began = std::time::Instant::now();
+    let load = Load::start(port, "/", 40);
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, out, err) = client(&[
+        "diagnose",
+        "heavy",
+        "1",
+        "--heap-snapshot",
+        "--bus",
+        &bus.address,
+    ]);
+    assert_eq!(code, 0, "{err}\n{}", m.log());
+    // All of it within the load's window, or "0 failed" would not cover it.
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(38), "took {took:?}");
+    let path = std::path::PathBuf::from(out.trim());
+    assert!(
+        path.starts_with(state.join("nodeherd-diagnostics")),
+        "{out}"
+    );
+    assert!(
+        path.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("heap-snapshot-"),
+        "{out}"
+    );
+    // The old worker is gone, its slot served by the replacement.
+    assert!(!pid_alive(before["1"] as i32), "{}", m.log());
+    let (ok, failed, errors) = load.finish();
+    assert!(ok > 0, "no request answered");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed ({errors}) of {ok}:\n{}",
+        m.log()
+    );
+    let text = std::fs::read(&path).unwrap();
+    let snap: serde_json::Value = serde_json::from_slice(&text).expect("the snapshot is JSON");
+    assert!(snap["snapshot"]["meta"].is_object(), "no snapshot.meta");
+    eprintln!(
+        "heap snapshot: {} MiB, {ok} requests answered, 0 failed",
+        text.len() >> 20
+    );
+}
