@@ -150,3 +150,126 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
         text.len() >> 20
     );
 }
+
+#[test]
+fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
+    let dir = tempdir::Dir::new("diag-prof");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "prof",
+        "heavy.js",
+        r#""instances":2,"kill_timeout":3000,"env":{"HEAVY_MIB":"8"}"#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, &bus);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let began = std::time::Instant::now();
+    let load = Load::start(port, "/", 30);
+    std::thread::sleep(Duration::from_secs(1));
+    let run = |args: &[&str]| {
+        let (code, out, err) = client(&[args, &["--bus", &bus.address]].concat());
+        assert_eq!(code, 0, "{args:?}: {err}\n{}", m.log());
+        std::path::PathBuf::from(out.trim())
+    };
+    let profile = run(&["diagnose", "prof", "0", "--cpu-profile", "5"]);
+    let stack = run(&["diagnose", "prof", "1", "--stack"]);
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(28), "took {took:?}");
+    let (ok, failed, errors) = load.finish();
+    assert!(ok > 0, "no request answered");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed ({errors}) of {ok}:\n{}",
+        m.log()
+    );
+    let p: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    assert!(
+        p["nodes"].as_array().is_some_and(|n| !n.is_empty()),
+        "no nodes in {}",
+        profile.display()
+    );
+    assert!(p["samples"].is_array(), "no samples");
+    let span = p["endTime"].as_f64().unwrap() - p["startTime"].as_f64().unwrap();
+    assert!(span >= 4.5e6, "a profile of {span} µs, not 5 s");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&stack).unwrap()).unwrap();
+    assert!(s["frames"].is_array(), "{s}");
+    // Both files are in the state directory, both workers replaced.
+    for f in [&profile, &stack] {
+        assert!(
+            f.starts_with(state.join("nodeherd-diagnostics")),
+            "{}",
+            f.display()
+        );
+    }
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+    assert!(
+        after.values().all(|p| !before.values().any(|b| b == p)),
+        "{before:?} -> {after:?}"
+    );
+    eprintln!("cpu profile and stack: {ok} requests answered, 0 failed");
+}
+
+/// Another local user reaches the bus, but may not take a worker out of
+/// rotation nor read its heap.
+#[test]
+fn an_unprivileged_caller_is_refused_and_nothing_happens() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir::Dir::new("diag-deny");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "deny",
+        "heavy.js",
+        r#""instances":2,"env":{"HEAVY_MIB":"4"}"#,
+    );
+    let bus = DbusDaemon::start();
+    // The bus is open to every local user, as the system bus is.
+    let sock = bus.address.trim_start_matches("unix:path=").to_string();
+    let sock_dir = std::path::Path::new(&sock).parent().unwrap();
+    std::fs::set_permissions(sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = start_with_state(&cfg, &state, &bus);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    for what in [
+        &["--heap-snapshot"][..],
+        &["--stack"],
+        &["--cpu-profile", "1"],
+    ] {
+        let out = Command::new(BIN)
+            .args(
+                [
+                    &["diagnose", "deny", "0"][..],
+                    what,
+                    &["--bus", &bus.address],
+                ]
+                .concat(),
+            )
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{what:?}: {err}");
+        assert!(err.contains("org.nodeherd.restart"), "{err}");
+    }
+    assert!(!m.log().contains("diagnose worker"), "{}", m.log());
+    assert_eq!(
+        instances_answering(port, 2, T),
+        before,
+        "a worker was touched"
+    );
+    assert!(
+        std::fs::read_dir(&state).unwrap().next().is_none(),
+        "a file was written"
+    );
+}

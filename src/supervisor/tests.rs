@@ -10,7 +10,7 @@ use super::events::{
     AutopsyWhy, Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
 };
 use super::policy::{MAX_QUEUED, Policy, test_policy, with};
-use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
+use crate::control::{BusSignal, Capture, Control, CtlError, CtlResult, Diagnosis, ScaleTarget};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -2076,4 +2076,108 @@ fn autostart_off_starts_nothing_until_a_restart_or_a_scale() {
     }
     assert_eq!(w.workers_after(r), Some(3));
     assert_eq!(w.core.status_line(), "3/3 workers ready");
+}
+
+// ---- diagnose ---------------------------------------------------------------------
+
+impl World {
+    fn diagnosed(&self) -> Vec<(WorkerId, Capture, Duration)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Diagnose {
+                    worker,
+                    capture,
+                    within,
+                    ..
+                } => Some((*worker, *capture, *within)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn diagnose(instance: u32, capture: Capture) -> Control {
+    Control::Diagnose(Diagnosis { instance, capture })
+}
+
+#[test]
+fn a_diagnosed_worker_is_captured_only_once_its_replacement_serves_then_stopped() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let mark = w.spawned.len();
+    let r = w.request(diagnose(1, Capture::HeapSnapshot));
+    assert_eq!(w.spawns_since(mark), vec![1], "a replacement first");
+    assert!(w.diagnosed().is_empty(), "nothing out of rotation yet");
+    assert!(w.stopped().is_empty());
+    let new = w.starting()[0];
+    w.listening(new);
+    // Out of rotation and captured, not stopped.
+    assert_eq!(w.diagnosed().len(), 1);
+    assert_eq!(w.diagnosed()[0].0, old[&1]);
+    assert!(w.stopped().is_empty(), "{:?}", w.stopped());
+    assert_eq!(w.current()[&1], new);
+    assert!(w.answer(r).is_none(), "answered before the capture");
+    // A long capture is not cut at kill_timeout.
+    w.advance(MS(30_000));
+    assert!(w.killed().is_empty());
+    w.send(Event::Diagnosed {
+        worker: old[&1],
+        result: Ok("/var/lib/app/nodeherd-diagnostics/heap.heapsnapshot".into()),
+    });
+    assert_eq!(w.stopped(), vec![(old[&1], StopBy::Signal)]);
+    assert!(w.answer(r).is_none(), "answered before it is gone");
+    w.exit(old[&1], ExitStatus::Code(0));
+    match w.answer(r) {
+        Some(Ok(d)) => assert_eq!(
+            d.message,
+            "/var/lib/app/nodeherd-diagnostics/heap.heapsnapshot"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The slot is not counted as restarted, nor the worker as crashed.
+    assert_eq!(w.core.snapshot().workers[1].restarts, 0);
+}
+
+#[test]
+fn a_capture_that_never_ends_is_killed_at_its_bound_and_the_caller_told() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(diagnose(0, Capture::CpuProfile(5)));
+    let new = w.starting()[0];
+    w.listening(new);
+    let within = w.diagnosed()[0].2;
+    assert_eq!(
+        within,
+        MS(1600) + Duration::from_secs(35),
+        "kill_timeout + 5 s + 30 s"
+    );
+    w.advance(within);
+    assert!(w.killed().is_empty(), "the driver answers by `within`");
+    w.advance(MS(1600));
+    assert_eq!(w.killed(), vec![old[&0]]);
+    w.exit(old[&0], ExitStatus::Signal(9));
+    assert!(matches!(w.answer(r), Some(Err(CtlError::Failed(_)))));
+}
+
+#[test]
+fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
+    let mut w = World::ready(policy(2));
+    let mark = w.spawned.len();
+    let r = w.request(diagnose(7, Capture::Stack));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    let r = w.request(diagnose(0, Capture::CpuProfile(0)));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    let r = w.request(diagnose(0, Capture::CpuProfile(100_000)));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    assert!(w.spawns_since(mark).is_empty());
 }
