@@ -53,8 +53,11 @@ impl Load {
         Load { child }
     }
 
-    /// (answered 2xx, failed): every error but the deadline's, every non-2xx.
-    fn finish(mut self) -> (u64, u64, String) {
+    /// Stop it (SIGINT: oha ends and prints its result) and read it:
+    /// (answered 2xx, failed, errors, slowest in s); failed is every error
+    /// but the deadline's (what was open when it stopped), every non-2xx.
+    fn finish(mut self) -> (u64, u64, String, f64) {
+        kill(self.child.id() as i32, libc::SIGINT);
         let mut out = String::new();
         std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut out).unwrap();
         let _ = self.child.wait();
@@ -77,7 +80,12 @@ impl Load {
                 failed += v.as_u64().unwrap_or(0);
             }
         }
-        (ok, failed, d["errorDistribution"].to_string())
+        (
+            ok,
+            failed,
+            d["errorDistribution"].to_string(),
+            d["summary"]["slowest"].as_f64().unwrap_or(f64::MAX),
+        )
     }
 }
 
@@ -105,7 +113,7 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
     let began = std::time::Instant::now();
-    let load = Load::start(port, "/", 40);
+    let load = Load::start(port, "/", 300);
     std::thread::sleep(Duration::from_secs(2));
     let (code, out, err) = client(&[
         "diagnose",
@@ -116,9 +124,7 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
         &bus.address,
     ]);
     assert_eq!(code, 0, "{err}\n{}", m.log());
-    // All of it within the load's window, or "0 failed" would not cover it.
     let took = began.elapsed();
-    assert!(took < Duration::from_secs(38), "took {took:?}");
     let path = std::path::PathBuf::from(out.trim());
     assert!(
         path.starts_with(state.join("nodeherd-diagnostics")),
@@ -134,7 +140,7 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
     );
     // The old worker is gone, its slot served by the replacement.
     assert!(!pid_alive(before["1"] as i32), "{}", m.log());
-    let (ok, failed, errors) = load.finish();
+    let (ok, failed, errors, slowest) = load.finish();
     assert!(ok > 0, "no request answered");
     assert_eq!(
         failed,
@@ -142,11 +148,14 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
         "{failed} failed ({errors}) of {ok}:\n{}",
         m.log()
     );
+    // No request waited for the snapshot (seconds long): none reached
+    // the worker once it was out of rotation.
+    assert!(slowest < 2.0, "a request took {slowest} s");
     let text = std::fs::read(&path).unwrap();
     let snap: serde_json::Value = serde_json::from_slice(&text).expect("the snapshot is JSON");
     assert!(snap["snapshot"]["meta"].is_object(), "no snapshot.meta");
     eprintln!(
-        "heap snapshot: {} MiB, {ok} requests answered, 0 failed",
+        "heap snapshot: {} MiB, {ok} requests answered in {took:?}, 0 failed, slowest {slowest} s",
         text.len() >> 20
     );
 }
@@ -168,7 +177,7 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
     let began = std::time::Instant::now();
-    let load = Load::start(port, "/", 30);
+    let load = Load::start(port, "/", 300);
     std::thread::sleep(Duration::from_secs(1));
     let run = |args: &[&str]| {
         let (code, out, err) = client(&[args, &["--bus", &bus.address]].concat());
@@ -178,8 +187,7 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
     let profile = run(&["diagnose", "prof", "0", "--cpu-profile", "5"]);
     let stack = run(&["diagnose", "prof", "1", "--stack"]);
     let took = began.elapsed();
-    assert!(took < Duration::from_secs(28), "took {took:?}");
-    let (ok, failed, errors) = load.finish();
+    let (ok, failed, errors, _) = load.finish();
     assert!(ok > 0, "no request answered");
     assert_eq!(
         failed,
@@ -212,7 +220,7 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
         after.values().all(|p| !before.values().any(|b| b == p)),
         "{before:?} -> {after:?}"
     );
-    eprintln!("cpu profile and stack: {ok} requests answered, 0 failed");
+    eprintln!("cpu profile and stack: {ok} requests answered in {took:?}, 0 failed");
 }
 
 /// Another local user reaches the bus, but may not take a worker out of
