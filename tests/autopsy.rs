@@ -183,3 +183,30 @@ fn a_symlink_planted_for_the_diagnostics_directory_is_not_followed() {
     let there: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
     assert_eq!(there.len(), 25, "written or pruned through the symlink");
 }
+
+#[test]
+fn with_autopsy_on_memory_a_worker_replaced_for_memory_leaves_its_stack() {
+    let dir = tempdir::Dir::new("autopsy-mem");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "leakystack",
+        "leaky.js",
+        r#""instances":1,"max_memory_restart":"40M","autopsy_on_memory":true"#,
+    );
+    let m = start_with_state(&cfg, &state, None);
+    assert!(m.wait_log("memory stack: ", T), "{}", m.log());
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    let files = kept(&state);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("memory-stack-"),
+        "{files:?}"
+    );
+}
