@@ -36,8 +36,18 @@ pub const KEEP: usize = 20;
 pub const DIR: &str = "nodeherd-diagnostics";
 
 /// One of the helper's channels, shared by the asks made on it (one at a
-/// time: the mutex).
-pub type Helper = std::sync::Arc<tokio::sync::Mutex<Channel>>;
+/// time: the mutex), and its fd (a re-exec hands it over).
+#[derive(Clone)]
+pub struct Helper {
+    fd: std::os::fd::RawFd,
+    chan: std::sync::Arc<tokio::sync::Mutex<Channel>>,
+}
+
+impl Helper {
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+}
 
 /// Our end of a worker's helper channel, with the next ask's number.
 pub struct Channel {
@@ -47,12 +57,17 @@ pub struct Channel {
 
 /// Take our end of a worker's helper channel (inside the runtime).
 pub fn helper(ours: std::os::unix::net::UnixStream) -> Option<Helper> {
+    use std::os::fd::AsRawFd;
     ours.set_nonblocking(true).ok()?;
+    let fd = ours.as_raw_fd();
     let stream = tokio::net::UnixStream::from_std(ours).ok()?;
-    Some(std::sync::Arc::new(tokio::sync::Mutex::new(Channel {
-        reader: tokio::io::BufReader::new(stream),
-        next: 1,
-    })))
+    Some(Helper {
+        fd,
+        chan: std::sync::Arc::new(tokio::sync::Mutex::new(Channel {
+            reader: tokio::io::BufReader::new(stream),
+            next: 1,
+        })),
+    })
 }
 
 /// One line of a stack: a frame, or where an async stack begins.
@@ -86,7 +101,7 @@ impl std::fmt::Display for Part {
 /// this ask (a late answer to an earlier one that timed out is skipped).
 /// No deadline here: the caller bounds it.
 pub async fn ask_stack(helper: &Helper) -> Result<Vec<Part>> {
-    let mut ch = helper.lock().await;
+    let mut ch = helper.chan.lock().await;
     let id = ch.next;
     ch.next += 1;
     let ask = format!("{{\"ask\":\"stack\",\"id\":{id}}}\n");
@@ -309,7 +324,7 @@ pub async fn capture(
 ) -> std::result::Result<String, String> {
     use crate::control::Capture;
     let helper = helper.ok_or(
-        "the worker has no helper channel (not a Node worker, or started before a re-exec)",
+        "the worker has no helper channel (not a Node worker, or started by a version without one)",
     )?;
     let (ext, seconds) = match capture {
         Capture::HeapSnapshot => ("heapsnapshot", 0),
@@ -352,7 +367,7 @@ async fn stream(
     seconds: u32,
     file: &mut tokio::fs::File,
 ) -> Result<()> {
-    let mut ch = helper.lock().await;
+    let mut ch = helper.chan.lock().await;
     let id = ch.next;
     ch.next += 1;
     let ask =
@@ -434,7 +449,7 @@ pub async fn take(helper: Option<Helper>, ask: Ask) -> Option<Taken> {
     let began = tokio::time::Instant::now();
     let answer = match helper {
         None => Err(anyhow::anyhow!(
-            "it has no helper channel (not a Node worker, or started before a re-exec)"
+            "it has no helper channel (not a Node worker, or started by a version without one)"
         )),
         Some(h) => match tokio::time::timeout(ask.within, ask_stack(&h)).await {
             Ok(r) => r,

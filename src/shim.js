@@ -194,7 +194,7 @@
         });
       }
       function stack(id) {
-        if (busy) return;
+        if (busy || pending) return send({ id, error: 'a diagnosis is running' });
         busy = true;
         takeStack((err, frames) => {
           busy = false;

@@ -241,7 +241,10 @@ impl Driver {
                 Proc {
                     pid: w.pid,
                     ipc,
-                    helper: None,
+                    helper: w
+                        .helper
+                        .map(std::os::unix::net::UnixStream::from)
+                        .and_then(crate::autopsy::helper),
                     stdout: w.stdout,
                     stderr: w.stderr,
                 },
@@ -988,6 +991,7 @@ impl Driver {
                     ipc: p.ipc.as_ref().map(AsRawFd::as_raw_fd),
                     stdout: p.stdout.as_ref().map(AsRawFd::as_raw_fd),
                     stderr: p.stderr.as_ref().map(AsRawFd::as_raw_fd),
+                    helper: p.helper.as_ref().map(crate::autopsy::Helper::raw_fd),
                 })
                 .collect(),
         })

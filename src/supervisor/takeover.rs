@@ -61,6 +61,10 @@ pub struct CarriedWorker {
     pub ipc: Option<RawFd>,
     pub stdout: Option<RawFd>,
     pub stderr: Option<RawFd>,
+    /// Our end of its preload's helper channel (absent from documents
+    /// written before hang autopsies).
+    #[serde(default)]
+    pub helper: Option<RawFd>,
 }
 
 /// A worker's fds, owned again by the new program.
@@ -70,6 +74,7 @@ pub struct AdoptedWorker {
     pub ipc: Option<OwnedFd>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    pub helper: Option<OwnedFd>,
 }
 
 impl State {
@@ -84,6 +89,7 @@ impl State {
             fds.extend(w.ipc);
             fds.extend(w.stdout);
             fds.extend(w.stderr);
+            fds.extend(w.helper);
         }
         fds
     }
@@ -144,6 +150,7 @@ impl CarriedWorker {
             ipc: opt(self.ipc)?,
             stdout: opt(self.stdout)?,
             stderr: opt(self.stderr)?,
+            helper: opt(self.helper)?,
         })
     }
 }
@@ -250,6 +257,7 @@ mod tests {
                 ipc: Some(10 + 3 * i),
                 stdout: Some(11 + 3 * i),
                 stderr: Some(12 + 3 * i),
+                helper: None,
             })
             .collect();
         State {
@@ -314,6 +322,7 @@ mod tests {
             ipc: None,
             stdout: None,
             stderr: None,
+            helper: None,
             ..w
         });
         refused(s, "handed over twice");
