@@ -276,6 +276,23 @@ fn an_unprivileged_caller_is_refused_and_nothing_happens() {
         before,
         "a worker was touched"
     );
+    // Root's mistakes are refused as bad usage, before anything is done.
+    for (args, says) in [
+        (&["diagnose", "deny", "9", "--stack"][..], "no worker 9"),
+        (
+            &["diagnose", "deny", "0", "--cpu-profile", "0"],
+            "between 1 and 600",
+        ),
+        (
+            &["diagnose", "deny", "0", "--stack", "--then", "resume"],
+            "only `replace`",
+        ),
+    ] {
+        let (code, _, err) = client(&[args, &["--bus", &bus.address]].concat());
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!m.log().contains("diagnose worker"), "{}", m.log());
     assert!(
         std::fs::read_dir(&state).unwrap().next().is_none(),
         "a file was written"
