@@ -210,3 +210,57 @@ fn with_autopsy_on_memory_a_worker_replaced_for_memory_leaves_its_stack() {
         "{files:?}"
     );
 }
+
+/// A re-exec hands each worker's helper channel over: a worker started by
+/// the old program still leaves its stack when the new one finds it hung.
+#[test]
+fn a_worker_started_before_a_reexec_still_leaves_its_stack() {
+    let dir = tempdir::Dir::new("autopsy-rx");
+    let state = dir.path.join("state");
+    let rt = dir.path.join("rt");
+    let bin = dir.path.join("bin/nodeherd");
+    for d in [&state, &rt, &bin.parent().unwrap().to_path_buf()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(BIN, &bin).unwrap();
+    let cfg = one_app(
+        &dir,
+        "spinrx",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let (rt, state_s) = (path_str(&rt), path_str(&state));
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args([
+        "run",
+        &path_str(&cfg),
+        "--listen",
+        "127.0.0.1:0",
+        "--bus",
+        &no_bus,
+    ])
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("LISTEN_FDS")
+    .env_remove("LISTEN_PID")
+    .env_remove("RUNTIME_DIRECTORY")
+    .env("XDG_RUNTIME_DIR", &rt)
+    .env("STATE_DIRECTORY", &state_s)
+    .stdin(std::process::Stdio::null());
+    let m = spawn_collecting(cmd);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let (code, err) = client_in(&rt, &["reexec", "spinrx", "--bus", &no_bus]);
+    assert_eq!(code, 0, "{err}\n{}", m.log());
+    // The same workers, now the new program's.
+    assert_eq!(instances_answering(port, 2, T), before, "{}", m.log());
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log.lines().find(|l| l.contains("hang stack: ")).unwrap();
+    assert!(line.contains("at spinForever ("), "{line}");
+}
