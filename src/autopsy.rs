@@ -315,12 +315,13 @@ pub struct Target {
 
 /// Take `capture` of the worker on `helper` (its preload first takes it
 /// out of rotation and lets it finish what it holds), streamed into a new
-/// file under `target.dir`; the file's path, or why not (the file removed).
-/// The caller bounds the time.
+/// file under `target.dir`; the file's path, or why not (the file removed),
+/// within `within`.
 pub async fn capture(
     helper: Option<Helper>,
     capture: crate::control::Capture,
     target: Target,
+    within: Duration,
 ) -> std::result::Result<String, String> {
     use crate::control::Capture;
     let helper = helper.ok_or(
@@ -340,7 +341,11 @@ pub async fn capture(
         .map_err(|e| format!("{e:#}"))?;
     let (dirfd, file, path) = made;
     let mut file = tokio::fs::File::from_std(file);
-    let streamed = stream(&helper, word, seconds, &mut file).await;
+    let streamed =
+        match tokio::time::timeout(within, stream(&helper, word, seconds, &mut file)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("not done within {} s", within.as_secs())),
+        };
     let flushed = file.flush().await.and(file.sync_all().await);
     drop(file);
     let result = match (streamed, flushed) {

@@ -851,10 +851,7 @@ impl Driver {
         let helper = self.procs.get(&worker).and_then(|p| p.helper.clone());
         let tx = self.inputs_tx.clone();
         tokio::spawn(async move {
-            let result =
-                tokio::time::timeout(within, crate::autopsy::capture(helper, capture, target))
-                    .await
-                    .unwrap_or_else(|_| Err(format!("not done within {} s", within.as_secs())));
+            let result = crate::autopsy::capture(helper, capture, target, within).await;
             let _ = tx.send(Input::Diagnosed { worker, result });
         });
     }
