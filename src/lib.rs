@@ -66,6 +66,7 @@
 //! list for [`install`]), [`metrics`] serves Prometheus;
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
+//! [`autopsy`] asks their preload's helper thread for stacks and captures,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
 //! program in place (the document it carries is
 //! [`supervisor::takeover`]), [`run`] puts the daemon together (or takes

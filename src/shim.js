@@ -35,6 +35,10 @@
 //    cluster.fork, worker threads): they never load it and see no nodeherd
 //    variable; LISTEN_PID names the worker, so a child that reads
 //    LISTEN_FDS ignores them, as sd_listen_fds() does.
+// 6. Starts a helper thread with an inspector session on the main thread,
+//    idle until the manager asks on its own channel: the stack of a stuck
+//    event loop (hang autopsy), or, out of rotation, a heap snapshot, a CPU
+//    profile or a stack (`nodeherd diagnose`).
 (() => {
   const env = process.env;
 
