@@ -50,6 +50,9 @@ pub enum Command {
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
     Scale(ScaleArgs),
+    /// Take one worker out of rotation (a replacement serves first) and
+    /// capture a heap snapshot, a CPU profile or its stack; prints the file
+    Diagnose(DiagnoseArgs),
     /// Replace a running manager's program with the file on disk (after an
     /// upgrade), keeping its pid and every worker; waits until it answers again
     Reexec(AppArgs),
@@ -220,6 +223,36 @@ pub struct ScaleArgs {
     /// N, +N, -N or max
     #[arg(allow_hyphen_values = true)]
     pub count: String,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("capture").required(true).args(["heap_snapshot", "cpu_profile", "stack"])))]
+pub struct DiagnoseArgs {
+    /// The app
+    pub app: String,
+
+    /// The worker (its NODE_APP_INSTANCE)
+    pub instance: u32,
+
+    /// A V8 heap snapshot (.heapsnapshot, for Chrome DevTools' Memory tab)
+    #[arg(long)]
+    pub heap_snapshot: bool,
+
+    /// A CPU profile of this many seconds (.cpuprofile)
+    #[arg(long, value_name = "SECONDS")]
+    pub cpu_profile: Option<u32>,
+
+    /// Its JavaScript stack (.json)
+    #[arg(long)]
+    pub stack: bool,
+
+    /// What becomes of the worker once captured: `replace` (stopped; its
+    /// replacement already serves)
+    #[arg(long, value_name = "WHAT", default_value = "replace")]
+    pub then: String,
 
     #[command(flatten)]
     pub bus: BusArgs,

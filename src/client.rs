@@ -107,6 +107,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .collect();
         // Older managers have no such property either.
         let next_cron = p.next_cron_reload().await.unwrap_or(0);
+        let autopsy = p.last_autopsy().await.unwrap_or_default();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -123,6 +124,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "instances": instances, "ready_workers": ready, "workers": ws,
                 "manager_pid": manager_pid, "via": reached.via.to_json(),
                 "next_cron_reload_unix_ms": (next_cron > 0).then_some(next_cron),
+                "last_autopsy": (autopsy.0 > 0).then(|| serde_json::json!({
+                    "unix_ms": autopsy.0, "path": autopsy.1,
+                })),
             });
             outln!("{doc}");
         } else {
@@ -166,6 +170,15 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 println!(
                     "next cron_restart reload: {}",
                     at.format("%Y-%m-%d %H:%M:%S %Z")
+                );
+            }
+            if autopsy.0 > 0 {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(autopsy.0);
+                let at: chrono::DateTime<chrono::Local> = at.into();
+                outln!(
+                    "last worker stack taken: {} in {}",
+                    at.format("%Y-%m-%d %H:%M:%S %Z"),
+                    discover::printable(&autopsy.1)
                 );
             }
         }
@@ -351,6 +364,26 @@ pub fn scale(args: ScaleArgs) -> ExitCode {
             "nodeherd: {} now runs {n} worker(s)",
             discover::printable(&args.app)
         );
+        Ok(())
+    })
+}
+
+/// `nodeherd diagnose APP INSTANCE --heap-snapshot | --cpu-profile S | --stack`.
+pub fn diagnose(args: crate::cli::DiagnoseArgs) -> ExitCode {
+    let (what, seconds) = if args.heap_snapshot {
+        ("heap-snapshot", 0)
+    } else if let Some(s) = args.cpu_profile {
+        ("cpu-profile", s)
+    } else {
+        ("stack", 0)
+    };
+    run_client(async move {
+        let r = reach(Some(&args.app), &args.bus).await?;
+        let path = r
+            .proxy
+            .diagnose(args.instance, what, seconds, &args.then)
+            .await?;
+        outln!("{}", discover::printable(&path));
         Ok(())
     })
 }

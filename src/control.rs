@@ -74,6 +74,37 @@ pub enum Control {
     Drain,
     /// Stop saying "drain" (not while draining before a stop).
     Undrain,
+    /// Take a worker out of rotation and capture a diagnosis of it.
+    Diagnose(Diagnosis),
+}
+
+/// What `Diagnose` asks for: which worker, and what to capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Diagnosis {
+    pub instance: u32,
+    pub capture: Capture,
+}
+
+/// What is captured of a worker out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// `HeapProfiler.takeHeapSnapshot` (a `.heapsnapshot` file).
+    HeapSnapshot,
+    /// The CPU profiler for this many seconds (a `.cpuprofile` file).
+    CpuProfile(u32),
+    /// Its JavaScript stack (a `.json` file).
+    Stack,
+}
+
+impl Capture {
+    /// The word for it on the bus and in file names.
+    pub fn word(self) -> &'static str {
+        match self {
+            Capture::HeapSnapshot => "heap-snapshot",
+            Capture::CpuProfile(_) => "cpu-profile",
+            Capture::Stack => "stack",
+        }
+    }
 }
 
 /// A request and where its answer goes (`None`: nobody waits, as for SIGHUP).
@@ -113,6 +144,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// Ready workers the health endpoint needs to say "up" now.
     pub health_min_ready: u32,
+    /// The last worker stack taken and kept (the driver's, not the core's).
+    pub last_autopsy: Option<crate::autopsy::Taken>,
 }
 
 /// What happened over the manager's life, for metrics.

@@ -14,7 +14,9 @@ use zbus::object_server::SignalEmitter;
 use zbus::{connection, interface};
 
 pub use crate::control::Bus;
-use crate::control::{BusSignal, Control, CtlError, Handle, ScaleTarget, Snapshot};
+use crate::control::{
+    BusSignal, Capture, Control, CtlError, Diagnosis, Handle, ScaleTarget, Snapshot,
+};
 use crate::logs;
 
 /// Object path of the manager.
@@ -114,7 +116,7 @@ pub fn bus_policy_for(app: &str) -> String {
          per app, as `nodeherd install` writes them. Only its own user\n  \
          {user} (and root) may own the name. Anyone may send it\n  \
          org.nodeherd.Manager1 calls; the manager itself\n  \
-         decides on Reload, Restart, Scale, ScaleBy, Drain and Undrain (polkit actions\n  \
+         decides on Reload, Restart, Scale, ScaleBy, Drain, Undrain and Diagnose (polkit actions\n  \
          org.nodeherd.reload/.restart/.scale; without polkitd: root, {user}\n  \
          and members of group {OPERATORS_GROUP}). Reading properties, introspecting and\n  \
          pinging are open. Every rule names this destination: nothing here reaches\n  \
@@ -534,6 +536,45 @@ impl Manager {
         self.ask(Control::Undrain).await.map(|d| d.message)
     }
 
+    /// Take worker `instance` out of rotation the zero-downtime way (a
+    /// replacement starts in its slot and serves first; it stops accepting
+    /// and finishes what it holds), capture `what` (`heap-snapshot`,
+    /// `cpu-profile` for `seconds`, `stack`) into a file under the state
+    /// directory owned by the app's user, then stop it (`then`:
+    /// `replace`). Returns the file's path once the worker is gone.
+    /// Authorized as Restart.
+    async fn diagnose(
+        &self,
+        instance: u32,
+        what: &str,
+        seconds: u32,
+        then: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Restart, &self.bus, self.peer).await?;
+        let capture = match what {
+            "heap-snapshot" => Capture::HeapSnapshot,
+            "cpu-profile" => Capture::CpuProfile(seconds),
+            "stack" => Capture::Stack,
+            other => {
+                return Err(BusError::InvalidArgument(format!(
+                    "cannot capture {:?}: heap-snapshot, cpu-profile or stack",
+                    crate::logs::clean(other, 40)
+                )));
+            }
+        };
+        if then != "replace" {
+            return Err(BusError::InvalidArgument(format!(
+                "--then {:?}: only `replace` is supported (the worker is stopped once captured)",
+                crate::logs::clean(then, 40)
+            )));
+        }
+        self.ask(Control::Diagnose(Diagnosis { instance, capture }))
+            .await
+            .map(|d| d.message)
+    }
+
     /// Close every log file the manager writes (`out_file`, `error_file`,
     /// `log_file`) and open its path again, for an outside logrotate that
     /// renamed them (as SIGUSR1 does). Returns how many are open; fails
@@ -643,6 +684,15 @@ impl Manager {
     #[zbus(property)]
     async fn next_cron_reload(&self) -> u64 {
         self.snap().next_cron_reload_ms.unwrap_or(0)
+    }
+
+    /// When the last worker stack was taken (ms since the epoch) and the
+    /// file it is kept in; (0, "") when none was.
+    #[zbus(property)]
+    async fn last_autopsy(&self) -> (u64, String) {
+        self.snap().last_autopsy.map_or((0, String::new()), |t| {
+            (t.at_ms, t.path.display().to_string())
+        })
     }
 
     /// What workers last said with `STATUS=` on their notify socket: (pid, text).

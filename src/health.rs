@@ -307,6 +307,7 @@ mod tests {
             next_cron_reload_ms: None,
             generation: 3,
             health_min_ready: min,
+            last_autopsy: None,
         }
     }
 

@@ -70,12 +70,14 @@
 //! list for [`install`]), [`metrics`] serves Prometheus (and [`health`], what a load balancer reads);
 //! [`notify`] talks to systemd,
 //! [`notify_socket`] listens to workers, [`ipc`] reads their channel,
+//! [`autopsy`] asks their preload's helper thread for stacks and captures,
 //! [`logs`] writes the journal, [`reexec`] moves the daemon onto a new
 //! program in place (the document it carries is
 //! [`supervisor::takeover`]), [`run`] puts the daemon together (or takes
 //! it over) in a private directory ([`rundir`]), or, for a file of several
 //! apps, starts a manager for each and waits for them ([`herd`]).
 
+pub mod autopsy;
 pub mod cli;
 pub mod client;
 pub mod config;

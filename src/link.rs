@@ -26,6 +26,8 @@ pub(crate) trait Manager1 {
     fn reexec(&self) -> zbus::Result<String>;
     fn drain(&self) -> zbus::Result<String>;
     fn undrain(&self) -> zbus::Result<String>;
+    fn diagnose(&self, instance: u32, what: &str, seconds: u32, then: &str)
+    -> zbus::Result<String>;
     #[zbus(property)]
     fn reexecs(&self) -> zbus::Result<u32>;
     #[zbus(property)]
@@ -42,6 +44,8 @@ pub(crate) trait Manager1 {
     fn workers(&self) -> zbus::Result<Vec<WorkerTuple>>;
     #[zbus(property)]
     fn next_cron_reload(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn last_autopsy(&self) -> zbus::Result<(u64, String)>;
     #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]

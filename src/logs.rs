@@ -271,6 +271,9 @@ pub enum Milestone {
     NotifyDropped,
     IpcOutboxFull,
     LogLinesDropped,
+    HangStack,
+    MemoryStack,
+    StackMissed,
 }
 
 impl Milestone {
@@ -290,6 +293,9 @@ impl Milestone {
             Milestone::NotifyDropped => "notify-dropped",
             Milestone::IpcOutboxFull => "ipc-outbox-full",
             Milestone::LogLinesDropped => "log-lines-dropped",
+            Milestone::HangStack => "hang-stack",
+            Milestone::MemoryStack => "memory-stack",
+            Milestone::StackMissed => "stack-missed",
         }
     }
 

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Command::Reexec(args) => nodeherd::client::reexec(args),
         Command::Drain(args) => nodeherd::client::drain(args),
         Command::Undrain(args) => nodeherd::client::undrain(args),
+        Command::Diagnose(args) => nodeherd::client::diagnose(args),
         Command::CheckState => nodeherd::supervisor::takeover::check_main(),
         Command::Monit(args) => nodeherd::monit::monit(args),
         Command::Install(args) => nodeherd::install::install(args),

@@ -35,6 +35,10 @@
 //    cluster.fork, worker threads): they never load it and see no nodeherd
 //    variable; LISTEN_PID names the worker, so a child that reads
 //    LISTEN_FDS ignores them, as sd_listen_fds() does.
+// 6. Starts a helper thread with an inspector session on the main thread,
+//    idle until the manager asks on its own channel: the stack of a stuck
+//    event loop (hang autopsy), or, out of rotation, a heap snapshot, a CPU
+//    profile or a stack (`nodeherd diagnose`).
 (() => {
   const env = process.env;
 
@@ -129,6 +133,152 @@
     beat.unref();
     // One at once: the manager knows this worker beats before it is ready.
     tell({ nodeherd: 'beat', delay_ms: 0 });
+  }
+
+  // --- the helper thread ----------------------------------------------------
+  // A stuck loop reads no IPC channel, so the manager asks for the stack on
+  // a channel of its own (NODEHERD_HELPER_FD), read by a worker thread that
+  // holds an inspector session on this thread: Debugger.pause interrupts
+  // even `while (true) {}`, and the paused event carries the call frames.
+  // Started now, while this thread still runs; idle (blocked in its own
+  // event loop) until asked, and unref'd: it never keeps the app alive.
+  const helperFd = Number(env.NODEHERD_HELPER_FD);
+  delete env.NODEHERD_HELPER_FD;
+  if (Number.isInteger(helperFd) && helperFd > 2) startHelper(helperFd);
+  function startHelper(fd) {
+    let Worker;
+    try {
+      Worker = require('worker_threads').Worker;
+      require('inspector');
+    } catch (_) {
+      return; // no worker threads or no inspector in this build: no stacks
+    }
+    const source = `
+      const { workerData, parentPort } = require('worker_threads');
+      const inspector = require('inspector');
+      const net = require('net');
+      const MAX_FRAMES = 64, MAX_TEXT = 256, CHUNK = 1 << 20;
+      const cut = (s) => String(s == null ? '' : s).slice(0, MAX_TEXT);
+      const sock = new net.Socket({ fd: workerData.fd, readable: true, writable: true });
+      sock.on('error', () => {});
+      const send = (doc) => sock.write(JSON.stringify(doc) + '\\n');
+      let session = null;
+      const urls = new Map();
+      function ensure() {
+        if (!session) {
+          session = new inspector.Session();
+          session.connectToMainThread();
+          session.on('Debugger.scriptParsed', (m) => urls.set(m.params.scriptId, m.params.url));
+        }
+        return session;
+      }
+      let busy = false;
+      // Pause the main thread, take its frames, resume it.
+      function takeStack(done) {
+        const s = ensure();
+        s.once('Debugger.paused', (m) => {
+          const frames = [];
+          const add = (f) => {
+            if (frames.length >= MAX_FRAMES) return;
+            const loc = f.location || f;
+            frames.push({ f: cut(f.functionName), u: cut(f.url || urls.get(loc.scriptId) || '?'), l: loc.lineNumber + 1, c: loc.columnNumber + 1 });
+          };
+          for (const f of m.params.callFrames || []) add(f);
+          for (let a = m.params.asyncStackTrace; a && frames.length < MAX_FRAMES; a = a.parent) {
+            frames.push({ async: cut(a.description || 'async') });
+            for (const f of a.callFrames || []) add(f);
+          }
+          s.post('Debugger.resume', () => s.post('Debugger.disable'));
+          done(null, frames);
+        });
+        s.post('Debugger.enable', (err) => {
+          if (err) return done(err);
+          s.post('Debugger.setAsyncCallStackDepth', { maxDepth: 16 }, () =>
+            s.post('Debugger.pause', (e) => e && done(e)));
+        });
+      }
+      function stack(id) {
+        if (busy || pending) return send({ id, error: 'a diagnosis is running' });
+        busy = true;
+        takeStack((err, frames) => {
+          busy = false;
+          send(err ? { id, error: cut(err.message) } : { id, frames });
+        });
+      }
+      // Diagnose: the main thread first stops accepting and finishes what
+      // it holds ('quiesce', answered 'quiet'), then the capture streams.
+      let pending = null;
+      function diagnose(ask) {
+        if (busy || pending) return send({ id: ask.id, error: 'a diagnosis is already running' });
+        pending = ask;
+        parentPort.postMessage({ nodeherd: 'quiesce' });
+      }
+      parentPort.on('message', (m) => {
+        if (!m || m.nodeherd !== 'quiet' || !pending) return;
+        const ask = pending;
+        pending = null;
+        busy = true;
+        capture(ask, (err) => {
+          busy = false;
+          send(err ? { id: ask.id, error: cut(err.message) } : { id: ask.id, end: true });
+        });
+      });
+      function capture(ask, done) {
+        const id = ask.id;
+        const s = ensure();
+        const whole = (text) => {
+          for (let i = 0; i < text.length; i += CHUNK) send({ id, chunk: text.slice(i, i + CHUNK) });
+          done(null);
+        };
+        if (ask.what === 'heap-snapshot') {
+          const onChunk = (m) => send({ id, chunk: m.params.chunk });
+          s.on('HeapProfiler.addHeapSnapshotChunk', onChunk);
+          s.post('HeapProfiler.enable', () =>
+            s.post('HeapProfiler.takeHeapSnapshot', { reportProgress: false }, (err) => {
+              s.off('HeapProfiler.addHeapSnapshotChunk', onChunk);
+              s.post('HeapProfiler.disable');
+              done(err);
+            }));
+        } else if (ask.what === 'cpu-profile') {
+          s.post('Profiler.enable', () =>
+            s.post('Profiler.start', (err) => {
+              if (err) return done(err);
+              setTimeout(() => s.post('Profiler.stop', (e, r) => {
+                s.post('Profiler.disable');
+                if (e) return done(e);
+                whole(JSON.stringify(r.profile));
+              }), Math.max(1, Number(ask.seconds) || 1) * 1000);
+            }));
+        } else {
+          takeStack((err, frames) => (err ? done(err) : whole(JSON.stringify({ frames }))));
+        }
+      }
+      let buf = '';
+      sock.on('data', (d) => {
+        buf += d;
+        if (buf.length > 4096) buf = buf.slice(-4096);
+        let nl;
+        while ((nl = buf.indexOf('\\n')) >= 0) {
+          const line = buf.slice(0, nl);
+          buf = buf.slice(nl + 1);
+          let ask = null;
+          try { ask = JSON.parse(line); } catch (_) {}
+          if (!ask || !Number.isInteger(ask.id)) continue;
+          if (ask.ask === 'stack') stack(ask.id);
+          else if (ask.ask === 'diagnose') diagnose(ask);
+        }
+      });
+    `;
+    try {
+      const helper = new Worker(source, { eval: true, workerData: { fd }, execArgv: [], stdout: false, stderr: false, name: 'nodeherd-helper' });
+      helper.on('error', () => {}); // a broken helper costs the stacks, never the app
+      helper.on('message', (m) => {
+        if (m && m.nodeherd === 'quiesce') quiesce(() => helper.postMessage({ nodeherd: 'quiet' }));
+      });
+      helper.unref();
+    } catch (_) {
+      // could not start a thread: no stacks
+    }
   }
 
   // --- the app's own metrics ------------------------------------------------
@@ -643,6 +793,22 @@
     if (open === 0) return finish();
     if (clustered) cluster.disconnect(closed);
     for (const server of listening) drainServer(server, closed);
+  }
+
+  // Out of rotation for a diagnosis: stop accepting and finish what it
+  // holds, as a drain does, but live on to be captured.
+  function quiesce(done) {
+    // With its servers closed, nothing may be left to keep it alive: it
+    // waits to be captured, then stopped.
+    setInterval(() => {}, 1 << 30);
+    const listening = [...servers].filter((s) => s.listening);
+    let left = listening.length;
+    const finish = () => {
+      if (lateConnections === 0) done();
+      else lateDone = done;
+    };
+    if (left === 0) return finish();
+    for (const server of listening) drainServer(server, () => --left === 0 && finish());
   }
 
   process.on('SIGINT', () => {

@@ -73,6 +73,10 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "max_event_loop_delay",
         old.max_event_loop_delay != new.max_event_loop_delay,
     );
+    changed(
+        "autopsy_on_memory",
+        old.autopsy_on_memory != new.autopsy_on_memory,
+    );
     changed("cron_restart", old.cron_restart != new.cron_restart);
     changed(
         "watch",

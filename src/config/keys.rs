@@ -42,6 +42,7 @@ pub struct RawApp {
     pub autorestart: Option<bool>,
     pub max_memory_restart: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
+    pub autopsy_on_memory: Option<bool>,
     pub metrics: Option<String>,
     pub health: Option<String>,
     pub health_agent: Option<String>,
@@ -157,6 +158,7 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    key!("autopsy_on_memory", autopsy_on_memory, v::boolean),
     key!("listen", listen, v::words),
     key!("shared_listen", shared_listen, v::words),
     Key {

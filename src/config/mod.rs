@@ -126,6 +126,10 @@ pub struct App {
     /// Replace a worker whose event loop has not answered the preload's
     /// heartbeat for this long (nodeherd's own key; off by default).
     pub max_event_loop_delay: Option<Duration>,
+    /// Take the JavaScript stack of a worker replaced for
+    /// `max_memory_restart` too, as of a hung one (nodeherd's own key; off
+    /// by default: the pause is short, but it is a pause).
+    pub autopsy_on_memory: bool,
     /// Where to serve Prometheus metrics: `HOST:PORT` or `unix:/path`
     /// (nodeherd's own key; off by default).
     pub metrics: Option<String>,
@@ -645,6 +649,7 @@ pub(crate) fn test_app() -> App {
         autorestart: true,
         max_memory_restart: None,
         max_event_loop_delay: None,
+        autopsy_on_memory: false,
         metrics: None,
         health: None,
         health_agent: None,

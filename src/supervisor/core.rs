@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::events::{
-    Effect, Event, ExitStatus, Level, LogLine, ReplyId, Said, SdNotify, StopBy, WorkerId,
+    AutopsyWhy, Effect, Event, ExitStatus, Level, LogLine, ReplyId, Said, SdNotify, StopBy,
+    WorkerId,
 };
 use super::policy::{self, Decision, Policy};
 use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState, Worker};
@@ -60,6 +61,9 @@ pub struct Core {
     pub(super) cron_next: Option<u64>,
     /// The health endpoint says "drain", and since when (see `drain.rs`).
     pub(super) drain: Option<(super::drain::Drain, Instant)>,
+    /// The running `Diagnose`: what it captures, and once captured, the
+    /// file or why not.
+    pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -88,6 +92,7 @@ impl Core {
             share_fair: None,
             cron_next: None,
             drain: None,
+            diagnosis: None,
             out: Vec::new(),
             now,
         }
@@ -219,6 +224,7 @@ impl Core {
             Event::SlotDrained(leave) => self.finish_leave(leave, true),
             Event::CronScheduled(next) => self.on_cron_scheduled(next),
             Event::FilesChanged => self.on_files_changed(),
+            Event::Diagnosed { worker, result } => self.on_diagnosed(worker, result),
             Event::Stop => self.on_stop(),
         }
         self.settle()
@@ -292,7 +298,7 @@ impl Core {
         self.out.push(Effect::Bus(s));
     }
 
-    fn worker_signal(&mut self, instance: u32, pid: i32, state: &'static str) {
+    pub(super) fn worker_signal(&mut self, instance: u32, pid: i32, state: &'static str) {
         self.bus(BusSignal::WorkerStateChanged {
             instance,
             pid: pid.max(0) as u32,
@@ -445,8 +451,13 @@ impl Core {
             slot.stopped = None;
             slot.waiting = false;
             self.timers.cancel(TimerKey::Restart(index));
+            let diagnosing = self.diagnosing();
             if let Some(old) = old {
-                self.stop_worker(old, "replaced");
+                if diagnosing {
+                    self.diagnose_worker(old);
+                } else {
+                    self.stop_worker(old, "replaced");
+                }
             }
             if let Some(Op::Reload {
                 in_flight,
@@ -464,7 +475,7 @@ impl Core {
                     SwapReason::Reload | SwapReason::Cron | SwapReason::Watch => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
                     SwapReason::Hang => r.hang += 1,
-                    SwapReason::Closed | SwapReason::Flood => {}
+                    SwapReason::Closed | SwapReason::Flood | SwapReason::Diagnose => {}
                 }
             }
         } else if slot.current == Some(id) {
@@ -848,6 +859,13 @@ impl Core {
                 max.as_millis()
             ),
         );
+        self.out.push(Effect::Autopsy {
+            worker: id,
+            index,
+            pid,
+            why: AutopsyWhy::Hang,
+            within: self.policy_of(id).app.kill_timeout,
+        });
         self.queue
             .push_back(Queued::ReloadSlots(vec![index], SwapReason::Hang));
     }
@@ -925,15 +943,27 @@ impl Core {
         if self.phase != Phase::Running {
             return;
         }
-        let over: Vec<u32> = samples
+        let over: Vec<(WorkerId, u32, i32)> = samples
             .into_iter()
             .filter(|(_, rss)| *rss > limit)
             .filter_map(|(id, _)| {
                 let w = self.workers.get(&id)?;
                 let current = self.slots.get(w.index as usize)?.current == Some(id);
-                (current && w.state == WState::Ready).then_some(w.index)
+                (current && w.state == WState::Ready).then_some((id, w.index, w.pid))
             })
             .collect();
+        if self.policy.app.autopsy_on_memory {
+            for &(worker, index, pid) in &over {
+                self.out.push(Effect::Autopsy {
+                    worker,
+                    index,
+                    pid,
+                    why: AutopsyWhy::Memory,
+                    within: self.policy.app.kill_timeout,
+                });
+            }
+        }
+        let over: Vec<u32> = over.into_iter().map(|(_, index, _)| index).collect();
         if !over.is_empty() {
             self.log(
                 Level::Warning,

@@ -44,6 +44,8 @@ struct Proc {
     pid: i32,
     /// Our end of the Node IPC channel, for what we write to it.
     ipc: Option<Outbox>,
+    /// Our end of the preload's helper thread's channel (`crate::autopsy`).
+    helper: Option<crate::autopsy::Helper>,
     /// Second handles on its stdout and stderr pipes, widened when it stops
     /// and handed over by a re-exec.
     stdout: Option<OwnedFd>,
@@ -122,6 +124,8 @@ pub struct Driver {
     /// The `watch` and `ignore_watch` in force, and their watch (none if it
     /// could not start: said once, not tried again until they change).
     watching: (Vec<PathBuf>, Vec<String>, Option<crate::watch::Watch>),
+    /// The last stack taken (`nodeherd status` shows it).
+    last_autopsy: Option<crate::autopsy::Taken>,
 }
 
 impl Driver {
@@ -176,6 +180,7 @@ impl Driver {
             closing: HashMap::new(),
             draining: HashMap::new(),
             watching: (Vec::new(), Vec::new(), None),
+            last_autopsy: None,
         }
     }
 
@@ -238,6 +243,10 @@ impl Driver {
                 Proc {
                     pid: w.pid,
                     ipc,
+                    helper: w
+                        .helper
+                        .map(std::os::unix::net::UnixStream::from)
+                        .and_then(crate::autopsy::helper),
                     stdout: w.stdout,
                     stderr: w.stderr,
                 },
@@ -425,6 +434,11 @@ impl Driver {
             Input::ExecChecked(result) => Event::ExecChecked(result),
             Input::SlotDrained(leave) => Event::SlotDrained(leave),
             Input::FilesChanged => Event::FilesChanged,
+            Input::Diagnosed { worker, result } => Event::Diagnosed { worker, result },
+            Input::Autopsied(taken) => {
+                self.last_autopsy = Some(taken);
+                return;
+            }
             Input::ConfigLoaded(result) => return self.config_loaded(*result),
             Input::Ipc {
                 worker,
@@ -651,6 +665,20 @@ impl Driver {
                     }
                 }
                 Effect::ReleaseSlotSockets(index) => self.sockets.release(index),
+                Effect::Autopsy {
+                    worker,
+                    index,
+                    pid,
+                    why,
+                    within,
+                } => self.autopsy(worker, index, pid, why, within),
+                Effect::Diagnose {
+                    worker,
+                    index,
+                    pid,
+                    capture,
+                    within,
+                } => self.diagnose(worker, index, pid, capture, within),
                 Effect::CheckExec => self.check_exec(),
                 Effect::ScheduleCron {
                     pattern,
@@ -721,6 +749,7 @@ impl Driver {
         let Spawned {
             pid,
             ipc,
+            helper,
             stdout,
             stderr,
         } = match result {
@@ -742,6 +771,7 @@ impl Driver {
             Proc {
                 pid,
                 ipc,
+                helper: helper.and_then(crate::autopsy::helper),
                 stdout: out2,
                 stderr: err2,
             },
@@ -772,6 +802,60 @@ impl Driver {
             self.ipc_bytes.clone(),
         );
         Outbox::new(ours, index, pid).ok()
+    }
+
+    /// Take a worker's stack on a task of its own (see [`crate::autopsy`]):
+    /// the supervisor goes on meanwhile.
+    fn autopsy(
+        &self,
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        why: super::events::AutopsyWhy,
+        within: std::time::Duration,
+    ) {
+        let app = self.configs.app();
+        let ask = crate::autopsy::Ask {
+            app: app.name.clone(),
+            index,
+            pid,
+            hang: why == super::events::AutopsyWhy::Hang,
+            within,
+            dir: crate::autopsy::base_dir(&self.configs.paths().runtime_dir),
+            owner: app.credentials.as_ref().map(|c| (c.uid, c.gid)),
+        };
+        let helper = self.procs.get(&worker).and_then(|p| p.helper.clone());
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            if let Some(taken) = crate::autopsy::take(helper, ask).await {
+                let _ = tx.send(Input::Autopsied(taken));
+            }
+        });
+    }
+
+    /// Capture a worker out of rotation on a task of its own, then tell
+    /// the core (see `supervisor::diagnose`).
+    fn diagnose(
+        &self,
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        capture: crate::control::Capture,
+        within: std::time::Duration,
+    ) {
+        let app = self.configs.app();
+        let target = crate::autopsy::Target {
+            dir: crate::autopsy::base_dir(&self.configs.paths().runtime_dir),
+            owner: app.credentials.as_ref().map(|c| (c.uid, c.gid)),
+            index,
+            pid,
+        };
+        let helper = self.procs.get(&worker).and_then(|p| p.helper.clone());
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            let result = crate::autopsy::capture(helper, capture, target, within).await;
+            let _ = tx.send(Input::Diagnosed { worker, result });
+        });
     }
 
     fn stop(&mut self, worker: WorkerId, by: StopBy) {
@@ -911,6 +995,7 @@ impl Driver {
                     ipc: p.ipc.as_ref().map(AsRawFd::as_raw_fd),
                     stdout: p.stdout.as_ref().map(AsRawFd::as_raw_fd),
                     stderr: p.stderr.as_ref().map(AsRawFd::as_raw_fd),
+                    helper: p.helper.as_ref().map(crate::autopsy::Helper::raw_fd),
                 })
                 .collect(),
         })
@@ -1103,7 +1188,8 @@ impl Driver {
     }
 
     fn publish(&mut self) {
-        let snap = self.core.snapshot();
+        let mut snap = self.core.snapshot();
+        snap.last_autopsy = self.last_autopsy.clone();
         self.published.send_if_modified(|old| {
             if *old == snap {
                 false

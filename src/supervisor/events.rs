@@ -77,6 +77,11 @@ pub enum Event {
     CronScheduled(Result<(std::time::Instant, u64), String>),
     /// A file under `watch` changed.
     FilesChanged,
+    /// What [`Effect::Diagnose`] captured: the file, or why not.
+    Diagnosed {
+        worker: WorkerId,
+        result: Result<String, String>,
+    },
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -130,6 +135,15 @@ pub struct LogLine {
     pub worker: Option<(u32, i32)>,
     /// `NODEHERD_EVENT=` for lines that mark an event worth filtering on.
     pub event: Option<crate::logs::Milestone>,
+}
+
+/// Why a worker's stack is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutopsyWhy {
+    /// The watchdog found it hung (`max_event_loop_delay`).
+    Hang,
+    /// It is replaced for `max_memory_restart` (`autopsy_on_memory`).
+    Memory,
 }
 
 /// What to tell systemd.
@@ -190,6 +204,26 @@ pub enum Effect {
     Share {
         worker: WorkerId,
         max: Option<u32>,
+    },
+    /// Ask the worker's preload for its JavaScript stack, log it and keep
+    /// it (see `crate::autopsy`), giving up after `within`. Nothing waits
+    /// for it: the replacement goes on, and the kill comes no earlier than
+    /// `kill_timeout` after the stop, so `within` = `kill_timeout` bounds it.
+    Autopsy {
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        why: AutopsyWhy,
+        within: Duration,
+    },
+    /// Take a worker out of rotation (it stops accepting and finishes what
+    /// it holds), capture it, and answer with `Diagnosed` within `within`.
+    Diagnose {
+        worker: WorkerId,
+        index: u32,
+        pid: i32,
+        capture: crate::control::Capture,
+        within: Duration,
     },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),

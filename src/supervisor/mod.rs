@@ -25,6 +25,7 @@
 
 pub mod budget;
 pub mod core;
+mod diagnose;
 mod drain;
 pub mod driver;
 pub mod events;

@@ -45,6 +45,12 @@ impl Core {
             self.reply_opt(reply, Err(CtlError::InvalidArgument(msg)));
             return;
         }
+        if let Control::Diagnose(d) = &what
+            && let Err(e) = self.check_diagnosis(d)
+        {
+            self.reply_opt(reply, Err(e));
+            return;
+        }
         if let Some(Op::Reexec { replies, checked }) = &mut self.op {
             if what == Control::Reexec && !*checked {
                 replies.extend(reply);
@@ -93,6 +99,7 @@ impl Core {
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
                 Control::Drain | Control::Undrain => return self.drain_request(what, reply),
+                Control::Diagnose(_) => "diagnose",
             };
             self.log(
                 Level::Info,
@@ -108,6 +115,7 @@ impl Core {
             Control::Scale(target) => Queued::Scale(target, reply),
             Control::Reexec => Queued::Reexec(reply.into_iter().collect()),
             Control::Drain | Control::Undrain => return self.drain_request(what, reply),
+            Control::Diagnose(d) => Queued::Diagnose(d, reply),
         });
     }
 
@@ -170,6 +178,7 @@ impl Core {
                 }
             }
             Queued::Restart(reply) => self.begin_restart(reply),
+            Queued::Diagnose(d, reply) => self.begin_diagnose(d, reply),
             Queued::Scale(target, reply) => self.begin_scale(target, reply),
             Queued::Reexec(replies) => {
                 self.log_event(
@@ -233,7 +242,9 @@ impl Core {
                             continue;
                         }
                         Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
-                        Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                        Queued::Restart(r) | Queued::Scale(_, r) | Queued::Diagnose(_, r) => {
+                            r.into_iter().collect()
+                        }
                     };
                     for r in waiting {
                         self.reply(r, Err(busy()));
@@ -391,7 +402,7 @@ impl Core {
         });
     }
 
-    fn begin_reload(
+    pub(super) fn begin_reload(
         &mut self,
         slots: Vec<u32>,
         replies: Vec<ReplyId>,
@@ -704,8 +715,22 @@ impl Core {
                 started,
                 failed,
                 summary,
+                reason,
                 ..
             }) => {
+                if let Some(answer) = self.diagnosis_answer(reason) {
+                    let result = answer
+                        .map(|path| Done {
+                            workers: self.slots.len() as i32,
+                            message: path,
+                        })
+                        .map_err(CtlError::Failed);
+                    self.notify_ready();
+                    for r in replies {
+                        self.reply(r, result.clone());
+                    }
+                    return;
+                }
                 let took = self.now.saturating_duration_since(started).as_millis();
                 self.counters.last_reload_ms = took as u64;
                 let mut msg =
@@ -811,7 +836,9 @@ impl Core {
         for q in std::mem::take(&mut self.queue) {
             let waiting: Vec<ReplyId> = match q {
                 Queued::Reload { replies, .. } | Queued::Reexec(replies) => replies,
-                Queued::Restart(r) | Queued::Scale(_, r) => r.into_iter().collect(),
+                Queued::Restart(r) | Queued::Scale(_, r) | Queued::Diagnose(_, r) => {
+                    r.into_iter().collect()
+                }
                 Queued::ReloadSlots(..) => Vec::new(),
             };
             for r in waiting {

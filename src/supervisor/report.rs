@@ -206,6 +206,7 @@ impl Core {
             next_cron_reload_ms: self.cron_next,
             generation: self.generation,
             health_min_ready: self.health_min_ready(),
+            last_autopsy: None,
         }
     }
 }

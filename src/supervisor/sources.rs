@@ -90,6 +90,13 @@ pub enum Input {
     Bound(Box<crate::shared::Bound>),
     /// A file under `watch` changed.
     FilesChanged,
+    /// A worker's stack was taken and kept (see `crate::autopsy`).
+    Autopsied(crate::autopsy::Taken),
+    /// A `Diagnose` capture is done: the file, or why not.
+    Diagnosed {
+        worker: WorkerId,
+        result: Result<String, String>,
+    },
 }
 
 /// Turn SIGTERM/SIGINT into `Stop`, SIGHUP into `Reload` and SIGUSR2 into

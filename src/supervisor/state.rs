@@ -97,6 +97,8 @@ pub enum SwapReason {
     Cron,
     /// Files under `watch` changed.
     Watch,
+    /// `Diagnose`: the old worker is captured, then stopped.
+    Diagnose,
 }
 
 #[derive(Debug, Default)]
@@ -194,6 +196,7 @@ pub(super) enum Queued {
     Scale(ScaleTarget, Option<ReplyId>),
     /// Back-to-back re-exec requests share one re-exec.
     Reexec(Vec<ReplyId>),
+    Diagnose(crate::control::Diagnosis, Option<ReplyId>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

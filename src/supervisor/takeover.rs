@@ -64,6 +64,10 @@ pub struct CarriedWorker {
     pub ipc: Option<RawFd>,
     pub stdout: Option<RawFd>,
     pub stderr: Option<RawFd>,
+    /// Our end of its preload's helper channel (absent from documents
+    /// written before hang autopsies).
+    #[serde(default)]
+    pub helper: Option<RawFd>,
 }
 
 /// A worker's fds, owned again by the new program.
@@ -73,6 +77,7 @@ pub struct AdoptedWorker {
     pub ipc: Option<OwnedFd>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    pub helper: Option<OwnedFd>,
 }
 
 impl State {
@@ -88,6 +93,7 @@ impl State {
             fds.extend(w.ipc);
             fds.extend(w.stdout);
             fds.extend(w.stderr);
+            fds.extend(w.helper);
         }
         fds
     }
@@ -148,6 +154,7 @@ impl CarriedWorker {
             ipc: opt(self.ipc)?,
             stdout: opt(self.stdout)?,
             stderr: opt(self.stderr)?,
+            helper: opt(self.helper)?,
         })
     }
 }
@@ -254,6 +261,7 @@ mod tests {
                 ipc: Some(10 + 3 * i),
                 stdout: Some(11 + 3 * i),
                 stderr: Some(12 + 3 * i),
+                helper: None,
             })
             .collect();
         State {
@@ -319,6 +327,7 @@ mod tests {
             ipc: None,
             stdout: None,
             stderr: None,
+            helper: None,
             ..w
         });
         refused(s, "handed over twice");

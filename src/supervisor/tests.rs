@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::core::Core;
 use super::events::{
-    Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
+    AutopsyWhy, Effect, Event, ExitStatus, NewConfig, ReplyId, Said, SdNotify, StopBy, WorkerId,
 };
 use super::policy::{MAX_QUEUED, Policy, test_policy, with};
-use crate::control::{BusSignal, Control, CtlError, CtlResult, ScaleTarget};
+use crate::control::{BusSignal, Capture, Control, CtlError, CtlResult, Diagnosis, ScaleTarget};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -1215,6 +1215,70 @@ fn a_worker_whose_heartbeat_stops_is_replaced_new_one_first() {
     assert_eq!(w.killed(), vec![cur[&1]]);
 }
 
+impl World {
+    fn autopsies(&self) -> Vec<(WorkerId, AutopsyWhy, Duration)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Autopsy {
+                    worker,
+                    why,
+                    within,
+                    ..
+                } => Some((*worker, *why, *within)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_hung_worker_is_autopsied_at_the_decision_and_its_kill_waits_for_nothing() {
+    let mut w = World::ready(with(policy(2), |p| {
+        p.max_event_loop_delay = Some(MS(1000));
+        p.kill_timeout = MS(1600);
+    }));
+    let cur = w.current();
+    beat(&mut w, cur[&0]);
+    beat(&mut w, cur[&1]);
+    assert!(w.autopsies().is_empty());
+    for _ in 0..2 {
+        w.advance(MS(600));
+        beat(&mut w, cur[&0]);
+    }
+    // The stack is asked for once, for the hung one only, bounded by its
+    // kill_timeout, as its replacement starts.
+    assert_eq!(w.autopsies(), vec![(cur[&1], AutopsyWhy::Hang, MS(1600))]);
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.stopped(), vec![(cur[&1], StopBy::Signal)]);
+    // No answer ever comes: the kill is on time all the same.
+    w.advance(MS(800));
+    beat(&mut w, cur[&0]);
+    w.advance(MS(800));
+    assert_eq!(w.killed(), vec![cur[&1]]);
+    assert_eq!(w.autopsies().len(), 1, "asked once");
+}
+
+#[test]
+fn a_worker_replaced_for_memory_is_autopsied_only_with_autopsy_on_memory() {
+    for on in [false, true] {
+        let mut w = World::obedient(with(policy(2), |p| {
+            p.max_memory_restart = Some(100 << 20);
+            p.autopsy_on_memory = on;
+        }));
+        w.rss.insert(1, 200 << 20);
+        let old = w.current();
+        w.advance(MS(5000));
+        let want = if on {
+            vec![(old[&1], AutopsyWhy::Memory, MS(1600))]
+        } else {
+            vec![]
+        };
+        assert_eq!(w.autopsies(), want, "autopsy_on_memory: {on}");
+    }
+}
+
 #[test]
 fn a_worker_stuck_right_after_ready_is_caught_by_its_beats_before() {
     let mut w = World::new(with(policy(1), |p| p.max_event_loop_delay = Some(MS(1000))));
@@ -2189,4 +2253,108 @@ fn health_wants_every_slot_but_those_a_reload_swaps_or_what_is_configured() {
     assert_eq!(w.core.snapshot().health_min_ready, 3);
     let w = World::ready(with(policy(2), |p| p.health_min_ready = Some(0)));
     assert_eq!(w.core.snapshot().health_min_ready, 1);
+}
+
+// ---- diagnose ---------------------------------------------------------------------
+
+impl World {
+    fn diagnosed(&self) -> Vec<(WorkerId, Capture, Duration)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Diagnose {
+                    worker,
+                    capture,
+                    within,
+                    ..
+                } => Some((*worker, *capture, *within)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn diagnose(instance: u32, capture: Capture) -> Control {
+    Control::Diagnose(Diagnosis { instance, capture })
+}
+
+#[test]
+fn a_diagnosed_worker_is_captured_only_once_its_replacement_serves_then_stopped() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let mark = w.spawned.len();
+    let r = w.request(diagnose(1, Capture::HeapSnapshot));
+    assert_eq!(w.spawns_since(mark), vec![1], "a replacement first");
+    assert!(w.diagnosed().is_empty(), "nothing out of rotation yet");
+    assert!(w.stopped().is_empty());
+    let new = w.starting()[0];
+    w.listening(new);
+    // Out of rotation and captured, not stopped.
+    assert_eq!(w.diagnosed().len(), 1);
+    assert_eq!(w.diagnosed()[0].0, old[&1]);
+    assert!(w.stopped().is_empty(), "{:?}", w.stopped());
+    assert_eq!(w.current()[&1], new);
+    assert!(w.answer(r).is_none(), "answered before the capture");
+    // A long capture is not cut at kill_timeout.
+    w.advance(MS(30_000));
+    assert!(w.killed().is_empty());
+    w.send(Event::Diagnosed {
+        worker: old[&1],
+        result: Ok("/var/lib/app/nodeherd-diagnostics/heap.heapsnapshot".into()),
+    });
+    assert_eq!(w.stopped(), vec![(old[&1], StopBy::Signal)]);
+    assert!(w.answer(r).is_none(), "answered before it is gone");
+    w.exit(old[&1], ExitStatus::Code(0));
+    match w.answer(r) {
+        Some(Ok(d)) => assert_eq!(
+            d.message,
+            "/var/lib/app/nodeherd-diagnostics/heap.heapsnapshot"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The slot is not counted as restarted, nor the worker as crashed.
+    assert_eq!(w.core.snapshot().workers[1].restarts, 0);
+}
+
+#[test]
+fn a_capture_that_never_ends_is_killed_at_its_bound_and_the_caller_told() {
+    let mut w = World::ready(policy(2));
+    let old = w.current();
+    let r = w.request(diagnose(0, Capture::CpuProfile(5)));
+    let new = w.starting()[0];
+    w.listening(new);
+    let within = w.diagnosed()[0].2;
+    assert_eq!(
+        within,
+        MS(1600) + Duration::from_secs(35),
+        "kill_timeout + 5 s + 30 s"
+    );
+    w.advance(within);
+    assert!(w.killed().is_empty(), "the driver answers by `within`");
+    w.advance(MS(1600));
+    assert_eq!(w.killed(), vec![old[&0]]);
+    w.exit(old[&0], ExitStatus::Signal(9));
+    assert!(matches!(w.answer(r), Some(Err(CtlError::Failed(_)))));
+}
+
+#[test]
+fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
+    let mut w = World::ready(policy(2));
+    let mark = w.spawned.len();
+    let r = w.request(diagnose(7, Capture::Stack));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    let r = w.request(diagnose(0, Capture::CpuProfile(0)));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    let r = w.request(diagnose(0, Capture::CpuProfile(100_000)));
+    assert!(matches!(
+        w.answer(r),
+        Some(Err(CtlError::InvalidArgument(_)))
+    ));
+    assert!(w.spawns_since(mark).is_empty());
 }

@@ -61,6 +61,9 @@ pub struct Plan<'a> {
     pub ipc: Option<RawFd>,
     /// Source for the fd right after that (the sealed preload).
     pub preload: Option<RawFd>,
+    /// Source for the fd after the preload (the preload's helper thread's
+    /// own channel, see `crate::autopsy`).
+    pub helper: Option<RawFd>,
     pub credentials: Option<&'a Credentials>,
 }
 
@@ -88,10 +91,10 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         }
     }
     // Every source fd is moved above the highest target (3 + sockets, the
-    // IPC channel and the preload), so that placing one never overwrites
-    // another.
+    // IPC channel, the preload and the helper's channel), so that placing
+    // one never overwrites another.
     let top: RawFd = 3 + plan.sockets.len() as RawFd;
-    let highest = top + 1;
+    let highest = top + 2;
     let mut keep: Vec<OwnedFd> = Vec::new();
     let mut lift = |fd: RawFd| -> Result<RawFd> {
         if fd > highest {
@@ -114,6 +117,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         .collect::<Result<_>>()?;
     let ipc = plan.ipc.map(&mut lift).transpose()?;
     let preload = plan.preload.map(&mut lift).transpose()?;
+    let helper = plan.helper.map(&mut lift).transpose()?;
 
     // Pointers for execve. `as_mut_ptr` on each entry: the LISTEN_PID one is
     // written through by the child, and Vec's raw pointers stay valid when
@@ -153,6 +157,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         sockets: &sockets,
         ipc: ipc.map(|src| (src, top)),
         preload: preload.map(|src| (src, top + 1)),
+        helper: helper.map(|src| (src, top + 2)),
         exec_w: exec_w.as_raw_fd(),
         parent: nix::unistd::getpid().as_raw(),
         credentials: plan.credentials,
@@ -218,6 +223,8 @@ struct ChildPlan<'a> {
     ipc: Option<(RawFd, RawFd)>,
     /// (source, target) of the preload.
     preload: Option<(RawFd, RawFd)>,
+    /// (source, target) of the helper's channel.
+    helper: Option<(RawFd, RawFd)>,
     exec_w: RawFd,
     parent: libc::pid_t,
     credentials: Option<&'a Credentials>,
@@ -282,7 +289,7 @@ unsafe fn child_after_fork(plan: &ChildPlan<'_>) -> ! {
                 fail(Step::Fds);
             }
         }
-        for (src, target) in [plan.ipc, plan.preload].into_iter().flatten() {
+        for (src, target) in [plan.ipc, plan.preload, plan.helper].into_iter().flatten() {
             if libc::dup2(src, target) < 0 {
                 fail(Step::Fds);
             }

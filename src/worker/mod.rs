@@ -10,7 +10,8 @@
 //! manager's log readers, the listening sockets sit at 3.., a Node
 //! worker's IPC channel right after them (`NODE_CHANNEL_FD`), and the
 //! sealed preload right after that (see [`preload`]), which the worker
-//! closes once it has read it. Every other fd of the manager is
+//! closes once it has read it, then the channel of the preload's helper
+//! thread (`NODEHERD_HELPER_FD`, see [`crate::autopsy`]). Every other fd of the manager is
 //! close-on-exec and does not reach the child.
 
 pub mod fork;
@@ -105,6 +106,8 @@ pub struct Spawned {
     pub pid: i32,
     /// Our end of the Node IPC channel (Node workers only).
     pub ipc: Option<std::os::unix::net::UnixStream>,
+    /// Our end of the preload's helper thread's channel (Node workers only).
+    pub helper: Option<std::os::unix::net::UnixStream>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -270,6 +273,7 @@ impl Launcher {
         }
         if self.node {
             env.push(entry("NODE_CHANNEL_FD", &ipc_fd.to_string()));
+            env.push(entry("NODEHERD_HELPER_FD", &(ipc_fd + 2).to_string()));
         }
         env.push(fork::listen_pid_placeholder());
         let cwd = c(self.cwd.as_os_str())?;
@@ -284,6 +288,13 @@ impl Launcher {
         } else {
             (None, None)
         };
+        let (helper_parent, helper_child) = if self.node {
+            let (a, b) = std::os::unix::net::UnixStream::pair()
+                .context("creating the helper thread's channel")?;
+            (Some(a), Some(OwnedFd::from(b)))
+        } else {
+            (None, None)
+        };
         let sockets: Vec<RawFd> = listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
         let pid = fork::fork_exec(fork::Plan {
             program: &program,
@@ -294,11 +305,13 @@ impl Launcher {
             sockets: &sockets,
             ipc: ipc_child.as_ref().map(|f| f.as_raw_fd()),
             preload: self.node.then(|| self.preload.fd().as_raw_fd()),
+            helper: helper_child.as_ref().map(|f| f.as_raw_fd()),
             credentials: self.credentials.as_ref(),
         })?;
         Ok(Spawned {
             pid,
             ipc: ipc_parent,
+            helper: helper_parent,
             stdout: out_r,
             stderr: err_r,
         })

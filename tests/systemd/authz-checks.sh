@@ -122,9 +122,10 @@ check "nobody: Manager1.Scale on $LOCKED refused" "ERR $DENIED" "$(send nobody "
 
 # ---------------------------------------------------------------- acting
 for who in nobody "$OTHER"; do
-    for c in "Reload reload" "Restart restart" "Scale scale int32:1" "ScaleBy scale int32:1" "Drain restart" "Undrain restart"; do
+    for c in "Reload reload" "Restart restart" "Scale scale int32:1" "ScaleBy scale int32:1" "Drain restart" "Undrain restart" \
+        "Diagnose restart uint32:0 string:heap-snapshot uint32:0 string:replace"; do
         set -- $c
-        check "$who: $1 refused by the manager" "ERR $DENIED" "$(send "$who" "$DEST" /org/nodeherd "$M.$1" ${3:-})"
+        check "$who: $1 refused by the manager" "ERR $DENIED" "$(send "$who" "$DEST" /org/nodeherd "$M.$1" "${@:3}")"
         check "$who: $1 refusal names the action ($2)" "$(refusal "$2" "$who")" "$(msg)"
     done
 done

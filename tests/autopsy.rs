@@ -1,0 +1,266 @@
+//! Hang autopsies with real Node workers: a worker the watchdog finds hung
+//! leaves its JavaScript stack (in the log and as a file) before it is
+//! killed, and an inspector that never answers delays nothing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// `nodeherd run CONFIG` with systemd's `STATE_DIRECTORY` at `state`.
+fn start_with_state(
+    cfg: &std::path::Path,
+    state: &std::path::Path,
+    bus: Option<&DbusDaemon>,
+) -> Manager {
+    let cfg = path_str(cfg);
+    let state = path_str(state);
+    let mut args = vec!["run", &cfg, "--listen", "127.0.0.1:0"];
+    match bus {
+        Some(b) => args.extend(["--bus", &b.address]),
+        None => args.push("--no-bus"),
+    }
+    start(&args, &[("STATE_DIRECTORY", &state)])
+}
+
+/// The files under the state directory's diagnostics directory.
+fn kept(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(state.join("nodeherd-diagnostics"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_hung_worker_leaves_the_stack_of_its_endless_loop() {
+    let dir = tempdir::Dir::new("autopsy");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "spin",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, Some(&bus));
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let status = || client(&["status", "spin", "--bus", &bus.address]);
+    let (code, out, err) = status();
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("last worker stack"), "{out}");
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("hang stack: "))
+        .unwrap()
+        .to_string();
+    let script = app("spinner.js");
+    let want = format!("at spinForever ({}:10:", script.display());
+    assert!(line.contains(&want), "{want} not in: {line}");
+    // Its caller too, the request handler.
+    assert!(line.contains(" < at "), "{line}");
+    let files = kept(&state);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with("hang-stack-"), "{name}");
+    assert!(line.contains(&path_str(&files[0])), "{line}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains(&want), "{text}");
+    // `nodeherd status` says when and where.
+    let mut out = String::new();
+    assert!(
+        wait_until(T, || {
+            out = status().1;
+            out.contains("last worker stack taken: ")
+        }),
+        "{out}"
+    );
+    assert!(out.contains(&path_str(&files[0])), "{out}");
+    // Then it is replaced as before: both slots answer again.
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+}
+
+#[test]
+fn an_inspector_that_never_answers_delays_no_replacement() {
+    let dir = tempdir::Dir::new("autopsy-deaf");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "deafspin",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":2000"#,
+    );
+    let m = start_with_state(&cfg, &state, None);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    // Blocked in native code (a synchronous child process): V8 runs no
+    // interrupt there, so Debugger.pause is never handled.
+    std::thread::spawn(move || {
+        let _ = get(port, "/sleep");
+    });
+    assert!(m.wait_log("has not answered for 1000 ms", T), "{}", m.log());
+    let decided = Instant::now();
+    let hung = m
+        .log()
+        .lines()
+        .find(|l| l.contains("has not answered for"))
+        .and_then(|l| l.split("(pid ").nth(1))
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse::<i32>().ok())
+        .expect("the hung worker's pid");
+    // The autopsy gives up within kill_timeout of the decision...
+    assert!(
+        m.wait_log(
+            "no JavaScript stack taken: no answer within 2000 ms",
+            Duration::from_millis(2000 + 1500)
+        ),
+        "{}",
+        m.log()
+    );
+    // ...and the stuck worker is gone within kill_timeout of its stop
+    // (the replacement's start comes first): never later for the autopsy.
+    assert!(
+        wait_until(T, || !pid_alive(hung)),
+        "pid {hung} still alive:\n{}",
+        m.log()
+    );
+    let took = decided.elapsed();
+    assert!(
+        took < Duration::from_millis(2000 + 4000),
+        "replaced {took:?} after the decision:\n{}",
+        m.log()
+    );
+    assert!(kept(&state).is_empty(), "{:?}", kept(&state));
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+}
+
+/// A worker's user may own the state directory: a symlink it plants where
+/// the diagnostics go must not make the manager write (or prune) elsewhere.
+#[test]
+fn a_symlink_planted_for_the_diagnostics_directory_is_not_followed() {
+    let dir = tempdir::Dir::new("autopsy-plant");
+    let state = dir.path.join("state");
+    let elsewhere = dir.path.join("elsewhere");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    // Old files there that a prune would remove.
+    for i in 0..25 {
+        std::fs::write(elsewhere.join(format!("hang-stack-{i:02}.txt")), "keep me").unwrap();
+    }
+    std::os::unix::fs::symlink(&elsewhere, state.join("nodeherd-diagnostics")).unwrap();
+    let cfg = one_app(
+        &dir,
+        "plant",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let m = start_with_state(&cfg, &state, None);
+    let port = m.port();
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log.lines().find(|l| l.contains("hang stack: ")).unwrap();
+    // Still logged, with the function, but not kept.
+    assert!(line.contains("at spinForever ("), "{line}");
+    assert!(line.contains("not kept: "), "{line}");
+    let there: Vec<_> = std::fs::read_dir(&elsewhere).unwrap().collect();
+    assert_eq!(there.len(), 25, "written or pruned through the symlink");
+}
+
+#[test]
+fn with_autopsy_on_memory_a_worker_replaced_for_memory_leaves_its_stack() {
+    let dir = tempdir::Dir::new("autopsy-mem");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "leakystack",
+        "leaky.js",
+        r#""instances":1,"max_memory_restart":"40M","autopsy_on_memory":true"#,
+    );
+    let m = start_with_state(&cfg, &state, None);
+    assert!(m.wait_log("memory stack: ", T), "{}", m.log());
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    let files = kept(&state);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("memory-stack-"),
+        "{files:?}"
+    );
+}
+
+/// A re-exec hands each worker's helper channel over: a worker started by
+/// the old program still leaves its stack when the new one finds it hung.
+#[test]
+fn a_worker_started_before_a_reexec_still_leaves_its_stack() {
+    let dir = tempdir::Dir::new("autopsy-rx");
+    let state = dir.path.join("state");
+    let rt = dir.path.join("rt");
+    let bin = dir.path.join("bin/nodeherd");
+    for d in [&state, &rt, &bin.parent().unwrap().to_path_buf()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(BIN, &bin).unwrap();
+    let cfg = one_app(
+        &dir,
+        "spinrx",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":3000"#,
+    );
+    let (rt, state_s) = (path_str(&rt), path_str(&state));
+    let no_bus = format!("unix:path={rt}/no-bus-here");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args([
+        "run",
+        &path_str(&cfg),
+        "--listen",
+        "127.0.0.1:0",
+        "--bus",
+        &no_bus,
+    ])
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("LISTEN_FDS")
+    .env_remove("LISTEN_PID")
+    .env_remove("RUNTIME_DIRECTORY")
+    .env("XDG_RUNTIME_DIR", &rt)
+    .env("STATE_DIRECTORY", &state_s)
+    .stdin(std::process::Stdio::null());
+    let m = spawn_collecting(cmd);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let (code, err) = client_in(&rt, &["reexec", "spinrx", "--bus", &no_bus]);
+    assert_eq!(code, 0, "{err}\n{}", m.log());
+    // The same workers, now the new program's.
+    assert_eq!(instances_answering(port, 2, T), before, "{}", m.log());
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("hang stack: ", T), "{}", m.log());
+    let log = m.log();
+    let line = log.lines().find(|l| l.contains("hang stack: ")).unwrap();
+    assert!(line.contains("at spinForever ("), "{line}");
+}
