@@ -849,7 +849,8 @@ impl Driver {
         }
     }
 
-    /// Ask every ready worker for the app's own metrics; the answers go
+    /// Ask every worker that serves or drains for the app's own metrics
+    /// (a leaving one's last counts are kept, see `tally`); the answers go
     /// straight to the scrape that asked.
     fn ask_for_metrics(&mut self, req: AppMetricsRequest) {
         self.metrics_waiting.retain(|_, (tx, ..)| !tx.is_closed());
@@ -858,7 +859,7 @@ impl Driver {
         for w in snap
             .workers
             .iter()
-            .filter(|w| w.state == "ready" && w.pid > 0)
+            .filter(|w| matches!(w.state, "ready" | "draining" | "stopping") && w.pid > 0)
         {
             let Some(worker) = self.by_pid.get(&w.pid).copied() else {
                 continue;
