@@ -76,14 +76,17 @@ struct Meta {
 /// `worker` label not yet added), as text.
 type Series = String;
 
+/// Counter values by family, then series.
+type Counts = BTreeMap<String, BTreeMap<Series, f64>>;
+
 /// What the manager keeps between scrapes.
 #[derive(Debug, Default)]
 pub struct Tally {
     /// The counter values last read from each live worker, by family, and
     /// the scrape they were read by.
-    last: BTreeMap<WorkerKey, (u64, BTreeMap<String, BTreeMap<Series, f64>>)>,
+    last: BTreeMap<WorkerKey, (u64, Counts)>,
     /// What each slot kept of its departed workers, by family.
-    retained: BTreeMap<u32, BTreeMap<String, BTreeMap<Series, f64>>>,
+    retained: BTreeMap<u32, Counts>,
     /// HELP and TYPE of the families retained.
     meta: BTreeMap<String, Meta>,
     retained_bytes: usize,
@@ -241,7 +244,7 @@ impl Tally {
                     meta.insert(name.clone(), r.meta[name].clone());
                 }
             }
-            let mut counters: BTreeMap<String, BTreeMap<Series, f64>> = BTreeMap::new();
+            let mut counters: Counts = BTreeMap::new();
             let show_gauges = a.ready && gauge_slots.insert(a.instance);
             for (family, samples) in &r.samples {
                 let kind = meta.get(family).and_then(|m| m.kind.as_deref());
@@ -577,10 +580,9 @@ mod tests {
     #[test]
     fn a_worker_cannot_grow_what_is_retained_without_bound() {
         let mut t = Tally::default();
-        let mut pid = 100;
         let mut full = 0;
         let series = 20_000;
-        for round in 0..5 {
+        for (pid, round) in (100..).zip(0..5) {
             let mut text = String::from(REQ);
             for i in 0..series {
                 let _ = writeln!(
@@ -591,7 +593,6 @@ mod tests {
             }
             let s = t.begin();
             t.merge(s, &[answer(0, pid, &text)], &alive(&[(0, pid)]));
-            pid += 1;
             let s = t.begin();
             let m = t.merge(s, &[], &alive(&[]));
             full += m.dropped.get(&(0, "retained_full")).copied().unwrap_or(0);
