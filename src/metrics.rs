@@ -71,6 +71,7 @@ pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let dropped = Dropped::default();
     let tally = Arc::new(Mutex::new(Tally::default()));
+    tokio::spawn(read_leaving(handle.clone(), tally.clone()));
     let mut turned_away: u64 = 0;
     loop {
         let accepted = match &endpoint {
@@ -194,12 +195,7 @@ pub async fn render(app: &str, handle: &Handle, sockets: &[SocketInfo], kept: Ke
     let scrape = kept.tally.lock().unwrap_or_else(|e| e.into_inner()).begin();
     let answers = collect_app_metrics(handle).await;
     let snap = handle.snapshot.borrow().clone();
-    let alive = snap
-        .workers
-        .iter()
-        .filter(|w| w.pid > 0)
-        .map(|w| (w.instance, w.pid))
-        .collect();
+    let alive = alive(handle);
     let merged = kept
         .tally
         .lock()
@@ -216,6 +212,50 @@ pub async fn render(app: &str, handle: &Handle, sockets: &[SocketInfo], kept: Ke
     out.push_str(&dropped_metrics(app, &total));
     out.push_str(&merged.text);
     out
+}
+
+/// How often a worker that is stopping is read, until it is gone.
+const LEAVING_READS: Duration = Duration::from_millis(250);
+
+/// Read the workers as soon as one begins to stop (replaced, scaled away,
+/// restarted), and then every [`LEAVING_READS`] until it is gone: what it
+/// counted since the last scrape is kept, not lost with it.
+async fn read_leaving(handle: Handle, tally: Arc<Mutex<Tally>>) {
+    let mut snapshots = handle.snapshot.clone();
+    loop {
+        let leaving = snapshots
+            .borrow_and_update()
+            .workers
+            .iter()
+            .any(|w| w.pid > 0 && matches!(w.state, "draining" | "stopping"));
+        if leaving {
+            let scrape = tally.lock().unwrap_or_else(|e| e.into_inner()).begin();
+            let answers = collect_app_metrics(&handle).await;
+            let alive = alive(&handle);
+            // Only what it keeps matters here; the next scrape shows it.
+            let _ = tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge(scrape, &answers, &alive);
+            tokio::time::sleep(LEAVING_READS).await;
+            continue;
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every worker process the supervisor has now.
+fn alive(handle: &Handle) -> std::collections::BTreeSet<crate::tally::WorkerKey> {
+    handle
+        .snapshot
+        .borrow()
+        .workers
+        .iter()
+        .filter(|w| w.pid > 0)
+        .map(|w| (w.instance, w.pid))
+        .collect()
 }
 
 /// `nodeherd_app_metrics_dropped_total`: the app's samples left out, by
