@@ -266,3 +266,60 @@ fn a_worker_cannot_answer_for_a_sibling() {
         );
     }
 }
+
+/// The app's counter summed over every `worker` series, for `route`.
+fn app_total(metrics: u16, route: &str) -> f64 {
+    parse(&scrape(metrics))
+        .iter()
+        .filter(|s| {
+            s.starts_with(&format!(
+                "counter app_requests_total{{route={route},worker="
+            ))
+        })
+        .map(|s| s.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Issue 27: a worker's counts outlive it. Killed with SIGKILL, or replaced
+/// by a reload, after a scrape read them: its slot's series counts on from
+/// what it had (before: the app's total fell by the dead worker's
+/// count, which Prometheus reads as a reset).
+#[test]
+fn the_apps_counters_outlive_a_killed_and_a_replaced_worker() {
+    ensure_npm_deps();
+    let m = start_with_metrics("prom_app.js", "2");
+    let (port, metrics) = (m.port(), metrics_port(&m));
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    for _ in 0..30 {
+        get(port, "/c").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/c"), 30.0);
+    let per_worker = parse(&scrape(metrics));
+    let victim = m.workers()[0];
+    kill(victim, libc::SIGKILL);
+    assert!(
+        m.wait_log(&format!("(pid {victim}, killed by SIGKILL"), T),
+        "{}",
+        m.log()
+    );
+    assert!(wait_until(T, || m.workers().len() == 2
+        && !m.workers().contains(&victim)));
+    assert_eq!(
+        app_total(metrics, "/c"),
+        30.0,
+        "after the kill; before it: {per_worker:#?}"
+    );
+    for _ in 0..10 {
+        get(port, "/c").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/c"), 40.0);
+    // A reload replaces both.
+    m.signal(libc::SIGHUP);
+    assert!(m.wait_log("reload finished: 2/2", T), "{}", m.log());
+    assert!(wait_until(T, || m.workers().len() == 2));
+    assert_eq!(app_total(metrics, "/c"), 40.0, "after the reload");
+    for _ in 0..5 {
+        get(port, "/c").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/c"), 45.0);
+}
