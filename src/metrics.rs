@@ -21,7 +21,8 @@
 //! names `nodeherd_*` or a sample with a `worker` label of its own would
 //! pass for the manager's or a sibling's, so they are dropped and counted
 //! (`nodeherd_app_metrics_dropped_total`), and each answer is taken only
-//! from the worker that was asked (see the driver).
+//! from the worker that was asked (see the driver). The app's counters are
+//! kept across its workers' lives ([`crate::tally`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -266,7 +267,8 @@ fn dropped_metrics(app: &str, dropped: &BTreeMap<(u32, &'static str), u64>) -> S
     let _ = writeln!(
         o,
         "# HELP nodeherd_app_metrics_dropped_total Samples of the app's own left out: a name \
-         of the manager's (nodeherd_*), a worker label of its own, or not a sample.\n\
+         of the manager's (nodeherd_*), a worker label of its own, not a sample, or a departed \
+         worker's series past what is kept (retained_full).\n\
          # TYPE nodeherd_app_metrics_dropped_total counter"
     );
     for ((worker, reason), n) in dropped {
