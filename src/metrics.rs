@@ -71,7 +71,7 @@ pub type Dropped = Arc<Mutex<BTreeMap<(u32, &'static str), u64>>>;
 pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec<SocketInfo>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let dropped = Dropped::default();
-    let tally = Arc::new(Mutex::new(Tally::default()));
+    let tally = handle.tally.clone();
     tokio::spawn(read_leaving(handle.clone(), tally.clone()));
     let mut turned_away: u64 = 0;
     loop {

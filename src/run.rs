@@ -203,6 +203,7 @@ struct Resumed {
     workers: Vec<takeover::AdoptedWorker>,
     took: Duration,
     written_by: String,
+    tally: crate::tally::Carried,
 }
 
 /// `balance: auto`: where every listening socket allows `SO_REUSEPORT`
@@ -321,6 +322,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         workers,
         took,
         written_by: state.written_by,
+        tally: state.tally,
     };
     let source = source_of(&args);
     let result = run_daemon(
@@ -595,7 +597,8 @@ fn driver_for(
         Start::Resumed(r) => {
             let r = *r;
             let info = socket_infos(r.sockets.describe());
-            let d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+            let mut d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+            d.adopt_tally(r.tally);
             (d, info, r.control, Some((r.took, r.written_by)))
         }
     }

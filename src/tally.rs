@@ -24,6 +24,8 @@
 //! a worker that drains is read until it exits; a `kill -9` loses what it
 //! counted since the last scrape).
 //!
+//! A re-exec carries all of it ([`Tally::carry`], in the takeover state).
+//!
 //! A worker is not trusted: a compromised one can name a new series in
 //! every answer and then die, again and again. What is retained is bounded
 //! ([`RETAINED_BYTES`], one whole answer's worth, [`crate::ipc::MAX_LINE`]);
@@ -63,6 +65,21 @@ pub struct Merged {
     pub text: String,
     /// Samples left out, by worker slot and reason.
     pub dropped: BTreeMap<(u32, &'static str), u64>,
+}
+
+/// Counts by family, then series, as lists.
+pub type CarriedCounts = Vec<(String, Vec<(String, f64)>)>;
+
+/// What crosses a re-exec ([`Tally::carry`]), as lists: JSON keys are text.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Carried {
+    /// Slot, then family, then series and value.
+    pub retained: Vec<(u32, CarriedCounts)>,
+    /// Slot, pid, then family, then series and value.
+    pub last: Vec<(u32, i32, CarriedCounts)>,
+    /// Family, HELP, TYPE.
+    pub meta: Vec<(String, Option<String>, Option<String>)>,
 }
 
 /// A family's HELP and TYPE, as the first worker that named it gave them.
@@ -387,6 +404,64 @@ impl Tally {
         }
     }
 
+    /// What a re-exec hands over: the retained series and the last reads
+    /// (the workers go on counting in the new program). Values JSON cannot
+    /// hold (NaN, infinities) are left out.
+    pub fn carry(&self) -> Carried {
+        let flat = |c: &Counts| -> CarriedCounts {
+            c.iter()
+                .map(|(f, s)| {
+                    let s = s.iter().filter(|(_, v)| v.is_finite());
+                    (f.clone(), s.map(|(k, v)| (k.clone(), *v)).collect())
+                })
+                .collect()
+        };
+        Carried {
+            retained: self.retained.iter().map(|(s, c)| (*s, flat(c))).collect(),
+            last: self
+                .last
+                .iter()
+                .map(|((i, p), (_, c))| (*i, *p, flat(c)))
+                .collect(),
+            meta: self
+                .meta
+                .iter()
+                .map(|(n, m)| (n.clone(), m.help.clone(), m.kind.clone()))
+                .collect(),
+        }
+    }
+
+    /// Take over what [`Tally::carry`] handed over, within the same bound.
+    pub fn adopt(c: Carried) -> Tally {
+        let mut t = Tally::default();
+        for (slot, families) in c.retained {
+            for (family, series) in families {
+                for (name, v) in series {
+                    let cost = family.len() + name.len() + 16;
+                    if t.retained_bytes + cost > RETAINED_BYTES {
+                        continue;
+                    }
+                    t.retained_bytes += cost;
+                    let f = t.retained.entry(slot).or_default().entry(family.clone());
+                    f.or_default().insert(name, v);
+                }
+            }
+        }
+        for (instance, pid, families) in c.last {
+            let counts: Counts = families
+                .into_iter()
+                .map(|(f, s)| (f, s.into_iter().collect()))
+                .collect();
+            t.last.insert((instance, pid), (0, counts));
+        }
+        t.meta = c
+            .meta
+            .into_iter()
+            .map(|(n, help, kind)| (n, Meta { help, kind }))
+            .collect();
+        t
+    }
+
     /// Bytes held by retained series (for tests and for the bound).
     pub fn retained_bytes(&self) -> usize {
         self.retained_bytes
@@ -541,6 +616,40 @@ mod tests {
         let m = t.merge(s, &[a], &alive(&[(0, 20)]));
         assert!(m.text.contains("lat_count{worker=\"0\"} 6\n"), "{}", m.text);
         assert!(!m.text.contains("mem{"), "{}", m.text);
+    }
+
+    #[test]
+    fn what_is_kept_crosses_a_reexec() {
+        let mut t = Tally::default();
+        let s = t.begin();
+        t.merge(
+            s,
+            &[
+                answer(0, 10, &format!("{REQ}req_total 5\n")),
+                answer(1, 11, &format!("{REQ}req_total 7\n")),
+            ],
+            &alive(&[(0, 10), (1, 11)]),
+        );
+        let s = t.begin();
+        t.merge(
+            s,
+            &[answer(1, 11, &format!("{REQ}req_total 8\n"))],
+            &alive(&[(1, 11)]),
+        );
+        let json = serde_json::to_string(&t.carry()).unwrap();
+        let mut t = Tally::adopt(serde_json::from_str(&json).unwrap());
+        let s = t.begin();
+        let m = t.merge(
+            s,
+            &[
+                answer(0, 20, &format!("{REQ}req_total 1\n")),
+                answer(1, 11, &format!("{REQ}req_total 9\n")),
+            ],
+            &alive(&[(0, 20), (1, 11)]),
+        );
+        assert!(m.text.contains("# TYPE req_total counter"), "{}", m.text);
+        assert!(m.text.contains("req_total{worker=\"0\"} 6\n"), "{}", m.text);
+        assert!(m.text.contains("req_total{worker=\"1\"} 9\n"), "{}", m.text);
     }
 
     #[test]

@@ -323,3 +323,33 @@ fn the_apps_counters_outlive_a_killed_and_a_replaced_worker() {
     }
     assert_eq!(app_total(metrics, "/c"), 45.0);
 }
+
+/// Issue 27: what the manager keeps of departed workers crosses a re-exec
+/// (before: the new program started from nothing, and the slot whose
+/// worker had been killed fell back, a reset to Prometheus).
+#[test]
+fn the_apps_counters_cross_a_reexec() {
+    ensure_npm_deps();
+    let m = start_with_metrics("prom_app.js", "2");
+    let (port, metrics) = (m.port(), metrics_port(&m));
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    for _ in 0..30 {
+        get(port, "/r").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/r"), 30.0);
+    for victim in m.workers() {
+        kill(victim, libc::SIGKILL);
+        assert!(
+            m.wait_log(&format!("(pid {victim}, killed by SIGKILL"), T),
+            "{}",
+            m.log()
+        );
+    }
+    assert!(wait_until(T, || m.log().matches(" ready (pid").count() >= 4));
+    assert_eq!(app_total(metrics, "/r"), 30.0, "after the kills");
+    m.signal(libc::SIGUSR2);
+    assert!(m.wait_log("re-executed in", T), "{}", m.log());
+    assert_eq!(app_total(metrics, "/r"), 30.0, "after the re-exec");
+    get(port, "/r").unwrap();
+    assert_eq!(app_total(metrics, "/r"), 31.0);
+}

@@ -98,6 +98,9 @@ pub struct Driver {
     /// guess the number).
     metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, WorkerId, u32, i32)>,
     next_metrics: u64,
+    /// The app's counters kept across its workers' lives: the metrics
+    /// endpoint's, held here so that a re-exec carries them.
+    tally: std::sync::Arc<std::sync::Mutex<crate::tally::Tally>>,
     /// Connections handed over to workers so far (for the turn).
     handed_over: usize,
     /// Slots whose worker stalled (a socket per slot), with that worker:
@@ -164,6 +167,7 @@ impl Driver {
             app_metrics,
             metrics_waiting: HashMap::new(),
             next_metrics: 1,
+            tally: Default::default(),
             handed_over: 0,
             stalled: Default::default(),
             queue_watch: None,
@@ -259,7 +263,13 @@ impl Driver {
             snapshot: self.published.subscribe(),
             signals: self.signals.clone(),
             app_metrics: self.app_metrics_tx.clone(),
+            tally: self.tally.clone(),
         }
+    }
+
+    /// Take over the app's counters a re-exec handed over.
+    pub fn adopt_tally(&mut self, carried: crate::tally::Carried) {
+        *self.tally.lock().unwrap_or_else(|e| e.into_inner()) = crate::tally::Tally::adopt(carried);
     }
 
     /// Where the sources send their inputs.
@@ -896,6 +906,7 @@ impl Driver {
             control_fd: carry.control.as_ref().map(AsRawFd::as_raw_fd),
             metrics: carry.metrics.as_ref().map(crate::sockets::Listener::carry),
             core: self.core.export(now),
+            tally: self.tally.lock().unwrap_or_else(|e| e.into_inner()).carry(),
             workers: self
                 .procs
                 .iter()

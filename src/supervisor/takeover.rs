@@ -50,6 +50,10 @@ pub struct State {
     pub metrics: Option<CarriedSocket>,
     pub core: CoreState,
     pub workers: Vec<CarriedWorker>,
+    /// The app's counters kept across its workers' lives (none from an
+    /// older program).
+    #[serde(default)]
+    pub tally: crate::tally::Carried,
 }
 
 /// A worker's fds on the manager's side.
@@ -268,6 +272,7 @@ mod tests {
             metrics: None,
             core,
             workers,
+            tally: Default::default(),
         }
     }
 
