@@ -20,9 +20,11 @@
 //! worker and stay per live worker, from the answers of the scrape at hand.
 //!
 //! What is lost: the increments a worker made after the last read that
-//! reached it (a scrape asks ready, draining and stopping workers alike, so
-//! a worker that drains is read until it exits; a `kill -9` loses what it
-//! counted since the last scrape).
+//! reached it. A scrape asks ready, draining and stopping workers alike,
+//! the endpoint reads them all as soon as one begins to stop and every
+//! 250 ms until it is gone, and the preload sends its counters as its drain
+//! ends ([`Tally::last_words`]); a `kill -9` loses what the worker counted
+//! since the last scrape.
 //!
 //! A re-exec carries all of it ([`Tally::carry`], in the takeover state).
 //!
@@ -404,6 +406,39 @@ impl Tally {
         }
     }
 
+    /// A worker's counters as it leaves, sent by the preload once its drain
+    /// is done: newer than any scrape's answer, taken once.
+    pub fn last_words(&mut self, instance: u32, pid: i32, text: &str) {
+        let key = (instance, pid);
+        let spoke = self
+            .last
+            .get(&key)
+            .is_some_and(|(seen, _)| *seen == u64::MAX);
+        if spoke || self.gone_set.contains(&key) {
+            return;
+        }
+        // What is left out is counted when the scrapes read it.
+        let r = read(text, instance, &mut BTreeMap::new());
+        let mut counters: Counts = BTreeMap::new();
+        for (family, samples) in &r.samples {
+            let kind = r.meta.get(family).and_then(|m| m.kind.as_deref());
+            for (series, v) in samples {
+                let sample = series.split('{').next().unwrap_or("");
+                if counts(kind, family, sample) {
+                    let f = counters.entry(family.clone()).or_default();
+                    *f.entry(series.clone()).or_default() += v;
+                }
+            }
+        }
+        for family in counters.keys() {
+            if !self.meta.contains_key(family) {
+                let m = r.meta.get(family).cloned().unwrap_or_default();
+                self.meta.insert(family.clone(), m);
+            }
+        }
+        self.last.insert(key, (u64::MAX, counters));
+    }
+
     /// What a re-exec hands over: the retained series and the last reads
     /// (the workers go on counting in the new program). Values JSON cannot
     /// hold (NaN, infinities) are left out.
@@ -650,6 +685,36 @@ mod tests {
         assert!(m.text.contains("# TYPE req_total counter"), "{}", m.text);
         assert!(m.text.contains("req_total{worker=\"0\"} 6\n"), "{}", m.text);
         assert!(m.text.contains("req_total{worker=\"1\"} 9\n"), "{}", m.text);
+    }
+
+    #[test]
+    fn a_leaving_workers_last_words_count_once() {
+        let mut t = Tally::default();
+        let s = t.begin();
+        t.merge(
+            s,
+            &[answer(0, 10, &format!("{REQ}req_total 5\n"))],
+            &alive(&[(0, 10)]),
+        );
+        t.last_words(0, 10, &format!("{REQ}req_total 8\n"));
+        // Said once: a second time, or an older scrape's answer, changes nothing.
+        t.last_words(0, 10, &format!("{REQ}req_total 800\n"));
+        let m = t.merge(
+            s,
+            &[answer(0, 10, &format!("{REQ}req_total 6\n"))],
+            &alive(&[(0, 10)]),
+        );
+        assert!(m.text.contains("req_total{worker=\"0\"} 8\n"), "{}", m.text);
+        let s = t.begin();
+        let m = t.merge(
+            s,
+            &[answer(0, 20, &format!("{REQ}req_total 1\n"))],
+            &alive(&[(0, 20)]),
+        );
+        assert!(m.text.contains("req_total{worker=\"0\"} 9\n"), "{}", m.text);
+        t.last_words(0, 10, &format!("{REQ}req_total 800\n"));
+        let m = t.merge(s, &[], &alive(&[(0, 20)]));
+        assert!(m.text.contains("req_total{worker=\"0\"} 9\n"), "{}", m.text);
     }
 
     #[test]

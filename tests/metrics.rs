@@ -267,6 +267,30 @@ fn a_worker_cannot_answer_for_a_sibling() {
     }
 }
 
+/// Issue 27: the counters a worker sends as it leaves count only when it
+/// leaves: a serving worker cannot overwrite its slot's with them.
+#[test]
+fn a_serving_worker_cannot_say_last_words() {
+    let (m, metrics) = start_forger("last-words");
+    // Each scrape (and its parse) takes long enough for a few to arrive.
+    for _ in 0..5 {
+        let text = scrape(metrics);
+        let hits: Vec<String> = parse(&text)
+            .into_iter()
+            .filter(|s| s.starts_with("counter app_hits_total{"))
+            .collect();
+        assert_eq!(
+            hits,
+            [
+                "counter app_hits_total{route=/,worker=0} 1.0",
+                "counter app_hits_total{route=/,worker=1} 2.0"
+            ],
+            "{}",
+            m.log()
+        );
+    }
+}
+
 /// The app's counter summed over every `worker` series, for `route`.
 fn app_total(metrics: u16, route: &str) -> f64 {
     parse(&scrape(metrics))
@@ -280,9 +304,9 @@ fn app_total(metrics: u16, route: &str) -> f64 {
         .sum()
 }
 
-/// Issue 27: a worker's counts outlive it. Killed with SIGKILL, or replaced
-/// by a reload, after a scrape read them: its slot's series counts on from
-/// what it had (before: the app's total fell by the dead worker's
+/// Issue 27: a worker's counts outlive it. Killed with SIGKILL after a
+/// scrape read them, or replaced by a reload (what it counted since is read
+/// as it leaves): its slot's series counts on from what it had (before: the app's total fell by the dead worker's
 /// count, which Prometheus reads as a reset).
 #[test]
 fn the_apps_counters_outlive_a_killed_and_a_replaced_worker() {
@@ -312,8 +336,8 @@ fn the_apps_counters_outlive_a_killed_and_a_replaced_worker() {
     for _ in 0..10 {
         get(port, "/c").unwrap();
     }
-    assert_eq!(app_total(metrics, "/c"), 40.0);
-    // A reload replaces both.
+    // A reload replaces both, before a scrape read those 10: each says its
+    // counts as it leaves.
     m.signal(libc::SIGHUP);
     assert!(m.wait_log("reload finished: 2/2", T), "{}", m.log());
     assert!(wait_until(T, || m.workers().len() == 2));

@@ -442,6 +442,11 @@ impl Driver {
             Input::Bound(b) => return self.bound(*b),
             Input::Ipc {
                 worker,
+                msg: ipc::Message::Metrics { id: 0, text },
+                ..
+            } => return self.last_words(worker, text),
+            Input::Ipc {
+                worker,
                 msg: ipc::Message::Metrics { id, text },
                 ..
             } => {
@@ -886,6 +891,28 @@ impl Driver {
             }
         }
         let _ = req.asked.send(asked);
+    }
+
+    /// A worker's counters as it leaves (the preload sends them, id 0, once
+    /// its drain is done): kept for its slot. Taken only from a worker that
+    /// is leaving, and once; read off the supervisor's thread.
+    fn last_words(&mut self, worker: WorkerId, text: Option<String>) {
+        let (Some(text), Some(pid)) = (text, self.procs.get(&worker).map(|p| p.pid)) else {
+            return;
+        };
+        let snap = self.core.snapshot();
+        let Some(w) = snap
+            .workers
+            .iter()
+            .find(|w| w.pid == pid && matches!(w.state, "stopping" | "draining"))
+        else {
+            return;
+        };
+        let (tally, instance) = (self.tally.clone(), w.instance);
+        tokio::spawn(async move {
+            let mut tally = tally.lock().unwrap_or_else(|e| e.into_inner());
+            tally.last_words(instance, pid, &text);
+        });
     }
 
     /// The state a re-exec hands over, as of now; `None` when this driver
