@@ -77,6 +77,8 @@ if [ "$(id -u)" -eq 0 ]; then
   step "end to end under a booted systemd, Debian 13 (systemd 257, dbus-broker, polkit)" tests/systemd/e2e.sh --root trixie target/release/nodeherd
   step "PM2's verbs under a booted systemd (ls, logs, start, stop, delete)" tests/systemd/pm2-verbs.sh target/release/nodeherd
   step "a fleet of three booted hosts behind HAProxy: roll, restart, stop with 0 failed requests" tests/systemd/fleet.sh target/release/nodeherd
+  step "the app's counters survive workers, as a real Prometheus reads them (rate within 5 % across kill -9, reload, scale)" \
+    tests/metrics/prometheus.sh target/release/nodeherd
 else
   echo "==> skipping the systemd and D-Bus policy suites: they need root"
 fi

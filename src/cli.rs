@@ -40,6 +40,12 @@ pub enum Command {
     #[command(visible_alias = "list")]
     Ls(LsArgs),
     /// An app's workers' lines from the journal, `[app:N]` first, as `pm2 logs`
+    ///
+    /// Where the app writes its workers' lines to files (out_file, error_file, log_file), it names them (with
+    /// -i, that slot's) and the tail command that shows them; on a host
+    /// with no journal, the journalctl command that shows the lines where
+    /// the journal is; for a manager run by hand, where its stderr goes (a
+    /// file is shown).
     Logs(LogsArgs),
     /// Show the workers of a running manager
     #[command(alias = "show", alias = "describe")]

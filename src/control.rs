@@ -209,6 +209,8 @@ pub struct Handle {
     pub snapshot: watch::Receiver<Snapshot>,
     pub signals: broadcast::Sender<BusSignal>,
     pub app_metrics: mpsc::UnboundedSender<AppMetricsRequest>,
+    /// The app's counters kept across its workers' lives (and a re-exec).
+    pub tally: std::sync::Arc<std::sync::Mutex<crate::tally::Tally>>,
 }
 
 impl Handle {

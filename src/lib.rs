@@ -112,5 +112,6 @@ pub mod socket_set;
 pub mod sockets;
 pub mod supervisor;
 pub mod tail;
+pub mod tally;
 pub mod watch;
 pub mod worker;

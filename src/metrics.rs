@@ -21,7 +21,8 @@
 //! names `nodeherd_*` or a sample with a `worker` label of its own would
 //! pass for the manager's or a sibling's, so they are dropped and counted
 //! (`nodeherd_app_metrics_dropped_total`), and each answer is taken only
-//! from the worker that was asked (see the driver).
+//! from the worker that was asked (see the driver). The app's counters are
+//! kept across its workers' lives ([`crate::tally`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{AppMetricsRequest, Handle, Snapshot};
 use crate::logs;
+use crate::tally::{Answer, Tally};
 use crate::worker::process;
 
 /// How long a scrape waits for the workers' own metrics.
@@ -69,6 +71,8 @@ pub type Dropped = Arc<Mutex<BTreeMap<(u32, &'static str), u64>>>;
 pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec<SocketInfo>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let dropped = Dropped::default();
+    let tally = handle.tally.clone();
+    tokio::spawn(read_leaving(handle.clone(), tally.clone()));
     let mut turned_away: u64 = 0;
     loop {
         let accepted = match &endpoint {
@@ -95,18 +99,21 @@ pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec
             }
             continue;
         };
-        let (app, handle, sockets, dropped) = (
+        let (app, handle, sockets, dropped, tally) = (
             app.clone(),
             handle.clone(),
             sockets.clone(),
             dropped.clone(),
+            tally.clone(),
         );
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                ANSWER_TIMEOUT,
-                answer(conn, &app, &handle, &sockets, &dropped),
-            )
-            .await;
+            let kept = Kept {
+                dropped: &dropped,
+                tally: &tally,
+            };
+            let _ =
+                tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &app, &handle, &sockets, kept))
+                    .await;
             drop(slot);
         });
     }
@@ -150,7 +157,7 @@ async fn answer(
     app: &str,
     handle: &Handle,
     sockets: &[SocketInfo],
-    dropped: &Dropped,
+    kept: Kept<'_>,
 ) -> std::io::Result<()> {
     let Some(head) = read_head(&mut conn).await else {
         return Ok(());
@@ -170,7 +177,7 @@ async fn answer(
     let (status, body) = if method != "GET" {
         ("405 Method Not Allowed", "only GET\n".to_string())
     } else if path == "/metrics" || path == "/" {
-        ("200 OK", render(app, handle, sockets, dropped).await)
+        ("200 OK", render(app, handle, sockets, kept).await)
     } else {
         ("404 Not Found", "try /metrics\n".to_string())
     };
@@ -184,18 +191,27 @@ async fn answer(
     }
 }
 
+/// What the endpoint keeps from one scrape to the next.
+#[derive(Clone, Copy)]
+pub struct Kept<'a> {
+    pub dropped: &'a Dropped,
+    /// The app's counters, kept across its workers' lives.
+    pub tally: &'a Mutex<Tally>,
+}
+
 /// One scrape: the manager's figures, then the app's own.
-pub async fn render(
-    app: &str,
-    handle: &Handle,
-    sockets: &[SocketInfo],
-    dropped: &Dropped,
-) -> String {
-    let app_metrics = collect_app_metrics(handle).await;
+pub async fn render(app: &str, handle: &Handle, sockets: &[SocketInfo], kept: Kept<'_>) -> String {
+    let scrape = kept.tally.lock().unwrap_or_else(|e| e.into_inner()).begin();
+    let answers = collect_app_metrics(handle).await;
     let snap = handle.snapshot.borrow().clone();
-    let merged = merge_app_metrics(&app_metrics);
+    let alive = alive(handle);
+    let merged = kept
+        .tally
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .merge(scrape, &answers, &alive);
     let total = {
-        let mut total = dropped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = kept.dropped.lock().unwrap_or_else(|e| e.into_inner());
         for (key, n) in merged.dropped {
             *total.entry(key).or_default() += n;
         }
@@ -207,6 +223,50 @@ pub async fn render(
     out
 }
 
+/// How often a worker that is stopping is read, until it is gone.
+const LEAVING_READS: Duration = Duration::from_millis(250);
+
+/// Read the workers as soon as one begins to stop (replaced, scaled away,
+/// restarted), and then every [`LEAVING_READS`] until it is gone: what it
+/// counted since the last scrape is kept, not lost with it.
+async fn read_leaving(handle: Handle, tally: Arc<Mutex<Tally>>) {
+    let mut snapshots = handle.snapshot.clone();
+    loop {
+        let leaving = snapshots
+            .borrow_and_update()
+            .workers
+            .iter()
+            .any(|w| w.pid > 0 && matches!(w.state, "draining" | "stopping"));
+        if leaving {
+            let scrape = tally.lock().unwrap_or_else(|e| e.into_inner()).begin();
+            let answers = collect_app_metrics(&handle).await;
+            let alive = alive(&handle);
+            // Only what it keeps matters here; the next scrape shows it.
+            let _ = tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .merge(scrape, &answers, &alive);
+            tokio::time::sleep(LEAVING_READS).await;
+            continue;
+        }
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Every worker process the supervisor has now.
+fn alive(handle: &Handle) -> std::collections::BTreeSet<crate::tally::WorkerKey> {
+    handle
+        .snapshot
+        .borrow()
+        .workers
+        .iter()
+        .filter(|w| w.pid > 0)
+        .map(|w| (w.instance, w.pid))
+        .collect()
+}
+
 /// `nodeherd_app_metrics_dropped_total`: the app's samples left out, by
 /// worker slot and why.
 fn dropped_metrics(app: &str, dropped: &BTreeMap<(u32, &'static str), u64>) -> String {
@@ -215,7 +275,8 @@ fn dropped_metrics(app: &str, dropped: &BTreeMap<(u32, &'static str), u64>) -> S
     let _ = writeln!(
         o,
         "# HELP nodeherd_app_metrics_dropped_total Samples of the app's own left out: a name \
-         of the manager's (nodeherd_*), a worker label of its own, or not a sample.\n\
+         of the manager's (nodeherd_*), a worker label of its own, not a sample, or a departed \
+         worker's series past what is kept (retained_full).\n\
          # TYPE nodeherd_app_metrics_dropped_total counter"
     );
     for ((worker, reason), n) in dropped {
@@ -227,8 +288,9 @@ fn dropped_metrics(app: &str, dropped: &BTreeMap<(u32, &'static str), u64>) -> S
     o
 }
 
-/// Ask every ready worker, wait for the answers up to the timeout.
-async fn collect_app_metrics(handle: &Handle) -> Vec<(u32, String)> {
+/// Ask every worker that serves or drains, wait for the answers up to the
+/// timeout (for a ready worker's; a leaving one's count if they come by then).
+async fn collect_app_metrics(handle: &Handle) -> Vec<Answer> {
     let (asked_tx, asked_rx) = oneshot::channel();
     let (tx, mut rx) = mpsc::unbounded_channel();
     if handle
@@ -244,19 +306,48 @@ async fn collect_app_metrics(handle: &Handle) -> Vec<(u32, String)> {
     let Ok(asked) = asked_rx.await else {
         return Vec::new();
     };
+    // A worker that is leaving may be past answering (a hung one, or one
+    // whose app exits at once): the scrape does not wait for it.
+    let mut ready: std::collections::BTreeSet<i32> = handle
+        .snapshot
+        .borrow()
+        .workers
+        .iter()
+        .filter(|w| w.state == "ready")
+        .map(|w| w.pid)
+        .collect();
     let mut got = Vec::new();
+    let mut heard = 0;
     let deadline = tokio::time::Instant::now() + APP_METRICS_TIMEOUT;
-    while got.len() < asked {
+    while heard < asked && !ready.is_empty() {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(a)) => {
-                if let Some(t) = a.text {
-                    got.push((a.instance, t));
+                heard += 1;
+                let is_ready = ready.remove(&a.pid);
+                if let Some(text) = a.text {
+                    got.push(Answer {
+                        instance: a.instance,
+                        pid: a.pid,
+                        ready: is_ready,
+                        text,
+                    });
                 }
             }
             _ => break,
         }
     }
-    got.sort_by_key(|(i, _)| *i);
+    // Answers that came meanwhile from leaving workers.
+    while let Ok(a) = rx.try_recv() {
+        if let Some(text) = a.text {
+            got.push(Answer {
+                instance: a.instance,
+                pid: a.pid,
+                ready: false,
+                text,
+            });
+        }
+    }
+    got.sort_by_key(|a| (a.instance, a.pid));
     got
 }
 
@@ -566,130 +657,45 @@ fn listen_overflows() -> u64 {
     0
 }
 
-/// The app's metrics from every worker, merged ([`merge_app_metrics`]).
-#[derive(Debug, Default)]
-pub struct Merged {
-    pub text: String,
-    /// Samples left out, by worker slot and reason.
-    pub dropped: BTreeMap<(u32, &'static str), u64>,
+pub use crate::tally::Merged;
+
+/// The app's metrics from these workers' answers as one exposition, with
+/// nothing kept of earlier scrapes (see [`crate::tally`] for what is): each
+/// family once (its HELP and TYPE, then its samples from all workers),
+/// every sample with a `worker` label naming the slot. A sample named
+/// `nodeherd_*`, one with a `worker` label of its own, or a line that is not
+/// a sample is left out and counted: the first two would pass for the
+/// manager's or a sibling's figures, the last would make the whole scrape
+/// unreadable.
+pub fn merge_app_metrics(answers: &[(u32, String)]) -> Merged {
+    let answers: Vec<crate::tally::Answer> = answers
+        .iter()
+        .enumerate()
+        .map(|(n, (instance, text))| crate::tally::Answer {
+            instance: *instance,
+            pid: n as i32 + 1,
+            ready: true,
+            text: text.clone(),
+        })
+        .collect();
+    let alive = answers.iter().map(|a| (a.instance, a.pid)).collect();
+    let mut tally = crate::tally::Tally::default();
+    let scrape = tally.begin();
+    tally.merge(scrape, &answers, &alive)
 }
 
-/// The prefix of the manager's own families, which the app may not use.
-const RESERVED: &str = "nodeherd_";
-
-/// The app's metrics from every worker as one exposition: each family once
-/// (its HELP and TYPE, then its samples from all workers), every sample with
-/// a `worker` label naming the slot. A sample named `nodeherd_*`, one with
-/// a `worker` label of its own, or a line that is not a sample is left
-/// out and counted: the first two would pass for the manager's or a
-/// sibling's figures, the last would make the whole scrape unreadable.
-pub fn merge_app_metrics(answers: &[(u32, String)]) -> Merged {
-    let mut dropped: BTreeMap<(u32, &'static str), u64> = BTreeMap::new();
-    struct Family {
-        help: Option<String>,
-        kind: Option<String>,
-        samples: Vec<String>,
-    }
-    let mut order: Vec<String> = Vec::new();
-    let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    for (worker, text) in answers {
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            let line = line.trim_end();
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix("# ") {
-                let mut parts = rest.splitn(3, ' ');
-                let (what, name, text) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
-                let (Some(what), Some(name)) = (what, name) else {
-                    continue;
-                };
-                if what != "HELP" && what != "TYPE" {
-                    continue;
-                }
-                if name.starts_with(RESERVED) {
-                    current = None;
-                    continue;
-                }
-                if !families.contains_key(name) {
-                    order.push(name.to_string());
-                    families.insert(
-                        name.to_string(),
-                        Family {
-                            help: None,
-                            kind: None,
-                            samples: Vec::new(),
-                        },
-                    );
-                }
-                let f = families.get_mut(name).expect("inserted above");
-                match what {
-                    "HELP" => f.help.get_or_insert_with(|| text.to_string()),
-                    _ => f.kind.get_or_insert_with(|| text.to_string()),
-                };
-                current = Some(name.to_string());
-                continue;
-            }
-            if line.starts_with('#') {
-                continue;
-            }
-            let refused = match parse_sample(line) {
-                None => Some("malformed"),
-                Some((name, _)) if name.starts_with(RESERVED) => Some("reserved_name"),
-                Some((_, labels)) if labels.contains(&"worker") => Some("worker_label"),
-                Some(_) => None,
-            };
-            if let Some(reason) = refused {
-                *dropped.entry((*worker, reason)).or_default() += 1;
-                continue;
-            }
-            let labelled = add_label(line, "worker", &worker.to_string());
-            let sample_name = line
-                .split(|c: char| c == '{' || c.is_whitespace())
-                .next()
-                .unwrap_or("");
-            let family = match &current {
-                Some(f) if sample_name.starts_with(f.as_str()) => f.clone(),
-                _ => sample_name.to_string(),
-            };
-            if !families.contains_key(&family) {
-                order.push(family.clone());
-                families.insert(
-                    family.clone(),
-                    Family {
-                        help: None,
-                        kind: None,
-                        samples: Vec::new(),
-                    },
-                );
-            }
-            if let Some(f) = families.get_mut(&family) {
-                f.samples.push(labelled);
-            }
-        }
-    }
-    let mut out = String::new();
-    for name in order {
-        let Some(f) = families.get(&name) else {
-            continue;
-        };
-        if let Some(h) = &f.help {
-            let _ = writeln!(out, "# HELP {name} {h}");
-        }
-        if let Some(k) = &f.kind {
-            let _ = writeln!(out, "# TYPE {name} {k}");
-        }
-        for s in &f.samples {
-            let _ = writeln!(out, "{s}");
-        }
-    }
-    Merged { text: out, dropped }
+/// A sample line, read: its name, its labels (values as written, escapes
+/// and all) and its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    pub labels: Vec<(&'a str, &'a str)>,
+    pub value: f64,
 }
 
 /// A sample line of the text format, `name{label="value",...} value
-/// [timestamp]`: its name and label names, or `None` when it is not one.
-fn parse_sample(line: &str) -> Option<(&str, Vec<&str>)> {
+/// [timestamp]`, or `None` when it is not one.
+pub fn parse_sample(line: &str) -> Option<Sample<'_>> {
     let is_name = |c: char, first: bool| {
         c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
     };
@@ -717,7 +723,7 @@ fn parse_sample(line: &str) -> Option<(&str, Vec<&str>)> {
             if n == 0 {
                 return None;
             }
-            labels.push(&rest[..n]);
+            let label = &rest[..n];
             rest = rest[n..].trim_start().strip_prefix('=')?;
             rest = rest.trim_start().strip_prefix('"')?;
             // The value, up to its closing quote; `\` escapes the next byte.
@@ -727,6 +733,7 @@ fn parse_sample(line: &str) -> Option<(&str, Vec<&str>)> {
                 escaped = c == '\\' && !escaped;
                 end
             })?;
+            labels.push((label, &rest[..close.0]));
             rest = rest[close.0 + 1..].trim_start();
             if let Some(after) = rest.strip_prefix(',') {
                 rest = after;
@@ -739,34 +746,18 @@ fn parse_sample(line: &str) -> Option<(&str, Vec<&str>)> {
     if !rest.starts_with([' ', '\t']) {
         return None;
     }
-    words.next()?.parse::<f64>().ok()?;
+    let value = words.next()?.parse::<f64>().ok()?;
     if let Some(ts) = words.next() {
         ts.parse::<i64>().ok()?;
     }
     if words.next().is_some() {
         return None;
     }
-    Some((name, labels))
-}
-
-/// `name{a="1"} 2` with `k="v"` added: `name{k="v",a="1"} 2`.
-fn add_label(sample: &str, k: &str, v: &str) -> String {
-    let label = format!("{k}=\"{}\"", esc(v));
-    match sample.find(['{', ' ']) {
-        Some(i) if sample.as_bytes()[i] == b'{' => {
-            let (name, rest) = sample.split_at(i + 1);
-            if rest.starts_with('}') {
-                format!("{name}{label}{rest}")
-            } else {
-                format!("{name}{label},{rest}")
-            }
-        }
-        Some(i) => {
-            let (name, rest) = sample.split_at(i);
-            format!("{name}{{{label}}}{rest}")
-        }
-        None => sample.to_string(),
-    }
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 #[cfg(test)]
@@ -774,27 +765,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_go_in_front() {
-        assert_eq!(add_label("up 1", "worker", "0"), "up{worker=\"0\"} 1");
-        assert_eq!(
-            add_label("a{b=\"c\"} 2", "worker", "1"),
-            "a{worker=\"1\",b=\"c\"} 2"
-        );
-        assert_eq!(add_label("a{} 2", "worker", "1"), "a{worker=\"1\"} 2");
-    }
-
-    #[test]
     fn samples_are_read_as_the_text_format_has_them() {
-        assert_eq!(parse_sample("up 1"), Some(("up", vec![])));
+        let read = |l| parse_sample(l).map(|s| (s.name, s.labels, s.value.to_string()));
+        assert_eq!(read("up 1"), Some(("up", vec![], "1".into())));
         assert_eq!(
-            parse_sample(r#"a_b:c{x="1",le="+Inf"} 2.5 1700000000000"#),
-            Some(("a_b:c", vec!["x", "le"]))
+            read(r#"a_b:c{x="1",le="+Inf"} 2.5 1700000000000"#),
+            Some(("a_b:c", vec![("x", "1"), ("le", "+Inf")], "2.5".into()))
         );
         assert_eq!(
-            parse_sample(r#"a{x="q\"}, worker=\"1",} NaN"#),
-            Some(("a", vec!["x"]))
+            read(r#"a{x="q\"}, worker=\"1",} NaN"#),
+            Some(("a", vec![("x", r#"q\"}, worker=\"1"#)], "NaN".into()))
         );
-        assert_eq!(parse_sample("a{} -Inf"), Some(("a", vec![])));
+        assert_eq!(read("a{} -Inf"), Some(("a", vec![], "-inf".into())));
         for bad in [
             "a",
             "a{x=\"1\"}",

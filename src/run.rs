@@ -205,6 +205,7 @@ struct Resumed {
     written_by: String,
     /// The health listeners the old program served, by key.
     health: Vec<(String, sockets::Listener)>,
+    tally: crate::tally::Carried,
 }
 
 /// `balance: auto`: where every listening socket allows `SO_REUSEPORT`
@@ -330,6 +331,7 @@ fn resume(args: RunArgs, doc: &[u8]) -> Result<u8, RunError> {
         took,
         written_by: state.written_by,
         health,
+        tally: state.tally,
     };
     let source = source_of(&args);
     let result = run_daemon(
@@ -647,7 +649,8 @@ fn driver_for(
         Start::Resumed(r) => {
             let r = *r;
             let info = socket_infos(r.sockets.describe());
-            let d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+            let mut d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
+            d.adopt_tally(r.tally);
             (d, info, r.control, Some((r.took, r.written_by)))
         }
     }

@@ -285,11 +285,39 @@
   // A scrape of the manager's metrics endpoint asks each worker for the
   // registry of the prom-client the app itself loaded (never one of ours),
   // and merges them with a worker label.
+  const appRegistry = () => {
+    const key = Object.keys(require.cache).find((k) => /[\\/]prom-client[\\/]index\.js$/.test(k));
+    return key && require.cache[key].exports && require.cache[key].exports.register;
+  };
+  // As a drained worker leaves: its counters as they are then (id 0), so
+  // the manager keeps what it counted since its last read; 100 ms at most.
+  const lastWords = (then) => {
+    const registry = appRegistry();
+    if (!channel || !process.connected || !registry || typeof registry.metrics !== 'function') {
+      return then();
+    }
+    let left = false;
+    const leave = () => {
+      if (!left) {
+        left = true;
+        then();
+      }
+    };
+    setTimeout(leave, 100);
+    Promise.resolve()
+      .then(() => registry.metrics())
+      .then((text) => {
+        try {
+          process.send({ nodeherd: 'metrics', id: 0, text: String(text) }, leave);
+        } catch (_) {
+          leave();
+        }
+      }, leave);
+  };
   if (channel) {
     process.on('internalMessage', (msg) => {
       if (!msg || msg.cmd !== 'NODE_NODEHERD_METRICS') return;
-      const key = Object.keys(require.cache).find((k) => /[\\/]prom-client[\\/]index\.js$/.test(k));
-      const registry = key && require.cache[key].exports && require.cache[key].exports.register;
+      const registry = appRegistry();
       if (!registry || typeof registry.metrics !== 'function') {
         tell({ nodeherd: 'metrics', id: msg.id, text: null });
         return;
@@ -772,7 +800,7 @@
   function drain() {
     if (stopping) return;
     stopping = true;
-    const done = () => process.exit(0);
+    const done = () => lastWords(() => process.exit(0));
     // Whatever is still open just before kill_timeout is ended cleanly.
     setTimeout(done, lastCall).unref();
     // Servers that listen here; a cluster primary's round-robin servers

@@ -74,10 +74,23 @@ pub fn logs(args: LogsArgs) -> ExitCode {
     };
     let mut journal_apps = Vec::new();
     let mut files = Vec::new();
-    for (app, place) in &places {
+    for (app, place, pid) in &places {
+        // With out_file/error_file/log_file the workers' lines are in those
+        // files, not where the manager's own events are.
+        let logs = pid.map(log_files_of).unwrap_or_default();
+        let logs = for_instance(logs, args.instance);
+        if !logs.is_empty() {
+            eprintln!(
+                "nodeherd: {}",
+                files_hint(app, &logs, args.lines, args.follow)
+            );
+        }
         match place {
             Place::Journal => journal_apps.push(app.clone()),
             Place::Stderr { pid, to } => {
+                if !logs.is_empty() {
+                    continue;
+                }
                 eprintln!(
                     "nodeherd: {}'s manager (pid {pid}) runs by hand, not under systemd: it writes \
                      its workers' lines to its stderr, {}, not to the journal",
@@ -94,12 +107,13 @@ pub fn logs(args: LogsArgs) -> ExitCode {
         if !journal_here() {
             eprintln!(
                 "nodeherd: there is no journal on this host (no systemd-journald): nothing to show \
-                 for {}",
+                 for {}; where its journal is, {} shows these lines",
                 journal_apps
                     .iter()
                     .map(|a| printable(a))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                journalctl_hint(&journal_apps, args.instance, args.lines, args.follow)
             );
             return ExitCode::from(1);
         }
@@ -128,7 +142,7 @@ pub fn logs(args: LogsArgs) -> ExitCode {
 }
 
 /// Each app asked for (or every app) and where its lines are.
-async fn places(args: &LogsArgs) -> Result<Vec<(String, Place)>, Failure> {
+async fn places(args: &LogsArgs) -> Result<Vec<(String, Place, Option<u32>)>, Failure> {
     let units = discover::units().await.unwrap_or_default();
     let under_unit = |app: &str| {
         units
@@ -142,24 +156,26 @@ async fn places(args: &LogsArgs) -> Result<Vec<(String, Place)>, Failure> {
                 .any(|u| discover::app_of_unit(&u.name).is_some_and(|a| a.0 == app))
     };
     if let Some(app) = &args.app {
+        let reached = reach(Some(app), &args.bus).await;
+        let pid = reached.as_ref().ok().and_then(|r| r.pid);
         if under_unit(app) {
-            return Ok(vec![(app.clone(), Place::Journal)]);
+            return Ok(vec![(app.clone(), Place::Journal, pid)]);
         }
-        return match reach(Some(app), &args.bus).await {
-            Ok(r) => Ok(vec![(app.clone(), place_of(r.pid))]),
+        return match reached {
+            Ok(r) => Ok(vec![(app.clone(), place_of(r.pid), r.pid)]),
             // Not running, but it was: its lines are in the journal.
-            Err(Failure(3, _)) if installed(app) => Ok(vec![(app.clone(), Place::Journal)]),
+            Err(Failure(3, _)) if installed(app) => Ok(vec![(app.clone(), Place::Journal, None)]),
             Err(e) => Err(e),
         };
     }
-    let mut out: Vec<(String, Place)> = Vec::new();
+    let mut out: Vec<(String, Place, Option<u32>)> = Vec::new();
     for r in discover::running(&args.bus).await.0 {
         let place = if under_unit(&r.app) {
             Place::Journal
         } else {
             place_of(r.reached.pid)
         };
-        out.push((r.app, place));
+        out.push((r.app, place, r.reached.pid));
     }
     let mut more: Vec<String> = discover::configs(&args.config_dir)
         .into_iter()
@@ -173,8 +189,8 @@ async fn places(args: &LogsArgs) -> Result<Vec<(String, Place)>, Failure> {
     more.sort();
     more.dedup();
     for app in more {
-        if !out.iter().any(|(a, _)| *a == app) {
-            out.push((app, Place::Journal));
+        if !out.iter().any(|(a, ..)| *a == app) {
+            out.push((app, Place::Journal, None));
         }
     }
     if out.is_empty() {
@@ -282,6 +298,85 @@ fn journalctl_args(
         a.push(format!("NODE_APP_INSTANCE={i}"));
     }
     a
+}
+
+/// The `journalctl` command a person would type for these lines.
+fn journalctl_hint(apps: &[String], instance: Option<u32>, lines: u32, follow: bool) -> String {
+    let mut a = vec!["journalctl".to_string()];
+    a.extend(
+        apps.iter()
+            .map(|app| format!("NODEHERD_APP={}", printable(app))),
+    );
+    a.extend(instance.map(|i| format!("NODE_APP_INSTANCE={i}")));
+    a.push(format!("-n {lines}"));
+    if follow {
+        a.push("-f".into());
+    }
+    format!("`{}`", a.join(" "))
+}
+
+/// The regular files the manager `pid` holds open for appending, past its
+/// stdio: the `out_file`, `error_file` and `log_file` it writes its
+/// workers' lines to (it opens nothing else that way).
+fn log_files_of(pid: u32) -> Vec<PathBuf> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for fd in fds.flatten() {
+        let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if n <= 2 {
+            continue;
+        }
+        let Ok(path) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).unwrap_or_default();
+        let appends = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| i64::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|f| f & i64::from(libc::O_APPEND) != 0);
+        if appends && path.is_absolute() && std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The files of slot `instance` (`out-2.log`), and those every slot shares.
+fn for_instance(files: Vec<PathBuf>, instance: Option<u32>) -> Vec<PathBuf> {
+    let Some(i) = instance else {
+        return files;
+    };
+    let slot_of = |p: &PathBuf| {
+        let stem = p.file_stem()?.to_str()?;
+        stem.rsplit_once('-')?.1.parse::<u32>().ok()
+    };
+    files
+        .into_iter()
+        .filter(|p| slot_of(p).is_none_or(|s| s == i))
+        .collect()
+}
+
+/// Where an app's workers' lines are when they go to files.
+fn files_hint(app: &str, files: &[PathBuf], lines: u32, follow: bool) -> String {
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| printable(&p.display().to_string()))
+        .collect();
+    format!(
+        "{}'s workers write their lines to files (out_file, error_file, log_file), not to the \
+         journal: {}; `tail -n {lines}{} {}` shows them",
+        printable(app),
+        names.join(", "),
+        if follow { " -F" } else { "" },
+        names.join(" ")
+    )
 }
 
 fn journal(apps: &[String], args: &LogsArgs) -> ExitCode {
@@ -462,6 +557,37 @@ mod tests {
         let a = journalctl_args(&["web".into(), "api".into()], None, 15, false);
         assert!(a.contains(&"NODEHERD_APP=api".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("NODE_APP_INSTANCE")));
+    }
+
+    #[test]
+    fn without_a_journal_or_with_files_it_says_where_to_look() {
+        assert_eq!(
+            journalctl_hint(&["web".into()], Some(1), 15, true),
+            "`journalctl NODEHERD_APP=web NODE_APP_INSTANCE=1 -n 15 -f`"
+        );
+        assert_eq!(
+            journalctl_hint(&["web".into(), "api".into()], None, 20, false),
+            "`journalctl NODEHERD_APP=web NODEHERD_APP=api -n 20`"
+        );
+        let files: Vec<PathBuf> = [
+            "/l/out-0.log",
+            "/l/out-1.log",
+            "/l/all.log",
+            "/l/err-12.log",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(
+            for_instance(files.clone(), Some(1)),
+            [PathBuf::from("/l/out-1.log"), PathBuf::from("/l/all.log")]
+        );
+        assert_eq!(for_instance(files.clone(), None), files);
+        assert_eq!(
+            files_hint("web", &files[..2], 15, true),
+            "web's workers write their lines to files (out_file, error_file, log_file), not to the \
+             journal: /l/out-0.log, /l/out-1.log; `tail -n 15 -F /l/out-0.log /l/out-1.log` shows them"
+        );
     }
 
     #[test]

@@ -266,3 +266,114 @@ fn a_worker_cannot_answer_for_a_sibling() {
         );
     }
 }
+
+/// Issue 27: the counters a worker sends as it leaves count only when it
+/// leaves: a serving worker cannot overwrite its slot's with them.
+#[test]
+fn a_serving_worker_cannot_say_last_words() {
+    let (m, metrics) = start_forger("last-words");
+    // Each scrape (and its parse) takes long enough for a few to arrive.
+    for _ in 0..5 {
+        let text = scrape(metrics);
+        let hits: Vec<String> = parse(&text)
+            .into_iter()
+            .filter(|s| s.starts_with("counter app_hits_total{"))
+            .collect();
+        assert_eq!(
+            hits,
+            [
+                "counter app_hits_total{route=/,worker=0} 1.0",
+                "counter app_hits_total{route=/,worker=1} 2.0"
+            ],
+            "{}",
+            m.log()
+        );
+    }
+}
+
+/// The app's counter summed over every `worker` series, for `route`.
+fn app_total(metrics: u16, route: &str) -> f64 {
+    parse(&scrape(metrics))
+        .iter()
+        .filter(|s| {
+            s.starts_with(&format!(
+                "counter app_requests_total{{route={route},worker="
+            ))
+        })
+        .map(|s| s.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Issue 27: a worker's counts outlive it. Killed with SIGKILL after a
+/// scrape read them, or replaced by a reload (what it counted since is read
+/// as it leaves): its slot's series counts on from what it had (before: the app's total fell by the dead worker's
+/// count, which Prometheus reads as a reset).
+#[test]
+fn the_apps_counters_outlive_a_killed_and_a_replaced_worker() {
+    ensure_npm_deps();
+    let m = start_with_metrics("prom_app.js", "2");
+    let (port, metrics) = (m.port(), metrics_port(&m));
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    for _ in 0..30 {
+        get(port, "/c").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/c"), 30.0);
+    let per_worker = parse(&scrape(metrics));
+    let victim = m.workers()[0];
+    kill(victim, libc::SIGKILL);
+    assert!(
+        m.wait_log(&format!("(pid {victim}, killed by SIGKILL"), T),
+        "{}",
+        m.log()
+    );
+    assert!(wait_until(T, || m.workers().len() == 2
+        && !m.workers().contains(&victim)));
+    assert_eq!(
+        app_total(metrics, "/c"),
+        30.0,
+        "after the kill; before it: {per_worker:#?}"
+    );
+    for _ in 0..10 {
+        get(port, "/c").unwrap();
+    }
+    // A reload replaces both, before a scrape read those 10: each says its
+    // counts as it leaves.
+    m.signal(libc::SIGHUP);
+    assert!(m.wait_log("reload finished: 2/2", T), "{}", m.log());
+    assert!(wait_until(T, || m.workers().len() == 2));
+    assert_eq!(app_total(metrics, "/c"), 40.0, "after the reload");
+    for _ in 0..5 {
+        get(port, "/c").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/c"), 45.0);
+}
+
+/// Issue 27: what the manager keeps of departed workers crosses a re-exec
+/// (before: the new program started from nothing, and the slot whose
+/// worker had been killed fell back, a reset to Prometheus).
+#[test]
+fn the_apps_counters_cross_a_reexec() {
+    ensure_npm_deps();
+    let m = start_with_metrics("prom_app.js", "2");
+    let (port, metrics) = (m.port(), metrics_port(&m));
+    assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
+    for _ in 0..30 {
+        get(port, "/r").unwrap();
+    }
+    assert_eq!(app_total(metrics, "/r"), 30.0);
+    for victim in m.workers() {
+        kill(victim, libc::SIGKILL);
+        assert!(
+            m.wait_log(&format!("(pid {victim}, killed by SIGKILL"), T),
+            "{}",
+            m.log()
+        );
+    }
+    assert!(wait_until(T, || m.log().matches(" ready (pid").count() >= 4));
+    assert_eq!(app_total(metrics, "/r"), 30.0, "after the kills");
+    m.signal(libc::SIGUSR2);
+    assert!(m.wait_log("re-executed in", T), "{}", m.log());
+    assert_eq!(app_total(metrics, "/r"), 30.0, "after the re-exec");
+    get(port, "/r").unwrap();
+    assert_eq!(app_total(metrics, "/r"), 31.0);
+}

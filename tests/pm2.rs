@@ -951,3 +951,40 @@ fn logs_of_a_manager_run_by_hand_say_where_its_lines_go() {
     assert!(!out.contains("[web:0]"), "{out}");
     assert!(!out.contains('\x1b'), "{out:?}");
 }
+
+/// Issue 27: with `out_file`/`error_file` the workers' lines are in files,
+/// not where the manager's events are: `logs` names them (`-i 1`: only
+/// worker 1's) and how to read them.
+#[test]
+fn logs_of_an_app_with_log_files_name_the_files() {
+    let host = Host::new("logs-files");
+    let dir = tempdir::Dir::new("logs-files");
+    let script = path_str(&dir.write("talker.js", TALKER));
+    let d = path_str(&dir.path);
+    let cfg = dir.write(
+        "web.json",
+        &format!(
+            r#"{{"apps":[{{"name":"web","script":"{script}","instances":2,
+                "out_file":"{d}/out.log","error_file":"{d}/err.log"}}]}}"#
+        ),
+    );
+    let env = host.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = path_str(&cfg);
+    let m = start(&["run", &cfg, "--listen", "127.0.0.1:0", "--no-bus"], &env);
+    assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
+    let (_, _, err) = host.client(&["logs", "web", "-i", "1", "--lines", "5"]);
+    assert!(
+        err.contains(&format!(
+            "web's workers write their lines to files (out_file, error_file, log_file), not to \
+             the journal: {d}/err-1.log, {d}/out-1.log; `tail -n 5 {d}/err-1.log {d}/out-1.log` \
+             shows them"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("out-0.log"), "{err}");
+    assert!(
+        !err.contains("writes its workers' lines to its stderr"),
+        "{err}"
+    );
+}

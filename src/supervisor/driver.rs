@@ -102,6 +102,9 @@ pub struct Driver {
     /// guess the number).
     metrics_waiting: HashMap<u64, (mpsc::UnboundedSender<AppMetrics>, WorkerId, u32, i32)>,
     next_metrics: u64,
+    /// The app's counters kept across its workers' lives: the metrics
+    /// endpoint's, held here so that a re-exec carries them.
+    tally: std::sync::Arc<std::sync::Mutex<crate::tally::Tally>>,
     /// Connections handed over to workers so far (for the turn).
     handed_over: usize,
     /// Slots whose worker stalled (a socket per slot), with that worker:
@@ -170,6 +173,7 @@ impl Driver {
             app_metrics,
             metrics_waiting: HashMap::new(),
             next_metrics: 1,
+            tally: Default::default(),
             handed_over: 0,
             stalled: Default::default(),
             queue_watch: None,
@@ -270,7 +274,13 @@ impl Driver {
             snapshot: self.published.subscribe(),
             signals: self.signals.clone(),
             app_metrics: self.app_metrics_tx.clone(),
+            tally: self.tally.clone(),
         }
+    }
+
+    /// Take over the app's counters a re-exec handed over.
+    pub fn adopt_tally(&mut self, carried: crate::tally::Carried) {
+        *self.tally.lock().unwrap_or_else(|e| e.into_inner()) = crate::tally::Tally::adopt(carried);
     }
 
     /// Where the sources send their inputs.
@@ -446,6 +456,11 @@ impl Driver {
                 ..
             } => return self.bind_for(worker, req),
             Input::Bound(b) => return self.bound(*b),
+            Input::Ipc {
+                worker,
+                msg: ipc::Message::Metrics { id: 0, text },
+                ..
+            } => return self.last_words(worker, text),
             Input::Ipc {
                 worker,
                 msg: ipc::Message::Metrics { id, text },
@@ -935,7 +950,8 @@ impl Driver {
         }
     }
 
-    /// Ask every ready worker for the app's own metrics; the answers go
+    /// Ask every worker that serves or drains for the app's own metrics
+    /// (a leaving one's last counts are kept, see `tally`); the answers go
     /// straight to the scrape that asked.
     fn ask_for_metrics(&mut self, req: AppMetricsRequest) {
         self.metrics_waiting.retain(|_, (tx, ..)| !tx.is_closed());
@@ -944,7 +960,7 @@ impl Driver {
         for w in snap
             .workers
             .iter()
-            .filter(|w| w.state == "ready" && w.pid > 0)
+            .filter(|w| matches!(w.state, "ready" | "draining" | "stopping") && w.pid > 0)
         {
             let Some(worker) = self.by_pid.get(&w.pid).copied() else {
                 continue;
@@ -961,6 +977,28 @@ impl Driver {
             }
         }
         let _ = req.asked.send(asked);
+    }
+
+    /// A worker's counters as it leaves (the preload sends them, id 0, once
+    /// its drain is done): kept for its slot. Taken only from a worker that
+    /// is leaving, and once; read off the supervisor's thread.
+    fn last_words(&mut self, worker: WorkerId, text: Option<String>) {
+        let (Some(text), Some(pid)) = (text, self.procs.get(&worker).map(|p| p.pid)) else {
+            return;
+        };
+        let snap = self.core.snapshot();
+        let Some(w) = snap
+            .workers
+            .iter()
+            .find(|w| w.pid == pid && matches!(w.state, "stopping" | "draining"))
+        else {
+            return;
+        };
+        let (tally, instance) = (self.tally.clone(), w.instance);
+        tokio::spawn(async move {
+            let mut tally = tally.lock().unwrap_or_else(|e| e.into_inner());
+            tally.last_words(instance, pid, &text);
+        });
     }
 
     /// The state a re-exec hands over, as of now; `None` when this driver
@@ -986,6 +1024,7 @@ impl Driver {
                 .map(|(k, l)| (k.clone(), l.carry()))
                 .collect(),
             core: self.core.export(now),
+            tally: self.tally.lock().unwrap_or_else(|e| e.into_inner()).carry(),
             workers: self
                 .procs
                 .iter()

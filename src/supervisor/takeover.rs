@@ -53,6 +53,10 @@ pub struct State {
     pub health: Vec<(String, CarriedSocket)>,
     pub core: CoreState,
     pub workers: Vec<CarriedWorker>,
+    /// The app's counters kept across its workers' lives (none from an
+    /// older program).
+    #[serde(default)]
+    pub tally: crate::tally::Carried,
 }
 
 /// A worker's fds on the manager's side.
@@ -281,6 +285,7 @@ mod tests {
             health: vec![],
             core,
             workers,
+            tally: Default::default(),
         }
     }
 

@@ -4,7 +4,8 @@
 // - `names`: families the manager owns (`nodeherd_workers 99`) and samples
 //   carrying a `worker` label of a sibling's;
 // - `siblings`: answers the metrics requests sent to its siblings (request
-//   ids are sequential: its own, give or take a few).
+//   ids are sequential: its own, give or take a few);
+// - `last-words`: sends the counters of a worker that leaves while serving.
 const http = require('http');
 const client = require('prom-client');
 
@@ -21,5 +22,11 @@ if (me === '0' && process.env.FORGE === 'siblings') {
       if (d !== 0) process.send({ nodeherd: 'metrics', id: msg.id + d, text: 'app_hits_total{route="/"} 1000000\n' });
     }
   });
+}
+if (me === '0' && process.env.FORGE === 'last-words') {
+  // The counters a leaving worker sends as its drain ends (id 0), sent
+  // while it serves, over and over.
+  const forged = '# TYPE app_hits_total counter\napp_hits_total{route="/"} 1000000\n';
+  setInterval(() => process.send({ nodeherd: 'metrics', id: 0, text: forged }), 20).unref();
 }
 http.createServer((req, res) => res.end(me)).listen(8000);
