@@ -140,6 +140,9 @@ pub struct WorkerInfo {
     pub replaced_memory: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
+    /// Its request outcomes as it last reported them (None: not yet, or no
+    /// preload); see [`crate::outcomes`].
+    pub outcomes: Option<crate::outcomes::Outcomes>,
 }
 
 /// A scrape's request for the app's own metrics, from every worker.

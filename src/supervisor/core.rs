@@ -194,7 +194,12 @@ impl Core {
                         w.listen_error = Some(e);
                     }
                 }
-                Said::Beat { delay_ms } => self.on_beat(worker, delay_ms),
+                Said::Beat { delay_ms, outcomes } => {
+                    self.on_beat(worker, delay_ms);
+                    if let Some(o) = outcomes {
+                        self.on_outcomes(worker, *o);
+                    }
+                }
                 Said::Connections { open } => self.on_connections(worker, open),
                 Said::Closed => self.on_closed(worker),
             },
@@ -327,6 +332,8 @@ impl Core {
                 hung: false,
                 closed: false,
                 conns: Default::default(),
+                outcomes: None,
+                outcomes_refused: false,
             },
         );
         let slot = &mut self.slots[index as usize];

@@ -476,7 +476,10 @@ impl Driver {
                     ipc::Message::Ready => Said::Ready,
                     ipc::Message::Listening => Said::Listening,
                     ipc::Message::ListenError(text) => Said::ListenError(text),
-                    ipc::Message::Beat { delay_ms } => Said::Beat { delay_ms },
+                    ipc::Message::Beat { delay_ms, outcomes } => Said::Beat {
+                        delay_ms,
+                        outcomes: outcomes.map(Box::new),
+                    },
                     ipc::Message::Connections { open } => Said::Connections { open },
                     ipc::Message::Closed => Said::Closed,
                     // Answered above.

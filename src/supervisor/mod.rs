@@ -29,6 +29,7 @@ pub mod driver;
 pub mod events;
 mod flood;
 pub mod handover;
+mod measure;
 mod ops;
 mod outbox;
 pub mod policy;

@@ -144,6 +144,7 @@ impl Core {
                     replaced_memory: slot.replaced.memory,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    outcomes: w.outcomes,
                 }),
                 None => workers.push(WorkerInfo {
                     instance: index,
@@ -162,6 +163,7 @@ impl Core {
                     replaced_memory: slot.replaced.memory,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    outcomes: None,
                 }),
             }
         }
@@ -187,6 +189,7 @@ impl Core {
                     replaced_memory: replaced.memory,
                     replaced_hang: replaced.hang,
                     replaced_reload: replaced.reload,
+                    outcomes: w.outcomes,
                 });
             }
         }

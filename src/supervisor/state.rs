@@ -67,6 +67,10 @@ pub(super) struct Worker {
     pub(super) closed: bool,
     /// Its keep-alive connections (see [`super::share`]).
     pub(super) conns: Conns,
+    /// Its request outcomes as it last reported them (cumulative).
+    pub(super) outcomes: Option<crate::outcomes::Outcomes>,
+    /// A report of its was refused (logged once).
+    pub(super) outcomes_refused: bool,
 }
 
 /// Why a slot's worker was replaced, counted per slot.

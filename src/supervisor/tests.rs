@@ -1168,7 +1168,10 @@ fn a_new_configuration_can_turn_the_memory_check_on() {
 fn beat(w: &mut World, id: WorkerId) {
     w.send(Event::Said {
         worker: id,
-        said: Said::Beat { delay_ms: 3 },
+        said: Said::Beat {
+            delay_ms: 3,
+            outcomes: None,
+        },
     });
 }
 
