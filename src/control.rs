@@ -115,6 +115,8 @@ pub struct Counters {
     pub reloads_failed: u64,
     /// Refused before anything changed: the configuration was invalid.
     pub reloads_refused: u64,
+    /// A canary was worse than its baseline, crashed or hung: rolled back.
+    pub reloads_rolled_back: u64,
     /// How long the last reload that ended took.
     pub last_reload_ms: u64,
     pub scale_events: u64,

@@ -444,6 +444,7 @@ fn operations(e: &mut Exposition, c: &crate::control::Counters) {
         ("ok", c.reloads_ok),
         ("failed", c.reloads_failed),
         ("refused", c.reloads_refused),
+        ("rolled_back", c.reloads_rolled_back),
     ] {
         e.sample("nodeherd_reloads_total", &[("outcome", outcome)], n);
     }

@@ -196,6 +196,7 @@ impl Core {
                 }
                 Said::Beat { delay_ms, outcomes } => {
                     self.on_beat(worker, delay_ms);
+                    self.canary_beat(worker, delay_ms);
                     if let Some(o) = outcomes {
                         self.on_outcomes(worker, *o);
                     }
@@ -307,14 +308,20 @@ impl Core {
     /// Ask the driver for a worker in slot `index`, as its current worker or
     /// (during a reload) its incoming replacement.
     pub(super) fn spawn(&mut self, index: u32, role: Role) -> WorkerId {
-        let id = WorkerId(self.next_worker);
-        self.next_worker += 1;
         // A reload's replacement runs the configuration the reload brings;
         // every other worker the one in force.
         let generation = match (&self.op, role) {
             (Some(Op::Reload { next: Some(n), .. }), Role::Incoming) => n.generation,
             _ => self.generation,
         };
+        self.spawn_as(index, role, generation)
+    }
+
+    /// [`Core::spawn`] with the configuration `generation` (a canary's
+    /// baseline, or its rollback, runs the one in force during a reload).
+    pub(super) fn spawn_as(&mut self, index: u32, role: Role, generation: u64) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
         self.workers.insert(
             id,
             Worker {
@@ -587,6 +594,7 @@ impl Core {
                 uptime.as_millis()
             ),
         );
+        self.canary_exited(id, index, &cause);
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
         };
@@ -721,6 +729,7 @@ impl Core {
                 self.kill_worker(id, "killed after kill_timeout");
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
+            TimerKey::Canary => self.on_canary_timer(),
             TimerKey::Cron => self.on_cron(),
             TimerKey::Watch => self.reload_running_slots(
                 SwapReason::Watch,
@@ -749,10 +758,14 @@ impl Core {
             TimerKey::MemoryCheck => {
                 self.timers
                     .arm(TimerKey::MemoryCheck, self.now + policy::MEMORY_CHECK_EVERY);
-                if self.phase != Phase::Running
-                    || self.op.is_some()
-                    || self.policy.max_memory_restart.is_none()
-                {
+                if self.phase != Phase::Running || self.policy.max_memory_restart.is_none() {
+                    return;
+                }
+                if self.op.is_some() {
+                    // During a canary's soak, the canary is watched.
+                    if let Some(id) = self.canary_to_sample() {
+                        self.out.push(Effect::SampleMemory(vec![id]));
+                    }
                     return;
                 }
                 let ids: Vec<WorkerId> = self.ready_current().collect();
@@ -842,6 +855,9 @@ impl Core {
         }
         w.hung = true;
         let (index, pid) = (w.index, w.pid);
+        if self.canary_hung(id, max) {
+            return;
+        }
         self.log_worker(
             Level::Warning,
             index,
@@ -926,6 +942,10 @@ impl Core {
             return;
         };
         if self.phase != Phase::Running {
+            return;
+        }
+        if self.op.is_some() {
+            self.canary_memory(&samples);
             return;
         }
         let over: Vec<u32> = samples

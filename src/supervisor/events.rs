@@ -114,6 +114,9 @@ pub struct NewConfig {
     pub generation: u64,
     /// What changed, in words.
     pub summary: String,
+    /// Asked for with `--canary`: judged by a canary whatever
+    /// `reload_strategy` says.
+    pub canary: bool,
 }
 
 /// How serious a log line is.

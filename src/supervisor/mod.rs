@@ -24,6 +24,7 @@
 //!   back-to-back reloads coalesce into one.
 
 pub mod budget;
+mod canary;
 pub mod core;
 pub mod driver;
 pub mod events;

@@ -173,6 +173,8 @@ pub(super) enum Op {
         /// What the new configuration changed, if the reload brought one.
         summary: Option<String>,
         reason: SwapReason,
+        /// A canary reload's canary and baseline, and its verdict.
+        canary: Option<Box<super::canary::CanaryRun>>,
     },
     /// Replacing the manager's own program: first the new one is checked
     /// (`checked` false), then the driver hands everything over and execs.

@@ -195,6 +195,7 @@ impl World {
         self.next_reply += 1;
         self.send(Event::Reconfigure {
             config: Box::new(NewConfig {
+                canary: false,
                 resize: policy.instances != self.core.snapshot().instances,
                 policy,
                 generation,

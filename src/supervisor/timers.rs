@@ -39,6 +39,8 @@ pub enum TimerKey {
     Cron,
     /// Files under `watch` have been quiet for `watch_delay`.
     Watch,
+    /// A canary reload's soak is up, or its next look is due.
+    Canary,
 }
 
 #[derive(Debug, Default)]
