@@ -47,7 +47,7 @@ pub(super) struct CanaryRun {
 pub(super) enum Phase {
     /// Both are starting; the soak begins once both serve.
     Starting,
-    Soaking(Soak),
+    Soaking(Box<Soak>),
     /// As good as the baseline: the rolling swap goes on.
     Passed,
     /// Worse, or crashed, hung or too big: the canary's slot goes back to
@@ -139,7 +139,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -256,7 +256,7 @@ impl Core {
         };
         let due = now + run.settings.soak;
         if let Some(run) = self.canary_run_mut() {
-            run.phase = Phase::Soaking(soak);
+            run.phase = Phase::Soaking(Box::new(soak));
         }
         self.timers.arm(TimerKey::Canary, due);
     }
@@ -446,7 +446,7 @@ mod tests {
         o.classes[1] = ok;
         o.classes[4] = errors;
         o.buckets[0] = ok + errors - slow;
-        o.buckets[slow_bucket] = slow;
+        o.buckets[slow_bucket] += slow;
         o
     }
 

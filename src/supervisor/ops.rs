@@ -673,6 +673,7 @@ impl Core {
             draining.retain(|id| self.workers.contains_key(id));
         }
         let rolled_back = self.canary_rolled_back();
+        let held = self.canary_holds();
         let done = match &self.op {
             None | Some(Op::Reexec { .. }) => return,
             Some(Op::Start { waiting, .. }) => self.settled(waiting),
@@ -688,7 +689,7 @@ impl Core {
                     && in_flight.is_empty()
                     && draining.is_empty()
                     && (rolled_back.is_some()
-                        || (self.slots.len() as u32 >= *grow_to && self.settled(growing)))
+                        || (!held && self.slots.len() as u32 >= *grow_to && self.settled(growing)))
             }
         };
         if !done {

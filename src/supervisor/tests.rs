@@ -2047,3 +2047,5 @@ fn autostart_off_starts_nothing_until_a_restart_or_a_scale() {
     assert_eq!(w.workers_after(r), Some(3));
     assert_eq!(w.core.status_line(), "3/3 workers ready");
 }
+
+mod canary;
