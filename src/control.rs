@@ -70,6 +70,9 @@ pub enum Control {
     Scale(ScaleTarget),
     /// Replace the manager's own program in place (`execve`), workers kept.
     Reexec,
+    /// A reload judged by a canary whatever `reload_strategy` says (the
+    /// driver reads the configuration and marks it, see `NewConfig::canary`).
+    ReloadCanary,
 }
 
 /// A request and where its answer goes (`None`: nobody waits, as for SIGHUP).

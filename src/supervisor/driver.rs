@@ -77,6 +77,8 @@ pub struct Driver {
     loading: Option<Vec<Option<Answer>>>,
     /// Reload requests that came while it was read: they get a fresh read.
     next_load: Vec<Option<Answer>>,
+    /// A reload asked with `--canary` waits for its configuration.
+    canary_asked: bool,
     next_reply: u64,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs: mpsc::UnboundedReceiver<Input>,
@@ -150,6 +152,7 @@ impl Driver {
             replies: HashMap::new(),
             loading: None,
             next_load: Vec::new(),
+            canary_asked: false,
             next_reply: 1,
             inputs_tx,
             inputs,
@@ -530,7 +533,10 @@ impl Driver {
     }
 
     fn request(&mut self, req: ControlRequest) {
-        if req.what == Control::Reload {
+        if req.what == Control::ReloadCanary {
+            self.canary_asked = true;
+        }
+        if matches!(req.what, Control::Reload | Control::ReloadCanary) {
             return self.reload_requested(req.reply);
         }
         let reply = self.reply_id(req.reply.into_iter().collect());
@@ -595,9 +601,10 @@ impl Driver {
                 self.event(Event::ReloadRefused);
             }
             Ok(loaded) => {
-                let accepted = self
+                let mut accepted = self
                     .configs
                     .accept(loaded, &self.sockets, self.core.policy());
+                accepted.config.canary = std::mem::take(&mut self.canary_asked);
                 for w in &accepted.warnings {
                     logs::warn(w);
                 }

@@ -33,6 +33,13 @@ impl Core {
             self.reply_opt(reply, Err(stopping()));
             return;
         }
+        // The driver turns a canary reload into a configuration marked
+        // `canary`; as a bare request it is a reload.
+        let what = if what == Control::ReloadCanary {
+            Control::Reload
+        } else {
+            what
+        };
         if let Control::Scale(ScaleTarget::To(n)) = what
             && !(1..=i64::from(MAX_INSTANCES)).contains(&n)
         {
@@ -67,8 +74,10 @@ impl Core {
             }) = self.queue.back_mut()
         {
             replies.extend(reply);
-            if config.is_some() {
-                *queued = config;
+            if let Some(mut c) = config {
+                // Asked for with --canary by either: judged by a canary.
+                c.canary |= queued.as_ref().is_some_and(|q| q.canary);
+                *queued = Some(c);
             }
             self.log(
                 Level::Info,
@@ -85,7 +94,7 @@ impl Core {
         }
         if let Some(running) = self.op_name() {
             let asked = match what {
-                Control::Reload => "reload",
+                Control::Reload | Control::ReloadCanary => "reload",
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
@@ -96,7 +105,7 @@ impl Core {
             );
         }
         self.queue.push_back(match what {
-            Control::Reload => Queued::Reload {
+            Control::Reload | Control::ReloadCanary => Queued::Reload {
                 replies: reply.into_iter().collect(),
                 config,
             },
