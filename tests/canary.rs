@@ -328,3 +328,78 @@ fn reload_canary_judges_a_reload_of_an_app_that_rolls_by_default() {
     let text = m.log();
     assert!(text.contains("canary reload: slot 0"), "{text}");
 }
+
+#[test]
+fn counting_leaves_nodes_own_handling_of_an_unhandled_rejection_alone() {
+    // No handler of the app's: Node ends the process on an unhandled
+    // rejection, preload or not (a listener of the preload's own would
+    // swallow it and keep a broken worker serving).
+    let dir = tempdir::Dir::new("outcomes-reject");
+    let bus = DbusDaemon::start();
+    let cfg = one_app(
+        &dir,
+        "api",
+        "release.js",
+        r#""instances":1,"env":{"NO_HANDLER":"1"}"#,
+    );
+    let m = start_config(&cfg, Some(&bus));
+    let port = m.port();
+    assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
+    assert_eq!(instances_answering(port, 1, T).len(), 1, "{}", m.log());
+    let _ = get(port, "/reject");
+    assert!(
+        m.wait_log("exited unexpectedly", T),
+        "the worker must die of its unhandled rejection: {}",
+        m.log()
+    );
+    let _ = get(port, "/throw");
+    assert!(
+        wait_until(T, || m.log().matches("exited unexpectedly").count() >= 2),
+        "and of an uncaught exception: {}",
+        m.log()
+    );
+}
+
+#[test]
+fn a_worker_can_misreport_only_itself_and_never_lower_or_absurdly() {
+    let dir = tempdir::Dir::new("outcomes-forger");
+    let bus = DbusDaemon::start();
+    let cfg = one_app(&dir, "api", "outcome_forger.js", r#""instances":2"#);
+    let m = start_config(&cfg, Some(&bus));
+    let _port = m.port();
+    assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
+    let mut doc = serde_json::Value::Null;
+    let both = wait_until(T, || {
+        doc = status(&bus, "api");
+        doc["workers"]
+            .as_array()
+            .is_some_and(|ws| ws.len() == 2 && ws.iter().all(|w| !w["outcomes"].is_null()))
+    });
+    assert!(both, "{doc}\n{}", m.log());
+    // Let the honest heartbeats of both come by too.
+    assert!(
+        m.wait_log("reported request counts lower than before", T),
+        "{}",
+        m.log()
+    );
+    let doc = status(&bus, "api");
+    let five = |i: usize| doc["workers"][i]["outcomes"]["requests"]["5xx"].as_u64();
+    assert_eq!(
+        five(0),
+        Some(1000),
+        "its first report stands, lower and absurd ones do not: {doc}"
+    );
+    assert_eq!(
+        five(1),
+        Some(0),
+        "the other worker's counts are its own: {doc}"
+    );
+    assert_eq!(
+        m.log()
+            .matches("reported request counts lower than before")
+            .count(),
+        1,
+        "said once: {}",
+        m.log()
+    );
+}

@@ -3,12 +3,13 @@
 // request it serves (20 %), "slow" takes 300 ms on every tenth; any other
 // release answers at once. Paths for the outcome counts: /fail answers 500,
 // /throw throws from a timer and /reject leaves a promise rejected (the app
-// keeps running: it handles uncaughtException itself).
+// keeps running: it handles uncaughtException itself, unless NO_HANDLER).
 const http = require('http');
 
 const release = process.env.RELEASE || 'good';
 let served = 0;
-process.on('uncaughtException', () => {});
+// NO_HANDLER: Node's own behaviour (an unhandled rejection ends the process).
+if (!process.env.NO_HANDLER) process.on('uncaughtException', () => {});
 
 http
   .createServer((req, res) => {
