@@ -205,8 +205,7 @@ fn release_of(body: &str) -> String {
     })
 }
 
-const CANARY: &str =
-    r#""reload_strategy":"canary","canary":{"soak":"2s","min_requests":50,"max_soak":"20s"}"#;
+const CANARY: &str = r#""listen_timeout":10000,"reload_strategy":"canary","canary":{"soak":"2s","min_requests":50,"max_soak":"20s"}"#;
 
 fn canary_app(dir: &tempdir::Dir, release: &str) -> std::path::PathBuf {
     one_app(
@@ -402,4 +401,61 @@ fn a_worker_can_misreport_only_itself_and_never_lower_or_absurdly() {
         "said once: {}",
         m.log()
     );
+}
+
+#[test]
+fn a_release_slower_at_p99_is_rolled_back() {
+    let dir = tempdir::Dir::new("canary-slow");
+    let bus = DbusDaemon::start();
+    let cfg = canary_app(&dir, "good");
+    let m = start_config(&cfg, Some(&bus));
+    let port = m.port();
+    assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
+    assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
+    let load = Load::start(port, 4);
+    canary_app(&dir, "slow");
+    let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
+    let (answers, errors) = load.finish();
+    assert_ne!(code, 0, "{out}{err}\n{}", m.log());
+    assert!(err.contains("rolled back: canary p99 ≤ 500 ms"), "{err}");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+    let after = every_worker_runs(port, "good");
+    assert!(after.values().all(|r| r == "good"), "{after:?}");
+}
+
+#[test]
+fn a_release_that_crashes_on_its_first_request_is_rolled_back_at_once() {
+    let dir = tempdir::Dir::new("canary-crash");
+    let bus = DbusDaemon::start();
+    // A long soak: the crash must not wait for it.
+    let fields = |r: &str| {
+        format!(
+            r#""instances":3,"listen_timeout":10000,"env":{{"RELEASE":"{r}"}},"reload_strategy":"canary","canary":{{"soak":"60s"}}"#
+        )
+    };
+    let cfg = one_app(&dir, "api", "release.js", &fields("good"));
+    let m = start_config(&cfg, Some(&bus));
+    let port = m.port();
+    assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
+    assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
+    let load = Load::start(port, 4);
+    one_app(&dir, "api", "release.js", &fields("crash"));
+    let began = std::time::Instant::now();
+    let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
+    let took = began.elapsed();
+    let (_, errors) = load.finish();
+    assert_ne!(code, 0, "{out}{err}\n{}", m.log());
+    assert!(
+        err.contains("the canary (slot 0) died during the soak"),
+        "{err}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "at once, not after the soak: {took:?}"
+    );
+    // The request the canary died on is the only one that could fail.
+    assert!(errors.len() <= 1, "{errors:?}");
+    let after = every_worker_runs(port, "good");
+    assert!(after.values().all(|r| r == "good"), "{after:?}");
 }

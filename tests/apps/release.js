@@ -1,6 +1,7 @@
 // A release whose behaviour its configuration picks (RELEASE), so a reload
 // that changes `env` switches release: "bad" answers 500 on every fifth
-// request it serves (20 %), "slow" takes 300 ms on every tenth; any other
+// request it serves (20 %), "slow" takes 300 ms on every tenth, "crash"
+// exits at its first request; any other
 // release answers at once. Paths for the outcome counts: /fail answers 500,
 // /throw throws from a timer and /reject leaves a promise rejected (the app
 // keeps running: it handles uncaughtException itself, unless NO_HANDLER).
@@ -29,6 +30,7 @@ http
       Promise.reject(new Error('rejected on purpose'));
       return answer(202);
     }
+    if (release === 'crash') process.exit(1);
     if (release === 'bad' && served % 5 === 0) return answer(500);
     if (release === 'slow' && served % 10 === 0) return setTimeout(() => answer(200), 300);
     answer(200);
