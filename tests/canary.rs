@@ -459,3 +459,43 @@ fn a_release_that_crashes_on_its_first_request_is_rolled_back_at_once() {
     let after = every_worker_runs(port, "good");
     assert!(after.values().all(|r| r == "good"), "{after:?}");
 }
+
+#[test]
+fn http2_responses_through_the_compatibility_api_are_counted_too() {
+    let dir = tempdir::Dir::new("outcomes-h2");
+    let bus = DbusDaemon::start();
+    let cfg = one_app(&dir, "api", "h2.js", r#""instances":1"#);
+    let m = start_config(&cfg, Some(&bus));
+    let port = m.port();
+    assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
+    assert!(
+        wait_until(T, || status(&bus, "api")["ready_workers"] == 1),
+        "{}",
+        m.log()
+    );
+    let mut client = std::process::Command::new("node")
+        .arg(app("h2_client.js"))
+        .args([port.to_string(), "40".into(), "10".into()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut done = None;
+    let ended = wait_until(T, || {
+        done = client.try_wait().unwrap();
+        done.is_some()
+    });
+    if !ended {
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    assert!(ended && done.unwrap().success(), "the HTTP/2 client failed");
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), r#"{"200":40,"500":10}"#);
+    let mut last = (0, 0, 0, 0, 0);
+    let counted = wait_until(T, || {
+        last = totals(&status(&bus, "api"));
+        (last.0, last.1) == (40, 10)
+    });
+    assert!(counted, "{last:?}\n{}", m.log());
+}
