@@ -208,11 +208,16 @@ fn release_of(body: &str) -> String {
 const CANARY: &str = r#""listen_timeout":10000,"reload_strategy":"canary","canary":{"soak":"2s","min_requests":50,"max_soak":"20s"}"#;
 
 fn canary_app(dir: &tempdir::Dir, release: &str) -> std::path::PathBuf {
+    canary_app_with(dir, release, "")
+}
+
+/// [`canary_app`] with more keys (`,"metrics":...`).
+fn canary_app_with(dir: &tempdir::Dir, release: &str, more: &str) -> std::path::PathBuf {
     one_app(
         dir,
         "api",
         "release.js",
-        &format!(r#""instances":3,"env":{{"RELEASE":"{release}"}},{CANARY}"#),
+        &format!(r#""instances":3,"env":{{"RELEASE":"{release}"}},{CANARY}{more}"#),
     )
 }
 
@@ -246,14 +251,16 @@ fn every_worker_runs(port: u16, release: &str) -> BTreeMap<String, String> {
 fn a_release_answering_500_on_a_fifth_is_rolled_back_and_only_the_canary_failed_requests() {
     let dir = tempdir::Dir::new("canary-bad");
     let bus = DbusDaemon::start();
-    let cfg = canary_app(&dir, "good");
+    let metrics = free_port();
+    let more = format!(r#","metrics":"127.0.0.1:{metrics}""#);
+    let cfg = canary_app_with(&dir, "good", &more);
     let m = start_config(&cfg, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
 
     let load = Load::start(port, 4);
-    canary_app(&dir, "bad");
+    canary_app_with(&dir, "bad", &more);
     let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
     let (answers, errors) = load.finish();
     let said = out + &err;
@@ -279,6 +286,20 @@ fn a_release_answering_500_on_a_fifth_is_rolled_back_and_only_the_canary_failed_
     // The next restart of any slot runs the configuration in force, which
     // is still the good one.
     assert!(log.contains("canary rolled back"), "{log}");
+    let text = scrape(metrics);
+    assert_eq!(
+        metric_sum(
+            &text,
+            "nodeherd_reloads_total",
+            &["outcome=\"rolled_back\""]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "nodeherd_reloads_total", &["outcome=\"ok\""]),
+        0.0
+    );
 }
 
 #[test]
