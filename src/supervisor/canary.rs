@@ -347,6 +347,17 @@ impl Core {
         }
     }
 
+    /// The slot of a canary that serves and was not judged as good, if any:
+    /// a reload that fails now must not leave it serving.
+    pub(super) fn canary_left_serving(&self) -> Option<u32> {
+        let run = self.canary_run()?;
+        let serving = self
+            .slots
+            .get(run.slot as usize)
+            .is_some_and(|s| s.current == Some(run.canary));
+        (serving && run.phase != Phase::Passed).then_some(run.slot)
+    }
+
     /// A worker reported a heartbeat: keep the soak's longest delays.
     pub(super) fn canary_beat(&mut self, id: WorkerId, delay_ms: u32) {
         let Some(run) = self.canary_run_mut() else {

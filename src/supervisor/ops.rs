@@ -543,6 +543,7 @@ impl Core {
         if !matches!(self.op, Some(Op::Reload { .. })) {
             return;
         }
+        let canary_left = self.canary_left_serving();
         let Some(Op::Reload {
             in_flight,
             replies,
@@ -572,6 +573,12 @@ impl Core {
         }
         for index in in_flight {
             self.incoming_gone(index);
+        }
+        if let Some(slot) = canary_left {
+            // Its rollback failed (or it never got judged): its slot is
+            // swapped to the configuration in force next, the same way.
+            self.queue
+                .push_front(Queued::ReloadSlots(vec![slot], SwapReason::Reload));
         }
         let msg = format!("reload failed: {reason}; the previous workers keep serving");
         self.log_event(Level::Error, msg.clone(), Milestone::ReloadFailed);

@@ -388,3 +388,22 @@ fn a_worker_reporting_fewer_requests_than_before_is_not_believed() {
         "said once"
     );
 }
+
+#[test]
+fn a_rollback_whose_replacement_fails_still_takes_the_canary_out_next() {
+    let (mut w, r) = canary_reload(3);
+    let (c, b) = w.canary_and_baseline();
+    w.report(c, 200, 100);
+    w.report(b, 300, 0);
+    w.advance(SOAK);
+    let back = w.starting()[0];
+    w.crash(back);
+    assert!(matches!(w.answer(r), Some(Err(CtlError::ReloadFailed(_)))));
+    // The canary still serves for now; the swap back comes next.
+    let again = w.starting();
+    assert_eq!(again.len(), 1, "{}", w.logs());
+    assert_eq!(w.generation_of(again[0]), 0);
+    w.listening(again[0]);
+    assert!(w.stopped().iter().any(|(id, _)| *id == c));
+    assert_eq!(w.generations_serving(), vec![0, 0, 0]);
+}
