@@ -109,9 +109,12 @@
   // compatibility API: Express, Fastify, Koa and Nest all end in one), by
   // status class, with its latency from the request to 'finish' in fixed
   // buckets; and uncaught exceptions and unhandled rejections. Cumulative,
-  // sent with each heartbeat. Per response: one symbol property, one shared
-  // listener (no closure), a few integer increments. A response the client
-  // abandoned before it finished is not counted.
+  // sent with each heartbeat. Per response: one number in a symbol
+  // property and a few integer increments; no closure, listener or array
+  // (HTTP/1 responses end through ServerResponse's own `_finish`, patched
+  // once; HTTP/2's compatibility responses get one shared 'finish'
+  // listener). A response the client abandoned before it finished is not
+  // counted.
   const BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
   const classes = [0, 0, 0, 0, 0];
   const buckets = BUCKETS_MS.map(() => 0).concat([0]);
@@ -124,16 +127,26 @@
     const cls = (this.statusCode / 100) | 0;
     if (cls < 1 || cls > 5) return;
     const ms = clock.now() - this[startedAt];
+    this[startedAt] = undefined;
     classes[cls - 1] += 1;
     let i = 0;
     while (i < BUCKETS_MS.length && ms > BUCKETS_MS[i]) i += 1;
     buckets[i] += 1;
     sumUs += Math.round(ms * 1000);
   }
+  const ServerResponse = require('http').ServerResponse;
+  const ownFinish = ServerResponse.prototype._finish;
+  const viaFinish = typeof ownFinish === 'function';
+  if (viaFinish) {
+    ServerResponse.prototype._finish = function () {
+      if (this[startedAt] !== undefined) onFinish.call(this);
+      return ownFinish.apply(this, arguments);
+    };
+  }
   function countResponse(res) {
     if (!res || res[startedAt] !== undefined) return;
     res[startedAt] = clock.now();
-    res.on('finish', onFinish);
+    if (!viaFinish || !(res instanceof ServerResponse)) res.on('finish', onFinish);
   }
   // A monitor sees an uncaught exception without handling it: Node's own
   // behaviour (print and exit, or the app's handler) is unchanged. An
