@@ -51,7 +51,7 @@ pub enum Command {
     #[command(alias = "show", alias = "describe")]
     Status(StatusArgs),
     /// Replace every worker with zero downtime; waits for the result
-    Reload(AppArgs),
+    Reload(ReloadArgs),
     /// Stop every worker and start a fresh set
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
@@ -145,6 +145,17 @@ pub struct AppArgs {
 
     #[command(flatten)]
     pub bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub app: AppArgs,
+
+    /// Judge this reload by a canary beside a fresh baseline first, whatever
+    /// `reload_strategy` says (see "Canary reloads" in the README)
+    #[arg(long)]
+    pub canary: bool,
 }
 
 #[derive(Debug, Args)]

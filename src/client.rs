@@ -108,6 +108,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
         // Older managers have no such property either.
         let next_cron = p.next_cron_reload().await.unwrap_or(0);
         let autopsy = p.last_autopsy().await.unwrap_or_default();
+        // Nor this one (request outcomes, by pid).
+        let outcomes: std::collections::BTreeMap<u32, crate::outcomes::Outcomes> = p
+            .request_outcomes()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(pid, flat)| Some((pid, crate::outcomes::Outcomes::from_flat(&flat)?)))
+            .collect();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -116,6 +124,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "instance": i, "pid": pid, "state": st, "restarts": restarts,
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
                         "status_text": texts.get(pid),
+                        "outcomes": outcomes.get(pid).map(|o| o.to_json()),
                     })
                 })
                 .collect();
@@ -186,10 +195,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
     })
 }
 
-pub fn reload(args: AppArgs) -> ExitCode {
+pub fn reload(args: crate::cli::ReloadArgs) -> ExitCode {
     run_client(async move {
-        let r = reach(args.app.as_deref(), &args.bus).await?;
-        let what = r.proxy.reload().await?;
+        let r = reach(args.app.app.as_deref(), &args.app.bus).await?;
+        let what = if args.canary {
+            r.proxy.reload_canary().await?
+        } else {
+            r.proxy.reload().await?
+        };
         outln!("nodeherd: {what}");
         Ok(())
     })

@@ -70,6 +70,9 @@ pub enum Control {
     Scale(ScaleTarget),
     /// Replace the manager's own program in place (`execve`), workers kept.
     Reexec,
+    /// A reload judged by a canary whatever `reload_strategy` says (the
+    /// driver reads the configuration and marks it, see `NewConfig::canary`).
+    ReloadCanary,
     /// Say "drain" on the health endpoint; workers keep serving.
     Drain,
     /// Stop saying "drain" (not while draining before a stop).
@@ -156,6 +159,8 @@ pub struct Counters {
     pub reloads_failed: u64,
     /// Refused before anything changed: the configuration was invalid.
     pub reloads_refused: u64,
+    /// A canary was worse than its baseline, crashed or hung: rolled back.
+    pub reloads_rolled_back: u64,
     /// How long the last reload that ended took.
     pub last_reload_ms: u64,
     pub scale_events: u64,
@@ -181,6 +186,9 @@ pub struct WorkerInfo {
     pub replaced_memory: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
+    /// Its request outcomes as it last reported them (None: not yet, or no
+    /// preload); see [`crate::outcomes`].
+    pub outcomes: Option<crate::outcomes::Outcomes>,
 }
 
 /// A scrape's request for the app's own metrics, from every worker.

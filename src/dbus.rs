@@ -471,6 +471,18 @@ impl Manager {
         self.ask(Control::Reload).await.map(|d| d.message)
     }
 
+    /// Reload judged by a canary beside a fresh baseline first, whatever
+    /// `reload_strategy` says; fails with ReloadFailed, naming the figures,
+    /// when the canary was rolled back. Authorized as Reload.
+    async fn reload_canary(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Reload, &self.bus, self.peer).await?;
+        self.ask(Control::ReloadCanary).await.map(|d| d.message)
+    }
+
     /// Stop every worker and start a fresh set; clears errored slots.
     async fn restart(
         &self,
@@ -713,6 +725,20 @@ impl Manager {
             .workers
             .into_iter()
             .filter_map(|w| Some((w.pid.max(0) as u32, w.loop_delay_ms?)))
+            .collect()
+    }
+
+    /// Each worker's request outcomes as its preload last reported them:
+    /// (pid, counts), the counts being responses by status class (1xx to
+    /// 5xx), by latency bucket (≤ 5, 10, 25, 50, 100, 250, 500, 1000, 2500,
+    /// 5000, 10000 ms, more), the sum of latencies in µs, uncaught
+    /// exceptions, unhandled rejections. Read it; no PropertiesChanged.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn request_outcomes(&self) -> Vec<(u32, Vec<u64>)> {
+        self.snap()
+            .workers
+            .into_iter()
+            .filter_map(|w| Some((w.pid.max(0) as u32, w.outcomes?.flat())))
             .collect()
     }
 

@@ -30,8 +30,12 @@ pub enum Message {
     /// no control character, at most [`MAX_ERROR_CHARS`]).
     ListenError(String),
     /// The preload's heartbeat, with the event loop's longest delay (ms)
-    /// since the last one.
-    Beat { delay_ms: u32 },
+    /// since the last one, and its request outcomes so far (untrusted:
+    /// see [`crate::outcomes`]), if it counts them and the report is sound.
+    Beat {
+        delay_ms: u32,
+        outcomes: Option<crate::outcomes::Outcomes>,
+    },
     /// The app's own metrics (prom-client's registry), answering a scrape;
     /// `None` when the app keeps none.
     Metrics { id: u64, text: Option<String> },
@@ -109,6 +113,7 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                     .and_then(Value::as_f64)
                     .filter(|d| d.is_finite() && *d >= 0.0)
                     .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
+                outcomes: o.get("out").and_then(crate::outcomes::parse),
             }),
             Some("closed") => Some(Message::Closed),
             Some("conns") => Some(Message::Connections {

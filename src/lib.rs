@@ -99,6 +99,7 @@ pub mod metrics;
 pub mod monit;
 pub mod notify;
 pub mod notify_socket;
+pub mod outcomes;
 pub mod pm2;
 pub mod pm2dump;
 pub mod queue_watch;

@@ -20,6 +20,7 @@ use crate::dbus::{self, Bus, WorkerTuple};
 #[proxy(interface = "org.nodeherd.Manager1", default_path = "/org/nodeherd")]
 pub(crate) trait Manager1 {
     fn reload(&self) -> zbus::Result<String>;
+    fn reload_canary(&self) -> zbus::Result<String>;
     fn restart(&self) -> zbus::Result<()>;
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
     fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
@@ -50,6 +51,8 @@ pub(crate) trait Manager1 {
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
+    #[zbus(property)]
+    fn request_outcomes(&self) -> zbus::Result<Vec<(u32, Vec<u64>)>>;
     #[zbus(signal)]
     fn worker_state_changed(&self, instance: u32, pid: u32, state: String) -> zbus::Result<()>;
     #[zbus(signal)]

@@ -387,6 +387,7 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
     };
     app_state(&mut e, snap);
     per_worker(&mut e, snap);
+    outcomes(&mut e, snap);
     operations(&mut e, &snap.counters);
     socket_figures(&mut e, sockets);
     e.family(
@@ -537,6 +538,86 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     }
 }
 
+/// Per slot: the requests its current worker answered, as the worker
+/// reported them (counters that start again with each new worker).
+fn outcomes(e: &mut Exposition, snap: &Snapshot) {
+    use crate::outcomes::{BUCKETS_MS, CLASSES};
+    let mut slots: BTreeMap<u32, crate::outcomes::Outcomes> = BTreeMap::new();
+    for w in snap.workers.iter().filter(|w| w.state != "stopping") {
+        if let Some(o) = w.outcomes {
+            slots.entry(w.instance).or_insert(o);
+        }
+    }
+    let slots: Vec<(String, crate::outcomes::Outcomes)> =
+        slots.into_iter().map(|(i, o)| (i.to_string(), o)).collect();
+    e.family(
+        "nodeherd_worker_requests_total",
+        "counter",
+        "HTTP responses the slot's worker finished, by status class (counted in the worker).",
+    );
+    for (i, o) in &slots {
+        for (class, n) in CLASSES.iter().zip(o.classes) {
+            let labels = [("worker", i.as_str()), ("code_class", *class)];
+            e.sample("nodeherd_worker_requests_total", &labels, n);
+        }
+    }
+    e.family(
+        "nodeherd_worker_request_duration_seconds",
+        "histogram",
+        "Time from request to the response's end in the slot's worker.",
+    );
+    for (i, o) in &slots {
+        let mut seen = 0;
+        for (b, n) in o.buckets.iter().enumerate() {
+            seen += n;
+            let le = BUCKETS_MS
+                .get(b)
+                .map_or("+Inf".to_string(), |ms| format!("{}", *ms as f64 / 1000.0));
+            let labels = [("worker", i.as_str()), ("le", le.as_str())];
+            e.sample(
+                "nodeherd_worker_request_duration_seconds_bucket",
+                &labels,
+                seen,
+            );
+        }
+        let sum = format!("{:.6}", o.sum_us as f64 / 1e6);
+        e.sample(
+            "nodeherd_worker_request_duration_seconds_sum",
+            &[("worker", i)],
+            sum,
+        );
+        e.sample(
+            "nodeherd_worker_request_duration_seconds_count",
+            &[("worker", i)],
+            seen,
+        );
+    }
+    e.family(
+        "nodeherd_worker_uncaught_exceptions_total",
+        "counter",
+        "Uncaught exceptions in the slot's worker (an app with a handler lives on).",
+    );
+    for (i, o) in &slots {
+        e.sample(
+            "nodeherd_worker_uncaught_exceptions_total",
+            &[("worker", i)],
+            o.exceptions,
+        );
+    }
+    e.family(
+        "nodeherd_worker_unhandled_rejections_total",
+        "counter",
+        "Unhandled promise rejections in the slot's worker.",
+    );
+    for (i, o) in &slots {
+        e.sample(
+            "nodeherd_worker_unhandled_rejections_total",
+            &[("worker", i)],
+            o.rejections,
+        );
+    }
+}
+
 /// Reloads and scaling.
 fn operations(e: &mut Exposition, c: &crate::control::Counters) {
     e.family("nodeherd_reloads_total", "counter", "Reloads, by outcome.");
@@ -544,6 +625,7 @@ fn operations(e: &mut Exposition, c: &crate::control::Counters) {
         ("ok", c.reloads_ok),
         ("failed", c.reloads_failed),
         ("refused", c.reloads_refused),
+        ("rolled_back", c.reloads_rolled_back),
     ] {
         e.sample("nodeherd_reloads_total", &[("outcome", outcome)], n);
     }

@@ -1,7 +1,7 @@
 //! `nodeherd monit [APP]`: a live view of one app, like `pm2 monit`.
 //!
-//! Each worker's state, pid, CPU %, memory, restarts, uptime and event-loop
-//! delay; the app's reload and scale progress as it happens; and the recent
+//! Each worker's state, pid, CPU %, memory, restarts, uptime, event-loop
+//! delay and share of 5xx responses; the app's reload and scale progress as it happens; and the recent
 //! log lines of the worker picked with the arrow keys, from the journal
 //! where there is one. It reaches the manager as the other clients do (the
 //! bus, else its control socket) and redraws when the manager signals a
@@ -71,6 +71,8 @@ struct Model {
     status: String,
     workers: Vec<WorkerTuple>,
     delays: BTreeMap<u32, u32>,
+    /// Each worker's share of 5xx responses so far, by pid.
+    errors: BTreeMap<u32, f64>,
     /// pid → (CPU seconds, when), for CPU % between two draws.
     cpu: BTreeMap<u32, (f64, Instant)>,
     cpu_pct: BTreeMap<u32, f64>,
@@ -153,6 +155,17 @@ async fn refresh(p: &Manager1Proxy<'static>, m: &mut Model) -> Result<(), Failur
         .unwrap_or_default()
         .into_iter()
         .collect();
+    // Older managers have no such property: no figures then.
+    m.errors = p
+        .request_outcomes()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(pid, flat)| {
+            let o = crate::outcomes::Outcomes::from_flat(&flat)?;
+            (o.requests() > 0).then(|| (pid, 100.0 * o.error_ratio()))
+        })
+        .collect();
     let now = Instant::now();
     for w in &m.workers {
         let pid = w.1;
@@ -209,8 +222,8 @@ fn draw(m: &Model) -> std::io::Result<()> {
     ));
     lines.push("q quit, up/down pick a worker".into());
     lines.push(format!(
-        "  {:>6} {:>8} {:<9} {:>6} {:>10} {:>8} {:>7} {:>7}",
-        "worker", "pid", "state", "cpu%", "memory", "restarts", "uptime", "loop ms"
+        "  {:>6} {:>8} {:<9} {:>6} {:>10} {:>8} {:>7} {:>7} {:>5}",
+        "worker", "pid", "state", "cpu%", "memory", "restarts", "uptime", "loop ms", "5xx%"
     ));
     for (i, (inst, pid, state, restarts, up, mem, _)) in m.workers.iter().enumerate() {
         let mark = if i == m.picked { '>' } else { ' ' };
@@ -219,6 +232,10 @@ fn draw(m: &Model) -> std::io::Result<()> {
             .get(pid)
             .map_or("-".to_string(), |c| format!("{c:.1}"));
         let delay = m.delays.get(pid).map_or("-".to_string(), |d| d.to_string());
+        let errors = m
+            .errors
+            .get(pid)
+            .map_or("-".to_string(), |e| format!("{e:.1}"));
         let pid_s = if *pid == 0 {
             "-".to_string()
         } else {
@@ -226,7 +243,7 @@ fn draw(m: &Model) -> std::io::Result<()> {
         };
         let mem = if *pid == 0 { 0 } else { *mem };
         lines.push(format!(
-            "{mark} {inst:>6} {pid_s:>8} {state:<9} {cpu:>6} {:>10} {restarts:>8} {:>7} {delay:>7}",
+            "{mark} {inst:>6} {pid_s:>8} {state:<9} {cpu:>6} {:>10} {restarts:>8} {:>7} {delay:>7} {errors:>5}",
             crate::human::bytes(mem),
             crate::human::duration(*up)
         ));

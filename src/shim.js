@@ -108,6 +108,65 @@
     return chosen;
   }
 
+  // --- request outcomes -----------------------------------------------------
+  // Every response the app's HTTP servers here finish (http, https, http2's
+  // compatibility API: Express, Fastify, Koa and Nest all end in one), by
+  // status class, with its latency from the request to 'finish' in fixed
+  // buckets; and uncaught exceptions and unhandled rejections. Cumulative,
+  // sent with each heartbeat. Per response: one number in a symbol
+  // property and a few integer increments; no closure, listener or array
+  // (HTTP/1 responses end through ServerResponse's own `_finish`, patched
+  // once; HTTP/2's compatibility responses get one shared 'finish'
+  // listener). A response the client abandoned before it finished is not
+  // counted.
+  const BUCKETS_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+  const classes = [0, 0, 0, 0, 0];
+  const buckets = BUCKETS_MS.map(() => 0).concat([0]);
+  let sumUs = 0;
+  let exceptions = 0;
+  let rejections = 0;
+  const clock = globalThis.performance || require('perf_hooks').performance;
+  const startedAt = Symbol('nodeherd: when the request came');
+  function onFinish() {
+    const cls = (this.statusCode / 100) | 0;
+    if (cls < 1 || cls > 5) return;
+    const ms = clock.now() - this[startedAt];
+    this[startedAt] = undefined;
+    classes[cls - 1] += 1;
+    let i = 0;
+    while (i < BUCKETS_MS.length && ms > BUCKETS_MS[i]) i += 1;
+    buckets[i] += 1;
+    sumUs += Math.round(ms * 1000);
+  }
+  const ServerResponse = require('http').ServerResponse;
+  const ownFinish = ServerResponse.prototype._finish;
+  const viaFinish = typeof ownFinish === 'function';
+  if (viaFinish) {
+    ServerResponse.prototype._finish = function () {
+      if (this[startedAt] !== undefined) onFinish.call(this);
+      return ownFinish.apply(this, arguments);
+    };
+  }
+  function countResponse(res) {
+    if (!res || res[startedAt] !== undefined) return;
+    res[startedAt] = clock.now();
+    if (!viaFinish || !(res instanceof ServerResponse)) res.on('finish', onFinish);
+  }
+  // A monitor sees an uncaught exception without handling it: Node's own
+  // behaviour (print and exit, or the app's handler) is unchanged. An
+  // unhandled rejection is seen where Node announces it (a listener of our
+  // own would stop Node from throwing it); one that Node then throws as an
+  // uncaught exception is already counted as a rejection.
+  process.on('uncaughtExceptionMonitor', (_err, origin) => {
+    if (origin !== 'unhandledRejection') exceptions += 1;
+  });
+  const processEmit = process.emit;
+  process.emit = function (name) {
+    if (name === 'unhandledRejection') rejections += 1;
+    return processEmit.apply(this, arguments);
+  };
+  const outcomes = () => ({ c: classes, b: buckets, s: sumUs, x: exceptions, r: rejections });
+
   // --- heartbeat ------------------------------------------------------------
   // A beat each interval, with the event loop's longest delay since the last
   // one (perf_hooks, cheap: a 20 ms resolution timer in libuv). A stuck loop
@@ -121,7 +180,7 @@
       // no perf_hooks: beats without a delay figure
     }
     const beat = setInterval(() => {
-      tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0 });
+      tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0, out: outcomes() });
       // Still above its share (the connections it closed came back here):
       // say so again, and the manager answers with the surplus to close.
       if (open > shareMax) {
@@ -714,6 +773,7 @@
   }
 
   function onRequest(req, res) {
+    countResponse(res);
     if (this.__nodeherd.draining && res) res.shouldKeepAlive = false;
     else if (this.__nodeherd.http) shedIfOver(req, res);
   }

@@ -85,6 +85,20 @@ fn monit_shows_the_workers_and_a_reload_as_it_happens_and_quits_on_q() {
         tmux.screen()
     );
     assert!(tmux.screen().lines().all(|l| l.chars().count() <= 80));
+    // Each worker's share of 5xx answers, last column, once it reported
+    // the requests instances_answering made.
+    assert!(
+        wait_until(T, || {
+            let s = tmux.screen();
+            s.contains("5xx%")
+                && before.values().all(|pid| {
+                    s.lines()
+                        .any(|l| l.contains(&pid.to_string()) && l.trim_end().ends_with(" 0.0"))
+                })
+        }),
+        "{}",
+        tmux.screen()
+    );
     // A reload shows up as it happens, from the manager's signals.
     m.signal(libc::SIGHUP);
     assert!(

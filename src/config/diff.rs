@@ -66,6 +66,11 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "reload_parallel",
         old.reload_parallel != new.reload_parallel,
     );
+    changed(
+        "reload_strategy",
+        old.reload_strategy != new.reload_strategy,
+    );
+    changed("canary", old.canary != new.canary);
     changed("rebalance", old.rebalance != new.rebalance);
     changed("shared_listen", old.shared_listen != new.shared_listen);
     changed("log files", old.logs != new.logs);

@@ -51,6 +51,8 @@ pub struct RawApp {
     pub listen: Option<Vec<String>>,
     pub shared_listen: Option<Vec<String>>,
     pub reload_parallel: Option<u32>,
+    pub reload_strategy: Option<super::canary::ReloadStrategy>,
+    pub canary: Option<super::canary::Canary>,
     pub uid: Option<String>,
     pub gid: Option<String>,
     pub balance: Option<Balance>,
@@ -172,6 +174,8 @@ pub const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    key!("reload_strategy", reload_strategy, super::canary::strategy),
+    key!("canary", canary, super::canary::canary),
     key!("uid", uid, v::principal),
     key!("gid", gid, v::principal),
     key!("balance", balance, |x| v::balance(&v::string(x)?)),

@@ -15,6 +15,7 @@
 //! looks at the system (paths, `PATH`, users, CPUs) to make an [`App`].
 //! `file` finds and reads the ecosystem file.
 
+pub mod canary;
 mod diff;
 mod env_file;
 mod file;
@@ -156,6 +157,12 @@ pub struct App {
     pub shared_listen: Vec<String>,
     /// Workers swapped at once during a reload (nodeherd's own key, default 2).
     pub reload_parallel: u32,
+    /// How a reload swaps and judges (nodeherd's own key; default rolling).
+    #[serde(default)]
+    pub reload_strategy: canary::ReloadStrategy,
+    /// The canary's soak and thresholds (nodeherd's own key).
+    #[serde(default)]
+    pub canary: canary::Canary,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,
     /// How connections are spread over workers (nodeherd's own key).
@@ -658,6 +665,8 @@ pub(crate) fn test_app() -> App {
         listen: vec!["127.0.0.1:8000".into()],
         shared_listen: vec![],
         reload_parallel: 1,
+        reload_strategy: Default::default(),
+        canary: Default::default(),
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,

@@ -190,6 +190,8 @@ pub fn resolve(
             },
             shared_listen,
             reload_parallel,
+            reload_strategy: raw.reload_strategy.unwrap_or_default(),
+            canary: raw.canary.unwrap_or_default(),
             credentials,
             balance,
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),

@@ -202,7 +202,13 @@ impl Core {
                         w.listen_error = Some(e);
                     }
                 }
-                Said::Beat { delay_ms } => self.on_beat(worker, delay_ms),
+                Said::Beat { delay_ms, outcomes } => {
+                    self.on_beat(worker, delay_ms);
+                    self.canary_beat(worker, delay_ms);
+                    if let Some(o) = outcomes {
+                        self.on_outcomes(worker, *o);
+                    }
+                }
                 Said::Connections { open } => self.on_connections(worker, open),
                 Said::Closed => self.on_closed(worker),
             },
@@ -311,14 +317,20 @@ impl Core {
     /// Ask the driver for a worker in slot `index`, as its current worker or
     /// (during a reload) its incoming replacement.
     pub(super) fn spawn(&mut self, index: u32, role: Role) -> WorkerId {
-        let id = WorkerId(self.next_worker);
-        self.next_worker += 1;
         // A reload's replacement runs the configuration the reload brings;
         // every other worker the one in force.
         let generation = match (&self.op, role) {
             (Some(Op::Reload { next: Some(n), .. }), Role::Incoming) => n.generation,
             _ => self.generation,
         };
+        self.spawn_as(index, role, generation)
+    }
+
+    /// [`Core::spawn`] with the configuration `generation` (a canary's
+    /// baseline, or its rollback, runs the one in force during a reload).
+    pub(super) fn spawn_as(&mut self, index: u32, role: Role, generation: u64) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
         self.workers.insert(
             id,
             Worker {
@@ -336,6 +348,8 @@ impl Core {
                 hung: false,
                 closed: false,
                 conns: Default::default(),
+                outcomes: None,
+                outcomes_refused: false,
             },
         );
         let slot = &mut self.slots[index as usize];
@@ -594,6 +608,7 @@ impl Core {
                 uptime.as_millis()
             ),
         );
+        self.canary_exited(id, index, &cause);
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return;
         };
@@ -728,6 +743,7 @@ impl Core {
                 self.kill_worker(id, "killed after kill_timeout");
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
+            TimerKey::Canary => self.on_canary_timer(),
             TimerKey::Cron => self.on_cron(),
             TimerKey::Watch => self.reload_running_slots(
                 SwapReason::Watch,
@@ -757,10 +773,14 @@ impl Core {
             TimerKey::MemoryCheck => {
                 self.timers
                     .arm(TimerKey::MemoryCheck, self.now + policy::MEMORY_CHECK_EVERY);
-                if self.phase != Phase::Running
-                    || self.op.is_some()
-                    || self.policy.max_memory_restart.is_none()
-                {
+                if self.phase != Phase::Running || self.policy.max_memory_restart.is_none() {
+                    return;
+                }
+                if self.op.is_some() {
+                    // During a canary's soak, the canary is watched.
+                    if let Some(id) = self.canary_to_sample() {
+                        self.out.push(Effect::SampleMemory(vec![id]));
+                    }
                     return;
                 }
                 let ids: Vec<WorkerId> = self.ready_current().collect();
@@ -850,6 +870,9 @@ impl Core {
         }
         w.hung = true;
         let (index, pid) = (w.index, w.pid);
+        if self.canary_hung(id, max) {
+            return;
+        }
         self.log_worker(
             Level::Warning,
             index,
@@ -941,6 +964,10 @@ impl Core {
             return;
         };
         if self.phase != Phase::Running {
+            return;
+        }
+        if self.op.is_some() {
+            self.canary_memory(&samples);
             return;
         }
         let over: Vec<(WorkerId, u32, i32)> = samples

@@ -77,6 +77,7 @@ impl Core {
             reply.into_iter().collect(),
             None,
             SwapReason::Diagnose,
+            None,
         );
     }
 

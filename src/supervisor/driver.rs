@@ -81,6 +81,8 @@ pub struct Driver {
     loading: Option<Vec<Option<Answer>>>,
     /// Reload requests that came while it was read: they get a fresh read.
     next_load: Vec<Option<Answer>>,
+    /// A reload asked with `--canary` waits for its configuration.
+    canary_asked: bool,
     next_reply: u64,
     inputs_tx: mpsc::UnboundedSender<Input>,
     inputs: mpsc::UnboundedReceiver<Input>,
@@ -159,6 +161,7 @@ impl Driver {
             replies: HashMap::new(),
             loading: None,
             next_load: Vec::new(),
+            canary_asked: false,
             next_reply: 1,
             inputs_tx,
             inputs,
@@ -507,7 +510,10 @@ impl Driver {
                     ipc::Message::Ready => Said::Ready,
                     ipc::Message::Listening => Said::Listening,
                     ipc::Message::ListenError(text) => Said::ListenError(text),
-                    ipc::Message::Beat { delay_ms } => Said::Beat { delay_ms },
+                    ipc::Message::Beat { delay_ms, outcomes } => Said::Beat {
+                        delay_ms,
+                        outcomes: outcomes.map(Box::new),
+                    },
                     ipc::Message::Connections { open } => Said::Connections { open },
                     ipc::Message::Closed => Said::Closed,
                     // Answered above.
@@ -558,7 +564,10 @@ impl Driver {
     }
 
     fn request(&mut self, req: ControlRequest) {
-        if req.what == Control::Reload {
+        if req.what == Control::ReloadCanary {
+            self.canary_asked = true;
+        }
+        if matches!(req.what, Control::Reload | Control::ReloadCanary) {
             return self.reload_requested(req.reply);
         }
         let reply = self.reply_id(req.reply.into_iter().collect());
@@ -623,9 +632,10 @@ impl Driver {
                 self.event(Event::ReloadRefused);
             }
             Ok(loaded) => {
-                let accepted = self
+                let mut accepted = self
                     .configs
                     .accept(loaded, &self.sockets, self.core.policy());
+                accepted.config.canary = std::mem::take(&mut self.canary_asked);
                 for w in &accepted.warnings {
                     logs::warn(w);
                 }

@@ -96,8 +96,12 @@ pub enum Said {
     Listening,
     /// The preload could not map a listen call; the text says why.
     ListenError(String),
-    /// The heartbeat, with the event loop's longest delay since the last (ms).
-    Beat { delay_ms: u32 },
+    /// The heartbeat, with the event loop's longest delay since the last
+    /// (ms), and the worker's request outcomes so far, if it sent sound ones.
+    Beat {
+        delay_ms: u32,
+        outcomes: Option<Box<crate::outcomes::Outcomes>>,
+    },
     /// The keep-alive connections it holds and is not closing.
     Connections { open: u32 },
     /// The app closed its servers on the handed-over sockets and lives on.
@@ -115,6 +119,9 @@ pub struct NewConfig {
     pub generation: u64,
     /// What changed, in words.
     pub summary: String,
+    /// Asked for with `--canary`: judged by a canary whatever
+    /// `reload_strategy` says.
+    pub canary: bool,
 }
 
 /// How serious a log line is.

@@ -279,6 +279,9 @@ impl Core {
                         told: w.conns_told,
                         fresh: false,
                     },
+                    // Its next heartbeat reports them again, cumulative.
+                    outcomes: None,
+                    outcomes_refused: false,
                 },
             );
             if previous.is_some() {

@@ -24,6 +24,7 @@
 //!   back-to-back reloads coalesce into one.
 
 pub mod budget;
+mod canary;
 pub mod core;
 mod diagnose;
 mod drain;
@@ -31,6 +32,7 @@ pub mod driver;
 pub mod events;
 mod flood;
 pub mod handover;
+mod measure;
 mod ops;
 mod outbox;
 pub mod policy;

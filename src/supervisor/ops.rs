@@ -18,6 +18,7 @@ use super::policy::{LEAVE_BOUND, MAX_QUEUED, SAME_STOP};
 use super::state::{Op, Phase, Queued, Role, Slot, StartKind, SwapReason, WState};
 use super::timers::TimerKey;
 use crate::config::MAX_INSTANCES;
+use crate::config::canary::{Canary, ReloadStrategy};
 use crate::control::{BusSignal, Control, CtlError, CtlResult, Done, ScaleTarget};
 use crate::logs::Milestone;
 
@@ -36,6 +37,13 @@ impl Core {
             self.reply_opt(reply, Err(stopping()));
             return;
         }
+        // The driver turns a canary reload into a configuration marked
+        // `canary`; as a bare request it is a reload.
+        let what = if what == Control::ReloadCanary {
+            Control::Reload
+        } else {
+            what
+        };
         if let Control::Scale(ScaleTarget::To(n)) = what
             && !(1..=i64::from(MAX_INSTANCES)).contains(&n)
         {
@@ -76,8 +84,10 @@ impl Core {
             }) = self.queue.back_mut()
         {
             replies.extend(reply);
-            if config.is_some() {
-                *queued = config;
+            if let Some(mut c) = config {
+                // Asked for with --canary by either: judged by a canary.
+                c.canary |= queued.as_ref().is_some_and(|q| q.canary);
+                *queued = Some(c);
             }
             self.log(
                 Level::Info,
@@ -94,7 +104,7 @@ impl Core {
         }
         if let Some(running) = self.op_name() {
             let asked = match what {
-                Control::Reload => "reload",
+                Control::Reload | Control::ReloadCanary => "reload",
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
@@ -107,7 +117,7 @@ impl Core {
             );
         }
         self.queue.push_back(match what {
-            Control::Reload => Queued::Reload {
+            Control::Reload | Control::ReloadCanary => Queued::Reload {
                 replies: reply.into_iter().collect(),
                 config,
             },
@@ -166,7 +176,18 @@ impl Core {
                     .as_ref()
                     .map_or(self.slots.len() as u32, |n| n.policy.instances)
                     .min(self.slots.len() as u32);
-                self.begin_reload((0..stay).collect(), replies, next, SwapReason::Reload);
+                // The reload is judged by the rules it brings.
+                let policy = next.as_ref().map_or(&self.policy, |n| &n.policy);
+                let canary = (next.as_ref().is_some_and(|n| n.canary)
+                    || policy.reload_strategy == ReloadStrategy::Canary)
+                    .then_some(policy.canary);
+                self.begin_reload(
+                    (0..stay).collect(),
+                    replies,
+                    next,
+                    SwapReason::Reload,
+                    canary,
+                );
             }
             Queued::ReloadSlots(slots, reason) => {
                 let slots: Vec<u32> = slots
@@ -174,7 +195,7 @@ impl Core {
                     .filter(|i| (*i as usize) < self.slots.len())
                     .collect();
                 if !slots.is_empty() {
-                    self.begin_reload(slots, Vec::new(), None, reason);
+                    self.begin_reload(slots, Vec::new(), None, reason, None);
                 }
             }
             Queued::Restart(reply) => self.begin_restart(reply),
@@ -408,6 +429,7 @@ impl Core {
         replies: Vec<ReplyId>,
         next: Option<Box<NewConfig>>,
         reason: SwapReason,
+        canary: Option<Canary>,
     ) {
         let slots: Vec<u32> = slots
             .into_iter()
@@ -431,8 +453,23 @@ impl Core {
             None => self.slots.len() as u32,
         };
         let summary = next.as_ref().map(|n| n.summary.clone());
+        // A canary needs a baseline beside it: two slots at least.
+        let canary = match canary {
+            Some(_) if slots.len() < 2 => {
+                self.log(
+                    Level::Notice,
+                    "canary reload: a canary needs a baseline beside it, so at least 2 workers; swapping the only one as a rolling reload does".into(),
+                );
+                None
+            }
+            c => c,
+        };
+        let (pending, judged) = match canary {
+            Some(settings) => (Vec::new(), Some((slots, settings))),
+            None => (slots, None),
+        };
         self.op = Some(Op::Reload {
-            pending: slots.into_iter().collect(),
+            pending: pending.into_iter().collect(),
             in_flight: BTreeSet::new(),
             total,
             done: 0,
@@ -445,11 +482,19 @@ impl Core {
             next,
             summary,
             reason,
+            canary: None,
         });
+        if let Some((slots, settings)) = judged {
+            self.begin_canary(slots[0], slots[1], slots[1..].to_vec(), settings);
+        }
     }
 
     /// Start replacements while fewer than `reload_parallel` are in flight.
     fn pump_reload(&mut self) {
+        self.canary_step();
+        if self.canary_holds() {
+            return;
+        }
         loop {
             let Some(Op::Reload {
                 pending,
@@ -515,6 +560,7 @@ impl Core {
         if !matches!(self.op, Some(Op::Reload { .. })) {
             return;
         }
+        let canary_left = self.canary_left_serving();
         let Some(Op::Reload {
             in_flight,
             replies,
@@ -544,6 +590,12 @@ impl Core {
         }
         for index in in_flight {
             self.incoming_gone(index);
+        }
+        if let Some(slot) = canary_left {
+            // Its rollback failed (or it never got judged): its slot is
+            // swapped to the configuration in force next, the same way.
+            self.queue
+                .push_front(Queued::ReloadSlots(vec![slot], SwapReason::Reload));
         }
         let msg = format!("reload failed: {reason}; the previous workers keep serving");
         self.log_event(Level::Error, msg.clone(), Milestone::ReloadFailed);
@@ -653,6 +705,8 @@ impl Core {
         if let Some(Op::Reload { draining, .. }) = &mut self.op {
             draining.retain(|id| self.workers.contains_key(id));
         }
+        let rolled_back = self.canary_rolled_back();
+        let held = self.canary_holds();
         let done = match &self.op {
             None | Some(Op::Reexec { .. }) => return,
             Some(Op::Start { waiting, .. }) => self.settled(waiting),
@@ -667,8 +721,8 @@ impl Core {
                 pending.is_empty()
                     && in_flight.is_empty()
                     && draining.is_empty()
-                    && self.slots.len() as u32 >= *grow_to
-                    && self.settled(growing)
+                    && (rolled_back.is_some()
+                        || (!held && self.slots.len() as u32 >= *grow_to && self.settled(growing)))
             }
         };
         if !done {
@@ -706,6 +760,26 @@ impl Core {
                 };
                 for r in replies {
                     self.reply(r, result.clone());
+                }
+            }
+            Some(Op::Reload {
+                replies, started, ..
+            }) if rolled_back.is_some() => {
+                let took = self.now.saturating_duration_since(started).as_millis();
+                self.counters.last_reload_ms = took as u64;
+                self.counters.reloads_rolled_back += 1;
+                let msg = format!(
+                    "reload rolled back: {}; every worker runs the configuration in force",
+                    rolled_back.unwrap_or_default()
+                );
+                self.log_event(Level::Error, msg.clone(), Milestone::ReloadRolledBack);
+                self.bus(BusSignal::ReloadFinished {
+                    ok: false,
+                    message: msg.clone(),
+                });
+                self.notify_ready();
+                for r in replies {
+                    self.reply(r, Err(CtlError::ReloadFailed(msg.clone())));
                 }
             }
             Some(Op::Reload {

@@ -198,6 +198,7 @@ impl Configs {
         self.pending.insert(generation, new);
         Accepted {
             config: NewConfig {
+                canary: false,
                 policy,
                 resize: d.resized,
                 generation,

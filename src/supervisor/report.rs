@@ -148,6 +148,7 @@ impl Core {
                     replaced_memory: slot.replaced.memory,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    outcomes: w.outcomes,
                 }),
                 None => workers.push(WorkerInfo {
                     instance: index,
@@ -166,6 +167,7 @@ impl Core {
                     replaced_memory: slot.replaced.memory,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    outcomes: None,
                 }),
             }
         }
@@ -191,6 +193,7 @@ impl Core {
                     replaced_memory: replaced.memory,
                     replaced_hang: replaced.hang,
                     replaced_reload: replaced.reload,
+                    outcomes: w.outcomes,
                 });
             }
         }

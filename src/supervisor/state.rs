@@ -67,6 +67,10 @@ pub(super) struct Worker {
     pub(super) closed: bool,
     /// Its keep-alive connections (see [`super::share`]).
     pub(super) conns: Conns,
+    /// Its request outcomes as it last reported them (cumulative).
+    pub(super) outcomes: Option<crate::outcomes::Outcomes>,
+    /// A report of its was refused (logged once).
+    pub(super) outcomes_refused: bool,
 }
 
 /// Why a slot's worker was replaced, counted per slot.
@@ -171,6 +175,8 @@ pub(super) enum Op {
         /// What the new configuration changed, if the reload brought one.
         summary: Option<String>,
         reason: SwapReason,
+        /// A canary reload's canary and baseline, and its verdict.
+        canary: Option<Box<super::canary::CanaryRun>>,
     },
     /// Replacing the manager's own program: first the new one is checked
     /// (`checked` false), then the driver hands everything over and execs.

@@ -195,6 +195,7 @@ impl World {
         self.next_reply += 1;
         self.send(Event::Reconfigure {
             config: Box::new(NewConfig {
+                canary: false,
                 resize: policy.instances != self.core.snapshot().instances,
                 policy,
                 generation,
@@ -1168,7 +1169,10 @@ fn a_new_configuration_can_turn_the_memory_check_on() {
 fn beat(w: &mut World, id: WorkerId) {
     w.send(Event::Said {
         worker: id,
-        said: Said::Beat { delay_ms: 3 },
+        said: Said::Beat {
+            delay_ms: 3,
+            outcomes: None,
+        },
     });
 }
 
@@ -2358,3 +2362,4 @@ fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
     ));
     assert!(w.spawns_since(mark).is_empty());
 }
+mod canary;

@@ -41,6 +41,8 @@ pub enum TimerKey {
     Watch,
     /// `drain_before_stop` is over: the workers are asked to stop.
     DrainStop,
+    /// A canary reload's soak is up, or its next look is due.
+    Canary,
 }
 
 #[derive(Debug, Default)]
