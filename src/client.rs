@@ -107,6 +107,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .collect();
         // Older managers have no such property either.
         let next_cron = p.next_cron_reload().await.unwrap_or(0);
+        // Older managers have no such property: no line then.
+        let cgroups = p.cgroups().await.ok();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -123,6 +125,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "instances": instances, "ready_workers": ready, "workers": ws,
                 "manager_pid": manager_pid, "via": reached.via.to_json(),
                 "next_cron_reload_unix_ms": (next_cron > 0).then_some(next_cron),
+                "cgroups": cgroups,
             });
             outln!("{doc}");
         } else {
@@ -159,6 +162,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            if let Some(c) = &cgroups {
+                outln!("{}", discover::printable(c));
             }
             if next_cron > 0 {
                 let at = std::time::UNIX_EPOCH + Duration::from_millis(next_cron);
@@ -340,7 +346,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     let pids: Vec<u32> = pids.filter(|p| *p > 0).collect();
     let first: Vec<f64> = pids
         .iter()
-        .map(|p| crate::worker::process::cpu_seconds(*p as i32))
+        .map(|p| crate::cgroup::worker_cpu_seconds(*p as i32))
         .collect();
     let t0 = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -348,7 +354,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     pids.iter()
         .zip(first)
         .map(|(p, before)| {
-            let now = crate::worker::process::cpu_seconds(*p as i32);
+            let now = crate::cgroup::worker_cpu_seconds(*p as i32);
             (*p, 100.0 * (now - before).max(0.0) / wall)
         })
         .collect()

@@ -74,6 +74,7 @@
 //! it over) in a private directory ([`rundir`]), or, for a file of several
 //! apps, starts a manager for each and waits for them ([`herd`]).
 
+pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -43,6 +43,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
+    fn cgroups(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
     #[zbus(signal)]
     fn worker_state_changed(&self, instance: u32, pid: u32, state: String) -> zbus::Result<()>;

@@ -33,7 +33,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{AppMetricsRequest, Handle, Snapshot};
 use crate::logs;
-use crate::worker::process;
 
 /// How long a scrape waits for the workers' own metrics.
 pub const APP_METRICS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -393,7 +392,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         let rss = if w.pid > 0 {
-            process::rss_bytes(w.pid)
+            crate::cgroup::worker_memory_bytes(w.pid)
         } else {
             0
         };
@@ -410,7 +409,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         let cpu = if w.pid > 0 {
-            process::cpu_seconds(w.pid)
+            crate::cgroup::worker_cpu_seconds(w.pid)
         } else {
             0.0
         };

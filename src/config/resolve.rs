@@ -176,6 +176,9 @@ pub fn resolve(
             exp_backoff_restart_delay: raw.exp_backoff_restart_delay.unwrap_or_default(),
             autorestart: raw.autorestart.unwrap_or(true),
             max_memory_restart: raw.max_memory_restart,
+            max_memory: raw.max_memory,
+            cpu_weight: raw.cpu_weight,
+            pids_max: raw.pids_max,
             max_event_loop_delay: raw.max_event_loop_delay,
             metrics: over.metrics.clone().or(raw.metrics.clone()),
             listen: if over.listen.is_empty() {

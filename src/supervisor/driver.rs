@@ -220,6 +220,7 @@ impl Driver {
                 process::signal(w.pid, Signal::SIGKILL);
                 continue;
             };
+            crate::cgroup::adopt(w.pid);
             let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
             if let Some(fd) = dup(&w.stdout) {
                 sources::output(fd, index, w.pid, Stream::Stdout);
@@ -406,6 +407,7 @@ impl Driver {
             };
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
+            crate::cgroup::reaped(pid);
             self.procs.remove(&worker);
             self.close_left_sockets();
             self.event(Event::Exited { worker, status });
@@ -644,6 +646,7 @@ impl Driver {
                 Effect::Stop { worker, by } => self.stop(worker, by),
                 Effect::Kill { worker } => {
                     if let Some(p) = self.procs.get(&worker) {
+                        crate::cgroup::kill(p.pid);
                         process::kill_group(p.pid);
                         process::signal(p.pid, Signal::SIGKILL);
                     }
@@ -679,7 +682,7 @@ impl Driver {
                         .into_iter()
                         .filter_map(|id| {
                             let p = self.procs.get(&id)?;
-                            Some((id, process::rss_bytes(p.pid)))
+                            Some((id, crate::cgroup::worker_memory_bytes(p.pid)))
                         })
                         .collect();
                     follow.push_back(Event::MemorySample(sample));
@@ -711,11 +714,21 @@ impl Driver {
 
     fn spawn(&mut self, worker: WorkerId, index: u32, generation: u64) -> Event {
         let launcher = self.configs.launcher(generation);
+        let leaf = match crate::cgroup::prepare(index, worker.0, launcher.limits()) {
+            Ok(leaf) => leaf,
+            Err(e) => {
+                return Event::SpawnFailed {
+                    worker,
+                    error: format!("{e:#}"),
+                };
+            }
+        };
         let result = self
             .sockets
             .for_slot(index)
             .map_err(anyhow::Error::from)
-            .and_then(|listeners| launcher.spawn(index, listeners));
+            .and_then(|listeners| launcher.spawn_in(index, listeners, leaf.as_ref()));
+        let result = crate::cgroup::started(result.map(|s| (s.pid, s)), leaf).map(|(_, s)| s);
         let Spawned {
             pid,
             ipc,
