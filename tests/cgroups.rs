@@ -116,11 +116,10 @@ fn cgroup_of(pid: i32) -> String {
 }
 
 fn rel(dir: &Path) -> String {
-    // The mount is the first two or three components; the test's cgroup
-    // name is unique, so matching on the tail is enough.
+    // The test's cgroup sits right under the mount; its name is unique.
     let s = dir.display().to_string();
-    let name = dir.file_name().unwrap().to_string_lossy().to_string();
-    s[s.find(&name).unwrap()..].to_string()
+    let at = s.find("nodeherd-test-").unwrap();
+    s[at..].to_string()
 }
 
 fn run_args<'a>(script: &'a str, instances: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -158,9 +157,12 @@ fn metric(port: u16, line_start: &str) -> Option<f64> {
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
+    // `name{...labels...} value`, labels in any order.
+    let (name, label) = line_start.split_once('{').unwrap();
+    let label = label.trim_end_matches(['}', ' ']);
     buf.lines()
-        .find_map(|l| l.strip_prefix(line_start))
-        .and_then(|v| v.trim().parse().ok())
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
 }
 
 fn proc_cpu_seconds(pid: i32) -> f64 {
