@@ -212,7 +212,9 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\134", "\\")
 }
 
 /// The cgroup2 path (`0::/...`) of a `/proc/PID/cgroup` text.
@@ -315,7 +317,11 @@ pub fn memory_high(max: u64) -> u64 {
 
 /// Each worker's memory budget: the app's `max_memory`, else the unit's
 /// `MemoryMax=` shared out among `instances`.
-pub fn worker_memory(max_memory: Option<u64>, unit_max: Option<u64>, instances: u32) -> Option<u64> {
+pub fn worker_memory(
+    max_memory: Option<u64>,
+    unit_max: Option<u64>,
+    instances: u32,
+) -> Option<u64> {
     max_memory.or_else(|| unit_max.map(|m| m / u64::from(instances.max(1))))
 }
 
@@ -475,6 +481,30 @@ pub fn memory_events(pid: i32) -> Option<MemoryEvents> {
     Some(MemoryEvents::parse(&s))
 }
 
+/// Worker `pid`'s cgroup says the kernel OOM-killed in it: how, in words
+/// ("OOM-killed at 128 MiB"), for the journal. Ask before [`reaped`].
+pub fn oom_killed(pid: i32) -> Option<String> {
+    let events = memory_events(pid)?;
+    let leaf = leaf_of(pid)?;
+    (events.oom_kill > 0).then(|| {
+        oom_words(
+            &events,
+            std::fs::read_to_string(leaf.join("memory.max")).ok(),
+        )
+    })
+}
+
+/// The journal's words for an OOM kill, `memory.max` as the file says it.
+pub fn oom_words(events: &MemoryEvents, memory_max: Option<String>) -> String {
+    let at = memory_max
+        .and_then(|m| m.trim().parse::<u64>().ok())
+        .map_or(String::new(), |m| format!(" at {} MiB", m >> 20));
+    format!(
+        "OOM-killed{at} (memory.events: oom_kill {}, max {}, high {})",
+        events.oom_kill, events.max, events.high
+    )
+}
+
 /// Worker `pid`'s memory pressure (`memory.pressure`), if it has it.
 pub fn memory_pressure(pid: i32) -> Option<Pressure> {
     let leaf = leaf_of(pid)?;
@@ -599,7 +629,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "29 23 0:25 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate";
-        assert_eq!(cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         // A bind of a subtree cannot map /proc paths.
         let sub = "29 23 0:25 /system.slice /mnt rw - cgroup2 cgroup2 rw";
         assert_eq!(cgroup2_mount(sub), None);
@@ -651,13 +684,29 @@ mod tests {
     #[test]
     fn budgets_derive_from_the_key_or_the_unit() {
         let m = 1 << 20;
-        assert_eq!(worker_memory(Some(128 * m), Some(4096 * m), 4), Some(128 * m));
+        assert_eq!(
+            worker_memory(Some(128 * m), Some(4096 * m), 4),
+            Some(128 * m)
+        );
         assert_eq!(worker_memory(None, Some(1024 * m), 4), Some(256 * m));
         assert_eq!(worker_memory(None, Some(1024 * m), 0), Some(1024 * m));
         assert_eq!(worker_memory(None, None, 4), None);
         assert_eq!(memory_high(100 * m), 90 * m);
         assert_eq!(heap_mib(128 * m), 96);
         assert_eq!(heap_mib(m), 16);
+    }
+
+    #[test]
+    fn an_oom_kill_is_said_with_the_budget() {
+        let e = MemoryEvents::parse("low 0\nhigh 40\nmax 9\noom 1\noom_kill 1\n");
+        assert_eq!(
+            oom_words(&e, Some("134217728\n".into())),
+            "OOM-killed at 128 MiB (memory.events: oom_kill 1, max 9, high 40)"
+        );
+        assert_eq!(
+            oom_words(&e, Some("max\n".into())),
+            "OOM-killed (memory.events: oom_kill 1, max 9, high 40)"
+        );
     }
 
     #[test]

@@ -63,7 +63,12 @@ impl Delegated {
             .arg(&self.dir)
             .arg(BIN)
             .args(args);
-        for k in ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "RUNTIME_DIRECTORY"] {
+        for k in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "RUNTIME_DIRECTORY",
+        ] {
             cmd.env_remove(k);
         }
         for (k, v) in envs {
@@ -77,7 +82,12 @@ impl Delegated {
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("worker-"))
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("worker-")
+            })
             .collect();
         v.sort();
         v
@@ -184,7 +194,11 @@ fn every_worker_runs_in_a_cgroup_of_its_own_and_the_manager_in_a_leaf() {
     let script = path_str(&app("cgroup_worker.js"));
     let m = cg.start(&run_args(&script, "2", &[]), &[]);
     assert!(m.wait_log("2/2 workers ready", T), "{}", m.log());
-    assert!(m.log().contains("per-worker cgroups on under"), "{}", m.log());
+    assert!(
+        m.log().contains("per-worker cgroups on under"),
+        "{}",
+        m.log()
+    );
     let root = rel(&cg.dir);
     assert_eq!(cgroup_of(m.pid()), format!("/{root}/supervisor"));
     let mut seen: Vec<String> = m.workers().iter().map(|&w| cgroup_of(w)).collect();
@@ -234,7 +248,11 @@ fn a_workers_child_counts_in_its_cpu_and_goes_with_it() {
     let (_, body) = get(port, "/burn").unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let child = v["child"].as_i64().unwrap() as i32;
-    assert_eq!(cgroup_of(child), cgroup_of(worker), "the child is in its worker's cgroup");
+    assert_eq!(
+        cgroup_of(child),
+        cgroup_of(worker),
+        "the child is in its worker's cgroup"
+    );
     // The child's CPU shows in the worker's figure; the worker's own is tiny.
     let sample = r#"nodeherd_worker_cpu_seconds_total{worker="0"} "#;
     assert!(
@@ -283,11 +301,7 @@ fn a_process_outside_the_workers_cgroup_cannot_make_it_ready() {
     std::fs::create_dir(&escape).unwrap();
     let script = path_str(&app("cgroup_worker.js"));
     let m = cg.start(
-        &run_args(
-            &script,
-            "1",
-            &["--wait-ready", "--listen-timeout", "60000"],
-        ),
+        &run_args(&script, "1", &["--wait-ready", "--listen-timeout", "60000"]),
         &[("CG_ESCAPE", &path_str(&escape))],
     );
     assert!(m.wait_log("sent READY=1", T), "{}", m.log());
@@ -341,7 +355,13 @@ fn a_memory_budget_sizes_the_heap_and_says_when_its_controller_is_missing() {
         r#""instances": 1, "max_memory": "128M", "pids_max": 64, "cpu_weight": 50"#,
     );
     let m = cg.start(
-        &["run", &path_str(&config), "--listen", "127.0.0.1:0", "--no-bus"],
+        &[
+            "run",
+            &path_str(&config),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
         &[],
     );
     assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
@@ -351,7 +371,9 @@ fn a_memory_budget_sizes_the_heap_and_says_when_its_controller_is_missing() {
     let controllers = std::fs::read_to_string(cg.dir.join("cgroup.controllers")).unwrap();
     if controllers.contains("memory") {
         assert_eq!(
-            std::fs::read_to_string(leaf.join("memory.max")).unwrap().trim(),
+            std::fs::read_to_string(leaf.join("memory.max"))
+                .unwrap()
+                .trim(),
             (128u64 << 20).to_string()
         );
     } else {
@@ -382,10 +404,19 @@ fn an_app_that_sizes_its_own_heap_keeps_it() {
         r#""instances": 1, "max_memory": "128M", "node_args": "--max-old-space-size=200""#,
     );
     let m = cg.start(
-        &["run", &path_str(&config), "--listen", "127.0.0.1:0", "--no-bus"],
+        &[
+            "run",
+            &path_str(&config),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
         &[],
     );
     assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
     let (_, body) = get(m.port(), "/").unwrap();
-    assert!(body.contains("--max-old-space-size=200") && !body.contains("=96"), "{body}");
+    assert!(
+        body.contains("--max-old-space-size=200") && !body.contains("=96"),
+        "{body}"
+    );
 }

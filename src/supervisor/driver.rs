@@ -407,6 +407,10 @@ impl Driver {
             };
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
+            if let Some(words) = crate::cgroup::oom_killed(pid) {
+                let slot = self.core.slot_of(worker).unwrap_or(0);
+                logs::warn(&format!("worker {slot} (pid {pid}) {words}"));
+            }
             crate::cgroup::reaped(pid);
             self.procs.remove(&worker);
             self.close_left_sockets();
