@@ -226,6 +226,17 @@ pub fn unified_path(proc_cgroup: &str) -> Option<String> {
 }
 
 fn is_delegated(dir: &Path) -> bool {
+    // systemd hands a delegated cgroup to the unit's User= (its xattr
+    // below is trusted.*, which only root may read). A user session's scope
+    // is the user's too, but no service of its own (no INVOCATION_ID).
+    use std::os::unix::fs::MetadataExt;
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0
+        && std::env::var_os("INVOCATION_ID").is_some()
+        && std::fs::metadata(dir).is_ok_and(|m| m.uid() == euid)
+    {
+        return true;
+    }
     let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
