@@ -136,13 +136,15 @@ fn detect() -> std::result::Result<Tree, String> {
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let rel = unified_path(&own).ok_or("this process is in no cgroup2 cgroup")?;
     let dir = join(&mount, &rel);
-    let root = if is_delegated(&dir) {
-        dir.clone()
-    } else if dir.file_name().is_some_and(|n| n == SUPERVISOR)
+    // The leaf first: the manager made it, so it is its user's, and would
+    // pass for a delegated cgroup of its own after a re-exec.
+    let root = if dir.file_name().is_some_and(|n| n == SUPERVISOR)
         && dir.parent().is_some_and(is_delegated)
     {
         // DelegateSubgroup=supervisor, or our own move before a re-exec.
         dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else if is_delegated(&dir) {
+        dir.clone()
     } else {
         return Err(format!(
             "the cgroup {} is not delegated to this manager (run it from a unit with Delegate=yes)",
@@ -400,7 +402,10 @@ pub fn leaf_of(pid: i32) -> Option<PathBuf> {
     let worker = dir
         .file_name()
         .is_some_and(|n| n.to_string_lossy().starts_with(WORKER_PREFIX));
-    (worker && dir.parent().is_some_and(is_delegated)).then_some(dir)
+    // Beside the manager's own leaf: a figure to show, not a right to grant,
+    // and trusted.delegate is for root's eyes only.
+    let beside = dir.parent().is_some_and(|p| p.join(SUPERVISOR).is_dir());
+    (worker && beside).then_some(dir)
 }
 
 /// Is `sender` inside worker `worker_pid`'s cgroup? `true` when that worker
