@@ -138,6 +138,8 @@ pub struct WorkerInfo {
     pub loop_delay_ms: Option<u32>,
     /// The slot's replacements by cause: memory, hang, reload (crashes are `restarts`).
     pub replaced_memory: u32,
+    /// ... and by sustained memory pressure in its cgroup.
+    pub replaced_memory_pressure: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
 }

@@ -365,6 +365,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
         for (reason, n) in [
             ("crash", w.restarts),
             ("memory", w.replaced_memory),
+            ("memory_pressure", w.replaced_memory_pressure),
             ("hang", w.replaced_hang),
             ("reload", w.replaced_reload),
         ] {

@@ -682,6 +682,7 @@ impl Driver {
                 }
                 Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
                 Effect::SampleMemory(ids) => {
+                    let sample_ids = ids.clone();
                     let sample = ids
                         .into_iter()
                         .filter_map(|id| {
@@ -690,6 +691,14 @@ impl Driver {
                         })
                         .collect();
                     follow.push_back(Event::MemorySample(sample));
+                    let pressure: Vec<(WorkerId, f64)> = sample_ids
+                        .iter()
+                        .filter_map(|id| {
+                            let p = self.procs.get(id)?;
+                            Some((*id, crate::cgroup::memory_pressure(p.pid)?.some_avg10))
+                        })
+                        .collect();
+                    follow.push_back(Event::PressureSample(pressure));
                 }
                 Effect::Notify(n) => match n {
                     SdNotify::Ready(s) => notify::ready(&s),

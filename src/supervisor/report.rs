@@ -142,6 +142,7 @@ impl Core {
                     status_text: w.status_text.clone(),
                     loop_delay_ms: w.loop_delay_ms,
                     replaced_memory: slot.replaced.memory,
+                    replaced_memory_pressure: slot.replaced.memory_pressure,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
                 }),
@@ -160,6 +161,7 @@ impl Core {
                     status_text: None,
                     loop_delay_ms: None,
                     replaced_memory: slot.replaced.memory,
+                    replaced_memory_pressure: slot.replaced.memory_pressure,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
                 }),
@@ -185,6 +187,7 @@ impl Core {
                     status_text: w.status_text.clone(),
                     loop_delay_ms: w.loop_delay_ms,
                     replaced_memory: replaced.memory,
+                    replaced_memory_pressure: replaced.memory_pressure,
                     replaced_hang: replaced.hang,
                     replaced_reload: replaced.reload,
                 });
