@@ -14,7 +14,10 @@
 //! <unit cgroup>/            delegated (systemd's `trusted.delegate` xattr)
 //!   supervisor/             the manager (DelegateSubgroup=supervisor, or
 //!                           moved there by the manager itself at start)
-//!   worker-<slot>-<id>/     one per worker process, made before its exec
+//!   worker-<slot>-<manager pid>-<id>/
+//!                           one per worker process, made before its exec
+//!                           (the manager's pid: a file of several apps
+//!                           runs a manager per app in one unit)
 //!   .control/               systemd's ExecReload= and friends: not ours
 //! ```
 //!
@@ -278,12 +281,13 @@ pub fn prepare(index: u32, id: u64, limits: &Limits) -> Result<Option<Leaf>> {
     let Some(t) = tree() else {
         return Ok(None);
     };
-    let path = t.root.join(format!("{WORKER_PREFIX}{index}-{id}"));
-    match std::fs::create_dir(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("creating the cgroup {}", path.display())),
-    }
+    let path = t.root.join(format!(
+        "{WORKER_PREFIX}{index}-{}-{id}",
+        std::process::id()
+    ));
+    // Never one that is there: a worker shares its cgroup with no other.
+    std::fs::create_dir(&path)
+        .with_context(|| format!("creating the cgroup {}", path.display()))?;
     write_limits(&path, limits, &t.controllers)?;
     let procs = std::fs::OpenOptions::new()
         .write(true)

@@ -210,7 +210,12 @@ fn every_worker_runs_in_a_cgroup_of_its_own_and_the_manager_in_a_leaf() {
         .collect();
     assert_eq!(seen, dirs, "workers and their cgroups");
     assert_eq!(dirs.len(), 2);
-    assert!(dirs[0].contains("/worker-0-") && dirs[1].contains("/worker-1-"));
+    let me = m.pid();
+    assert!(
+        dirs[0].contains(&format!("/worker-0-{me}-"))
+            && dirs[1].contains(&format!("/worker-1-{me}-")),
+        "{dirs:?}"
+    );
     // Without the memory controller (a hybrid host), the budget says it is off.
     let controllers = std::fs::read_to_string(cg.dir.join("cgroup.controllers")).unwrap();
     assert_eq!(
@@ -419,4 +424,30 @@ fn an_app_that_sizes_its_own_heap_keeps_it() {
         body.contains("--max-old-space-size=200") && !body.contains("=96"),
         "{body}"
     );
+}
+
+#[test]
+fn two_apps_in_one_cgroup_never_share_a_workers_cgroup() {
+    let Some(cg) = Delegated::new("herd") else {
+        return;
+    };
+    let dir = tempdir::Dir::new("cg-herd");
+    let eco = serde_json::json!({"apps": [
+        {"name": "one", "script": app("cgroup_worker.js"), "instances": 1, "listen": "127.0.0.1:0"},
+        {"name": "two", "script": app("cgroup_worker.js"), "instances": 1, "listen": "127.0.0.1:0"},
+    ]});
+    let file = path_str(&dir.write("ecosystem.json", &eco.to_string()));
+    let m = cg.start(&["run", &file, "--no-bus"], &[]);
+    assert!(
+        wait_until(T, || m.log().matches("1/1 workers ready").count() == 2),
+        "{}",
+        m.log()
+    );
+    // A manager per app, each with its worker in a cgroup of its own.
+    let managers = m.workers();
+    let workers: Vec<i32> = managers.iter().flat_map(|&p| children(p)).collect();
+    assert_eq!(workers.len(), 2, "{}", m.log());
+    let (a, b) = (cgroup_of(workers[0]), cgroup_of(workers[1]));
+    assert!(a.contains("/worker-0-") && b.contains("/worker-0-") && a != b, "{a} {b}");
+    assert_eq!(cg.worker_cgroups().len(), 2);
 }

@@ -2,7 +2,7 @@
 # Per-worker cgroups under a booted systemd (issue 28): the template unit
 # delegates its cgroup (Delegate=yes), the manager runs in supervisor/
 # (DelegateSubgroup= on systemd >= 254, its own move before), each worker
-# in a worker-SLOT-ID/ of its own, made before its exec.
+# in a worker-SLOT-PID-ID/ of its own, made before its exec.
 #
 #   tests/systemd/cgroups.sh [--root host|trixie] [NODEHERD_BINARY]
 #
