@@ -448,6 +448,9 @@ fn two_apps_in_one_cgroup_never_share_a_workers_cgroup() {
     let workers: Vec<i32> = managers.iter().flat_map(|&p| children(p)).collect();
     assert_eq!(workers.len(), 2, "{}", m.log());
     let (a, b) = (cgroup_of(workers[0]), cgroup_of(workers[1]));
-    assert!(a.contains("/worker-0-") && b.contains("/worker-0-") && a != b, "{a} {b}");
+    assert!(
+        a.contains("/worker-0-") && b.contains("/worker-0-") && a != b,
+        "{a} {b}"
+    );
     assert_eq!(cg.worker_cgroups().len(), 2);
 }
