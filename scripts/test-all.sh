@@ -75,6 +75,8 @@ if [ "$(id -u)" -eq 0 ]; then
   step "D-Bus policy and authorization against a real dbus-daemon" tests/systemd/dbus-policy.sh target/release/nodeherd
   step "end to end under a booted systemd, Debian 12 (systemd 252, dbus-daemon, polkit)" tests/systemd/e2e.sh target/release/nodeherd
   step "end to end under a booted systemd, Debian 13 (systemd 257, dbus-broker, polkit)" tests/systemd/e2e.sh --root trixie target/release/nodeherd
+  step "per-worker cgroups under a booted systemd, Debian 12 (systemd 252)" tests/systemd/cgroups.sh target/release/nodeherd
+  step "per-worker cgroups under a booted systemd, Debian 13 (systemd 257, DelegateSubgroup=)" tests/systemd/cgroups.sh --root trixie target/release/nodeherd
   step "PM2's verbs under a booted systemd (ls, logs, start, stop, delete)" tests/systemd/pm2-verbs.sh target/release/nodeherd
   step "a fleet of three booted hosts behind HAProxy: roll, restart, stop with 0 failed requests" tests/systemd/fleet.sh target/release/nodeherd
   step "the app's counters survive workers, as a real Prometheus reads them (rate within 5 % across kill -9, reload, scale)" \

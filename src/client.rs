@@ -116,6 +116,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .into_iter()
             .filter_map(|(pid, flat)| Some((pid, crate::outcomes::Outcomes::from_flat(&flat)?)))
             .collect();
+        // Older managers have no such property: no line then.
+        let cgroups = p.cgroups().await.ok();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -136,6 +138,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "last_autopsy": (autopsy.0 > 0).then(|| serde_json::json!({
                     "unix_ms": autopsy.0, "path": autopsy.1,
                 })),
+                "cgroups": cgroups,
             });
             outln!("{doc}");
         } else {
@@ -172,6 +175,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            if let Some(c) = &cgroups {
+                outln!("{}", discover::printable(c));
             }
             if next_cron > 0 {
                 let at = std::time::UNIX_EPOCH + Duration::from_millis(next_cron);
@@ -406,7 +412,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     let pids: Vec<u32> = pids.filter(|p| *p > 0).collect();
     let first: Vec<f64> = pids
         .iter()
-        .map(|p| crate::worker::process::cpu_seconds(*p as i32))
+        .map(|p| crate::cgroup::worker_cpu_seconds(*p as i32))
         .collect();
     let t0 = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -414,7 +420,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     pids.iter()
         .zip(first)
         .map(|(p, before)| {
-            let now = crate::worker::process::cpu_seconds(*p as i32);
+            let now = crate::cgroup::worker_cpu_seconds(*p as i32);
             (*p, 100.0 * (now - before).max(0.0) / wall)
         })
         .collect()

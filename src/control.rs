@@ -184,6 +184,8 @@ pub struct WorkerInfo {
     pub loop_delay_ms: Option<u32>,
     /// The slot's replacements by cause: memory, hang, reload (crashes are `restarts`).
     pub replaced_memory: u32,
+    /// ... and by sustained memory pressure in its cgroup.
+    pub replaced_memory_pressure: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
     /// Its request outcomes as it last reported them (None: not yet, or no

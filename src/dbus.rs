@@ -668,7 +668,7 @@ impl Manager {
             .map(|w| {
                 let uptime = w.started.map_or(Duration::ZERO, |s| s.elapsed());
                 let mem = if w.pid > 0 {
-                    crate::worker::process::rss_bytes(w.pid)
+                    crate::cgroup::worker_memory_bytes(w.pid)
                 } else {
                     0
                 };
@@ -740,6 +740,13 @@ impl Manager {
             .into_iter()
             .filter_map(|w| Some((w.pid.max(0) as u32, w.outcomes?.flat())))
             .collect()
+    }
+
+    /// Whether each worker runs in a cgroup of its own, and which limits
+    /// apply; or why not ("per-worker cgroups off: ...").
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn cgroups(&self) -> String {
+        crate::cgroup::summary()
     }
 
     /// A worker changed state (starting, ready, stopping, exited, errored).

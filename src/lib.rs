@@ -78,6 +78,7 @@
 //! apps, starts a manager for each and waits for them ([`herd`]).
 
 pub mod autopsy;
+pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -50,6 +50,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn worker_status_texts(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
+    fn cgroups(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
     #[zbus(property)]
     fn request_outcomes(&self) -> zbus::Result<Vec<(u32, Vec<u64>)>>;

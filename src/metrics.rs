@@ -35,7 +35,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::control::{AppMetricsRequest, Handle, Snapshot};
 use crate::logs;
 use crate::tally::{Answer, Tally};
-use crate::worker::process;
 
 /// How long a scrape waits for the workers' own metrics.
 pub const APP_METRICS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -467,6 +466,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
         for (reason, n) in [
             ("crash", w.restarts),
             ("memory", w.replaced_memory),
+            ("memory_pressure", w.replaced_memory_pressure),
             ("hang", w.replaced_hang),
             ("reload", w.replaced_reload),
         ] {
@@ -494,7 +494,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         let rss = if w.pid > 0 {
-            process::rss_bytes(w.pid)
+            crate::cgroup::worker_memory_bytes(w.pid)
         } else {
             0
         };
@@ -511,7 +511,7 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         let cpu = if w.pid > 0 {
-            process::cpu_seconds(w.pid)
+            crate::cgroup::worker_cpu_seconds(w.pid)
         } else {
             0.0
         };

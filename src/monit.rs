@@ -21,7 +21,6 @@ use futures_util::StreamExt;
 use crate::cli::AppArgs;
 use crate::client::{Failure, Manager1Proxy, reach, run_client};
 use crate::dbus::WorkerTuple;
-use crate::worker::process;
 
 /// Events kept for the view.
 const EVENTS: usize = 6;
@@ -172,7 +171,7 @@ async fn refresh(p: &Manager1Proxy<'static>, m: &mut Model) -> Result<(), Failur
         if pid == 0 {
             continue;
         }
-        let secs = process::cpu_seconds(pid as i32);
+        let secs = crate::cgroup::worker_cpu_seconds(pid as i32);
         if let Some((before, at)) = m.cpu.get(&pid) {
             let wall = now.duration_since(*at).as_secs_f64();
             if wall > 0.0 {

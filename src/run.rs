@@ -638,6 +638,9 @@ fn driver_for(
     Option<std::os::fd::OwnedFd>,
     Option<(Duration, String)>,
 ) {
+    // Before the first launcher: it derives the workers' budgets from it.
+    crate::cgroup::init();
+    logs::info(&crate::cgroup::summary());
     match start {
         Start::Fresh { listeners, layout } => {
             let info = socket_infos(&listeners);

@@ -63,6 +63,12 @@ pub fn diff(old: &App, new: &App) -> Diff {
         old.max_memory_restart != new.max_memory_restart,
     );
     changed(
+        "worker cgroup limits",
+        old.max_memory != new.max_memory
+            || old.cpu_weight != new.cpu_weight
+            || old.pids_max != new.pids_max,
+    );
+    changed(
         "reload_parallel",
         old.reload_parallel != new.reload_parallel,
     );

@@ -41,6 +41,9 @@ pub struct RawApp {
     pub exp_backoff_restart_delay: Option<Duration>,
     pub autorestart: Option<bool>,
     pub max_memory_restart: Option<u64>,
+    pub max_memory: Option<u64>,
+    pub cpu_weight: Option<u32>,
+    pub pids_max: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
     pub autopsy_on_memory: Option<bool>,
     pub metrics: Option<String>,
@@ -140,6 +143,29 @@ pub const KEYS: &[Key] = &[
     ),
     key!("autorestart", autorestart, v::boolean),
     key!("max_memory_restart", max_memory_restart, v::size),
+    Key {
+        name: "max_memory",
+        set: |r, x| {
+            let b = v::size(x)?;
+            if b < 16 << 20 {
+                return Err("must be at least 16M (a Node worker needs more)".into());
+            }
+            r.max_memory = Some(b);
+            Ok(())
+        },
+    },
+    Key {
+        name: "cpu_weight",
+        set: |r, x| {
+            let n = v::count(x, 10_000)?;
+            if n == 0 {
+                return Err("must be between 1 and 10000 (cgroup cpu.weight)".into());
+            }
+            r.cpu_weight = Some(n as u32);
+            Ok(())
+        },
+    },
+    key!("pids_max", pids_max, |x| v::count(x, 4_194_304)),
     key!("metrics", metrics, v::string),
     key!("health", health, v::string),
     key!("health_agent", health_agent, v::string),

@@ -124,6 +124,13 @@ pub struct App {
     pub autorestart: bool,
     /// Replace a worker whose RSS exceeds this many bytes (through a zero-downtime swap).
     pub max_memory_restart: Option<u64>,
+    /// Each worker's memory budget (its cgroup's `memory.max`, and the V8
+    /// heap derived from it); nodeherd's own key.
+    pub max_memory: Option<u64>,
+    /// Each worker's cgroup `cpu.weight`; nodeherd's own key.
+    pub cpu_weight: Option<u32>,
+    /// Each worker's cgroup `pids.max`; nodeherd's own key.
+    pub pids_max: Option<u64>,
     /// Replace a worker whose event loop has not answered the preload's
     /// heartbeat for this long (nodeherd's own key; off by default).
     pub max_event_loop_delay: Option<Duration>,
@@ -655,6 +662,9 @@ pub(crate) fn test_app() -> App {
         exp_backoff_restart_delay: std::time::Duration::ZERO,
         autorestart: true,
         max_memory_restart: None,
+        max_memory: None,
+        cpu_weight: None,
+        pids_max: None,
         max_event_loop_delay: None,
         autopsy_on_memory: false,
         metrics: None,

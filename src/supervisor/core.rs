@@ -64,6 +64,8 @@ pub struct Core {
     /// The running `Diagnose`: what it captures, and once captured, the
     /// file or why not.
     pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,
+    /// Memory checks in a row each worker was under memory pressure.
+    pub(super) pressed: BTreeMap<WorkerId, u32>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -93,6 +95,7 @@ impl Core {
             cron_next: None,
             drain: None,
             diagnosis: None,
+            pressed: BTreeMap::new(),
             out: Vec::new(),
             now,
         }
@@ -148,7 +151,7 @@ impl Core {
         if let Some(interval) = self.policy.watchdog {
             self.timers.arm(TimerKey::Watchdog, now + interval / 2);
         }
-        if self.policy.max_memory_restart.is_some() {
+        if self.policy.max_memory_restart.is_some() || self.policy.max_memory.is_some() {
             self.timers
                 .arm(TimerKey::MemoryCheck, now + policy::MEMORY_CHECK_EVERY);
         }
@@ -220,6 +223,7 @@ impl Core {
             Event::NotifyFromStranger { pid } => self.on_stranger(pid),
             Event::Flooding { worker } => self.on_flooding(worker),
             Event::MemorySample(samples) => self.on_memory_sample(samples),
+            Event::PressureSample(samples) => self.on_pressure_sample(samples),
             Event::Request { what, reply } => self.submit(what, reply, None),
             Event::Reconfigure { config, reply } => {
                 self.submit(Control::Reload, reply, Some(config))
@@ -488,6 +492,7 @@ impl Core {
                 match reason {
                     SwapReason::Reload | SwapReason::Cron | SwapReason::Watch => r.reload += 1,
                     SwapReason::Memory => r.memory += 1,
+                    SwapReason::MemoryPressure => r.memory_pressure += 1,
                     SwapReason::Hang => r.hang += 1,
                     SwapReason::Closed | SwapReason::Flood | SwapReason::Diagnose => {}
                 }
@@ -773,12 +778,17 @@ impl Core {
             TimerKey::MemoryCheck => {
                 self.timers
                     .arm(TimerKey::MemoryCheck, self.now + policy::MEMORY_CHECK_EVERY);
-                if self.phase != Phase::Running || self.policy.max_memory_restart.is_none() {
+                if self.phase != Phase::Running
+                    || (self.policy.max_memory_restart.is_none()
+                        && self.policy.max_memory.is_none())
+                {
                     return;
                 }
                 if self.op.is_some() {
                     // During a canary's soak, the canary is watched.
-                    if let Some(id) = self.canary_to_sample() {
+                    if self.policy.max_memory_restart.is_some()
+                        && let Some(id) = self.canary_to_sample()
+                    {
                         self.out.push(Effect::SampleMemory(vec![id]));
                     }
                     return;
@@ -1002,6 +1012,53 @@ impl Core {
             self.queue
                 .push_back(Queued::ReloadSlots(over, SwapReason::Memory));
         }
+    }
+
+    /// A worker whose cgroup stays under memory pressure for
+    /// `PRESSURE_CHECKS` checks in a row is close to its `max_memory`: it is
+    /// replaced the zero-downtime way before the kernel OOM-kills it.
+    fn on_pressure_sample(&mut self, samples: Vec<(WorkerId, f64)>) {
+        if self.policy.max_memory.is_none() || self.phase != Phase::Running {
+            return;
+        }
+        // Only workers sampled now keep a count: one gone or relieved starts over.
+        let before = std::mem::take(&mut self.pressed);
+        let mut due = Vec::new();
+        for (id, some_avg10) in samples {
+            if some_avg10 < policy::PRESSURE_LIMIT {
+                continue;
+            }
+            let n = before.get(&id).copied().unwrap_or(0) + 1;
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            let current = self
+                .slots
+                .get(w.index as usize)
+                .is_some_and(|s| s.current == Some(id));
+            if !current || w.state != WState::Ready {
+                continue;
+            }
+            if n >= policy::PRESSURE_CHECKS {
+                due.push((w.index, some_avg10));
+            } else {
+                self.pressed.insert(id, n);
+            }
+        }
+        if due.is_empty() || self.op.is_some() {
+            return;
+        }
+        let slots: Vec<u32> = due.iter().map(|(i, _)| *i).collect();
+        let worst = due.iter().map(|(_, p)| *p).fold(0.0, f64::max);
+        self.log(
+            Level::Warning,
+            format!(
+                "worker(s) {slots:?} in sustained memory pressure (up to {worst:.0}% of the last 10 s waiting on memory, {} checks in a row) near max_memory: replacing them without downtime (memory_pressure)",
+                policy::PRESSURE_CHECKS
+            ),
+        );
+        self.queue
+            .push_back(Queued::ReloadSlots(slots, SwapReason::MemoryPressure));
     }
 
     /// A worker exited with one of `stop_exit_codes`: as PM2, its slot is

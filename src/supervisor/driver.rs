@@ -234,6 +234,7 @@ impl Driver {
                 process::signal(w.pid, Signal::SIGKILL);
                 continue;
             };
+            crate::cgroup::adopt(w.pid);
             let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
             if let Some(fd) = dup(&w.stdout) {
                 sources::output(fd, index, w.pid, Stream::Stdout);
@@ -430,6 +431,11 @@ impl Driver {
             };
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
+            if let Some(words) = crate::cgroup::oom_killed(pid) {
+                let slot = self.core.slot_of(worker).unwrap_or(0);
+                logs::warn(&format!("worker {slot} (pid {pid}) {words}"));
+            }
+            crate::cgroup::reaped(pid);
             self.procs.remove(&worker);
             self.close_left_sockets();
             self.event(Event::Exited { worker, status });
@@ -685,6 +691,7 @@ impl Driver {
                 Effect::Stop { worker, by } => self.stop(worker, by),
                 Effect::Kill { worker } => {
                     if let Some(p) = self.procs.get(&worker) {
+                        crate::cgroup::kill(p.pid);
                         process::kill_group(p.pid);
                         process::signal(p.pid, Signal::SIGKILL);
                     }
@@ -730,14 +737,23 @@ impl Driver {
                 }
                 Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
                 Effect::SampleMemory(ids) => {
+                    let sample_ids = ids.clone();
                     let sample = ids
                         .into_iter()
                         .filter_map(|id| {
                             let p = self.procs.get(&id)?;
-                            Some((id, process::rss_bytes(p.pid)))
+                            Some((id, crate::cgroup::worker_memory_bytes(p.pid)))
                         })
                         .collect();
                     follow.push_back(Event::MemorySample(sample));
+                    let pressure: Vec<(WorkerId, f64)> = sample_ids
+                        .iter()
+                        .filter_map(|id| {
+                            let p = self.procs.get(id)?;
+                            Some((*id, crate::cgroup::memory_pressure(p.pid)?.some_avg10))
+                        })
+                        .collect();
+                    follow.push_back(Event::PressureSample(pressure));
                 }
                 Effect::Notify(n) => match n {
                     SdNotify::Ready(s) => notify::ready(&s),
@@ -766,11 +782,21 @@ impl Driver {
 
     fn spawn(&mut self, worker: WorkerId, index: u32, generation: u64) -> Event {
         let launcher = self.configs.launcher(generation);
+        let leaf = match crate::cgroup::prepare(index, worker.0, launcher.limits()) {
+            Ok(leaf) => leaf,
+            Err(e) => {
+                return Event::SpawnFailed {
+                    worker,
+                    error: format!("{e:#}"),
+                };
+            }
+        };
         let result = self
             .sockets
             .for_slot(index)
             .map_err(anyhow::Error::from)
-            .and_then(|listeners| launcher.spawn(index, listeners));
+            .and_then(|listeners| launcher.spawn_in(index, listeners, leaf.as_ref()));
+        let result = crate::cgroup::started(result.map(|s| (s.pid, s)), leaf).map(|(_, s)| s);
         let Spawned {
             pid,
             ipc,

@@ -49,6 +49,9 @@ pub enum Event {
     Flooding { worker: WorkerId },
     /// Resident memory of the workers named by [`Effect::SampleMemory`].
     MemorySample(Vec<(WorkerId, u64)>),
+    /// Memory pressure of the same workers (`some avg10`, percent), where
+    /// their cgroup has it; answered after `MemorySample`.
+    PressureSample(Vec<(WorkerId, f64)>),
     /// A control request (D-Bus, SIGHUP).
     Request {
         what: Control,

@@ -23,6 +23,7 @@
 //!   requests that arrive meanwhile wait in a queue, in order, and
 //!   back-to-back reloads coalesce into one.
 
+pub mod autoscale;
 pub mod budget;
 mod canary;
 pub mod core;

@@ -340,7 +340,9 @@ impl Core {
             format!("configuration reloaded: {summary}"),
             Milestone::ConfigReloaded,
         );
-        if policy.max_memory_restart.is_some() && !self.timers.is_armed(TimerKey::MemoryCheck) {
+        if (policy.max_memory_restart.is_some() || policy.max_memory.is_some())
+            && !self.timers.is_armed(TimerKey::MemoryCheck)
+        {
             self.timers.arm(
                 TimerKey::MemoryCheck,
                 self.now + super::policy::MEMORY_CHECK_EVERY,

@@ -17,6 +17,13 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
 /// How often worker memory is compared with `max_memory_restart`.
 pub const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Memory pressure (`memory.pressure`, `some avg10`, percent of time some
+/// task of the worker waited on memory) at which a worker with a memory
+/// budget counts as pressed: the kernel is reclaiming it at `memory.high`.
+pub const PRESSURE_LIMIT: f64 = 20.0;
+/// Memory checks in a row a worker must be pressed before it is replaced:
+/// a GC burst is not sustained pressure.
+pub const PRESSURE_CHECKS: u32 = 3;
 /// How long a slot that goes (`balance: reuseport`) may take to empty its
 /// accept queue before its worker is asked to stop anyway.
 pub const LEAVE_BOUND: Duration = Duration::from_secs(1);

@@ -197,7 +197,9 @@ pub fn notify_socket(sock: tokio::net::UnixDatagram, to: NotifyTo) {
             match got {
                 Ok(Some(note)) => {
                     let worker_pid = crate::worker::process::worker_ancestor(note.pid, manager)
-                        .filter(|p| workers.borrow().workers.iter().any(|w| w.pid == *p));
+                        .filter(|p| workers.borrow().workers.iter().any(|w| w.pid == *p))
+                        // With cgroups, only from inside the worker's own.
+                        .filter(|p| crate::cgroup::speaks_for(note.pid, *p));
                     if let Some(input) = limits.admit(note, worker_pid, Instant::now())
                         && tx.send(input).await.is_err()
                     {

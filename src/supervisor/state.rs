@@ -81,6 +81,8 @@ pub struct Replacements {
     pub crash: u32,
     /// It used more than `max_memory_restart`.
     pub memory: u32,
+    /// Sustained memory pressure in its cgroup.
+    pub memory_pressure: u32,
     /// Its event loop stopped answering (`max_event_loop_delay`).
     pub hang: u32,
     /// A reload swapped it.
@@ -103,6 +105,8 @@ pub enum SwapReason {
     Watch,
     /// `Diagnose`: the old worker is captured, then stopped.
     Diagnose,
+    /// Sustained memory pressure in its cgroup (PSI), near its budget.
+    MemoryPressure,
 }
 
 #[derive(Debug, Default)]

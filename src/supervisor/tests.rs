@@ -29,6 +29,8 @@ struct World {
     fail_spawns: BTreeMap<u32, u32>,
     /// Memory each slot's workers report.
     rss: BTreeMap<u32, u64>,
+    /// Memory pressure (`some avg10`, %) each slot's workers' cgroups report.
+    pressure: BTreeMap<u32, f64>,
     effects: Vec<Effect>,
     replies: BTreeMap<ReplyId, CtlResult>,
     next_reply: u64,
@@ -52,6 +54,7 @@ impl World {
             generations: Vec::new(),
             fail_spawns: BTreeMap::new(),
             rss: BTreeMap::new(),
+            pressure: BTreeMap::new(),
             effects: Vec::new(),
             replies: BTreeMap::new(),
             next_reply: 1,
@@ -126,6 +129,14 @@ impl World {
                             })
                             .collect();
                         follow.push_back(Event::MemorySample(sample));
+                        let pressure = ids
+                            .iter()
+                            .filter_map(|id| {
+                                let slot = self.alive.get(id)?;
+                                Some((*id, *self.pressure.get(slot)?))
+                            })
+                            .collect();
+                        follow.push_back(Event::PressureSample(pressure));
                     }
                     Effect::Stop { worker, .. }
                         if self.obedient && self.alive.remove(worker).is_some() =>
@@ -910,6 +921,55 @@ fn a_worker_over_max_memory_restart_is_swapped_through_the_reload_path() {
     w.listening(new);
     assert_eq!(w.stopped(), vec![(old[&1], StopBy::Signal)]);
     assert!(w.logs().contains("reload finished: 1/1"));
+}
+
+#[test]
+fn sustained_memory_pressure_replaces_the_worker_before_the_kernel_kills_it() {
+    let mut w = World::obedient(with(policy(2), |p| p.max_memory = Some(128 << 20)));
+    w.pressure.insert(1, 35.0);
+    w.pressure.insert(0, 5.0);
+    let old = w.current();
+    let mark = w.spawned.len();
+    // Two checks under pressure: not yet (a GC burst is not sustained).
+    w.advance(MS(10_000));
+    assert_eq!(w.spawns_since(mark), Vec::<u32>::new());
+    w.advance(MS(5000));
+    assert_eq!(w.spawns_since(mark), vec![1], "only the pressed slot");
+    assert!(
+        w.logs().contains("sustained memory pressure"),
+        "{}",
+        w.logs()
+    );
+    assert!(
+        w.stopped().is_empty(),
+        "the old worker serves until the new is ready"
+    );
+    let new = w.starting()[0];
+    w.listening(new);
+    assert_eq!(w.stopped(), vec![(old[&1], StopBy::Signal)]);
+    let snap = w.core.snapshot();
+    let slot1 = snap.workers.iter().find(|x| x.instance == 1).unwrap();
+    assert_eq!(slot1.replaced_memory_pressure, 1);
+    assert_eq!(slot1.replaced_memory, 0);
+}
+
+#[test]
+fn pressure_that_lets_up_starts_the_count_over() {
+    let mut w = World::obedient(with(policy(1), |p| p.max_memory = Some(128 << 20)));
+    let mark = w.spawned.len();
+    for _ in 0..4 {
+        w.pressure.insert(0, 50.0);
+        w.advance(MS(10_000));
+        w.pressure.insert(0, 1.0);
+        w.advance(MS(5000));
+    }
+    assert_eq!(w.spawns_since(mark), Vec::<u32>::new(), "{}", w.logs());
+    // Without a memory budget, pressure alone replaces nothing.
+    let mut w = World::obedient(policy(1));
+    w.pressure.insert(0, 90.0);
+    let mark = w.spawned.len();
+    w.advance(MS(60_000));
+    assert_eq!(w.spawns_since(mark), Vec::<u32>::new());
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! blocking pool), and a lock one of them held at the fork stays locked in
 //! the child forever. So everything the child touches — argv, envp, the
 //! working directory, the fd numbers — is prepared here before the fork, and
-//! the child only makes raw system calls (`setgroups`, `setgid`, `setuid`,
+//! the child only makes raw system calls (`write` to its cgroup, `setgroups`, `setgid`, `setuid`,
 //! `prctl`, `setpgid`, `sigprocmask`, `dup2`, `chdir`, `execve`, `write`,
 //! `_exit`) on that memory.
 //!
@@ -65,6 +65,9 @@ pub struct Plan<'a> {
     /// own channel, see `crate::autopsy`).
     pub helper: Option<RawFd>,
     pub credentials: Option<&'a Credentials>,
+    /// An fd of the worker's own `cgroup.procs`: the child joins that
+    /// cgroup first thing (see `crate::cgroup`).
+    pub cgroup: Option<RawFd>,
 }
 
 /// Which step failed in the child, reported with errno over the exec pipe.
@@ -76,6 +79,7 @@ enum Step {
     Fds = 3,
     Chdir = 4,
     Exec = 5,
+    Cgroup = 6,
 }
 
 /// Fork, set the child up as the plan says, and exec. Returns the child's
@@ -161,6 +165,7 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
         exec_w: exec_w.as_raw_fd(),
         parent: nix::unistd::getpid().as_raw(),
         credentials: plan.credentials,
+        cgroup: plan.cgroup,
     };
 
     // SAFETY: the child runs only `child_after_fork`, which makes only
@@ -199,6 +204,9 @@ pub fn fork_exec(plan: Plan<'_>) -> Result<i32> {
                     x if x == Step::Fds as u8 => {
                         anyhow::anyhow!("cannot place the sockets at fd 3..: {errno}")
                     }
+                    x if x == Step::Cgroup as u8 => {
+                        anyhow::anyhow!("cannot join the worker's cgroup: {errno}")
+                    }
                     x if x == Step::Chdir as u8 => {
                         anyhow::anyhow!("cannot change to the directory {cwd}: {errno}")
                     }
@@ -228,6 +236,8 @@ struct ChildPlan<'a> {
     exec_w: RawFd,
     parent: libc::pid_t,
     credentials: Option<&'a Credentials>,
+    /// Write "0" here to join the worker's cgroup.
+    cgroup: Option<RawFd>,
 }
 
 /// The child between fork and exec. Never returns.
@@ -248,6 +258,13 @@ unsafe fn child_after_fork(plan: &ChildPlan<'_>) -> ! {
             libc::write(plan.exec_w, msg.as_ptr().cast(), msg.len());
             libc::_exit(127);
         };
+        // Its own cgroup before anything else, while it still has the
+        // manager's rights to write there; "0" is the writer itself.
+        if let Some(fd) = plan.cgroup
+            && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+        {
+            fail(Step::Cgroup);
+        }
         // Drop privileges first: changing credentials clears the parent-death signal.
         if let Some(c) = plan.credentials
             && (libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0

@@ -99,6 +99,8 @@ pub struct Launcher {
     /// How many sockets the launcher's command line counts on: the
     /// preload's fd number follows from it.
     sockets: usize,
+    /// Each worker's cgroup limits (written where cgroups are on).
+    limits: crate::cgroup::Limits,
 }
 
 /// A freshly started worker, as its parent sees it.
@@ -133,6 +135,28 @@ impl Launcher {
         };
         if !matches!(app.interpreter, Interpreter::None) {
             args.extend(app.interpreter_args.iter().cloned());
+        }
+        let limits = crate::cgroup::Limits {
+            memory_max: crate::cgroup::worker_memory(
+                app.max_memory,
+                crate::cgroup::unit_memory_max(),
+                app.instances,
+            ),
+            cpu_weight: app.cpu_weight,
+            pids_max: app.pids_max,
+        };
+        // Node sizes its heap from the host's memory, not the worker's
+        // budget: derive it, unless the app chose its own.
+        let own_heap = |s: &str| s.contains("--max-old-space-size");
+        if let (Interpreter::Node(_), Some(budget)) = (&app.interpreter, limits.memory_max)
+            && !app.interpreter_args.iter().any(|a| own_heap(a))
+            && !app.env.get("NODE_OPTIONS").is_some_and(|o| own_heap(o))
+            && !std::env::var("NODE_OPTIONS").is_ok_and(|o| own_heap(&o))
+        {
+            args.push(format!(
+                "--max-old-space-size={}",
+                crate::cgroup::heap_mib(budget)
+            ));
         }
         if !matches!(app.interpreter, Interpreter::None) {
             args.push(app.script.display().to_string());
@@ -215,6 +239,7 @@ impl Launcher {
             credentials: app.credentials.clone(),
             preload: preload.clone(),
             sockets: listeners.len(),
+            limits,
         }
     }
 
@@ -233,6 +258,21 @@ impl Launcher {
 
     /// Fork and exec one worker for slot `index`, inheriting `listeners` at fd 3...
     pub fn spawn(&self, index: u32, listeners: &[Listener]) -> Result<Spawned> {
+        self.spawn_in(index, listeners, None)
+    }
+
+    /// Each worker's cgroup limits.
+    pub fn limits(&self) -> &crate::cgroup::Limits {
+        &self.limits
+    }
+
+    /// [`Launcher::spawn`], the child joining the cgroup `cgroup` before exec.
+    pub fn spawn_in(
+        &self,
+        index: u32,
+        listeners: &[Listener],
+        cgroup: Option<&crate::cgroup::Leaf>,
+    ) -> Result<Spawned> {
         if listeners.len() != self.sockets {
             anyhow::bail!(
                 "{} listening sockets where the command line counts on {}",
@@ -307,6 +347,7 @@ impl Launcher {
             preload: self.node.then(|| self.preload.fd().as_raw_fd()),
             helper: helper_child.as_ref().map(|f| f.as_raw_fd()),
             credentials: self.credentials.as_ref(),
+            cgroup: cgroup.map(crate::cgroup::Leaf::procs_fd),
         })?;
         Ok(Spawned {
             pid,
