@@ -24,6 +24,8 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+use crate::control::Taken;
+
 /// The most of an answer the manager reads.
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// The most frames kept.
@@ -433,13 +435,6 @@ pub struct Ask {
     pub dir: PathBuf,
     /// The app's user and group, who own the file.
     pub owner: Option<(u32, u32)>,
-}
-
-/// An autopsy taken: when (ms since the epoch) and where it is kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Taken {
-    pub at_ms: u64,
-    pub path: PathBuf,
 }
 
 /// Take the stack of the worker on `helper`, log it as one journal entry

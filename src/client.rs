@@ -412,7 +412,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     let pids: Vec<u32> = pids.filter(|p| *p > 0).collect();
     let first: Vec<f64> = pids
         .iter()
-        .map(|p| crate::cgroup::worker_cpu_seconds(*p as i32))
+        .map(|p| crate::worker::cgroup::worker_cpu_seconds(*p as i32))
         .collect();
     let t0 = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -420,7 +420,7 @@ async fn cpu_percent(pids: impl Iterator<Item = u32>) -> std::collections::BTree
     pids.iter()
         .zip(first)
         .map(|(p, before)| {
-            let now = crate::cgroup::worker_cpu_seconds(*p as i32);
+            let now = crate::worker::cgroup::worker_cpu_seconds(*p as i32);
             (*p, 100.0 * (now - before).max(0.0) / wall)
         })
         .collect()

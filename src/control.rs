@@ -148,7 +148,7 @@ pub struct Snapshot {
     /// Ready workers the health endpoint needs to say "up" now.
     pub health_min_ready: u32,
     /// The last worker stack taken and kept (the driver's, not the core's).
-    pub last_autopsy: Option<crate::autopsy::Taken>,
+    pub last_autopsy: Option<Taken>,
 }
 
 /// What happened over the manager's life, for metrics.
@@ -245,4 +245,11 @@ pub enum Bus {
     Session,
     Address(String),
     None,
+}
+
+/// An autopsy taken: when (ms since the epoch) and where it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub at_ms: u64,
+    pub path: std::path::PathBuf,
 }

@@ -668,7 +668,7 @@ impl Manager {
             .map(|w| {
                 let uptime = w.started.map_or(Duration::ZERO, |s| s.elapsed());
                 let mem = if w.pid > 0 {
-                    crate::cgroup::worker_memory_bytes(w.pid)
+                    crate::worker::cgroup::worker_memory_bytes(w.pid)
                 } else {
                     0
                 };
@@ -746,7 +746,7 @@ impl Manager {
     /// apply; or why not ("per-worker cgroups off: ...").
     #[zbus(property(emits_changed_signal = "const"))]
     async fn cgroups(&self) -> String {
-        crate::cgroup::summary()
+        crate::worker::cgroup::summary()
     }
 
     /// A worker changed state (starting, ready, stopping, exited, errored).

@@ -13,9 +13,9 @@
 //! own signals: nothing a worker says reaches it.
 //!
 //! Any local user can connect, so each listener costs what the metrics
-//! endpoint's does: [`metrics::MAX_CONNECTIONS`] at once (more are closed as
-//! they come), a request head within [`metrics::HEAD_TIMEOUT`] and
-//! [`metrics::MAX_REQUEST`] bytes, and the answer is read from memory, never
+//! endpoint's does: [`endpoint::MAX_CONNECTIONS`] at once (more are closed as
+//! they come), a request head within [`endpoint::HEAD_TIMEOUT`] and
+//! [`endpoint::MAX_REQUEST`] bytes, and the answer is read from memory, never
 //! from a worker.
 
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::control::{Handle, Snapshot};
-use crate::{logs, metrics, sockets};
+use crate::{endpoint, logs, sockets};
 
 /// How long one answer may take to write (a client that reads nothing).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -189,7 +189,7 @@ pub enum Serve {
 
 /// Answer on `listener` until the manager ends.
 pub async fn serve(listener: Listener, what: Serve, handle: Handle) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(metrics::MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(endpoint::MAX_CONNECTIONS));
     let mut turned_away: u64 = 0;
     loop {
         let conn = match listener.accept().await {
@@ -207,7 +207,7 @@ pub async fn serve(listener: Listener, what: Serve, handle: Handle) {
                 logs::warn(&format!(
                     "health endpoint: {} connections open, {turned_away} more closed unanswered \
                      so far",
-                    metrics::MAX_CONNECTIONS
+                    endpoint::MAX_CONNECTIONS
                 ));
             }
             continue;
@@ -273,7 +273,7 @@ async fn read_head(conn: &mut Box<dyn Stream>) -> Option<Vec<u8>> {
         let mut head = Vec::new();
         let mut buf = [0u8; 2048];
         while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let room = (metrics::MAX_REQUEST - head.len()).min(buf.len());
+            let room = (endpoint::MAX_REQUEST - head.len()).min(buf.len());
             if room == 0 {
                 return None;
             }
@@ -285,7 +285,7 @@ async fn read_head(conn: &mut Box<dyn Stream>) -> Option<Vec<u8>> {
         }
         Some(head)
     };
-    tokio::time::timeout(metrics::HEAD_TIMEOUT, read)
+    tokio::time::timeout(endpoint::HEAD_TIMEOUT, read)
         .await
         .ok()
         .flatten()

@@ -78,7 +78,6 @@
 //! apps, starts a manager for each and waits for them ([`herd`]).
 
 pub mod autopsy;
-pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -86,6 +85,7 @@ pub mod control;
 pub mod cron;
 pub mod dbus;
 pub mod discover;
+pub mod endpoint;
 pub mod fds;
 pub mod health;
 pub mod herd;
@@ -103,6 +103,7 @@ pub mod notify_socket;
 pub mod outcomes;
 pub mod pm2;
 pub mod pm2dump;
+pub mod promtext;
 pub mod queue_watch;
 pub mod reexec;
 pub mod reuseport;

@@ -171,7 +171,7 @@ async fn refresh(p: &Manager1Proxy<'static>, m: &mut Model) -> Result<(), Failur
         if pid == 0 {
             continue;
         }
-        let secs = crate::cgroup::worker_cpu_seconds(pid as i32);
+        let secs = crate::worker::cgroup::worker_cpu_seconds(pid as i32);
         if let Some((before, at)) = m.cpu.get(&pid) {
             let wall = now.duration_since(*at).as_secs_f64();
             if wall > 0.0 {

@@ -639,8 +639,8 @@ fn driver_for(
     Option<(Duration, String)>,
 ) {
     // Before the first launcher: it derives the workers' budgets from it.
-    crate::cgroup::init();
-    logs::info(&crate::cgroup::summary());
+    crate::worker::cgroup::init();
+    logs::info(&crate::worker::cgroup::summary());
     match start {
         Start::Fresh { listeners, layout } => {
             let info = socket_infos(&listeners);

@@ -181,7 +181,7 @@ fn read(text: &str, slot: u32, dropped: &mut BTreeMap<(u32, &'static str), u64>)
                 continue;
             }
             if name.starts_with(RESERVED)
-                || crate::metrics::parse_sample(&format!("{name} 0")).is_none()
+                || crate::promtext::parse_sample(&format!("{name} 0")).is_none()
             {
                 current = None;
                 continue;
@@ -198,7 +198,7 @@ fn read(text: &str, slot: u32, dropped: &mut BTreeMap<(u32, &'static str), u64>)
         if line.starts_with('#') {
             continue;
         }
-        let sample = match crate::metrics::parse_sample(line) {
+        let sample = match crate::promtext::parse_sample(line) {
             None => Err("malformed"),
             Some(s) if s.name.starts_with(RESERVED) => Err("reserved_name"),
             Some(s) if s.labels.iter().any(|(k, _)| *k == "worker") => Err("worker_label"),

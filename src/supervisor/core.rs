@@ -60,7 +60,7 @@ pub struct Core {
     /// epoch), as the driver worked it out; its deadline is `TimerKey::Cron`.
     pub(super) cron_next: Option<u64>,
     /// The health endpoint says "drain", and since when (see `drain.rs`).
-    pub(super) drain: Option<(super::drain::Drain, Instant)>,
+    pub(super) drain: Option<(super::state::Drain, Instant)>,
     /// The running `Diagnose`: what it captures, and once captured, the
     /// file or why not.
     pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,

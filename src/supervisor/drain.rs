@@ -19,18 +19,9 @@ use std::time::Duration;
 use super::core::Core;
 use super::events::{Level, ReplyId, SdNotify};
 use super::policy::SAME_STOP;
-use super::state::{Op, Phase};
+use super::state::{Drain, Op, Phase};
 use super::timers::TimerKey;
 use crate::control::{Control, CtlError, Done};
-
-/// Why the health endpoint says "drain".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Drain {
-    /// `Drain()` asked for it.
-    Asked,
-    /// A stop came with `drain_before_stop`: the workers stop when it is over.
-    BeforeStop,
-}
 
 impl Core {
     /// Draining before a stop: no operation is taken any more.

@@ -130,7 +130,7 @@ pub struct Driver {
     /// could not start: said once, not tried again until they change).
     watching: (Vec<PathBuf>, Vec<String>, Option<crate::watch::Watch>),
     /// The last stack taken (`nodeherd status` shows it).
-    last_autopsy: Option<crate::autopsy::Taken>,
+    last_autopsy: Option<crate::control::Taken>,
 }
 
 impl Driver {
@@ -234,7 +234,7 @@ impl Driver {
                 process::signal(w.pid, Signal::SIGKILL);
                 continue;
             };
-            crate::cgroup::adopt(w.pid);
+            crate::worker::cgroup::adopt(w.pid);
             let dup = |fd: &Option<OwnedFd>| fd.as_ref().and_then(|f| f.try_clone().ok());
             if let Some(fd) = dup(&w.stdout) {
                 sources::output(fd, index, w.pid, Stream::Stdout);
@@ -431,11 +431,11 @@ impl Driver {
             };
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
-            if let Some(words) = crate::cgroup::oom_killed(pid) {
+            if let Some(words) = crate::worker::cgroup::oom_killed(pid) {
                 let slot = self.core.slot_of(worker).unwrap_or(0);
                 logs::warn(&format!("worker {slot} (pid {pid}) {words}"));
             }
-            crate::cgroup::reaped(pid);
+            crate::worker::cgroup::reaped(pid);
             self.procs.remove(&worker);
             self.close_left_sockets();
             self.event(Event::Exited { worker, status });
@@ -691,7 +691,7 @@ impl Driver {
                 Effect::Stop { worker, by } => self.stop(worker, by),
                 Effect::Kill { worker } => {
                     if let Some(p) = self.procs.get(&worker) {
-                        crate::cgroup::kill(p.pid);
+                        crate::worker::cgroup::kill(p.pid);
                         process::kill_group(p.pid);
                         process::signal(p.pid, Signal::SIGKILL);
                     }
@@ -742,7 +742,7 @@ impl Driver {
                         .into_iter()
                         .filter_map(|id| {
                             let p = self.procs.get(&id)?;
-                            Some((id, crate::cgroup::worker_memory_bytes(p.pid)))
+                            Some((id, crate::worker::cgroup::worker_memory_bytes(p.pid)))
                         })
                         .collect();
                     follow.push_back(Event::MemorySample(sample));
@@ -750,7 +750,10 @@ impl Driver {
                         .iter()
                         .filter_map(|id| {
                             let p = self.procs.get(id)?;
-                            Some((*id, crate::cgroup::memory_pressure(p.pid)?.some_avg10))
+                            Some((
+                                *id,
+                                crate::worker::cgroup::memory_pressure(p.pid)?.some_avg10,
+                            ))
                         })
                         .collect();
                     follow.push_back(Event::PressureSample(pressure));
@@ -782,7 +785,7 @@ impl Driver {
 
     fn spawn(&mut self, worker: WorkerId, index: u32, generation: u64) -> Event {
         let launcher = self.configs.launcher(generation);
-        let leaf = match crate::cgroup::prepare(index, worker.0, launcher.limits()) {
+        let leaf = match crate::worker::cgroup::prepare(index, worker.0, launcher.limits()) {
             Ok(leaf) => leaf,
             Err(e) => {
                 return Event::SpawnFailed {
@@ -796,7 +799,8 @@ impl Driver {
             .for_slot(index)
             .map_err(anyhow::Error::from)
             .and_then(|listeners| launcher.spawn_in(index, listeners, leaf.as_ref()));
-        let result = crate::cgroup::started(result.map(|s| (s.pid, s)), leaf).map(|(_, s)| s);
+        let result =
+            crate::worker::cgroup::started(result.map(|s| (s.pid, s)), leaf).map(|(_, s)| s);
         let Spawned {
             pid,
             ipc,

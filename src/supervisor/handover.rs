@@ -218,7 +218,7 @@ impl Core {
         core.last_status = state.last_status;
         core.cron_next = state.cron_next;
         if state.drain_asked {
-            core.drain = Some((super::drain::Drain::Asked, now));
+            core.drain = Some((super::state::Drain::Asked, now));
         }
         core.phase = Phase::Running;
         core.slots = state

@@ -26,6 +26,7 @@
 pub mod autoscale;
 pub mod budget;
 mod canary;
+mod canary_judge;
 pub mod core;
 mod diagnose;
 mod drain;

@@ -91,7 +91,7 @@ pub enum Input {
     /// A file under `watch` changed.
     FilesChanged,
     /// A worker's stack was taken and kept (see `crate::autopsy`).
-    Autopsied(crate::autopsy::Taken),
+    Autopsied(crate::control::Taken),
     /// A `Diagnose` capture is done: the file, or why not.
     Diagnosed {
         worker: WorkerId,
@@ -199,7 +199,7 @@ pub fn notify_socket(sock: tokio::net::UnixDatagram, to: NotifyTo) {
                     let worker_pid = crate::worker::process::worker_ancestor(note.pid, manager)
                         .filter(|p| workers.borrow().workers.iter().any(|w| w.pid == *p))
                         // With cgroups, only from inside the worker's own.
-                        .filter(|p| crate::cgroup::speaks_for(note.pid, *p));
+                        .filter(|p| crate::worker::cgroup::speaks_for(note.pid, *p));
                     if let Some(input) = limits.admit(note, worker_pid, Instant::now())
                         && tx.send(input).await.is_err()
                     {

@@ -180,7 +180,7 @@ pub(super) enum Op {
         summary: Option<String>,
         reason: SwapReason,
         /// A canary reload's canary and baseline, and its verdict.
-        canary: Option<Box<super::canary::CanaryRun>>,
+        canary: Option<Box<super::canary_judge::CanaryRun>>,
     },
     /// Replacing the manager's own program: first the new one is checked
     /// (`checked` false), then the driver hands everything over and execs.
@@ -226,4 +226,13 @@ pub(super) struct Conns {
     pub(super) told: Option<u32>,
     /// A report came since the share was last worked out for it.
     pub(super) fresh: bool,
+}
+
+/// Why the health endpoint says "drain".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drain {
+    /// `Drain()` asked for it.
+    Asked,
+    /// A stop came with `drain_before_stop`: the workers stop when it is over.
+    BeforeStop,
 }

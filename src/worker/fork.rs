@@ -66,7 +66,7 @@ pub struct Plan<'a> {
     pub helper: Option<RawFd>,
     pub credentials: Option<&'a Credentials>,
     /// An fd of the worker's own `cgroup.procs`: the child joins that
-    /// cgroup first thing (see `crate::cgroup`).
+    /// cgroup first thing (see `super::cgroup`).
     pub cgroup: Option<RawFd>,
 }
 

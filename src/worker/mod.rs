@@ -14,6 +14,7 @@
 //! thread (`NODEHERD_HELPER_FD`, see [`crate::autopsy`]). Every other fd of the manager is
 //! close-on-exec and does not reach the child.
 
+pub mod cgroup;
 pub mod fork;
 pub mod preload;
 pub mod process;
@@ -100,7 +101,7 @@ pub struct Launcher {
     /// preload's fd number follows from it.
     sockets: usize,
     /// Each worker's cgroup limits (written where cgroups are on).
-    limits: crate::cgroup::Limits,
+    limits: crate::worker::cgroup::Limits,
 }
 
 /// A freshly started worker, as its parent sees it.
@@ -136,10 +137,10 @@ impl Launcher {
         if !matches!(app.interpreter, Interpreter::None) {
             args.extend(app.interpreter_args.iter().cloned());
         }
-        let limits = crate::cgroup::Limits {
-            memory_max: crate::cgroup::worker_memory(
+        let limits = crate::worker::cgroup::Limits {
+            memory_max: crate::worker::cgroup::worker_memory(
                 app.max_memory,
-                crate::cgroup::unit_memory_max(),
+                crate::worker::cgroup::unit_memory_max(),
                 app.instances,
             ),
             cpu_weight: app.cpu_weight,
@@ -155,7 +156,7 @@ impl Launcher {
         {
             args.push(format!(
                 "--max-old-space-size={}",
-                crate::cgroup::heap_mib(budget)
+                crate::worker::cgroup::heap_mib(budget)
             ));
         }
         if !matches!(app.interpreter, Interpreter::None) {
@@ -262,7 +263,7 @@ impl Launcher {
     }
 
     /// Each worker's cgroup limits.
-    pub fn limits(&self) -> &crate::cgroup::Limits {
+    pub fn limits(&self) -> &crate::worker::cgroup::Limits {
         &self.limits
     }
 
@@ -271,7 +272,7 @@ impl Launcher {
         &self,
         index: u32,
         listeners: &[Listener],
-        cgroup: Option<&crate::cgroup::Leaf>,
+        cgroup: Option<&crate::worker::cgroup::Leaf>,
     ) -> Result<Spawned> {
         if listeners.len() != self.sockets {
             anyhow::bail!(
@@ -347,7 +348,7 @@ impl Launcher {
             preload: self.node.then(|| self.preload.fd().as_raw_fd()),
             helper: helper_child.as_ref().map(|f| f.as_raw_fd()),
             credentials: self.credentials.as_ref(),
-            cgroup: cgroup.map(crate::cgroup::Leaf::procs_fd),
+            cgroup: cgroup.map(crate::worker::cgroup::Leaf::procs_fd),
         })?;
         Ok(Spawned {
             pid,
