@@ -64,6 +64,9 @@ pub struct Core {
     /// The running `Diagnose`: what it captures, and once captured, the
     /// file or why not.
     pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,
+    /// The worker a `Diagnose --then resume` captures in place, and who
+    /// waits for the answer.
+    pub(super) resuming: Option<(WorkerId, Option<ReplyId>)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -93,6 +96,7 @@ impl Core {
             cron_next: None,
             drain: None,
             diagnosis: None,
+            resuming: None,
             out: Vec::new(),
             now,
         }
@@ -824,6 +828,7 @@ impl Core {
         if let Some(max) = max_delay
             && w.state == WState::Ready
             && !w.hung
+            && self.resuming.is_none_or(|(r, _)| r != id)
         {
             self.timers.arm(TimerKey::Hang(id), self.now + max);
         }
@@ -846,6 +851,10 @@ impl Core {
             .get(w.index as usize)
             .is_some_and(|s| s.current == Some(id));
         if w.state != WState::Ready || w.hung || !current || self.phase != Phase::Running {
+            return;
+        }
+        // Captured in place: its loop stops for the capture, on purpose.
+        if self.resuming.is_some_and(|(r, _)| r == id) {
             return;
         }
         w.hung = true;
