@@ -264,3 +264,45 @@ fn a_worker_started_before_a_reexec_still_leaves_its_stack() {
     let line = log.lines().find(|l| l.contains("hang stack: ")).unwrap();
     assert!(line.contains("at spinForever ("), "{line}");
 }
+
+/// `autopsy: false`: no helper thread (no channel, no variable naming it),
+/// a hang still replaces the worker, blind, and `diagnose` is refused.
+#[test]
+fn with_autopsy_off_there_is_no_helper_and_a_hang_is_still_replaced() {
+    let dir = tempdir::Dir::new("autopsy-off");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "blind",
+        "spinner.js",
+        r#""instances":2,"max_event_loop_delay":1000,"kill_timeout":2000,"autopsy":false"#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, Some(&bus));
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    for pid in before.values() {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(environ.contains("NODE_CHANNEL_FD="), "not a worker: {pid}");
+        assert!(
+            !environ.contains("NODEHERD_HELPER_FD="),
+            "worker {pid} was given a helper channel"
+        );
+    }
+    let (code, _, err) = client(&["diagnose", "blind", "0", "--stack", "--bus", &bus.address]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not available for this app"), "{err}");
+    std::thread::spawn(move || {
+        let _ = get(port, "/spin");
+    });
+    assert!(m.wait_log("autopsy off", T), "{}", m.log());
+    assert!(m.wait_log("reload finished: 1/1", T), "{}", m.log());
+    assert!(!m.log().contains("hang stack: "), "{}", m.log());
+    assert!(kept(&state).is_empty(), "{:?}", kept(&state));
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after.len(), 2, "{}", m.log());
+    assert_ne!(after, before, "the hung worker was not replaced");
+}

@@ -178,6 +178,7 @@ pub fn resolve(
             max_memory_restart: raw.max_memory_restart,
             max_event_loop_delay: raw.max_event_loop_delay,
             autopsy_on_memory: raw.autopsy_on_memory.unwrap_or(false),
+            autopsy: raw.autopsy.unwrap_or(true),
             metrics: over.metrics.clone().or(raw.metrics.clone()),
             health: raw.health.clone(),
             health_agent: raw.health_agent.clone(),

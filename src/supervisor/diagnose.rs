@@ -46,6 +46,11 @@ pub const MAX_PROFILE_SECONDS: u32 = 600;
 impl Core {
     /// Checked when asked: a slot that exists, a profile of sane length.
     pub(super) fn check_diagnosis(&self, d: &Diagnosis) -> Result<(), CtlError> {
+        if !self.policy.app.autopsy {
+            return Err(CtlError::Failed(
+                "diagnose is not available for this app: `autopsy: false` in its config (its workers have no helper thread); set it to true and reload".to_string(),
+            ));
+        }
         if d.instance as usize >= self.slots.len() {
             return Err(CtlError::InvalidArgument(format!(
                 "no worker {}: the app has {} (0 to {})",

@@ -827,6 +827,19 @@ impl Driver {
         within: std::time::Duration,
     ) {
         let app = self.configs.app();
+        if !app.autopsy {
+            use crate::logs::{Milestone, worker_event};
+            worker_event(
+                libsystemd::logging::Priority::Warning,
+                index,
+                pid,
+                &format!(
+                    "worker {index} (pid {pid}): no JavaScript stack taken: autopsy off (`autopsy: false`)"
+                ),
+                &[Milestone::StackMissed.field()],
+            );
+            return;
+        }
         let ask = crate::autopsy::Ask {
             app: app.name.clone(),
             index,
