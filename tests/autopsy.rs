@@ -306,3 +306,88 @@ fn with_autopsy_off_there_is_no_helper_and_a_hang_is_still_replaced() {
     assert_eq!(after.len(), 2, "{}", m.log());
     assert_ne!(after, before, "the hung worker was not replaced");
 }
+
+/// The helper channel is the worker's alone: a program the app runs does
+/// not inherit it (a child that did could ask for stacks and heap
+/// snapshots of its parent, or forge answers).
+#[test]
+fn a_program_the_app_runs_does_not_hold_the_helper_channel() {
+    let dir = tempdir::Dir::new("autopsy-child");
+    let cfg = one_app(&dir, "kids", "child_fds.js", r#""instances":1"#);
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let port = m.port();
+    let mut body = String::new();
+    assert!(
+        wait_until(T, || {
+            body = get(port, "/").map(|r| r.1).unwrap_or_default();
+            body.contains("\"held\"")
+        }),
+        "{}",
+        m.log()
+    );
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pid = answer["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    let fd = environ
+        .split('\0')
+        .find_map(|v| v.strip_prefix("NODEHERD_HELPER_FD="))
+        .expect("the worker has a helper channel");
+    let helper = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    let helper = helper.to_str().unwrap();
+    assert!(helper.starts_with("socket:["), "{helper}");
+    let held: Vec<&str> = answer["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(!held.is_empty(), "{body}");
+    assert!(
+        !held.contains(&helper),
+        "the app's child holds the helper channel {helper}: {held:?}"
+    );
+}
+
+/// A worker may ask for a socket back by fd number (as its preload does
+/// after `diagnose --then resume`): it gets only the one it was handed at
+/// that fd, never another of the manager's descriptors.
+#[test]
+fn a_worker_asking_for_sockets_by_fd_gets_only_its_own() {
+    let dir = tempdir::Dir::new("autopsy-again");
+    let cfg = one_app(&dir, "prober", "again_prober.js", r#""instances":1"#);
+    let m = start(
+        &[
+            "run",
+            &path_str(&cfg),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-bus",
+        ],
+        &[],
+    );
+    let port = m.port();
+    assert!(
+        wait_until(T, || get(port, "/").is_ok_and(|r| r.0 == 200)),
+        "{}",
+        m.log()
+    );
+    let (code, body) = get(port, "/probe").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(got["3"], "socket", "its own socket comes back: {body}");
+    for fd in ["0", "2", "4", "5", "9", "1000", "2147483647"] {
+        assert_eq!(got[fd], "error", "fd {fd}: {body}\n{}", m.log());
+    }
+    // It still serves.
+    assert!(get(port, "/").is_ok_and(|r| r.0 == 200), "{}", m.log());
+}
