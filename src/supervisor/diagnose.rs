@@ -167,11 +167,14 @@ impl Core {
             }
             return;
         };
-        let Some(w) = self.workers.get(&id) else {
+        let kill_timeout = self.policy_of(id).kill_timeout;
+        let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
+        // Not serving meanwhile: no connection is steered or handed to it,
+        // and it has no share of keep-alive connections.
+        w.closed = true;
         let (index, pid) = (w.index, w.pid);
-        let kill_timeout = self.policy_of(id).kill_timeout;
         self.resuming = Some((id, reply));
         self.timers.cancel(TimerKey::Hang(id));
         let alone = self.slots.len() == 1;
@@ -234,9 +237,12 @@ impl Core {
         let max_delay = self.policy_of(id).max_event_loop_delay;
         let live = self
             .workers
-            .get(&id)
+            .get_mut(&id)
             .filter(|w| w.state == WState::Ready)
-            .map(|w| (w.index, w.pid, w.beating));
+            .map(|w| {
+                w.closed = false;
+                (w.index, w.pid, w.beating)
+            });
         let result = match live {
             Some((index, pid, beating)) => {
                 self.out.push(Effect::Resume { worker: id });

@@ -2348,6 +2348,9 @@ fn a_diagnosis_then_resume_captures_in_place_unwatched_and_puts_the_same_worker_
     assert!(w.spawns_since(mark).is_empty(), "no replacement");
     assert_eq!(w.diagnosed().len(), 1);
     assert_eq!(w.diagnosed()[0].0, cur[&1]);
+    // Out of rotation: nothing is steered or handed to it.
+    assert_eq!(w.core.ready_worker_in(1), None);
+    assert_eq!(w.core.serving_slots(), [0].into());
     // A second one meanwhile is refused.
     let r2 = w.request(Control::Diagnose(Diagnosis {
         instance: 0,
@@ -2376,6 +2379,7 @@ fn a_diagnosis_then_resume_captures_in_place_unwatched_and_puts_the_same_worker_
         other => panic!("{other:?}"),
     }
     assert_eq!(w.current(), cur, "the same workers serve");
+    assert_eq!(w.core.serving_slots(), [0, 1].into());
     // Watched again: a stuck loop now is a hang.
     beat(&mut w, cur[&1]);
     for _ in 0..2 {
