@@ -149,21 +149,21 @@ impl Core {
                     .is_some_and(|w| w.state == WState::Ready && !w.hung)
             });
         let refused = if self.resuming.is_some() {
-            Some(
+            Some(CtlError::Busy(
                 "a diagnosis with --then resume is already running; ask again once it is done"
                     .to_string(),
-            )
+            ))
         } else if serving.is_none() {
-            Some(format!(
+            Some(CtlError::Failed(format!(
                 "worker {} is not serving (starting, stopping or hung): nothing to capture in place; use --then replace",
                 d.instance
-            ))
+            )))
         } else {
             None
         };
-        let (Some(id), None) = (serving, refused.clone()) else {
-            if let Some(r) = reply {
-                self.reply(r, Err(CtlError::Failed(refused.unwrap_or_default())));
+        let (Some(id), None) = (serving, &refused) else {
+            if let (Some(r), Some(e)) = (reply, refused) {
+                self.reply(r, Err(e));
             }
             return;
         };

@@ -2357,7 +2357,14 @@ fn a_diagnosis_then_resume_captures_in_place_unwatched_and_puts_the_same_worker_
         capture: Capture::Stack,
         resume: true,
     }));
-    assert!(matches!(w.answer(r2), Some(Err(CtlError::Failed(_)))));
+    assert!(matches!(w.answer(r2), Some(Err(CtlError::Busy(_)))));
+    // A re-exec would leave the capture behind: refused until it is done.
+    let r3 = w.request(Control::Reexec);
+    assert!(
+        matches!(w.answer(r3), Some(Err(CtlError::Busy(_)))),
+        "{:?}",
+        w.answer(r3)
+    );
     // It still beats while it finishes what it holds, then the snapshot
     // stops its loop for long: no beats, yet not hung.
     beat(&mut w, cur[&1]);
