@@ -267,7 +267,8 @@ pub struct DiagnoseArgs {
     pub stack: bool,
 
     /// What becomes of the worker once captured: `replace` (stopped; its
-    /// replacement already serves)
+    /// replacement already serves) or `resume` (no replacement: the other
+    /// workers carry its share, and it goes back into rotation, same pid)
     #[arg(long, value_name = "WHAT", default_value = "replace")]
     pub then: String,
 

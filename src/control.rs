@@ -86,6 +86,9 @@ pub enum Control {
 pub struct Diagnosis {
     pub instance: u32,
     pub capture: Capture,
+    /// Once captured, the worker goes back into rotation (`--then
+    /// resume`) rather than being replaced.
+    pub resume: bool,
 }
 
 /// What is captured of a worker out of rotation.

@@ -553,7 +553,9 @@ impl Manager {
     /// and finishes what it holds), capture `what` (`heap-snapshot`,
     /// `cpu-profile` for `seconds`, `stack`) into a file under the state
     /// directory owned by the app's user, then stop it (`then`:
-    /// `replace`). Returns the file's path once the worker is gone.
+    /// `replace`; returns the file's path once the worker is gone), or,
+    /// with `then` = `resume`, capture it in place without a replacement
+    /// and put it back into rotation (returns once it listens again).
     /// Authorized as Restart.
     async fn diagnose(
         &self,
@@ -576,15 +578,23 @@ impl Manager {
                 )));
             }
         };
-        if then != "replace" {
-            return Err(BusError::InvalidArgument(format!(
-                "--then {:?}: only `replace` is supported (the worker is stopped once captured)",
-                crate::logs::clean(then, 40)
-            )));
-        }
-        self.ask(Control::Diagnose(Diagnosis { instance, capture }))
-            .await
-            .map(|d| d.message)
+        let resume = match then {
+            "replace" => false,
+            "resume" => true,
+            other => {
+                return Err(BusError::InvalidArgument(format!(
+                    "--then {:?}: `replace` (the worker is stopped once captured) or `resume` (it goes back into rotation)",
+                    crate::logs::clean(other, 40)
+                )));
+            }
+        };
+        self.ask(Control::Diagnose(Diagnosis {
+            instance,
+            capture,
+            resume,
+        }))
+        .await
+        .map(|d| d.message)
     }
 
     /// Close every log file the manager writes (`out_file`, `error_file`,

@@ -49,6 +49,10 @@ pub enum Message {
     /// The app listens on an address no inherited socket covers: the
     /// manager is to bind it (once, for every worker) and pass it back.
     Bind(BindRequest),
+    /// After a capture in place (`diagnose --then resume`) the worker
+    /// listens again on the handed-over socket it had at `fd`, which it
+    /// closed to stop accepting: the manager passes that socket back.
+    Again { id: u64, fd: i32 },
 }
 
 /// What the preload asks the manager to bind for the workers to share.
@@ -116,6 +120,10 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                 outcomes: o.get("out").and_then(crate::outcomes::parse),
             }),
             Some("closed") => Some(Message::Closed),
+            Some("again") => Some(Message::Again {
+                id: o.get("id")?.as_u64()?,
+                fd: i32::try_from(o.get("fd")?.as_u64()?).ok()?,
+            }),
             Some("conns") => Some(Message::Connections {
                 open: u32::try_from(o.get("open")?.as_u64()?).ok()?,
             }),
@@ -178,6 +186,18 @@ pub fn connection(socket: i32) -> Vec<u8> {
         "cmd": "NODE_HANDLE",
         "type": "net.Native",
         "msg": { "cmd": "NODE_NODEHERD_CONN", "fd": socket },
+    })
+    .to_string();
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// The answer to a [`Message::Again`] the manager could not give.
+pub fn again_failed(id: u64, why: &str) -> Vec<u8> {
+    let mut line = serde_json::json!({
+        "cmd": "NODE_NODEHERD_BOUND",
+        "id": id,
+        "error": { "code": "EBADF", "syscall": "listen", "message": why },
     })
     .to_string();
     line.push('\n');
@@ -249,6 +269,9 @@ pub fn share(max: Option<u32>) -> Vec<u8> {
         None => b"{\"cmd\":\"NODE_NODEHERD_SHARE\",\"max\":null}\n".to_vec(),
     }
 }
+
+/// A worker captured in place listens again (see [`Message::Again`]).
+pub const RESUME: &[u8] = b"{\"cmd\":\"NODE_NODEHERD_RESUME\"}\n";
 
 /// The one message the manager sends: PM2's graceful-stop request.
 pub const SHUTDOWN: &[u8] = b"\"shutdown\"\n";

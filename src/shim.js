@@ -489,6 +489,7 @@
         sock.claimed = true;
         track(this);
         this.__nodeherd.inherited = true;
+        this.__nodeherd.again = { request: { nodeherd: 'again', fd: sock.fd }, tcp: sock.kind === 'tcp', backlog: first.backlog };
         onSocket.set(sock.fd, this);
         this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
       }
@@ -498,6 +499,7 @@
     if (sock) {
       track(this);
       this.__nodeherd.inherited = true;
+      this.__nodeherd.again = { request: { nodeherd: 'again', fd: sock.fd }, tcp: sock.kind === 'tcp', backlog: want.backlog };
       onSocket.set(sock.fd, this);
       this.once('listening', () => tell({ nodeherd: 'listening', fd: sock.fd }));
       const opts = { fd: sock.fd };
@@ -516,9 +518,11 @@
     // With no socket handed over, the first port the app listens on is its
     // own: the worker is ready once it answers there.
     if (sockets.length === 0) this.once('listening', () => tell({ nodeherd: 'listening', shared: true }));
-    const share = (host) =>
+    const share = (host) => {
+      const request = { kind: want.kind, host: host || null, port: want.port || 0, path: want.path ? absolute(want.path) : null };
+      this.__nodeherd.again = { request, tcp: want.kind === 'tcp', backlog: want.backlog };
       askManager(
-        { kind: want.kind, host: host || null, port: want.port || 0, path: want.path ? absolute(want.path) : null },
+        request,
         (err, handle) => {
           if (err) {
             this.emit('error', err);
@@ -528,6 +532,7 @@
           else listen.call(this, { fd: handle.fd, backlog: want.backlog });
         },
       );
+    };
     if (want.kind === 'tcp' && want.host && net.isIP(want.host) === 0) {
       require('dns').lookup(want.host, (err, ip) => (err ? this.emit('error', err) : share(ip)));
     } else {
@@ -808,7 +813,7 @@
     const result = netClose.call(server, cb);
     // The app closed its last server on a handed-over socket and lives on:
     // with a socket per slot, the manager sends this slot no more connections.
-    if (!stopping && state.inherited && ![...servers].some((s) => s.__nodeherd.inherited && s.listening)) {
+    if (!stopping && !quiet && state.inherited && ![...servers].some((s) => s.__nodeherd.inherited && s.listening)) {
       tell({ nodeherd: 'closed' });
     }
     return result;
@@ -885,11 +890,12 @@
 
   // Out of rotation for a diagnosis: stop accepting and finish what it
   // holds, as a drain does, but live on to be captured.
+  let quiet = null; // while out of rotation: the servers it closed, and what keeps it alive
   function quiesce(done) {
-    // With its servers closed, nothing may be left to keep it alive: it
-    // waits to be captured, then stopped.
-    setInterval(() => {}, 1 << 30);
     const listening = [...servers].filter((s) => s.listening);
+    // With its servers closed, nothing may be left to keep it alive: it
+    // waits to be captured, then stopped or resumed.
+    quiet = { closed: listening, alive: setInterval(() => {}, 1 << 30) };
     let left = listening.length;
     const finish = () => {
       if (lateConnections === 0) done();
@@ -897,6 +903,36 @@
     };
     if (left === 0) return finish();
     for (const server of listening) drainServer(server, () => --left === 0 && finish());
+  }
+
+  // Captured in place (`--then resume`): listen again on the same sockets
+  // (closing them closed this process's fd; the manager hands each one
+  // back, as it hands a shared one over) and serve as before.
+  function resume() {
+    if (!quiet || stopping) return;
+    const { closed, alive } = quiet;
+    quiet = null;
+    clearInterval(alive);
+    for (const server of closed) {
+      const state = server.__nodeherd;
+      for (const t of ['idleTimer', 'lingerTimer']) {
+        if (state[t]) clearTimeout(state[t]);
+        state[t] = null;
+      }
+      state.draining = false;
+      const again = state.again;
+      if (!again || server.listening) continue;
+      askManager(Object.assign({}, again.request), (err, handle) => {
+        if (err) return server.emit('error', err);
+        if (again.tcp) listen.call(server, handle, again.backlog);
+        else listen.call(server, { fd: handle.fd, backlog: again.backlog });
+      });
+    }
+  }
+  if (channel) {
+    process.on('internalMessage', (msg) => {
+      if (msg && msg.cmd === 'NODE_NODEHERD_RESUME') resume();
+    });
   }
 
   process.on('SIGINT', () => {

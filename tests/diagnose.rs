@@ -223,6 +223,59 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
     eprintln!("cpu profile and stack: {ok} requests answered in {took:?}, 0 failed");
 }
 
+/// `--then resume`: no replacement; the other worker carries the load
+/// while this one is captured, then the same process serves again.
+#[test]
+fn a_heap_snapshot_then_resume_keeps_the_worker_and_fails_no_request() {
+    let dir = tempdir::Dir::new("diag-resume");
+    let state = dir.path.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let cfg = one_app(
+        &dir,
+        "back",
+        "heavy.js",
+        r#""instances":2,"kill_timeout":3000,"max_event_loop_delay":500,"env":{"HEAVY_MIB":"64"}"#,
+    );
+    let bus = DbusDaemon::start();
+    let m = start_with_state(&cfg, &state, &bus);
+    let port = m.port();
+    let before = instances_answering(port, 2, T);
+    assert_eq!(before.len(), 2, "{}", m.log());
+    let load = Load::start(port, "/", 300);
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, out, err) = client(&[
+        "diagnose",
+        "back",
+        "1",
+        "--heap-snapshot",
+        "--then",
+        "resume",
+        "--bus",
+        &bus.address,
+    ]);
+    assert_eq!(code, 0, "{err}\n{}", m.log());
+    let path = std::path::PathBuf::from(out.trim());
+    let snap: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).expect("the snapshot is JSON");
+    assert!(snap["snapshot"]["meta"].is_object(), "no snapshot.meta");
+    // The same two processes serve again, worker 1 among them.
+    let after = instances_answering(port, 2, T);
+    assert_eq!(after, before, "{}", m.log());
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failed, errors, slowest) = load.finish();
+    assert!(ok > 0, "no request answered");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed ({errors}) of {ok}:\n{}",
+        m.log()
+    );
+    assert!(!m.log().contains("hung"), "{}", m.log());
+    // No connection was steered or handed to it while it was captured.
+    assert!(slowest < 2.0, "a request took {slowest} s");
+    eprintln!("heap snapshot, then resume: {ok} requests answered, 0 failed, slowest {slowest} s");
+}
+
 /// Another local user reaches the bus, but may not take a worker out of
 /// rotation nor read its heap.
 #[test]
@@ -284,8 +337,8 @@ fn an_unprivileged_caller_is_refused_and_nothing_happens() {
             "between 1 and 600",
         ),
         (
-            &["diagnose", "deny", "0", "--stack", "--then", "resume"],
-            "only `replace`",
+            &["diagnose", "deny", "0", "--stack", "--then", "later"],
+            "`replace` (the worker is stopped once captured) or `resume`",
         ),
     ] {
         let (code, _, err) = client(&[args, &["--bus", &bus.address]].concat());

@@ -88,6 +88,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         "autopsy_on_memory",
         old.autopsy_on_memory != new.autopsy_on_memory,
     );
+    changed("autopsy", old.autopsy != new.autopsy);
     changed("cron_restart", old.cron_restart != new.cron_restart);
     changed(
         "watch",

@@ -46,6 +46,7 @@ pub struct RawApp {
     pub pids_max: Option<u64>,
     pub max_event_loop_delay: Option<Duration>,
     pub autopsy_on_memory: Option<bool>,
+    pub autopsy: Option<bool>,
     pub metrics: Option<String>,
     pub health: Option<String>,
     pub health_agent: Option<String>,
@@ -187,6 +188,7 @@ pub const KEYS: &[Key] = &[
         },
     },
     key!("autopsy_on_memory", autopsy_on_memory, v::boolean),
+    key!("autopsy", autopsy, v::boolean),
     key!("listen", listen, v::words),
     key!("shared_listen", shared_listen, v::words),
     Key {

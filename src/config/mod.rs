@@ -138,6 +138,10 @@ pub struct App {
     /// `max_memory_restart` too, as of a hung one (nodeherd's own key; off
     /// by default: the pause is short, but it is a pause).
     pub autopsy_on_memory: bool,
+    /// Start the preload's helper thread (hang stacks, `nodeherd
+    /// diagnose`); about 12 MiB per worker (nodeherd's own key; on by
+    /// default). Off: no thread, no helper channel, hangs killed blind.
+    pub autopsy: bool,
     /// Where to serve Prometheus metrics: `HOST:PORT` or `unix:/path`
     /// (nodeherd's own key; off by default).
     pub metrics: Option<String>,
@@ -667,6 +671,7 @@ pub(crate) fn test_app() -> App {
         pids_max: None,
         max_event_loop_delay: None,
         autopsy_on_memory: false,
+        autopsy: true,
         metrics: None,
         health: None,
         health_agent: None,

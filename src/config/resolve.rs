@@ -181,6 +181,7 @@ pub fn resolve(
             pids_max: raw.pids_max,
             max_event_loop_delay: raw.max_event_loop_delay,
             autopsy_on_memory: raw.autopsy_on_memory.unwrap_or(false),
+            autopsy: raw.autopsy.unwrap_or(true),
             metrics: over.metrics.clone().or(raw.metrics.clone()),
             health: raw.health.clone(),
             health_agent: raw.health_agent.clone(),

@@ -66,6 +66,9 @@ pub struct Core {
     pub(super) diagnosis: Option<(crate::control::Capture, Option<Result<String, String>>)>,
     /// Memory checks in a row each worker was under memory pressure.
     pub(super) pressed: BTreeMap<WorkerId, u32>,
+    /// The worker a `Diagnose --then resume` captures in place, and who
+    /// waits for the answer.
+    pub(super) resuming: Option<(WorkerId, Option<ReplyId>)>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -96,6 +99,7 @@ impl Core {
             drain: None,
             diagnosis: None,
             pressed: BTreeMap::new(),
+            resuming: None,
             out: Vec::new(),
             now,
         }
@@ -854,6 +858,7 @@ impl Core {
         if let Some(max) = max_delay
             && w.state == WState::Ready
             && !w.hung
+            && self.resuming.is_none_or(|(r, _)| r != id)
         {
             self.timers.arm(TimerKey::Hang(id), self.now + max);
         }
@@ -876,6 +881,10 @@ impl Core {
             .get(w.index as usize)
             .is_some_and(|s| s.current == Some(id));
         if w.state != WState::Ready || w.hung || !current || self.phase != Phase::Running {
+            return;
+        }
+        // Captured in place: its loop stops for the capture, on purpose.
+        if self.resuming.is_some_and(|(r, _)| r == id) {
             return;
         }
         w.hung = true;

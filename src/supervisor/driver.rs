@@ -464,6 +464,11 @@ impl Driver {
                 msg: ipc::Message::Bind(req),
                 ..
             } => return self.bind_for(worker, req),
+            Input::Ipc {
+                worker,
+                msg: ipc::Message::Again { id, fd },
+                ..
+            } => return self.hand_back(worker, id, fd),
             Input::Bound(b) => return self.bound(*b),
             Input::Ipc {
                 worker,
@@ -523,7 +528,9 @@ impl Driver {
                     ipc::Message::Connections { open } => Said::Connections { open },
                     ipc::Message::Closed => Said::Closed,
                     // Answered above.
-                    ipc::Message::Bind(_) | ipc::Message::Metrics { .. } => return,
+                    ipc::Message::Bind(_)
+                    | ipc::Message::Again { .. }
+                    | ipc::Message::Metrics { .. } => return,
                 };
                 Event::Said { worker, said }
             }
@@ -711,6 +718,11 @@ impl Driver {
                     capture,
                     within,
                 } => self.diagnose(worker, index, pid, capture, within),
+                Effect::Resume { worker } => {
+                    if let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) {
+                        channel.send(ipc::RESUME.to_vec(), None, outbox::Kind::Answer);
+                    }
+                }
                 Effect::CheckExec => self.check_exec(),
                 Effect::ScheduleCron {
                     pattern,
@@ -870,6 +882,19 @@ impl Driver {
         within: std::time::Duration,
     ) {
         let app = self.configs.app();
+        if !app.autopsy {
+            use crate::logs::{Milestone, worker_event};
+            worker_event(
+                libsystemd::logging::Priority::Warning,
+                index,
+                pid,
+                &format!(
+                    "worker {index} (pid {pid}): no JavaScript stack taken: autopsy off (`autopsy: false`)"
+                ),
+                &[Milestone::StackMissed.field()],
+            );
+            return;
+        }
         let ask = crate::autopsy::Ask {
             app: app.name.clone(),
             index,
@@ -966,6 +991,34 @@ impl Driver {
             }
             Err(refused) => answer_bind(&self.procs, &req.address, waiter, Err(&refused), true),
         }
+    }
+
+    /// A worker captured in place listens again on the socket it was
+    /// handed at `fd` (see `supervisor::diagnose`): only its own slot's,
+    /// which it held before, so a worker gains nothing by asking.
+    fn hand_back(&mut self, worker: WorkerId, id: u64, fd: i32) {
+        let Some(index) = self.core.slot_of(worker) else {
+            return;
+        };
+        let Some(channel) = self.procs.get(&worker).and_then(|p| p.ipc.as_ref()) else {
+            return;
+        };
+        let nth = usize::try_from(fd - 3).ok();
+        let listener = self
+            .sockets
+            .for_slot(index)
+            .ok()
+            .and_then(|l| l.get(nth?))
+            .map(|l| l.fd.try_clone());
+        let (msg, handed) = match listener {
+            Some(Ok(sock)) => (ipc::bound(id), Some(sock)),
+            Some(Err(e)) => (ipc::again_failed(id, &e.to_string()), None),
+            None => (
+                ipc::again_failed(id, &format!("no socket was handed over at fd {fd}")),
+                None,
+            ),
+        };
+        channel.send(msg, handed, outbox::Kind::Answer);
     }
 
     /// A binding thread is done: answer every worker that waited for it.

@@ -235,6 +235,11 @@ pub enum Effect {
         capture: crate::control::Capture,
         within: Duration,
     },
+    /// A worker captured in place (`--then resume`): it listens again on
+    /// its sockets, which go back to it over its IPC channel.
+    Resume {
+        worker: WorkerId,
+    },
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
     /// Work out when the `cron_restart` pattern runs next on the wall

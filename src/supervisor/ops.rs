@@ -44,6 +44,13 @@ impl Core {
         } else {
             what
         };
+        // The capture in place is a task of this program, which a re-exec
+        // would leave behind with its worker out of rotation.
+        if what == Control::Reexec && self.resuming.is_some() {
+            let msg = "a diagnosis with --then resume runs (its worker is out of rotation); re-exec once it is done";
+            self.reply_opt(reply, Err(CtlError::Busy(msg.to_string())));
+            return;
+        }
         if let Control::Scale(ScaleTarget::To(n)) = what
             && !(1..=i64::from(MAX_INSTANCES)).contains(&n)
         {

@@ -2339,7 +2339,11 @@ impl World {
 }
 
 fn diagnose(instance: u32, capture: Capture) -> Control {
-    Control::Diagnose(Diagnosis { instance, capture })
+    Control::Diagnose(Diagnosis {
+        instance,
+        capture,
+        resume: false,
+    })
 }
 
 #[test]
@@ -2378,6 +2382,82 @@ fn a_diagnosed_worker_is_captured_only_once_its_replacement_serves_then_stopped(
     }
     // The slot is not counted as restarted, nor the worker as crashed.
     assert_eq!(w.core.snapshot().workers[1].restarts, 0);
+}
+
+impl World {
+    fn resumed(&self) -> Vec<WorkerId> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Resume { worker } => Some(*worker),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_diagnosis_then_resume_captures_in_place_unwatched_and_puts_the_same_worker_back() {
+    let mut w = World::ready(with(policy(2), |p| p.max_event_loop_delay = Some(MS(1000))));
+    let cur = w.current();
+    beat(&mut w, cur[&0]);
+    beat(&mut w, cur[&1]);
+    let mark = w.spawned.len();
+    let r = w.request(Control::Diagnose(Diagnosis {
+        instance: 1,
+        capture: Capture::HeapSnapshot,
+        resume: true,
+    }));
+    // No replacement: worker 1 itself goes out of rotation at once.
+    assert!(w.spawns_since(mark).is_empty(), "no replacement");
+    assert_eq!(w.diagnosed().len(), 1);
+    assert_eq!(w.diagnosed()[0].0, cur[&1]);
+    // Out of rotation: nothing is steered or handed to it.
+    assert_eq!(w.core.ready_worker_in(1), None);
+    assert_eq!(w.core.serving_slots(), [0].into());
+    // A second one meanwhile is refused.
+    let r2 = w.request(Control::Diagnose(Diagnosis {
+        instance: 0,
+        capture: Capture::Stack,
+        resume: true,
+    }));
+    assert!(matches!(w.answer(r2), Some(Err(CtlError::Busy(_)))));
+    // A re-exec would leave the capture behind: refused until it is done.
+    let r3 = w.request(Control::Reexec);
+    assert!(
+        matches!(w.answer(r3), Some(Err(CtlError::Busy(_)))),
+        "{:?}",
+        w.answer(r3)
+    );
+    // It still beats while it finishes what it holds, then the snapshot
+    // stops its loop for long: no beats, yet not hung.
+    beat(&mut w, cur[&1]);
+    for _ in 0..10 {
+        w.advance(MS(900));
+        beat(&mut w, cur[&0]);
+    }
+    assert!(w.spawns_since(mark).is_empty(), "{}", w.logs());
+    assert!(w.stopped().is_empty() && w.killed().is_empty());
+    assert!(w.resumed().is_empty());
+    assert!(w.answer(r).is_none(), "answered before the capture");
+    w.send(Event::Diagnosed {
+        worker: cur[&1],
+        result: Ok("/s/heap.heapsnapshot".into()),
+    });
+    assert_eq!(w.resumed(), vec![cur[&1]]);
+    match w.answer(r) {
+        Some(Ok(d)) => assert_eq!(d.message, "/s/heap.heapsnapshot"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.current(), cur, "the same workers serve");
+    assert_eq!(w.core.serving_slots(), [0, 1].into());
+    // Watched again: a stuck loop now is a hang.
+    beat(&mut w, cur[&1]);
+    for _ in 0..2 {
+        w.advance(MS(600));
+        beat(&mut w, cur[&0]);
+    }
+    assert_eq!(w.spawns_since(mark), vec![1], "{}", w.logs());
 }
 
 #[test]

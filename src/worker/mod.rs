@@ -94,6 +94,8 @@ pub struct Launcher {
     /// Give the worker a Node IPC channel (Node workers, and `interpreter:
     /// none` scripts, which may exec node).
     node: bool,
+    /// Give a Node worker the helper thread's channel (`autopsy`).
+    helper: bool,
     credentials: Option<crate::config::Credentials>,
     /// The preload, placed right after the IPC channel (Node workers).
     preload: Preload,
@@ -237,6 +239,7 @@ impl Launcher {
             cwd: app.cwd.clone(),
             instance_var: app.instance_var.clone(),
             node: node || matches!(app.interpreter, Interpreter::None),
+            helper: app.autopsy,
             credentials: app.credentials.clone(),
             preload: preload.clone(),
             sockets: listeners.len(),
@@ -314,6 +317,9 @@ impl Launcher {
         }
         if self.node {
             env.push(entry("NODE_CHANNEL_FD", &ipc_fd.to_string()));
+        }
+        // Without it the preload starts no helper thread.
+        if self.node && self.helper {
             env.push(entry("NODEHERD_HELPER_FD", &(ipc_fd + 2).to_string()));
         }
         env.push(fork::listen_pid_placeholder());
@@ -329,7 +335,7 @@ impl Launcher {
         } else {
             (None, None)
         };
-        let (helper_parent, helper_child) = if self.node {
+        let (helper_parent, helper_child) = if self.node && self.helper {
             let (a, b) = std::os::unix::net::UnixStream::pair()
                 .context("creating the helper thread's channel")?;
             (Some(a), Some(OwnedFd::from(b)))
