@@ -18,7 +18,6 @@
 //! [`endpoint::MAX_REQUEST`] bytes, and the answer is read from memory, never
 //! from a worker.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -189,8 +188,7 @@ pub enum Serve {
 
 /// Answer on `listener` until the manager ends.
 pub async fn serve(listener: Listener, what: Serve, handle: Handle) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(endpoint::MAX_CONNECTIONS));
-    let mut turned_away: u64 = 0;
+    let mut gate = endpoint::Gate::new("health endpoint");
     loop {
         let conn = match listener.accept().await {
             Ok(c) => c,
@@ -200,16 +198,8 @@ pub async fn serve(listener: Listener, what: Serve, handle: Handle) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = gate.admit() else {
             drop(conn);
-            turned_away += 1;
-            if turned_away.is_power_of_two() {
-                logs::warn(&format!(
-                    "health endpoint: {} connections open, {turned_away} more closed unanswered \
-                     so far",
-                    endpoint::MAX_CONNECTIONS
-                ));
-            }
             continue;
         };
         let snapshot = handle.snapshot.clone();

@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{AppMetricsRequest, Handle, Snapshot};
-use crate::endpoint::{HEAD_TIMEOUT, MAX_CONNECTIONS, MAX_REQUEST};
+use crate::endpoint::{HEAD_TIMEOUT, MAX_REQUEST};
 use crate::logs;
 use crate::tally::{Answer, Tally};
 
@@ -63,11 +63,10 @@ pub type Dropped = Arc<Mutex<BTreeMap<(u32, &'static str), u64>>>;
 
 /// Serve scrapes until the manager ends.
 pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec<SocketInfo>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut gate = crate::endpoint::Gate::new("metrics endpoint");
     let dropped = Dropped::default();
     let tally = handle.tally.clone();
     tokio::spawn(read_leaving(handle.clone(), tally.clone()));
-    let mut turned_away: u64 = 0;
     loop {
         let accepted = match &endpoint {
             Endpoint::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
@@ -81,16 +80,8 @@ pub async fn serve(endpoint: Endpoint, app: String, handle: Handle, sockets: Vec
                 continue;
             }
         };
-        // Closed at once: a flood of connections costs the manager no fd.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = gate.admit() else {
             drop(conn);
-            turned_away += 1;
-            if turned_away.is_power_of_two() {
-                logs::warn(&format!(
-                    "metrics endpoint: {MAX_CONNECTIONS} connections open, {turned_away} more \
-                     closed unanswered so far"
-                ));
-            }
             continue;
         };
         let (app, handle, sockets, dropped, tally) = (
