@@ -475,8 +475,10 @@ fn a_release_that_crashes_on_its_first_request_is_rolled_back_at_once() {
         took < Duration::from_secs(30),
         "at once, not after the soak: {took:?}"
     );
-    // The request the canary died on is the only one that could fail.
-    assert!(errors.len() <= 1, "{errors:?}");
+    // Only what the canary held when it died could fail: the request it
+    // died on and the other connections it had accepted (at most the
+    // load's 4).
+    assert!(errors.len() <= 4, "{errors:?}");
     let after = every_worker_runs(port, "good");
     assert!(after.values().all(|r| r == "good"), "{after:?}");
 }
