@@ -112,19 +112,9 @@ pub async fn ask_stack(helper: &Helper) -> Result<Vec<Part>> {
         .write_all(ask.as_bytes())
         .await
         .context("writing to the helper's channel")?;
+    let mut line = Vec::new();
     loop {
-        let mut line = Vec::new();
-        let n = (&mut ch.reader)
-            .take(MAX_ANSWER as u64)
-            .read_until(b'\n', &mut line)
-            .await
-            .context("reading the helper's channel")?;
-        if n == 0 {
-            bail!("the helper's channel closed (the worker disabled it, or is gone)");
-        }
-        if line.last() != Some(&b'\n') {
-            bail!("the helper's answer is longer than {MAX_ANSWER} bytes: dropped");
-        }
+        next_line(&mut ch.reader, MAX_ANSWER, "the helper's answer", &mut line).await?;
         let (got, parts) = parse(&line)?;
         if got == id {
             return Ok(parts);
@@ -387,18 +377,13 @@ async fn stream(
     let mut written: u64 = 0;
     let mut line = Vec::new();
     loop {
-        line.clear();
-        let n = (&mut ch.reader)
-            .take(MAX_CHUNK_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
-            .context("reading the helper's channel")?;
-        if n == 0 {
-            bail!("the helper's channel closed (the worker disabled it, or is gone)");
-        }
-        if line.last() != Some(&b'\n') {
-            bail!("a line of the capture is longer than {MAX_CHUNK_LINE} bytes");
-        }
+        next_line(
+            &mut ch.reader,
+            MAX_CHUNK_LINE,
+            "a line of the capture",
+            &mut line,
+        )
+        .await?;
         let v: serde_json::Value =
             serde_json::from_slice(&line).context("a line of the capture is not JSON")?;
         if v["id"].as_u64() != Some(id) {
@@ -435,6 +420,30 @@ pub struct Ask {
     pub dir: PathBuf,
     /// The app's user and group, who own the file.
     pub owner: Option<(u32, u32)>,
+}
+
+/// The next line of the helper's channel into `line`, newline included:
+/// at most `limit` bytes (`what` names it in the error), since a worker's
+/// answer is untrusted and is never read whole into memory past that.
+async fn next_line(
+    reader: &mut tokio::io::BufReader<tokio::net::UnixStream>,
+    limit: usize,
+    what: &str,
+    line: &mut Vec<u8>,
+) -> Result<()> {
+    line.clear();
+    let n = reader
+        .take(limit as u64)
+        .read_until(b'\n', line)
+        .await
+        .context("reading the helper's channel")?;
+    if n == 0 {
+        bail!("the helper's channel closed (the worker disabled it, or is gone)");
+    }
+    if line.last() != Some(&b'\n') {
+        bail!("{what} is longer than {limit} bytes: dropped");
+    }
+    Ok(())
 }
 
 /// Take the stack of the worker on `helper`, log it as one journal entry
