@@ -124,13 +124,7 @@ impl Listener {
     ) -> Result<(Listener, Option<sockets::Listener>), String> {
         let spec = l.address.clone();
         let fail = |e: std::io::Error| format!("{key}: cannot serve {spec}: {e}");
-        let second = l.fd.try_clone().ok().map(|fd| sockets::Listener {
-            fd,
-            name: l.name.clone(),
-            kind: l.kind,
-            address: l.address.clone(),
-            port: l.port,
-        });
+        let second = l.try_clone();
         let listener = match l.kind {
             sockets::Kind::Unix => {
                 let s = std::os::unix::net::UnixListener::from(l.fd);

@@ -419,13 +419,7 @@ impl MetricsAt {
             }
         };
         logs::info(&format!("metrics: http://{}/metrics", l.address));
-        let second = l.fd.try_clone().ok().map(|fd| sockets::Listener {
-            fd,
-            name: l.name.clone(),
-            kind: l.kind,
-            address: l.address.clone(),
-            port: l.port,
-        });
+        let second = l.try_clone();
         Ok((std_listener(l.fd)?, second))
     }
 }

@@ -93,6 +93,19 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// The same socket on a second fd (`None` if the process is out of
+    /// fds): one is served, the other kept for a re-exec to carry.
+    pub fn try_clone(&self) -> Option<Listener> {
+        let fd = self.fd.try_clone().ok()?;
+        Some(Listener {
+            fd,
+            name: self.name.clone(),
+            kind: self.kind,
+            address: self.address.clone(),
+            port: self.port,
+        })
+    }
+
     /// `kind|address|port|name`, the form the shim reads from `NODEHERD_SOCKETS`.
     pub fn shim_descriptor(&self) -> String {
         format!(
