@@ -21,7 +21,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use super::Stream;
@@ -63,7 +62,7 @@ pub struct Files {
     config: LogFiles,
     owner: Owner,
     open: HashMap<PathBuf, Open>,
-    tidy: Option<SyncSender<Job>>,
+    tidy: Option<rotated::Tidier>,
 }
 
 impl Files {
@@ -240,7 +239,7 @@ fn due(config: &LogFiles, f: &Open, more: u64) -> bool {
 fn rotate(
     owner: &Owner,
     config: &LogFiles,
-    tidy: Option<&SyncSender<Job>>,
+    tidy: Option<&rotated::Tidier>,
     path: &Path,
     f: &mut Open,
 ) {
@@ -260,8 +259,8 @@ fn rotate(
     match renamed {
         Ok(_) => {
             *f = reopened(owner, path, f.said, config.interval);
-            if let Some(tx) = tidy {
-                let _ = tx.try_send(Job {
+            if let Some(t) = tidy {
+                t.ask(Job {
                     path: path.to_path_buf(),
                     compress: config.compress,
                     retain: config.retain,

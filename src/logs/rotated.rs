@@ -188,21 +188,84 @@ fn compress(p: &Path) -> io::Result<()> {
     std::fs::remove_file(p)
 }
 
+/// What waits to be tidied: at most one job per log file (a newer one
+/// for the same file replaces it, since a tidy looks at all of that
+/// file's rotations), so nothing is ever dropped and the queue is bounded
+/// by the number of files, however fast they rotate.
+#[derive(Default)]
+struct Pending {
+    jobs: std::collections::BTreeMap<PathBuf, Job>,
+    closed: bool,
+}
+
+impl Pending {
+    fn ask(&mut self, job: Job) {
+        self.jobs.insert(job.path.clone(), job);
+    }
+
+    fn take(&mut self) -> Vec<Job> {
+        std::mem::take(&mut self.jobs).into_values().collect()
+    }
+}
+
+type Shared = std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>;
+
+/// The handle the writer asks the tidying thread through; dropping it
+/// ends the thread once what is pending is done.
+pub struct Tidier(Shared);
+
+impl Tidier {
+    /// Tidy after a rotation of `job.path`; never blocks on the tidying.
+    pub fn ask(&self, job: Job) {
+        let (lock, wake) = &*self.0;
+        if let Ok(mut p) = lock.lock() {
+            p.ask(job);
+            wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Tidier {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.0;
+        if let Ok(mut p) = lock.lock() {
+            p.closed = true;
+            wake.notify_one();
+        }
+    }
+}
+
 /// The thread that tidies after rotations, with the rights of whoever
-/// owns the files; jobs past the first few waiting are dropped (the
-/// next one looks at the whole directory again).
-pub fn start(owner: Owner) -> Option<std::sync::mpsc::SyncSender<Job>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(16);
+/// owns the files.
+pub fn start(owner: Owner) -> Option<Tidier> {
+    let shared: Shared = Default::default();
+    let theirs = shared.clone();
     owner
         .spawn_thread(move || {
-            for job in rx {
-                if let Err(e) = tidy(&job) {
-                    super::warn(&format!("log rotation: {e}"));
+            let (lock, wake) = &*theirs;
+            loop {
+                let jobs = {
+                    let Ok(mut p) = lock.lock() else { return };
+                    while p.jobs.is_empty() && !p.closed {
+                        p = match wake.wait(p) {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        };
+                    }
+                    if p.jobs.is_empty() {
+                        return;
+                    }
+                    p.take()
+                };
+                for job in jobs {
+                    if let Err(e) = tidy(&job) {
+                        super::warn(&format!("log rotation: {e}"));
+                    }
                 }
             }
         })
         .ok()?;
-    Some(tx)
+    Some(Tidier(shared))
 }
 
 #[cfg(test)]
@@ -280,5 +343,29 @@ mod tests {
         .unwrap();
         assert_eq!(text, "line 4\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_file_waiting_to_be_tidied_is_forgotten_however_many_rotate_at_once() {
+        let job = |n: usize| Job {
+            path: PathBuf::from(format!("/l/out-{n}.log")),
+            compress: true,
+            retain: 3,
+        };
+        let mut p = Pending::default();
+        // Eight workers' out and err files rotating faster than the
+        // thread tidies: each file is tidied, once.
+        for round in 0..5 {
+            for n in 0..16 {
+                p.ask(Job {
+                    retain: round,
+                    ..job(n)
+                });
+            }
+        }
+        let jobs = p.take();
+        assert_eq!(jobs.len(), 16);
+        assert!(jobs.iter().all(|j| j.retain == 4), "the newest job wins");
+        assert!(p.take().is_empty());
     }
 }
