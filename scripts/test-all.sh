@@ -50,7 +50,7 @@ step() {
 
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy" cargo clippy --all-targets --quiet -- -D warnings
-step "cargo test" cargo test --quiet
+step "cargo test" scripts/cargo-test.sh
 step "release build" cargo build --release --quiet
 # oha (the load generator) is built once per machine and kept in the cache.
 CACHE=${NODEHERD_CI_CACHE:-/var/cache/nodeherd-ci}

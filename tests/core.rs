@@ -493,7 +493,7 @@ fn wait_ready_waits_for_the_ready_message() {
     );
     let port = m.port();
     assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
-    assert!(m.log().contains("sent 'ready'"), "log:\n{}", m.log());
+    assert!(m.wait_log("sent 'ready'", T), "log:\n{}", m.log());
     // By the time systemd hears READY=1, every worker is warm.
     for _ in 0..6 {
         assert_eq!(get_json(port).unwrap()["warm"], true);
@@ -532,11 +532,9 @@ fn wait_ready_without_ready_serves_after_listen_timeout_and_a_reload_fails_close
     );
     let port = m.port();
     assert!(notify.wait_for("READY=1", T), "log:\n{}", m.log());
-    assert!(
-        m.log().contains("taken as ready, as PM2 does"),
-        "{}",
-        m.log()
-    );
+    // The manager's stderr is read by another thread than its
+    // notifications: the line may come in a moment after READY=1.
+    assert!(m.wait_log("taken as ready, as PM2 does", T), "{}", m.log());
     let pids = m.workers();
     assert_eq!(pids.len(), 2);
     // They serve on, past several listen_timeouts, and nobody kills them.
