@@ -35,10 +35,12 @@ use owner::Owner;
 /// Lines that may wait for the writer; beyond this, lines are dropped.
 const QUEUE: usize = 8192;
 
-/// How long a worker's line waits for room in a full queue before lines
-/// are dropped: the worker's pipe fills meanwhile and its writes wait, as
-/// they would on a slow disk of its own. Past this the sink counts as
-/// stalled, and lines are dropped at once until the writer has caught up.
+/// How long the writer may take no line at all before the sink counts as
+/// stalled. Until then a worker's line waits for room in a full queue (the
+/// worker's pipe fills meanwhile and its writes wait, as they would on a
+/// slow disk of its own: a sink that is slow but moving slows the workers
+/// down and loses nothing). Once stalled (journald or a file that takes no
+/// write at all), lines are dropped at once until the writer moves again.
 const STALL: Duration = Duration::from_secs(1);
 
 /// How often the writer wakes with nothing to write (date rotation).
@@ -54,8 +56,37 @@ struct Writer {
     sink: Arc<Sink>,
     tx: SyncSender<Record>,
     dropped: Arc<AtomicU64>,
-    /// The queue stayed full for [`STALL`]; cleared once the writer caught up.
-    stalled: Arc<AtomicBool>,
+    pace: Arc<Pace>,
+}
+
+/// How the writer is getting on, for the lines waiting for room.
+struct Pace {
+    base: Instant,
+    /// When the writer last took or wrote a line, in ms since `base`.
+    moved_ms: AtomicU64,
+    /// It took none for [`STALL`] while lines waited; cleared when it moves.
+    stalled: AtomicBool,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            base: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
+        }
+    }
+
+    fn moved(&self) {
+        let now = self.base.elapsed().as_millis() as u64;
+        self.moved_ms.store(now, Ordering::Relaxed);
+        self.stalled.store(false, Ordering::Relaxed);
+    }
+
+    fn still_for(&self) -> Duration {
+        let moved = Duration::from_millis(self.moved_ms.load(Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(moved)
+    }
 }
 
 static WRITER: OnceLock<Writer> = OnceLock::new();
@@ -108,21 +139,21 @@ pub fn init(app: &str, instance_var: &str) {
     });
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
-    let stalled = Arc::new(AtomicBool::new(false));
+    let pace = Arc::new(Pace::new());
     let spawned = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn({
             let sink = sink.clone();
             let dropped = dropped.clone();
-            let stalled = stalled.clone();
-            move || write_loop(&sink, rx, &dropped, &stalled)
+            let pace = pace.clone();
+            move || write_loop(&sink, rx, &dropped, &pace)
         });
     if spawned.is_ok() {
         let _ = WRITER.set(Writer {
             sink,
             tx,
             dropped,
-            stalled,
+            pace,
         });
     }
 }
@@ -241,8 +272,13 @@ pub async fn worker_line(index: u32, pid: i32, stream: Stream, line: String) {
             Err(TrySendError::Full(r)) => {
                 let now = Instant::now();
                 let until = *deadline.get_or_insert(now + STALL);
-                if w.stalled.load(Ordering::Relaxed) || now >= until {
-                    w.stalled.store(true, Ordering::Relaxed);
+                // Dropped only when this line has waited STALL and the
+                // writer took nothing in that time either: a writer that is
+                // behind but moving makes the line wait, however long.
+                let stalled = w.pace.stalled.load(Ordering::Relaxed)
+                    || (now >= until && w.pace.still_for() >= STALL);
+                if stalled {
+                    w.pace.stalled.store(true, Ordering::Relaxed);
                     return drop_one(w);
                 }
                 record = r;
@@ -366,7 +402,7 @@ pub fn clean(text: &str, max_chars: usize) -> String {
 /// Records taken in one turn before the files are flushed.
 const BATCH: usize = 4096;
 
-fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64, stalled: &AtomicBool) {
+fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64, pace: &Pace) {
     let mut files: Option<Files> = None;
     loop {
         let mut next = match rx.recv_timeout(TICK) {
@@ -379,18 +415,20 @@ fn write_loop(sink: &Sink, rx: Receiver<Record>, dropped: &AtomicU64, stalled: &
         while let Some(record) = next {
             write(sink, &mut files, record);
             n += 1;
+            if n % 256 == 1 {
+                pace.moved();
+            }
             if n == BATCH {
                 break;
             }
             next = rx.try_recv().ok();
         }
-        if n < BATCH {
-            // Caught up: lines may wait for room again.
-            stalled.store(false, Ordering::Relaxed);
-        }
         if let Some(f) = files.as_mut() {
             f.flush();
             f.tick();
+        }
+        if n > 0 {
+            pace.moved();
         }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {

@@ -485,6 +485,10 @@ fn wait_ready_waits_for_the_ready_message() {
             "-i",
             "2",
             "--wait-ready",
+            // Past the default 3 s: node's start on a loaded machine is
+            // not what this checks.
+            "--listen-timeout",
+            "30000",
             "--listen",
             "127.0.0.1:0",
             "--no-bus",

@@ -169,7 +169,7 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
         &dir,
         "prof",
         "heavy.js",
-        r#""instances":2,"kill_timeout":3000,"env":{"HEAVY_MIB":"8"}"#,
+        r#""instances":2,"kill_timeout":3000,"listen_timeout":20000,"env":{"HEAVY_MIB":"8"}"#,
     );
     let bus = DbusDaemon::start();
     let m = start_with_state(&cfg, &state, &bus);
@@ -234,7 +234,7 @@ fn a_heap_snapshot_then_resume_keeps_the_worker_and_fails_no_request() {
         &dir,
         "back",
         "heavy.js",
-        r#""instances":2,"kill_timeout":3000,"max_event_loop_delay":500,"env":{"HEAVY_MIB":"64"}"#,
+        r#""instances":2,"kill_timeout":3000,"listen_timeout":20000,"max_event_loop_delay":500,"env":{"HEAVY_MIB":"64"}"#,
     );
     let bus = DbusDaemon::start();
     let m = start_with_state(&cfg, &state, &bus);

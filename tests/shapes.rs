@@ -70,11 +70,6 @@ fn more_ports_are_shared_across_workers_and_reloads() {
     assert_ne!(admin, port);
     let on_admin = instances_answering(admin, 2, T);
     assert_eq!(on_admin, before, "both workers serve the shared admin port");
-    // A blocking listening socket stops a worker's event loop in accept()
-    // once another worker took the connection: every socket is non-blocking.
-    for pid in m.workers() {
-        assert_eq!(blocking_sockets(pid), Vec::<String>::new(), "worker {pid}");
-    }
     // Each instance's own metrics socket.
     for i in ["0", "1"] {
         let sock = dir.path.join(format!("metrics.{i}"));
@@ -84,6 +79,13 @@ fn more_ports_are_shared_across_workers_and_reloads() {
             (v["instance"].as_str(), v["via"].as_str()),
             (Some(i), Some("metrics"))
         );
+    }
+    // A blocking listening socket stops a worker's event loop in accept()
+    // once another worker took the connection: every socket is non-blocking
+    // (read once every socket is served: one handed over a moment ago is
+    // not yet the worker's).
+    for pid in m.workers() {
+        assert_eq!(blocking_sockets(pid), Vec::<String>::new(), "worker {pid}");
     }
     assert!(
         m.log().contains("shared socket: tcp [::]:")

@@ -30,6 +30,13 @@ os.setpgid(0, sibling)
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.sendto(b"READY=1\nSTATUS=forged by a sibling", os.environ["NOTIFY_SOCKET"])
 print("forged for %d from group %d" % (sibling, os.getpgid(0)), flush=True)
+# Stay until the worker that started it is gone: the manager reads who sent
+# a notification from /proc, and one that already exited is nobody's.
+parent = os.getppid()
+for _ in range(600):
+    if os.getppid() != parent:
+        break
+    time.sleep(0.1)
 `;
 
 http
