@@ -208,7 +208,8 @@ pub fn node_version(app: &App) -> Option<String> {
     {
         return Some(v.clone());
     }
-    let v = ask_version(path)?;
+    let as_user = app.credentials.as_ref().map(|c| (c.uid, c.gid));
+    let v = ask_version(path, as_user)?;
     SEEN.lock()
         .unwrap_or_else(|e| e.into_inner())
         .get_or_insert_with(HashMap::new)
@@ -217,9 +218,19 @@ pub fn node_version(app: &App) -> Option<String> {
 }
 
 /// Run `node --version`, bounded in time and output; no `NODE_OPTIONS`
-/// (the app's preloads are not ours to run here).
-fn ask_version(node: &Path) -> Option<String> {
-    let mut child = std::process::Command::new(node)
+/// (the app's preloads are not ours to run here), and as the workers'
+/// user when they have one of their own: the binary may be theirs to
+/// replace, and it must not run with the manager's rights.
+fn ask_version(node: &Path, as_user: Option<(u32, u32)>) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(node);
+    if let Some((uid, gid)) = as_user
+        && nix::unistd::geteuid().is_root()
+    {
+        // std drops the supplementary groups too when root sets a uid.
+        cmd.uid(uid).gid(gid);
+    }
+    let mut child = cmd
         .arg("--version")
         .env_remove("NODE_OPTIONS")
         .stdin(std::process::Stdio::null())

@@ -547,3 +547,50 @@ fn a_reload_from_node_22_to_24_is_judged_by_the_canary_and_status_shows_both() {
     );
     assert!(h[1]["node_version"].as_str().unwrap().starts_with("v24."));
 }
+
+/// The workers' user may be able to replace the Node binary they run (a
+/// version manager in their home): the manager asks it `--version` as that
+/// user, never with its own (root's) rights.
+#[test]
+fn node_is_asked_its_version_as_the_workers_user_not_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir::Dir::new("version-user");
+    let open = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    open(&dir.path, 0o755);
+    release(&dir, 1);
+    point_current(&dir, 1);
+    let spy = dir.path.join("spy");
+    std::fs::create_dir(&spy).unwrap();
+    open(&spy, 0o777);
+    let bin = dir.path.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let node = bin.join("node-spy");
+    std::fs::write(
+        &node,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --version ]; then id -u > {}/uid; echo v20.99.0; exit 0; fi\nexec /usr/bin/node \"$@\"\n",
+            path_str(&spy)
+        ),
+    )
+    .unwrap();
+    open(&node, 0o755);
+    let cfg = config(
+        &dir,
+        "asuser",
+        &format!(r#","interpreter":"{}","uid":"nobody""#, path_str(&node)),
+    );
+    let state = state_dir(&dir);
+    let bus = DbusDaemon::start();
+    let m = run(&cfg, &state, &bus);
+    assert!(bus.wait_name("org.nodeherd.asuser", T), "{}", m.log());
+    assert_eq!(answers(m.port(), 2).len(), 2, "{}", m.log());
+    assert_eq!(
+        std::fs::read_to_string(spy.join("uid")).unwrap().trim(),
+        "65534",
+        "--version ran with the manager's rights"
+    );
+    let h = json(&bus, &["history", "asuser", "--json"]);
+    assert_eq!(h[0]["node_version"], "v20.99.0", "{h}");
+}
