@@ -813,6 +813,28 @@ expect "j: the same workers serve (before: $before; after: $after)" test "$befor
 body=$(curl -sS --max-time 10 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
 expect "j: and answer (${body% })" test "${body% }" != "" -a "${body##* }" = 200
 
+log "j. a canary that dies in its soak: systemctl reload fails, the old generation serves"
+ct sh -c "cat >/srv/$APP/bad.js" <<'JS'
+require('http').createServer((q, s) => s.end('bad release\n')).listen(8000, () => setTimeout(() => process.exit(1), 1000));
+JS
+ct sh -c "cat >/etc/nodeherd/$APP.config.js" <<JS
+module.exports = {
+  apps: [{ name: '$APP', script: '/srv/$APP/bad.js', instances: 3, env: { GREETING: 'from-reload' },
+           reload_strategy: 'canary', canary: { soak: '5s' } }],
+};
+JS
+j0=$EPOCHREALTIME
+reload_rc=0
+reload_out=$(timeout 120 nsenter -t "$PID1" -a systemctl reload "$UNIT" 2>&1) || reload_rc=$?
+expect "j: systemctl reload exits non-zero when the canary is rolled back (exit $reload_rc)" test "$reload_rc" != 0
+rolled=$(ct journalctl --no-pager -u "$UNIT" --since "@${j0%.*}" | grep -F 'reload rolled back' | grep -F 'died during the soak' || true)
+expect "j: the journal says the canary was rolled back (${rolled:0:160})" test -n "$rolled"
+expect "j: $UNIT is still active" test "$(prop "$UNIT" ActiveState)" = active
+expect "j: 3 workers ready again" wait_for 30 ready_is 3
+body=$(curl -sS --max-time 10 "$URL" 2>&1 || true)
+expect "j: the old release answers (${body})" test "${body#hello from worker}" != "$body"
+write_config 3
+
 # ================================================================ k
 log "k. a bad configuration at start never fails the socket"
 timeout 60 nsenter -t "$PID1" -a systemctl stop "$UNIT" || fail "k: stop failed"
