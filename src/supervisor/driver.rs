@@ -769,6 +769,7 @@ impl Driver {
             self.core.generation(),
             &self.core.generations_wanted(),
             self.core.counters.reloads_rolled_back,
+            self.configs.app().history_keep,
         );
         self.rewatch();
         if self.sockets.steers() {

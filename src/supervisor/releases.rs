@@ -127,9 +127,14 @@ impl Releases {
     }
 
     /// Follow the core after its events: the generation `in_force`, those
-    /// still `wanted`, and its count of rolled-back reloads.
-    pub fn follow(&mut self, in_force: u64, wanted: &[u64], rolled_back: u64) {
+    /// still `wanted`, and its count of rolled-back reloads; `keep`: the
+    /// configuration in force's `history_keep`.
+    pub fn follow(&mut self, in_force: u64, wanted: &[u64], rolled_back: u64, keep: u32) {
         let mut changed = false;
+        if keep.max(1) as usize != self.keep {
+            self.keep = keep.max(1) as usize;
+            changed = true;
+        }
         if self
             .entry(in_force)
             .is_some_and(|e| e.outcome != Outcome::Serving)
@@ -259,12 +264,12 @@ mod tests {
         let mut r = releases(1);
         r.serving(1);
         r.tried(2, &app(), None);
-        r.follow(1, &[1, 2], 0);
-        r.follow(1, &[1], 0);
+        r.follow(1, &[1, 2], 0, 10);
+        r.follow(1, &[1], 0, 10);
         assert_eq!(r.entry(2).unwrap().outcome, Outcome::Failed);
         r.tried(3, &app(), None);
-        r.follow(1, &[1, 3], 0);
-        r.follow(1, &[1], 1);
+        r.follow(1, &[1, 3], 0, 10);
+        r.follow(1, &[1], 1, 10);
         assert_eq!(r.entry(3).unwrap().outcome, Outcome::RolledBack);
         assert_eq!(r.entry(1).unwrap().outcome, Outcome::Serving);
     }
@@ -274,12 +279,12 @@ mod tests {
         let mut r = releases(1);
         r.serving(1);
         r.tried(2, &app(), None);
-        r.follow(2, &[2], 0);
+        r.follow(2, &[2], 0, 10);
         r.tried(3, &app(), None);
-        r.follow(2, &[2, 3], 0);
-        r.follow(2, &[2], 1); // 3 rolled back
+        r.follow(2, &[2, 3], 0, 10);
+        r.follow(2, &[2], 1, 10); // 3 rolled back
         r.tried(4, &app(), Some(1));
-        r.follow(4, &[4], 1);
+        r.follow(4, &[4], 1, 10);
         assert_eq!(r.target(0, 4).unwrap().generation, 2);
         assert_eq!(r.target(3, 4).unwrap().generation, 3);
         assert!(r.target(4, 4).unwrap_err().contains("the one serving"));
@@ -300,7 +305,7 @@ mod tests {
     fn trimming_keeps_the_generation_serving_and_one_being_tried() {
         let mut r = releases(5);
         r.serving(1);
-        r.follow(1, &[1, 5], 0); // 2, 3 and 4 failed; 5 is tried
+        r.follow(1, &[1, 5], 0, 10); // 2, 3 and 4 failed; 5 is tried
         r.keep = 2;
         r.save();
         let kept: Vec<u64> = r.entries.iter().map(|e| e.generation).collect();
