@@ -834,6 +834,11 @@ expect "j: $UNIT is still active" test "$(prop "$UNIT" ActiveState)" = active
 expect "j: $ready_before workers ready again" wait_for 30 ready_is "$ready_before"
 body=$(curl -sS --max-time 10 "$URL" 2>&1 || true)
 expect "j: the old release answers (${body})" test "${body#hello from worker}" != "$body"
+hist=$(ct nodeherd history "$APP" --json 2>&1 || true)
+expect "j: the history says the canary's generation was rolled back ($(jq -c '[.[] | .outcome]' <<<"$hist" 2>&1))" \
+    test "$(jq -r '.[-1].outcome' <<<"$hist" 2>/dev/null)" = "rolled back"
+expect "j: and is kept in the state directory, owned by the app's user" \
+    test "$(ct stat -c %U /var/lib/nodeherd/$APP/history.json 2>&1)" = "nodeherd-$APP"
 # k starts from the broken file.
 write_config "'lots'"
 
