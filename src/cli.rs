@@ -52,6 +52,13 @@ pub enum Command {
     Status(StatusArgs),
     /// Replace every worker with zero downtime; waits for the result
     Reload(ReloadArgs),
+    /// The release history: each generation kept, what it ran (script,
+    /// directory, interpreter resolved through symlinks; Node's version) and
+    /// how it fared
+    History(StatusArgs),
+    /// Reload back to a generation of the release history (default: the
+    /// one that served before), with zero downtime; waits for the result
+    Rollback(RollbackArgs),
     /// Stop every worker and start a fresh set
     Restart(AppArgs),
     /// Change the number of workers: N, +N, -N or max
@@ -156,6 +163,19 @@ pub struct ReloadArgs {
     /// `reload_strategy` says (see "Canary reloads" in the README)
     #[arg(long)]
     pub canary: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The app (may be left out when one manager runs)
+    pub app: Option<String>,
+
+    /// The generation to go back to (`nodeherd history`); default: the one
+    /// that served before the one in force
+    pub generation: Option<u32>,
+
+    #[command(flatten)]
+    pub bus: BusArgs,
 }
 
 #[derive(Debug, Args)]

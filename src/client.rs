@@ -118,6 +118,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .collect();
         // Older managers have no such property: no line then.
         let cgroups = p.cgroups().await.ok();
+        // Nor this one (generation and Node version, by pid).
+        let releases: std::collections::BTreeMap<u32, (u64, String)> = p
+            .worker_releases()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(pid, g, node)| (pid, (g, node)))
+            .collect();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -127,6 +135,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
                         "status_text": texts.get(pid),
                         "outcomes": outcomes.get(pid).map(|o| o.to_json()),
+                        "generation": releases.get(pid).map(|r| r.0),
+                        "node": releases.get(pid).map(|r| &r.1).filter(|v| !v.is_empty()),
                     })
                 })
                 .collect();
@@ -150,25 +160,31 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 reached.via.describe()
             );
             outln!(
-                "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}  {:>5}",
+                "{:>8}  {:>8}  {:<9}  {:>8}  {:>9}  {:>10}  {:>5}  {:>4}  node",
                 "instance",
                 "pid",
                 "state",
                 "restarts",
                 "uptime",
                 "memory",
-                "cpu%"
+                "cpu%",
+                "gen"
             );
             let cpu = cpu_percent(workers.iter().map(|w| w.1)).await;
             for (i, pid, st, restarts, up, mem, _) in &workers {
                 let cpu = cpu.get(pid).map_or("-".to_string(), |c| format!("{c:.1}"));
+                let (generation, node) = match releases.get(pid) {
+                    Some((g, v)) if !v.is_empty() => (g.to_string(), discover::printable(v)),
+                    Some((g, _)) => (g.to_string(), "-".to_string()),
+                    None => ("-".to_string(), "-".to_string()),
+                };
                 let pid = if *pid == 0 {
                     "-".to_string()
                 } else {
                     pid.to_string()
                 };
                 outln!(
-                    "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}",
+                    "{i:>8}  {pid:>8}  {st:<9}  {restarts:>8}  {:>9}  {:>10}  {cpu:>5}  {generation:>4}  {node}",
                     crate::human::duration(*up),
                     crate::human::bytes(*mem)
                 );
@@ -209,6 +225,54 @@ pub fn reload(args: crate::cli::ReloadArgs) -> ExitCode {
         } else {
             r.proxy.reload().await?
         };
+        outln!("nodeherd: {what}");
+        Ok(())
+    })
+}
+
+/// `nodeherd history APP`: the generations kept, newest last.
+pub fn history(args: crate::cli::StatusArgs) -> ExitCode {
+    run_client(async move {
+        let r = reach(args.app.app.as_deref(), &args.app.bus).await?;
+        let text = r.proxy.history().await?;
+        if args.json {
+            outln!("{text}");
+            return Ok(());
+        }
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+        outln!(
+            "{:>4}  {:<19}  {:<11}  {:<9}  script",
+            "gen",
+            "when",
+            "outcome",
+            "node"
+        );
+        for e in &entries {
+            let at = e["at_unix_ms"].as_u64().unwrap_or(0);
+            let at: chrono::DateTime<chrono::Local> =
+                (std::time::UNIX_EPOCH + Duration::from_millis(at)).into();
+            let text = |k: &str| discover::printable(e[k].as_str().unwrap_or("-"));
+            let back = e["rollback_of"]
+                .as_u64()
+                .map_or(String::new(), |g| format!(" (rollback to {g})"));
+            outln!(
+                "{:>4}  {:<19}  {:<11}  {:<9}  {}{back}",
+                e["generation"].as_u64().unwrap_or(0),
+                at.format("%Y-%m-%d %H:%M:%S"),
+                text("outcome"),
+                text("node_version"),
+                text("script"),
+            );
+        }
+        Ok(())
+    })
+}
+
+/// `nodeherd rollback APP [GENERATION]`: reload back to a kept generation.
+pub fn rollback(args: crate::cli::RollbackArgs) -> ExitCode {
+    run_client(async move {
+        let r = reach(args.app.as_deref(), &args.bus).await?;
+        let what = r.proxy.rollback(args.generation.unwrap_or(0)).await?;
         outln!("nodeherd: {what}");
         Ok(())
     })

@@ -73,6 +73,9 @@ pub enum Control {
     /// A reload judged by a canary whatever `reload_strategy` says (the
     /// driver reads the configuration and marks it, see `NewConfig::canary`).
     ReloadCanary,
+    /// A reload back to a generation of the release history (0: the one
+    /// that served before the one in force); the driver reads it there.
+    Rollback(u64),
     /// Say "drain" on the health endpoint; workers keep serving.
     Drain,
     /// Stop saying "drain" (not while draining before a stop).
@@ -152,6 +155,8 @@ pub struct Snapshot {
     pub health_min_ready: u32,
     /// The last worker stack taken and kept (the driver's, not the core's).
     pub last_autopsy: Option<Taken>,
+    /// The release history as anyone may read it, JSON (the driver's).
+    pub history: std::sync::Arc<str>,
 }
 
 /// What happened over the manager's life, for metrics.
@@ -194,6 +199,11 @@ pub struct WorkerInfo {
     /// Its request outcomes as it last reported them (None: not yet, or no
     /// preload); see [`crate::outcomes`].
     pub outcomes: Option<crate::outcomes::Outcomes>,
+    /// The configuration generation it was started with (none: no process).
+    pub generation: Option<u64>,
+    /// What its Node binary said to `--version` (the driver's, from the
+    /// release history).
+    pub node: Option<String>,
 }
 
 /// A scrape's request for the app's own metrics, from every worker.

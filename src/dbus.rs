@@ -483,6 +483,24 @@ impl Manager {
         self.ask(Control::ReloadCanary).await.map(|d| d.message)
     }
 
+    /// Reload back to generation `generation` of the release history (0:
+    /// the one that served before the one in force), its files as they
+    /// were pinned, the same zero-downtime way (with the canary if the
+    /// configuration in force judges reloads so). Fails with ReloadFailed,
+    /// nothing changed, when that generation is not kept or its files are
+    /// gone. Authorized as Reload.
+    async fn rollback(
+        &self,
+        generation: u32,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<String, BusError> {
+        authorize(conn, &hdr, Action::Reload, &self.bus, self.peer).await?;
+        self.ask(Control::Rollback(u64::from(generation)))
+            .await
+            .map(|d| d.message)
+    }
+
     /// Stop every worker and start a fresh set; clears errored slots.
     async fn restart(
         &self,
@@ -750,6 +768,32 @@ impl Manager {
             .into_iter()
             .filter_map(|w| Some((w.pid.max(0) as u32, w.outcomes?.flat())))
             .collect()
+    }
+
+    /// Each worker's configuration generation and what its Node binary
+    /// said to `--version` ("" if not Node or unknown): (pid, generation, version).
+    #[zbus(property)]
+    async fn worker_releases(&self) -> Vec<(u32, u64, String)> {
+        self.snap()
+            .workers
+            .into_iter()
+            .filter(|w| w.pid > 0)
+            .map(|w| {
+                (
+                    w.pid as u32,
+                    w.generation.unwrap_or(0),
+                    w.node.unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// The release history, JSON: one object per generation kept (number,
+    /// when, outcome, the resolved script, directory and interpreter, Node
+    /// version; never the environment or arguments).
+    #[zbus(property)]
+    async fn history(&self) -> String {
+        self.snap().history.to_string()
     }
 
     /// Whether each worker runs in a cgroup of its own, and which limits

@@ -292,6 +292,7 @@ mod tests {
             generation: 3,
             health_min_ready: min,
             last_autopsy: None,
+            history: std::sync::Arc::from("[]"),
         }
     }
 

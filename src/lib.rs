@@ -89,6 +89,7 @@ pub mod endpoint;
 pub mod fds;
 pub mod health;
 pub mod herd;
+pub mod history;
 pub mod human;
 pub mod install;
 pub mod ipc;

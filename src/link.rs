@@ -21,6 +21,7 @@ use crate::dbus::{self, Bus, WorkerTuple};
 pub(crate) trait Manager1 {
     fn reload(&self) -> zbus::Result<String>;
     fn reload_canary(&self) -> zbus::Result<String>;
+    fn rollback(&self, generation: u32) -> zbus::Result<String>;
     fn restart(&self) -> zbus::Result<()>;
     fn scale(&self, instances: i32) -> zbus::Result<i32>;
     fn scale_by(&self, delta: i32) -> zbus::Result<i32>;
@@ -55,6 +56,10 @@ pub(crate) trait Manager1 {
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
     #[zbus(property)]
     fn request_outcomes(&self) -> zbus::Result<Vec<(u32, Vec<u64>)>>;
+    #[zbus(property)]
+    fn worker_releases(&self) -> zbus::Result<Vec<(u32, u64, String)>>;
+    #[zbus(property)]
+    fn history(&self) -> zbus::Result<String>;
     #[zbus(signal)]
     fn worker_state_changed(&self, instance: u32, pid: u32, state: String) -> zbus::Result<()>;
     #[zbus(signal)]

@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         Command::Logs(args) => nodeherd::tail::logs(args),
         Command::Status(args) => nodeherd::client::status(args),
         Command::Reload(args) => nodeherd::client::reload(args),
+        Command::History(args) => nodeherd::client::history(args),
+        Command::Rollback(args) => nodeherd::client::rollback(args),
         Command::Restart(args) => nodeherd::client::restart(args),
         Command::Scale(args) => nodeherd::client::scale(args),
         Command::Reexec(args) => nodeherd::client::reexec(args),

@@ -640,7 +640,8 @@ fn driver_for(
             let info = socket_infos(&listeners);
             let sockets = SocketSet::new(listeners, layout);
             let watchdog = notify::watchdog_interval();
-            let d = Driver::new(app, sockets, source, paths, watchdog);
+            let mut d = Driver::new(app, sockets, source, paths, watchdog);
+            d.open_history();
             (d, info, None, None)
         }
         Start::Resumed(r) => {
@@ -648,6 +649,7 @@ fn driver_for(
             let info = socket_infos(r.sockets.describe());
             let mut d = Driver::resume(app, r.sockets, r.shared, source, paths, r.core, r.workers);
             d.adopt_tally(r.tally);
+            d.open_history();
             (d, info, r.control, Some((r.took, r.written_by)))
         }
     }

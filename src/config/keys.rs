@@ -57,6 +57,7 @@ pub struct RawApp {
     pub reload_parallel: Option<u32>,
     pub reload_strategy: Option<super::canary::ReloadStrategy>,
     pub canary: Option<super::canary::Canary>,
+    pub history_keep: Option<u32>,
     pub uid: Option<String>,
     pub gid: Option<String>,
     pub balance: Option<Balance>,
@@ -204,6 +205,17 @@ pub const KEYS: &[Key] = &[
     },
     key!("reload_strategy", reload_strategy, super::canary::strategy),
     key!("canary", canary, super::canary::canary),
+    Key {
+        name: "history_keep",
+        set: |r, x| {
+            let n = v::count(x, crate::history::MAX_KEEP)?;
+            if n == 0 {
+                return Err("must be at least 1".into());
+            }
+            r.history_keep = Some(n as u32);
+            Ok(())
+        },
+    },
     key!("uid", uid, v::principal),
     key!("gid", gid, v::principal),
     key!("balance", balance, |x| v::balance(&v::string(x)?)),

@@ -174,6 +174,9 @@ pub struct App {
     /// The canary's soak and thresholds (nodeherd's own key).
     #[serde(default)]
     pub canary: canary::Canary,
+    /// Generations kept in the release history (nodeherd's own key, default 10).
+    #[serde(default = "crate::history::default_keep")]
+    pub history_keep: u32,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,
     /// How connections are spread over workers (nodeherd's own key).
@@ -682,6 +685,7 @@ pub(crate) fn test_app() -> App {
         reload_parallel: 1,
         reload_strategy: Default::default(),
         canary: Default::default(),
+        history_keep: crate::history::DEFAULT_KEEP,
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,

@@ -196,6 +196,7 @@ pub fn resolve(
             reload_parallel,
             reload_strategy: raw.reload_strategy.unwrap_or_default(),
             canary: raw.canary.unwrap_or_default(),
+            history_keep: raw.history_keep.unwrap_or(crate::history::DEFAULT_KEEP),
             credentials,
             balance,
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),

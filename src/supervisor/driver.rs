@@ -131,6 +131,8 @@ pub struct Driver {
     watching: (Vec<PathBuf>, Vec<String>, Option<crate::watch::Watch>),
     /// The last stack taken (`nodeherd status` shows it).
     last_autopsy: Option<crate::control::Taken>,
+    /// The release history: generations, how each fared, rollbacks.
+    releases: super::releases::Releases,
 }
 
 impl Driver {
@@ -188,7 +190,86 @@ impl Driver {
             draining: HashMap::new(),
             watching: (Vec::new(), Vec::new(), None),
             last_autopsy: None,
+            releases: Default::default(),
         }
+    }
+
+    /// Read the release history and number the configuration in force in
+    /// it (before the first worker starts, or right after a re-exec).
+    pub fn open_history(&mut self) {
+        let resumed = self.resumed.then(|| self.core.generation());
+        let (releases, generation, highest) = super::releases::Releases::open(
+            &self.configs.paths().runtime_dir,
+            self.configs.app(),
+            resumed,
+        );
+        if !self.resumed {
+            self.core.generation = generation;
+            self.configs = Configs::resume(
+                self.configs.app().clone(),
+                self.configs.source.clone(),
+                self.configs.paths().clone(),
+                &self.sockets,
+                generation,
+            );
+        }
+        self.configs.number_from(highest);
+        self.releases = releases;
+        self.publish();
+    }
+
+    /// `Rollback(n)`: a reload to generation `n` of the history (0: the
+    /// one that served before this one), as it was pinned, judged by a
+    /// canary if the configuration in force says so. One whose files are
+    /// gone is refused and nothing changes.
+    fn rollback(&mut self, n: u64, answer: Option<Answer>) {
+        let target = self
+            .releases
+            .target(n, self.core.generation())
+            .map(|e| (e.generation, e.app.clone()));
+        let (back_to, app) = match target {
+            Ok(t) => t,
+            Err(msg) => {
+                logs::event(
+                    Priority::Error,
+                    &format!("rollback: {msg}"),
+                    &[crate::logs::Milestone::ReloadRefused.field()],
+                );
+                let _ = self.signals.send(BusSignal::ReloadFinished {
+                    ok: false,
+                    message: msg.clone(),
+                });
+                if let Some(a) = answer {
+                    let _ = a.send(Err(CtlError::ReloadFailed(msg)));
+                }
+                return;
+            }
+        };
+        let canary =
+            self.configs.app().reload_strategy == crate::config::canary::ReloadStrategy::Canary;
+        let loaded = Loaded {
+            app,
+            warnings: Vec::new(),
+        };
+        let mut accepted = self
+            .configs
+            .accept(loaded, &self.sockets, self.core.policy());
+        accepted.config.canary |= canary;
+        let generation = accepted.config.generation;
+        if let Some(app) = self.configs.pending(generation) {
+            self.releases.tried(generation, app, Some(back_to));
+        }
+        for w in &accepted.warnings {
+            logs::warn(w);
+        }
+        logs::info(&format!(
+            "rollback: to generation {back_to}, as generation {generation}"
+        ));
+        let reply = self.reply_id(answer.into_iter().collect());
+        self.event(Event::Reconfigure {
+            config: Box::new(accepted.config),
+            reply,
+        });
     }
 
     /// A driver that goes on where a re-exec left off: `core` and the
@@ -577,6 +658,9 @@ impl Driver {
     }
 
     fn request(&mut self, req: ControlRequest) {
+        if let Control::Rollback(n) = req.what {
+            return self.rollback(n, req.reply);
+        }
         if req.what == Control::ReloadCanary {
             self.canary_asked = true;
         }
@@ -649,6 +733,10 @@ impl Driver {
                     .configs
                     .accept(loaded, &self.sockets, self.core.policy());
                 accepted.config.canary = std::mem::take(&mut self.canary_asked);
+                let generation = accepted.config.generation;
+                if let Some(app) = self.configs.pending(generation) {
+                    self.releases.tried(generation, app, None);
+                }
                 for w in &accepted.warnings {
                     logs::warn(w);
                 }
@@ -677,6 +765,12 @@ impl Driver {
         }
         self.configs
             .settle(self.core.generation(), &self.core.generations_wanted());
+        self.releases.follow(
+            self.core.generation(),
+            &self.core.generations_wanted(),
+            self.core.counters.reloads_rolled_back,
+            self.configs.app().history_keep,
+        );
         self.rewatch();
         if self.sockets.steers() {
             // With a socket per slot, the kernel picks only slots that
@@ -1322,6 +1416,10 @@ impl Driver {
     fn publish(&mut self) {
         let mut snap = self.core.snapshot();
         snap.last_autopsy = self.last_autopsy.clone();
+        snap.history = self.releases.view();
+        for w in &mut snap.workers {
+            w.node = w.generation.and_then(|g| self.releases.node_of(g));
+        }
         self.published.send_if_modified(|old| {
             if *old == snap {
                 false

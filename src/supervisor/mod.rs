@@ -39,6 +39,7 @@ mod ops;
 mod outbox;
 pub mod policy;
 pub mod reconfig;
+mod releases;
 mod report;
 mod share;
 pub mod sources;

@@ -39,7 +39,7 @@ impl Core {
         }
         // The driver turns a canary reload into a configuration marked
         // `canary`; as a bare request it is a reload.
-        let what = if what == Control::ReloadCanary {
+        let what = if matches!(what, Control::ReloadCanary | Control::Rollback(_)) {
             Control::Reload
         } else {
             what
@@ -111,7 +111,7 @@ impl Core {
         }
         if let Some(running) = self.op_name() {
             let asked = match what {
-                Control::Reload | Control::ReloadCanary => "reload",
+                Control::Reload | Control::ReloadCanary | Control::Rollback(_) => "reload",
                 Control::Restart => "restart",
                 Control::Scale(_) => "scale",
                 Control::Reexec => "re-exec",
@@ -124,7 +124,7 @@ impl Core {
             );
         }
         self.queue.push_back(match what {
-            Control::Reload | Control::ReloadCanary => Queued::Reload {
+            Control::Reload | Control::ReloadCanary | Control::Rollback(_) => Queued::Reload {
                 replies: reply.into_iter().collect(),
                 config,
             },

@@ -46,14 +46,18 @@ impl Source {
         }
     }
 
-    /// The log files it names can be opened.
-    fn checked(&self, loaded: Loaded) -> Result<Loaded, ConfigError> {
+    /// The log files it names can be opened. What it runs is pinned
+    /// (resolved through symlinks, and Node's version asked, here off the
+    /// supervisor's thread) for the release history.
+    fn checked(&self, mut loaded: Loaded) -> Result<Loaded, ConfigError> {
         crate::logs::files::check(&loaded.app).map_err(|(key, msg)| ConfigError {
             source: self.target.display().to_string(),
             app: Some(loaded.app.name.clone()),
             key: Some(key.into()),
             msg,
         })?;
+        crate::history::pin(&mut loaded.app);
+        let _ = crate::history::node_version(&loaded.app);
         Ok(loaded)
     }
 }
@@ -141,6 +145,17 @@ impl Configs {
 
     pub fn app(&self) -> &App {
         &self.app
+    }
+
+    /// The configuration read for `generation`'s reload, not yet in force.
+    pub fn pending(&self, generation: u64) -> Option<&App> {
+        self.pending.get(&generation)
+    }
+
+    /// Number the next generation after `at_least` (the release history's
+    /// numbers go on across restarts).
+    pub fn number_from(&mut self, at_least: u64) {
+        self.newest = self.newest.max(at_least);
     }
 
     /// The launcher of `generation` (the newest if that one is gone).

@@ -150,6 +150,8 @@ impl Core {
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
                     outcomes: w.outcomes,
+                    generation: Some(w.generation),
+                    node: None,
                 }),
                 None => workers.push(WorkerInfo {
                     instance: index,
@@ -170,6 +172,8 @@ impl Core {
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
                     outcomes: None,
+                    generation: None,
+                    node: None,
                 }),
             }
         }
@@ -197,6 +201,8 @@ impl Core {
                     replaced_hang: replaced.hang,
                     replaced_reload: replaced.reload,
                     outcomes: w.outcomes,
+                    generation: Some(w.generation),
+                    node: None,
                 });
             }
         }
@@ -213,6 +219,7 @@ impl Core {
             generation: self.generation,
             health_min_ready: self.health_min_ready(),
             last_autopsy: None,
+            history: std::sync::Arc::from("[]"),
         }
     }
 }

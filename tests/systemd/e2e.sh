@@ -813,6 +813,35 @@ expect "j: the same workers serve (before: $before; after: $after)" test "$befor
 body=$(curl -sS --max-time 10 -w ' %{http_code}' "$URL" 2>&1 | tr '\n' ' ' || true)
 expect "j: and answer (${body% })" test "${body% }" != "" -a "${body##* }" = 200
 
+log "j. a canary that dies in its soak: systemctl reload fails, the old generation serves"
+ct sh -c "cat >/srv/$APP/bad.js" <<'JS'
+require('http').createServer((q, s) => s.end('bad release\n')).listen(8000, () => setTimeout(() => process.exit(1), 1000));
+JS
+ct sh -c "cat >/etc/nodeherd/$APP.config.js" <<JS
+module.exports = {
+  apps: [{ name: '$APP', script: '/srv/$APP/bad.js', instances: 3, env: { GREETING: 'from-reload' },
+           reload_strategy: 'canary', canary: { soak: '5s' } }],
+};
+JS
+ready_before=$(bus_prop ReadyWorkers | awk '{ print $2 }')
+j0=$EPOCHREALTIME
+reload_rc=0
+reload_out=$(timeout 120 nsenter -t "$PID1" -a systemctl reload "$UNIT" 2>&1) || reload_rc=$?
+expect "j: systemctl reload exits non-zero when the canary is rolled back (exit $reload_rc)" test "$reload_rc" != 0
+rolled=$(ct journalctl --no-pager -u "$UNIT" --since "@${j0%.*}" | grep -F 'reload rolled back' | grep -F 'died during the soak' || true)
+expect "j: the journal says the canary was rolled back (${rolled:0:160})" test -n "$rolled"
+expect "j: $UNIT is still active" test "$(prop "$UNIT" ActiveState)" = active
+expect "j: $ready_before workers ready again" wait_for 30 ready_is "$ready_before"
+body=$(curl -sS --max-time 10 "$URL" 2>&1 || true)
+expect "j: the old release answers (${body})" test "${body#hello from worker}" != "$body"
+hist=$(ct nodeherd history "$APP" --json 2>&1 || true)
+expect "j: the history says the canary's generation was rolled back ($(jq -c '[.[] | .outcome]' <<<"$hist" 2>&1))" \
+    test "$(jq -r '.[-1].outcome' <<<"$hist" 2>/dev/null)" = "rolled back"
+expect "j: and is kept in the state directory, owned by the app's user" \
+    test "$(ct stat -c %U /var/lib/nodeherd/$APP/history.json 2>&1)" = "nodeherd-$APP"
+# k starts from the broken file.
+write_config "'lots'"
+
 # ================================================================ k
 log "k. a bad configuration at start never fails the socket"
 timeout 60 nsenter -t "$PID1" -a systemctl stop "$UNIT" || fail "k: stop failed"
