@@ -15,6 +15,7 @@
 //! looks at the system (paths, `PATH`, users, CPUs) to make an [`App`].
 //! `file` finds and reads the ecosystem file.
 
+pub mod autoscale;
 pub mod canary;
 mod diff;
 mod env_file;
@@ -174,6 +175,10 @@ pub struct App {
     /// The canary's soak and thresholds (nodeherd's own key).
     #[serde(default)]
     pub canary: canary::Canary,
+    /// A worker count that follows the load (`instances: {min, max}`);
+    /// `instances` is then where it starts, `min`.
+    #[serde(default)]
+    pub autoscale: Option<autoscale::Autoscale>,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,
     /// How connections are spread over workers (nodeherd's own key).
@@ -682,6 +687,7 @@ pub(crate) fn test_app() -> App {
         reload_parallel: 1,
         reload_strategy: Default::default(),
         canary: Default::default(),
+        autoscale: None,
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,
