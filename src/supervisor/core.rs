@@ -69,6 +69,9 @@ pub struct Core {
     /// The worker a `Diagnose --then resume` captures in place, and who
     /// waits for the answer.
     pub(super) resuming: Option<(WorkerId, Option<ReplyId>)>,
+    /// A worker count that follows the load (`instances: {min, max}`);
+    /// see `scaling.rs`.
+    pub(super) autoscaler: Option<super::autoscale::Autoscaler>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -100,6 +103,7 @@ impl Core {
             diagnosis: None,
             pressed: BTreeMap::new(),
             resuming: None,
+            autoscaler: None,
             out: Vec::new(),
             now,
         }
@@ -160,6 +164,7 @@ impl Core {
                 .arm(TimerKey::MemoryCheck, now + policy::MEMORY_CHECK_EVERY);
         }
         self.schedule_cron(None);
+        self.autoscale_follow_policy();
         let n = self.policy.instances;
         self.slots = (0..n).map(|_| Slot::default()).collect();
         let autostart = self.policy.autostart;
@@ -209,8 +214,15 @@ impl Core {
                         w.listen_error = Some(e);
                     }
                 }
-                Said::Beat { delay_ms, outcomes } => {
+                Said::Beat {
+                    delay_ms,
+                    elu_permille,
+                    outcomes,
+                } => {
                     self.on_beat(worker, delay_ms);
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.elu_permille = elu_permille;
+                    }
                     self.canary_beat(worker, delay_ms);
                     if let Some(o) = outcomes {
                         self.on_outcomes(worker, *o);
@@ -228,6 +240,10 @@ impl Core {
             Event::Flooding { worker } => self.on_flooding(worker),
             Event::MemorySample(samples) => self.on_memory_sample(samples),
             Event::PressureSample(samples) => self.on_pressure_sample(samples),
+            Event::LoadSample {
+                queued,
+                unit_memory_max,
+            } => self.on_load_sample(queued, unit_memory_max),
             Event::Request { what, reply } => self.submit(what, reply, None),
             Event::Reconfigure { config, reply } => {
                 self.submit(Control::Reload, reply, Some(config))
@@ -352,6 +368,7 @@ impl Core {
                 listen_error: None,
                 status_text: None,
                 loop_delay_ms: None,
+                elu_permille: None,
                 beating: false,
                 hung: false,
                 closed: false,
@@ -753,6 +770,7 @@ impl Core {
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
             TimerKey::Canary => self.on_canary_timer(),
+            TimerKey::Autoscale => self.on_autoscale_timer(),
             TimerKey::Cron => self.on_cron(),
             TimerKey::Watch => self.reload_running_slots(
                 SwapReason::Watch,

@@ -521,8 +521,13 @@ impl Driver {
                     ipc::Message::Ready => Said::Ready,
                     ipc::Message::Listening => Said::Listening,
                     ipc::Message::ListenError(text) => Said::ListenError(text),
-                    ipc::Message::Beat { delay_ms, outcomes } => Said::Beat {
+                    ipc::Message::Beat {
                         delay_ms,
+                        elu_permille,
+                        outcomes,
+                    } => Said::Beat {
+                        delay_ms,
+                        elu_permille,
                         outcomes: outcomes.map(Box::new),
                     },
                     ipc::Message::Connections { open } => Said::Connections { open },
@@ -748,6 +753,10 @@ impl Driver {
                     self.close_left_sockets();
                 }
                 Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
+                Effect::SampleLoad => follow.push_back(Event::LoadSample {
+                    queued: self.sockets.queued(),
+                    unit_memory_max: crate::worker::cgroup::unit_memory_max(),
+                }),
                 Effect::SampleMemory(ids) => {
                     let sample_ids = ids.clone();
                     let sample = ids

@@ -54,6 +54,9 @@ pub struct CoreState {
     /// `Drain()` was asked for and not undone.
     #[serde(default)]
     pub drain_asked: bool,
+    /// A manual scale holds autoscaling's count until the next reload.
+    #[serde(default)]
+    pub autoscale_pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +198,7 @@ impl Core {
             last_status: self.last_status.clone(),
             cron_next: self.cron_next,
             drain_asked: self.drain_asked(),
+            autoscale_pinned: self.autoscale_pinned(),
         }
     }
 
@@ -270,6 +274,7 @@ impl Core {
                     listen_error: w.listen_error,
                     status_text: w.status_text,
                     loop_delay_ms: w.loop_delay_ms,
+                    elu_permille: None,
                     beating: w.beating,
                     hung: w.hung,
                     closed: w.closed,
@@ -312,6 +317,7 @@ impl Core {
             timers.arm(key, at_offset(base, ns));
         }
         core.timers = timers;
+        core.autoscale_resume(state.autoscale_pinned);
         core.queue = state
             .queued_swaps
             .into_iter()

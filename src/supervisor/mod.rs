@@ -40,6 +40,7 @@ mod outbox;
 pub mod policy;
 pub mod reconfig;
 mod report;
+mod scaling;
 mod share;
 pub mod sources;
 mod state;

@@ -123,6 +123,9 @@ impl Core {
                 format!("{asked} requested: waits for the running {running}"),
             );
         }
+        if matches!(what, Control::Scale(_)) {
+            self.autoscale_pin();
+        }
         self.queue.push_back(match what {
             Control::Reload | Control::ReloadCanary => Queued::Reload {
                 replies: reply.into_iter().collect(),
@@ -176,6 +179,7 @@ impl Core {
     fn begin(&mut self, q: Queued) {
         match q {
             Queued::Reload { replies, config } => {
+                self.autoscale_unpin();
                 let next = config.map(|c| self.read_config(*c));
                 // Slots a smaller `instances` drops are not swapped: they
                 // go once the swap succeeded (see `commit_config`).
@@ -356,7 +360,11 @@ impl Core {
             );
         }
         let cron_changed = policy.cron_restart != self.policy.cron_restart;
+        let autoscale_changed = policy.autoscale != self.policy.autoscale;
         self.policy = policy;
+        if autoscale_changed {
+            self.autoscale_follow_policy();
+        }
         self.generation = generation;
         if cron_changed {
             self.schedule_cron(None);

@@ -58,6 +58,8 @@ pub(super) struct Worker {
     pub(super) status_text: Option<String>,
     /// Its event loop's longest delay over the last heartbeat (ms).
     pub(super) loop_delay_ms: Option<u32>,
+    /// Its event-loop utilization over the last heartbeat, in thousandths.
+    pub(super) elu_permille: Option<u16>,
     /// It has sent a heartbeat (it runs the preload): from its ready on,
     /// silence means a stuck event loop.
     pub(super) beating: bool,

@@ -1231,6 +1231,7 @@ fn beat(w: &mut World, id: WorkerId) {
         worker: id,
         said: Said::Beat {
             delay_ms: 3,
+            elu_permille: None,
             outcomes: None,
         },
     });
