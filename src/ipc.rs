@@ -352,7 +352,10 @@ mod tests {
             Some(Message::Beat { elu_permille, .. }) => elu_permille,
             other => panic!("{line}: {other:?}"),
         };
-        assert_eq!(elu(r#"{"nodeherd":"beat","delay_ms":1,"elu":0.4567}"#), Some(457));
+        assert_eq!(
+            elu(r#"{"nodeherd":"beat","delay_ms":1,"elu":0.4567}"#),
+            Some(457)
+        );
         assert_eq!(elu(r#"{"nodeherd":"beat","delay_ms":1}"#), None);
         // A worker that lies cannot say more than all of its time.
         assert_eq!(elu(r#"{"nodeherd":"beat","elu":1e308}"#), Some(1000));

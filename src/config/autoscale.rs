@@ -100,7 +100,11 @@ pub fn pace(x: &Value) -> Result<RawPace, String> {
                         .and_then(|n| positive(n, k))? as u32,
                 )
             }
-            other => return Err(format!("unknown key {other:?}: the block takes {PACE_KEYS}")),
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}: the block takes {PACE_KEYS}"
+                ));
+            }
         }
     }
     Ok(p)
@@ -139,8 +143,14 @@ pub fn resolve(
         }
         return Ok(None);
     };
-    let min = range.min.resolve(cpus).map_err(|m| ("instances", format!("min: {m}")))?;
-    let max = range.max.resolve(cpus).map_err(|m| ("instances", format!("max: {m}")))?;
+    let min = range
+        .min
+        .resolve(cpus)
+        .map_err(|m| ("instances", format!("min: {m}")))?;
+    let max = range
+        .max
+        .resolve(cpus)
+        .map_err(|m| ("instances", format!("max: {m}")))?;
     if min > max {
         return Err((
             "instances",
@@ -203,8 +213,14 @@ mod tests {
         for (bad, says) in [
             (json!({"min": 2}), "max is missing"),
             (json!({"max": 2}), "min is missing"),
-            (json!({"min": 2, "max": 4, "step": 1}), "unknown key \"step\""),
-            (json!({"min": "lots", "max": 4}), "min: expected a whole number"),
+            (
+                json!({"min": 2, "max": 4, "step": 1}),
+                "unknown key \"step\"",
+            ),
+            (
+                json!({"min": "lots", "max": 4}),
+                "min: expected a whole number",
+            ),
             (json!({"min": 1, "max": 100000}), "max: "),
         ] {
             let e = parse(bad.clone()).unwrap_err();
@@ -243,7 +259,10 @@ mod tests {
         }
         let p = pace(&json!({"busy_elu": 0.2})).unwrap();
         let (_, e) = resolve(Some(r), Some(p), 8).unwrap_err();
-        assert!(e.contains("quiet_elu (0.3) must be below busy_elu (0.2)"), "{e}");
+        assert!(
+            e.contains("quiet_elu (0.3) must be below busy_elu (0.2)"),
+            "{e}"
+        );
         let p = pace(&json!({"up_after": 200})).unwrap();
         assert!(resolve(Some(r), Some(p), 8).is_err());
         let (key, e) = resolve(None, Some(RawPace::default()), 8).unwrap_err();

@@ -297,7 +297,11 @@ mod tests {
         let d = run(&mut a, t0, 10..11, &mut n, &busy());
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].from, d[0].to), (2, 3));
-        assert!(d[0].reason.contains("accept queue non-empty"), "{}", d[0].reason);
+        assert!(
+            d[0].reason.contains("accept queue non-empty"),
+            "{}",
+            d[0].reason
+        );
         assert_eq!(d[0].why, Why::AcceptQueue);
         // The settle pause, then sustained again: 4, and never above.
         let d = run(&mut a, t0, 11..120, &mut n, &busy());

@@ -212,14 +212,12 @@ impl Core {
             next_cron_reload_ms: self.cron_next,
             generation: self.generation,
             health_min_ready: self.health_min_ready(),
-            autoscale: self
-                .autoscale_view()
-                .map(|v| crate::control::Autoscale {
-                    min: v.min,
-                    max: v.max,
-                    ceiling: v.ceiling,
-                    pinned: v.pinned,
-                }),
+            autoscale: self.autoscale_view().map(|v| crate::control::Autoscale {
+                min: v.min,
+                max: v.max,
+                ceiling: v.ceiling,
+                pinned: v.pinned,
+            }),
             last_autopsy: None,
         }
     }

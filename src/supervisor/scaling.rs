@@ -96,10 +96,7 @@ impl Core {
         };
         if a.pinned() {
             a.unpin();
-            self.log(
-                Level::Notice,
-                "autoscale: resumed by a reload".into(),
-            );
+            self.log(Level::Notice, "autoscale: resumed by a reload".into());
         }
     }
 

@@ -2504,3 +2504,5 @@ fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
     assert!(w.spawns_since(mark).is_empty());
 }
 mod canary;
+
+mod autoscale;
