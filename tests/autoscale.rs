@@ -62,7 +62,8 @@ fn busy_workers_raise_the_count_to_max_and_it_falls_back_to_min_when_the_load_st
         "ramp",
         "burner.js",
         r#""instances": {"min": 1, "max": 3},
-           "autoscale": {"up_after": "2s", "settle": "1s", "down_after": "3s"}"#,
+           "autoscale": {"up_after": "2s", "settle": "1s", "down_after": "3s",
+                         "busy_queue": 100000}"#,
     );
     let m = start_config(&cfg, None);
     let port = m.port();
@@ -79,7 +80,13 @@ fn busy_workers_raise_the_count_to_max_and_it_falls_back_to_min_when_the_load_st
     );
     assert!(wait_until(T, || m.workers().len() == 3), "{}", m.log());
     let log = m.log();
-    assert!(log.contains("autoscale: 1 -> 2 workers: "), "{log}");
+    // The accept queue is out of it (busy_queue): the workers' own
+    // heartbeats said their event loops were busy.
+    assert!(
+        log.contains("autoscale: 1 -> 2 workers: event-loop utilization ")
+            && log.contains(" >= 0.80 for 2 s"),
+        "{log}"
+    );
     assert!(log.contains("autoscale: 2 -> 3 workers: "), "{log}");
     assert!(!log.contains("-> 4 workers"), "never above max:\n{log}");
     drop(load);
@@ -95,6 +102,39 @@ fn busy_workers_raise_the_count_to_max_and_it_falls_back_to_min_when_the_load_st
     );
     assert!(wait_until(T, || m.workers().len() == 1), "{}", m.log());
     assert!(get(port, "/").is_ok(), "the last worker serves");
+}
+
+/// Workers that send no heartbeat (not Node): connections waiting in the
+/// shared accept queue alone raise the count.
+#[test]
+fn connections_waiting_in_the_accept_queue_raise_the_count() {
+    let dir = tempdir::Dir::new("autoscale-queue");
+    let cfg = dir.write(
+        "queue.json",
+        &serde_json::json!({"apps": [{
+            "name": "queue",
+            "script": app("slow_accept.py"),
+            "interpreter": "python3",
+            "instances": {"min": 1, "max": 2},
+            "autoscale": {"up_after": "2s", "settle": "1s"},
+        }]})
+        .to_string(),
+    );
+    let m = start_config(&cfg, None);
+    let port = m.port();
+    let load = Load::start(port, 6);
+    assert!(
+        wait_until(T, || last_count(&m.log()) == Some(2)),
+        "the count never rose:\n{}",
+        m.log()
+    );
+    drop(load);
+    assert!(
+        m.log()
+            .contains("autoscale: 1 -> 2 workers: accept queue non-empty for 2 s"),
+        "{}",
+        m.log()
+    );
 }
 
 /// A compromised app cannot make the manager fork without bound by
@@ -134,7 +174,9 @@ fn bad_bounds_and_pace_are_refused_with_what_to_write() {
     for (name, text, says) in [
         (
             "a.json",
-            format!(r#"{{"apps":[{{"name":"a","script":"{script}","instances":{{"min":4,"max":2}}}}]}}"#),
+            format!(
+                r#"{{"apps":[{{"name":"a","script":"{script}","instances":{{"min":4,"max":2}}}}]}}"#
+            ),
             "key `instances`: min (4) is more than max (2)",
         ),
         (
@@ -158,15 +200,14 @@ fn bad_bounds_and_pace_are_refused_with_what_to_write() {
         ),
         (
             "e.json",
-            format!(r#"{{"apps":[{{"name":"e","script":"{script}","instances":2,"autoscale":{{}}}}]}}"#),
+            format!(
+                r#"{{"apps":[{{"name":"e","script":"{script}","instances":2,"autoscale":{{}}}}]}}"#
+            ),
             "only `instances: {\"min\": N, \"max\": M}` turns on",
         ),
     ] {
         let file = path_str(&dir.write(name, &text));
-        let (code, log) = run_to_end(
-            &["run", &file, "--listen", "127.0.0.1:0", "--no-bus"],
-            T,
-        );
+        let (code, log) = run_to_end(&["run", &file, "--listen", "127.0.0.1:0", "--no-bus"], T);
         assert_eq!(code, Some(2), "{name}: {log}");
         assert!(log.contains(says), "{name}: want {says:?} in\n{log}");
     }
