@@ -118,6 +118,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .collect();
         // Older managers have no such property: no line then.
         let cgroups = p.cgroups().await.ok();
+        // Nor this one.
+        let last_exits: std::collections::BTreeMap<u32, String> = p
+            .last_exits()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -127,6 +134,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
                         "status_text": texts.get(pid),
                         "outcomes": outcomes.get(pid).map(|o| o.to_json()),
+                        "last_exit": last_exits.get(i),
                     })
                 })
                 .collect();
@@ -175,6 +183,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            for (i, why) in &last_exits {
+                outln!("worker {i} last died: {}", discover::printable(why));
             }
             if let Some(c) = &cgroups {
                 outln!("{}", discover::printable(c));

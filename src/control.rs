@@ -208,6 +208,11 @@ pub struct WorkerInfo {
     pub replaced_memory_pressure: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
+    /// ... and OOM-killed by the kernel (also counted in `restarts`).
+    pub replaced_oom: u32,
+    /// How the slot's last worker that died unexpectedly went: `crashed`
+    /// or `oom-killed`.
+    pub last_exit: Option<&'static str>,
     /// Its request outcomes as it last reported them (None: not yet, or no
     /// preload); see [`crate::outcomes`].
     pub outcomes: Option<crate::outcomes::Outcomes>,

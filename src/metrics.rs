@@ -451,7 +451,10 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         for (reason, n) in [
-            ("crash", w.restarts),
+            // An OOM kill is a crash PM2 counts in its restarts; here it
+            // has a reason of its own, so the reasons add up.
+            ("crash", w.restarts.saturating_sub(w.replaced_oom)),
+            ("oom", w.replaced_oom),
             ("memory", w.replaced_memory),
             ("memory_pressure", w.replaced_memory_pressure),
             ("hang", w.replaced_hang),

@@ -202,6 +202,11 @@ impl Core {
         match ev {
             Event::Spawned { worker, pid, ipc } => self.on_spawned(worker, pid, ipc),
             Event::SpawnFailed { worker, error } => self.on_spawn_failed(worker, error),
+            Event::OomKilled { worker, words } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.oom = Some(words);
+                }
+            }
             Event::Exited { worker, status } => self.on_exit(worker, status),
             Event::Said { worker, said } => match said {
                 Said::Ready => self.mark_ready(worker, "sent 'ready'"),
@@ -375,6 +380,7 @@ impl Core {
                 conns: Default::default(),
                 outcomes: None,
                 outcomes_refused: false,
+                oom: None,
             },
         );
         let slot = &mut self.slots[index as usize];
@@ -607,11 +613,20 @@ impl Core {
         self.timers.cancel(TimerKey::Hang(id));
         let (index, pid) = (w.index, w.pid);
         let uptime = self.now.saturating_duration_since(w.started);
-        let cause = match (&w.killed_because, &w.listen_error) {
-            (Some(k), _) => format!("{k}; {status}"),
-            (None, Some(e)) => format!("{status}: {e}"),
-            (None, None) => status.to_string(),
+        let cause = match (&w.oom, &w.killed_because, &w.listen_error) {
+            (Some(o), _, _) => format!("{o}; {status}"),
+            (None, Some(k), _) => format!("{k}; {status}"),
+            (None, None, Some(e)) => format!("{status}: {e}"),
+            (None, None, None) => status.to_string(),
         };
+        if let Some(words) = &w.oom {
+            self.log_worker(
+                Level::Warning,
+                index,
+                pid,
+                format!("worker {index} (pid {pid}) {words}"),
+            );
+        }
         self.worker_signal(index, pid, "exited");
         if let Some(Op::Reload { draining, .. }) = &mut self.op {
             draining.remove(&id);
@@ -649,6 +664,14 @@ impl Core {
             return;
         }
         slot.current = None;
+        slot.last_exit = Some(if w.oom.is_some() {
+            "oom-killed"
+        } else {
+            "crashed"
+        });
+        if w.oom.is_some() {
+            slot.replaced.oom += 1;
+        }
         if self.phase == Phase::Stopping || slot.incoming.is_some() {
             // Stopping anyway, or a reload is already bringing this slot's replacement up.
             return;

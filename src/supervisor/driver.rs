@@ -432,8 +432,7 @@ impl Driver {
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
             if let Some(words) = crate::worker::cgroup::oom_killed(pid) {
-                let slot = self.core.slot_of(worker).unwrap_or(0);
-                logs::warn(&format!("worker {slot} (pid {pid}) {words}"));
+                self.event(Event::OomKilled { worker, words });
             }
             crate::worker::cgroup::reaped(pid);
             self.procs.remove(&worker);

@@ -29,6 +29,9 @@ pub enum Event {
     },
     /// The driver could not start it (fork/exec, or binding its sockets).
     SpawnFailed { worker: WorkerId, error: String },
+    /// The worker's cgroup says the kernel OOM-killed in it (`memory.events`
+    /// `oom_kill`), how in words; sent just before its `Exited`.
+    OomKilled { worker: WorkerId, words: String },
     Exited {
         worker: WorkerId,
         status: ExitStatus,

@@ -74,6 +74,9 @@ pub struct SlotState {
     /// Stopped on purpose (`stop_exit_codes`, `autostart`), and why.
     #[serde(default)]
     pub stopped: Option<String>,
+    /// How its last worker that died unexpectedly went (`crashed`, `oom-killed`).
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,6 +151,7 @@ impl Core {
                 waiting: s.waiting,
                 errored: s.errored.clone(),
                 stopped: s.stopped.clone(),
+                last_exit: s.last_exit.map(str::to_string),
             })
             .collect();
         let workers = self
@@ -240,6 +244,12 @@ impl Core {
                 waiting: s.waiting,
                 errored: s.errored,
                 stopped: s.stopped,
+                // Only words this program knows come back.
+                last_exit: match s.last_exit.as_deref() {
+                    Some("oom-killed") => Some("oom-killed"),
+                    Some("crashed") => Some("crashed"),
+                    _ => None,
+                },
             })
             .collect();
         let mut workers = BTreeMap::new();
@@ -287,6 +297,7 @@ impl Core {
                     // Its next heartbeat reports them again, cumulative.
                     outcomes: None,
                     outcomes_refused: false,
+                    oom: None,
                 },
             );
             if previous.is_some() {

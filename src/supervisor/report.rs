@@ -149,6 +149,8 @@ impl Core {
                     replaced_memory_pressure: slot.replaced.memory_pressure,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    replaced_oom: slot.replaced.oom,
+                    last_exit: slot.last_exit,
                     outcomes: w.outcomes,
                 }),
                 None => workers.push(WorkerInfo {
@@ -169,6 +171,8 @@ impl Core {
                     replaced_memory_pressure: slot.replaced.memory_pressure,
                     replaced_hang: slot.replaced.hang,
                     replaced_reload: slot.replaced.reload,
+                    replaced_oom: slot.replaced.oom,
+                    last_exit: slot.last_exit,
                     outcomes: None,
                 }),
             }
@@ -196,6 +200,8 @@ impl Core {
                     replaced_memory_pressure: replaced.memory_pressure,
                     replaced_hang: replaced.hang,
                     replaced_reload: replaced.reload,
+                    replaced_oom: replaced.oom,
+                    last_exit: slot.and_then(|s| s.last_exit),
                     outcomes: w.outcomes,
                 });
             }

@@ -2506,3 +2506,4 @@ fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
 mod canary;
 
 mod autoscale;
+mod oom;
