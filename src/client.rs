@@ -129,12 +129,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
                 .map(|(i, pid, st, restarts, up, mem, at)| {
+                    // Read here, as the CPU is: only where the worker's
+                    // cgroup has the memory controller.
+                    let stat = (*pid > 0)
+                        .then(|| crate::worker::cgroup::memory_stat(*pid as i32))
+                        .flatten();
                     serde_json::json!({
                         "instance": i, "pid": pid, "state": st, "restarts": restarts,
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
                         "status_text": texts.get(pid),
                         "outcomes": outcomes.get(pid).map(|o| o.to_json()),
                         "last_exit": last_exits.get(i),
+                        "memory_anon_bytes": stat.map(|s| s.anon),
+                        "memory_file_bytes": stat.map(|s| s.file),
                     })
                 })
                 .collect();

@@ -494,6 +494,38 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
             rss,
         );
     }
+    // Only where the worker's cgroup has the memory controller.
+    let stats: Vec<_> = slots
+        .iter()
+        .filter(|(_, w)| w.pid > 0)
+        .filter_map(|(i, w)| Some((i, crate::worker::cgroup::memory_stat(w.pid)?)))
+        .collect();
+    if !stats.is_empty() {
+        e.family(
+            "nodeherd_worker_memory_anon_bytes",
+            "gauge",
+            "Anonymous memory (heap, stacks) of the slot's worker's cgroup (memory.stat anon).",
+        );
+        for (i, s) in &stats {
+            e.sample(
+                "nodeherd_worker_memory_anon_bytes",
+                &[("worker", i)],
+                s.anon,
+            );
+        }
+        e.family(
+            "nodeherd_worker_memory_file_bytes",
+            "gauge",
+            "Page cache of the slot's worker's cgroup (memory.stat file), reclaimed first.",
+        );
+        for (i, s) in &stats {
+            e.sample(
+                "nodeherd_worker_memory_file_bytes",
+                &[("worker", i)],
+                s.file,
+            );
+        }
+    }
     e.family(
         "nodeherd_worker_cpu_seconds_total",
         "counter",
