@@ -57,13 +57,15 @@ fn last_count(log: &str) -> Option<u32> {
 #[test]
 fn busy_workers_raise_the_count_to_max_and_it_falls_back_to_min_when_the_load_stops() {
     let dir = tempdir::Dir::new("autoscale-ramp");
+    let metrics = free_port();
     let cfg = one_app(
         &dir,
         "ramp",
         "burner.js",
-        r#""instances": {"min": 1, "max": 3},
+        &(format!(r#""metrics": "127.0.0.1:{metrics}","#)
+            + r#""instances": {"min": 1, "max": 3},
            "autoscale": {"up_after": "2s", "settle": "1s", "down_after": "3s",
-                         "busy_queue": 100000}"#,
+                         "busy_queue": 100000}"#),
     );
     let m = start_config(&cfg, None);
     let port = m.port();
@@ -102,6 +104,17 @@ fn busy_workers_raise_the_count_to_max_and_it_falls_back_to_min_when_the_load_st
     );
     assert!(wait_until(T, || m.workers().len() == 1), "{}", m.log());
     assert!(get(port, "/").is_ok(), "the last worker serves");
+    // Every decision counted, by direction and signal.
+    let (_, text) = get(metrics, "/metrics").unwrap();
+    for line in [
+        r#"nodeherd_autoscale_decisions_total{app="ramp",direction="up",reason="event_loop"} 2"#,
+        r#"nodeherd_autoscale_decisions_total{app="ramp",direction="down",reason="quiet"} 2"#,
+        r#"nodeherd_autoscale_target_workers{app="ramp"} 1"#,
+        r#"nodeherd_autoscale_ceiling_workers{app="ramp"} 3"#,
+        r#"nodeherd_autoscale_pinned{app="ramp"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
 }
 
 /// Workers that send no heartbeat (not Node): connections waiting in the
