@@ -314,7 +314,10 @@ impl Core {
     /// (restarts for any cause, scaling) the configuration in force, until
     /// the swap succeeded ([`Core::commit_config`]).
     fn read_config(&mut self, mut config: NewConfig) -> Box<NewConfig> {
-        if !config.resize {
+        if let Some(a) = config.policy.autoscale {
+            // The count autoscaling reached stays, within the new bounds.
+            config.policy.instances = (self.slots.len() as u32).clamp(a.min, a.max);
+        } else if !config.resize {
             config.policy.instances = self.slots.len() as u32;
         }
         // systemd's watchdog is the manager's, not the app's.

@@ -224,3 +224,25 @@ fn a_re_exec_carries_the_pin_and_goes_on_sampling() {
     w.under(QUIET, 3);
     assert!(w.effects.contains(&Effect::SampleLoad));
 }
+
+#[test]
+fn a_reload_keeps_the_count_reached_within_the_new_bounds() {
+    let mut w = World::obedient(autoscaled(1, 6));
+    w.under(BUSY_LOOPS, 40);
+    assert_eq!(w.slots(), 6);
+    // A new min of 2 changes `instances` (min): the count reached stays.
+    let r = w.reconfigure(autoscaled(2, 6), 1, "instances 1 → 2");
+    for _ in 0..20 {
+        w.under(QUEUE, 1);
+    }
+    assert!(w.answer(r).is_some_and(|a| a.is_ok()), "{}", w.logs());
+    assert_eq!(w.slots(), 6);
+    // A max below it brings it down to max.
+    let r = w.reconfigure(autoscaled(2, 4), 2, "autoscale changed");
+    for _ in 0..20 {
+        w.under(QUEUE, 1);
+    }
+    assert!(w.answer(r).is_some_and(|a| a.is_ok()), "{}", w.logs());
+    assert_eq!(w.slots(), 4);
+    assert_eq!(w.core.snapshot().autoscale.unwrap().max, 4);
+}
