@@ -126,10 +126,22 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .into_iter()
             .map(|(pid, g, node)| (pid, (g, node)))
             .collect();
+        // Nor this one.
+        let last_exits: std::collections::BTreeMap<u32, String> = p
+            .last_exits()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
                 .map(|(i, pid, st, restarts, up, mem, at)| {
+                    // Read here, as the CPU is: only where the worker's
+                    // cgroup has the memory controller.
+                    let stat = (*pid > 0)
+                        .then(|| crate::worker::cgroup::memory_stat(*pid as i32))
+                        .flatten();
                     serde_json::json!({
                         "instance": i, "pid": pid, "state": st, "restarts": restarts,
                         "uptime_ms": up, "memory_bytes": mem, "started_at_unix_ms": at,
@@ -137,6 +149,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "outcomes": outcomes.get(pid).map(|o| o.to_json()),
                         "generation": releases.get(pid).map(|r| r.0),
                         "node": releases.get(pid).map(|r| &r.1).filter(|v| !v.is_empty()),
+                        "last_exit": last_exits.get(i),
+                        "memory_anon_bytes": stat.map(|s| s.anon),
+                        "memory_file_bytes": stat.map(|s| s.file),
                     })
                 })
                 .collect();
@@ -191,6 +206,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            for (i, why) in &last_exits {
+                outln!("worker {i} last died: {}", discover::printable(why));
             }
             if let Some(c) = &cgroups {
                 outln!("{}", discover::printable(c));

@@ -153,10 +153,23 @@ pub struct Snapshot {
     pub generation: u64,
     /// Ready workers the health endpoint needs to say "up" now.
     pub health_min_ready: u32,
+    /// Autoscaling, when `instances` is `{min, max}`.
+    pub autoscale: Option<Autoscale>,
     /// The last worker stack taken and kept (the driver's, not the core's).
     pub last_autopsy: Option<Taken>,
     /// The release history as anyone may read it, JSON (the driver's).
     pub history: std::sync::Arc<str>,
+}
+
+/// Autoscaling as status and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    /// The most workers it would run now: `max`, or fewer under the memory budget.
+    pub ceiling: u32,
+    /// A manual scale holds the count until the next reload.
+    pub pinned: bool,
 }
 
 /// What happened over the manager's life, for metrics.
@@ -172,6 +185,10 @@ pub struct Counters {
     /// How long the last reload that ended took.
     pub last_reload_ms: u64,
     pub scale_events: u64,
+    /// Autoscaling's decisions, by direction and signal.
+    pub autoscale_up_accept_queue: u64,
+    pub autoscale_up_event_loop: u64,
+    pub autoscale_down_quiet: u64,
     /// Times this manager replaced its own program in place (carried
     /// across each re-exec, so a client sees the new one answer).
     pub reexecs: u64,
@@ -196,6 +213,11 @@ pub struct WorkerInfo {
     pub replaced_memory_pressure: u32,
     pub replaced_hang: u32,
     pub replaced_reload: u32,
+    /// ... and OOM-killed by the kernel (also counted in `restarts`).
+    pub replaced_oom: u32,
+    /// How the slot's last worker that died unexpectedly went: `crashed`
+    /// or `oom-killed`.
+    pub last_exit: Option<&'static str>,
     /// Its request outcomes as it last reported them (None: not yet, or no
     /// preload); see [`crate::outcomes`].
     pub outcomes: Option<crate::outcomes::Outcomes>,

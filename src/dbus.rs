@@ -796,6 +796,19 @@ impl Manager {
         self.snap().history.to_string()
     }
 
+    /// How each slot's last worker that died unexpectedly went:
+    /// (instance, `crashed` or `oom-killed`), for the slots that had one.
+    #[zbus(property)]
+    async fn last_exits(&self) -> Vec<(u32, String)> {
+        let mut seen = std::collections::BTreeMap::new();
+        for w in self.snap().workers {
+            if let Some(why) = w.last_exit {
+                seen.insert(w.instance, why.to_string());
+            }
+        }
+        seen.into_iter().collect()
+    }
+
     /// Whether each worker runs in a cgroup of its own, and which limits
     /// apply; or why not ("per-worker cgroups off: ...").
     #[zbus(property(emits_changed_signal = "const"))]

@@ -291,6 +291,7 @@ mod tests {
             next_cron_reload_ms: None,
             generation: 3,
             health_min_ready: min,
+            autoscale: None,
             last_autopsy: None,
             history: std::sync::Arc::from("[]"),
         }

@@ -34,6 +34,10 @@ pub enum Message {
     /// see [`crate::outcomes`]), if it counts them and the report is sound.
     Beat {
         delay_ms: u32,
+        /// Its event-loop utilization over that interval, in thousandths
+        /// (0..=1000), if it sent a sound one: untrusted, a worker may say
+        /// anything here (autoscaling caps what it can cause).
+        elu_permille: Option<u16>,
         outcomes: Option<crate::outcomes::Outcomes>,
     },
     /// The app's own metrics (prom-client's registry), answering a scrape;
@@ -117,6 +121,11 @@ pub fn parse(line: &[u8]) -> Option<Message> {
                     .and_then(Value::as_f64)
                     .filter(|d| d.is_finite() && *d >= 0.0)
                     .map_or(0, |d| d.min(f64::from(u32::MAX)).round() as u32),
+                elu_permille: o
+                    .get("elu")
+                    .and_then(Value::as_f64)
+                    .filter(|e| e.is_finite() && *e >= 0.0)
+                    .map(|e| (e.min(1.0) * 1000.0).round() as u16),
                 outcomes: o.get("out").and_then(crate::outcomes::parse),
             }),
             Some("closed") => Some(Message::Closed),
@@ -335,6 +344,23 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn a_beats_event_loop_utilization_is_kept_in_bounds() {
+        let elu = |line: &str| match parse(line.as_bytes()) {
+            Some(Message::Beat { elu_permille, .. }) => elu_permille,
+            other => panic!("{line}: {other:?}"),
+        };
+        assert_eq!(
+            elu(r#"{"nodeherd":"beat","delay_ms":1,"elu":0.4567}"#),
+            Some(457)
+        );
+        assert_eq!(elu(r#"{"nodeherd":"beat","delay_ms":1}"#), None);
+        // A worker that lies cannot say more than all of its time.
+        assert_eq!(elu(r#"{"nodeherd":"beat","elu":1e308}"#), Some(1000));
+        assert_eq!(elu(r#"{"nodeherd":"beat","elu":-3}"#), None);
+        assert_eq!(elu(r#"{"nodeherd":"beat","elu":"busy"}"#), None);
     }
 
     #[test]

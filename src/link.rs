@@ -53,6 +53,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn cgroups(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn last_exits(&self) -> zbus::Result<Vec<(u32, String)>>;
+    #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
     #[zbus(property)]
     fn request_outcomes(&self) -> zbus::Result<Vec<(u32, Vec<u64>)>>;

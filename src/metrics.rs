@@ -374,6 +374,7 @@ pub fn manager_metrics(app: &str, snap: &Snapshot, sockets: &[SocketInfo]) -> St
     per_worker(&mut e, snap);
     outcomes(&mut e, snap);
     operations(&mut e, &snap.counters);
+    autoscaling(&mut e, snap);
     socket_figures(&mut e, sockets);
     e.family(
         "nodeherd_log_lines_dropped_total",
@@ -450,7 +451,10 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
     );
     for (i, w) in &slots {
         for (reason, n) in [
-            ("crash", w.restarts),
+            // An OOM kill is a crash PM2 counts in its restarts; here it
+            // has a reason of its own, so the reasons add up.
+            ("crash", w.restarts.saturating_sub(w.replaced_oom)),
+            ("oom", w.replaced_oom),
             ("memory", w.replaced_memory),
             ("memory_pressure", w.replaced_memory_pressure),
             ("hang", w.replaced_hang),
@@ -489,6 +493,38 @@ fn per_worker(e: &mut Exposition, snap: &Snapshot) {
             &[("worker", i)],
             rss,
         );
+    }
+    // Only where the worker's cgroup has the memory controller.
+    let stats: Vec<_> = slots
+        .iter()
+        .filter(|(_, w)| w.pid > 0)
+        .filter_map(|(i, w)| Some((i, crate::worker::cgroup::memory_stat(w.pid)?)))
+        .collect();
+    if !stats.is_empty() {
+        e.family(
+            "nodeherd_worker_memory_anon_bytes",
+            "gauge",
+            "Anonymous memory (heap, stacks) of the slot's worker's cgroup (memory.stat anon).",
+        );
+        for (i, s) in &stats {
+            e.sample(
+                "nodeherd_worker_memory_anon_bytes",
+                &[("worker", i)],
+                s.anon,
+            );
+        }
+        e.family(
+            "nodeherd_worker_memory_file_bytes",
+            "gauge",
+            "Page cache of the slot's worker's cgroup (memory.stat file), reclaimed first.",
+        );
+        for (i, s) in &stats {
+            e.sample(
+                "nodeherd_worker_memory_file_bytes",
+                &[("worker", i)],
+                s.file,
+            );
+        }
     }
     e.family(
         "nodeherd_worker_cpu_seconds_total",
@@ -628,6 +664,49 @@ fn operations(e: &mut Exposition, c: &crate::control::Counters) {
         "Scale operations begun.",
     );
     e.sample("nodeherd_scale_events_total", &[], c.scale_events);
+}
+
+/// A worker count that follows the load: what it decided, and where it
+/// stands (only when `instances` is `{min, max}`).
+fn autoscaling(e: &mut Exposition, snap: &Snapshot) {
+    let Some(a) = snap.autoscale else {
+        return;
+    };
+    let c = &snap.counters;
+    e.family(
+        "nodeherd_autoscale_decisions_total",
+        "counter",
+        "Changes of the worker count autoscaling made, by direction and signal.",
+    );
+    for (direction, reason, n) in [
+        ("up", "accept_queue", c.autoscale_up_accept_queue),
+        ("up", "event_loop", c.autoscale_up_event_loop),
+        ("down", "quiet", c.autoscale_down_quiet),
+    ] {
+        e.sample(
+            "nodeherd_autoscale_decisions_total",
+            &[("direction", direction), ("reason", reason)],
+            n,
+        );
+    }
+    e.family(
+        "nodeherd_autoscale_target_workers",
+        "gauge",
+        "The worker count autoscaling holds now.",
+    );
+    e.sample("nodeherd_autoscale_target_workers", &[], snap.instances);
+    e.family(
+        "nodeherd_autoscale_ceiling_workers",
+        "gauge",
+        "The most workers autoscaling would run now: max, or fewer under the memory budget.",
+    );
+    e.sample("nodeherd_autoscale_ceiling_workers", &[], a.ceiling);
+    e.family(
+        "nodeherd_autoscale_pinned",
+        "gauge",
+        "1 while a manual scale holds the count (until the next reload).",
+    );
+    e.sample("nodeherd_autoscale_pinned", &[], u8::from(a.pinned));
 }
 
 /// What the kernel says of the listening sockets, and of the host.

@@ -252,7 +252,18 @@ fn draw(m: &Model) -> std::io::Result<()> {
     lines.extend(m.events.iter().map(|e| format!("  {e}")));
     lines.push(String::new());
     if let Some(w) = m.workers.get(m.picked) {
-        lines.push(format!("worker {} (pid {}), last lines:", w.0, w.1));
+        // anon vs file: a leak grows the first, a cache the second.
+        let stat = (w.1 > 0)
+            .then(|| crate::worker::cgroup::memory_stat(w.1 as i32))
+            .flatten()
+            .map_or(String::new(), |s| {
+                format!(
+                    ", anon {} file {}",
+                    crate::human::bytes(s.anon),
+                    crate::human::bytes(s.file)
+                )
+            });
+        lines.push(format!("worker {} (pid {}){stat}, last lines:", w.0, w.1));
         lines.extend(m.journal.iter().map(|l| format!("  {l}")));
     }
     let mut out = std::io::stdout().lock();

@@ -179,8 +179,24 @@
     } catch (_) {
       // no perf_hooks: beats without a delay figure
     }
+    // The share of the interval the loop was busy (event-loop utilization),
+    // for autoscaling: a delta of perf_hooks' running totals.
+    let perf = null;
+    let lastElu = null;
+    try {
+      perf = require('perf_hooks').performance;
+      lastElu = perf.eventLoopUtilization();
+    } catch (_) {
+      // no eventLoopUtilization: beats without it
+    }
     const beat = setInterval(() => {
-      tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0, out: outcomes() });
+      let elu;
+      if (lastElu) {
+        const now = perf.eventLoopUtilization();
+        elu = perf.eventLoopUtilization(now, lastElu).utilization;
+        lastElu = now;
+      }
+      tell({ nodeherd: 'beat', delay_ms: delay ? delay.max / 1e6 : 0, elu, out: outcomes() });
       // Still above its share (the connections it closed came back here):
       // say so again, and the manager answers with the surplus to close.
       if (open > shareMax) {

@@ -202,6 +202,25 @@ impl SocketSet {
         Some((p.layout(), p.tcp_sockets()))
     }
 
+    /// Connections waiting in the TCP accept queues workers take from (the
+    /// shared sockets, and each slot's own with `balance: reuseport`; the
+    /// steered layout's slot sockets are the manager's, emptied at once).
+    pub fn queued(&self) -> u32 {
+        use std::os::fd::AsRawFd;
+        let queue = |l: &Listener| {
+            if l.kind == crate::sockets::Kind::Tcp {
+                crate::reuseport::queue_of(l.fd.as_raw_fd())
+            } else {
+                0
+            }
+        };
+        let own: u32 = match &self.per_slot {
+            Some(p) if !p.held() => p.sockets.iter().flatten().map(queue).sum(),
+            _ => 0,
+        };
+        self.shared.iter().map(queue).sum::<u32>() + own
+    }
+
     /// Whether the slots' own sockets are the manager's to accept from
     /// (`Layout::Steered`).
     pub fn held(&self) -> bool {

@@ -77,6 +77,7 @@ pub fn diff(old: &App, new: &App) -> Diff {
         old.reload_strategy != new.reload_strategy,
     );
     changed("canary", old.canary != new.canary);
+    changed("autoscale", old.autoscale != new.autoscale);
     changed("rebalance", old.rebalance != new.rebalance);
     changed("shared_listen", old.shared_listen != new.shared_listen);
     changed("log files", old.logs != new.logs);

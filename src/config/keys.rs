@@ -26,6 +26,10 @@ pub struct RawApp {
     pub node_args: Option<Vec<String>>,
     pub interpreter_args: Option<Vec<String>>,
     pub instances: Option<Instances>,
+    /// `instances` as an object: autoscaling between these bounds.
+    pub instances_range: Option<super::autoscale::Range>,
+    /// The `autoscale` block: the signals' thresholds and the pace.
+    pub autoscale: Option<super::autoscale::RawPace>,
     pub fork_mode: Option<bool>,
     pub instance_var: Option<String>,
     pub env: Option<BTreeMap<String, String>>,
@@ -106,7 +110,17 @@ pub const KEYS: &[Key] = &[
     key!("exec_interpreter", exec_interpreter, v::string),
     key!("node_args", node_args, v::words),
     key!("interpreter_args", interpreter_args, v::words),
-    key!("instances", instances, v::instances),
+    Key {
+        name: "instances",
+        set: |r, x| {
+            match x {
+                Value::Object(o) => r.instances_range = Some(super::autoscale::range(o)?),
+                x => r.instances = Some(v::instances(x)?),
+            }
+            Ok(())
+        },
+    },
+    key!("autoscale", autoscale, super::autoscale::pace),
     Key {
         name: "exec_mode",
         set: |r, x| {

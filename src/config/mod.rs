@@ -15,6 +15,7 @@
 //! looks at the system (paths, `PATH`, users, CPUs) to make an [`App`].
 //! `file` finds and reads the ecosystem file.
 
+pub mod autoscale;
 pub mod canary;
 mod diff;
 mod env_file;
@@ -177,6 +178,10 @@ pub struct App {
     /// Generations kept in the release history (nodeherd's own key, default 10).
     #[serde(default = "crate::history::default_keep")]
     pub history_keep: u32,
+    /// A worker count that follows the load (`instances: {min, max}`);
+    /// `instances` is then where it starts, `min`.
+    #[serde(default)]
+    pub autoscale: Option<autoscale::Autoscale>,
     /// Run workers as this user and group (PM2's `uid`/`gid`; needs root).
     pub credentials: Option<Credentials>,
     /// How connections are spread over workers (nodeherd's own key).
@@ -686,6 +691,7 @@ pub(crate) fn test_app() -> App {
         reload_strategy: Default::default(),
         canary: Default::default(),
         history_keep: crate::history::DEFAULT_KEEP,
+        autoscale: None,
         credentials: None,
         balance: Balance::Queue,
         rebalance: true,

@@ -73,7 +73,7 @@ pub fn resolve(
         return Err(at.err("name", format!("{name:?} is not a usable app name")));
     }
     let program = program(&raw, over, base, &at)?;
-    let instances = instances(&raw, over, sys, &at, &mut warnings)?;
+    let (instances, autoscale) = instances(&raw, over, sys, &at, &mut warnings)?;
     let instance_var = over
         .instance_var
         .clone()
@@ -197,6 +197,7 @@ pub fn resolve(
             reload_strategy: raw.reload_strategy.unwrap_or_default(),
             canary: raw.canary.unwrap_or_default(),
             history_keep: raw.history_keep.unwrap_or(crate::history::DEFAULT_KEEP),
+            autoscale,
             credentials,
             balance,
             rebalance: !over.no_rebalance && raw.rebalance.unwrap_or(true),
@@ -332,37 +333,57 @@ fn check_runnable(interpreter: &Interpreter, script: &Path, at: &At) -> Result<(
 }
 
 /// `instances` (or `-i`) against the CPUs; PM2 starts one when it is
-/// unset, and `exec_mode: fork` always one.
+/// unset, and `exec_mode: fork` always one. As `{min, max}` it also turns
+/// autoscaling on, starting at `min`; `-i` on the command line fixes the
+/// count and turns it off.
 fn instances(
     raw: &RawApp,
     over: &Overrides,
     sys: System,
     at: &At,
     warnings: &mut Vec<String>,
-) -> Result<u32, ConfigError> {
-    let n = match &over.instances {
-        Some(s) => values::instances(&serde_json::Value::String(s.clone()))
+) -> Result<(u32, Option<super::autoscale::Autoscale>), ConfigError> {
+    if let Some(s) = &over.instances {
+        let n = values::instances(&serde_json::Value::String(s.clone()))
             .and_then(|i| i.resolve(sys.cpus))
             .map_err(|msg| ConfigError {
                 source: "command line".into(),
                 app: Some(at.app.to_string()),
                 key: Some("--instances".into()),
                 msg,
-            })?,
+            })?;
+        if raw.instances_range.is_some() {
+            warnings.push(format!(
+                "{}: app \"{}\": --instances {n} fixes the count; autoscaling is off",
+                at.source, at.app
+            ));
+        }
+        return Ok((n, None));
+    }
+    let autoscale = super::autoscale::resolve(raw.instances_range, raw.autoscale, sys.cpus)
+        .map_err(|(key, m)| at.err(key, m))?;
+    if raw.fork_mode.unwrap_or(false) && autoscale.is_some() {
+        return Err(at.err(
+            "instances",
+            "exec_mode fork runs one worker: autoscaling needs exec_mode cluster".into(),
+        ));
+    }
+    let n = match &autoscale {
+        Some(a) => a.min,
         None => raw
             .instances
             .unwrap_or(Instances::Count(1))
             .resolve(sys.cpus)
             .map_err(|m| at.err("instances", m))?,
     };
-    if raw.fork_mode.unwrap_or(false) && over.instances.is_none() && n > 1 {
+    if raw.fork_mode.unwrap_or(false) && n > 1 {
         warnings.push(format!(
             "{}: app \"{}\": exec_mode fork runs one worker; `instances` ignored",
             at.source, at.app
         ));
-        return Ok(1);
+        return Ok((1, None));
     }
-    Ok(n)
+    Ok((n, autoscale))
 }
 
 /// The package script's own assignments, then the `env_file`s in order,

@@ -2,7 +2,7 @@
 //! should change, and why: the decision alone, on signals the driver
 //! samples (the listening sockets' accept queues, each worker's event-loop
 //! utilization) and a virtual clock, so it is unit-tested like the rest of
-//! the core. Not yet wired to the driver or the configuration.
+//! the core. The core samples and acts on it in `scaling.rs`.
 //!
 //! Up when the load is sustained (an accept queue that stays non-empty, or
 //! workers busy most of the time), one worker at a time, never above `max`
@@ -32,6 +32,25 @@ pub struct Pace {
     pub busy_elu: f64,
     /// Highest event-loop utilization under which the app is quiet.
     pub quiet_elu: f64,
+    /// Connections waiting in the accept queues that count as busy.
+    pub busy_queue: u32,
+    /// Workers added at one decision.
+    pub step: u32,
+}
+
+impl Pace {
+    /// The pace the configuration's `autoscale` block sets.
+    pub fn of(a: &crate::config::autoscale::Autoscale) -> Pace {
+        Pace {
+            up_after: a.up_after,
+            down_after: a.down_after,
+            settle: a.settle,
+            busy_elu: a.busy_elu,
+            quiet_elu: a.quiet_elu,
+            busy_queue: a.busy_queue.max(1),
+            step: a.step.max(1),
+        }
+    }
 }
 
 impl Default for Pace {
@@ -42,6 +61,8 @@ impl Default for Pace {
             settle: Duration::from_secs(10),
             busy_elu: 0.8,
             quiet_elu: 0.3,
+            busy_queue: 1,
+            step: 1,
         }
     }
 }
@@ -60,7 +81,37 @@ pub struct Load {
 pub struct Decision {
     pub from: u32,
     pub to: u32,
+    pub why: Why,
     pub reason: String,
+}
+
+/// Which signal decided, for the metrics' `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Connections waited in the accept queues.
+    AcceptQueue,
+    /// The workers' event loops were busy.
+    EventLoop,
+    /// Neither, for the quiet period.
+    Quiet,
+}
+
+impl Why {
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::AcceptQueue => "accept_queue",
+            Why::EventLoop => "event_loop",
+            Why::Quiet => "quiet",
+        }
+    }
+}
+
+/// Most workers a memory budget allows: the unit's `MemoryMax=` over each
+/// worker's `max_memory`, when both are known (without `max_memory` each
+/// worker's budget is `MemoryMax=` shared out, which never overspends).
+pub fn memory_cap(unit_memory_max: Option<u64>, max_memory: Option<u64>) -> Option<u32> {
+    let (unit, each) = (unit_memory_max?, max_memory?);
+    Some(u32::try_from(unit / each.max(1)).unwrap_or(u32::MAX).max(1))
 }
 
 /// The decision's memory between samples.
@@ -106,7 +157,19 @@ impl Autoscaler {
         self.pinned
     }
 
-    fn ceiling(&self) -> u32 {
+    pub fn bounds(&self) -> Bounds {
+        self.bounds
+    }
+
+    /// The memory budget as last measured (the unit's `MemoryMax=` may
+    /// change at a `systemctl set-property`).
+    pub fn set_memory_cap(&mut self, cap: Option<u32>) {
+        self.memory_cap = cap;
+    }
+
+    /// The most workers it would run now: `max`, or fewer under the
+    /// memory budget (never below `min`).
+    pub fn ceiling(&self) -> u32 {
         self.memory_cap
             .map_or(self.bounds.max, |c| c.min(self.bounds.max))
             .max(self.bounds.min)
@@ -120,7 +183,7 @@ impl Autoscaler {
             load.elu.iter().sum::<f64>() / load.elu.len() as f64
         };
         let top = load.elu.iter().copied().fold(0.0, f64::max);
-        let busy = load.queued > 0 || mean >= self.pace.busy_elu;
+        let busy = load.queued >= self.pace.busy_queue || mean >= self.pace.busy_elu;
         let quiet = load.queued == 0 && top < self.pace.quiet_elu;
         self.busy_since = if busy {
             self.busy_since.or(Some(now))
@@ -141,28 +204,36 @@ impl Autoscaler {
         }
         let held = |since: Option<Instant>| since.map_or(Duration::ZERO, |s| now.duration_since(s));
         let decision = if held(self.busy_since) >= self.pace.up_after && current < self.ceiling() {
-            let why = if load.queued > 0 {
-                format!(
-                    "the accept queue held connections for {} s ({} waiting)",
-                    self.pace.up_after.as_secs(),
-                    load.queued
+            let (why, reason) = if load.queued >= self.pace.busy_queue {
+                (
+                    Why::AcceptQueue,
+                    format!(
+                        "accept queue non-empty for {} s ({} waiting)",
+                        self.pace.up_after.as_secs(),
+                        load.queued
+                    ),
                 )
             } else {
-                format!(
-                    "event-loop utilization {mean:.2} >= {:.2} for {} s",
-                    self.pace.busy_elu,
-                    self.pace.up_after.as_secs()
+                (
+                    Why::EventLoop,
+                    format!(
+                        "event-loop utilization {mean:.2} >= {:.2} for {} s",
+                        self.pace.busy_elu,
+                        self.pace.up_after.as_secs()
+                    ),
                 )
             };
             Decision {
                 from: current,
-                to: current + 1,
-                reason: why,
+                to: current.saturating_add(self.pace.step).min(self.ceiling()),
+                why,
+                reason,
             }
         } else if held(self.quiet_since) >= self.pace.down_after && current > self.bounds.min {
             Decision {
                 from: current,
                 to: current - 1,
+                why: Why::Quiet,
                 reason: format!(
                     "quiet for {} s (accept queue empty, event-loop utilization below {:.2})",
                     self.pace.down_after.as_secs(),
@@ -226,7 +297,12 @@ mod tests {
         let d = run(&mut a, t0, 10..11, &mut n, &busy());
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].from, d[0].to), (2, 3));
-        assert!(d[0].reason.contains("accept queue"), "{}", d[0].reason);
+        assert!(
+            d[0].reason.contains("accept queue non-empty"),
+            "{}",
+            d[0].reason
+        );
+        assert_eq!(d[0].why, Why::AcceptQueue);
         // The settle pause, then sustained again: 4, and never above.
         let d = run(&mut a, t0, 11..120, &mut n, &busy());
         assert_eq!(d.iter().map(|d| d.to).collect::<Vec<_>>(), vec![4]);

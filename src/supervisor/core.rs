@@ -69,6 +69,9 @@ pub struct Core {
     /// The worker a `Diagnose --then resume` captures in place, and who
     /// waits for the answer.
     pub(super) resuming: Option<(WorkerId, Option<ReplyId>)>,
+    /// A worker count that follows the load (`instances: {min, max}`);
+    /// see `scaling.rs`.
+    pub(super) autoscaler: Option<super::autoscale::Autoscaler>,
     pub(super) out: Vec<Effect>,
     pub(super) now: Instant,
 }
@@ -100,6 +103,7 @@ impl Core {
             diagnosis: None,
             pressed: BTreeMap::new(),
             resuming: None,
+            autoscaler: None,
             out: Vec::new(),
             now,
         }
@@ -160,6 +164,7 @@ impl Core {
                 .arm(TimerKey::MemoryCheck, now + policy::MEMORY_CHECK_EVERY);
         }
         self.schedule_cron(None);
+        self.autoscale_follow_policy();
         let n = self.policy.instances;
         self.slots = (0..n).map(|_| Slot::default()).collect();
         let autostart = self.policy.autostart;
@@ -197,6 +202,11 @@ impl Core {
         match ev {
             Event::Spawned { worker, pid, ipc } => self.on_spawned(worker, pid, ipc),
             Event::SpawnFailed { worker, error } => self.on_spawn_failed(worker, error),
+            Event::OomKilled { worker, words } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.oom = Some(words);
+                }
+            }
             Event::Exited { worker, status } => self.on_exit(worker, status),
             Event::Said { worker, said } => match said {
                 Said::Ready => self.mark_ready(worker, "sent 'ready'"),
@@ -209,8 +219,15 @@ impl Core {
                         w.listen_error = Some(e);
                     }
                 }
-                Said::Beat { delay_ms, outcomes } => {
+                Said::Beat {
+                    delay_ms,
+                    elu_permille,
+                    outcomes,
+                } => {
                     self.on_beat(worker, delay_ms);
+                    if let Some(w) = self.workers.get_mut(&worker) {
+                        w.elu_permille = elu_permille;
+                    }
                     self.canary_beat(worker, delay_ms);
                     if let Some(o) = outcomes {
                         self.on_outcomes(worker, *o);
@@ -228,6 +245,10 @@ impl Core {
             Event::Flooding { worker } => self.on_flooding(worker),
             Event::MemorySample(samples) => self.on_memory_sample(samples),
             Event::PressureSample(samples) => self.on_pressure_sample(samples),
+            Event::LoadSample {
+                queued,
+                unit_memory_max,
+            } => self.on_load_sample(queued, unit_memory_max),
             Event::Request { what, reply } => self.submit(what, reply, None),
             Event::Reconfigure { config, reply } => {
                 self.submit(Control::Reload, reply, Some(config))
@@ -352,12 +373,14 @@ impl Core {
                 listen_error: None,
                 status_text: None,
                 loop_delay_ms: None,
+                elu_permille: None,
                 beating: false,
                 hung: false,
                 closed: false,
                 conns: Default::default(),
                 outcomes: None,
                 outcomes_refused: false,
+                oom: None,
             },
         );
         let slot = &mut self.slots[index as usize];
@@ -590,11 +613,20 @@ impl Core {
         self.timers.cancel(TimerKey::Hang(id));
         let (index, pid) = (w.index, w.pid);
         let uptime = self.now.saturating_duration_since(w.started);
-        let cause = match (&w.killed_because, &w.listen_error) {
-            (Some(k), _) => format!("{k}; {status}"),
-            (None, Some(e)) => format!("{status}: {e}"),
-            (None, None) => status.to_string(),
+        let cause = match (&w.oom, &w.killed_because, &w.listen_error) {
+            (Some(o), _, _) => format!("{o}; {status}"),
+            (None, Some(k), _) => format!("{k}; {status}"),
+            (None, None, Some(e)) => format!("{status}: {e}"),
+            (None, None, None) => status.to_string(),
         };
+        if let Some(words) = &w.oom {
+            self.log_worker(
+                Level::Warning,
+                index,
+                pid,
+                format!("worker {index} (pid {pid}) {words}"),
+            );
+        }
         self.worker_signal(index, pid, "exited");
         if let Some(Op::Reload { draining, .. }) = &mut self.op {
             draining.remove(&id);
@@ -632,6 +664,14 @@ impl Core {
             return;
         }
         slot.current = None;
+        slot.last_exit = Some(if w.oom.is_some() {
+            "oom-killed"
+        } else {
+            "crashed"
+        });
+        if w.oom.is_some() {
+            slot.replaced.oom += 1;
+        }
         if self.phase == Phase::Stopping || slot.incoming.is_some() {
             // Stopping anyway, or a reload is already bringing this slot's replacement up.
             return;
@@ -753,6 +793,7 @@ impl Core {
             }
             TimerKey::Leave(leave) => self.finish_leave(leave, false),
             TimerKey::Canary => self.on_canary_timer(),
+            TimerKey::Autoscale => self.on_autoscale_timer(),
             TimerKey::Cron => self.on_cron(),
             TimerKey::Watch => self.reload_running_slots(
                 SwapReason::Watch,

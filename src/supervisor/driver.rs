@@ -513,8 +513,7 @@ impl Driver {
             // Anything the worker left in its process group goes with it.
             process::kill_group(pid);
             if let Some(words) = crate::worker::cgroup::oom_killed(pid) {
-                let slot = self.core.slot_of(worker).unwrap_or(0);
-                logs::warn(&format!("worker {slot} (pid {pid}) {words}"));
+                self.event(Event::OomKilled { worker, words });
             }
             crate::worker::cgroup::reaped(pid);
             self.procs.remove(&worker);
@@ -602,8 +601,13 @@ impl Driver {
                     ipc::Message::Ready => Said::Ready,
                     ipc::Message::Listening => Said::Listening,
                     ipc::Message::ListenError(text) => Said::ListenError(text),
-                    ipc::Message::Beat { delay_ms, outcomes } => Said::Beat {
+                    ipc::Message::Beat {
                         delay_ms,
+                        elu_permille,
+                        outcomes,
+                    } => Said::Beat {
+                        delay_ms,
+                        elu_permille,
                         outcomes: outcomes.map(Box::new),
                     },
                     ipc::Message::Connections { open } => Said::Connections { open },
@@ -842,6 +846,10 @@ impl Driver {
                     self.close_left_sockets();
                 }
                 Effect::Exec => self.exec_at = Some(Instant::now() + EXEC_GRACE),
+                Effect::SampleLoad => follow.push_back(Event::LoadSample {
+                    queued: self.sockets.queued(),
+                    unit_memory_max: crate::worker::cgroup::unit_memory_max(),
+                }),
                 Effect::SampleMemory(ids) => {
                     let sample_ids = ids.clone();
                     let sample = ids

@@ -29,6 +29,9 @@ pub enum Event {
     },
     /// The driver could not start it (fork/exec, or binding its sockets).
     SpawnFailed { worker: WorkerId, error: String },
+    /// The worker's cgroup says the kernel OOM-killed in it (`memory.events`
+    /// `oom_kill`), how in words; sent just before its `Exited`.
+    OomKilled { worker: WorkerId, words: String },
     Exited {
         worker: WorkerId,
         status: ExitStatus,
@@ -52,6 +55,13 @@ pub enum Event {
     /// Memory pressure of the same workers (`some avg10`, percent), where
     /// their cgroup has it; answered after `MemorySample`.
     PressureSample(Vec<(WorkerId, f64)>),
+    /// The load as [`Effect::SampleLoad`] asked: connections waiting in the
+    /// accept queues the workers take from, and the unit's `MemoryMax=`
+    /// where its cgroup says it.
+    LoadSample {
+        queued: u32,
+        unit_memory_max: Option<u64>,
+    },
     /// A control request (D-Bus, SIGHUP).
     Request {
         what: Control,
@@ -103,6 +113,8 @@ pub enum Said {
     /// (ms), and the worker's request outcomes so far, if it sent sound ones.
     Beat {
         delay_ms: u32,
+        /// Its event-loop utilization over the interval, in thousandths.
+        elu_permille: Option<u16>,
         outcomes: Option<Box<crate::outcomes::Outcomes>>,
     },
     /// The keep-alive connections it holds and is not closing.
@@ -240,6 +252,8 @@ pub enum Effect {
     Resume {
         worker: WorkerId,
     },
+    /// Measure the accept queues (autoscaling); answer with `LoadSample`.
+    SampleLoad,
     /// Measure these workers' memory; answer with `MemorySample`.
     SampleMemory(Vec<WorkerId>),
     /// Work out when the `cron_restart` pattern runs next on the wall

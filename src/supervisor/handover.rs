@@ -54,6 +54,9 @@ pub struct CoreState {
     /// `Drain()` was asked for and not undone.
     #[serde(default)]
     pub drain_asked: bool,
+    /// A manual scale holds autoscaling's count until the next reload.
+    #[serde(default)]
+    pub autoscale_pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +74,9 @@ pub struct SlotState {
     /// Stopped on purpose (`stop_exit_codes`, `autostart`), and why.
     #[serde(default)]
     pub stopped: Option<String>,
+    /// How its last worker that died unexpectedly went (`crashed`, `oom-killed`).
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +151,7 @@ impl Core {
                 waiting: s.waiting,
                 errored: s.errored.clone(),
                 stopped: s.stopped.clone(),
+                last_exit: s.last_exit.map(str::to_string),
             })
             .collect();
         let workers = self
@@ -195,6 +202,7 @@ impl Core {
             last_status: self.last_status.clone(),
             cron_next: self.cron_next,
             drain_asked: self.drain_asked(),
+            autoscale_pinned: self.autoscale_pinned(),
         }
     }
 
@@ -236,6 +244,12 @@ impl Core {
                 waiting: s.waiting,
                 errored: s.errored,
                 stopped: s.stopped,
+                // Only words this program knows come back.
+                last_exit: match s.last_exit.as_deref() {
+                    Some("oom-killed") => Some("oom-killed"),
+                    Some("crashed") => Some("crashed"),
+                    _ => None,
+                },
             })
             .collect();
         let mut workers = BTreeMap::new();
@@ -270,6 +284,7 @@ impl Core {
                     listen_error: w.listen_error,
                     status_text: w.status_text,
                     loop_delay_ms: w.loop_delay_ms,
+                    elu_permille: None,
                     beating: w.beating,
                     hung: w.hung,
                     closed: w.closed,
@@ -282,6 +297,7 @@ impl Core {
                     // Its next heartbeat reports them again, cumulative.
                     outcomes: None,
                     outcomes_refused: false,
+                    oom: None,
                 },
             );
             if previous.is_some() {
@@ -312,6 +328,7 @@ impl Core {
             timers.arm(key, at_offset(base, ns));
         }
         core.timers = timers;
+        core.autoscale_resume(state.autoscale_pinned);
         core.queue = state
             .queued_swaps
             .into_iter()

@@ -41,6 +41,7 @@ pub mod policy;
 pub mod reconfig;
 mod releases;
 mod report;
+mod scaling;
 mod share;
 pub mod sources;
 mod state;

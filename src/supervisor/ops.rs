@@ -123,6 +123,9 @@ impl Core {
                 format!("{asked} requested: waits for the running {running}"),
             );
         }
+        if matches!(what, Control::Scale(_)) {
+            self.autoscale_pin();
+        }
         self.queue.push_back(match what {
             Control::Reload | Control::ReloadCanary | Control::Rollback(_) => Queued::Reload {
                 replies: reply.into_iter().collect(),
@@ -176,6 +179,7 @@ impl Core {
     fn begin(&mut self, q: Queued) {
         match q {
             Queued::Reload { replies, config } => {
+                self.autoscale_unpin();
                 let next = config.map(|c| self.read_config(*c));
                 // Slots a smaller `instances` drops are not swapped: they
                 // go once the swap succeeded (see `commit_config`).
@@ -310,7 +314,10 @@ impl Core {
     /// (restarts for any cause, scaling) the configuration in force, until
     /// the swap succeeded ([`Core::commit_config`]).
     fn read_config(&mut self, mut config: NewConfig) -> Box<NewConfig> {
-        if !config.resize {
+        if let Some(a) = config.policy.autoscale {
+            // The count autoscaling reached stays, within the new bounds.
+            config.policy.instances = (self.slots.len() as u32).clamp(a.min, a.max);
+        } else if !config.resize {
             config.policy.instances = self.slots.len() as u32;
         }
         // systemd's watchdog is the manager's, not the app's.
@@ -356,7 +363,11 @@ impl Core {
             );
         }
         let cron_changed = policy.cron_restart != self.policy.cron_restart;
+        let autoscale_changed = policy.autoscale != self.policy.autoscale;
         self.policy = policy;
+        if autoscale_changed {
+            self.autoscale_follow_policy();
+        }
         self.generation = generation;
         if cron_changed {
             self.schedule_cron(None);

@@ -58,6 +58,8 @@ pub(super) struct Worker {
     pub(super) status_text: Option<String>,
     /// Its event loop's longest delay over the last heartbeat (ms).
     pub(super) loop_delay_ms: Option<u32>,
+    /// Its event-loop utilization over the last heartbeat, in thousandths.
+    pub(super) elu_permille: Option<u16>,
     /// It has sent a heartbeat (it runs the preload): from its ready on,
     /// silence means a stuck event loop.
     pub(super) beating: bool,
@@ -71,6 +73,8 @@ pub(super) struct Worker {
     pub(super) outcomes: Option<crate::outcomes::Outcomes>,
     /// A report of its was refused (logged once).
     pub(super) outcomes_refused: bool,
+    /// Its cgroup said the kernel OOM-killed in it: how, in words.
+    pub(super) oom: Option<String>,
 }
 
 /// Why a slot's worker was replaced, counted per slot.
@@ -83,6 +87,9 @@ pub struct Replacements {
     pub memory: u32,
     /// Sustained memory pressure in its cgroup.
     pub memory_pressure: u32,
+    /// The kernel OOM-killed it (its cgroup's `memory.events` said
+    /// `oom_kill`); also counted in `crash`, PM2's restart count.
+    pub oom: u32,
     /// Its event loop stopped answering (`max_event_loop_delay`).
     pub hang: u32,
     /// A reload swapped it.
@@ -123,6 +130,9 @@ pub(super) struct Slot {
     /// `stop_exit_codes`, or `autostart` is off. A restart, a scale that
     /// covers it or a reload starts it again.
     pub(super) stopped: Option<String>,
+    /// How its last worker that died unexpectedly went: `crashed` or
+    /// `oom-killed`.
+    pub(super) last_exit: Option<&'static str>,
 }
 
 /// What an [`Op::Start`] is for; it changes only the words.

@@ -1231,6 +1231,7 @@ fn beat(w: &mut World, id: WorkerId) {
         worker: id,
         said: Said::Beat {
             delay_ms: 3,
+            elu_permille: None,
             outcomes: None,
         },
     });
@@ -2504,3 +2505,6 @@ fn a_diagnosis_of_no_such_worker_or_a_silly_profile_is_refused_at_once() {
 }
 mod canary;
 mod rollback;
+
+mod autoscale;
+mod oom;

@@ -43,6 +43,8 @@ pub enum TimerKey {
     DrainStop,
     /// A canary reload's soak is up, or its next look is due.
     Canary,
+    /// Autoscaling samples the load.
+    Autoscale,
 }
 
 #[derive(Debug, Default)]

@@ -494,6 +494,14 @@ pub fn memory_bytes(pid: i32) -> Option<u64> {
     )
 }
 
+/// What worker `pid`'s memory is (`memory.stat` anon and file), when its
+/// cgroup has the memory controller.
+pub fn memory_stat(pid: i32) -> Option<MemoryStat> {
+    let leaf = leaf_of(pid)?;
+    let s = std::fs::read_to_string(leaf.join("memory.stat")).ok()?;
+    MemoryStat::parse(&s)
+}
+
 /// Worker `pid`'s memory events (`memory.events`), if it has them.
 pub fn memory_events(pid: i32) -> Option<MemoryEvents> {
     let leaf = leaf_of(pid)?;
@@ -598,6 +606,33 @@ impl MemoryEvents {
     }
 }
 
+/// Of `memory.stat`, what tells a leak from a cache: `anon` (heap, stacks:
+/// what the worker holds) and `file` (page cache it reads and writes
+/// through, which the kernel reclaims first).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStat {
+    pub anon: u64,
+    pub file: u64,
+}
+
+impl MemoryStat {
+    /// `None` when either line is missing: a file that is not `memory.stat`.
+    pub fn parse(text: &str) -> Option<MemoryStat> {
+        let (mut anon, mut file) = (None, None);
+        for (k, v) in keyed(text) {
+            match k {
+                "anon" => anon = Some(v),
+                "file" => file = Some(v),
+                _ => {}
+            }
+        }
+        Some(MemoryStat {
+            anon: anon?,
+            file: file?,
+        })
+    }
+}
+
 /// A PSI file's `some` and `full` lines (`avg10` in percent, `total` in µs).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Pressure {
@@ -699,6 +734,31 @@ mod tests {
         assert_eq!(p.full_total_usec, 6543);
         assert!(Pressure::parse("some avg10=x total=1\n").is_none());
         assert!(Pressure::parse("").is_none());
+    }
+
+    #[test]
+    fn memory_stat_keeps_anon_and_file() {
+        // The head of a real memory.stat (Linux 6.1), a Node worker's.
+        let stat = "anon 48291840\nfile 2539520\nkernel 1646592\nkernel_stack 229376\n\
+                    pagetables 557056\nsec_pagetables 0\npercpu 0\nsock 0\nvmalloc 0\n\
+                    shmem 0\nzswap 0\nzswapped 0\nfile_mapped 0\nfile_dirty 0\n\
+                    file_writeback 0\nswapcached 0\nanon_thp 0\nfile_thp 0\n\
+                    shmem_thp 0\ninactive_anon 48254976\nactive_anon 20480\n\
+                    inactive_file 2531328\nactive_file 8192\nunevictable 0\n";
+        assert_eq!(
+            MemoryStat::parse(stat),
+            Some(MemoryStat {
+                anon: 48_291_840,
+                file: 2_539_520
+            })
+        );
+        // `anon_thp` and `inactive_anon` are not `anon`.
+        assert_eq!(
+            MemoryStat::parse("anon_thp 5\ninactive_anon 7\nfile 1\n"),
+            None
+        );
+        assert_eq!(MemoryStat::parse("anon x\nfile 1\n"), None);
+        assert_eq!(MemoryStat::parse(""), None);
     }
 
     #[test]

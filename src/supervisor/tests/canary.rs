@@ -35,6 +35,7 @@ impl World {
             worker: id,
             said: Said::Beat {
                 delay_ms: 2,
+                elu_permille: None,
                 outcomes: Some(Box::new(o)),
             },
         });
