@@ -267,6 +267,21 @@ fn a_manual_scale_pauses_autoscaling_until_the_next_reload() {
         m.log()
     );
     assert_eq!(m.workers().len(), 3);
+    // An upgrade in place keeps it paused, and the workers.
+    let (code, _, err) = client(&["reexec", "pin", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        wait_until(T, || autoscale_status(&bus)["pinned"] == true),
+        "{}",
+        m.log()
+    );
+    assert!(
+        !wait_until(Duration::from_secs(3), || m
+            .log()
+            .contains("autoscale: 3 -> 2")),
+        "{}",
+        m.log()
+    );
     let (code, _, err) = client(&["reload", "pin", "--bus", &bus.address]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(autoscale_status(&bus)["pinned"], false);
