@@ -117,7 +117,12 @@ impl Core {
         a.set_memory_cap(cap);
         // While the count moves (or anything else runs), what is measured
         // is not the count's doing: decide once it has settled.
-        if self.phase != Phase::Running || self.op.is_some() || !self.queue.is_empty() {
+        // Nor while the app drains for a stop: its load is leaving on purpose.
+        if self.phase != Phase::Running
+            || self.op.is_some()
+            || !self.queue.is_empty()
+            || self.draining_for_stop()
+        {
             return;
         }
         let elu = self
