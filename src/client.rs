@@ -133,6 +133,8 @@ pub fn status(args: StatusArgs) -> ExitCode {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        // Nor this one; max 0: autoscaling is off.
+        let autoscale = p.autoscale().await.ok().filter(|a| a.1 > 0);
         if args.json {
             let ws: Vec<serde_json::Value> = workers
                 .iter()
@@ -164,6 +166,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     "unix_ms": autopsy.0, "path": autopsy.1,
                 })),
                 "cgroups": cgroups,
+                "autoscale": autoscale.map(|(min, max, ceiling, pinned)| serde_json::json!({
+                    "min": min, "max": max, "ceiling": ceiling, "pinned": pinned,
+                })),
             });
             outln!("{doc}");
         } else {
@@ -206,6 +211,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
             }
             for (pid, text) in &texts {
                 outln!("worker pid {pid} says: {}", discover::printable(text));
+            }
+            if let Some((min, max, ceiling, pinned)) = autoscale {
+                let under = if ceiling < max {
+                    format!(", at most {ceiling} under the memory budget")
+                } else {
+                    String::new()
+                };
+                let paused = if pinned {
+                    ", paused by a manual scale until the next reload"
+                } else {
+                    ""
+                };
+                outln!("autoscale: {min} to {max} workers{under}{paused}");
             }
             for (i, why) in &last_exits {
                 outln!("worker {i} last died: {}", discover::printable(why));

@@ -796,6 +796,15 @@ impl Manager {
         self.snap().history.to_string()
     }
 
+    /// Autoscaling (`instances: {min, max}`): (min, max, the most workers
+    /// it would run now, pinned by a manual scale); (0, 0, 0, false) when off.
+    #[zbus(property)]
+    async fn autoscale(&self) -> (u32, u32, u32, bool) {
+        self.snap()
+            .autoscale
+            .map_or((0, 0, 0, false), |a| (a.min, a.max, a.ceiling, a.pinned))
+    }
+
     /// How each slot's last worker that died unexpectedly went:
     /// (instance, `crashed` or `oom-killed`), for the slots that had one.
     #[zbus(property)]

@@ -55,6 +55,8 @@ pub(crate) trait Manager1 {
     #[zbus(property)]
     fn last_exits(&self) -> zbus::Result<Vec<(u32, String)>>;
     #[zbus(property)]
+    fn autoscale(&self) -> zbus::Result<(u32, u32, u32, bool)>;
+    #[zbus(property)]
     fn loop_delays(&self) -> zbus::Result<Vec<(u32, u32)>>;
     #[zbus(property)]
     fn request_outcomes(&self) -> zbus::Result<Vec<(u32, Vec<u64>)>>;

@@ -225,3 +225,71 @@ fn bad_bounds_and_pace_are_refused_with_what_to_write() {
         assert!(log.contains(says), "{name}: want {says:?} in\n{log}");
     }
 }
+
+fn autoscale_status(bus: &DbusDaemon) -> serde_json::Value {
+    let (_, out, _) = client(&["status", "pin", "--json", "--bus", &bus.address]);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap_or_default()["autoscale"].clone()
+}
+
+/// A manual scale holds the count (autoscaling paused, status says so)
+/// until the next reload hands it back.
+#[test]
+fn a_manual_scale_pauses_autoscaling_until_the_next_reload() {
+    let bus = DbusDaemon::start();
+    let dir = tempdir::Dir::new("autoscale-pin");
+    let cfg = one_app(
+        &dir,
+        "pin",
+        "burner.js",
+        r#""instances": {"min": 1, "max": 3}, "autoscale": {"up_after": "1s", "down_after": "1s", "settle": "1s"}"#,
+    );
+    let m = start_config(&cfg, Some(&bus));
+    let _ = m.port();
+    assert!(m.wait_log("1/1 workers ready", T), "{}", m.log());
+    assert_eq!(
+        autoscale_status(&bus),
+        serde_json::json!({"min": 1, "max": 3, "ceiling": 3, "pinned": false})
+    );
+    let (code, _, err) = client(&["scale", "pin", "3", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(autoscale_status(&bus)["pinned"], true);
+    let (_, out, _) = client(&["status", "pin", "--bus", &bus.address]);
+    assert!(
+        out.contains("autoscale: 1 to 3 workers, paused by a manual scale until the next reload"),
+        "{out}"
+    );
+    // Idle well past down_after: the count holds.
+    assert!(
+        !wait_until(Duration::from_secs(4), || m
+            .log()
+            .contains("autoscale: 3 -> 2")),
+        "{}",
+        m.log()
+    );
+    assert_eq!(m.workers().len(), 3);
+    // An upgrade in place keeps it paused, and the workers.
+    let (code, _, err) = client(&["reexec", "pin", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        wait_until(T, || autoscale_status(&bus)["pinned"] == true),
+        "{}",
+        m.log()
+    );
+    assert!(
+        !wait_until(Duration::from_secs(3), || m
+            .log()
+            .contains("autoscale: 3 -> 2")),
+        "{}",
+        m.log()
+    );
+    let (code, _, err) = client(&["reload", "pin", "--bus", &bus.address]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(autoscale_status(&bus)["pinned"], false);
+    assert!(
+        wait_until(T, || m
+            .log()
+            .contains("autoscale: 3 -> 2 workers: quiet for 1 s")),
+        "{}",
+        m.log()
+    );
+}

@@ -111,13 +111,18 @@ impl Core {
 
     pub(super) fn on_load_sample(&mut self, queued: u32, unit_memory_max: Option<u64>) {
         let cap = memory_cap(unit_memory_max, self.policy.max_memory);
+        // While the count moves (or anything else runs), what is measured
+        // is not the count's doing: decide once it has settled. Nor while
+        // the app drains for a stop: its load is leaving on purpose.
+        let settled = self.phase == Phase::Running
+            && self.op.is_none()
+            && self.queue.is_empty()
+            && !self.draining_for_stop();
         let Some(a) = &mut self.autoscaler else {
             return;
         };
         a.set_memory_cap(cap);
-        // While the count moves (or anything else runs), what is measured
-        // is not the count's doing: decide once it has settled.
-        if self.phase != Phase::Running || self.op.is_some() || !self.queue.is_empty() {
+        if !settled {
             return;
         }
         let elu = self

@@ -246,3 +246,14 @@ fn a_reload_keeps_the_count_reached_within_the_new_bounds() {
     assert_eq!(w.slots(), 4);
     assert_eq!(w.core.snapshot().autoscale.unwrap().max, 4);
 }
+
+#[test]
+fn no_worker_is_added_while_the_app_drains_for_a_stop() {
+    let mut w = World::obedient(with(autoscaled(1, 4), |p| {
+        p.drain_before_stop = S(30);
+    }));
+    w.send(Event::Stop);
+    assert_eq!(w.core.state_name(), "draining");
+    w.under(QUEUE, 20);
+    assert_eq!(w.slots(), 1, "{}", w.logs());
+}
