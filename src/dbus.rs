@@ -1085,6 +1085,18 @@ async fn forward(
                     if texts(&now) != texts(&last) {
                         let _ = m.worker_status_texts_changed(emitter).await;
                     }
+                    let releases = |s: &Snapshot| -> Vec<(i32, Option<u64>, Option<String>)> {
+                        s.workers
+                            .iter()
+                            .map(|w| (w.pid, w.generation, w.node.clone()))
+                            .collect()
+                    };
+                    if releases(&now) != releases(&last) {
+                        let _ = m.worker_releases_changed(emitter).await;
+                    }
+                }
+                if now.history != last.history {
+                    let _ = m.history_changed(emitter).await;
                 }
                 last = now;
             }
