@@ -116,7 +116,7 @@ pub fn bus_policy_for(app: &str) -> String {
          per app, as `nodeherd install` writes them. Only its own user\n  \
          {user} (and root) may own the name. Anyone may send it\n  \
          org.nodeherd.Manager1 calls; the manager itself\n  \
-         decides on Reload, Restart, Scale, ScaleBy, Drain, Undrain and Diagnose (polkit actions\n  \
+         decides on Reload, Rollback, Restart, Scale, ScaleBy, Drain, Undrain and Diagnose (polkit actions\n  \
          org.nodeherd.reload/.restart/.scale; without polkitd: root, {user}\n  \
          and members of group {OPERATORS_GROUP}). Reading properties, introspecting and\n  \
          pinging are open. Every rule names this destination: nothing here reaches\n  \
