@@ -304,7 +304,7 @@ fn a_hostile_history_file_is_refused_without_harm() {
     point_current(&dir, 1);
     let cfg = config(&dir, "hostile", "");
     let state = state_dir(&dir);
-    let file = state.join("history.json");
+    let file = state.join("history-hostile.json");
     let elsewhere = dir.path.join("elsewhere.json");
     let kept_text = r#"{"format":1,"entries":[]}"#;
     let huge = vec![b' '; 5 << 20];
