@@ -594,3 +594,50 @@ fn node_is_asked_its_version_as_the_workers_user_not_as_root() {
     let h = json(&bus, &["history", "asuser", "--json"]);
     assert_eq!(h[0]["node_version"], "v20.99.0", "{h}");
 }
+
+/// The managers of a file of several apps share one state directory: each
+/// app keeps a history of its own, across a restart of them all.
+#[test]
+fn the_apps_of_one_file_keep_a_history_each() {
+    let dir = tempdir::Dir::new("history-herd");
+    let r1 = release(&dir, 1);
+    let r2 = release(&dir, 2);
+    let eco = serde_json::json!({"apps": [
+        {"name": "one", "script": r1.join("server.js"), "instances": 1, "listen": "127.0.0.1:0"},
+        {"name": "two", "script": r2.join("server.js"), "instances": 1, "listen": "127.0.0.1:0"},
+    ]});
+    let file = path_str(&dir.write("ecosystem.json", &eco.to_string()));
+    let state = state_dir(&dir);
+    let bus = DbusDaemon::start();
+    let history_of = |app: &str| -> Vec<serde_json::Value> {
+        let (code, out, _) = cli(&bus, &["history", app, "--json"]);
+        if code != 0 {
+            return Vec::new();
+        }
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    };
+    for round in 0..2 {
+        let mut m = start(
+            &["run", &file, "--bus", &bus.address],
+            &[("STATE_DIRECTORY", &path_str(&state))],
+        );
+        for (app, release) in [("one", &r1), ("two", &r2)] {
+            let mut h = Vec::new();
+            let one = wait_until(T, || {
+                h = history_of(app);
+                !h.is_empty()
+            });
+            assert!(one, "round {round}: {app}: {}", m.log());
+            assert_eq!(h.len(), 1, "round {round}: {app}: {h:?}");
+            assert_eq!(h[0]["script"], path_str(&release.join("server.js")));
+            assert_eq!(h[0]["generation"], 1, "round {round}: {app}: {h:?}");
+        }
+        m.signal(libc::SIGTERM);
+        assert!(m.wait_exit(T).is_some(), "{}", m.log());
+    }
+    assert!(state.join("history-one.json").is_file());
+    assert!(state.join("history-two.json").is_file());
+}
