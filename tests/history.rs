@@ -195,10 +195,18 @@ fn a_rollback_under_load_serves_the_old_releases_files_although_current_moved() 
     // Roll back to the one before under load, `current` still on 2.
     let load = Load::start(port, 4);
     assert!(wait_until(T, || load.answers.lock().unwrap().len() > 50));
+    let t0 = std::time::Instant::now();
     let (code, out, err) = cli(&bus, &["rollback", "hist"]);
+    let took = t0.elapsed();
     assert_eq!(code, 0, "{out}{err}\n{}", m.log());
     std::thread::sleep(Duration::from_millis(300));
     let (answered, errors) = load.finish();
+    eprintln!(
+        "rollback under load: {} ms, {} requests answered, {} failed",
+        took.as_millis(),
+        answered.len(),
+        errors.len()
+    );
     assert!(errors.is_empty(), "failed requests: {errors:?}");
     assert!(answered.len() > 100, "{}", answered.len());
     assert!(answered.iter().all(|(c, _)| *c == 200));
@@ -520,6 +528,11 @@ fn a_reload_from_node_22_to_24_is_judged_by_the_canary_and_status_shows_both() {
     assert!(saw_both, "{both}\n{}", m.log());
     let (code, out, err) = reload.join().unwrap();
     let (answered, errors) = load.finish();
+    eprintln!(
+        "Node 22 to 24 through the canary: {} requests answered, {} failed",
+        answered.len(),
+        errors.len()
+    );
     assert_eq!(code, 0, "{out}{err}\n{}", m.log());
     assert!(errors.is_empty(), "failed requests: {errors:?}");
     assert!(answered.iter().all(|(c, _)| *c == 200));
