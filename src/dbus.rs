@@ -116,7 +116,7 @@ pub fn bus_policy_for(app: &str) -> String {
          per app, as `nodeherd install` writes them. Only its own user\n  \
          {user} (and root) may own the name. Anyone may send it\n  \
          org.nodeherd.Manager1 calls; the manager itself\n  \
-         decides on Reload, Restart, Scale, ScaleBy, Drain, Undrain and Diagnose (polkit actions\n  \
+         decides on Reload, Rollback, Restart, Scale, ScaleBy, Drain, Undrain and Diagnose (polkit actions\n  \
          org.nodeherd.reload/.restart/.scale; without polkitd: root, {user}\n  \
          and members of group {OPERATORS_GROUP}). Reading properties, introspecting and\n  \
          pinging are open. Every rule names this destination: nothing here reaches\n  \
@@ -1107,6 +1107,18 @@ async fn forward(
                     if texts(&now) != texts(&last) {
                         let _ = m.worker_status_texts_changed(emitter).await;
                     }
+                    let releases = |s: &Snapshot| -> Vec<(i32, Option<u64>, Option<String>)> {
+                        s.workers
+                            .iter()
+                            .map(|w| (w.pid, w.generation, w.node.clone()))
+                            .collect()
+                    };
+                    if releases(&now) != releases(&last) {
+                        let _ = m.worker_releases_changed(emitter).await;
+                    }
+                }
+                if now.history != last.history {
+                    let _ = m.history_changed(emitter).await;
                 }
                 last = now;
             }

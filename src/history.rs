@@ -30,8 +30,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{App, Interpreter};
 
-/// The file's name in the state directory.
-pub const FILE: &str = "history.json";
+/// The file's name in the state directory: one per app, as the managers
+/// of a file of several apps share one (`history-APP.json`, the name's
+/// characters other than letters, digits, `-`, `_` and `.` made `_`).
+pub fn file_name(app: &str) -> String {
+    let clean: String = app
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("history-{clean}.json")
+}
 /// A history file larger than this is refused (and never written).
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 /// `history_keep`'s default and bounds.
@@ -299,12 +314,12 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, String> {
 /// Read the history in `dir`: none yet is an empty one; a file that is not
 /// the manager's own regular file, too large, or not a history at all is
 /// refused with the reason (the caller says it and starts empty).
-pub fn read(dir: &Path) -> Result<Vec<Entry>, String> {
-    let path = dir.join(FILE);
+pub fn read(dir: &Path, name: &str) -> Result<Vec<Entry>, String> {
+    let path = dir.join(name);
     let dirfd = open_dir(dir)?;
     let fd = match nix::fcntl::openat(
         dirfd.as_fd(),
-        FILE,
+        name,
         OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
         Mode::empty(),
     ) {
@@ -393,7 +408,7 @@ pub fn render(entries: &[Entry]) -> Vec<u8> {
 
 /// Write `text` as the history in `dir`: a new file (0600, never through
 /// a symlink), synced, renamed over the old one. Blocking.
-pub fn write(dir: &Path, text: &[u8]) -> Result<(), String> {
+pub fn write(dir: &Path, name: &str, text: &[u8]) -> Result<(), String> {
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
             "the history is {} bytes, more than {MAX_FILE_BYTES}: not written",
@@ -401,7 +416,7 @@ pub fn write(dir: &Path, text: &[u8]) -> Result<(), String> {
         ));
     }
     let dirfd = open_dir(dir)?;
-    let tmp = format!(".{FILE}.new");
+    let tmp = format!(".{name}.new");
     // One left by a crash (or put there) goes first: never written through.
     let _ = nix::unistd::unlinkat(
         dirfd.as_fd(),
@@ -419,8 +434,8 @@ pub fn write(dir: &Path, text: &[u8]) -> Result<(), String> {
     file.write_all(text)
         .and_then(|_| file.sync_all())
         .map_err(|e| format!("cannot write {}: {e}", dir.join(&tmp).display()))?;
-    nix::fcntl::renameat(dirfd.as_fd(), tmp.as_str(), dirfd.as_fd(), FILE)
-        .map_err(|e| format!("cannot rename it to {}: {e}", dir.join(FILE).display()))?;
+    nix::fcntl::renameat(dirfd.as_fd(), tmp.as_str(), dirfd.as_fd(), name)
+        .map_err(|e| format!("cannot rename it to {}: {e}", dir.join(name).display()))?;
     Ok(())
 }
 
@@ -431,7 +446,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(dir: PathBuf) -> Writer {
+    pub fn new(dir: PathBuf, name: String) -> Writer {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let _ = std::thread::Builder::new()
             .name("history".into())
@@ -440,7 +455,7 @@ impl Writer {
                     while let Ok(newer) = rx.try_recv() {
                         text = newer;
                     }
-                    if let Err(e) = write(&dir, &text) {
+                    if let Err(e) = write(&dir, &name, &text) {
                         crate::logs::warn(&format!("release history: {e}"));
                     }
                 }
@@ -487,6 +502,13 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "{}", String::from_utf8_lossy(&bad));
         }
+    }
+
+    #[test]
+    fn each_app_has_a_file_of_its_own_and_its_name_cannot_leave_the_directory() {
+        assert_eq!(file_name("api"), "history-api.json");
+        assert_eq!(file_name("../../etc/x y"), "history-.._.._etc_x_y.json");
+        assert!(!file_name(&"a/".repeat(100)).contains('/'));
     }
 
     #[test]

@@ -36,6 +36,13 @@
 //! old worker keeps serving. `Scale(n)` adds slots (lowest free indexes) or
 //! drains the highest ones.
 //!
+//! **Rollback.** Each configuration a start or reload puts before traffic
+//! is a numbered generation, its script, directory and interpreter resolved
+//! through symlinks when it is read ([`history`]), kept in the state
+//! directory. `Rollback(n)` reloads to one of them the same zero-downtime
+//! way (a canary judges it if the configuration in force says so); one
+//! whose files are gone is refused and nothing changes.
+//!
 //! **Re-exec.** `Reexec()`, `nodeherd reexec` or SIGUSR2: the manager checks
 //! that the file it was started from (a package upgrade replaced it) can read
 //! its state, then `execve`s it with that state and every socket and worker

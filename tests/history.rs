@@ -195,10 +195,18 @@ fn a_rollback_under_load_serves_the_old_releases_files_although_current_moved() 
     // Roll back to the one before under load, `current` still on 2.
     let load = Load::start(port, 4);
     assert!(wait_until(T, || load.answers.lock().unwrap().len() > 50));
+    let t0 = std::time::Instant::now();
     let (code, out, err) = cli(&bus, &["rollback", "hist"]);
+    let took = t0.elapsed();
     assert_eq!(code, 0, "{out}{err}\n{}", m.log());
     std::thread::sleep(Duration::from_millis(300));
     let (answered, errors) = load.finish();
+    eprintln!(
+        "rollback under load: {} ms, {} requests answered, {} failed",
+        took.as_millis(),
+        answered.len(),
+        errors.len()
+    );
     assert!(errors.is_empty(), "failed requests: {errors:?}");
     assert!(answered.len() > 100, "{}", answered.len());
     assert!(answered.iter().all(|(c, _)| *c == 200));
@@ -304,7 +312,7 @@ fn a_hostile_history_file_is_refused_without_harm() {
     point_current(&dir, 1);
     let cfg = config(&dir, "hostile", "");
     let state = state_dir(&dir);
-    let file = state.join("history.json");
+    let file = state.join("history-hostile.json");
     let elsewhere = dir.path.join("elsewhere.json");
     let kept_text = r#"{"format":1,"entries":[]}"#;
     let huge = vec![b' '; 5 << 20];
@@ -520,6 +528,11 @@ fn a_reload_from_node_22_to_24_is_judged_by_the_canary_and_status_shows_both() {
     assert!(saw_both, "{both}\n{}", m.log());
     let (code, out, err) = reload.join().unwrap();
     let (answered, errors) = load.finish();
+    eprintln!(
+        "Node 22 to 24 through the canary: {} requests answered, {} failed",
+        answered.len(),
+        errors.len()
+    );
     assert_eq!(code, 0, "{out}{err}\n{}", m.log());
     assert!(errors.is_empty(), "failed requests: {errors:?}");
     assert!(answered.iter().all(|(c, _)| *c == 200));
@@ -593,4 +606,51 @@ fn node_is_asked_its_version_as_the_workers_user_not_as_root() {
     );
     let h = json(&bus, &["history", "asuser", "--json"]);
     assert_eq!(h[0]["node_version"], "v20.99.0", "{h}");
+}
+
+/// The managers of a file of several apps share one state directory: each
+/// app keeps a history of its own, across a restart of them all.
+#[test]
+fn the_apps_of_one_file_keep_a_history_each() {
+    let dir = tempdir::Dir::new("history-herd");
+    let r1 = release(&dir, 1);
+    let r2 = release(&dir, 2);
+    let eco = serde_json::json!({"apps": [
+        {"name": "one", "script": r1.join("server.js"), "instances": 1, "listen": "127.0.0.1:0"},
+        {"name": "two", "script": r2.join("server.js"), "instances": 1, "listen": "127.0.0.1:0"},
+    ]});
+    let file = path_str(&dir.write("ecosystem.json", &eco.to_string()));
+    let state = state_dir(&dir);
+    let bus = DbusDaemon::start();
+    let history_of = |app: &str| -> Vec<serde_json::Value> {
+        let (code, out, _) = cli(&bus, &["history", app, "--json"]);
+        if code != 0 {
+            return Vec::new();
+        }
+        serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    };
+    for round in 0..2 {
+        let mut m = start(
+            &["run", &file, "--bus", &bus.address],
+            &[("STATE_DIRECTORY", &path_str(&state))],
+        );
+        for (app, release) in [("one", &r1), ("two", &r2)] {
+            let mut h = Vec::new();
+            let one = wait_until(T, || {
+                h = history_of(app);
+                !h.is_empty()
+            });
+            assert!(one, "round {round}: {app}: {}", m.log());
+            assert_eq!(h.len(), 1, "round {round}: {app}: {h:?}");
+            assert_eq!(h[0]["script"], path_str(&release.join("server.js")));
+            assert_eq!(h[0]["generation"], 1, "round {round}: {app}: {h:?}");
+        }
+        m.signal(libc::SIGTERM);
+        assert!(m.wait_exit(T).is_some(), "{}", m.log());
+    }
+    assert!(state.join("history-one.json").is_file());
+    assert!(state.join("history-two.json").is_file());
 }

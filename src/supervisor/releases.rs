@@ -50,7 +50,8 @@ impl Releases {
                 dir.display()
             ));
         }
-        let entries = history::read(&dir).unwrap_or_else(|e| {
+        let name = history::file_name(&app.name);
+        let entries = history::read(&dir, &name).unwrap_or_else(|e| {
             crate::logs::warn(&format!(
                 "release history: {e}; starting a new one (the next write replaces it)"
             ));
@@ -59,7 +60,7 @@ impl Releases {
         let mut r = Releases {
             entries,
             keep: app.history_keep.max(1) as usize,
-            writer: Some(history::Writer::new(dir)),
+            writer: Some(history::Writer::new(dir, name)),
             ..Releases::default()
         };
         let highest = r.entries.iter().map(|e| e.generation).max().unwrap_or(0);

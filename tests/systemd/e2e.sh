@@ -838,7 +838,7 @@ hist=$(ct nodeherd history "$APP" --json 2>&1 || true)
 expect "j: the history says the canary's generation was rolled back ($(jq -c '[.[] | .outcome]' <<<"$hist" 2>&1))" \
     test "$(jq -r '.[-1].outcome' <<<"$hist" 2>/dev/null)" = "rolled back"
 expect "j: and is kept in the state directory, owned by the app's user" \
-    test "$(ct stat -c %U /var/lib/nodeherd/$APP/history.json 2>&1)" = "nodeherd-$APP"
+    test "$(ct stat -c %U /var/lib/nodeherd/$APP/history-$APP.json 2>&1)" = "nodeherd-$APP"
 # k starts from the broken file.
 write_config "'lots'"
 
