@@ -180,17 +180,9 @@ pub fn summary(parts: &[Part]) -> String {
 /// systemd's `$STATE_DIRECTORY`, else under the manager's private runtime
 /// directory (lost at reboot; set `StateDirectory=` to keep them).
 pub fn base_dir(runtime_dir: &Path) -> PathBuf {
-    match std::env::var_os("STATE_DIRECTORY") {
-        Some(v) if !v.is_empty() => {
-            let first = v
-                .to_str()
-                .and_then(|s| s.split(':').next())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(v));
-            first.join(DIR)
-        }
-        _ => runtime_dir.join(DIR),
-    }
+    crate::rundir::state_dir()
+        .unwrap_or_else(|| runtime_dir.to_path_buf())
+        .join(DIR)
 }
 
 /// Milliseconds since the epoch, now.

@@ -284,16 +284,9 @@ fn ask_version(node: &Path, as_user: Option<(u32, u32)>) -> Option<String> {
 /// else the manager's private runtime directory (lost when it stops; the
 /// journal says so once).
 pub fn dir(runtime_dir: &Path) -> (PathBuf, bool) {
-    match std::env::var_os("STATE_DIRECTORY") {
-        Some(v) if !v.is_empty() => {
-            let first = v
-                .to_str()
-                .and_then(|s| s.split(':').next())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(v));
-            (first, true)
-        }
-        _ => (runtime_dir.to_path_buf(), false),
+    match crate::rundir::state_dir() {
+        Some(d) => (d, true),
+        None => (runtime_dir.to_path_buf(), false),
     }
 }
 

@@ -248,6 +248,18 @@ fn check_owned(fd: &OwnedFd, kind: SFlag, owner: u32, what: &Path) -> std::io::R
     Ok(())
 }
 
+/// The first of systemd's `$STATE_DIRECTORY` (`StateDirectory=`: kept
+/// across restarts and reboots), if the unit has one.
+pub fn state_dir() -> Option<PathBuf> {
+    let v = std::env::var_os("STATE_DIRECTORY").filter(|v| !v.is_empty())?;
+    Some(
+        v.to_str()
+            .and_then(|s| s.split(':').next())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(v)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

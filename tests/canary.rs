@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -152,53 +150,6 @@ fn workers_count_every_response_by_class_and_their_exceptions_and_rejections() {
     assert!(per_worker.iter().all(|n| *n > 0.0), "{per_worker:?}");
 }
 
-/// Clients asking GET / on new connections until stopped: every answer
-/// (status, body) and every failure.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answers: Arc<Mutex<Vec<(u16, String)>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, answers, errors) = (stop.clone(), answers.clone(), errors.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(port, "/") {
-                            Ok(a) => answers.lock().unwrap().push(a),
-                            Err(e) => errors.lock().unwrap().push(e.to_string()),
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            answers,
-            errors,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (Vec<(u16, String)>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            let _ = t.join();
-        }
-        let answers = std::mem::take(&mut *self.answers.lock().unwrap());
-        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
-        (answers, errors)
-    }
-}
-
 fn release_of(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body).map_or("?".into(), |v| {
         v["release"].as_str().unwrap_or("?").to_string()
@@ -259,7 +210,7 @@ fn a_release_answering_500_on_a_fifth_is_rolled_back_and_only_the_canary_failed_
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
 
-    let load = Load::start(port, 4);
+    let load = GetLoad::start(port, 4);
     canary_app_with(&dir, "bad", &more);
     let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
     let (answers, errors) = load.finish();
@@ -312,7 +263,7 @@ fn a_good_release_passes_its_canary_and_rolls_out_with_no_failed_request() {
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
 
-    let load = Load::start(port, 4);
+    let load = GetLoad::start(port, 4);
     canary_app(&dir, "better");
     let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
     let (answers, errors) = load.finish();
@@ -338,7 +289,7 @@ fn reload_canary_judges_a_reload_of_an_app_that_rolls_by_default() {
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 2, T).len(), 2, "{}", m.log());
-    let load = Load::start(port, 3);
+    let load = GetLoad::start(port, 3);
     one_app(&dir, "api", "release.js", &fields("bad"));
     let (code, out, err) = client(&["reload", "api", "--canary", "--bus", &bus.address]);
     let (_, errors) = load.finish();
@@ -433,7 +384,7 @@ fn a_release_slower_at_p99_is_rolled_back() {
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
-    let load = Load::start(port, 4);
+    let load = GetLoad::start(port, 4);
     canary_app(&dir, "slow");
     let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);
     let (answers, errors) = load.finish();
@@ -460,7 +411,7 @@ fn a_release_that_crashes_on_its_first_request_is_rolled_back_at_once() {
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.api", T), "{}", m.log());
     assert_eq!(instances_answering(port, 3, T).len(), 3, "{}", m.log());
-    let load = Load::start(port, 4);
+    let load = GetLoad::start(port, 4);
     one_app(&dir, "api", "release.js", &fields("crash"));
     let began = std::time::Instant::now();
     let (code, out, err) = client(&["reload", "api", "--bus", &bus.address]);

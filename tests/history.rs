@@ -9,8 +9,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -105,59 +103,6 @@ fn all_of(bus: &DbusDaemon, app: &str, generation: u64) -> bool {
     ws.len() == 2 && ws.iter().all(|w| w["generation"] == generation)
 }
 
-/// `clients` loops of GET / on new connections until stopped: every
-/// answer and every error.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answers: Arc<Mutex<Vec<(u16, String)>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(port: u16, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, answers, errors) = (stop.clone(), answers.clone(), errors.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match get(port, "/") {
-                            Ok(a) => answers.lock().unwrap().push(a),
-                            Err(e) => errors.lock().unwrap().push(e.to_string()),
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            answers,
-            errors,
-            threads,
-        }
-    }
-
-    fn finish(mut self) -> (Vec<(u16, String)>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        let answers = std::mem::take(&mut *self.answers.lock().unwrap());
-        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
-        (answers, errors)
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn a_rollback_under_load_serves_the_old_releases_files_although_current_moved() {
     let dir = tempdir::Dir::new("rollback");
@@ -193,8 +138,8 @@ fn a_rollback_under_load_serves_the_old_releases_files_although_current_moved() 
     let (g1, g2) = (gens[0], gens[1]);
     assert!(wait_until(T, || all_of(&bus, "hist", g2)), "{}", m.log());
     // Roll back to the one before under load, `current` still on 2.
-    let load = Load::start(port, 4);
-    assert!(wait_until(T, || load.answers.lock().unwrap().len() > 50));
+    let load = GetLoad::start(port, 4);
+    assert!(wait_until(T, || load.answered() > 50));
     let t0 = std::time::Instant::now();
     let (code, out, err) = cli(&bus, &["rollback", "hist"]);
     let took = t0.elapsed();
@@ -514,7 +459,7 @@ fn a_reload_from_node_22_to_24_is_judged_by_the_canary_and_status_shows_both() {
     let tmp = bin.join("node.new");
     std::os::unix::fs::symlink(&node24, &tmp).unwrap();
     std::fs::rename(&tmp, &node).unwrap();
-    let load = Load::start(port, 4);
+    let load = GetLoad::start(port, 4);
     let reload = {
         let address = bus.address.clone();
         std::thread::spawn(move || client(&["reload", "n24", "--bus", &address]))

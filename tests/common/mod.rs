@@ -623,3 +623,64 @@ pub fn ensure_npm_deps() {
         .expect("npm");
     assert!(st.success(), "npm install in tests/apps failed");
 }
+
+/// Clients asking GET / on new connections until stopped (or dropped):
+/// every answer (status, body) and every failure, for the tests that count
+/// failed requests across a reload.
+pub struct GetLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    answers: Arc<Mutex<Vec<(u16, String)>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl GetLoad {
+    pub fn start(port: u16, clients: usize) -> GetLoad {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, answers, errors) = (stop.clone(), answers.clone(), errors.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port, "/") {
+                            Ok(a) => answers.lock().unwrap().push(a),
+                            Err(e) => errors.lock().unwrap().push(e.to_string()),
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        GetLoad {
+            stop,
+            answers,
+            errors,
+            threads,
+        }
+    }
+
+    /// How many answers so far.
+    pub fn answered(&self) -> usize {
+        self.answers.lock().unwrap().len()
+    }
+
+    /// Stop the clients: (answers, failures).
+    pub fn finish(mut self) -> (Vec<(u16, String)>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let answers = std::mem::take(&mut *self.answers.lock().unwrap());
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
+        (answers, errors)
+    }
+}
+
+impl Drop for GetLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
