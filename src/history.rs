@@ -49,13 +49,8 @@ pub fn file_name(app: &str) -> String {
 }
 /// A history file larger than this is refused (and never written).
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
-/// `history_keep`'s default and bounds.
-pub const DEFAULT_KEEP: u32 = 10;
-pub const MAX_KEEP: u64 = 100;
-
-pub fn default_keep() -> u32 {
-    DEFAULT_KEEP
-}
+/// `history_keep`'s default (the key is read with the configuration).
+pub const DEFAULT_KEEP: u32 = crate::config::HISTORY_KEEP_DEFAULT;
 /// The version of the file's format.
 const FORMAT: u32 = 1;
 /// Generation numbers above this are refused: no real history reaches

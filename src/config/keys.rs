@@ -222,7 +222,7 @@ pub const KEYS: &[Key] = &[
     Key {
         name: "history_keep",
         set: |r, x| {
-            let n = v::count(x, crate::history::MAX_KEEP)?;
+            let n = v::count(x, super::HISTORY_KEEP_MAX)?;
             if n == 0 {
                 return Err("must be at least 1".into());
             }

@@ -82,6 +82,15 @@ pub enum Interpreter {
     None,
 }
 
+/// `history_keep`: generations kept in the release history, by default
+/// and at most.
+pub const HISTORY_KEEP_DEFAULT: u32 = 10;
+pub const HISTORY_KEEP_MAX: u64 = 100;
+
+fn default_history_keep() -> u32 {
+    HISTORY_KEEP_DEFAULT
+}
+
 /// One app, resolved and validated: everything the supervisor needs.
 ///
 /// It crosses a re-exec in the state document (`supervisor::takeover::State`), read by the
@@ -176,7 +185,7 @@ pub struct App {
     #[serde(default)]
     pub canary: canary::Canary,
     /// Generations kept in the release history (nodeherd's own key, default 10).
-    #[serde(default = "crate::history::default_keep")]
+    #[serde(default = "default_history_keep")]
     pub history_keep: u32,
     /// A worker count that follows the load (`instances: {min, max}`);
     /// `instances` is then where it starts, `min`.
@@ -690,7 +699,7 @@ pub(crate) fn test_app() -> App {
         reload_parallel: 1,
         reload_strategy: Default::default(),
         canary: Default::default(),
-        history_keep: crate::history::DEFAULT_KEEP,
+        history_keep: HISTORY_KEEP_DEFAULT,
         autoscale: None,
         credentials: None,
         balance: Balance::Queue,

@@ -196,7 +196,7 @@ pub fn resolve(
             reload_parallel,
             reload_strategy: raw.reload_strategy.unwrap_or_default(),
             canary: raw.canary.unwrap_or_default(),
-            history_keep: raw.history_keep.unwrap_or(crate::history::DEFAULT_KEEP),
+            history_keep: raw.history_keep.unwrap_or(super::HISTORY_KEEP_DEFAULT),
             autoscale,
             credentials,
             balance,
