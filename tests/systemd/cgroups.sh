@@ -171,7 +171,8 @@ expect "2: the burning child ($CHILD) is in its worker's cgroup ($CHILD_CG)" \
     bash -c "[[ '$CHILD_CG' == '$C0' || '$CHILD_CG' == '$C1' ]]"
 OWNER=${W[0]}; [[ $CHILD_CG == "$C1" ]] && OWNER=${W[1]}
 busy() {
-    ct nodeherd status "$APP" 2>/dev/null | awk -v p="$OWNER" '$2 == p { found = 1; ok = ($NF + 0 >= 40) } END { exit !(found && ok) }'
+    # cpu% is the third column from the end (then gen, node).
+    ct nodeherd status "$APP" 2>/dev/null | awk -v p="$OWNER" '$2 == p { found = 1; ok = ($(NF - 2) + 0 >= 40) } END { exit !(found && ok) }'
 }
 expect "2: nodeherd status shows the child's CPU as its worker's" wait_for 20 busy
 own_cpu=$(ct awk '{print $14 + $15}' "/proc/$OWNER/stat")
