@@ -16,16 +16,17 @@
 #    reload command took and its exit status, and within the window the
 #    requests answered by the bad release, the 500s, the failed requests,
 #    and the last moment the bad release answered.
-# 2. A slow release ("slow": a 20 ms timer on every request, p99 3× and
-#    more): nodeherd's canary once per round; the reload's exit status and
-#    message.
+# 2. A slow release: both releases answer after a timer, "good" after
+#    SLOW_BASE ms (20), "slow" after 3 times as long (p99 3×): nodeherd's
+#    canary once per round; the reload's exit status and message.
 # 3. With --base-bin B (a nodeherd built without the per-response counting,
 #    e.g. with `countResponse` returning at once): throughput of the hello
 #    app, 2 workers, oha -c 64, keep-alive on and off, this build against B
 #    in alternation, TPUT_REPS times each; the ratio of medians.
 #
 # Options: --rounds N, --quick, --bin PATH (default: a release build of this
-#          tree), --base-bin PATH, --rate N (default 200), --nice N (default -10 as root).
+#          tree), --base-bin PATH, --rate N (default 200), --phases LIST
+#          (default bad,slow,tput), --nice N (default -10 as root).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +46,8 @@ BASE_BIN=
 TPUT_REPS=3
 TPUT_SECS=5
 NICE=
+PHASES=bad,slow,tput
+SLOW_BASE=20
 while (($#)); do
   case $1 in
     --rounds) ROUNDS=$2; shift ;;
@@ -52,8 +55,9 @@ while (($#)); do
     --bin) BIN=$2; shift ;;
     --base-bin) BASE_BIN=$2; shift ;;
     --rate) RATE=$2; shift ;;
+    --phases) PHASES=$2; shift ;;
     --nice) NICE=$2; shift ;;
-    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "canary.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -97,9 +101,9 @@ rm -rf "$PM2_HOME"
 mkdir -p "$PM2_HOME"
 bench_bus
 
-# up CONTENDER RELEASE: start 4 workers of the release; sets PORT and MGR.
+# up CONTENDER RELEASE [BASE_MS]: start 4 workers of the release; sets PORT and MGR.
 up() {
-  local c=$1 release=$2
+  local c=$1 release=$2 base=${3:-0}
   PORT=$(free_port)
   case $c in
     nodeherd-*)
@@ -107,7 +111,7 @@ up() {
       [[ $c == nodeherd-canary ]] && strategy=canary
       cat >"$RUN/api.json" <<EOF
 {"apps":[{"name":"api","script":"$APPS/release.js","instances":$WORKERS,"reload_strategy":"$strategy",$SOAK
-  "env":{"RELEASE":"$release","PORT":"$PORT"}}]}
+  "env":{"RELEASE":"$release","BASE_MS":"$base","PORT":"$PORT"}}]}
 EOF
       "$NH" run "$RUN/api.json" --listen "127.0.0.1:$PORT" --bus "$BUS" >"$RUN/$c.log" 2>&1 &
       MGR=$!
@@ -116,7 +120,7 @@ EOF
     pm2)
       cat >"$RUN/api.config.js" <<EOF
 module.exports = { apps: [{ name: 'api', script: '$APPS/release.js', exec_mode: 'cluster', instances: $WORKERS,
-  env: { RELEASE: '$release', PORT: '$PORT' } }] };
+  env: { RELEASE: '$release', BASE_MS: '$base', PORT: '$PORT' } }] };
 EOF
       timeout 60 "$PM2" start "$RUN/api.config.js" >>"$RUN/pm2.log" 2>&1 || die "pm2 start failed"
       MGR=$(cat "$PM2_HOME/pm2.pid")
@@ -155,10 +159,10 @@ reload() {
   esac
 }
 
-# exposure ROUND CONTENDER RELEASE
+# exposure ROUND CONTENDER RELEASE [BASE_MS]
 exposure() {
   local round=$1 c=$2 release=$3 load t_ask t_done f
-  up "$c" good
+  up "$c" good "${4:-0}"
   f=$RUN/load-$c-$release-$round.json
   node "$LIB/canary-load.js" "$PORT" "$RATE" "$f" &
   load=$!
@@ -191,15 +195,18 @@ exposure() {
 
 export WINDOW
 CONTENDERS=(nodeherd-canary nodeherd-rolling pm2)
+has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
 for ((round = 1; round <= ROUNDS; round++)); do
-  for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
-    exposure "$round" "${CONTENDERS[(i + round - 1) % ${#CONTENDERS[@]}]}" bad
-  done
-  exposure "$round" nodeherd-canary slow
+  if has_phase bad; then
+    for ((i = 0; i < ${#CONTENDERS[@]}; i++)); do
+      exposure "$round" "${CONTENDERS[(i + round - 1) % ${#CONTENDERS[@]}]}" bad
+    done
+  fi
+  has_phase slow && exposure "$round" nodeherd-canary slow "$SLOW_BASE"
 done
 
 # Throughput with and without the per-response counting.
-if [[ -n $BASE_BIN ]]; then
+if [[ -n $BASE_BIN ]] && has_phase tput; then
   for ((rep = 1; rep <= TPUT_REPS; rep++)); do
     for ka in off on; do
       for which in this base; do
