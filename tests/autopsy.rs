@@ -10,22 +10,6 @@ use common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-/// `nodeherd run CONFIG` with systemd's `STATE_DIRECTORY` at `state`.
-fn start_with_state(
-    cfg: &std::path::Path,
-    state: &std::path::Path,
-    bus: Option<&DbusDaemon>,
-) -> Manager {
-    let cfg = path_str(cfg);
-    let state = path_str(state);
-    let mut args = vec!["run", &cfg, "--listen", "127.0.0.1:0"];
-    match bus {
-        Some(b) => args.extend(["--bus", &b.address]),
-        None => args.push("--no-bus"),
-    }
-    start(&args, &[("STATE_DIRECTORY", &state)])
-}
-
 /// The files under the state directory's diagnostics directory.
 fn kept(state: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(state.join("nodeherd-diagnostics"))

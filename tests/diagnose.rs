@@ -12,22 +12,6 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 const OHA: &str = "/var/cache/nodeherd-ci/oha/bin/oha";
 
-fn start_with_state(cfg: &std::path::Path, state: &std::path::Path, bus: &DbusDaemon) -> Manager {
-    let cfg = path_str(cfg);
-    let state = path_str(state);
-    start(
-        &[
-            "run",
-            &cfg,
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &bus.address,
-        ],
-        &[("STATE_DIRECTORY", &state)],
-    )
-}
-
 /// oha against `port` for `seconds`, keep-alive on, in the background.
 struct Load {
     child: std::process::Child,
@@ -108,7 +92,7 @@ fn a_heap_snapshot_under_load_fails_no_request_and_loads_as_json() {
         r#""instances":2,"kill_timeout":3000,"listen_timeout":20000"#,
     );
     let bus = DbusDaemon::start();
-    let m = start_with_state(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
@@ -172,7 +156,7 @@ fn a_cpu_profile_and_a_stack_under_load_fail_no_request() {
         r#""instances":2,"kill_timeout":3000,"listen_timeout":20000,"env":{"HEAVY_MIB":"8"}"#,
     );
     let bus = DbusDaemon::start();
-    let m = start_with_state(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
@@ -237,7 +221,7 @@ fn a_heap_snapshot_then_resume_keeps_the_worker_and_fails_no_request() {
         r#""instances":2,"kill_timeout":3000,"listen_timeout":20000,"max_event_loop_delay":500,"env":{"HEAVY_MIB":"64"}"#,
     );
     let bus = DbusDaemon::start();
-    let m = start_with_state(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());
@@ -296,7 +280,7 @@ fn an_unprivileged_caller_is_refused_and_nothing_happens() {
     let sock = bus.address.trim_start_matches("unix:path=").to_string();
     let sock_dir = std::path::Path::new(&sock).parent().unwrap();
     std::fs::set_permissions(sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let m = start_with_state(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     let before = instances_answering(port, 2, T);
     assert_eq!(before.len(), 2, "{}", m.log());

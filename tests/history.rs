@@ -59,21 +59,6 @@ fn state_dir(dir: &tempdir::Dir) -> PathBuf {
     state
 }
 
-fn run(cfg: &Path, state: &Path, bus: &DbusDaemon) -> Manager {
-    let (cfg, state) = (path_str(cfg), path_str(state));
-    start(
-        &[
-            "run",
-            &cfg,
-            "--listen",
-            "127.0.0.1:0",
-            "--bus",
-            &bus.address,
-        ],
-        &[("STATE_DIRECTORY", &state)],
-    )
-}
-
 fn cli(bus: &DbusDaemon, args: &[&str]) -> (i32, String, String) {
     client(&[args, &["--bus", &bus.address]].concat())
 }
@@ -111,7 +96,7 @@ fn a_rollback_under_load_serves_the_old_releases_files_although_current_moved() 
     let cfg = config(&dir, "hist", "");
     let state = state_dir(&dir);
     let bus = DbusDaemon::start();
-    let m = run(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.hist", T), "{}", m.log());
     for a in answers(port, 2) {
@@ -212,7 +197,7 @@ fn the_history_survives_a_reexec_and_a_restart_and_a_restart_is_not_a_release() 
     let cfg = config(&dir, "keep", "");
     let state = state_dir(&dir);
     let bus = DbusDaemon::start();
-    let mut m = run(&cfg, &state, &bus);
+    let mut m = start_with_state(&cfg, &state, Some(&bus));
     assert!(bus.wait_name("org.nodeherd.keep", T), "{}", m.log());
     point_current(&dir, 2);
     let (code, _, err) = cli(&bus, &["reload", "keep"]);
@@ -231,7 +216,7 @@ fn the_history_survives_a_reexec_and_a_restart_and_a_restart_is_not_a_release() 
     // A restart of the same configuration: the same generation again.
     m.signal(libc::SIGTERM);
     assert!(m.wait_exit(T).is_some(), "{}", m.log());
-    let m = run(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     assert!(
         wait_until(T, || all_of(&bus, "keep", serving)),
@@ -308,7 +293,7 @@ fn a_hostile_history_file_is_refused_without_harm() {
     let bus = DbusDaemon::start();
     for (says, plant) in cases {
         plant();
-        let mut m = run(&cfg, &state, &bus);
+        let mut m = start_with_state(&cfg, &state, Some(&bus));
         let port = m.port();
         assert!(
             m.wait_log("release history: ", T) && m.wait_log(says, T),
@@ -354,7 +339,7 @@ fn a_caller_who_may_not_reload_may_not_roll_back() {
     let sock = bus.address.trim_start_matches("unix:path=").to_string();
     let sock_dir = Path::new(&sock).parent().unwrap();
     std::fs::set_permissions(sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let m = run(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.deny", T), "{}", m.log());
     point_current(&dir, 2);
@@ -439,7 +424,7 @@ fn a_reload_from_node_22_to_24_is_judged_by_the_canary_and_status_shows_both() {
     );
     let state = state_dir(&dir);
     let bus = DbusDaemon::start();
-    let m = run(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     let port = m.port();
     assert!(bus.wait_name("org.nodeherd.n24", T), "{}", m.log());
     for a in answers(port, 2) {
@@ -541,7 +526,7 @@ fn node_is_asked_its_version_as_the_workers_user_not_as_root() {
     );
     let state = state_dir(&dir);
     let bus = DbusDaemon::start();
-    let m = run(&cfg, &state, &bus);
+    let m = start_with_state(&cfg, &state, Some(&bus));
     assert!(bus.wait_name("org.nodeherd.asuser", T), "{}", m.log());
     assert_eq!(answers(m.port(), 2).len(), 2, "{}", m.log());
     assert_eq!(

@@ -684,3 +684,16 @@ impl Drop for GetLoad {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// `nodeherd run CONFIG` with systemd's `STATE_DIRECTORY` at `state`, on
+/// a private bus or with none.
+pub fn start_with_state(cfg: &Path, state: &Path, bus: Option<&DbusDaemon>) -> Manager {
+    let cfg = path_str(cfg);
+    let state = path_str(state);
+    let mut args = vec!["run", &cfg, "--listen", "127.0.0.1:0"];
+    match bus {
+        Some(b) => args.extend(["--bus", &b.address]),
+        None => args.push("--no-bus"),
+    }
+    start(&args, &[("STATE_DIRECTORY", &state)])
+}
