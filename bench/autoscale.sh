@@ -50,27 +50,11 @@ while (($#)); do
   shift
 done
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
-if [[ -z $NICE && $(id -u) == 0 ]]; then NICE=-10; fi
-[[ -n $NICE ]] && renice -n "$NICE" $$ >/dev/null
-
 PM2_HOME=$WORK/pm2-home-autoscale
 export PM2_HOME
 # shellcheck source=lib/proc.sh
 . "$LIB/proc.sh"
-# shellcheck source=lib/tools.sh
-. "$ROOT/bench/lib/tools.sh"
-if [[ -n $BIN ]]; then bench_only_tools "$BIN"; else bench_tools; fi
-
-RUN=$WORK/runs/autoscale-$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$RUN"
-RESULTS=$RUN/results.jsonl
-: >"$RESULTS"
-log "results in $RUN"
-rm -rf "$PM2_HOME"
-mkdir -p "$PM2_HOME"
-bench_bus
+bench_start "$NICE" "autoscale"
 
 # workers_now CONTENDER: "count rss_kib" of the app's workers.
 workers_now() {

@@ -1,7 +1,7 @@
 # Processes and ports for the smaller side-by-side benchmarks (canary.sh,
 # autoscale.sh): every process they start is recorded in PIDS and ended by
 # pid on exit, PM2 with its private PM2_HOME, the private bus by its pid.
-# Sourced after PM2_HOME is set.
+# Sourced after PM2_HOME is set; then `bench_start NICE NAME` once.
 PIDS=()
 DBUS_PID=
 alive() { kill -0 "$1" 2>/dev/null; }
@@ -51,3 +51,25 @@ bench_only_tools() {
   [[ -n $OHA ]] || die "oha is needed on PATH"
   NH=$1
 }
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+# bench_start NICE NAME: renice (-10 as root unless NICE says otherwise),
+# find or install the tools (BIN given: no build), make the run directory
+# (RUN, RESULTS), a fresh PM2_HOME and the private bus.
+bench_start() {
+  local nice=$1
+  if [[ -z $nice && $(id -u) == 0 ]]; then nice=-10; fi
+  [[ -n $nice ]] && renice -n "$nice" $$ >/dev/null
+  # shellcheck source=lib/tools.sh
+  . "$ROOT/bench/lib/tools.sh"
+  if [[ -n $BIN ]]; then bench_only_tools "$BIN"; else bench_tools; fi
+  RUN=$WORK/runs/$2-$(date -u +%Y%m%dT%H%M%SZ)
+  mkdir -p "$RUN"
+  RESULTS=$RUN/results.jsonl
+  : >"$RESULTS"
+  log "results in $RUN"
+  rm -rf "$PM2_HOME"
+  mkdir -p "$PM2_HOME"
+  bench_bus
+}
+
