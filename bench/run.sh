@@ -294,6 +294,44 @@ counts() { node -e '
   for (const f of fs.readdirSync(d).filter((f) => f.endsWith(".json"))) { const c = JSON.parse(fs.readFileSync(d + "/" + f)); o[c.pid] = c; }
   console.log(JSON.stringify(o));' "$1"; }
 
+# The workers' pids are the names of the files in their count directory.
+worker_pids() { local f; for f in "$1"/*.json; do [[ -e $f ]] && f=${f##*/} && echo "${f%.json}"; done; }
+worker_ticks() { # worker_ticks COUNTS_DIR: {pid: utime+stime} of each worker, as JSON
+  local pid out='{' sep=''
+  for pid in $(worker_pids "$1"); do
+    out+="$sep\"$pid\":$(cpu_ticks "$pid" 2>/dev/null || echo null)"
+    sep=,
+  done
+  echo "$out}"
+}
+# conns_of PORT COUNTS_DIR: {pid: established connections to PORT that the
+# worker holds}, as JSON: the sockets ss lists on the port, matched by inode
+# to the worker's open fds (cheap: netlink and four small fd directories,
+# no scan of every process as `ss -p` does).
+conns_of() {
+  local port=$1 dir=$2 pid n inos out='{' sep=''
+  inos=$(ss -tnHe state established "( sport = :$port )" | grep -o 'ino:[0-9]*' | cut -d: -f2 | sort)
+  for pid in $(worker_pids "$dir"); do
+    n=$(find "/proc/$pid/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n' | sort | comm -12 - <(printf '%s\n' "$inos") | wc -l)
+    out+="$sep\"$pid\":$n"
+    sep=,
+  done
+  echo "$out}"
+}
+# sample_conns SECS PORT COUNTS_DIR OUTFILE: conns_of once a second from
+# 1.5 s into a run of SECS (the keep-alive connections have settled by then:
+# the rebalancing takes a few hundred ms) until its last half second.
+sample_conns() {
+  local secs=$1 t=1.5
+  : >"$4"
+  sleep 1.5
+  while (($(awk -v t="$t" -v s="$secs" 'BEGIN { print (t < s - 0.4) }'))); do
+    conns_of "$2" "$3" >>"$4"
+    sleep 1
+    t=$(awk -v t="$t" 'BEGIN { print t + 1 }')
+  done
+}
+
 oha_run() { # oha_run SECS KA OUTFILE [extra oha args]
   local secs=$1 ka=$2 outf=$3
   shift 3
@@ -320,7 +358,7 @@ wrk_run() {
 # the machine then hits all of them alike.
 declare -A PORT_OF MGR_OF COUNTS_OF UPS_OF
 phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, keep-alive on and off
-  local round=$1 w c ka f before after t0 t1 rep i order
+  local round=$1 w c ka f before after t0 t1 wt0 wt1 cf sampler rep i order
   for w in 2 4; do
     for c in "${TPUT_CONTENDERS[@]}"; do
       up "$c" hello "$w"
@@ -337,15 +375,26 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
         for c in "${order[@]}"; do
           PORT=${PORT_OF[$c]} MGR=${MGR_OF[$c]} COUNTS=${COUNTS_OF[$c]}
           before=$(counts "$COUNTS")
+          wt0=$(worker_ticks "$COUNTS")
           t0=$(cpu_ticks "$MGR")
           f=$RUN/oha/tput-$round-$rep-$w-$c-$ka.json
-          mkdir -p "$RUN/oha"
+          mkdir -p "$RUN/oha" "$RUN/conns"
           log "round $round.$rep: throughput $c, $w workers, keep-alive $ka"
+          # With keep-alive, how the connections sit on the workers, sampled
+          # during the run (without it a connection lives for one request).
+          cf=$RUN/conns/tput-$round-$rep-$w-$c-$ka.jsonl
+          sampler=
+          if [[ $ka == on ]]; then
+            sample_conns "$TPUT_SECS" "$PORT" "$COUNTS" "$cf" &
+            sampler=$!
+          fi
           oha_run "$TPUT_SECS" "$ka" "$f"
           t1=$(cpu_ticks "$MGR")
+          wt1=$(worker_ticks "$COUNTS")
+          [[ -n $sampler ]] && wait "$sampler"
           sleep 0.7 # the workers write their counts every 250 ms
           after=$(counts "$COUNTS")
-          rec "{\"kind\":\"tput\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after}"
+          rec "{\"kind\":\"tput\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after,\"worker_ticks_before\":$wt0,\"worker_ticks_after\":$wt1${sampler:+,\"conns\":\"$cf\"}}"
           # The same run from wrk, 2 workers: a second load generator
           # (its own connection handling and pacing) checks oha's ratios.
           if [[ -n $WRK ]] && ((w == 2)); then

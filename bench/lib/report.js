@@ -87,6 +87,33 @@ function share(before, after) {
   const lo = Math.min(...counts);
   return { ratio: lo > 0 ? Math.max(...counts) / lo : Infinity, counts };
 }
+// max/min of the values of an object ({pid: n}), Infinity when one is 0.
+function spreadOf(values) {
+  const v = values.filter((x) => Number.isFinite(x));
+  if (v.length < 2) return null;
+  const lo = Math.min(...v);
+  return lo > 0 ? Math.max(...v) / lo : Infinity;
+}
+// The connections each worker held, averaged over the samples of a run
+// (conns_of in run.sh, one JSON object per line), and their max/min.
+function connSpread(file) {
+  if (!file) return null;
+  let lines;
+  try {
+    lines = fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  } catch (_) {
+    return null;
+  }
+  if (!lines.length) return null;
+  const pids = Object.keys(lines[lines.length - 1]);
+  const mean = pids.map((pid) => lines.reduce((a, l) => a + (l[pid] || 0), 0) / lines.length);
+  return { ratio: spreadOf(mean), mean };
+}
+// max/min of the CPU time each worker used during a run.
+function cpuSpread(before, after) {
+  if (!before || !after) return null;
+  return spreadOf(Object.entries(after).map(([pid, t]) => (t === null || before[pid] == null ? NaN : t - before[pid])));
+}
 const byKind = (k) => rows.filter((r) => r.kind === k);
 const rounds = [...new Set(rows.map((r) => r.round).filter((r) => r !== undefined))].sort((a, b) => a - b);
 
@@ -120,6 +147,8 @@ const tput = byKind('tput').map((r) => {
     failed: f ? f.failed : null,
     mgrCpu: (100 * r.mgr_cpu_ticks) / r.clk_tck / dur,
     share: share(r.counts_before, r.counts_after),
+    conns: connSpread(r.conns),
+    cpu: cpuSpread(r.worker_ticks_before, r.worker_ticks_after),
   };
 });
 const ratioRows = []; // for targets
@@ -215,6 +244,38 @@ if (tput.length) {
       } else {
         target(`Per-worker share with keep-alive, ${w} workers: max/min ≤ 1.1`, measured, m <= 1.1);
       }
+    }
+  }
+
+  // Where the keep-alive connections sit, and the CPU each worker got: with
+  // every connection busy, a worker serves as many requests as its CPU time
+  // allows, so an even spread of connections shows as an even share of
+  // requests only as far as the scheduler shares the CPUs evenly.
+  const kaRuns = tput.filter((r) => r.ka === 'on' && r.conns);
+  if (kaRuns.length) {
+    p('### Keep-alive connections and CPU per worker');
+    p();
+    p('The same keep-alive runs. Connections: the established connections each worker holds (`ss` on the port, matched to the worker\'s fds), sampled once a second from 1.5 s into the run and averaged per worker; max/min of those averages, and in brackets the averages in the run with the median ratio. CPU: max/min of the CPU time each worker used during the run. Requests: the share above.');
+    p();
+    p('| workers | contender | connections max/min | connections per worker | CPU max/min | requests max/min |');
+    p('|---|---|---|---|---|---|');
+    for (const w of [2, 4]) {
+      for (const c of TPUT) {
+        const rs = kaRuns.filter((r) => r.workers === w && r.contender === c && r.conns.ratio !== null);
+        if (!rs.length) continue;
+        const sorted = [...rs].sort((a, b) => a.conns.ratio - b.conns.ratio);
+        const mid = sorted[Math.floor((sorted.length - 1) / 2)].conns.mean;
+        const split = [...mid].sort((a, b) => a - b).map((x) => fmt(x, 1)).join('/');
+        p(`| ${w} | ${NAME[c]} | ${mmm(rs.map((r) => r.conns.ratio), 2)} | [${split}] | ${mmm(rs.map((r) => r.cpu), 2)} | ${mmm(rs.filter((r) => r.share).map((r) => r.share.ratio), 2)} |`);
+      }
+    }
+    p();
+    for (const w of [2, 4]) {
+      const rs = kaRuns.filter((r) => r.workers === w && r.contender === 'nodeherd' && r.conns.ratio !== null);
+      if (!rs.length) continue;
+      const v = rs.map((r) => r.conns.ratio);
+      const m = median(v);
+      target(`Keep-alive connection spread, ${w} workers: max/min ≤ 1.10`, `${fmt(m, 2)} (${fmt(min(v), 2)}–${fmt(max(v), 2)})`, m === null ? null : m <= 1.1);
     }
   }
 }
