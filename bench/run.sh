@@ -310,9 +310,10 @@ worker_ticks() { # worker_ticks COUNTS_DIR: {pid: utime+stime} of each worker, a
 # no scan of every process as `ss -p` does).
 conns_of() {
   local port=$1 dir=$2 pid n inos out='{' sep=''
-  inos=$(ss -tnHe state established "( sport = :$port )" | grep -o 'ino:[0-9]*' | cut -d: -f2 | sort)
+  # (grep finds nothing once the client has closed: not an error here)
+  inos=$(ss -tnHe state established "( sport = :$port )" | { grep -o 'ino:[0-9]*' || true; } | cut -d: -f2 | sort)
   for pid in $(worker_pids "$dir"); do
-    n=$(find "/proc/$pid/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | tr -dc '0-9\n' | sort | comm -12 - <(printf '%s\n' "$inos") | wc -l)
+    n=$({ find "/proc/$pid/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null || true; } | tr -dc '0-9\n' | sort | comm -12 - <(printf '%s\n' "$inos") | wc -l)
     out+="$sep\"$pid\":$n"
     sep=,
   done
@@ -391,7 +392,8 @@ phase_tput() { # throughput, latency, fairness, manager CPU: 2 and 4 workers, ke
           oha_run "$TPUT_SECS" "$ka" "$f"
           t1=$(cpu_ticks "$MGR")
           wt1=$(worker_ticks "$COUNTS")
-          [[ -n $sampler ]] && wait "$sampler"
+          # A sample that failed costs the figure, not the run.
+          if [[ -n $sampler ]]; then wait "$sampler" || log "connection sampler failed ($cf)"; fi
           sleep 0.7 # the workers write their counts every 250 ms
           after=$(counts "$COUNTS")
           rec "{\"kind\":\"tput\",\"round\":$round,\"pair\":\"$round.$rep\",\"contender\":\"$c\",\"workers\":$w,\"ka\":\"$ka\",\"oha\":\"$f\",\"mgr_cpu_ticks\":$((t1 - t0)),\"clk_tck\":$(getconf CLK_TCK),\"counts_before\":$before,\"counts_after\":$after,\"worker_ticks_before\":$wt0,\"worker_ticks_after\":$wt1${sampler:+,\"conns\":\"$cf\"}}"
