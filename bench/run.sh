@@ -321,12 +321,13 @@ conns_of() {
 }
 # sample_conns SECS PORT COUNTS_DIR OUTFILE: conns_of once a second from
 # 1.5 s into a run of SECS (the keep-alive connections have settled by then:
-# the rebalancing takes a few hundred ms) until its last half second.
+# the rebalancing takes a few hundred ms) until a second before its end (the
+# client closes its connections as the run ends).
 sample_conns() {
   local secs=$1 t=1.5
   : >"$4"
   sleep 1.5
-  while (($(awk -v t="$t" -v s="$secs" 'BEGIN { print (t < s - 0.4) }'))); do
+  while (($(awk -v t="$t" -v s="$secs" 'BEGIN { print (t < s - 1) }'))); do
     conns_of "$2" "$3" >>"$4"
     sleep 1
     t=$(awk -v t="$t" 'BEGIN { print t + 1 }')

@@ -104,6 +104,12 @@ function connSpread(file) {
   } catch (_) {
     return null;
   }
+  // A sample taken as the client closes its connections (the end of the
+  // run) says nothing about where they sat: kept are the samples holding at
+  // least 90 % of the most connections seen in the run.
+  const total = (l) => Object.values(l).reduce((a, n) => a + n, 0);
+  const most = Math.max(0, ...lines.map(total));
+  lines = lines.filter((l) => most > 0 && total(l) >= 0.9 * most);
   if (!lines.length) return null;
   const pids = Object.keys(lines[lines.length - 1]);
   const mean = pids.map((pid) => lines.reduce((a, l) => a + (l[pid] || 0), 0) / lines.length);
@@ -255,7 +261,7 @@ if (tput.length) {
   if (kaRuns.length) {
     p('### Keep-alive connections and CPU per worker');
     p();
-    p('The same keep-alive runs. Connections: the established connections each worker holds (`ss` on the port, matched to the worker\'s fds), sampled once a second from 1.5 s into the run and averaged per worker; max/min of those averages, and in brackets the averages in the run with the median ratio. CPU: max/min of the CPU time each worker used during the run. Requests: the share above.');
+    p('The same keep-alive runs. Connections: the established connections each worker holds (`ss` on the port, matched to the worker\'s fds), sampled once a second from 1.5 s into the run until a second before its end (a sample that finds under 90 % of the run\'s most connections, taken as the client closes them, is left out) and averaged per worker; max/min of those averages, and in brackets the averages in the run with the median ratio. CPU: max/min of the CPU time each worker used during the run. Requests: the share above.');
     p();
     p('| workers | contender | connections max/min | connections per worker | CPU max/min | requests max/min |');
     p('|---|---|---|---|---|---|');
