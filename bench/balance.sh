@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Per-worker share of requests: nodeherd's shared accept queue (the default)
-# against --balance reuseport (one SO_REUSEPORT socket per slot), each with
+# Per-worker share of requests: nodeherd's balance modes (auto, the default:
+# the steered shared queue; queue: the shared queue alone; reuseport: one
+# SO_REUSEPORT socket per slot), each with
 # keep-alive connections shared out evenly (the default) and without
 # (--no-rebalance, mode "+fixed"), side by side in one run: A B C D A B ...,
-# medians and min-max. Then, for each balance mode, failed requests while
-# scaling 6 -> 2 -> 6 under load (keep-alive on and off).
+# medians and min-max. Then, for each balance mode given (not the base- and
+# +fixed variants), failed requests while scaling 6 -> 2 -> 6 under load
+# (keep-alive on and off).
 #
 # Usage: bench/balance.sh [--rounds N] [--seconds S] [--workers N] [--modes "queue reuseport ..."]
 #                         [--base-bin PATH] [--no-scale]
@@ -14,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-ROUNDS=3 SECS=10 WORKERS=4 MODES="queue queue+fixed reuseport reuseport+fixed" BASE_BIN="" SCALE=1
+ROUNDS=3 SECS=10 WORKERS=4 MODES="auto queue queue+fixed reuseport reuseport+fixed" BASE_BIN="" SCALE=1
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -158,8 +160,12 @@ echo "Scaling 6 -> 2 -> 6 under load (oha -c 64, 9 s), failed requests per run:"
 echo
 echo "| balance | keep-alive | failed of requests, each round |"
 echo "|---|---|---|"
+scaled=()
+for mode in $MODES; do
+  case $mode in base-* | *+*) ;; *) scaled+=("$mode") ;; esac
+done
 for ka in off on; do
-  for mode in queue reuseport; do
+  for mode in "${scaled[@]}"; do
     runs=""
     for r in $(seq 1 "$ROUNDS"); do
       read -r f t < <(scale_under_load "$mode" "$ka")
