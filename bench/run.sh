@@ -324,13 +324,12 @@ conns_of() {
 # the rebalancing takes a few hundred ms) until a second before its end (the
 # client closes its connections as the run ends).
 sample_conns() {
-  local secs=$1 t=1.5
+  local secs=$1 i
   : >"$4"
   sleep 1.5
-  while (($(awk -v t="$t" -v s="$secs" 'BEGIN { print (t < s - 1) }'))); do
+  for ((i = 0; i < secs - 2; i++)); do # at 1.5, 2.5, ... up to SECS - 1.5
+    ((i > 0)) && sleep 1
     conns_of "$2" "$3" >>"$4"
-    sleep 1
-    t=$(awk -v t="$t" 'BEGIN { print t + 1 }')
   done
 }
 

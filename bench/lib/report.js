@@ -81,18 +81,17 @@ function failures(o) {
   return { failed, timeouts, kinds, deadline: errors[DEADLINE] || 0, ok };
 }
 // max/min of per-worker request counts between two snapshots (pid -> {instance, count}).
-function share(before, after) {
-  const counts = Object.entries(after).map(([pid, a]) => a.count - ((before[pid] && before[pid].count) || 0));
-  if (counts.length < 2) return null;
-  const lo = Math.min(...counts);
-  return { ratio: lo > 0 ? Math.max(...counts) / lo : Infinity, counts };
-}
-// max/min of the values of an object ({pid: n}), Infinity when one is 0.
+// max/min of per-worker figures, Infinity when one is 0; null for fewer than two.
 function spreadOf(values) {
   const v = values.filter((x) => Number.isFinite(x));
   if (v.length < 2) return null;
   const lo = Math.min(...v);
   return lo > 0 ? Math.max(...v) / lo : Infinity;
+}
+function share(before, after) {
+  const counts = Object.entries(after).map(([pid, a]) => a.count - ((before[pid] && before[pid].count) || 0));
+  if (counts.length < 2) return null;
+  return { ratio: spreadOf(counts), counts };
 }
 // The connections each worker held, averaged over the samples of a run
 // (conns_of in run.sh, one JSON object per line), and their max/min.
